@@ -1,0 +1,415 @@
+//! rustls configurations for mesh mTLS that check SPIFFE identities instead of
+//! DNS names, with hot-swappable certificates and trust bundles.
+//!
+//! A workload certificate carries only a SPIFFE URI SAN, which rustls's default
+//! server-name check would refuse. The verifiers here check the chain against
+//! the trust bundle with webpki, then the identity: on the client side the
+//! server's SPIFFE ID must be one the caller expected (from the Workload
+//! resource); on the server side the client must present a SPIFFE ID, which is
+//! exposed to the caller for authorization.
+
+use std::fmt;
+use std::sync::{Arc, LazyLock};
+use std::time::SystemTime;
+
+use arc_swap::ArcSwap;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::sign::CertifiedKey;
+use rustls::{
+    CertificateError, ClientConfig, DigitallySignedStruct, DistinguishedName, Error as TlsError,
+    RootCertStore, ServerConfig, SignatureScheme,
+};
+use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
+
+use crate::error::Result;
+use crate::identity::Identity;
+use crate::pem;
+use crate::workload::WorkloadCert;
+use crate::x509::CertInfo;
+
+/// The one crypto provider weft uses. Configs are built with it explicitly, so
+/// nothing depends on a process-wide default being installed.
+static PROVIDER: LazyLock<Arc<CryptoProvider>> =
+    LazyLock::new(|| Arc::new(rustls::crypto::ring::default_provider()));
+
+pub fn provider() -> Arc<CryptoProvider> {
+    PROVIDER.clone()
+}
+
+/// ALPN for the mesh transport: HTTP/2 between sidecars.
+pub const MESH_ALPN: &[u8] = b"h2";
+
+/// The roots the mesh trusts. Cloning shares it; [`TrustBundle::replace`] takes
+/// effect for the next handshake of every config built from it.
+#[derive(Clone)]
+pub struct TrustBundle {
+    roots: Arc<ArcSwap<RootCertStore>>,
+}
+
+impl fmt::Debug for TrustBundle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "TrustBundle({} roots)", self.roots.load().len())
+    }
+}
+
+impl TrustBundle {
+    /// A bundle from PEM text holding one or more root certificates.
+    pub fn from_pem(pem_text: &str) -> Result<Self> {
+        Ok(TrustBundle {
+            roots: Arc::new(ArcSwap::from_pointee(root_store(pem_text)?)),
+        })
+    }
+
+    /// Replaces the roots (root rotation: publish old and new together, then
+    /// the new alone once every workload has a certificate from it).
+    pub fn replace(&self, pem_text: &str) -> Result<()> {
+        self.roots.store(Arc::new(root_store(pem_text)?));
+        Ok(())
+    }
+
+    pub fn len(&self) -> usize {
+        self.roots.load().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Verifies a presented chain against the current roots for the given
+    /// key usage, mapping webpki's verdicts to rustls's certificate errors.
+    fn verify_chain(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+        usage: webpki::KeyUsage,
+    ) -> Result<(), TlsError> {
+        let cert = webpki::EndEntityCert::try_from(end_entity).map_err(pki_error)?;
+        let roots = self.roots.load();
+        cert.verify_for_usage(
+            algorithms().all,
+            &roots.roots,
+            intermediates,
+            now,
+            usage,
+            None,
+            None,
+        )
+        .map(|_| ())
+        .map_err(pki_error)
+    }
+}
+
+fn root_store(pem_text: &str) -> Result<RootCertStore> {
+    let mut store = RootCertStore::empty();
+    for der in pem::certificates("trust bundle", pem_text)? {
+        store.add(der)?;
+    }
+    Ok(store)
+}
+
+fn algorithms() -> WebPkiSupportedAlgorithms {
+    PROVIDER.signature_verification_algorithms
+}
+
+fn pki_error(err: webpki::Error) -> TlsError {
+    use webpki::Error as E;
+    TlsError::InvalidCertificate(match err {
+        E::BadDer | E::BadDerTime => CertificateError::BadEncoding,
+        E::CertExpired { .. } => CertificateError::Expired,
+        E::CertNotValidYet { .. } => CertificateError::NotValidYet,
+        E::UnknownIssuer => CertificateError::UnknownIssuer,
+        E::InvalidSignatureForPublicKey => CertificateError::BadSignature,
+        other => CertificateError::Other(rustls::OtherError(Arc::new(other))),
+    })
+}
+
+/// This workload's current certificate, shared by every config built from it.
+/// [`CertStore::rotate`] makes new handshakes use a new certificate; connections
+/// already established keep the one they negotiated.
+#[derive(Clone)]
+pub struct CertStore {
+    current: Arc<ArcSwap<Current>>,
+}
+
+struct Current {
+    key: Arc<CertifiedKey>,
+    cert: WorkloadCert,
+}
+
+impl fmt::Debug for CertStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "CertStore({:?})", self.current.load().cert)
+    }
+}
+
+impl CertStore {
+    pub fn new(cert: &WorkloadCert) -> Result<Self> {
+        Ok(CertStore {
+            current: Arc::new(ArcSwap::from_pointee(current(cert)?)),
+        })
+    }
+
+    pub fn rotate(&self, cert: &WorkloadCert) -> Result<()> {
+        self.current.store(Arc::new(current(cert)?));
+        Ok(())
+    }
+
+    pub fn certificate(&self) -> WorkloadCert {
+        self.current.load().cert.clone()
+    }
+
+    fn certified_key(&self) -> Arc<CertifiedKey> {
+        self.current.load().key.clone()
+    }
+}
+
+fn current(cert: &WorkloadCert) -> Result<Current> {
+    let key = CertifiedKey::from_der(cert.presented_chain(), cert.private_key(), &PROVIDER)?;
+    Ok(Current {
+        key: Arc::new(key),
+        cert: cert.clone(),
+    })
+}
+
+impl fmt::Debug for Resolver {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+struct Resolver(CertStore);
+
+impl rustls::server::ResolvesServerCert for Resolver {
+    fn resolve(&self, _hello: rustls::server::ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.certified_key())
+    }
+}
+
+impl rustls::client::ResolvesClientCert for Resolver {
+    fn resolve(
+        &self,
+        _root_hint_subjects: &[&[u8]],
+        _sigschemes: &[SignatureScheme],
+    ) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.certified_key())
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
+/// Builds the server side of mesh mTLS: a client certificate chaining to the
+/// bundle and carrying a SPIFFE ID is required. Read the caller's identity
+/// with [`peer_identity`] after the handshake.
+pub fn server_config(certs: &CertStore, bundle: &TrustBundle) -> Result<Arc<ServerConfig>> {
+    let mut config = ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(Arc::new(SpiffeClientVerifier {
+            bundle: bundle.clone(),
+        }))
+        .with_cert_resolver(Arc::new(Resolver(certs.clone())));
+    config.alpn_protocols = vec![MESH_ALPN.to_vec()];
+    // A resumed session skips certificate verification, so a root dropped
+    // from the bundle, or a peer's changed identity, would go unnoticed until
+    // the session expired. Mesh connections are pooled and long-lived, so full
+    // handshakes are rare enough to always pay for.
+    config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    config.send_tls13_tickets = 0;
+    Ok(Arc::new(config))
+}
+
+/// Builds the client side of mesh mTLS for one destination: the server must
+/// chain to the bundle and present one of the `expected` identities.
+/// Building a config is cheap (the certificate and roots are shared), so the
+/// proxy makes one per destination identity and caches it.
+pub fn client_config(
+    certs: &CertStore,
+    bundle: &TrustBundle,
+    expected: Vec<Identity>,
+) -> Result<Arc<ClientConfig>> {
+    let mut config = ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(SpiffeServerVerifier {
+            bundle: bundle.clone(),
+            expected,
+        }))
+        .with_client_cert_resolver(Arc::new(Resolver(certs.clone())));
+    config.alpn_protocols = vec![MESH_ALPN.to_vec()];
+    // The SNI would only leak an address; the identity check replaces it.
+    config.enable_sni = false;
+    // See server_config: every connection verifies the peer in full.
+    config.resumption = rustls::client::Resumption::disabled();
+    Ok(Arc::new(config))
+}
+
+/// The SPIFFE identity in a peer's end-entity certificate.
+pub fn peer_identity(certs: Option<&[CertificateDer<'_>]>) -> Option<Identity> {
+    let leaf = certs?.first()?;
+    CertInfo::parse("peer certificate", leaf).ok()?.identity()
+}
+
+/// A server name for `connect` calls. The verifiers ignore it; the identity is
+/// what is checked.
+pub fn mesh_server_name(addr: std::net::IpAddr) -> ServerName<'static> {
+    ServerName::IpAddress(addr.into())
+}
+
+fn identity_of(end_entity: &CertificateDer<'_>) -> Result<Identity, TlsError> {
+    CertInfo::parse("peer certificate", end_entity)
+        .ok()
+        .and_then(|info| info.identity())
+        .ok_or_else(|| {
+            TlsError::InvalidCertificate(CertificateError::Other(rustls::OtherError(Arc::new(
+                NoSpiffeId,
+            ))))
+        })
+}
+
+#[derive(Debug)]
+struct NoSpiffeId;
+
+impl fmt::Display for NoSpiffeId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("peer certificate carries no single SPIFFE ID")
+    }
+}
+
+impl std::error::Error for NoSpiffeId {}
+
+/// The server presented a valid chain but the wrong workload identity.
+#[derive(Debug)]
+pub struct UnexpectedIdentity {
+    pub presented: Identity,
+    pub expected: Vec<Identity>,
+}
+
+impl fmt::Display for UnexpectedIdentity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let expected: Vec<String> = self.expected.iter().map(|i| i.to_string()).collect();
+        write!(
+            f,
+            "server presented {}, expected {}",
+            self.presented,
+            expected.join(" or ")
+        )
+    }
+}
+
+impl std::error::Error for UnexpectedIdentity {}
+
+#[derive(Debug)]
+struct SpiffeServerVerifier {
+    bundle: TrustBundle,
+    expected: Vec<Identity>,
+}
+
+impl ServerCertVerifier for SpiffeServerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, TlsError> {
+        self.bundle.verify_chain(
+            end_entity,
+            intermediates,
+            now,
+            webpki::KeyUsage::server_auth(),
+        )?;
+        let presented = identity_of(end_entity)?;
+        if !self.expected.contains(&presented) {
+            return Err(TlsError::InvalidCertificate(CertificateError::Other(
+                rustls::OtherError(Arc::new(UnexpectedIdentity {
+                    presented,
+                    expected: self.expected.clone(),
+                })),
+            )));
+        }
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, TlsError> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &algorithms())
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, TlsError> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &algorithms())
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        algorithms().supported_schemes()
+    }
+}
+
+#[derive(Debug)]
+struct SpiffeClientVerifier {
+    bundle: TrustBundle,
+}
+
+impl ClientCertVerifier for SpiffeClientVerifier {
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        // Hints are optional; workloads have exactly one certificate anyway.
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, TlsError> {
+        self.bundle.verify_chain(
+            end_entity,
+            intermediates,
+            now,
+            webpki::KeyUsage::client_auth(),
+        )?;
+        identity_of(end_entity)?;
+        Ok(ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, TlsError> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &algorithms())
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, TlsError> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &algorithms())
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        algorithms().supported_schemes()
+    }
+}
+
+/// `SystemTime` to the time type webpki wants, for tests and tools that check
+/// a chain at a chosen moment.
+pub fn unix_time(t: SystemTime) -> UnixTime {
+    UnixTime::since_unix_epoch(t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default())
+}
