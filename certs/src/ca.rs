@@ -389,6 +389,50 @@ impl CertificateAuthority {
         Ok(out)
     }
 
+    /// Issues an ordinary TLS serving certificate for DNS names and IP
+    /// addresses (API servers, the injection webhook), which clients check by
+    /// hostname rather than by SPIFFE ID. Returns the PEM chain (leaf first,
+    /// root last) and the PEM private key.
+    pub fn issue_serving(
+        &self,
+        dns_names: &[&str],
+        ips: &[std::net::IpAddr],
+        ttl: Duration,
+    ) -> Result<(String, String)> {
+        let now = SystemTime::now();
+        self.info.check_valid_at("signing CA", now)?;
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::default();
+        params.distinguished_name = DistinguishedName::new();
+        if let Some(first) = dns_names.first() {
+            params.distinguished_name.push(DnType::CommonName, *first);
+        }
+        params.not_before = (now - BACKDATE).max(self.info.not_before).into();
+        params.not_after = (now + ttl).min(self.info.not_after).into();
+        params.serial_number = Some(random_serial());
+        for name in dns_names {
+            let invalid = || CertError::InvalidDnsName(name.to_string());
+            rustls_pki_types::DnsName::try_from(*name).map_err(|_| invalid())?;
+            params
+                .subject_alt_names
+                .push(SanType::DnsName((*name).try_into().map_err(|_| invalid())?));
+        }
+        params
+            .subject_alt_names
+            .extend(ips.iter().map(|ip| SanType::IpAddress(*ip)));
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.use_authority_key_identifier_extension = true;
+        let leaf = params.signed_by(&key, &self.issuer)?;
+        let mut chain = leaf.pem();
+        chain.push_str(&pem::encode_certificates(&self.chain));
+        Ok((chain, key.serialize_pem()))
+    }
+
     fn resolve_ttl(&self, requested: Option<Duration>) -> Result<Duration> {
         let ttl = requested.unwrap_or(self.policy.default_ttl);
         if ttl < MIN_WORKLOAD_TTL {

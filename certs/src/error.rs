@@ -50,6 +50,8 @@ pub enum CertError {
         requested: String,
         authenticated: String,
     },
+    #[error("not a valid DNS name for a certificate: {0:?}")]
+    InvalidDnsName(String),
     #[error("requested lifetime {requested_secs}s is not allowed: {reason}")]
     BadLifetime { requested_secs: u64, reason: String },
     #[error("{what}: {source}")]

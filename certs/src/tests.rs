@@ -327,3 +327,27 @@ fn rotation_is_due_at_half_life_minus_a_little_jitter() {
     assert!(cert.needs_rotation(half));
     assert!(cert.rotate_at() <= half);
 }
+
+#[test]
+fn serving_certificates_carry_dns_and_ip_names() {
+    let ca = intermediate(&root(), "c1");
+    let (chain, key) = ca
+        .issue_serving(
+            &["localhost", "weft-control.weft-system.svc"],
+            &["127.0.0.1".parse().unwrap()],
+            DAY,
+        )
+        .unwrap();
+    let ders = pem::certificates("serving", &chain).unwrap();
+    assert_eq!(ders.len(), 3);
+    check_signed_by("serving", &ders[0], &ders[1]).unwrap();
+    let info = CertInfo::parse("serving", &ders[0]).unwrap();
+    assert!(!info.is_ca);
+    assert!(
+        info.identity().is_none(),
+        "no SPIFFE identity on a serving cert"
+    );
+    pem::private_key("key", &key).unwrap();
+    let err = ca.issue_serving(&["bad name!"], &[], DAY).unwrap_err();
+    assert!(err.to_string().contains("bad name!"), "{err}");
+}
