@@ -901,6 +901,20 @@ async fn errors_are_kubernetes_status_objects_with_the_right_codes() {
     )
     .await;
     assert_eq!(code, 415);
+    let (code, status) = raw(
+        &server,
+        "POST",
+        path,
+        Some(&token),
+        "application/vnd.kubernetes.protobuf",
+        b"k8s\0".to_vec(),
+    )
+    .await;
+    assert_eq!(code, 415);
+    assert!(
+        status["message"].as_str().unwrap().contains("JSON only"),
+        "{status}"
+    );
 
     // Discovery answers for kubectl.
     let (code, groups) = raw(&server, "GET", "/apis", Some(&token), json, vec![]).await;

@@ -1,7 +1,10 @@
-//! `weft-perf`, weft's load generator and benchmark scenarios.
+//! `weft-perf`, weft's benchmark scenarios and their reports.
 //!
-//! It owns the open- and closed-loop load generator (HTTP/1.1, HTTP/2, gRPC,
-//! TCP) with HDR latency histograms, the scenario runner that compares weft
-//! with direct traffic and with other proxies in one run, the control-plane
-//! scale scenario, and the Markdown and SVG reports under `perf/results/`.
-//! Nothing is implemented here yet.
+//! It owns the scenarios that measure weft's components and the Markdown
+//! reports under `perf/results/`, each with the machine, the commit and the
+//! command that produced it. Today it has the lab API server scenario
+//! (`weft-perf apiserver`); the load generator and the proxy and control
+//! plane scenarios come with those components.
+
+pub mod apiserver;
+pub mod report;

@@ -19,6 +19,7 @@ use super::resources::ResourceInfo;
 use super::selector::{FieldSelector, LabelSelector};
 use super::semantics::{self, Ctx, State};
 use super::status::ApiError;
+use super::store::Object;
 use super::watch::{self, WatchRequest};
 
 pub type Body = http_body_util::combinators::UnsyncBoxBody<Bytes, Infallible>;
@@ -145,7 +146,7 @@ async fn route(
             state
                 .store
                 .get(&semantics::service_accounts(), ns, name)
-                .and_then(|sa| sa["metadata"]["uid"].as_str().map(String::from))
+                .map(|sa| sa.uid.to_string())
         })
         .ok_or_else(ApiError::unauthorized)?;
 
@@ -241,6 +242,11 @@ fn decode_object(content_type: &str, body: &[u8]) -> Result<Value, ApiError> {
     match content_type {
         "application/json" | "" | "*/*" => parse_json(body),
         "application/yaml" | "application/x-yaml" => parse_yaml(body),
+        "application/vnd.kubernetes.protobuf" => Err(ApiError::unsupported_media_type(
+            "application/vnd.kubernetes.protobuf (the lab API server speaks JSON only; \
+             imperative `kubectl create <kind>` sends protobuf, so use \
+             `kubectl create ... --dry-run=client -o yaml | kubectl apply -f -`)",
+        )),
         other => Err(ApiError::unsupported_media_type(other)),
     }
 }
@@ -350,7 +356,7 @@ async fn resource(
                 object,
                 query.dry_run(),
             )?;
-            Ok(json_response(201, &created))
+            Ok(object_response(201, &created, &info, version))
         }
         (Method::DELETE, None, None) => {
             let labels = LabelSelector::parse(query.get("labelSelector").unwrap_or(""))?;
@@ -359,51 +365,41 @@ async fn resource(
             let targets: Vec<(String, String)> = state
                 .store
                 .list(&info.key, namespace.as_deref(), None)
-                .filter(|o| matches(o, &labels, &fields))
-                .map(|o| {
-                    let m = &o["metadata"];
-                    (
-                        m["namespace"].as_str().unwrap_or("").into(),
-                        m["name"].as_str().unwrap_or("").into(),
-                    )
-                })
+                .filter(|(id, o)| matches(id, o, &labels, &fields))
+                .map(|(id, _)| id.clone())
                 .collect();
             let mut deleted = Vec::new();
             for (object_ns, object_name) in targets {
-                deleted.push(semantics::delete(
-                    &mut state,
-                    &info,
-                    &object_ns,
-                    &object_name,
-                    query.dry_run(),
-                )?);
+                deleted.push(
+                    semantics::delete(
+                        &mut state,
+                        &info,
+                        &object_ns,
+                        &object_name,
+                        query.dry_run(),
+                    )?
+                    .value(),
+                );
             }
-            let items: Vec<&Value> = deleted.iter().map(|d| d.as_ref()).collect();
             Ok(json_response(
                 200,
                 &json!({
                     "kind": format!("{}List", info.kind),
                     "apiVersion": info.api_version(version),
                     "metadata": {"resourceVersion": state.store.current_rv().to_string()},
-                    "items": items,
+                    "items": deleted,
                 }),
             ))
         }
-        (Method::GET, Some(name), None) => {
+        (Method::GET, Some(name), sub @ (None | Some("status")))
+            if sub.is_none() || info.has_status =>
+        {
             let state = shared.lock();
             let object = state
                 .store
                 .get(&info.key, if info.namespaced { &ns } else { "" }, &name)
                 .ok_or_else(|| ApiError::not_found(&info.key.group, &info.key.resource, &name))?;
-            Ok(json_response(200, &present(&object, &info, version)))
-        }
-        (Method::GET, Some(name), Some("status")) if info.has_status => {
-            let state = shared.lock();
-            let object = state
-                .store
-                .get(&info.key, if info.namespaced { &ns } else { "" }, &name)
-                .ok_or_else(|| ApiError::not_found(&info.key.group, &info.key.resource, &name))?;
-            Ok(json_response(200, &present(&object, &info, version)))
+            Ok(object_response(200, &object, &info, version))
         }
         (Method::PUT, Some(name), sub @ (None | Some("status"))) => {
             let status_only = sub.is_some();
@@ -423,7 +419,7 @@ async fn resource(
                 status_only,
                 query.dry_run(),
             )?;
-            Ok(json_response(200, &updated))
+            Ok(object_response(200, &updated, &info, version))
         }
         (Method::PATCH, Some(name), sub @ (None | Some("status"))) => {
             let status_only = sub.is_some();
@@ -432,7 +428,7 @@ async fn resource(
             }
             let (content_type, body) = read_body(request).await?;
             let mut state = shared.lock();
-            let patched = patch_object(
+            let (patched, code) = patch_object(
                 &mut state,
                 &shared.ctx(),
                 &info,
@@ -444,12 +440,12 @@ async fn resource(
                 status_only,
                 &query,
             )?;
-            Ok(json_response(200, &patched.0).map_status(patched.1))
+            Ok(object_response(code, &patched, &info, version))
         }
         (Method::DELETE, Some(name), None) => {
             let mut state = shared.lock();
             let deleted = semantics::delete(&mut state, &info, &ns, &name, query.dry_run())?;
-            Ok(json_response(200, &deleted))
+            Ok(object_response(200, &deleted, &info, version))
         }
         (Method::POST, Some(name), Some("token"))
             if info.key.resource == "serviceaccounts" && info.key.group.is_empty() =>
@@ -474,30 +470,35 @@ async fn resource(
     }
 }
 
-trait MapStatus {
-    fn map_status(self, code: u16) -> Self;
-}
-
-impl MapStatus for Response<Body> {
-    fn map_status(mut self, code: u16) -> Self {
-        *self.status_mut() = StatusCode::from_u16(code).unwrap_or(StatusCode::OK);
-        self
+/// An object as stored, or rewritten to the requested version of a custom
+/// resource served in several.
+pub fn presented_json(object: &Object, info: &ResourceInfo, version: &str) -> Bytes {
+    let api_version = info.api_version(version);
+    if *object.api_version == *api_version {
+        object.json.clone()
+    } else {
+        let mut value = object.value();
+        value["apiVersion"] = json!(api_version);
+        Bytes::from(serde_json::to_vec(&value).unwrap_or_default())
     }
 }
 
-fn present(object: &Value, info: &ResourceInfo, version: &str) -> Value {
-    let mut object = object.clone();
-    object["apiVersion"] = json!(info.api_version(version));
-    object
+fn object_response(
+    code: u16,
+    object: &Object,
+    info: &ResourceInfo,
+    version: &str,
+) -> Response<Body> {
+    bytes_response(code, presented_json(object, info, version))
 }
 
-fn matches(object: &Value, labels: &LabelSelector, fields: &FieldSelector) -> bool {
-    let m = &object["metadata"];
-    labels.matches(m["labels"].as_object())
-        && fields.matches(
-            m["namespace"].as_str().unwrap_or(""),
-            m["name"].as_str().unwrap_or(""),
-        )
+pub fn matches(
+    id: &(String, String),
+    object: &Object,
+    labels: &LabelSelector,
+    fields: &FieldSelector,
+) -> bool {
+    labels.matches(|k| object.label(k)) && fields.matches(&id.0, &id.1)
 }
 
 /// A continue token: the list's version and where the last page ended.
@@ -552,8 +553,8 @@ fn list(
     let mut count = 0usize;
     let mut last: Option<(String, String)> = None;
     let mut more = false;
-    for object in state.store.list(&info.key, namespace, after) {
-        if !matches(object, labels, fields) {
+    for (id, object) in state.store.list(&info.key, namespace, after) {
+        if !matches(id, object, labels, fields) {
             continue;
         }
         if count == limit {
@@ -563,16 +564,8 @@ fn list(
         if count > 0 {
             out.push(b',');
         }
-        if object["apiVersion"].as_str() == Some(api_version.as_str()) {
-            serde_json::to_writer(&mut out, object.as_ref()).ok();
-        } else {
-            serde_json::to_writer(&mut out, &present(object, info, version)).ok();
-        }
-        let m = &object["metadata"];
-        last = Some((
-            m["namespace"].as_str().unwrap_or("").into(),
-            m["name"].as_str().unwrap_or("").into(),
-        ));
+        out.extend_from_slice(&presented_json(object, info, version));
+        last = Some(id.clone());
         count += 1;
     }
     out.extend_from_slice(b"],\"metadata\":");
@@ -603,12 +596,12 @@ fn patch_object(
     body: &[u8],
     status_only: bool,
     query: &Query,
-) -> Result<(Value, u16), ApiError> {
+) -> Result<(Arc<Object>, u16), ApiError> {
     let object_ns = if info.namespaced { ns } else { "" };
     let current = state.store.get(&info.key, object_ns, name);
     let builtin = !info.is_custom();
     let mut merged = match &current {
-        Some(current) => (**current).clone(),
+        Some(current) => current.value(),
         None => Value::Null,
     };
     match content_type {
@@ -629,7 +622,7 @@ fn patch_object(
                 }
                 let created =
                     semantics::create(state, ctx, info, version, ns, object, query.dry_run())?;
-                return Ok(((*created).clone(), 201));
+                return Ok((created, 201));
             }
             if builtin {
                 patch::strategic_merge(&mut merged, &applied)?;
@@ -669,10 +662,10 @@ fn patch_object(
         status_only,
         query.dry_run(),
     )?;
-    Ok(((*updated).clone(), 200))
+    Ok((updated, 200))
 }
 
-fn require(current: &Option<Arc<Value>>, info: &ResourceInfo, name: &str) -> Result<(), ApiError> {
+fn require(current: &Option<Arc<Object>>, info: &ResourceInfo, name: &str) -> Result<(), ApiError> {
     current
         .as_ref()
         .map(|_| ())

@@ -204,8 +204,8 @@ impl ApiServer {
             group: String::new(),
             resource: "services".into(),
         };
-        for service in store.list(&services, None, None) {
-            if let Some(ip) = service["spec"]["clusterIP"]
+        for (_, service) in store.list(&services, None, None) {
+            if let Some(ip) = service.value()["spec"]["clusterIP"]
                 .as_str()
                 .and_then(|s| s.parse().ok())
             {
@@ -218,7 +218,10 @@ impl ApiServer {
             group: "apiextensions.k8s.io".into(),
             resource: "customresourcedefinitions".into(),
         };
-        let stored_crds: Vec<_> = store.list(&crds, None, None).cloned().collect();
+        let stored_crds: Vec<_> = store
+            .list(&crds, None, None)
+            .map(|(_, c)| c.value())
+            .collect();
         for crd in stored_crds {
             if let Err(why) = registry.register_crd(&crd) {
                 tracing::warn!(%why, "stored CRD could not be served");

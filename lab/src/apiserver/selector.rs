@@ -5,8 +5,6 @@
 
 use std::collections::BTreeMap;
 
-use serde_json::Value;
-
 use super::status::ApiError;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -39,8 +37,8 @@ impl LabelSelector {
         self.0.is_empty()
     }
 
-    pub fn matches(&self, labels: Option<&serde_json::Map<String, Value>>) -> bool {
-        let get = |k: &str| labels.and_then(|l| l.get(k)).and_then(Value::as_str);
+    /// Whether an object with these labels is selected; `get` looks one up.
+    pub fn matches<'a>(&self, get: impl Fn(&str) -> Option<&'a str>) -> bool {
         self.0.iter().all(|req| match req {
             Requirement::Equals(k, v) => get(k) == Some(v.as_str()),
             Requirement::NotEquals(k, v) => get(k) != Some(v.as_str()),
@@ -186,7 +184,7 @@ impl FieldSelector {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
+    use serde_json::{Value, json};
 
     fn labels(v: Value) -> serde_json::Map<String, Value> {
         v.as_object().cloned().unwrap()
@@ -195,7 +193,11 @@ mod tests {
     #[test]
     fn label_selector_operators() {
         let l = labels(json!({"app": "echo", "version": "v1", "weft.io/multicluster": "true"}));
-        let m = |s: &str| LabelSelector::parse(s).unwrap().matches(Some(&l));
+        let m = |s: &str| {
+            LabelSelector::parse(s)
+                .unwrap()
+                .matches(|k| l.get(k).and_then(Value::as_str))
+        };
         assert!(m(""));
         assert!(m("app=echo"));
         assert!(m("app==echo"));
@@ -209,7 +211,7 @@ mod tests {
         assert!(!m("missing"));
         assert!(!m("app=echo,missing in (x)"));
         assert!(m("missing notin (x)"));
-        assert!(!LabelSelector::parse("app=echo").unwrap().matches(None));
+        assert!(!LabelSelector::parse("app=echo").unwrap().matches(|_| None));
     }
 
     #[test]

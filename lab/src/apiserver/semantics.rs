@@ -15,7 +15,7 @@ use serde_json::{Map, Value, json};
 use super::auth::{API_AUDIENCE, Authenticator};
 use super::resources::{Registry, ResourceInfo, ResourceKey};
 use super::status::ApiError;
-use super::store::Store;
+use super::store::{Object, Store};
 
 /// Everything mutable about the server, behind one lock.
 pub struct State {
@@ -268,7 +268,7 @@ pub fn create(
     namespace: &str,
     mut object: Value,
     dry_run: bool,
-) -> Result<Arc<Value>, ApiError> {
+) -> Result<Arc<Object>, ApiError> {
     check_shape(&object)?;
     check_type(info, version, &mut object)?;
     check_namespace(state, info, namespace, &mut object)?;
@@ -349,7 +349,7 @@ pub fn create(
         if let Some(ip) = allocated {
             state.cluster_ips.release(ip);
         }
-        return Ok(Arc::new(object));
+        return Ok(Arc::new(Object::from_value(&object)));
     }
     let stored = match state.store.put(&info.key, ns, &name, object) {
         Ok(stored) => stored,
@@ -364,7 +364,7 @@ pub fn create(
         ("", "namespaces") => create_default_service_account(state, &name)?,
         ("apiextensions.k8s.io", "customresourcedefinitions") => {
             // Validated above, so registering cannot fail here.
-            let _ = state.registry.register_crd(&stored);
+            let _ = state.registry.register_crd(&stored.value());
         }
         _ => {}
     }
@@ -523,11 +523,7 @@ fn default_secret(
                     format!("{sa_name:?}: service account not found"),
                 )
             })?;
-        let uid = meta(&sa)
-            .get("uid")
-            .and_then(Value::as_str)
-            .unwrap_or("")
-            .to_string();
+        let uid = sa.uid.to_string();
         // The token controller would fill these in; here it happens at once.
         let (token, _) = ctx
             .auth
@@ -589,14 +585,15 @@ pub fn update(
     mut object: Value,
     status_only: bool,
     dry_run: bool,
-) -> Result<Arc<Value>, ApiError> {
+) -> Result<Arc<Object>, ApiError> {
     check_shape(&object)?;
     check_type(info, version, &mut object)?;
     let ns = if info.namespaced { namespace } else { "" };
-    let current = state
+    let stored = state
         .store
         .get(&info.key, ns, name)
         .ok_or_else(|| ApiError::not_found(&info.key.group, &info.key.resource, name))?;
+    let current = stored.value();
     let given_name = name_of(&object);
     if !given_name.is_empty() && given_name != name {
         return Err(ApiError::bad_request(format!(
@@ -624,7 +621,7 @@ pub fn update(
 
     let mut next = if status_only {
         // Only status changes through /status.
-        let mut next = (*current).clone();
+        let mut next = current.clone();
         next["status"] = object.get("status").cloned().unwrap_or(Value::Null);
         next
     } else {
@@ -679,9 +676,9 @@ pub fn update(
             .unwrap_or(0);
         meta_mut(&mut next).insert("generation".into(), json!(generation + 1));
     }
-    if next == *current {
+    if next == current {
         // A no-op write does not bump the version or wake watchers.
-        return Ok(current);
+        return Ok(stored);
     }
     let deleting = meta(&next).contains_key("deletionTimestamp");
     let finalized = meta(&next)
@@ -689,16 +686,15 @@ pub fn update(
         .and_then(Value::as_array)
         .is_none_or(Vec::is_empty);
     if dry_run {
-        return Ok(Arc::new(next));
+        return Ok(Arc::new(Object::from_value(&next)));
     }
     if deleting && finalized {
-        return remove(state, info, ns, name).map(|gone| gone.unwrap_or(current));
+        return remove(state, info, ns, name).map(|gone| gone.unwrap_or(stored));
     }
-    let stored = state.store.put(&info.key, ns, name, next)?;
     if info.key == crds() {
-        let _ = state.registry.register_crd(&stored);
+        let _ = state.registry.register_crd(&next);
     }
-    Ok(stored)
+    state.store.put(&info.key, ns, name, next)
 }
 
 fn keep_cluster_ip(current: &Value, next: &mut Value, name: &str) -> Result<(), ApiError> {
@@ -732,15 +728,16 @@ pub fn delete(
     namespace: &str,
     name: &str,
     dry_run: bool,
-) -> Result<Arc<Value>, ApiError> {
+) -> Result<Arc<Object>, ApiError> {
     let ns = if info.namespaced { namespace } else { "" };
-    let current = state
+    let stored = state
         .store
         .get(&info.key, ns, name)
         .ok_or_else(|| ApiError::not_found(&info.key.group, &info.key.resource, name))?;
     if dry_run {
-        return Ok(current);
+        return Ok(stored);
     }
+    let current = stored.value();
     let has_finalizers = meta(&current)
         .get("finalizers")
         .and_then(Value::as_array)
@@ -749,15 +746,15 @@ pub fn delete(
     // server acts on; everything else waits for its controllers.
     if has_finalizers {
         if meta(&current).contains_key("deletionTimestamp") {
-            return Ok(current);
+            return Ok(stored);
         }
-        let mut marked = (*current).clone();
+        let mut marked = current;
         let meta = meta_mut(&mut marked);
         meta.insert("deletionTimestamp".into(), json!(now_rfc3339()));
         meta.insert("deletionGracePeriodSeconds".into(), json!(0));
         return state.store.put(&info.key, ns, name, marked);
     }
-    remove(state, info, ns, name).map(|gone| gone.unwrap_or(current))
+    remove(state, info, ns, name).map(|gone| gone.unwrap_or(stored))
 }
 
 fn remove(
@@ -765,7 +762,7 @@ fn remove(
     info: &ResourceInfo,
     ns: &str,
     name: &str,
-) -> Result<Option<Arc<Value>>, ApiError> {
+) -> Result<Option<Arc<Object>>, ApiError> {
     if info.key == namespaces() {
         // Namespace contents go first, each with its own DELETED event.
         for (key, object_name) in state.store.namespaces_in_use(name) {
@@ -775,7 +772,7 @@ fn remove(
         }
     }
     if info.key == crds()
-        && let Some(crd) = state.store.get(&info.key, ns, name)
+        && let Some(crd) = state.store.get(&info.key, ns, name).map(|c| c.value())
     {
         let custom = ResourceKey {
             group: crd["spec"]["group"].as_str().unwrap_or("").into(),
@@ -793,9 +790,9 @@ fn remove(
     Ok(gone)
 }
 
-fn release_resources(state: &mut State, key: &ResourceKey, gone: &Value) {
+fn release_resources(state: &mut State, key: &ResourceKey, gone: &Object) {
     if *key == services()
-        && let Some(ip) = gone["spec"]["clusterIP"]
+        && let Some(ip) = gone.value()["spec"]["clusterIP"]
             .as_str()
             .and_then(|s| s.parse().ok())
     {
@@ -815,7 +812,7 @@ pub fn token_request(
         .store
         .get(&service_accounts(), namespace, name)
         .ok_or_else(|| ApiError::not_found("", "serviceaccounts", name))?;
-    let uid = meta(&sa).get("uid").and_then(Value::as_str).unwrap_or("");
+    let uid = &*sa.uid;
     let spec = &request["spec"];
     let audiences: Vec<String> = match spec["audiences"].as_array() {
         Some(list) if !list.is_empty() => list
@@ -882,12 +879,7 @@ pub fn token_review(state: &State, ctx: &Ctx, review: &Value) -> Value {
             let live_uid = state
                 .store
                 .get(&service_accounts(), ns, &sa.name)
-                .and_then(|o| {
-                    meta(&o)
-                        .get("uid")
-                        .and_then(Value::as_str)
-                        .map(String::from)
-                });
+                .map(|o| o.uid.to_string());
             if live_uid.as_deref() != Some(sa.uid.as_str()) {
                 json!({"authenticated": false, "error": format!("service account {ns}/{} has been deleted", sa.name)})
             } else {

@@ -15,16 +15,16 @@ use bytes::Bytes;
 use futures::StreamExt;
 use http_body_util::{BodyExt, StreamBody};
 use hyper::body::Frame;
-use serde_json::{Value, json};
+use serde_json::json;
 use tokio::sync::broadcast::error::RecvError;
 use tokio::time::Instant;
 
 use super::Shared;
-use super::http::{Body, json_response};
+use super::http::{Body, json_response, matches, presented_json};
 use super::resources::ResourceInfo;
 use super::selector::{FieldSelector, LabelSelector};
 use super::status::ApiError;
-use super::store::{Event, EventType, event_line};
+use super::store::{Event, EventType, Object, event_line};
 
 /// How often an idle watch that asked for bookmarks gets one.
 const BOOKMARK_EVERY: Duration = Duration::from_secs(15);
@@ -46,6 +46,7 @@ pub struct WatchRequest {
 /// Which events a watch passes, and how it frames them.
 struct Filter {
     info: Arc<ResourceInfo>,
+    version: String,
     api_version: String,
     namespace: Option<String>,
     labels: LabelSelector,
@@ -53,24 +54,6 @@ struct Filter {
 }
 
 impl Filter {
-    fn wants_object(&self, namespace: &str, name: &str, object: &Value) -> bool {
-        self.namespace.as_deref().is_none_or(|ns| ns == namespace)
-            && self.fields.matches(namespace, name)
-            && self.labels.matches(labels_of(object))
-    }
-
-    /// Presents an object in the requested version (custom resources may be
-    /// served in several).
-    fn present<'a>(&self, object: &'a Value) -> std::borrow::Cow<'a, Value> {
-        if object["apiVersion"].as_str() == Some(self.api_version.as_str()) {
-            std::borrow::Cow::Borrowed(object)
-        } else {
-            let mut copy = object.clone();
-            copy["apiVersion"] = json!(self.api_version);
-            std::borrow::Cow::Owned(copy)
-        }
-    }
-
     /// The line this watch sends for an event, if any. A modification that
     /// moves an object into or out of a label selector's set is an ADDED or a
     /// DELETED for that watch, as on the real server.
@@ -84,13 +67,11 @@ impl Filter {
         {
             return None;
         }
-        let now = self.labels.matches(labels_of(&event.object));
+        let selected = |o: &Object| self.labels.matches(|k| o.label(k));
+        let now = selected(&event.object);
         let kind = match event.kind {
             EventType::Modified if !self.labels.is_empty() => {
-                let before = event
-                    .previous
-                    .as_ref()
-                    .is_some_and(|p| self.labels.matches(labels_of(p)));
+                let before = event.previous.as_deref().is_some_and(selected);
                 match (before, now) {
                     (true, true) => EventType::Modified,
                     (false, true) => EventType::Added,
@@ -105,11 +86,11 @@ impl Filter {
                 kind
             }
         };
-        let presented = self.present(&event.object);
-        if kind == event.kind && matches!(presented, std::borrow::Cow::Borrowed(_)) {
+        if kind == event.kind && *event.object.api_version == *self.api_version {
             Some(event.line.clone())
         } else {
-            Some(event_line(kind.as_str(), &presented))
+            let json = presented_json(&event.object, &self.info, &self.version);
+            Some(event_line(kind.as_str(), &json))
         }
     }
 
@@ -118,19 +99,17 @@ impl Filter {
         if initial_events_end {
             metadata["annotations"] = json!({"k8s.io/initial-events-end": "true"});
         }
-        event_line(
-            "BOOKMARK",
-            &json!({"kind": self.info.kind, "apiVersion": self.api_version, "metadata": metadata}),
-        )
+        let object =
+            json!({"kind": self.info.kind, "apiVersion": self.api_version, "metadata": metadata});
+        event_line("BOOKMARK", &serde_json::to_vec(&object).unwrap_or_default())
     }
 }
 
-fn labels_of(object: &Value) -> Option<&serde_json::Map<String, Value>> {
-    object["metadata"]["labels"].as_object()
-}
-
 fn error_stream(err: &ApiError) -> http::Response<Body> {
-    let line = event_line("ERROR", &err.to_status());
+    let line = event_line(
+        "ERROR",
+        &serde_json::to_vec(&err.to_status()).unwrap_or_default(),
+    );
     let body = StreamBody::new(futures::stream::once(async move {
         Ok::<_, Infallible>(Frame::data(line))
     }));
@@ -161,6 +140,7 @@ pub async fn serve(
 
     let filter = Filter {
         api_version: request.info.api_version(&request.version),
+        version: request.version.clone(),
         info: request.info.clone(),
         namespace: request.namespace.clone(),
         labels: request.labels,
@@ -181,15 +161,10 @@ pub async fn serve(
                 let mut lines: VecDeque<Bytes> = state
                     .store
                     .list(&filter.info.key, filter.namespace.as_deref(), None)
-                    .filter(|o| {
-                        let m = &o["metadata"];
-                        filter.wants_object(
-                            m["namespace"].as_str().unwrap_or(""),
-                            m["name"].as_str().unwrap_or(""),
-                            o,
-                        )
+                    .filter(|(id, o)| matches(id, o, &filter.labels, &filter.fields))
+                    .map(|(_, o)| {
+                        event_line("ADDED", &presented_json(o, &filter.info, &filter.version))
                     })
-                    .map(|o| event_line("ADDED", &filter.present(o)))
                     .collect();
                 if request.send_initial_events {
                     lines.push_back(filter.bookmark(current, true));

@@ -1,0 +1,78 @@
+//! `weft-perf`: run a benchmark scenario and write its report.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+use weft_perf::{apiserver, report};
+
+#[derive(Parser)]
+#[command(name = "weft-perf", about = "weft's benchmark scenarios")]
+struct Cli {
+    /// Where reports are written.
+    #[arg(long, default_value = "perf/results", global = true)]
+    results: PathBuf,
+    /// Print the report only; write no file.
+    #[arg(long, global = true)]
+    no_write: bool,
+    #[command(subcommand)]
+    scenario: Scenario,
+}
+
+#[derive(Subcommand)]
+enum Scenario {
+    /// The lab API server: objects listed and watched by many watchers, update fan-out latency.
+    Apiserver {
+        #[arg(long, default_value_t = 10_000)]
+        objects: usize,
+        #[arg(long, default_value_t = 100)]
+        watchers: usize,
+        #[arg(long, default_value_t = 500)]
+        updates: usize,
+        #[arg(long, default_value_t = 50)]
+        warmup: usize,
+        /// Milliseconds between updates.
+        #[arg(long, default_value_t = 5)]
+        gap_ms: u64,
+        #[arg(long, default_value_t = 5.0)]
+        target_p99_ms: f64,
+    },
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let command = std::env::args().collect::<Vec<_>>().join(" ");
+    let (name, outcome) = match cli.scenario {
+        Scenario::Apiserver {
+            objects,
+            watchers,
+            updates,
+            warmup,
+            gap_ms,
+            target_p99_ms,
+        } => (
+            "apiserver",
+            apiserver::run(
+                &apiserver::Options {
+                    objects,
+                    watchers,
+                    updates,
+                    warmup,
+                    gap: Duration::from_millis(gap_ms),
+                    target_p99_ms,
+                },
+                &command,
+            )?,
+        ),
+    };
+    println!("{}", outcome.markdown);
+    if !cli.no_write {
+        let path = report::write(&cli.results, name, &outcome.markdown)?;
+        println!("report written to {}", path.display());
+    }
+    if !outcome.passed {
+        std::process::exit(2);
+    }
+    Ok(())
+}
