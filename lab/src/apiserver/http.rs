@@ -122,6 +122,12 @@ async fn route(
     let method = request.method().clone();
     let path = request.uri().path().to_string();
     let query = Query::parse(request.uri().query());
+    let request_accept = request
+        .headers()
+        .get("accept")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
 
     match path.as_str() {
         "/healthz" | "/livez" | "/readyz" => {
@@ -170,6 +176,7 @@ async fn route(
         ["api", "v1"] => discovery(shared.lock().registry.resource_list("", "v1")),
         ["apis", group] => discovery(shared.lock().registry.group(group)),
         ["apis", group, version] => discovery(shared.lock().registry.resource_list(group, version)),
+        ["openapi", "v2"] if method == Method::GET => Ok(openapi_v2(&request_accept)),
         ["openapi", "v3"] => discovery(Some(shared.lock().registry.openapi_root())),
         ["openapi", "v3", "api", version] => {
             discovery(shared.lock().registry.openapi_document("", version))
@@ -186,6 +193,29 @@ async fn route(
         }
         _ => Err(ApiError::path_not_found(&path)),
     }
+}
+
+/// The OpenAPI v2 document, with no definitions. Older kubectl (Debian's is
+/// 1.20) validates manifests client-side against it and skips kinds it has no
+/// schema for, so an empty document lets `kubectl apply` through, while the
+/// server keeps its own checks. It asks for the protobuf form, whose empty
+/// message is zero bytes.
+fn openapi_v2(accept: &str) -> Response<Body> {
+    const PROTOBUF: &str = "application/com.github.proto-openapi.spec.v2@v1.0+protobuf";
+    if accept.contains(PROTOBUF) {
+        let mut response = Response::new(Full::new(Bytes::new()).boxed_unsync());
+        // As the real server answers: Go's MIME parser rejects the '@' in
+        // the requested type, so the reply is labelled as plain bytes.
+        response.headers_mut().insert(
+            "content-type",
+            http::HeaderValue::from_static("application/octet-stream"),
+        );
+        return response;
+    }
+    json_response(
+        200,
+        &json!({"swagger": "2.0", "info": {"title": "weft-lab", "version": "v1.33.0"}, "paths": {}, "definitions": {}}),
+    )
 }
 
 fn version() -> Value {
