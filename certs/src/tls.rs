@@ -206,10 +206,30 @@ impl rustls::client::ResolvesClientCert for Resolver {
 /// bundle and carrying a SPIFFE ID is required. Read the caller's identity
 /// with [`peer_identity`] after the handshake.
 pub fn server_config(certs: &CertStore, bundle: &TrustBundle) -> Result<Arc<ServerConfig>> {
+    server_config_with(certs, bundle, true)
+}
+
+/// As [`server_config`], but a client may also connect without a
+/// certificate (and then has no identity). For the control plane's port,
+/// where a proxy asks the CA for its first certificate before it has one.
+/// A certificate that is presented is verified in full.
+pub fn server_config_optional_client(
+    certs: &CertStore,
+    bundle: &TrustBundle,
+) -> Result<Arc<ServerConfig>> {
+    server_config_with(certs, bundle, false)
+}
+
+fn server_config_with(
+    certs: &CertStore,
+    bundle: &TrustBundle,
+    mandatory: bool,
+) -> Result<Arc<ServerConfig>> {
     let mut config = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(Arc::new(SpiffeClientVerifier {
             bundle: bundle.clone(),
+            mandatory,
         }))
         .with_cert_resolver(Arc::new(Resolver(certs.clone())));
     config.alpn_protocols = vec![MESH_ALPN.to_vec()];
@@ -243,6 +263,27 @@ pub fn client_config(
     // The SNI would only leak an address; the identity check replaces it.
     config.enable_sni = false;
     // See server_config: every connection verifies the peer in full.
+    config.resumption = rustls::client::Resumption::disabled();
+    Ok(Arc::new(config))
+}
+
+/// A client config with no certificate of its own, for the one call a
+/// workload makes before it has one: asking the control plane's CA. The
+/// server is still verified, chain and identity.
+pub fn client_config_without_certificate(
+    bundle: &TrustBundle,
+    expected: Vec<Identity>,
+) -> Result<Arc<ClientConfig>> {
+    let mut config = ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(SpiffeServerVerifier {
+            bundle: bundle.clone(),
+            expected,
+        }))
+        .with_no_client_auth();
+    config.alpn_protocols = vec![MESH_ALPN.to_vec()];
+    config.enable_sni = false;
     config.resumption = rustls::client::Resumption::disabled();
     Ok(Arc::new(config))
 }
@@ -361,9 +402,14 @@ impl ServerCertVerifier for SpiffeServerVerifier {
 #[derive(Debug)]
 struct SpiffeClientVerifier {
     bundle: TrustBundle,
+    mandatory: bool,
 }
 
 impl ClientCertVerifier for SpiffeClientVerifier {
+    fn client_auth_mandatory(&self) -> bool {
+        self.mandatory
+    }
+
     fn root_hint_subjects(&self) -> &[DistinguishedName] {
         // Hints are optional; workloads have exactly one certificate anyway.
         &[]

@@ -2,8 +2,219 @@
 //!
 //! One instance runs in every cluster of a multi-primary mesh. It owns the
 //! Kubernetes watchers on the local API server and on every remote API server
-//! registered through a kubeconfig Secret, the merged mesh model built from
-//! them, the delta xDS server that pushes `Service` and `Workload` resources to
-//! proxies, the CA service that signs workload certificates, and the sidecar
-//! injection webhook. It never depends on the proxy crate; the two meet only on
-//! the wire protocols of `weft-xds-proto`. Nothing is implemented here yet.
+//! registered through a kubeconfig Secret (`cluster`, `remotes`,
+//! `kubeconfig`), the merged mesh model built from them (`model`, `hub`), the
+//! delta xDS server that pushes `Service` and `Workload` resources to proxies
+//! (`xds`), the CA service that signs workload certificates (`ca`), and the
+//! monitoring endpoints (`admin`, `metrics`). It never depends on the proxy
+//! crate; the two meet only on the wire protocols of `weft-xds-proto`.
+
+pub mod admin;
+pub mod ca;
+pub mod cluster;
+pub mod hub;
+pub mod kubeconfig;
+pub mod metrics;
+pub mod model;
+pub mod remotes;
+pub mod tls;
+pub mod xds;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use weft_certs::tls::{CertStore, TrustBundle};
+use weft_certs::{CertificateAuthority, Identity};
+use weft_xds_proto::ca::certificate_service_server::CertificateServiceServer;
+use weft_xds_proto::discovery::aggregated_discovery_service_server::AggregatedDiscoveryServiceServer;
+
+use crate::hub::{Debounce, Hub};
+use crate::model::{Model, ModelConfig};
+
+/// Everything a control plane is started with.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub cluster_id: String,
+    pub network: String,
+    pub namespace: String,
+    pub trust_domain: String,
+    pub domain_suffix: String,
+    /// Plain-text xDS, for tests and benchmarks only.
+    pub xds_plain_addr: Option<SocketAddr>,
+    /// mTLS xDS and the CA service.
+    pub xds_tls_addr: Option<SocketAddr>,
+    pub monitoring_addr: Option<SocketAddr>,
+    pub debounce: Debounce,
+    /// How long an unreachable remote may hold readiness back.
+    pub remote_timeout: Duration,
+    /// "ns/name" or "ns/*" services that are never merged across clusters.
+    pub cluster_local: Vec<String>,
+}
+
+impl Config {
+    pub fn new(cluster_id: impl Into<String>) -> Self {
+        Config {
+            cluster_id: cluster_id.into(),
+            network: "default".into(),
+            namespace: "weft-system".into(),
+            trust_domain: "cluster.local".into(),
+            domain_suffix: "cluster.local".into(),
+            xds_plain_addr: None,
+            xds_tls_addr: None,
+            monitoring_addr: None,
+            debounce: Debounce::default(),
+            remote_timeout: Duration::from_secs(30),
+            cluster_local: Vec::new(),
+        }
+    }
+}
+
+/// A running control plane.
+pub struct ControlPlane {
+    pub xds_plain_addr: Option<SocketAddr>,
+    pub xds_tls_addr: Option<SocketAddr>,
+    pub monitoring_addr: Option<SocketAddr>,
+    pub hub: Arc<Hub>,
+    pub ca: Arc<CertificateAuthority>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+async fn bind(addr: Option<SocketAddr>, what: &str) -> anyhow::Result<Option<TcpListener>> {
+    match addr {
+        Some(addr) => {
+            Ok(Some(TcpListener::bind(addr).await.with_context(|| {
+                format!("binding the {what} port {addr}")
+            })?))
+        }
+        None => Ok(None),
+    }
+}
+
+impl ControlPlane {
+    /// Starts everything against the local API server's client. Returns once
+    /// the ports are bound; syncing goes on in the background (see `/ready`).
+    pub async fn start(config: Config, local: kube::Client) -> anyhow::Result<Self> {
+        let model = Model::new(ModelConfig {
+            local_cluster: config.cluster_id.clone(),
+            network: config.network.clone(),
+            trust_domain: config.trust_domain.clone(),
+            domain_suffix: config.domain_suffix.clone(),
+            system_namespace: config.namespace.clone(),
+            cluster_local: config.cluster_local.clone(),
+        });
+        let (hub, nudges) = Hub::new(model);
+        let (updates_tx, updates) = mpsc::unbounded_channel();
+        let mut tasks = Vec::new();
+        tasks.push(tokio::spawn(hub.clone().run(
+            updates,
+            nudges,
+            config.debounce,
+        )));
+
+        hub.model().add_cluster(&config.cluster_id, 0);
+        let local_watchers = cluster::spawn_watchers(
+            local.clone(),
+            config.cluster_id.clone(),
+            0,
+            updates_tx.clone(),
+        );
+        tasks.extend(local_watchers);
+
+        let remotes =
+            remotes::RemoteClusters::new(hub.clone(), updates_tx, config.cluster_id.clone());
+        tasks.push(tokio::spawn(remotes::run(
+            remotes,
+            local.clone(),
+            config.namespace.clone(),
+        )));
+
+        let ca = Arc::new(ca::load(&local, &config.namespace, &config.trust_domain).await?);
+
+        let plain = bind(config.xds_plain_addr, "plain xDS").await?;
+        let secure = bind(config.xds_tls_addr, "xDS TLS").await?;
+        let monitoring = bind(config.monitoring_addr, "monitoring").await?;
+        let xds_plain_addr = plain.as_ref().and_then(|l| l.local_addr().ok());
+        let xds_tls_addr = secure.as_ref().and_then(|l| l.local_addr().ok());
+        let monitoring_addr = monitoring.as_ref().and_then(|l| l.local_addr().ok());
+
+        if let Some(listener) = plain {
+            let ads = AggregatedDiscoveryServiceServer::new(xds::AdsServer::new(hub.clone()))
+                .max_decoding_message_size(16 * 1024 * 1024);
+            let incoming =
+                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+            tasks.push(tokio::spawn(async move {
+                if let Err(err) = tonic::transport::Server::builder()
+                    .add_service(ads)
+                    .serve_with_incoming(incoming)
+                    .await
+                {
+                    tracing::error!(%err, "plain xDS server stopped");
+                }
+            }));
+        }
+        if let Some(listener) = secure {
+            // The control plane's own identity, from its own CA.
+            let identity = Identity::new(&config.trust_domain, &config.namespace, "weft-control")?;
+            let cert =
+                weft_certs::issue_workload(&ca, &identity, Some(Duration::from_secs(7 * 86400)))?;
+            let certs = CertStore::new(&cert)?;
+            let bundle = TrustBundle::from_pem(&ca.roots_pem())?;
+            let tls = weft_certs::tls::server_config_optional_client(&certs, &bundle)?;
+            let ads = AggregatedDiscoveryServiceServer::new(xds::AdsServer::new(hub.clone()))
+                .max_decoding_message_size(16 * 1024 * 1024);
+            let ca_service = CertificateServiceServer::new(ca::CaService {
+                ca: ca.clone(),
+                client: local.clone(),
+                hub: hub.clone(),
+            });
+            let incoming = tls::incoming(listener, tls);
+            tasks.push(tokio::spawn(async move {
+                if let Err(err) = tonic::transport::Server::builder()
+                    .add_service(ads)
+                    .add_service(ca_service)
+                    .serve_with_incoming(incoming)
+                    .await
+                {
+                    tracing::error!(%err, "xDS TLS server stopped");
+                }
+            }));
+        }
+        if let Some(listener) = monitoring {
+            tasks.push(tokio::spawn(admin::serve(
+                listener,
+                hub.clone(),
+                config.remote_timeout,
+            )));
+        }
+        tracing::info!(cluster = %config.cluster_id, ?xds_plain_addr, ?xds_tls_addr, ?monitoring_addr, "control plane started");
+        Ok(ControlPlane {
+            xds_plain_addr,
+            xds_tls_addr,
+            monitoring_addr,
+            hub,
+            ca,
+            tasks,
+        })
+    }
+
+    pub fn ready(&self, remote_timeout: Duration) -> bool {
+        self.hub.model().ready(remote_timeout)
+    }
+
+    /// Stops every task (watchers, servers, the model loop).
+    pub fn stop(self) {
+        drop(self);
+    }
+}
+
+impl Drop for ControlPlane {
+    fn drop(&mut self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}

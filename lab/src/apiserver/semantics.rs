@@ -486,25 +486,7 @@ fn default_secret(
     if secret.get("type").is_none() {
         secret["type"] = json!("Opaque");
     }
-    if let Some(Value::Object(plain)) = secret.as_object_mut().and_then(|o| o.remove("stringData"))
-    {
-        for (k, v) in plain {
-            let text = v
-                .as_str()
-                .ok_or_else(|| ApiError::bad_request("stringData values must be strings"))?;
-            secret["data"][&k] = json!(STANDARD.encode(text));
-        }
-    }
-    if let Some(data) = secret.get("data").and_then(Value::as_object) {
-        for (k, v) in data {
-            let valid = v.as_str().is_some_and(|s| STANDARD.decode(s).is_ok());
-            if !valid {
-                return Err(ApiError::bad_request(format!(
-                    "data[{k}]: illegal base64 data"
-                )));
-            }
-        }
-    }
+    merge_string_data(secret)?;
     if secret["type"] == "kubernetes.io/service-account-token" {
         let sa_name = meta(secret)
             .get("annotations")
@@ -532,6 +514,31 @@ fn default_secret(
         secret["data"]["ca.crt"] = json!(STANDARD.encode(ctx.ca_pem));
         secret["data"]["namespace"] = json!(STANDARD.encode(namespace));
         secret["metadata"]["annotations"]["kubernetes.io/service-account.uid"] = json!(uid);
+    }
+    Ok(())
+}
+
+/// `stringData` is write-only convenience: merged into `data` (base64) on
+/// create and update alike, and never stored. Then `data` must be base64.
+fn merge_string_data(secret: &mut Value) -> Result<(), ApiError> {
+    if let Some(Value::Object(plain)) = secret.as_object_mut().and_then(|o| o.remove("stringData"))
+    {
+        for (k, v) in plain {
+            let text = v
+                .as_str()
+                .ok_or_else(|| ApiError::bad_request("stringData values must be strings"))?;
+            secret["data"][&k] = json!(STANDARD.encode(text));
+        }
+    }
+    if let Some(data) = secret.get("data").and_then(Value::as_object) {
+        for (k, v) in data {
+            let valid = v.as_str().is_some_and(|s| STANDARD.decode(s).is_ok());
+            if !valid {
+                return Err(ApiError::bad_request(format!(
+                    "data[{k}]: illegal base64 data"
+                )));
+            }
+        }
     }
     Ok(())
 }
@@ -662,6 +669,9 @@ pub fn update(
 
     if info.key == services() {
         keep_cluster_ip(&current, &mut next, name)?;
+    }
+    if info.key == key("", "secrets") {
+        merge_string_data(&mut next)?;
     }
     if info.key == crds() {
         let mut probe = state.registry.clone();

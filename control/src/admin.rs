@@ -1,0 +1,90 @@
+//! The monitoring port (15014): `/metrics`, `/ready`, and `/debug/...` JSON
+//! for operators and `weftctl remote-clusters`.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+use serde_json::json;
+use tokio::net::TcpListener;
+
+use crate::hub::Hub;
+
+pub async fn serve(listener: TcpListener, hub: Arc<Hub>, remote_timeout: Duration) {
+    loop {
+        let Ok((tcp, _)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let hub = hub.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |request| {
+                let hub = hub.clone();
+                async move { Ok::<_, Infallible>(respond(&hub, &request, remote_timeout)) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(tcp), service)
+                .await;
+        });
+    }
+}
+
+fn text(code: u16, content_type: &'static str, body: String) -> Response<Full<Bytes>> {
+    Response::builder()
+        .status(code)
+        .header("content-type", content_type)
+        .body(Full::new(Bytes::from(body)))
+        .unwrap_or_default()
+}
+
+fn respond<B>(hub: &Hub, request: &Request<B>, remote_timeout: Duration) -> Response<Full<Bytes>> {
+    match request.uri().path() {
+        "/metrics" => {
+            hub.refresh_cluster_metrics();
+            text(
+                200,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                hub.metrics.encode(),
+            )
+        }
+        "/ready" => {
+            if hub.model().ready(remote_timeout) {
+                text(200, "text/plain", "ready\n".into())
+            } else {
+                text(503, "text/plain", "not ready: the local cluster has not synced yet, or a remote is still within its sync timeout\n".into())
+            }
+        }
+        "/debug/clusters" => {
+            let clusters = hub.model().cluster_status();
+            text(
+                200,
+                "application/json",
+                json!({"clusters": clusters}).to_string(),
+            )
+        }
+        "/debug/resources" => {
+            let model = hub.model();
+            let list = |table: &crate::model::Table| {
+                let mut names: Vec<(String, u64)> =
+                    table.live().map(|(n, e)| (n.clone(), e.version)).collect();
+                names.sort();
+                names
+            };
+            let body = json!({
+                "version": model.version(),
+                "services": list(&model.services),
+                "workloads": list(&model.workloads),
+            });
+            text(200, "application/json", body.to_string())
+        }
+        _ => text(
+            404,
+            "text/plain",
+            "not found; try /metrics, /ready, /debug/clusters, /debug/resources\n".into(),
+        ),
+    }
+}

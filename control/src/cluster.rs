@@ -1,0 +1,416 @@
+//! One cluster's discovery: kube watchers on Services, EndpointSlices, Pods,
+//! Namespaces and Nodes, each object cut down at once to the few fields the
+//! mesh needs, and sent to the model as changes.
+//!
+//! A watcher that relists (after a 410, a restart, a reconnect) reports the
+//! complete new set, so the model can drop what disappeared meanwhile.
+//! Every change carries the generation of the client that saw it: after a
+//! credential rotation, late events from the old client are ignored.
+
+use std::collections::BTreeMap;
+use std::fmt::Debug;
+use std::net::IpAddr;
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, Client, Resource, ResourceExt};
+use serde::de::DeserializeOwned;
+use tokio::sync::mpsc;
+use weft_xds_proto::mesh::AppProtocol;
+
+/// (namespace, name).
+pub type Key = (String, String);
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PodInfo {
+    pub ips: Vec<IpAddr>,
+    pub service_account: String,
+    pub node: String,
+    pub ready: bool,
+    pub sidecar: bool,
+    pub canonical_name: String,
+    pub canonical_revision: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EndpointInfo {
+    pub pod: Option<String>,
+    pub addresses: Vec<IpAddr>,
+    pub ready: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SliceInfo {
+    pub service: String,
+    pub endpoints: Vec<EndpointInfo>,
+    /// (port name, port number)
+    pub ports: Vec<(String, u32)>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServicePortInfo {
+    pub port: u32,
+    pub name: String,
+    pub protocol: AppProtocol,
+    pub target_port: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceInfo {
+    pub vip: Option<IpAddr>,
+    pub ports: Vec<ServicePortInfo>,
+    pub cluster_local: bool,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Locality {
+    pub region: String,
+    pub zone: String,
+    pub subzone: String,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NamespaceInfo {
+    pub cluster_local: bool,
+    pub network: Option<String>,
+}
+
+/// The kinds of object a cluster is watched for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Kind {
+    Service,
+    Slice,
+    Pod,
+    Namespace,
+    Node,
+}
+
+pub const KINDS: [Kind; 5] = [
+    Kind::Service,
+    Kind::Slice,
+    Kind::Pod,
+    Kind::Namespace,
+    Kind::Node,
+];
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Object {
+    Service(ServiceInfo),
+    Slice(SliceInfo),
+    Pod(PodInfo),
+    Namespace(NamespaceInfo),
+    Node(Locality),
+}
+
+#[derive(Debug)]
+pub enum Change {
+    /// An object appeared or changed (`Some`) or went away (`None`).
+    Object(Kind, Key, Option<Object>),
+    /// The complete set of one kind, after a (re)list.
+    Reset(Kind, Vec<(Key, Object)>),
+    /// The watch failed; it retries by itself with backoff.
+    Error(Kind, String),
+    /// The API server answers again for this kind (a watch that resumes
+    /// from its last version may have no event to show for it).
+    Recovered(Kind),
+}
+
+#[derive(Debug)]
+pub struct ClusterUpdate {
+    pub cluster: String,
+    pub generation: u64,
+    pub change: Change,
+}
+
+pub const ANNOTATION_CLUSTER_LOCAL: &str = "weft.io/cluster-local";
+pub const LABEL_NETWORK: &str = "topology.weft.io/network";
+
+fn parse_ips<'a>(ips: impl Iterator<Item = &'a String>) -> Vec<IpAddr> {
+    ips.filter_map(|ip| ip.parse().ok()).collect()
+}
+
+pub fn pod_info(pod: &Pod) -> Option<PodInfo> {
+    let spec = pod.spec.as_ref()?;
+    // Host-network pods share the node's address; they are not workloads.
+    if spec.host_network == Some(true) {
+        return None;
+    }
+    let status = pod.status.as_ref();
+    let mut ips: Vec<IpAddr> = status
+        .and_then(|s| s.pod_ips.as_ref())
+        .map(|ips| parse_ips(ips.iter().map(|i| &i.ip)))
+        .unwrap_or_default();
+    if ips.is_empty()
+        && let Some(ip) = status
+            .and_then(|s| s.pod_ip.as_ref())
+            .and_then(|ip| ip.parse().ok())
+    {
+        ips.push(ip);
+    }
+    let ready = pod.metadata.deletion_timestamp.is_none()
+        && status
+            .and_then(|s| s.conditions.as_ref())
+            .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+    let labels = pod.labels();
+    let annotations = pod.annotations();
+    let label = |keys: &[&str]| {
+        keys.iter()
+            .find_map(|k| labels.get(*k).cloned())
+            .unwrap_or_default()
+    };
+    Some(PodInfo {
+        ips,
+        service_account: spec
+            .service_account_name
+            .clone()
+            .unwrap_or_else(|| "default".into()),
+        node: spec.node_name.clone().unwrap_or_default(),
+        ready,
+        sidecar: annotations.contains_key("sidecar.weft.io/status")
+            || spec.containers.iter().any(|c| c.name == "weft-proxy"),
+        canonical_name: label(&["app.kubernetes.io/name", "app"]),
+        canonical_revision: label(&["app.kubernetes.io/version", "version"]),
+    })
+}
+
+pub fn slice_info(slice: &EndpointSlice) -> Option<SliceInfo> {
+    let service = slice.labels().get("kubernetes.io/service-name")?.clone();
+    let endpoints = slice
+        .endpoints
+        .iter()
+        .map(|e| EndpointInfo {
+            pod: e
+                .target_ref
+                .as_ref()
+                .filter(|r| r.kind.as_deref() == Some("Pod"))
+                .and_then(|r| r.name.clone()),
+            addresses: parse_ips(e.addresses.iter()),
+            ready: e.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true),
+        })
+        .collect();
+    let ports = slice
+        .ports
+        .iter()
+        .flatten()
+        .filter_map(|p| {
+            Some((
+                p.name.clone().unwrap_or_default(),
+                u32::try_from(p.port?).ok()?,
+            ))
+        })
+        .collect();
+    Some(SliceInfo {
+        service,
+        endpoints,
+        ports,
+    })
+}
+
+pub fn app_protocol(app_protocol: Option<&str>, name: &str) -> AppProtocol {
+    let by = |p: &str| match p.to_ascii_lowercase().as_str() {
+        "http" | "http1" => Some(AppProtocol::Http),
+        "http2" | "h2c" | "kubernetes.io/h2c" => Some(AppProtocol::Http2),
+        "grpc" => Some(AppProtocol::Grpc),
+        "tcp" => Some(AppProtocol::Tcp),
+        _ => None,
+    };
+    app_protocol
+        .and_then(by)
+        .or_else(|| by(name.split('-').next().unwrap_or("")))
+        .unwrap_or(AppProtocol::Unspecified)
+}
+
+pub fn service_info(service: &Service) -> Option<ServiceInfo> {
+    let spec = service.spec.as_ref()?;
+    let vip = spec
+        .cluster_ip
+        .as_deref()
+        .filter(|ip| *ip != "None")
+        .and_then(|ip| ip.parse().ok());
+    let ports = spec
+        .ports
+        .iter()
+        .flatten()
+        .filter_map(|p| {
+            let name = p.name.clone().unwrap_or_default();
+            let target_port = match &p.target_port {
+                Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(n)) => *n,
+                _ => 0,
+            };
+            Some(ServicePortInfo {
+                port: u32::try_from(p.port).ok()?,
+                protocol: app_protocol(p.app_protocol.as_deref(), &name),
+                name,
+                target_port: u32::try_from(target_port).unwrap_or(0),
+            })
+        })
+        .collect();
+    Some(ServiceInfo {
+        vip,
+        ports,
+        cluster_local: service
+            .annotations()
+            .get(ANNOTATION_CLUSTER_LOCAL)
+            .is_some_and(|v| v == "true"),
+    })
+}
+
+pub fn node_locality(node: &Node) -> Locality {
+    let labels = node.labels();
+    let get = |k: &str| labels.get(k).cloned().unwrap_or_default();
+    Locality {
+        region: get("topology.kubernetes.io/region"),
+        zone: get("topology.kubernetes.io/zone"),
+        subzone: get("topology.weft.io/subzone"),
+    }
+}
+
+pub fn namespace_info(namespace: &Namespace) -> NamespaceInfo {
+    NamespaceInfo {
+        cluster_local: namespace
+            .annotations()
+            .get(ANNOTATION_CLUSTER_LOCAL)
+            .is_some_and(|v| v == "true"),
+        network: namespace.labels().get(LABEL_NETWORK).cloned(),
+    }
+}
+
+fn key_of<K: Resource>(object: &K) -> Key {
+    (
+        object.meta().namespace.clone().unwrap_or_default(),
+        object.meta().name.clone().unwrap_or_default(),
+    )
+}
+
+/// Starts the five watchers of one cluster. They run until the returned
+/// handles are aborted, retrying with backoff on their own.
+pub fn spawn_watchers(
+    client: Client,
+    cluster: String,
+    generation: u64,
+    updates: mpsc::UnboundedSender<ClusterUpdate>,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    let ctx = WatchContext {
+        cluster,
+        generation,
+        updates,
+    };
+    vec![
+        tokio::spawn(watch::<Service, _>(
+            Api::all(client.clone()),
+            Kind::Service,
+            ctx.clone(),
+            |s| service_info(s).map(Object::Service),
+        )),
+        tokio::spawn(watch::<EndpointSlice, _>(
+            Api::all(client.clone()),
+            Kind::Slice,
+            ctx.clone(),
+            |s| slice_info(s).map(Object::Slice),
+        )),
+        tokio::spawn(watch::<Pod, _>(
+            Api::all(client.clone()),
+            Kind::Pod,
+            ctx.clone(),
+            |p| pod_info(p).map(Object::Pod),
+        )),
+        tokio::spawn(watch::<Namespace, _>(
+            Api::all(client.clone()),
+            Kind::Namespace,
+            ctx.clone(),
+            |n| Some(Object::Namespace(namespace_info(n))),
+        )),
+        tokio::spawn(watch::<Node, _>(Api::all(client), Kind::Node, ctx, |n| {
+            Some(Object::Node(node_locality(n)))
+        })),
+    ]
+}
+
+#[derive(Clone)]
+struct WatchContext {
+    cluster: String,
+    generation: u64,
+    updates: mpsc::UnboundedSender<ClusterUpdate>,
+}
+
+impl WatchContext {
+    fn send(&self, change: Change) -> bool {
+        self.updates
+            .send(ClusterUpdate {
+                cluster: self.cluster.clone(),
+                generation: self.generation,
+                change,
+            })
+            .is_ok()
+    }
+}
+
+/// While a watch is failing, how often to check whether the API server
+/// answers again.
+const PROBE_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
+async fn watch<K, F>(api: Api<K>, kind: Kind, ctx: WatchContext, convert: F)
+where
+    K: Resource + Clone + DeserializeOwned + Debug + Send + 'static,
+    F: Fn(&K) -> Option<Object>,
+{
+    let stream = watcher(api.clone(), watcher::Config::default()).default_backoff();
+    futures::pin_mut!(stream);
+    let mut relist: Option<BTreeMap<Key, Object>> = None;
+    let mut failing = false;
+    let mut probe = tokio::time::interval(PROBE_EVERY);
+    loop {
+        let event = tokio::select! {
+            event = stream.next() => match event {
+                Some(event) => event,
+                None => return,
+            },
+            _ = probe.tick(), if failing => {
+                let alive = api.list(&kube::api::ListParams::default().limit(1)).await.is_ok();
+                if alive {
+                    failing = false;
+                    if !ctx.send(Change::Recovered(kind)) {
+                        return;
+                    }
+                }
+                continue;
+            }
+        };
+        if event.is_ok() {
+            failing = false;
+        }
+        let sent = match event {
+            Ok(watcher::Event::Init) => {
+                relist = Some(BTreeMap::new());
+                true
+            }
+            Ok(watcher::Event::InitApply(object)) => {
+                if let (Some(set), Some(converted)) = (relist.as_mut(), convert(&object)) {
+                    set.insert(key_of(&object), converted);
+                }
+                true
+            }
+            Ok(watcher::Event::InitDone) => {
+                let set = relist.take().unwrap_or_default();
+                ctx.send(Change::Reset(kind, set.into_iter().collect()))
+            }
+            Ok(watcher::Event::Apply(object)) => {
+                ctx.send(Change::Object(kind, key_of(&object), convert(&object)))
+            }
+            Ok(watcher::Event::Delete(object)) => {
+                ctx.send(Change::Object(kind, key_of(&object), None))
+            }
+            Err(err) => {
+                tracing::debug!(cluster = %ctx.cluster, ?kind, %err, "watch failed; retrying");
+                failing = true;
+                ctx.send(Change::Error(kind, err.to_string()))
+            }
+        };
+        if !sent {
+            // The model is gone: the control plane is shutting down.
+            return;
+        }
+    }
+}

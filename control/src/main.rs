@@ -1,0 +1,106 @@
+//! `weft-control`: the per-cluster control plane binary.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use weft_control::hub::Debounce;
+use weft_control::{Config, ControlPlane};
+
+#[derive(Parser)]
+#[command(
+    name = "weft-control",
+    version,
+    about = "weft's per-cluster control plane"
+)]
+struct Args {
+    /// This cluster's id, as other clusters' remote secrets name it.
+    #[arg(long, env = "WEFT_CLUSTER_ID")]
+    cluster_id: String,
+    /// The network this cluster's pods are on (pods on one network reach each other directly).
+    #[arg(long, env = "WEFT_NETWORK", default_value = "default")]
+    network: String,
+    /// Kubeconfig of the local cluster; in-cluster configuration when absent.
+    #[arg(long, env = "KUBECONFIG")]
+    kubeconfig: Option<PathBuf>,
+    /// Namespace of the control plane, its cacerts and the remote secrets.
+    #[arg(long, env = "WEFT_NAMESPACE", default_value = "weft-system")]
+    namespace: String,
+    #[arg(long, env = "WEFT_TRUST_DOMAIN", default_value = "cluster.local")]
+    trust_domain: String,
+    /// Plain-text xDS; for tests only, never expose it.
+    #[arg(long, env = "WEFT_XDS_PLAIN_ADDR")]
+    xds_plain_addr: Option<SocketAddr>,
+    /// mTLS xDS and the CA service.
+    #[arg(long, env = "WEFT_XDS_ADDR", default_value = "0.0.0.0:15012")]
+    xds_addr: SocketAddr,
+    /// /metrics, /ready and /debug.
+    #[arg(long, env = "WEFT_MONITORING_ADDR", default_value = "0.0.0.0:15014")]
+    monitoring_addr: SocketAddr,
+    /// Quiet period before a push, in milliseconds.
+    #[arg(long, env = "WEFT_DEBOUNCE_MS", default_value_t = 100)]
+    debounce_ms: u64,
+    /// Longest a change waits for a push, in milliseconds.
+    #[arg(long, env = "WEFT_DEBOUNCE_MAX_MS", default_value_t = 10_000)]
+    debounce_max_ms: u64,
+    /// Seconds an unreachable remote cluster may hold back readiness.
+    #[arg(long, env = "WEFT_REMOTE_SYNC_TIMEOUT", default_value_t = 30)]
+    remote_sync_timeout: u64,
+    /// Services never merged across clusters: "ns/name" or "ns/*"; repeatable.
+    #[arg(
+        long = "cluster-local",
+        env = "WEFT_CLUSTER_LOCAL",
+        value_delimiter = ','
+    )]
+    cluster_local: Vec<String>,
+}
+
+async fn local_client(kubeconfig: Option<&PathBuf>) -> anyhow::Result<kube::Client> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let kubeconfig = kube::config::Kubeconfig::read_from(path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default()).await?
+        }
+        None => {
+            kube::Config::incluster().context("no --kubeconfig and not running in a cluster")?
+        }
+    };
+    Ok(kube::Client::try_from(config)?)
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,kube=warn,tower=warn,hyper=warn".into()),
+        )
+        .init();
+    let args = Args::parse();
+    let client = local_client(args.kubeconfig.as_ref()).await?;
+    let config = Config {
+        network: args.network,
+        namespace: args.namespace,
+        trust_domain: args.trust_domain,
+        xds_plain_addr: args.xds_plain_addr,
+        xds_tls_addr: Some(args.xds_addr),
+        monitoring_addr: Some(args.monitoring_addr),
+        debounce: Debounce {
+            quiet: Duration::from_millis(args.debounce_ms),
+            max_delay: Duration::from_millis(args.debounce_max_ms),
+        },
+        remote_timeout: Duration::from_secs(args.remote_sync_timeout),
+        cluster_local: args.cluster_local,
+        ..Config::new(args.cluster_id)
+    };
+    let control = ControlPlane::start(config, client).await?;
+    tokio::signal::ctrl_c()
+        .await
+        .context("waiting for a shutdown signal")?;
+    tracing::info!("shutting down");
+    control.stop();
+    Ok(())
+}

@@ -1,0 +1,1023 @@
+//! The merged mesh model: every cluster's compact objects, and from them the
+//! `Service` and `Workload` resources proxies receive.
+//!
+//! Changes mark what they affect as dirty; a flush (after the debounce)
+//! rebuilds only those resources, encodes them, and keeps the ones whose bytes
+//! really changed, all under one new version. The tables remember, per
+//! resource, the version it last changed at, and a log ordered by version,
+//! so "everything since version v" is a range scan. That keeps each proxy's
+//! state down to one number, whatever the size of the mesh.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::net::IpAddr;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use prost::Message;
+use weft_xds_proto::mesh;
+
+use crate::cluster::{
+    Change, ClusterUpdate, Key, Kind, Locality, NamespaceInfo, Object, PodInfo, ServiceInfo,
+    SliceInfo,
+};
+
+#[derive(Clone, Debug)]
+pub struct ModelConfig {
+    pub local_cluster: String,
+    pub network: String,
+    pub trust_domain: String,
+    pub domain_suffix: String,
+    pub system_namespace: String,
+    /// "ns/name" or "ns/*": services never merged across clusters.
+    pub cluster_local: Vec<String>,
+}
+
+/// One resource type's current resources and change log.
+#[derive(Default)]
+pub struct Table {
+    entries: HashMap<String, Entry>,
+    log: BTreeSet<(u64, String)>,
+    tombstones: usize,
+    /// Changes at or below this version may have been forgotten (compacted
+    /// tombstones): a proxy that last saw an older version must resync.
+    floor: u64,
+}
+
+#[derive(Clone, Debug)]
+pub struct Entry {
+    pub version: u64,
+    /// The encoded resource, or `None` once removed.
+    pub body: Option<Bytes>,
+}
+
+/// How many removals to remember for proxies that reconnect or lag.
+const TOMBSTONE_LIMIT: usize = 100_000;
+
+impl Table {
+    /// Records a resource's new body (or removal) at `version`. Returns
+    /// whether anything changed.
+    pub fn upsert(&mut self, name: &str, body: Option<Bytes>, version: u64) -> bool {
+        match self.entries.get(name) {
+            Some(entry) if entry.body == body => return false,
+            None if body.is_none() => return false,
+            _ => {}
+        }
+        if let Some(old) = self.entries.get(name) {
+            self.log.remove(&(old.version, name.to_string()));
+            if old.body.is_none() {
+                self.tombstones -= 1;
+            }
+        }
+        if body.is_none() {
+            self.tombstones += 1;
+        }
+        self.log.insert((version, name.to_string()));
+        self.entries
+            .insert(name.to_string(), Entry { version, body });
+        if self.tombstones > TOMBSTONE_LIMIT {
+            self.compact();
+        }
+        true
+    }
+
+    fn compact(&mut self) {
+        let excess = self.tombstones - TOMBSTONE_LIMIT / 2;
+        let oldest: Vec<(u64, String)> = self
+            .log
+            .iter()
+            .filter(|(_, name)| self.entries.get(name).is_some_and(|e| e.body.is_none()))
+            .take(excess)
+            .cloned()
+            .collect();
+        for (version, name) in oldest {
+            self.log.remove(&(version, name.clone()));
+            self.entries.remove(&name);
+            self.tombstones -= 1;
+            self.floor = self.floor.max(version);
+        }
+    }
+
+    pub fn floor(&self) -> u64 {
+        self.floor
+    }
+
+    /// Every resource or removal with a version above `since`.
+    pub fn changed_since(&self, since: u64) -> impl Iterator<Item = (&String, &Entry)> {
+        self.log
+            .range((since + 1, String::new())..)
+            .filter_map(|(_, name)| self.entries.get_key_value(name))
+    }
+
+    /// Every live resource.
+    pub fn live(&self) -> impl Iterator<Item = (&String, &Entry)> {
+        self.entries.iter().filter(|(_, e)| e.body.is_some())
+    }
+
+    pub fn get(&self, name: &str) -> Option<&Entry> {
+        self.entries.get(name)
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len() - self.tombstones
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[derive(Default)]
+struct ClusterData {
+    pods: HashMap<Key, PodInfo>,
+    slices: HashMap<Key, SliceInfo>,
+    services: HashMap<Key, ServiceInfo>,
+    nodes: HashMap<String, Locality>,
+    namespaces: HashMap<String, NamespaceInfo>,
+    /// (ns, pod) → slices naming it.
+    slices_by_pod: HashMap<Key, BTreeSet<String>>,
+    /// (ns, service) → its slices.
+    slices_by_service: HashMap<Key, BTreeSet<String>>,
+    pods_by_node: HashMap<String, BTreeSet<Key>>,
+    synced: BTreeSet<Kind>,
+}
+
+/// What a change touched.
+#[derive(Default)]
+struct Touched {
+    pods: Vec<Key>,
+    services: Vec<Key>,
+    all_pods: bool,
+}
+
+impl ClusterData {
+    fn pods_of_slice(&self, ns: &str, slice: &SliceInfo) -> Vec<Key> {
+        slice
+            .endpoints
+            .iter()
+            .filter_map(|e| e.pod.clone())
+            .map(|p| (ns.to_string(), p))
+            .collect()
+    }
+
+    fn pods_of_service(&self, key: &Key) -> Vec<Key> {
+        self.slices_by_service
+            .get(key)
+            .into_iter()
+            .flatten()
+            .filter_map(|slice| self.slices.get(&(key.0.clone(), slice.clone())))
+            .flat_map(|s| self.pods_of_slice(&key.0, s))
+            .collect()
+    }
+
+    fn apply(&mut self, kind: Kind, key: Key, object: Option<Object>, touched: &mut Touched) {
+        match (kind, object) {
+            (Kind::Pod, object) => {
+                if let Some(old) = self.pods.remove(&key)
+                    && let Some(set) = self.pods_by_node.get_mut(&old.node)
+                {
+                    set.remove(&key);
+                }
+                if let Some(Object::Pod(pod)) = object {
+                    self.pods_by_node
+                        .entry(pod.node.clone())
+                        .or_default()
+                        .insert(key.clone());
+                    self.pods.insert(key.clone(), pod);
+                }
+                touched.pods.push(key);
+            }
+            (Kind::Slice, object) => {
+                let (ns, name) = key.clone();
+                if let Some(old) = self.slices.remove(&key) {
+                    touched.pods.extend(self.pods_of_slice(&ns, &old));
+                    for pod in self.pods_of_slice(&ns, &old) {
+                        if let Some(set) = self.slices_by_pod.get_mut(&pod) {
+                            set.remove(&name);
+                        }
+                    }
+                    if let Some(set) = self
+                        .slices_by_service
+                        .get_mut(&(ns.clone(), old.service.clone()))
+                    {
+                        set.remove(&name);
+                    }
+                }
+                if let Some(Object::Slice(slice)) = object {
+                    for pod in self.pods_of_slice(&ns, &slice) {
+                        self.slices_by_pod
+                            .entry(pod.clone())
+                            .or_default()
+                            .insert(name.clone());
+                        touched.pods.push(pod);
+                    }
+                    self.slices_by_service
+                        .entry((ns.clone(), slice.service.clone()))
+                        .or_default()
+                        .insert(name.clone());
+                    self.slices.insert(key, slice);
+                }
+            }
+            (Kind::Service, object) => {
+                match object {
+                    Some(Object::Service(service)) => {
+                        self.services.insert(key.clone(), service);
+                    }
+                    _ => {
+                        self.services.remove(&key);
+                    }
+                }
+                touched.pods.extend(self.pods_of_service(&key));
+                touched.services.push(key);
+            }
+            (Kind::Node, object) => {
+                let name = key.1;
+                match object {
+                    Some(Object::Node(locality)) => {
+                        if self.nodes.get(&name) == Some(&locality) {
+                            return;
+                        }
+                        self.nodes.insert(name.clone(), locality);
+                    }
+                    _ => {
+                        self.nodes.remove(&name);
+                    }
+                }
+                touched
+                    .pods
+                    .extend(self.pods_by_node.get(&name).into_iter().flatten().cloned());
+            }
+            (Kind::Namespace, object) => {
+                let name = key.1;
+                let info = match object {
+                    Some(Object::Namespace(info)) => Some(info),
+                    _ => None,
+                };
+                if self.namespaces.get(&name) == info.as_ref() {
+                    return;
+                }
+                match info {
+                    Some(info) => self.namespaces.insert(name.clone(), info),
+                    None => self.namespaces.remove(&name),
+                };
+                // Rare: a namespace's mesh settings changed. Network changes
+                // reach every workload; cluster-local only this namespace.
+                touched.all_pods = true;
+                touched
+                    .services
+                    .extend(self.services.keys().filter(|(ns, _)| *ns == name).cloned());
+            }
+        }
+    }
+
+    fn objects(&self, kind: Kind) -> BTreeMap<Key, Object> {
+        match kind {
+            Kind::Pod => self
+                .pods
+                .iter()
+                .map(|(k, v)| (k.clone(), Object::Pod(v.clone())))
+                .collect(),
+            Kind::Slice => self
+                .slices
+                .iter()
+                .map(|(k, v)| (k.clone(), Object::Slice(v.clone())))
+                .collect(),
+            Kind::Service => self
+                .services
+                .iter()
+                .map(|(k, v)| (k.clone(), Object::Service(v.clone())))
+                .collect(),
+            Kind::Node => self
+                .nodes
+                .iter()
+                .map(|(k, v)| ((String::new(), k.clone()), Object::Node(v.clone())))
+                .collect(),
+            Kind::Namespace => self
+                .namespaces
+                .iter()
+                .map(|(k, v)| ((String::new(), k.clone()), Object::Namespace(v.clone())))
+                .collect(),
+        }
+    }
+
+    /// Replaces one kind's whole set, touching only what differs.
+    fn reset(&mut self, kind: Kind, items: Vec<(Key, Object)>, touched: &mut Touched) {
+        let current = self.objects(kind);
+        let fresh: BTreeMap<Key, Object> = items.into_iter().collect();
+        for key in current.keys().filter(|k| !fresh.contains_key(*k)) {
+            self.apply(kind, key.clone(), None, touched);
+        }
+        for (key, object) in fresh {
+            if current.get(&key) != Some(&object) {
+                self.apply(kind, key, Some(object), touched);
+            }
+        }
+        self.synced.insert(kind);
+    }
+
+    fn fully_synced(&self) -> bool {
+        crate::cluster::KINDS
+            .iter()
+            .all(|k| self.synced.contains(k))
+    }
+}
+
+pub struct ClusterState {
+    data: ClusterData,
+    generation: u64,
+    /// A replacement client's data, filling up until it has synced.
+    staging: Option<(u64, ClusterData)>,
+    errors: BTreeMap<Kind, String>,
+    stale: bool,
+    added: Instant,
+    last_synced: Option<Instant>,
+}
+
+/// What the debug endpoint and metrics say about a cluster.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct ClusterStatus {
+    pub id: String,
+    pub local: bool,
+    pub synced: bool,
+    pub stale: bool,
+    pub generation: u64,
+    pub rotating: bool,
+    pub errors: BTreeMap<String, String>,
+    pub services: usize,
+    pub pods: usize,
+    pub endpoint_slices: usize,
+    pub seconds_since_added: u64,
+}
+
+pub struct Model {
+    config: ModelConfig,
+    clusters: BTreeMap<String, ClusterState>,
+    pub services: Table,
+    pub workloads: Table,
+    version: u64,
+    dirty_pods: HashSet<(String, Key)>,
+    dirty_services: HashSet<Key>,
+}
+
+impl Model {
+    pub fn new(config: ModelConfig) -> Self {
+        Model {
+            config,
+            clusters: BTreeMap::new(),
+            services: Table::default(),
+            workloads: Table::default(),
+            version: 0,
+            dirty_pods: HashSet::new(),
+            dirty_services: HashSet::new(),
+        }
+    }
+
+    pub fn version(&self) -> u64 {
+        self.version
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    /// Registers a cluster's client generation. For a cluster already known
+    /// this is a rotation: the new client fills a staging copy, swapped in
+    /// only once it has synced, so no workload disappears meanwhile.
+    pub fn add_cluster(&mut self, id: &str, generation: u64) {
+        match self.clusters.get_mut(id) {
+            Some(state) => state.staging = Some((generation, ClusterData::default())),
+            None => {
+                self.clusters.insert(
+                    id.to_string(),
+                    ClusterState {
+                        data: ClusterData::default(),
+                        generation,
+                        staging: None,
+                        errors: BTreeMap::new(),
+                        stale: false,
+                        added: Instant::now(),
+                        last_synced: None,
+                    },
+                );
+            }
+        }
+    }
+
+    /// Forgets a cluster and everything it contributed.
+    pub fn remove_cluster(&mut self, id: &str) {
+        if let Some(state) = self.clusters.remove(id) {
+            self.touch_all(id, &state.data);
+        }
+    }
+
+    fn touch_all(&mut self, id: &str, data: &ClusterData) {
+        for key in data.pods.keys() {
+            self.dirty_pods.insert((id.to_string(), key.clone()));
+        }
+        self.dirty_services.extend(data.services.keys().cloned());
+    }
+
+    /// Whether the active client of `id` has `generation` (for the secret
+    /// controller, to know when a rotation has been swapped in).
+    pub fn active_generation(&self, id: &str) -> Option<u64> {
+        self.clusters.get(id).map(|c| c.generation)
+    }
+
+    pub fn apply(&mut self, update: ClusterUpdate) {
+        let Some(state) = self.clusters.get_mut(&update.cluster) else {
+            return;
+        };
+        let staging = matches!(&state.staging, Some((g, _)) if *g == update.generation);
+        if !staging && update.generation != state.generation {
+            return; // A late event from a replaced client.
+        }
+        let mut touched = Touched::default();
+        let mut stale_changed = false;
+        {
+            let data = if staging {
+                &mut state.staging.as_mut().expect("checked above").1
+            } else {
+                &mut state.data
+            };
+            match update.change {
+                Change::Object(kind, key, object) => {
+                    data.apply(kind, key, object, &mut touched);
+                    if !staging {
+                        state.errors.remove(&kind);
+                    }
+                }
+                Change::Reset(kind, items) => {
+                    data.reset(kind, items, &mut touched);
+                    if !staging {
+                        state.errors.remove(&kind);
+                    }
+                }
+                Change::Error(kind, message) => {
+                    if !staging {
+                        state.errors.insert(kind, message);
+                    }
+                }
+                Change::Recovered(kind) => {
+                    if !staging {
+                        state.errors.remove(&kind);
+                    }
+                }
+            }
+        }
+        if !staging {
+            let stale = !state.errors.is_empty();
+            if stale != state.stale {
+                state.stale = stale;
+                stale_changed = true;
+            }
+            if state.data.fully_synced() && state.errors.is_empty() {
+                state.last_synced = Some(Instant::now());
+            }
+        }
+        let cluster = update.cluster.clone();
+        if staging {
+            let ready = state
+                .staging
+                .as_ref()
+                .is_some_and(|(_, data)| data.fully_synced());
+            if ready && let Some((generation, data)) = state.staging.take() {
+                tracing::info!(cluster = %cluster, generation, "new credentials synced; switching over");
+                let old = std::mem::replace(&mut state.data, data);
+                state.generation = generation;
+                state.errors.clear();
+                state.stale = false;
+                state.last_synced = Some(Instant::now());
+                // Everything either client knew is recomputed; what is
+                // unchanged produces no push.
+                let new_keys: Vec<Key> = state.data.pods.keys().cloned().collect();
+                let new_services: Vec<Key> = state.data.services.keys().cloned().collect();
+                self.touch_all(&cluster, &old);
+                for key in new_keys {
+                    self.dirty_pods.insert((cluster.clone(), key));
+                }
+                self.dirty_services.extend(new_services);
+            }
+            return;
+        }
+        if stale_changed || touched.all_pods {
+            let keys: Vec<Key> = state.data.pods.keys().cloned().collect();
+            for key in keys {
+                self.dirty_pods.insert((cluster.clone(), key));
+            }
+        }
+        for key in touched.pods {
+            self.dirty_pods.insert((cluster.clone(), key));
+        }
+        self.dirty_services.extend(touched.services);
+    }
+
+    pub fn has_pending(&self) -> bool {
+        !self.dirty_pods.is_empty() || !self.dirty_services.is_empty()
+    }
+
+    /// Rebuilds what changed. Returns the new version if any resource did.
+    pub fn flush(&mut self) -> Option<u64> {
+        if !self.has_pending() {
+            return None;
+        }
+        let version = self.version + 1;
+        let mut changed = false;
+        let pods: Vec<(String, Key)> = self.dirty_pods.drain().collect();
+        for (cluster, key) in pods {
+            let uid = format!("{cluster}/{}/{}", key.0, key.1);
+            let body = self
+                .build_workload(&cluster, &key)
+                .map(|w| Bytes::from(w.encode_to_vec()));
+            changed |= self.workloads.upsert(&uid, body, version);
+        }
+        let services: Vec<Key> = self.dirty_services.drain().collect();
+        for key in services {
+            let name = format!("{}/{}", key.0, self.hostname(&key));
+            let body = self
+                .build_service(&key)
+                .map(|s| Bytes::from(s.encode_to_vec()));
+            changed |= self.services.upsert(&name, body, version);
+        }
+        changed.then(|| {
+            self.version = version;
+            version
+        })
+    }
+
+    fn hostname(&self, key: &Key) -> String {
+        format!("{}.{}.svc.{}", key.1, key.0, self.config.domain_suffix)
+    }
+
+    /// A service is cluster-local by flag, or by annotation on the service
+    /// or its namespace in any cluster.
+    fn cluster_local(&self, key: &Key) -> bool {
+        let exact = format!("{}/{}", key.0, key.1);
+        let whole_ns = format!("{}/*", key.0);
+        if self
+            .config
+            .cluster_local
+            .iter()
+            .any(|c| *c == exact || *c == whole_ns)
+        {
+            return true;
+        }
+        self.clusters.values().any(|c| {
+            c.data.services.get(key).is_some_and(|s| s.cluster_local)
+                || c.data
+                    .namespaces
+                    .get(&key.0)
+                    .is_some_and(|n| n.cluster_local)
+        })
+    }
+
+    fn network_of(&self, cluster: &str) -> String {
+        if cluster == self.config.local_cluster {
+            return self.config.network.clone();
+        }
+        self.clusters
+            .get(cluster)
+            .and_then(|c| c.data.namespaces.get(&self.config.system_namespace))
+            .and_then(|n| n.network.clone())
+            .unwrap_or_else(|| self.config.network.clone())
+    }
+
+    fn build_service(&self, key: &Key) -> Option<mesh::Service> {
+        let local_only = self.cluster_local(key);
+        let mut vips = Vec::new();
+        let mut clusters = Vec::new();
+        let mut ports: Option<&Vec<crate::cluster::ServicePortInfo>> = None;
+        for (id, state) in &self.clusters {
+            if local_only && *id != self.config.local_cluster {
+                continue;
+            }
+            let Some(service) = state.data.services.get(key) else {
+                continue;
+            };
+            clusters.push(id.clone());
+            if ports.is_none() || *id == self.config.local_cluster {
+                ports = Some(&service.ports);
+            }
+            if let Some(vip) = service.vip {
+                vips.push(mesh::ClusterVip {
+                    cluster_id: id.clone(),
+                    network: self.network_of(id),
+                    address: ip_bytes(vip),
+                });
+            }
+        }
+        let ports = ports?;
+        Some(mesh::Service {
+            name: key.1.clone(),
+            namespace: key.0.clone(),
+            hostname: self.hostname(key),
+            vips,
+            ports: ports
+                .iter()
+                .map(|p| mesh::ServicePort {
+                    port: p.port,
+                    name: p.name.clone(),
+                    app_protocol: p.protocol as i32,
+                    target_port: p.target_port,
+                })
+                .collect(),
+            cluster_local: local_only,
+            clusters,
+        })
+    }
+
+    fn build_workload(&self, cluster: &str, key: &Key) -> Option<mesh::Workload> {
+        let state = self.clusters.get(cluster)?;
+        let data = &state.data;
+        let pod = data.pods.get(key)?;
+        if pod.ips.is_empty() {
+            return None;
+        }
+        let mut endpoint_ready = None;
+        let mut services = Vec::new();
+        for slice_name in data.slices_by_pod.get(key).into_iter().flatten() {
+            let Some(slice) = data.slices.get(&(key.0.clone(), slice_name.clone())) else {
+                continue;
+            };
+            let service_key = (key.0.clone(), slice.service.clone());
+            if cluster != self.config.local_cluster && self.cluster_local(&service_key) {
+                continue;
+            }
+            let ready = slice
+                .endpoints
+                .iter()
+                .filter(|e| e.pod.as_deref() == Some(key.1.as_str()))
+                .any(|e| e.ready);
+            endpoint_ready = Some(endpoint_ready.unwrap_or(false) || ready);
+            let service_ports = data.services.get(&service_key).map(|s| &s.ports);
+            let ports = slice
+                .ports
+                .iter()
+                .filter_map(|(name, target)| {
+                    let port = service_ports?.iter().find(|p| {
+                        p.name == *name || service_ports.is_some_and(|all| all.len() == 1)
+                    })?;
+                    Some(mesh::PortMapping {
+                        service_port: port.port,
+                        target_port: *target,
+                    })
+                })
+                .collect();
+            services.push(mesh::ServiceBinding {
+                namespace: key.0.clone(),
+                hostname: self.hostname(&service_key),
+                ports,
+            });
+        }
+        services.sort_by(|a, b| a.hostname.cmp(&b.hostname));
+        services.dedup_by(|a, b| a.hostname == b.hostname);
+        let locality = data.nodes.get(&pod.node).cloned().unwrap_or_default();
+        let healthy = pod.ready && endpoint_ready.unwrap_or(true);
+        Some(mesh::Workload {
+            uid: format!("{cluster}/{}/{}", key.0, key.1),
+            name: key.1.clone(),
+            namespace: key.0.clone(),
+            cluster_id: cluster.to_string(),
+            network: self.network_of(cluster),
+            addresses: pod.ips.iter().map(|ip| ip_bytes(*ip)).collect(),
+            locality: Some(mesh::Locality {
+                region: locality.region,
+                zone: locality.zone,
+                subzone: locality.subzone,
+            }),
+            identity: Some(mesh::Identity {
+                trust_domain: self.config.trust_domain.clone(),
+                namespace: key.0.clone(),
+                service_account: pod.service_account.clone(),
+            }),
+            status: if healthy {
+                mesh::WorkloadStatus::Healthy
+            } else {
+                mesh::WorkloadStatus::Unhealthy
+            } as i32,
+            services,
+            tunnel_protocol: if pod.sidecar {
+                mesh::TunnelProtocol::Hbone
+            } else {
+                mesh::TunnelProtocol::None
+            } as i32,
+            node: pod.node.clone(),
+            canonical_name: pod.canonical_name.clone(),
+            canonical_revision: pod.canonical_revision.clone(),
+            stale: state.stale,
+        })
+    }
+
+    /// The local cluster has synced, and every remote has synced or had
+    /// `remote_timeout` to do so: one dead remote never holds readiness.
+    pub fn ready(&self, remote_timeout: Duration) -> bool {
+        self.clusters.iter().all(|(id, state)| {
+            let synced = state.last_synced.is_some();
+            if *id == self.config.local_cluster {
+                synced
+            } else {
+                synced || state.added.elapsed() >= remote_timeout
+            }
+        }) && self.clusters.contains_key(&self.config.local_cluster)
+    }
+
+    pub fn cluster_status(&self) -> Vec<ClusterStatus> {
+        self.clusters
+            .iter()
+            .map(|(id, state)| ClusterStatus {
+                id: id.clone(),
+                local: *id == self.config.local_cluster,
+                synced: state.last_synced.is_some(),
+                stale: state.stale,
+                generation: state.generation,
+                rotating: state.staging.is_some(),
+                errors: state
+                    .errors
+                    .iter()
+                    .map(|(k, v)| (format!("{k:?}"), v.clone()))
+                    .collect(),
+                services: state.data.services.len(),
+                pods: state.data.pods.len(),
+                endpoint_slices: state.data.slices.len(),
+                seconds_since_added: state.added.elapsed().as_secs(),
+            })
+            .collect()
+    }
+}
+
+pub fn ip_bytes(ip: IpAddr) -> Vec<u8> {
+    match ip {
+        IpAddr::V4(v4) => v4.octets().to_vec(),
+        IpAddr::V6(v6) => v6.octets().to_vec(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cluster::{EndpointInfo, ServicePortInfo};
+    use weft_xds_proto::mesh::AppProtocol;
+
+    fn config() -> ModelConfig {
+        ModelConfig {
+            local_cluster: "c1".into(),
+            network: "n1".into(),
+            trust_domain: "cluster.local".into(),
+            domain_suffix: "cluster.local".into(),
+            system_namespace: "weft-system".into(),
+            cluster_local: vec![],
+        }
+    }
+
+    fn update(cluster: &str, generation: u64, change: Change) -> ClusterUpdate {
+        ClusterUpdate {
+            cluster: cluster.into(),
+            generation,
+            change,
+        }
+    }
+
+    fn key(ns: &str, name: &str) -> Key {
+        (ns.into(), name.into())
+    }
+
+    fn pod(ip: &str) -> Object {
+        Object::Pod(PodInfo {
+            ips: vec![ip.parse().unwrap()],
+            service_account: "echo".into(),
+            node: "node-1".into(),
+            ready: true,
+            sidecar: true,
+            canonical_name: "echo".into(),
+            canonical_revision: "v1".into(),
+        })
+    }
+
+    fn service(vip: &str, cluster_local: bool) -> Object {
+        Object::Service(ServiceInfo {
+            vip: Some(vip.parse().unwrap()),
+            ports: vec![ServicePortInfo {
+                port: 80,
+                name: "http".into(),
+                protocol: AppProtocol::Http,
+                target_port: 8080,
+            }],
+            cluster_local,
+        })
+    }
+
+    fn slice(pods: &[&str]) -> Object {
+        Object::Slice(SliceInfo {
+            service: "echo".into(),
+            endpoints: pods
+                .iter()
+                .map(|p| EndpointInfo {
+                    pod: Some(p.to_string()),
+                    addresses: vec![],
+                    ready: true,
+                })
+                .collect(),
+            ports: vec![("http".into(), 8080)],
+        })
+    }
+
+    fn synced_cluster(model: &mut Model, id: &str, vip: &str, pod_ip: &str, cluster_local: bool) {
+        model.add_cluster(id, 1);
+        let items =
+            |kind: Kind, items: Vec<(Key, Object)>| update(id, 1, Change::Reset(kind, items));
+        model.apply(items(Kind::Namespace, vec![]));
+        model.apply(items(
+            Kind::Node,
+            vec![(
+                key("", "node-1"),
+                Object::Node(Locality {
+                    region: "r".into(),
+                    zone: format!("{id}-z"),
+                    subzone: String::new(),
+                }),
+            )],
+        ));
+        model.apply(items(
+            Kind::Service,
+            vec![(key("demo", "echo"), service(vip, cluster_local))],
+        ));
+        model.apply(items(
+            Kind::Pod,
+            vec![(key("demo", &format!("echo-{id}")), pod(pod_ip))],
+        ));
+        model.apply(items(
+            Kind::Slice,
+            vec![(
+                key("demo", &format!("echo-{id}-s")),
+                slice(&[&format!("echo-{id}")]),
+            )],
+        ));
+    }
+
+    fn workload(model: &Model, uid: &str) -> Option<mesh::Workload> {
+        let body = model.workloads.get(uid)?.body.clone()?;
+        Some(mesh::Workload::decode(body).unwrap())
+    }
+
+    fn service_resource(model: &Model) -> mesh::Service {
+        let body = model
+            .services
+            .get("demo/echo.demo.svc.cluster.local")
+            .unwrap()
+            .body
+            .clone()
+            .unwrap();
+        mesh::Service::decode(body).unwrap()
+    }
+
+    #[test]
+    fn services_merge_across_clusters_with_their_own_vips() {
+        let mut model = Model::new(config());
+        synced_cluster(&mut model, "c1", "10.96.0.10", "10.1.0.5", false);
+        synced_cluster(&mut model, "c2", "10.97.0.10", "10.2.0.5", false);
+        let v = model.flush().unwrap();
+        assert_eq!(v, 1);
+        let svc = service_resource(&model);
+        assert_eq!(svc.clusters, ["c1", "c2"]);
+        assert_eq!(svc.vips.len(), 2);
+        assert_eq!(svc.vips[1].address, vec![10, 97, 0, 10]);
+        let w = workload(&model, "c2/demo/echo-c2").unwrap();
+        assert_eq!(w.cluster_id, "c2");
+        assert_eq!(w.identity.unwrap().service_account, "echo");
+        assert_eq!(w.locality.unwrap().zone, "c2-z");
+        assert_eq!(w.services[0].hostname, "echo.demo.svc.cluster.local");
+        assert_eq!(
+            w.services[0].ports,
+            vec![mesh::PortMapping {
+                service_port: 80,
+                target_port: 8080
+            }]
+        );
+        assert_eq!(w.status, mesh::WorkloadStatus::Healthy as i32);
+        assert!(model.ready(Duration::from_secs(30)));
+        // Nothing changed: no new version.
+        assert_eq!(model.flush(), None);
+    }
+
+    #[test]
+    fn cluster_local_services_stay_local() {
+        let mut model = Model::new(config());
+        synced_cluster(&mut model, "c1", "10.96.0.10", "10.1.0.5", true);
+        synced_cluster(&mut model, "c2", "10.97.0.10", "10.2.0.5", false);
+        model.flush();
+        let svc = service_resource(&model);
+        assert_eq!(svc.clusters, ["c1"]);
+        assert!(svc.cluster_local);
+        assert!(
+            workload(&model, "c2/demo/echo-c2")
+                .unwrap()
+                .services
+                .is_empty()
+        );
+        assert_eq!(
+            workload(&model, "c1/demo/echo-c1").unwrap().services.len(),
+            1
+        );
+    }
+
+    #[test]
+    fn removal_and_changes_are_versioned_deltas() {
+        let mut model = Model::new(config());
+        synced_cluster(&mut model, "c1", "10.96.0.10", "10.1.0.5", false);
+        synced_cluster(&mut model, "c2", "10.97.0.10", "10.2.0.5", false);
+        let v1 = model.flush().unwrap();
+        model.apply(update(
+            "c2",
+            1,
+            Change::Object(Kind::Pod, key("demo", "echo-c2b"), Some(pod("10.2.0.6"))),
+        ));
+        let v2 = model.flush().unwrap();
+        let changed: Vec<&String> = model.workloads.changed_since(v1).map(|(n, _)| n).collect();
+        assert_eq!(changed, ["c2/demo/echo-c2b"]);
+        model.remove_cluster("c2");
+        let v3 = model.flush().unwrap();
+        let removed: Vec<&String> = model
+            .workloads
+            .changed_since(v2)
+            .filter(|(_, e)| e.body.is_none())
+            .map(|(n, _)| n)
+            .collect();
+        assert_eq!(removed.len(), 2);
+        assert_eq!(service_resource(&model).clusters, ["c1"]);
+        assert!(v3 > v2);
+    }
+
+    #[test]
+    fn rotation_swaps_only_after_the_new_client_synced_and_ignores_the_old_one() {
+        let mut model = Model::new(config());
+        synced_cluster(&mut model, "c1", "10.96.0.10", "10.1.0.5", false);
+        synced_cluster(&mut model, "c2", "10.97.0.10", "10.2.0.5", false);
+        model.flush();
+        model.add_cluster("c2", 2);
+        // The new client has listed only some kinds: nothing changes yet.
+        model.apply(update("c2", 2, Change::Reset(Kind::Pod, vec![])));
+        assert_eq!(model.flush(), None);
+        assert!(workload(&model, "c2/demo/echo-c2").is_some());
+        for kind in [Kind::Namespace, Kind::Node, Kind::Service, Kind::Slice] {
+            let items = match kind {
+                Kind::Service => vec![(key("demo", "echo"), service("10.97.0.10", false))],
+                Kind::Node => vec![(
+                    key("", "node-1"),
+                    Object::Node(Locality {
+                        region: "r".into(),
+                        zone: "c2-z".into(),
+                        subzone: String::new(),
+                    }),
+                )],
+                Kind::Slice => vec![(key("demo", "echo-c2-s"), slice(&["echo-c2"]))],
+                _ => vec![],
+            };
+            model.apply(update("c2", 2, Change::Reset(kind, items)));
+        }
+        // Swapped: the new client's view (no pods) now rules.
+        assert_eq!(model.active_generation("c2"), Some(2));
+        model.flush();
+        assert!(workload(&model, "c2/demo/echo-c2").is_none());
+        // Late events from generation 1 are ignored.
+        model.apply(update(
+            "c2",
+            1,
+            Change::Object(Kind::Pod, key("demo", "ghost"), Some(pod("10.2.0.9"))),
+        ));
+        assert!(!model.has_pending());
+    }
+
+    #[test]
+    fn a_failing_cluster_is_flagged_stale_and_recovers() {
+        let mut model = Model::new(config());
+        synced_cluster(&mut model, "c1", "10.96.0.10", "10.1.0.5", false);
+        synced_cluster(&mut model, "c2", "10.97.0.10", "10.2.0.5", false);
+        model.flush();
+        model.apply(update(
+            "c2",
+            1,
+            Change::Error(Kind::Pod, "connection refused".into()),
+        ));
+        model.flush();
+        assert!(workload(&model, "c2/demo/echo-c2").unwrap().stale);
+        assert!(!workload(&model, "c1/demo/echo-c1").unwrap().stale);
+        model.apply(update(
+            "c2",
+            1,
+            Change::Reset(Kind::Pod, vec![(key("demo", "echo-c2"), pod("10.2.0.5"))]),
+        ));
+        model.flush();
+        assert!(!workload(&model, "c2/demo/echo-c2").unwrap().stale);
+    }
+
+    #[test]
+    fn tables_compact_tombstones_and_raise_the_floor() {
+        let mut table = Table::default();
+        for i in 0..(TOMBSTONE_LIMIT + 10) {
+            let name = format!("w{i}");
+            table.upsert(&name, Some(Bytes::from_static(b"x")), 1);
+            table.upsert(&name, None, 2 + i as u64);
+        }
+        assert!(table.floor() > 0);
+        assert!(table.tombstones <= TOMBSTONE_LIMIT);
+        assert!(table.is_empty());
+    }
+}

@@ -1,0 +1,278 @@
+//! The delta ADS server (`DeltaAggregatedResources`), Envoy's protocol with
+//! weft's two resource types.
+//!
+//! Each stream runs as its own task with one response in flight per type:
+//! the next is sent only after the proxy ACKs or NACKs the last. A slow proxy
+//! therefore slows only itself, and what it has not received yet merges into
+//! its next response instead of queueing up. Per stream and type the server
+//! keeps one number, the model version the proxy has been sent up to; the
+//! model's change log turns that into the resources to send.
+
+use std::collections::{HashSet, VecDeque};
+use std::pin::Pin;
+use std::sync::Arc;
+
+use futures::Stream;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+use weft_xds_proto::discovery::aggregated_discovery_service_server::AggregatedDiscoveryService;
+use weft_xds_proto::discovery::{
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse, Resource,
+};
+use weft_xds_proto::type_url;
+
+use crate::hub::Hub;
+use crate::model::{Model, Table};
+use crate::tls::PeerIdentity;
+
+/// Resources per response while catching up, so that a proxy's first sync
+/// of a large mesh is a series of bounded messages rather than one huge one.
+pub const CHUNK: usize = 500;
+
+pub struct AdsServer {
+    hub: Arc<Hub>,
+}
+
+impl AdsServer {
+    pub fn new(hub: Arc<Hub>) -> Self {
+        AdsServer { hub }
+    }
+}
+
+type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl AggregatedDiscoveryService for AdsServer {
+    type StreamAggregatedResourcesStream = ResponseStream<DiscoveryResponse>;
+    type DeltaAggregatedResourcesStream = ResponseStream<DeltaDiscoveryResponse>;
+
+    async fn stream_aggregated_resources(
+        &self,
+        _request: Request<Streaming<DiscoveryRequest>>,
+    ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
+        Err(Status::unimplemented(
+            "weft serves incremental xDS only: use DeltaAggregatedResources",
+        ))
+    }
+
+    async fn delta_aggregated_resources(
+        &self,
+        request: Request<Streaming<DeltaDiscoveryRequest>>,
+    ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
+        let peer = request.extensions().get::<PeerIdentity>().cloned();
+        let inbound = request.into_inner();
+        let (tx, rx) = mpsc::channel(2);
+        let hub = self.hub.clone();
+        tokio::spawn(async move {
+            hub.metrics.connected_proxies.inc();
+            let result = serve_stream(&hub, peer.clone(), inbound, &tx).await;
+            hub.metrics.connected_proxies.dec();
+            if let Err(status) = result {
+                tracing::debug!(peer = ?peer, %status, "xDS stream ended with an error");
+                let _ = tx.send(Err(status)).await;
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+/// What one stream still owes the proxy for one resource type.
+struct TypeState {
+    type_url: &'static str,
+    /// Every change up to this model version is sent or queued.
+    frontier: u64,
+    /// Names to send (current body) or to remove, in order.
+    pending: VecDeque<String>,
+    queued: HashSet<String>,
+    in_flight: Option<String>,
+}
+
+impl TypeState {
+    fn queue(&mut self, name: &str) {
+        if self.queued.insert(name.to_string()) {
+            self.pending.push_back(name.to_string());
+        }
+    }
+}
+
+fn table<'a>(model: &'a Model, type_url: &str) -> &'a Table {
+    if type_url == type_url::SERVICE {
+        &model.services
+    } else {
+        &model.workloads
+    }
+}
+
+fn known_type(url: &str) -> Option<&'static str> {
+    [type_url::SERVICE, type_url::WORKLOAD]
+        .into_iter()
+        .find(|known| *known == url)
+}
+
+async fn serve_stream(
+    hub: &Hub,
+    peer: Option<PeerIdentity>,
+    mut inbound: Streaming<DeltaDiscoveryRequest>,
+    tx: &mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>,
+) -> Result<(), Status> {
+    let mut versions = hub.versions();
+    let mut types: Vec<TypeState> = Vec::new();
+    let mut node = String::from("unknown");
+    let mut nonce_counter = 0u64;
+    loop {
+        // Send what is owed, one response in flight per type.
+        for state in types.iter_mut().filter(|s| s.in_flight.is_none()) {
+            let response = {
+                let model = hub.model();
+                let table = table(&model, state.type_url);
+                if state.pending.is_empty() && model.version() > state.frontier {
+                    if state.frontier < table.floor() {
+                        return Err(Status::aborted(
+                            "this proxy fell behind the removals the server remembers; reconnect to resync",
+                        ));
+                    }
+                    let since = state.frontier;
+                    let names: Vec<String> =
+                        table.changed_since(since).map(|(n, _)| n.clone()).collect();
+                    for name in names {
+                        state.queue(&name);
+                    }
+                    state.frontier = model.version();
+                }
+                if state.pending.is_empty() {
+                    continue;
+                }
+                nonce_counter += 1;
+                let mut response = DeltaDiscoveryResponse {
+                    system_version_info: model.version().to_string(),
+                    type_url: state.type_url.to_string(),
+                    nonce: nonce_counter.to_string(),
+                    ..Default::default()
+                };
+                while response.resources.len() + response.removed_resources.len() < CHUNK {
+                    let Some(name) = state.pending.pop_front() else {
+                        break;
+                    };
+                    state.queued.remove(&name);
+                    match table.get(&name) {
+                        Some(entry) => match &entry.body {
+                            Some(body) => response.resources.push(Resource {
+                                name,
+                                version: entry.version.to_string(),
+                                resource: Some(prost_types::Any {
+                                    type_url: state.type_url.to_string(),
+                                    value: body.to_vec(),
+                                }),
+                                ..Default::default()
+                            }),
+                            None => response.removed_resources.push(name),
+                        },
+                        // Compacted away meanwhile: it is gone either way.
+                        None => response.removed_resources.push(name),
+                    }
+                }
+                response
+            };
+            state.in_flight = Some(response.nonce.clone());
+            hub.metrics.pushes.inc();
+            hub.metrics
+                .pushed_resources
+                .inc_by((response.resources.len() + response.removed_resources.len()) as u64);
+            hub.metrics.pushed_bytes.inc_by(
+                response
+                    .resources
+                    .iter()
+                    .map(|r| r.resource.as_ref().map_or(0, |a| a.value.len()))
+                    .sum::<usize>() as u64,
+            );
+            hub.observe_push_latency();
+            if tx.send(Ok(response)).await.is_err() {
+                return Ok(()); // The proxy went away.
+            }
+        }
+
+        tokio::select! {
+            message = inbound.message() => {
+                let request = match message {
+                    Ok(Some(request)) => request,
+                    Ok(None) => return Ok(()),
+                    Err(status) => {
+                        tracing::debug!(%node, %status, "xDS stream closed by the proxy");
+                        return Ok(());
+                    }
+                };
+                if let Some(n) = request.node.as_ref().filter(|n| !n.id.is_empty()) {
+                    node = n.id.clone();
+                }
+                let Some(url) = known_type(&request.type_url) else {
+                    tracing::warn!(%node, type_url = %request.type_url, "subscription to an unknown resource type ignored");
+                    continue;
+                };
+                let existing = types.iter().position(|s| s.type_url == url);
+                if !request.response_nonce.is_empty() {
+                    let Some(state) = existing.map(|i| &mut types[i]) else {
+                        continue;
+                    };
+                    if state.in_flight.as_deref() == Some(request.response_nonce.as_str()) {
+                        state.in_flight = None;
+                    }
+                    if let Some(error) = &request.error_detail {
+                        // The proxy keeps its last good config; it is told
+                        // again only when the resources change again.
+                        hub.metrics.nacks.inc();
+                        tracing::warn!(%node, identity = ?peer, type_url = url, nonce = %request.response_nonce, error = %error.message, "proxy rejected a push (NACK)");
+                    }
+                    continue;
+                }
+                // A (re)subscription: initial state, or what differs from
+                // the versions the proxy says it has.
+                let model = hub.model();
+                let table = table(&model, url);
+                let mut state = TypeState {
+                    type_url: url,
+                    frontier: model.version(),
+                    pending: VecDeque::new(),
+                    queued: HashSet::new(),
+                    in_flight: None,
+                };
+                if !request.resource_names_subscribe.is_empty()
+                    && !request.resource_names_subscribe.iter().any(|n| n == "*")
+                {
+                    tracing::debug!(%node, type_url = url, "named subscriptions are served as wildcard");
+                }
+                let known = &request.initial_resource_versions;
+                let mut live: Vec<(&String, String)> = table
+                    .live()
+                    .map(|(name, entry)| (name, entry.version.to_string()))
+                    .collect();
+                live.sort();
+                for (name, version) in &live {
+                    if known.get(*name) != Some(version) {
+                        state.queue(name);
+                    }
+                }
+                for name in known.keys() {
+                    if table.get(name).is_none_or(|e| e.body.is_none()) {
+                        state.queue(name);
+                    }
+                }
+                drop(model);
+                match existing {
+                    Some(i) => {
+                        let in_flight = types[i].in_flight.take();
+                        state.in_flight = in_flight;
+                        types[i] = state;
+                    }
+                    None => types.push(state),
+                }
+                tracing::debug!(%node, identity = ?peer, type_url = url, "proxy subscribed");
+            }
+            changed = versions.changed() => {
+                if changed.is_err() {
+                    return Err(Status::unavailable("the control plane is shutting down"));
+                }
+            }
+        }
+    }
+}

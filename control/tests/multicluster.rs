@@ -1,0 +1,865 @@
+//! weft-control against lab API servers: clusters merged, remote secrets
+//! through their whole lifecycle, a remote that dies, delta xDS semantics and
+//! the CA. Each test builds its own clusters on loopback.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
+use k8s_openapi::api::core::v1::{Namespace, Pod, Secret, Service, ServiceAccount};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use prost::Message;
+use serde_json::json;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use weft_control::hub::Debounce;
+use weft_control::{Config, ControlPlane};
+use weft_lab::{ApiServer, ApiServerConfig};
+use weft_xds_proto::discovery::DeltaDiscoveryRequest;
+use weft_xds_proto::discovery::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
+use weft_xds_proto::{mesh, type_url};
+
+const WAIT: Duration = Duration::from_secs(20);
+
+async fn eventually<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while tokio::time::Instant::now() < deadline {
+        if check().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("timed out waiting for: {what}");
+}
+
+/// A lab cluster: its API server and an admin client.
+struct Lab {
+    server: ApiServer,
+    client: kube::Client,
+}
+
+async fn client_for(kubeconfig: &str) -> kube::Client {
+    let kubeconfig = kube::config::Kubeconfig::from_yaml(kubeconfig).unwrap();
+    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
+        .await
+        .unwrap();
+    kube::Client::try_from(config).unwrap()
+}
+
+impl Lab {
+    async fn start(name: &str) -> Lab {
+        Self::start_with(ApiServerConfig {
+            cluster_name: name.into(),
+            ..Default::default()
+        })
+        .await
+    }
+
+    async fn start_with(config: ApiServerConfig) -> Lab {
+        let server = ApiServer::start(config).await.unwrap();
+        let client = client_for(server.kubeconfig()).await;
+        let lab = Lab { server, client };
+        for ns in ["weft-system", "demo"] {
+            lab.namespace(ns).await;
+        }
+        lab
+    }
+
+    async fn namespace(&self, name: &str) {
+        let api: Api<Namespace> = Api::all(self.client.clone());
+        let ns = serde_json::from_value(json!({"metadata": {"name": name}})).unwrap();
+        let _ = api.create(&PostParams::default(), &ns).await;
+    }
+
+    async fn service(&self, name: &str, cluster_local: bool) {
+        let api: Api<Service> = Api::namespaced(self.client.clone(), "demo");
+        let annotations = if cluster_local {
+            json!({"weft.io/cluster-local": "true"})
+        } else {
+            json!({})
+        };
+        let svc = serde_json::from_value(json!({
+            "metadata": {"name": name, "annotations": annotations},
+            "spec": {"selector": {"app": name}, "ports": [{"name": "http", "port": 80, "targetPort": 8080}]},
+        }))
+        .unwrap();
+        api.create(&PostParams::default(), &svc).await.unwrap();
+    }
+
+    /// A ready pod backing `service`, with its EndpointSlice.
+    async fn workload(&self, service: &str, pod: &str, ip: &str) {
+        let pods: Api<Pod> = Api::namespaced(self.client.clone(), "demo");
+        let object = serde_json::from_value(json!({
+            "metadata": {"name": pod, "labels": {"app": service}, "annotations": {"sidecar.weft.io/status": "{}"}},
+            "spec": {"serviceAccountName": "echo", "nodeName": "node-1", "containers": [{"name": "app", "image": "echo"}]},
+        }))
+        .unwrap();
+        pods.create(&PostParams::default(), &object).await.unwrap();
+        pods.patch_status(
+            pod,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}], "conditions": [{"type": "Ready", "status": "True"}]}})),
+        )
+        .await
+        .unwrap();
+        let slices: Api<EndpointSlice> = Api::namespaced(self.client.clone(), "demo");
+        let slice = serde_json::from_value(json!({
+            "metadata": {"name": format!("{pod}-slice"), "labels": {"kubernetes.io/service-name": service}},
+            "addressType": "IPv4",
+            "endpoints": [{"addresses": [ip], "conditions": {"ready": true}, "targetRef": {"kind": "Pod", "name": pod, "namespace": "demo"}}],
+            "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+        }))
+        .unwrap();
+        slices.create(&PostParams::default(), &slice).await.unwrap();
+    }
+
+    async fn remove_workload(&self, pod: &str) {
+        let pods: Api<Pod> = Api::namespaced(self.client.clone(), "demo");
+        pods.delete(pod, &DeleteParams::default()).await.unwrap();
+        let slices: Api<EndpointSlice> = Api::namespaced(self.client.clone(), "demo");
+        slices
+            .delete(&format!("{pod}-slice"), &DeleteParams::default())
+            .await
+            .unwrap();
+    }
+
+    /// A kubeconfig for this cluster with a service-account token, as
+    /// `weftctl create-remote-secret` makes.
+    async fn reader_kubeconfig(&self, account: &str) -> String {
+        let accounts: Api<ServiceAccount> = Api::namespaced(self.client.clone(), "weft-system");
+        let sa = serde_json::from_value(json!({"metadata": {"name": account}})).unwrap();
+        let _ = accounts.create(&PostParams::default(), &sa).await;
+        let request = TokenRequest {
+            spec: TokenRequestSpec {
+                expiration_seconds: Some(3600),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let token = accounts
+            .create_token_request(account, &PostParams::default(), &request)
+            .await
+            .unwrap()
+            .status
+            .unwrap()
+            .token;
+        self.server
+            .kubeconfig()
+            .replace(self.server.admin_token(), &token)
+    }
+}
+
+/// Sets (or with `None` removes) one entry of a remote secret in `lab`.
+async fn remote_secret(lab: &Lab, secret: &str, entries: BTreeMap<&str, Option<String>>) {
+    let api: Api<Secret> = Api::namespaced(lab.client.clone(), "weft-system");
+    let data: serde_json::Map<String, serde_json::Value> = entries
+        .iter()
+        .filter_map(|(k, v)| v.as_ref().map(|v| (k.to_string(), json!(v))))
+        .collect();
+    let object = json!({
+        "apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": secret, "namespace": "weft-system", "labels": {"weft.io/multicluster": "true"}},
+        "stringData": data,
+    });
+    match api.get_opt(secret).await.unwrap() {
+        Some(existing) => {
+            // Replaced in one write, as `kubectl apply` would: a delete and
+            // create would briefly free the ids for another Secret.
+            let mut object = object;
+            object["metadata"]["resourceVersion"] = json!(existing.metadata.resource_version);
+            api.replace(
+                secret,
+                &PostParams::default(),
+                &serde_json::from_value(object).unwrap(),
+            )
+            .await
+            .unwrap();
+        }
+        None => {
+            api.create(
+                &PostParams::default(),
+                &serde_json::from_value(object).unwrap(),
+            )
+            .await
+            .unwrap();
+        }
+    }
+}
+
+async fn control_plane(lab: &Lab, id: &str) -> ControlPlane {
+    let mut config = Config::new(id);
+    config.xds_plain_addr = Some("127.0.0.1:0".parse().unwrap());
+    config.xds_tls_addr = Some("127.0.0.1:0".parse().unwrap());
+    config.monitoring_addr = Some("127.0.0.1:0".parse().unwrap());
+    config.remote_timeout = Duration::from_secs(2);
+    config.debounce = Debounce {
+        quiet: Duration::from_millis(50),
+        max_delay: Duration::from_secs(1),
+    };
+    ControlPlane::start(config, lab.client.clone())
+        .await
+        .unwrap()
+}
+
+/// What a test xDS client has received.
+#[derive(Default)]
+struct Seen {
+    workloads: BTreeMap<String, (String, mesh::Workload)>,
+    services: BTreeMap<String, (String, mesh::Service)>,
+    /// Every removal ever received, in order.
+    removed: Vec<String>,
+    responses: Vec<(String, usize, usize)>,
+}
+
+/// A delta xDS client that ACKs everything (or NACKs on request) and keeps
+/// what it was sent.
+struct XdsClient {
+    requests: mpsc::Sender<DeltaDiscoveryRequest>,
+    seen: Arc<Mutex<Seen>>,
+    nack_next: Arc<Mutex<bool>>,
+}
+
+impl XdsClient {
+    async fn connect(
+        addr: std::net::SocketAddr,
+        initial: BTreeMap<&'static str, BTreeMap<String, String>>,
+    ) -> XdsClient {
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        Self::over(channel, initial).await
+    }
+
+    async fn over(
+        channel: tonic::transport::Channel,
+        initial: BTreeMap<&'static str, BTreeMap<String, String>>,
+    ) -> XdsClient {
+        let (requests, outbound) = mpsc::channel(16);
+        for url in [type_url::SERVICE, type_url::WORKLOAD] {
+            requests
+                .send(DeltaDiscoveryRequest {
+                    node: Some(weft_xds_proto::envoy::config::core::v3::Node {
+                        id: "sidecar~10.0.0.1~test.demo~demo.svc.cluster.local".into(),
+                        ..Default::default()
+                    }),
+                    type_url: url.into(),
+                    initial_resource_versions: initial
+                        .get(url)
+                        .cloned()
+                        .unwrap_or_default()
+                        .into_iter()
+                        .collect(),
+                    ..Default::default()
+                })
+                .await
+                .unwrap();
+        }
+        let mut client = AggregatedDiscoveryServiceClient::new(channel)
+            .max_decoding_message_size(64 * 1024 * 1024);
+        let mut responses = client
+            .delta_aggregated_resources(ReceiverStream::new(outbound))
+            .await
+            .unwrap()
+            .into_inner();
+        let seen = Arc::new(Mutex::new(Seen::default()));
+        let nack_next = Arc::new(Mutex::new(false));
+        let (seen2, nack2, acks) = (seen.clone(), nack_next.clone(), requests.clone());
+        tokio::spawn(async move {
+            while let Ok(Some(response)) = responses.message().await {
+                let nack = std::mem::take(&mut *nack2.lock().unwrap());
+                if !nack {
+                    let mut seen = seen2.lock().unwrap();
+                    seen.responses.push((
+                        response.type_url.clone(),
+                        response.resources.len(),
+                        response.removed_resources.len(),
+                    ));
+                    for resource in &response.resources {
+                        let body = resource.resource.as_ref().unwrap().value.as_slice();
+                        if response.type_url == type_url::WORKLOAD {
+                            let w = mesh::Workload::decode(body).unwrap();
+                            seen.workloads
+                                .insert(resource.name.clone(), (resource.version.clone(), w));
+                        } else {
+                            let s = mesh::Service::decode(body).unwrap();
+                            seen.services
+                                .insert(resource.name.clone(), (resource.version.clone(), s));
+                        }
+                    }
+                    for name in &response.removed_resources {
+                        seen.workloads.remove(name);
+                        seen.services.remove(name);
+                        seen.removed.push(name.clone());
+                    }
+                }
+                let ack = DeltaDiscoveryRequest {
+                    type_url: response.type_url.clone(),
+                    response_nonce: response.nonce.clone(),
+                    error_detail: nack.then(|| weft_xds_proto::google::rpc::Status {
+                        code: 3,
+                        message: "test proxy refuses this push".into(),
+                        details: vec![],
+                    }),
+                    ..Default::default()
+                };
+                if acks.send(ack).await.is_err() {
+                    break;
+                }
+            }
+        });
+        XdsClient {
+            requests,
+            seen,
+            nack_next,
+        }
+    }
+
+    fn workload_names(&self) -> BTreeSet<String> {
+        self.seen
+            .lock()
+            .unwrap()
+            .workloads
+            .keys()
+            .cloned()
+            .collect()
+    }
+
+    fn workload(&self, uid: &str) -> Option<mesh::Workload> {
+        self.seen
+            .lock()
+            .unwrap()
+            .workloads
+            .get(uid)
+            .map(|(_, w)| w.clone())
+    }
+
+    fn service(&self, name: &str) -> Option<mesh::Service> {
+        self.seen
+            .lock()
+            .unwrap()
+            .services
+            .get(name)
+            .map(|(_, s)| s.clone())
+    }
+
+    fn versions(&self) -> BTreeMap<&'static str, BTreeMap<String, String>> {
+        let seen = self.seen.lock().unwrap();
+        BTreeMap::from([
+            (
+                type_url::WORKLOAD,
+                seen.workloads
+                    .iter()
+                    .map(|(k, (v, _))| (k.clone(), v.clone()))
+                    .collect(),
+            ),
+            (
+                type_url::SERVICE,
+                seen.services
+                    .iter()
+                    .map(|(k, (v, _))| (k.clone(), v.clone()))
+                    .collect(),
+            ),
+        ])
+    }
+}
+
+const ECHO: &str = "demo/echo.demo.svc.cluster.local";
+
+fn names(list: &[&str]) -> BTreeSet<String> {
+    list.iter().map(|s| s.to_string()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_clusters_merge_and_changes_propagate() {
+    let c1 = Lab::start("c1").await;
+    let c2 = Lab::start("c2").await;
+    let c3 = Lab::start("c3").await;
+    for (lab, ip) in [(&c1, "10.1.0.5"), (&c2, "10.2.0.5"), (&c3, "10.3.0.5")] {
+        lab.service("echo", false).await;
+        lab.service(
+            "local-only",
+            lab.server.kubeconfig() == c2.server.kubeconfig(),
+        )
+        .await;
+        lab.workload("echo", &format!("echo-{ip}"), ip).await;
+    }
+    c1.workload("local-only", "lo-c1", "10.1.0.9").await;
+    c2.workload("local-only", "lo-c2", "10.2.0.9").await;
+    let control = control_plane(&c1, "c1").await;
+    remote_secret(
+        &c1,
+        "remote-c2",
+        BTreeMap::from([("c2", Some(c2.reader_kubeconfig("reader").await))]),
+    )
+    .await;
+    remote_secret(
+        &c1,
+        "remote-c3",
+        BTreeMap::from([("c3", Some(c3.reader_kubeconfig("reader").await))]),
+    )
+    .await;
+    let client = XdsClient::connect(control.xds_plain_addr.unwrap(), BTreeMap::new()).await;
+
+    eventually("all three clusters' workloads", || async {
+        client.workload_names().is_superset(&names(&[
+            "c1/demo/echo-10.1.0.5",
+            "c2/demo/echo-10.2.0.5",
+            "c3/demo/echo-10.3.0.5",
+        ]))
+    })
+    .await;
+    eventually("echo merged with three VIPs", || async {
+        client.service(ECHO).is_some_and(|s| s.vips.len() == 3)
+    })
+    .await;
+    let w = client.workload("c2/demo/echo-10.2.0.5").unwrap();
+    assert_eq!(w.cluster_id, "c2");
+    assert_eq!(w.addresses, vec![vec![10, 2, 0, 5]]);
+    assert_eq!(w.identity.unwrap().service_account, "echo");
+    assert_eq!(w.tunnel_protocol, mesh::TunnelProtocol::Hbone as i32);
+    assert_eq!(w.services[0].hostname, "echo.demo.svc.cluster.local");
+
+    // c2 marks local-only as cluster-local: it is never merged, and c2's pod
+    // does not back it for c1's proxies.
+    let local = client
+        .service("demo/local-only.demo.svc.cluster.local")
+        .unwrap();
+    assert_eq!(local.clusters, ["c1"]);
+    assert!(local.cluster_local);
+    eventually("c2's local-only pod without the binding", || async {
+        client
+            .workload("c2/demo/lo-c2")
+            .is_some_and(|w| w.services.is_empty())
+    })
+    .await;
+
+    // A pod added in c3 reaches the client; its removal too.
+    c3.workload("echo", "echo-new", "10.3.0.6").await;
+    eventually("new c3 pod", || async {
+        client.workload("c3/demo/echo-new").is_some()
+    })
+    .await;
+    c3.remove_workload("echo-new").await;
+    eventually("c3 pod removed", || async {
+        client.workload("c3/demo/echo-new").is_none()
+    })
+    .await;
+
+    // Monitoring answers.
+    let monitoring = control.monitoring_addr.unwrap();
+    let metrics = http_get(monitoring, "/metrics").await;
+    assert!(
+        metrics.contains("weft_control_managed_clusters 3"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("weft_control_connected_proxies 1"),
+        "{metrics}"
+    );
+    let ready = http_get(monitoring, "/ready").await;
+    assert!(ready.starts_with("ready"), "{ready}");
+    let clusters = http_get(monitoring, "/debug/clusters").await;
+    assert!(clusters.contains("\"id\":\"c3\""), "{clusters}");
+}
+
+async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(
+        format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut out = String::new();
+    tcp.read_to_string(&mut out).await.unwrap();
+    out.split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn remote_secret_lifecycle() {
+    let c1 = Lab::start("c1").await;
+    let c2 = Lab::start("c2").await;
+    c1.service("echo", false).await;
+    c2.service("echo", false).await;
+    c1.workload("echo", "a1", "10.1.0.5").await;
+    c2.workload("echo", "b1", "10.2.0.5").await;
+    let control = control_plane(&c1, "c1").await;
+    let client = XdsClient::connect(control.xds_plain_addr.unwrap(), BTreeMap::new()).await;
+    eventually("local workload", || async {
+        client.workload("c1/demo/a1").is_some()
+    })
+    .await;
+
+    // Add.
+    let first = c2.reader_kubeconfig("reader-1").await;
+    remote_secret(
+        &c1,
+        "remote-c2",
+        BTreeMap::from([("c2", Some(first.clone()))]),
+    )
+    .await;
+    eventually("c2 added", || async {
+        client.workload("c2/demo/b1").is_some()
+    })
+    .await;
+
+    // Refusals: the local id, a duplicate id, malformed YAML, an exec
+    // kubeconfig. Each is counted; c2 is unaffected.
+    let exec = first.replace(
+        "    token: ",
+        "    exec:\n      command: /bin/sh\n      apiVersion: client.authentication.k8s.io/v1\n    token: ",
+    );
+    remote_secret(
+        &c1,
+        "bad",
+        BTreeMap::from([
+            ("c1", Some(first.clone())),
+            ("c2", Some(first.clone())),
+            ("c9", Some("::: this is [not yaml".into())),
+            ("c8", Some(exec)),
+        ]),
+    )
+    .await;
+    let monitoring = control.monitoring_addr.unwrap();
+    eventually("refusals counted", || async {
+        let m = http_get(monitoring, "/metrics").await;
+        [
+            "local-cluster",
+            "duplicate-cluster-id",
+            "invalid-kubeconfig",
+        ]
+        .iter()
+        .all(|reason| m.contains(&format!("reason=\"{reason}\"")))
+            && m.contains(
+                "weft_control_rejected_remote_secrets_total{reason=\"invalid-kubeconfig\"} 2",
+            )
+    })
+    .await;
+    assert!(client.workload("c2/demo/b1").is_some());
+    assert_eq!(
+        control
+            .hub
+            .model()
+            .cluster_status()
+            .iter()
+            .map(|c| c.id.as_str())
+            .collect::<Vec<_>>(),
+        ["c1", "c2"]
+    );
+    // Its valid duplicate would take c2 over once remote-c2 goes; remove it.
+    let secrets: Api<Secret> = Api::namespaced(c1.client.clone(), "weft-system");
+    secrets
+        .delete("bad", &DeleteParams::default())
+        .await
+        .unwrap();
+
+    // Rotate: a new token. B's workload must never be removed meanwhile.
+    let removed_before = client.seen.lock().unwrap().removed.len();
+    let second = c2.reader_kubeconfig("reader-2").await;
+    assert_ne!(first, second);
+    remote_secret(&c1, "remote-c2", BTreeMap::from([("c2", Some(second))])).await;
+    eventually("rotation switched", || async {
+        let status = control.hub.model().cluster_status();
+        status
+            .iter()
+            .any(|c| c.id == "c2" && c.generation > 1 && !c.rotating)
+    })
+    .await;
+    // The new client sees changes.
+    c2.workload("echo", "b2", "10.2.0.6").await;
+    eventually("b2 via the new client", || async {
+        client.workload("c2/demo/b2").is_some()
+    })
+    .await;
+    let removed: Vec<String> = client.seen.lock().unwrap().removed[removed_before..].to_vec();
+    assert!(
+        !removed.iter().any(|r| r.starts_with("c2/")),
+        "c2 workloads vanished during rotation: {removed:?}"
+    );
+
+    // Delete: gone within a second.
+    let api: Api<Secret> = Api::namespaced(c1.client.clone(), "weft-system");
+    let started = std::time::Instant::now();
+    api.delete("remote-c2", &DeleteParams::default())
+        .await
+        .unwrap();
+    eventually("c2 gone", || async {
+        client.workload("c2/demo/b1").is_none() && client.workload("c2/demo/b2").is_none()
+    })
+    .await;
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(1), "removal took {took:?}");
+    assert!(
+        client.workload("c1/demo/a1").is_some(),
+        "the local cluster is untouched"
+    );
+    eventually("echo without c2", || async {
+        client.service(ECHO).is_some_and(|s| s.clusters == ["c1"])
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_remote_is_stale_not_blocking_and_recovers() {
+    let c1 = Lab::start("c1").await;
+    let dir = tempfile::tempdir().unwrap();
+    let c2 = Lab::start_with(ApiServerConfig {
+        cluster_name: "c2".into(),
+        dir: Some(dir.path().to_path_buf()),
+        ..Default::default()
+    })
+    .await;
+    c1.service("echo", false).await;
+    c2.service("echo", false).await;
+    c1.workload("echo", "a1", "10.1.0.5").await;
+    c2.workload("echo", "b1", "10.2.0.5").await;
+    let kubeconfig = c2.reader_kubeconfig("reader").await;
+    let control = control_plane(&c1, "c1").await;
+    // A remote that never answers must not hold readiness past its timeout.
+    let dead = kubeconfig.replace(&c2.server.addr().port().to_string(), "1");
+    remote_secret(&c1, "never", BTreeMap::from([("c9", Some(dead))])).await;
+    remote_secret(&c1, "remote-c2", BTreeMap::from([("c2", Some(kubeconfig))])).await;
+    let client = XdsClient::connect(control.xds_plain_addr.unwrap(), BTreeMap::new()).await;
+    eventually("c2 synced", || async {
+        client.workload("c2/demo/b1").is_some_and(|w| !w.stale)
+    })
+    .await;
+    eventually("ready despite the dead remote", || async {
+        control.ready(Duration::from_secs(2))
+    })
+    .await;
+
+    // Kill c2's API server.
+    let addr = c2.server.addr();
+    c2.server.stop().await;
+    eventually("c2 workloads flagged stale, still served", || async {
+        client.workload("c2/demo/b1").is_some_and(|w| w.stale)
+    })
+    .await;
+    assert!(control.ready(Duration::from_secs(2)));
+    assert!(client.workload("c1/demo/a1").is_some_and(|w| !w.stale));
+    let metrics = http_get(control.monitoring_addr.unwrap(), "/metrics").await;
+    assert!(
+        metrics.contains("weft_control_cluster_stale{cluster=\"c2\"} 1"),
+        "{metrics}"
+    );
+
+    // Bring it back on the same address: stale clears.
+    let _back = ApiServer::start(ApiServerConfig {
+        addr,
+        cluster_name: "c2".into(),
+        dir: Some(dir.path().to_path_buf()),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    eventually("c2 recovered", || async {
+        client.workload("c2/demo/b1").is_some_and(|w| !w.stale)
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delta_xds_ack_nack_and_resume() {
+    let c1 = Lab::start("c1").await;
+    c1.service("echo", false).await;
+    c1.workload("echo", "a1", "10.1.0.5").await;
+    c1.workload("echo", "a2", "10.1.0.6").await;
+    let control = control_plane(&c1, "c1").await;
+    let addr = control.xds_plain_addr.unwrap();
+    let client = XdsClient::connect(addr, BTreeMap::new()).await;
+    eventually("initial state", || async {
+        client.workload_names() == names(&["c1/demo/a1", "c1/demo/a2"])
+    })
+    .await;
+    let versions = client.versions();
+    drop(client);
+
+    // Reconnect with what the first stream had, minus one entry made stale
+    // and plus one that no longer exists: only the difference is sent.
+    let mut initial = versions.clone();
+    let workloads = initial.get_mut(type_url::WORKLOAD).unwrap();
+    workloads.insert("c1/demo/a2".into(), "0".into());
+    workloads.insert("c1/demo/gone".into(), "7".into());
+    let resumed = XdsClient::connect(addr, initial).await;
+    eventually("difference resent", || async {
+        let seen = resumed.seen.lock().unwrap();
+        seen.workloads.contains_key("c1/demo/a2")
+            && seen.removed.contains(&"c1/demo/gone".to_string())
+    })
+    .await;
+    {
+        let seen = resumed.seen.lock().unwrap();
+        assert!(
+            !seen.workloads.contains_key("c1/demo/a1"),
+            "a1 was current and must not be resent"
+        );
+        assert!(
+            seen.services.is_empty(),
+            "services were current and must not be resent"
+        );
+    }
+
+    // A NACK is counted; the next change still arrives.
+    *resumed.nack_next.lock().unwrap() = true;
+    c1.workload("echo", "a3", "10.1.0.7").await;
+    let monitoring = control.monitoring_addr.unwrap();
+    eventually("NACK counted", || async {
+        http_get(monitoring, "/metrics")
+            .await
+            .contains("weft_control_xds_nacks_total 1")
+    })
+    .await;
+    c1.workload("echo", "a4", "10.1.0.8").await;
+    eventually("pushes continue after a NACK", || async {
+        resumed.workload("c1/demo/a4").is_some()
+    })
+    .await;
+
+    // A burst of changes becomes a handful of pushes.
+    let before = resumed.seen.lock().unwrap().responses.len();
+    for i in 0..40 {
+        c1.workload("echo", &format!("burst-{i}"), &format!("10.1.1.{i}"))
+            .await;
+    }
+    eventually("burst delivered", || async {
+        let have = resumed.workload_names();
+        (0..40).all(|i| have.contains(&format!("c1/demo/burst-{i}")))
+    })
+    .await;
+    let pushes = resumed.seen.lock().unwrap().responses.len() - before;
+    assert!(pushes < 20, "40 pods took {pushes} pushes");
+    let _ = resumed.requests.capacity();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ca_signs_only_the_callers_own_identity() {
+    use weft_certs::tls::{self, TrustBundle};
+    use weft_certs::{Identity, WorkloadCert, WorkloadKey};
+    use weft_xds_proto::ca::CreateCertificateRequest;
+    use weft_xds_proto::ca::certificate_service_client::CertificateServiceClient;
+
+    let c1 = Lab::start("c1").await;
+    let accounts: Api<ServiceAccount> = Api::namespaced(c1.client.clone(), "demo");
+    let sa = serde_json::from_value(json!({"metadata": {"name": "echo"}})).unwrap();
+    accounts.create(&PostParams::default(), &sa).await.unwrap();
+    let token = |audience: &'static str| {
+        let accounts = accounts.clone();
+        async move {
+            let request = TokenRequest {
+                spec: TokenRequestSpec {
+                    audiences: vec![audience.into()],
+                    expiration_seconds: Some(3600),
+                    ..Default::default()
+                },
+                ..Default::default()
+            };
+            accounts
+                .create_token_request("echo", &PostParams::default(), &request)
+                .await
+                .unwrap()
+                .status
+                .unwrap()
+                .token
+        }
+    };
+    let control = control_plane(&c1, "c1").await;
+    let bundle = TrustBundle::from_pem(&control.ca.roots_pem()).unwrap();
+    let control_identity = Identity::new("cluster.local", "weft-system", "weft-control").unwrap();
+
+    // A TLS channel that verifies the control plane's SPIFFE identity.
+    let channel = |config: Arc<rustls::ClientConfig>| {
+        let addr = control.xds_tls_addr.unwrap();
+        async move {
+            tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+                .unwrap()
+                .connect_with_connector(tower::service_fn(move |_| {
+                    let config = config.clone();
+                    async move {
+                        let tcp = tokio::net::TcpStream::connect(addr).await?;
+                        let tls = tokio_rustls::TlsConnector::from(config)
+                            .connect(tls::mesh_server_name(addr.ip()), tcp)
+                            .await?;
+                        Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tls))
+                    }
+                }))
+                .await
+                .unwrap()
+        }
+    };
+    let anonymous =
+        tls::client_config_without_certificate(&bundle, vec![control_identity.clone()]).unwrap();
+    let mut ca = CertificateServiceClient::new(channel(anonymous).await);
+    let me = Identity::new("cluster.local", "demo", "echo").unwrap();
+    let key = WorkloadKey::generate().unwrap();
+    let ask = |csr: String, token: String| {
+        let mut request = tonic::Request::new(CreateCertificateRequest {
+            csr,
+            validity_seconds: 3600,
+        });
+        request
+            .metadata_mut()
+            .insert("authorization", format!("Bearer {token}").parse().unwrap());
+        request
+    };
+
+    let good = ca
+        .create_certificate(ask(key.csr_pem(&me).unwrap(), token("weft-ca").await))
+        .await
+        .unwrap()
+        .into_inner();
+    let cert = WorkloadCert::from_pem(&good.cert_chain, &key).unwrap();
+    assert_eq!(cert.identity(), &me);
+
+    let other = Identity::new("cluster.local", "demo", "admin").unwrap();
+    let err = ca
+        .create_certificate(ask(key.csr_pem(&other).unwrap(), token("weft-ca").await))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err}");
+    let err = ca
+        .create_certificate(ask(key.csr_pem(&me).unwrap(), "not-a-token".into()))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unauthenticated, "{err}");
+    let err = ca
+        .create_certificate(ask(
+            key.csr_pem(&me).unwrap(),
+            token("some-other-audience").await,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unauthenticated, "{err}");
+    let stale_token = token("weft-ca").await;
+    accounts
+        .delete("echo", &DeleteParams::default())
+        .await
+        .unwrap();
+    let err = ca
+        .create_certificate(ask(key.csr_pem(&me).unwrap(), stale_token))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unauthenticated, "{err}");
+
+    // The certificate opens an mTLS xDS stream to the same port.
+    c1.service("echo", false).await;
+    c1.workload("echo", "a1", "10.1.0.5").await;
+    let certs = tls::CertStore::new(&cert).unwrap();
+    let mtls = tls::client_config(&certs, &bundle, vec![control_identity]).unwrap();
+    let client = XdsClient::over(channel(mtls).await, BTreeMap::new()).await;
+    eventually("workloads over mTLS", || async {
+        client.workload("c1/demo/a1").is_some()
+    })
+    .await;
+}
