@@ -3,6 +3,7 @@
 
 mod certs;
 mod lab;
+mod remote;
 
 use clap::{Parser, Subcommand};
 
@@ -21,6 +22,14 @@ enum Command {
     /// The local multi-cluster lab.
     #[command(subcommand)]
     Lab(lab::LabCommand),
+    /// Give other clusters' control planes read access to a cluster: prints a Secret to apply in them.
+    CreateRemoteSecret(remote::CreateRemoteSecretArgs),
+    /// List the clusters a running control plane watches, with sync state and staleness.
+    RemoteClusters(remote::RemoteClustersArgs),
+}
+
+fn block_on<T>(future: impl std::future::Future<Output = anyhow::Result<T>>) -> anyhow::Result<T> {
+    tokio::runtime::Runtime::new()?.block_on(future)
 }
 
 fn main() -> std::process::ExitCode {
@@ -28,6 +37,12 @@ fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Command::Certs(command) => certs::run(command),
         Command::Lab(command) => lab::run(command),
+        Command::CreateRemoteSecret(args) => {
+            block_on(remote::create_remote_secret(args)).map(|out| print!("{out}"))
+        }
+        Command::RemoteClusters(args) => {
+            block_on(remote::remote_clusters(args)).map(|out| print!("{out}"))
+        }
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

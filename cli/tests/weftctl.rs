@@ -1,0 +1,253 @@
+//! `weftctl` end to end: certificates that load back and chain to the root;
+//! a remote secret that another cluster's control plane accepts and syncs.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use weft_certs::{CertificateAuthority, Identity, PluginFiles, WorkloadCert, tls::TrustBundle};
+
+fn weftctl(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_weftctl"))
+        .args(args)
+        .output()
+        .expect("weftctl runs")
+}
+
+fn ok(out: Output) -> String {
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    text
+}
+
+fn path(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+#[test]
+fn root_intermediate_and_workload_files_hang_together() {
+    let dir = tempfile::tempdir().unwrap();
+    let root_dir = dir.path().join("root");
+    ok(weftctl(&["certs", "root", "--out-dir", path(&root_dir)]));
+    let said = ok(weftctl(&[
+        "certs",
+        "intermediate",
+        "--cluster",
+        "c1",
+        "--root-dir",
+        path(&root_dir),
+    ]));
+    assert!(
+        said.contains("kubectl create secret generic cacerts"),
+        "{said}"
+    );
+    let c1 = root_dir.join("c1");
+    let ca =
+        CertificateAuthority::from_plugin(&PluginFiles::read_dir(&c1).unwrap(), "cluster.local")
+            .expect("the cacerts files load as a CA");
+
+    let out_dir = dir.path().join("w");
+    ok(weftctl(&[
+        "certs",
+        "workload",
+        "--identity",
+        "spiffe://cluster.local/ns/demo/sa/echo",
+        "--ca-dir",
+        path(&c1),
+        "--out-dir",
+        path(&out_dir),
+        "--ttl",
+        "2h",
+    ]));
+    let read = |name: &str| std::fs::read_to_string(out_dir.join(name)).unwrap();
+    let cert = WorkloadCert::from_pem_files(&read("cert-chain.pem"), &read("key.pem")).unwrap();
+    assert_eq!(
+        cert.identity(),
+        &"spiffe://cluster.local/ns/demo/sa/echo"
+            .parse::<Identity>()
+            .unwrap()
+    );
+    assert_eq!(cert.full_chain().len(), 3);
+    assert_eq!(read("root-cert.pem"), ca.roots_pem());
+    assert_eq!(
+        TrustBundle::from_pem(&read("root-cert.pem")).unwrap().len(),
+        1
+    );
+}
+
+#[test]
+fn mistakes_get_clear_errors_and_nothing_is_overwritten() {
+    let dir = tempfile::tempdir().unwrap();
+    let root_dir = dir.path().join("root");
+
+    let out = weftctl(&[
+        "certs",
+        "intermediate",
+        "--cluster",
+        "c1",
+        "--root-dir",
+        path(&root_dir),
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("weftctl certs root"), "{err}");
+
+    ok(weftctl(&["certs", "root", "--out-dir", path(&root_dir)]));
+    let before = std::fs::read(root_dir.join("root-key.pem")).unwrap();
+    let out = weftctl(&["certs", "root", "--out-dir", path(&root_dir)]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--force"));
+    assert_eq!(
+        std::fs::read(root_dir.join("root-key.pem")).unwrap(),
+        before
+    );
+
+    let out = weftctl(&[
+        "certs",
+        "workload",
+        "--identity",
+        "https://example.com/",
+        "--ca-dir",
+        path(&root_dir),
+    ]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not a SPIFFE ID"));
+
+    std::fs::write(root_dir.join("root-key.pem"), "garbage").unwrap();
+    let out = weftctl(&[
+        "certs",
+        "intermediate",
+        "--cluster",
+        "c1",
+        "--root-dir",
+        path(&root_dir),
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("root-key.pem"), "{err}");
+}
+
+async fn weftctl_async(args: Vec<String>) -> Output {
+    tokio::task::spawn_blocking(move || {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        weftctl(&args)
+    })
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn remote_secret_round_trip_through_a_control_plane() {
+    use kube::api::{Api, ListParams, PostParams};
+    use weft_lab::{ApiServer, ApiServerConfig};
+
+    let dir = tempfile::tempdir().unwrap();
+    let _remote = ApiServer::start(ApiServerConfig {
+        cluster_name: "c2".into(),
+        dir: Some(dir.path().join("c2")),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let remote_kubeconfig = dir.path().join("c2").join("kubeconfig");
+    let args = |name: &str| {
+        vec![
+            "create-remote-secret".to_string(),
+            "--kubeconfig".into(),
+            remote_kubeconfig.to_str().unwrap().into(),
+            "--name".into(),
+            name.into(),
+        ]
+    };
+    let first = ok(weftctl_async(args("c2")).await);
+    // Idempotent: running it again reuses the account and its token.
+    let second = ok(weftctl_async(args("c2")).await);
+    assert_eq!(first, second);
+
+    let manifest: serde_json::Value = serde_saphyr::from_str(&first).unwrap();
+    assert_eq!(
+        manifest["metadata"]["labels"]["weft.io/multicluster"],
+        "true"
+    );
+    let kubeconfig = manifest["stringData"]["c2"].as_str().unwrap();
+    // What the other cluster's control plane will accept, and can do with it.
+    weft_control::kubeconfig::parse_untrusted(kubeconfig).unwrap();
+    let reader = kube::Client::try_from(
+        weft_control::kubeconfig::client_config(kubeconfig)
+            .await
+            .unwrap(),
+    )
+    .unwrap();
+    let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::all(reader);
+    pods.list(&ListParams::default()).await.unwrap();
+
+    // Apply it in c1, whose control plane then watches c2.
+    let local = ApiServer::start(ApiServerConfig {
+        cluster_name: "c1".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let kc = kube::config::Kubeconfig::from_yaml(local.kubeconfig()).unwrap();
+    let client = kube::Client::try_from(
+        kube::Config::from_custom_kubeconfig(kc, &Default::default())
+            .await
+            .unwrap(),
+    )
+    .unwrap();
+    let namespaces: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(client.clone());
+    namespaces
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(serde_json::json!({"metadata": {"name": "weft-system"}}))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let mut config = weft_control::Config::new("c1");
+    config.monitoring_addr = Some("127.0.0.1:0".parse().unwrap());
+    let control = weft_control::ControlPlane::start(config, client.clone())
+        .await
+        .unwrap();
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(client, "weft-system");
+    secrets
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(manifest).unwrap(),
+        )
+        .await
+        .unwrap();
+    let monitoring = control.monitoring_addr.unwrap().to_string();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let out = ok(weftctl_async(vec![
+            "remote-clusters".into(),
+            "--monitoring".into(),
+            monitoring.clone(),
+        ])
+        .await);
+        let c2 = out.lines().find(|l| l.starts_with("c2 "));
+        if c2.is_some_and(|l| l.split_whitespace().nth(2) == Some("true")) {
+            assert!(out.lines().any(|l| l.starts_with("c1 ")), "{out}");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "c2 never synced:\n{out}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+
+    // A wrong address is a clear error, not a hang.
+    let out = weftctl_async(vec![
+        "remote-clusters".into(),
+        "--monitoring".into(),
+        "127.0.0.1:1".into(),
+    ])
+    .await;
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("connecting to the control plane"));
+}
