@@ -3,8 +3,9 @@
 //! It owns the scenarios that measure weft's components and the Markdown
 //! reports under `perf/results/`, each with the machine, the commit and the
 //! command that produced it. Today it has the lab API server scenario
-//! (`weft-perf apiserver`); the load generator and the proxy and control
-//! plane scenarios come with those components.
+//! (`weft-perf apiserver`) and the control plane scenario (`weft-perf
+//! control`); the load generator and the proxy scenarios come with the proxy.
 
 pub mod apiserver;
+pub mod control;
 pub mod report;

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
-use weft_perf::{apiserver, report};
+use weft_perf::{apiserver, control, report};
 
 #[derive(Parser)]
 #[command(name = "weft-perf", about = "weft's benchmark scenarios")]
@@ -38,6 +38,25 @@ enum Scenario {
         #[arg(long, default_value_t = 5.0)]
         target_p99_ms: f64,
     },
+    /// The control plane: clusters of workloads, many delta-xDS proxies, change propagation latency.
+    Control {
+        #[arg(long, default_value_t = 3)]
+        clusters: usize,
+        #[arg(long, default_value_t = 5_000)]
+        workloads: usize,
+        #[arg(long, default_value_t = 100)]
+        pods_per_service: usize,
+        #[arg(long, default_value_t = 1_000)]
+        proxies: usize,
+        #[arg(long, default_value_t = 50)]
+        proxies_per_connection: usize,
+        #[arg(long, default_value_t = 40)]
+        changes: usize,
+        #[arg(long, default_value_t = 250.0)]
+        target_p99_ms: f64,
+        #[arg(long, default_value_t = 300.0)]
+        target_rss_mb: f64,
+    },
 }
 
 fn main() -> Result<()> {
@@ -61,6 +80,31 @@ fn main() -> Result<()> {
                     warmup,
                     gap: Duration::from_millis(gap_ms),
                     target_p99_ms,
+                },
+                &command,
+            )?,
+        ),
+        Scenario::Control {
+            clusters,
+            workloads,
+            pods_per_service,
+            proxies,
+            proxies_per_connection,
+            changes,
+            target_p99_ms,
+            target_rss_mb,
+        } => (
+            "control",
+            control::run(
+                &control::Options {
+                    clusters,
+                    workloads_per_cluster: workloads,
+                    pods_per_service,
+                    proxies,
+                    proxies_per_connection,
+                    changes,
+                    target_p99_ms,
+                    target_rss_mb,
                 },
                 &command,
             )?,
