@@ -108,6 +108,20 @@ impl Table {
             .filter_map(|(_, name)| self.entries.get_key_value(name))
     }
 
+    /// Log entries (changes and removals) from `start` on, in version order.
+    pub fn log_from(
+        &self,
+        start: std::ops::Bound<(u64, String)>,
+    ) -> impl Iterator<Item = (u64, &String, &Entry)> {
+        self.log
+            .range((start, std::ops::Bound::Unbounded))
+            .filter_map(|(version, name)| {
+                self.entries
+                    .get_key_value(name)
+                    .map(|(n, e)| (*version, n, e))
+            })
+    }
+
     /// Every live resource.
     pub fn live(&self) -> impl Iterator<Item = (&String, &Entry)> {
         self.entries.iter().filter(|(_, e)| e.body.is_some())

@@ -9,6 +9,7 @@
 //! model's change log turns that into the resources to send.
 
 use std::collections::{HashSet, VecDeque};
+use std::ops::Bound;
 use std::pin::Pin;
 use std::sync::Arc;
 
@@ -23,12 +24,13 @@ use weft_xds_proto::discovery::{
 use weft_xds_proto::type_url;
 
 use crate::hub::Hub;
-use crate::model::{Model, Table};
+use crate::model::{Entry, Model, Table};
 use crate::tls::PeerIdentity;
 
 /// Resources per response while catching up, so that a proxy's first sync
-/// of a large mesh is a series of bounded messages rather than one huge one.
-pub const CHUNK: usize = 500;
+/// of a large mesh is a series of bounded messages rather than one huge one,
+/// and a thousand proxies syncing at once hold little memory each.
+pub const CHUNK: usize = 200;
 
 pub struct AdsServer {
     hub: Arc<Hub>,
@@ -62,7 +64,7 @@ impl AggregatedDiscoveryService for AdsServer {
     ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
         let peer = request.extensions().get::<PeerIdentity>().cloned();
         let inbound = request.into_inner();
-        let (tx, rx) = mpsc::channel(2);
+        let (tx, rx) = mpsc::channel(1);
         let hub = self.hub.clone();
         tokio::spawn(async move {
             hub.metrics.connected_proxies.inc();
@@ -78,22 +80,22 @@ impl AggregatedDiscoveryService for AdsServer {
 }
 
 /// What one stream still owes the proxy for one resource type.
+///
+/// Changes are walked straight off the model's version log with a cursor,
+/// so a proxy catching up on the whole mesh costs a position, not a list of
+/// names. Only the difference computed for a reconnecting proxy is a list,
+/// and it is released once sent.
 struct TypeState {
     type_url: &'static str,
-    /// Every change up to this model version is sent or queued.
+    /// Every change up to this model version is sent, or is in the pass
+    /// under way.
     frontier: u64,
-    /// Names to send (current body) or to remove, in order.
+    /// The pass under way: where it continues in the log, and the version it
+    /// goes up to. Later changes are the next pass's.
+    cursor: Option<(Bound<(u64, String)>, u64)>,
+    /// Names to send (current body) or to remove, before the cursor's pass.
     pending: VecDeque<String>,
-    queued: HashSet<String>,
     in_flight: Option<String>,
-}
-
-impl TypeState {
-    fn queue(&mut self, name: &str) {
-        if self.queued.insert(name.to_string()) {
-            self.pending.push_back(name.to_string());
-        }
-    }
 }
 
 fn table<'a>(model: &'a Model, type_url: &str) -> &'a Table {
@@ -126,21 +128,22 @@ async fn serve_stream(
             let response = {
                 let model = hub.model();
                 let table = table(&model, state.type_url);
-                if state.pending.is_empty() && model.version() > state.frontier {
+                if state.pending.is_empty()
+                    && state.cursor.is_none()
+                    && model.version() > state.frontier
+                {
                     if state.frontier < table.floor() {
                         return Err(Status::aborted(
                             "this proxy fell behind the removals the server remembers; reconnect to resync",
                         ));
                     }
-                    let since = state.frontier;
-                    let names: Vec<String> =
-                        table.changed_since(since).map(|(n, _)| n.clone()).collect();
-                    for name in names {
-                        state.queue(&name);
-                    }
+                    state.cursor = Some((
+                        Bound::Included((state.frontier + 1, String::new())),
+                        model.version(),
+                    ));
                     state.frontier = model.version();
                 }
-                if state.pending.is_empty() {
+                if state.pending.is_empty() && state.cursor.is_none() {
                     continue;
                 }
                 nonce_counter += 1;
@@ -150,27 +153,60 @@ async fn serve_stream(
                     nonce: nonce_counter.to_string(),
                     ..Default::default()
                 };
+                let add = |name: &String,
+                           entry: Option<&Entry>,
+                           response: &mut DeltaDiscoveryResponse| {
+                    match entry.and_then(|e| e.body.as_ref().map(|b| (e.version, b))) {
+                        Some((version, body)) => response.resources.push(Resource {
+                            name: name.clone(),
+                            version: version.to_string(),
+                            resource: Some(prost_types::Any {
+                                type_url: state.type_url.to_string(),
+                                value: body.to_vec(),
+                            }),
+                            ..Default::default()
+                        }),
+                        // Removed, or compacted away meanwhile: gone either way.
+                        None => response.removed_resources.push(name.clone()),
+                    }
+                };
                 while response.resources.len() + response.removed_resources.len() < CHUNK {
                     let Some(name) = state.pending.pop_front() else {
                         break;
                     };
-                    state.queued.remove(&name);
-                    match table.get(&name) {
-                        Some(entry) => match &entry.body {
-                            Some(body) => response.resources.push(Resource {
-                                name,
-                                version: entry.version.to_string(),
-                                resource: Some(prost_types::Any {
-                                    type_url: state.type_url.to_string(),
-                                    value: body.to_vec(),
-                                }),
-                                ..Default::default()
-                            }),
-                            None => response.removed_resources.push(name),
-                        },
-                        // Compacted away meanwhile: it is gone either way.
-                        None => response.removed_resources.push(name),
+                    add(&name, table.get(&name), &mut response);
+                }
+                if state.pending.is_empty() && state.pending.capacity() > 0 {
+                    state.pending = VecDeque::new();
+                }
+                if let Some((start, upto)) = state.cursor.take() {
+                    let mut next = Some((start, upto));
+                    let room = CHUNK.saturating_sub(
+                        response.resources.len() + response.removed_resources.len(),
+                    );
+                    let mut taken = 0;
+                    for (version, name, entry) in
+                        table.log_from(next.clone().map(|(b, _)| b).unwrap_or(Bound::Unbounded))
+                    {
+                        if version > upto {
+                            next = None;
+                            break;
+                        }
+                        if taken == room {
+                            break;
+                        }
+                        add(name, Some(entry), &mut response);
+                        taken += 1;
+                        next = Some((Bound::Excluded((version, name.clone())), upto));
                     }
+                    // The log ran out: the pass is complete.
+                    if taken < room {
+                        next = None;
+                    }
+                    state.cursor = next;
+                }
+                if response.resources.is_empty() && response.removed_resources.is_empty() {
+                    continue;
                 }
                 response
             };
@@ -232,8 +268,8 @@ async fn serve_stream(
                 let mut state = TypeState {
                     type_url: url,
                     frontier: model.version(),
+                    cursor: None,
                     pending: VecDeque::new(),
-                    queued: HashSet::new(),
                     in_flight: None,
                 };
                 if !request.resource_names_subscribe.is_empty()
@@ -242,19 +278,26 @@ async fn serve_stream(
                     tracing::debug!(%node, type_url = url, "named subscriptions are served as wildcard");
                 }
                 let known = &request.initial_resource_versions;
-                let mut live: Vec<(&String, String)> = table
-                    .live()
-                    .map(|(name, entry)| (name, entry.version.to_string()))
-                    .collect();
-                live.sort();
-                for (name, version) in &live {
-                    if known.get(*name) != Some(version) {
-                        state.queue(name);
+                if known.is_empty() {
+                    // A fresh proxy: walk the whole log up to now.
+                    state.cursor = Some((Bound::Included((0, String::new())), model.version()));
+                } else {
+                    let mut differing: Vec<&String> = table
+                        .live()
+                        .filter(|(name, entry)| known.get(*name) != Some(&entry.version.to_string()))
+                        .map(|(name, _)| name)
+                        .collect();
+                    differing.sort();
+                    let mut seen = HashSet::new();
+                    for name in differing {
+                        if seen.insert(name.clone()) {
+                            state.pending.push_back(name.clone());
+                        }
                     }
-                }
-                for name in known.keys() {
-                    if table.get(name).is_none_or(|e| e.body.is_none()) {
-                        state.queue(name);
+                    for name in known.keys() {
+                        if table.get(name).is_none_or(|e| e.body.is_none()) && seen.insert(name.clone()) {
+                            state.pending.push_back(name.clone());
+                        }
                     }
                 }
                 drop(model);

@@ -321,6 +321,8 @@ async fn drive(options: &Options, command: &str) -> Result<Outcome> {
         Arc::new((0..options.proxies).map(|_| AtomicUsize::new(0)).collect());
     let (probe_tx, mut probes) = mpsc::unbounded_channel();
     let measuring = Arc::new(AtomicBool::new(false));
+    // Set before the control plane is stopped, when streams ending is expected.
+    let finished = Arc::new(AtomicBool::new(false));
     let connections = options.proxies.div_ceil(options.proxies_per_connection);
     let sync_started = Instant::now();
     for conn in 0..connections {
@@ -335,10 +337,13 @@ async fn drive(options: &Options, command: &str) -> Result<Outcome> {
                 break;
             }
             let (channel, counts, probes) = (channel.clone(), counts.clone(), probe_tx.clone());
-            let measuring = measuring.clone();
+            let (measuring, finished) = (measuring.clone(), finished.clone());
             tokio::spawn(async move {
-                if let Err(err) = proxy(channel, id, counts, measuring, probes).await {
-                    eprintln!("proxy {id} ended: {err:#}");
+                let result = proxy(channel, id, counts, measuring, probes).await;
+                if let Err(err) = result
+                    && !finished.load(Ordering::Relaxed)
+                {
+                    eprintln!("proxy {id} ended early: {err:#}");
                 }
             });
         }
@@ -419,6 +424,7 @@ async fn drive(options: &Options, command: &str) -> Result<Outcome> {
     let resources = metric(&metrics_after, "weft_control_xds_pushed_resources_total")
         - metric(&metrics_before, "weft_control_xds_pushed_resources_total");
     let deliveries = (options.changes * options.proxies) as f64;
+    finished.store(true, Ordering::Relaxed);
     let _ = control.kill().await;
     let _ = std::fs::remove_dir_all(&work);
     for server in servers {
