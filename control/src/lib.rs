@@ -13,9 +13,11 @@ pub mod admin;
 pub mod ca;
 pub mod cluster;
 pub mod hub;
+pub mod inject;
 pub mod kubeconfig;
 pub mod metrics;
 pub mod model;
+pub mod publish;
 pub mod remotes;
 pub mod tls;
 pub mod xds;
@@ -48,6 +50,10 @@ pub struct Config {
     /// mTLS xDS and the CA service.
     pub xds_tls_addr: Option<SocketAddr>,
     pub monitoring_addr: Option<SocketAddr>,
+    /// The sidecar injection webhook (15017).
+    pub webhook_addr: Option<SocketAddr>,
+    /// What injected sidecars are rendered with.
+    pub injection: inject::Values,
     pub debounce: Debounce,
     /// How long an unreachable remote may hold readiness back.
     pub remote_timeout: Duration,
@@ -57,8 +63,11 @@ pub struct Config {
 
 impl Config {
     pub fn new(cluster_id: impl Into<String>) -> Self {
+        let cluster_id = cluster_id.into();
         Config {
-            cluster_id: cluster_id.into(),
+            injection: inject::Values::new(&cluster_id, "weft-system"),
+            webhook_addr: None,
+            cluster_id,
             network: "default".into(),
             namespace: "weft-system".into(),
             trust_domain: "cluster.local".into(),
@@ -75,6 +84,7 @@ impl Config {
 
 /// A running control plane.
 pub struct ControlPlane {
+    pub webhook_addr: Option<SocketAddr>,
     pub xds_plain_addr: Option<SocketAddr>,
     pub xds_tls_addr: Option<SocketAddr>,
     pub monitoring_addr: Option<SocketAddr>,
@@ -137,6 +147,43 @@ impl ControlPlane {
         let plain = bind(config.xds_plain_addr, "plain xDS").await?;
         let secure = bind(config.xds_tls_addr, "xDS TLS").await?;
         let monitoring = bind(config.monitoring_addr, "monitoring").await?;
+        let webhook = bind(config.webhook_addr, "webhook").await?;
+        let webhook_addr = webhook.as_ref().and_then(|l| l.local_addr().ok());
+        tasks.push(tokio::spawn(publish::run(local.clone(), ca.roots_pem())));
+        if let Some(listener) = webhook {
+            let ns = &config.namespace;
+            let names = [
+                "weft-control".to_string(),
+                format!("weft-control.{ns}"),
+                format!("weft-control.{ns}.svc"),
+                format!("weft-control.{ns}.svc.{}", config.domain_suffix),
+                "localhost".to_string(),
+            ];
+            let names: Vec<&str> = names.iter().map(String::as_str).collect();
+            let (chain, key) = ca.issue_serving(
+                &names,
+                &["127.0.0.1".parse()?],
+                Duration::from_secs(365 * 86400),
+            )?;
+            let tls = rustls::ServerConfig::builder_with_provider(weft_certs::tls::provider())
+                .with_safe_default_protocol_versions()?
+                .with_no_client_auth()
+                .with_single_cert(
+                    weft_certs::pem::certificates("webhook certificate", &chain)?,
+                    weft_certs::pem::private_key("webhook key", &key)?,
+                )?;
+            let mut tls = tls;
+            tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+            let mut values = config.injection.clone();
+            values.cluster_id = config.cluster_id.clone();
+            values.network = config.network.clone();
+            values.trust_domain = config.trust_domain.clone();
+            tasks.push(tokio::spawn(inject::webhook::serve(
+                listener,
+                Arc::new(tls),
+                Arc::new(values),
+            )));
+        }
         let xds_plain_addr = plain.as_ref().and_then(|l| l.local_addr().ok());
         let xds_tls_addr = secure.as_ref().and_then(|l| l.local_addr().ok());
         let monitoring_addr = monitoring.as_ref().and_then(|l| l.local_addr().ok());
@@ -192,6 +239,7 @@ impl ControlPlane {
         }
         tracing::info!(cluster = %config.cluster_id, ?xds_plain_addr, ?xds_tls_addr, ?monitoring_addr, "control plane started");
         Ok(ControlPlane {
+            webhook_addr,
             xds_plain_addr,
             xds_tls_addr,
             monitoring_addr,

@@ -36,6 +36,12 @@ struct Args {
     /// mTLS xDS and the CA service.
     #[arg(long, env = "WEFT_XDS_ADDR", default_value = "0.0.0.0:15012")]
     xds_addr: SocketAddr,
+    /// The sidecar injection webhook.
+    #[arg(long, env = "WEFT_WEBHOOK_ADDR", default_value = "0.0.0.0:15017")]
+    webhook_addr: SocketAddr,
+    /// Image of the injected sidecar and init container.
+    #[arg(long, env = "WEFT_PROXY_IMAGE")]
+    proxy_image: Option<String>,
     /// /metrics, /ready and /debug.
     #[arg(long, env = "WEFT_MONITORING_ADDR", default_value = "0.0.0.0:15014")]
     monitoring_addr: SocketAddr,
@@ -81,7 +87,13 @@ async fn main() -> anyhow::Result<()> {
         .init();
     let args = Args::parse();
     let client = local_client(args.kubeconfig.as_ref()).await?;
+    let mut injection = weft_control::inject::Values::new(&args.cluster_id, &args.namespace);
+    if let Some(image) = args.proxy_image {
+        injection.proxy_image = image;
+    }
     let config = Config {
+        webhook_addr: Some(args.webhook_addr),
+        injection,
         network: args.network,
         namespace: args.namespace,
         trust_domain: args.trust_domain,
