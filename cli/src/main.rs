@@ -2,6 +2,7 @@
 //! proxy status and the local lab.
 
 mod certs;
+mod inject;
 mod lab;
 mod remote;
 
@@ -26,6 +27,8 @@ enum Command {
     CreateRemoteSecret(remote::CreateRemoteSecretArgs),
     /// List the clusters a running control plane watches, with sync state and staleness.
     RemoteClusters(remote::RemoteClustersArgs),
+    /// Add weft sidecars to the workloads of a manifest, offline (prints the result).
+    KubeInject(inject::KubeInjectArgs),
 }
 
 fn block_on<T>(future: impl std::future::Future<Output = anyhow::Result<T>>) -> anyhow::Result<T> {
@@ -40,6 +43,7 @@ fn main() -> std::process::ExitCode {
         Command::CreateRemoteSecret(args) => {
             block_on(remote::create_remote_secret(args)).map(|out| print!("{out}"))
         }
+        Command::KubeInject(args) => inject::run(args).map(|out| print!("{out}")),
         Command::RemoteClusters(args) => {
             block_on(remote::remote_clusters(args)).map(|out| print!("{out}"))
         }

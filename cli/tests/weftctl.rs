@@ -251,3 +251,71 @@ async fn remote_secret_round_trip_through_a_control_plane() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("connecting to the control plane"));
 }
+
+fn workspace_root() -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+/// The install manifests, and workloads as kube-inject leaves them, are
+/// valid Kubernetes objects: checked by `kubernetes-validate` (PyPI) in
+/// strict mode, where it is installed.
+#[test]
+fn install_manifests_and_injected_workloads_pass_schema_validation() {
+    let available = Command::new("kubernetes-validate")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !available {
+        eprintln!(
+            "SKIPPED: kubernetes-validate is not installed (pip install kubernetes-validate)"
+        );
+        return;
+    }
+    let install = workspace_root().join("examples/install");
+    let mut files: Vec<std::path::PathBuf> = std::fs::read_dir(&install)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .collect();
+    files.sort();
+    assert!(files.len() >= 5, "{files:?}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = dir.path().join("app.yaml");
+    std::fs::write(
+        &manifest,
+        "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: echo\n  namespace: demo\nspec:\n  selector:\n    matchLabels: {app: echo}\n  template:\n    metadata:\n      labels: {app: echo}\n    spec:\n      containers:\n      - name: echo\n        image: echo\n        ports: [{name: http, containerPort: 8080}]\n        readinessProbe: {httpGet: {path: /ready, port: http}}\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: p, namespace: demo}\nspec:\n  containers: [{name: app, image: echo}]\n",
+    )
+    .unwrap();
+    let injected = ok(weftctl(&[
+        "kube-inject",
+        "-f",
+        path(&manifest),
+        "--cluster-id",
+        "c1",
+    ]));
+    assert!(
+        injected.contains("weft-proxy") && injected.contains("weft-init"),
+        "{injected}"
+    );
+    let injected_file = dir.path().join("injected.yaml");
+    std::fs::write(&injected_file, &injected).unwrap();
+    files.push(injected_file);
+
+    let out = Command::new("kubernetes-validate")
+        .args(["--strict", "-k", "1.33.0"])
+        .args(&files)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{text}");
+    assert!(!text.contains("ERROR"), "{text}");
+    assert!(text.contains("deployment/echo"), "{text}");
+}
