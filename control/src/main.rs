@@ -42,6 +42,15 @@ struct Args {
     /// Image of the injected sidecar and init container.
     #[arg(long, env = "WEFT_PROXY_IMAGE")]
     proxy_image: Option<String>,
+    /// Injected sidecar resources, as Kubernetes quantities.
+    #[arg(long, env = "WEFT_PROXY_CPU_REQUEST", default_value = "10m")]
+    proxy_cpu_request: String,
+    #[arg(long, env = "WEFT_PROXY_MEMORY_REQUEST", default_value = "16Mi")]
+    proxy_memory_request: String,
+    #[arg(long, env = "WEFT_PROXY_CPU_LIMIT", default_value = "1")]
+    proxy_cpu_limit: String,
+    #[arg(long, env = "WEFT_PROXY_MEMORY_LIMIT", default_value = "128Mi")]
+    proxy_memory_limit: String,
     /// /metrics, /ready and /debug.
     #[arg(long, env = "WEFT_MONITORING_ADDR", default_value = "0.0.0.0:15014")]
     monitoring_addr: SocketAddr,
@@ -91,6 +100,10 @@ async fn main() -> anyhow::Result<()> {
     if let Some(image) = args.proxy_image {
         injection.proxy_image = image;
     }
+    injection.proxy_cpu_request = args.proxy_cpu_request;
+    injection.proxy_memory_request = args.proxy_memory_request;
+    injection.proxy_cpu_limit = args.proxy_cpu_limit;
+    injection.proxy_memory_limit = args.proxy_memory_limit;
     let config = Config {
         webhook_addr: Some(args.webhook_addr),
         injection,

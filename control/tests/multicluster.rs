@@ -863,3 +863,240 @@ async fn ca_signs_only_the_callers_own_identity() {
     })
     .await;
 }
+
+/// The install manifests applied to a lab API server whose mutating
+/// admission calls this control plane's webhook.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pods_are_injected_through_the_webhook() {
+    use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
+    use k8s_openapi::api::core::v1::ConfigMap;
+    use kube::api::{ApiResource, DynamicObject, GroupVersionKind};
+
+    // The lab must know where "weft-system/weft-control" listens before the
+    // control plane starts: reserve a port.
+    let webhook_addr = {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        probe.local_addr().unwrap()
+    };
+    let lab = Lab::start_with(ApiServerConfig {
+        cluster_name: "c1".into(),
+        webhook_services: [("weft-system/weft-control".to_string(), webhook_addr)].into(),
+        ..Default::default()
+    })
+    .await;
+
+    // kubectl apply -f examples/install/
+    let install = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/install");
+    let mut files: Vec<_> = std::fs::read_dir(&install)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    files.sort();
+    for file in files {
+        let text = std::fs::read_to_string(&file).unwrap();
+        for doc in serde_saphyr::from_multiple::<serde_json::Value>(&text).unwrap() {
+            let (group, version) = match doc["apiVersion"].as_str().unwrap().split_once('/') {
+                Some((g, v)) => (g.to_string(), v.to_string()),
+                None => (
+                    String::new(),
+                    doc["apiVersion"].as_str().unwrap().to_string(),
+                ),
+            };
+            let gvk = GroupVersionKind::gvk(&group, &version, doc["kind"].as_str().unwrap());
+            let (resource, caps) = kube::discovery::pinned_kind(&lab.client, &gvk)
+                .await
+                .unwrap();
+            let api: Api<DynamicObject> = match (caps.scope, doc["metadata"]["namespace"].as_str())
+            {
+                (kube::discovery::Scope::Namespaced, Some(ns)) => {
+                    Api::namespaced_with(lab.client.clone(), ns, &resource)
+                }
+                _ => Api::all_with(lab.client.clone(), &resource),
+            };
+            let name = doc["metadata"]["name"].as_str().unwrap().to_string();
+            let object: DynamicObject = serde_json::from_value(doc).unwrap();
+            api.patch(
+                &name,
+                &PatchParams::apply("test").force(),
+                &Patch::Apply(&object),
+            )
+            .await
+            .unwrap();
+        }
+    }
+
+    let mut config = Config::new("c1");
+    config.webhook_addr = Some(webhook_addr);
+    config.monitoring_addr = Some("127.0.0.1:0".parse().unwrap());
+    let control = ControlPlane::start(config, lab.client.clone())
+        .await
+        .unwrap();
+    let webhooks: Api<MutatingWebhookConfiguration> = Api::all(lab.client.clone());
+    eventually("caBundle filled in", || async {
+        webhooks
+            .get("weft-sidecar-injector")
+            .await
+            .unwrap()
+            .webhooks
+            .unwrap_or_default()
+            .iter()
+            .all(|w| w.client_config.ca_bundle.is_some())
+    })
+    .await;
+    let roots: Api<ConfigMap> = Api::namespaced(lab.client.clone(), "demo");
+    eventually("root cert published", || async {
+        roots
+            .get_opt("weft-root-cert")
+            .await
+            .unwrap()
+            .and_then(|c| c.data)
+            .is_some_and(|d| d["root-cert.pem"].contains("BEGIN CERTIFICATE"))
+    })
+    .await;
+
+    let namespaces: Api<Namespace> = Api::all(lab.client.clone());
+    namespaces
+        .patch(
+            "demo",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"labels": {"weft.io/injection": "enabled"}}})),
+        )
+        .await
+        .unwrap();
+    lab.namespace("plain").await;
+    let containers = |pod: &Pod| -> (Vec<String>, Vec<String>) {
+        let spec = pod.spec.as_ref().unwrap();
+        (
+            spec.containers.iter().map(|c| c.name.clone()).collect(),
+            spec.init_containers
+                .iter()
+                .flatten()
+                .map(|c| c.name.clone())
+                .collect(),
+        )
+    };
+    let make = |ns: &'static str,
+                name: &'static str,
+                labels: serde_json::Value,
+                annotations: serde_json::Value| {
+        let client = lab.client.clone();
+        async move {
+            let pods: Api<Pod> = Api::namespaced(client, ns);
+            let pod = serde_json::from_value(json!({
+                "metadata": {"name": name, "labels": labels, "annotations": annotations},
+                "spec": {"containers": [{"name": "app", "image": "echo", "ports": [{"containerPort": 8080}]}]},
+            }))
+            .unwrap();
+            pods.create(&PostParams::default(), &pod).await.unwrap()
+        }
+    };
+
+    // A bare pod in a labelled namespace.
+    let pod = make("demo", "bare", json!({}), json!({})).await;
+    assert_eq!(
+        containers(&pod),
+        (
+            vec!["app".into(), "weft-proxy".into()],
+            vec!["weft-init".into()]
+        )
+    );
+    assert!(
+        pod.metadata
+            .annotations
+            .unwrap()
+            .contains_key("sidecar.weft.io/status")
+    );
+
+    // A Deployment's pod template, as its ReplicaSet would create the pod.
+    let deployments: Api<DynamicObject> = Api::namespaced_with(
+        lab.client.clone(),
+        "demo",
+        &ApiResource::from_gvk_with_plural(
+            &GroupVersionKind::gvk("apps", "v1", "Deployment"),
+            "deployments",
+        ),
+    );
+    let deployment: DynamicObject = serde_json::from_value(json!({
+        "apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "echo"},
+        "spec": {"selector": {"matchLabels": {"app": "echo"}}, "template": {"metadata": {"labels": {"app": "echo"}}, "spec": {"containers": [{"name": "echo", "image": "echo"}]}}},
+    }))
+    .unwrap();
+    let deployment = deployments
+        .create(&PostParams::default(), &deployment)
+        .await
+        .unwrap();
+    let template = deployment.data["spec"]["template"].clone();
+    let pods: Api<Pod> = Api::namespaced(lab.client.clone(), "demo");
+    let mut from_template: Pod = serde_json::from_value(template).unwrap();
+    from_template.metadata.name = Some("echo-7d4b9c-x2x9q".into());
+    let created = pods
+        .create(&PostParams::default(), &from_template)
+        .await
+        .unwrap();
+    assert_eq!(containers(&created).0, ["echo", "weft-proxy"]);
+
+    // Opted out, or in a namespace that is not enabled: untouched.
+    let out = make(
+        "demo",
+        "opted-out",
+        json!({}),
+        json!({"sidecar.weft.io/inject": "false"}),
+    )
+    .await;
+    assert_eq!(containers(&out), (vec!["app".into()], vec![]));
+    let label_out = make(
+        "demo",
+        "label-out",
+        json!({"sidecar.weft.io/inject": "false"}),
+        json!({}),
+    )
+    .await;
+    assert_eq!(containers(&label_out).0, ["app"]);
+    let plain = make("plain", "plain", json!({}), json!({})).await;
+    assert_eq!(containers(&plain).0, ["app"]);
+    // A pod that opts itself in, in a namespace that is not enabled.
+    let opted_in = make(
+        "plain",
+        "opted-in",
+        json!({"sidecar.weft.io/inject": "true"}),
+        json!({}),
+    )
+    .await;
+    assert_eq!(containers(&opted_in).0, ["app", "weft-proxy"]);
+
+    // A malformed AdmissionReview posted straight to the webhook.
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in weft_certs::pem::certificates("ca", &control.ca.roots_pem()).unwrap() {
+        roots.add(cert).unwrap();
+    }
+    let tls = rustls::ClientConfig::builder_with_provider(weft_certs::tls::provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(webhook_addr).await.unwrap();
+    let stream = tokio_rustls::TlsConnector::from(Arc::new(tls))
+        .connect(
+            rustls_pki_types::ServerName::try_from("weft-control.weft-system.svc").unwrap(),
+            tcp,
+        )
+        .await
+        .unwrap();
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(connection);
+    let response = sender
+        .send_request(
+            http::Request::post("/inject")
+                .header("host", "weft-control.weft-system.svc")
+                .body(http_body_util::Full::new(bytes::Bytes::from_static(
+                    b"{\"kind\": \"AdmissionReview\", garbage",
+                )))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 400);
+}

@@ -1146,3 +1146,52 @@ async fn kubectl_apply_get_watch_and_delete() {
     );
     server.stop().await;
 }
+
+/// A webhook that cannot be reached fails the request under
+/// `failurePolicy: Fail` and is skipped under `Ignore`; selectors decide
+/// whether it is called at all.
+#[tokio::test]
+async fn mutating_webhook_failure_policy_and_selectors() {
+    use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
+    let (_server, client) = start().await;
+    let configs: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
+    let webhook = |name: &str, policy: &str, label: &str| {
+        json!({
+            "name": name,
+            // Nothing listens on port 1.
+            "clientConfig": {"url": "https://127.0.0.1:1/inject", "caBundle": "AAAA"},
+            "rules": [{"operations": ["CREATE"], "apiGroups": [""], "apiVersions": ["v1"], "resources": ["configmaps"]}],
+            "objectSelector": {"matchLabels": {label: "true"}},
+            "sideEffects": "None",
+            "admissionReviewVersions": ["v1"],
+            "failurePolicy": policy,
+            "timeoutSeconds": 2,
+        })
+    };
+    let config = serde_json::from_value(json!({
+        "metadata": {"name": "broken"},
+        "webhooks": [webhook("fail.example.com", "Fail", "strict"), webhook("ignore.example.com", "Ignore", "lenient")],
+    }))
+    .unwrap();
+    configs
+        .create(&PostParams::default(), &config)
+        .await
+        .unwrap();
+    let maps: Api<ConfigMap> = Api::namespaced(client.clone(), "default");
+    let map = |name: &str, label: &str| -> ConfigMap {
+        serde_json::from_value(json!({"metadata": {"name": name, "labels": {label: "true"}}}))
+            .unwrap()
+    };
+    let (code, _) = api_error(
+        maps.create(&PostParams::default(), &map("a", "strict"))
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(code, 500, "failurePolicy Fail");
+    maps.create(&PostParams::default(), &map("b", "lenient"))
+        .await
+        .unwrap();
+    maps.create(&PostParams::default(), &map("c", "unselected"))
+        .await
+        .unwrap();
+}

@@ -375,7 +375,32 @@ async fn resource(
         }
         (Method::POST, None, None) => {
             let (content_type, body) = read_body(request).await?;
-            let object = decode_object(&content_type, &body)?;
+            let mut object = decode_object(&content_type, &body)?;
+            // Mutating admission runs before the object is stored, and
+            // outside the lock: webhooks are network calls.
+            let calls = {
+                let state = shared.lock();
+                super::admission::matching(
+                    &state,
+                    &info,
+                    version,
+                    &ns,
+                    &object,
+                    &shared.webhook_services,
+                )
+            };
+            if !calls.is_empty() {
+                object = super::admission::mutate(
+                    calls,
+                    &info,
+                    version,
+                    &ns,
+                    object,
+                    user,
+                    query.dry_run(),
+                )
+                .await?;
+            }
             let mut state = shared.lock();
             let created = semantics::create(
                 &mut state,

@@ -7,11 +7,13 @@
 //! watches with bookmarks and 410 Expired, streaming lists, the status
 //! subresource, ServiceAccount tokens and TokenReview, CRDs, and discovery.
 //!
-//! What it does not do, on purpose: authorization (every authenticated caller
-//! may do anything), admission webhooks, garbage collection by owner, and
+//! It calls mutating admission webhooks on CREATE. What it does not do, on
+//! purpose: authorization (every authenticated caller may do anything),
+//! validating webhooks, garbage collection by owner, and
 //! field-level ownership for server-side apply (apply merges, it never
 //! removes a field by omission). It is never part of a production install.
 
+mod admission;
 mod auth;
 mod http;
 mod patch;
@@ -55,6 +57,9 @@ pub struct ApiServerConfig {
     pub service_cidr: String,
     /// How many change events watches can resume from.
     pub history_limit: usize,
+    /// Where admission webhooks named by Service ("namespace/name") are
+    /// reached, since the lab has no service network.
+    pub webhook_services: std::collections::BTreeMap<String, SocketAddr>,
 }
 
 impl Default for ApiServerConfig {
@@ -65,6 +70,7 @@ impl Default for ApiServerConfig {
             cluster_name: "weft-lab".into(),
             service_cidr: "10.96.0.0/16".into(),
             history_limit: 10_000,
+            webhook_services: Default::default(),
         }
     }
 }
@@ -98,6 +104,7 @@ pub(crate) struct Shared {
     server_address: String,
     watch_pause: tokio::sync::watch::Sender<bool>,
     watch_close: tokio::sync::watch::Sender<u64>,
+    webhook_services: std::collections::BTreeMap<String, SocketAddr>,
 }
 
 impl Shared {
@@ -279,6 +286,7 @@ impl ApiServer {
             server_address: server_host.to_string(),
             watch_pause: tokio::sync::watch::Sender::new(false),
             watch_close: tokio::sync::watch::Sender::new(0),
+            webhook_services: config.webhook_services.clone(),
         });
         let (shutdown, shutdown_rx) = tokio::sync::watch::channel(false);
         let task = tokio::spawn(serve(listener, tls, shared.clone(), shutdown_rx));
