@@ -18,6 +18,9 @@ pub struct Hub {
     /// Wakes the debounce loop for changes made directly on the model
     /// (clusters added or removed).
     nudge: mpsc::UnboundedSender<()>,
+    /// Set when the control plane stops: open streams end, so proxies
+    /// reconnect to whatever serves next rather than to a stopped model.
+    closing: watch::Sender<bool>,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -45,6 +48,7 @@ impl Hub {
             versions: watch::Sender::new((0, Instant::now())),
             metrics: Metrics::default(),
             nudge,
+            closing: watch::Sender::new(false),
         };
         (Arc::new(hub), nudges)
     }
@@ -57,6 +61,14 @@ impl Hub {
 
     pub fn versions(&self) -> watch::Receiver<(u64, Instant)> {
         self.versions.subscribe()
+    }
+
+    pub fn closing(&self) -> watch::Receiver<bool> {
+        self.closing.subscribe()
+    }
+
+    pub fn shut_down(&self) {
+        self.closing.send_replace(true);
     }
 
     pub fn nudge(&self) {

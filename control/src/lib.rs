@@ -261,6 +261,7 @@ impl ControlPlane {
 
 impl Drop for ControlPlane {
     fn drop(&mut self) {
+        self.hub.shut_down();
         for task in &self.tasks {
             task.abort();
         }

@@ -89,7 +89,13 @@ pub fn incoming(
     let acceptor = tokio_rustls::TlsAcceptor::from(config);
     tokio::spawn(async move {
         loop {
-            let (tcp, addr) = match listener.accept().await {
+            // When the server stops, its end of the channel is dropped; the
+            // listener must go with it so the port is free again.
+            let accepted = tokio::select! {
+                accepted = listener.accept() => accepted,
+                _ = tx.closed() => return,
+            };
+            let (tcp, addr) = match accepted {
                 Ok(accepted) => accepted,
                 Err(err) => {
                     tracing::warn!(%err, "accept failed");
@@ -98,9 +104,6 @@ pub fn incoming(
                 }
             };
             let _ = tcp.set_nodelay(true);
-            if tx.is_closed() {
-                return;
-            }
             let acceptor = acceptor.clone();
             let tx = tx.clone();
             tokio::spawn(async move {

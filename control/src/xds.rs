@@ -119,6 +119,7 @@ async fn serve_stream(
     tx: &mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>,
 ) -> Result<(), Status> {
     let mut versions = hub.versions();
+    let mut closing = hub.closing();
     let mut types: Vec<TypeState> = Vec::new();
     let mut node = String::from("unknown");
     let mut nonce_counter = 0u64;
@@ -315,6 +316,9 @@ async fn serve_stream(
                 if changed.is_err() {
                     return Err(Status::unavailable("the control plane is shutting down"));
                 }
+            }
+            _ = closing.wait_for(|closed| *closed) => {
+                return Err(Status::unavailable("the control plane is shutting down; reconnect"));
             }
         }
     }

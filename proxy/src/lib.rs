@@ -1,9 +1,17 @@
 //! `weft-proxy`, the sidecar that runs next to every meshed application.
 //!
 //! It owns the delta xDS client and the immutable config snapshot built from
-//! it, the outbound (15001) and inbound (15006, 15008) listeners, L4 and L7
-//! forwarding, load balancing across clusters, mutual TLS between sidecars,
-//! the admin, health and metrics endpoints, and `weft-proxy iptables` for the
-//! init container. It never depends on the control plane crate; the two meet
-//! only on the wire protocols of `weft-xds-proto`. Nothing is implemented here
-//! yet.
+//! it (`xds`, `state`), the workload identity and its rotation (`identity`),
+//! and, to come, the outbound (15001) and inbound (15006, 15008) listeners,
+//! L4 and L7 forwarding, load balancing across clusters, the admin and
+//! metrics endpoints, and `weft-proxy iptables`. It never depends on the
+//! control plane crate; the two meet only on the wire protocols of
+//! `weft-xds-proto`.
+//!
+//! Status: the control-plane side (identity, xDS, snapshot) is built and
+//! tested; the data path is not, so there is no `weft-proxy` binary yet.
+
+pub mod channel;
+pub mod identity;
+pub mod state;
+pub mod xds;

@@ -1,6 +1,6 @@
 //! End-to-end tests across weft's crates.
 //!
 //! Unit tests live beside their code; this crate holds the tests that need
-//! several crates at once, such as two lab clusters with real control planes
-//! and proxies. The tests are gathered into few binaries because each one
-//! links the whole workspace. Nothing is here yet.
+//! several crates at once (`tests/mesh.rs`): lab clusters with a real control
+//! plane and the proxy's control-plane side. They are gathered into one
+//! binary because each links the whole workspace.

@@ -1,0 +1,27 @@
+//! gRPC channels to the control plane over weft's own TLS configuration:
+//! the server is verified by its SPIFFE identity, not a DNS name.
+
+use std::sync::Arc;
+
+use hyper_util::rt::TokioIo;
+use tonic::transport::{Channel, Endpoint};
+
+/// A lazily connecting channel to `address` (host:port) with `tls`.
+pub fn mesh(address: String, tls: Arc<rustls::ClientConfig>) -> Channel {
+    let connector = tower::service_fn(move |_| {
+        let (address, tls) = (address.clone(), tls.clone());
+        async move {
+            let tcp = tokio::net::TcpStream::connect(&address).await?;
+            tcp.set_nodelay(true)?;
+            // The verifier ignores the name; the identity is checked.
+            let name = rustls_pki_types::ServerName::try_from("weft-control")
+                .map_err(std::io::Error::other)?;
+            let stream = tokio_rustls::TlsConnector::from(tls)
+                .connect(name, tcp)
+                .await?;
+            Ok::<_, std::io::Error>(TokioIo::new(stream))
+        }
+    });
+    // The URI only names the scheme for tonic; the connector decides where to go.
+    Endpoint::from_static("http://weft-control").connect_with_connector_lazy(connector)
+}

@@ -1,0 +1,341 @@
+//! The delta xDS client: subscribes to `Service` and `Workload`, applies
+//! each response all-or-nothing, publishes a new snapshot, and ACKs; a
+//! response with any invalid resource is NACKed and changes nothing, so the
+//! proxy keeps serving its last good snapshot. Across reconnects it sends
+//! the versions it holds, so a control plane restart costs only the
+//! difference.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use weft_xds_proto::discovery::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
+use weft_xds_proto::discovery::{DeltaDiscoveryRequest, DeltaDiscoveryResponse};
+use weft_xds_proto::envoy::config::core::v3::Node;
+use weft_xds_proto::google::rpc::Status;
+use weft_xds_proto::{mesh, type_url};
+
+use crate::state::{self, InvalidResource, Snapshot};
+
+/// What the xDS client publishes to the rest of the proxy.
+pub struct XdsState {
+    pub snapshot: ArcSwap<Snapshot>,
+    /// Set once both types have been received at least once.
+    pub synced: AtomicBool,
+    pub acks: AtomicU64,
+    pub nacks: AtomicU64,
+    pub reconnects: AtomicU64,
+}
+
+impl Default for XdsState {
+    fn default() -> Self {
+        XdsState {
+            snapshot: ArcSwap::from_pointee(Snapshot::default()),
+            synced: AtomicBool::new(false),
+            acks: AtomicU64::new(0),
+            nacks: AtomicU64::new(0),
+            reconnects: AtomicU64::new(0),
+        }
+    }
+}
+
+/// The resources held, with their versions: kept across streams.
+#[derive(Default, Clone)]
+pub struct Resources {
+    pub services: BTreeMap<String, (String, Arc<mesh::Service>)>,
+    pub workloads: BTreeMap<String, (String, Arc<mesh::Workload>)>,
+    seen_services: bool,
+    seen_workloads: bool,
+}
+
+impl Resources {
+    /// Applies one response to a copy; the copy replaces `self` only if
+    /// every resource in it is valid.
+    pub fn apply(&mut self, response: &DeltaDiscoveryResponse) -> Result<(), InvalidResource> {
+        let mut next = self.clone();
+        match response.type_url.as_str() {
+            type_url::SERVICE => {
+                for resource in &response.resources {
+                    let body = resource
+                        .resource
+                        .as_ref()
+                        .map(|a| a.value.as_slice())
+                        .unwrap_or_default();
+                    let service = state::decode_service(&resource.name, body)?;
+                    next.services.insert(
+                        resource.name.clone(),
+                        (resource.version.clone(), Arc::new(service)),
+                    );
+                }
+                for name in &response.removed_resources {
+                    next.services.remove(name);
+                }
+                next.seen_services = true;
+            }
+            type_url::WORKLOAD => {
+                for resource in &response.resources {
+                    let body = resource
+                        .resource
+                        .as_ref()
+                        .map(|a| a.value.as_slice())
+                        .unwrap_or_default();
+                    let workload = state::decode_workload(&resource.name, body)?;
+                    next.workloads.insert(
+                        resource.name.clone(),
+                        (resource.version.clone(), Arc::new(workload)),
+                    );
+                }
+                for name in &response.removed_resources {
+                    next.workloads.remove(name);
+                }
+                next.seen_workloads = true;
+            }
+            other => {
+                return Err(InvalidResource::Field {
+                    name: other.to_string(),
+                    reason: "a resource type this proxy did not subscribe to".into(),
+                });
+            }
+        }
+        *self = next;
+        Ok(())
+    }
+
+    pub fn snapshot(&self) -> Snapshot {
+        Snapshot::build(
+            self.services
+                .iter()
+                .map(|(k, (_, v))| (k.clone(), v.clone()))
+                .collect(),
+            self.workloads
+                .iter()
+                .map(|(k, (_, v))| (k.clone(), v.clone()))
+                .collect(),
+        )
+    }
+
+    fn versions(&self, url: &str) -> std::collections::HashMap<String, String> {
+        if url == type_url::SERVICE {
+            self.services
+                .iter()
+                .map(|(k, (v, _))| (k.clone(), v.clone()))
+                .collect()
+        } else {
+            self.workloads
+                .iter()
+                .map(|(k, (v, _))| (k.clone(), v.clone()))
+                .collect()
+        }
+    }
+
+    fn complete(&self) -> bool {
+        self.seen_services && self.seen_workloads
+    }
+}
+
+/// Backoff between reconnects: doubling from `base` up to `max`, each wait
+/// drawn between half and all of it so that proxies restarted together do
+/// not reconnect together.
+#[derive(Clone, Copy, Debug)]
+pub struct Backoff {
+    pub base: Duration,
+    pub max: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff {
+            base: Duration::from_millis(200),
+            max: Duration::from_secs(15),
+        }
+    }
+}
+
+impl Backoff {
+    pub fn delay(&self, attempt: u32) -> Duration {
+        let ceiling = self
+            .base
+            .saturating_mul(1u32 << attempt.min(16))
+            .min(self.max);
+        ceiling.mul_f64(0.5 + rand::random::<f64>() * 0.5)
+    }
+}
+
+/// Runs the client until the task is aborted. `connect` makes a channel to
+/// the control plane (mTLS in production).
+pub async fn run<F, Fut>(connect: F, node: Node, state: Arc<XdsState>, backoff: Backoff)
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<tonic::transport::Channel>>,
+{
+    let mut resources = Resources::default();
+    let mut attempt = 0u32;
+    loop {
+        let delivered = match connect().await {
+            Ok(channel) => match session(channel, &node, &state, &mut resources).await {
+                Ok(delivered) => delivered,
+                Err((delivered, err)) => {
+                    tracing::warn!(%err, "xDS stream ended; serving the last snapshot meanwhile");
+                    delivered
+                }
+            },
+            Err(err) => {
+                tracing::warn!(%err, "cannot reach the control plane; serving the last snapshot meanwhile");
+                false
+            }
+        };
+        attempt = if delivered {
+            0
+        } else {
+            attempt.saturating_add(1)
+        };
+        state.reconnects.fetch_add(1, Ordering::Relaxed);
+        tokio::time::sleep(backoff.delay(attempt)).await;
+    }
+}
+
+/// One stream. Returns whether anything was applied, for the backoff.
+async fn session(
+    channel: tonic::transport::Channel,
+    node: &Node,
+    state: &XdsState,
+    resources: &mut Resources,
+) -> Result<bool, (bool, anyhow::Error)> {
+    let (requests, outbound) = mpsc::channel(8);
+    for url in [type_url::SERVICE, type_url::WORKLOAD] {
+        let request = DeltaDiscoveryRequest {
+            node: Some(node.clone()),
+            type_url: url.into(),
+            resource_names_subscribe: vec!["*".into()],
+            initial_resource_versions: resources.versions(url),
+            ..Default::default()
+        };
+        // The receiver is alive: it is consumed below.
+        let _ = requests.send(request).await;
+    }
+    let mut client =
+        AggregatedDiscoveryServiceClient::new(channel).max_decoding_message_size(64 * 1024 * 1024);
+    let mut responses = client
+        .delta_aggregated_resources(ReceiverStream::new(outbound))
+        .await
+        .map_err(|e| (false, anyhow::anyhow!("opening the stream: {e}")))?
+        .into_inner();
+    let mut delivered = false;
+    loop {
+        let response = match responses.message().await {
+            Ok(Some(response)) => response,
+            Ok(None) => return Ok(delivered),
+            Err(status) => return Err((delivered, anyhow::anyhow!("{status}"))),
+        };
+        let verdict = resources.apply(&response);
+        let error_detail = match verdict {
+            Ok(()) => {
+                delivered = true;
+                state.snapshot.store(Arc::new(resources.snapshot()));
+                if resources.complete() {
+                    state.synced.store(true, Ordering::Relaxed);
+                }
+                state.acks.fetch_add(1, Ordering::Relaxed);
+                None
+            }
+            Err(invalid) => {
+                state.nacks.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(nonce = %response.nonce, error = %invalid, "rejecting an xDS update; keeping the last good snapshot");
+                Some(Status {
+                    code: 3, // INVALID_ARGUMENT
+                    message: invalid.to_string(),
+                    details: vec![],
+                })
+            }
+        };
+        let reply = DeltaDiscoveryRequest {
+            type_url: response.type_url,
+            response_nonce: response.nonce,
+            error_detail,
+            ..Default::default()
+        };
+        if requests.send(reply).await.is_err() {
+            return Ok(delivered);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use prost::Message;
+    use weft_xds_proto::discovery::Resource;
+
+    fn workload(uid: &str, address: Vec<u8>) -> Resource {
+        let w = mesh::Workload {
+            uid: uid.into(),
+            addresses: vec![address],
+            ..Default::default()
+        };
+        Resource {
+            name: uid.into(),
+            version: "1".into(),
+            resource: Some(prost_types::Any {
+                type_url: type_url::WORKLOAD.into(),
+                value: w.encode_to_vec(),
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn response(resources: Vec<Resource>, removed: Vec<&str>) -> DeltaDiscoveryResponse {
+        DeltaDiscoveryResponse {
+            type_url: type_url::WORKLOAD.into(),
+            resources,
+            removed_resources: removed.into_iter().map(String::from).collect(),
+            nonce: "1".into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_response_applies_whole_or_not_at_all() {
+        let mut resources = Resources::default();
+        resources
+            .apply(&response(
+                vec![workload("c1/demo/a", vec![10, 0, 0, 1])],
+                vec![],
+            ))
+            .unwrap();
+        assert_eq!(resources.workloads.len(), 1);
+        // One bad resource among good ones: nothing changes, a removal included.
+        let bad = response(
+            vec![
+                workload("c1/demo/b", vec![10, 0, 0, 2]),
+                workload("c1/demo/c", vec![1, 2, 3]),
+            ],
+            vec!["c1/demo/a"],
+        );
+        assert!(resources.apply(&bad).is_err());
+        assert_eq!(
+            resources.workloads.keys().collect::<Vec<_>>(),
+            ["c1/demo/a"]
+        );
+        resources
+            .apply(&response(vec![], vec!["c1/demo/a"]))
+            .unwrap();
+        assert!(resources.workloads.is_empty());
+        let mut other = response(vec![], vec![]);
+        other.type_url = "type.googleapis.com/envoy.config.cluster.v3.Cluster".into();
+        assert!(resources.apply(&other).is_err());
+    }
+
+    #[test]
+    fn backoff_grows_with_jitter_and_a_ceiling() {
+        let b = Backoff::default();
+        for attempt in 0..20 {
+            let d = b.delay(attempt);
+            assert!(d <= b.max, "{d:?}");
+            assert!(d >= b.base.saturating_mul(1 << attempt.min(16)).min(b.max) / 2);
+        }
+    }
+}

@@ -1,0 +1,213 @@
+//! The proxy's control-plane side against a real control plane on a lab
+//! cluster: certificate from the CA with the pod's token, delta xDS over
+//! mTLS, the last snapshot kept through a control-plane restart, and updates
+//! resumed after it.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
+use k8s_openapi::api::core::v1::{Namespace, Pod, Secret, ServiceAccount};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use serde_json::json;
+use weft_certs::tls::{CertStore, TrustBundle};
+use weft_certs::{CaParams, CertificateAuthority, Identity};
+use weft_control::{Config, ControlPlane};
+use weft_lab::{ApiServer, ApiServerConfig};
+use weft_proxy::identity::{self, IdentityConfig};
+use weft_proxy::xds::{self, Backoff, XdsState};
+
+const WAIT: Duration = Duration::from_secs(20);
+
+async fn eventually(what: &str, check: impl Fn() -> bool) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while tokio::time::Instant::now() < deadline {
+        if check() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("timed out waiting for: {what}");
+}
+
+async fn create<K>(api: &Api<K>, value: serde_json::Value) -> K
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + serde::Serialize + std::fmt::Debug,
+{
+    api.create(
+        &PostParams::default(),
+        &serde_json::from_value(value).unwrap(),
+    )
+    .await
+    .unwrap()
+}
+
+async fn workload(client: &kube::Client, name: &str, ip: &str) {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "demo");
+    create(&pods, json!({"metadata": {"name": name}, "spec": {"serviceAccountName": "echo", "containers": [{"name": "app", "image": "echo"}]}})).await;
+    pods.patch_status(
+        name,
+        &PatchParams::default(),
+        &Patch::Merge(
+            json!({"status": {"podIP": ip, "conditions": [{"type": "Ready", "status": "True"}]}}),
+        ),
+    )
+    .await
+    .unwrap();
+    let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), "demo");
+    create(&slices, json!({
+        "metadata": {"name": format!("{name}-slice"), "labels": {"kubernetes.io/service-name": "echo"}},
+        "addressType": "IPv4",
+        "endpoints": [{"addresses": [ip], "targetRef": {"kind": "Pod", "name": name}}],
+        "ports": [{"name": "http", "port": 8080}],
+    }))
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_gets_an_identity_syncs_and_survives_a_control_plane_restart() {
+    let lab = ApiServer::start(ApiServerConfig::default()).await.unwrap();
+    let kubeconfig = kube::config::Kubeconfig::from_yaml(lab.kubeconfig()).unwrap();
+    let client = kube::Client::try_from(
+        kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
+            .await
+            .unwrap(),
+    )
+    .unwrap();
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    for ns in ["weft-system", "demo"] {
+        create(&namespaces, json!({"metadata": {"name": ns}})).await;
+    }
+    // A plug-in CA, so that a restarted control plane signs with the same root.
+    let root = CertificateAuthority::generate_root(
+        "cluster.local",
+        &CaParams::valid_for("root", Duration::from_secs(86400 * 30)),
+    )
+    .unwrap();
+    let c1 = root
+        .generate_intermediate(
+            "c1",
+            &CaParams::valid_for("c1", Duration::from_secs(86400 * 7)),
+        )
+        .unwrap();
+    let files = c1.plugin_files();
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), "weft-system");
+    create(&secrets, json!({"metadata": {"name": "cacerts"}, "stringData": {
+        "ca-cert.pem": files.ca_cert, "ca-key.pem": files.ca_key, "root-cert.pem": files.root_cert, "cert-chain.pem": files.cert_chain,
+    }}))
+    .await;
+    let accounts: Api<ServiceAccount> = Api::namespaced(client.clone(), "demo");
+    create(&accounts, json!({"metadata": {"name": "echo"}})).await;
+    create(&Api::<k8s_openapi::api::core::v1::Service>::namespaced(client.clone(), "demo"), json!({
+        "metadata": {"name": "echo"}, "spec": {"ports": [{"name": "http", "port": 80, "targetPort": 8080}]},
+    }))
+    .await;
+    workload(&client, "a1", "10.1.0.5").await;
+
+    let xds_addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let start_control = || {
+        let client = client.clone();
+        async move {
+            let mut config = Config::new("c1");
+            config.xds_tls_addr = Some(xds_addr);
+            ControlPlane::start(config, client).await.unwrap()
+        }
+    };
+    let control = start_control().await;
+
+    // The pod's projected token, as the kubelet writes it.
+    let token = accounts
+        .create_token_request(
+            "echo",
+            &PostParams::default(),
+            &TokenRequest {
+                spec: TokenRequestSpec {
+                    audiences: vec!["weft-ca".into()],
+                    expiration_seconds: Some(3600),
+                    ..Default::default()
+                },
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap()
+        .status
+        .unwrap()
+        .token;
+    let dir = tempfile::tempdir().unwrap();
+    let token_path = dir.path().join("token");
+    std::fs::write(&token_path, token).unwrap();
+
+    let bundle = TrustBundle::from_pem(&root.roots_pem()).unwrap();
+    let control_identity = Identity::new("cluster.local", "weft-system", "weft-control").unwrap();
+    let config = IdentityConfig {
+        control_plane: xds_addr.to_string(),
+        control_plane_identity: control_identity.clone(),
+        identity: Identity::new("cluster.local", "demo", "echo").unwrap(),
+        token_path,
+        bundle: bundle.clone(),
+        ttl: Duration::from_secs(3600),
+    };
+    let cert = identity::fetch(&config).await.unwrap();
+    assert_eq!(
+        cert.identity().to_string(),
+        "spiffe://cluster.local/ns/demo/sa/echo"
+    );
+    assert_eq!(
+        cert.full_chain().len(),
+        3,
+        "leaf, the c1 intermediate, the shared root"
+    );
+
+    let store = CertStore::new(&cert).unwrap();
+    let tls = weft_certs::tls::client_config(&store, &bundle, vec![control_identity]).unwrap();
+    let state = Arc::new(XdsState::default());
+    let node = weft_xds_proto::envoy::config::core::v3::Node {
+        id: "sidecar~10.1.0.5~a1.demo~demo.svc.cluster.local".into(),
+        ..Default::default()
+    };
+    let backoff = Backoff {
+        base: Duration::from_millis(50),
+        max: Duration::from_millis(500),
+    };
+    let client_task = tokio::spawn(xds::run(
+        move || {
+            let tls = tls.clone();
+            async move { Ok(weft_proxy::channel::mesh(xds_addr.to_string(), tls)) }
+        },
+        node,
+        state.clone(),
+        backoff,
+    ));
+    eventually("first snapshot", || {
+        state.synced.load(Ordering::Relaxed)
+            && state.snapshot.load().workloads.contains_key("c1/demo/a1")
+    })
+    .await;
+    let snapshot = state.snapshot.load_full();
+    let service = snapshot
+        .service_by_host("echo.demo")
+        .expect("service indexed by short name");
+    assert_eq!(snapshot.endpoints(service).count(), 1);
+
+    // The control plane goes away: the proxy keeps its last snapshot.
+    control.stop();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(state.snapshot.load().workloads.contains_key("c1/demo/a1"));
+    workload(&client, "a2", "10.1.0.6").await;
+
+    // It comes back on the same address: the proxy reconnects and catches up.
+    let _control = start_control().await;
+    eventually("update after the restart", || {
+        state.snapshot.load().workloads.contains_key("c1/demo/a2")
+    })
+    .await;
+    assert!(state.reconnects.load(Ordering::Relaxed) >= 1);
+    assert_eq!(state.nacks.load(Ordering::Relaxed), 0);
+    client_task.abort();
+}
