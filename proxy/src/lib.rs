@@ -4,14 +4,16 @@
 //! it (`xds`, `state`), the workload identity and its rotation (`identity`),
 //! and, to come, the outbound (15001) and inbound (15006, 15008) listeners,
 //! L4 and L7 forwarding, load balancing across clusters, the admin and
-//! metrics endpoints, and `weft-proxy iptables`. It never depends on the
+//! metrics endpoints. It never depends on the
 //! control plane crate; the two meet only on the wire protocols of
 //! `weft-xds-proto`.
 //!
-//! Status: the control-plane side (identity, xDS, snapshot) is built and
-//! tested; the data path is not, so there is no `weft-proxy` binary yet.
+//! Status: the control-plane side (identity, xDS, snapshot) and the capture
+//! rules (`weft-proxy iptables`) are built and tested; the data path is not,
+//! so the binary has only the `iptables` command so far.
 
 pub mod channel;
 pub mod identity;
+pub mod iptables;
 pub mod state;
 pub mod xds;

@@ -1,0 +1,251 @@
+//! `weft-proxy iptables`: the capture rules the init container installs in
+//! the pod's network namespace.
+//!
+//! Outbound TCP is redirected to 15001 and inbound TCP to 15006, except the
+//! proxy's own traffic (its UID), loopback, the proxy's own ports and the
+//! excluded ports and ranges. Everything lives in `WEFT_*` chains of the nat
+//! table, applied in one `iptables-restore --noflush` transaction so a pod
+//! never runs with half the rules; `--cleanup` removes exactly those chains
+//! and the jumps to them, and is safe to run twice.
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+
+use anyhow::{Context, Result, bail};
+
+/// The ports of the proxy itself, never captured inbound.
+pub const PROXY_PORTS: &[u16] = &[15000, 15001, 15006, 15008, 15020, 15021, 15090];
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Capture {
+    pub proxy_uid: u32,
+    pub inbound_capture_port: u16,
+    pub outbound_capture_port: u16,
+    pub exclude_inbound_ports: Vec<u16>,
+    pub exclude_outbound_ports: Vec<u16>,
+    /// Outbound destinations to capture; empty means all.
+    pub include_outbound_cidrs: Vec<String>,
+    pub exclude_outbound_cidrs: Vec<String>,
+}
+
+impl Default for Capture {
+    fn default() -> Self {
+        Capture {
+            proxy_uid: 1337,
+            inbound_capture_port: 15006,
+            outbound_capture_port: 15001,
+            exclude_inbound_ports: Vec::new(),
+            exclude_outbound_ports: Vec::new(),
+            include_outbound_cidrs: Vec::new(),
+            exclude_outbound_cidrs: Vec::new(),
+        }
+    }
+}
+
+/// Parses "8080,9090" (empty allowed) into ports.
+pub fn parse_ports(text: &str) -> Result<Vec<u16>> {
+    text.split(',')
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            p.parse::<u16>()
+                .with_context(|| format!("{p:?} is not a port number"))
+        })
+        .collect()
+}
+
+/// Checks a CIDR the way iptables will read it, so a typo fails here with
+/// a clear message rather than half-way through the rules.
+pub fn parse_cidrs(text: &str) -> Result<Vec<String>> {
+    text.split(',')
+        .map(str::trim)
+        .filter(|c| !c.is_empty())
+        .map(|c| {
+            let (addr, prefix) = c.split_once('/').unwrap_or((c, "32"));
+            let addr: std::net::Ipv4Addr = addr
+                .parse()
+                .with_context(|| format!("{c:?} is not an IPv4 CIDR"))?;
+            let prefix: u8 = prefix
+                .parse()
+                .with_context(|| format!("{c:?} has a bad prefix"))?;
+            if prefix > 32 {
+                bail!("{c:?} has a prefix over 32");
+            }
+            Ok(format!("{addr}/{prefix}"))
+        })
+        .collect()
+}
+
+impl Capture {
+    /// The rules, as `iptables-restore` input for the nat table.
+    pub fn rules(&self) -> String {
+        let mut r = String::from("*nat\n");
+        for chain in [
+            "WEFT_INBOUND",
+            "WEFT_IN_REDIRECT",
+            "WEFT_OUTPUT",
+            "WEFT_REDIRECT",
+        ] {
+            r.push_str(&format!(":{chain} - [0:0]\n"));
+        }
+        r.push_str(&format!(
+            "-A WEFT_IN_REDIRECT -p tcp -j REDIRECT --to-ports {}\n",
+            self.inbound_capture_port
+        ));
+        r.push_str(&format!(
+            "-A WEFT_REDIRECT -p tcp -j REDIRECT --to-ports {}\n",
+            self.outbound_capture_port
+        ));
+
+        // Inbound: everything to the pod, but the proxy's and excluded ports.
+        r.push_str("-A PREROUTING -p tcp -j WEFT_INBOUND\n");
+        let mut skip_in: Vec<u16> = PROXY_PORTS.to_vec();
+        skip_in.extend(&self.exclude_inbound_ports);
+        skip_in.sort_unstable();
+        skip_in.dedup();
+        for port in skip_in {
+            r.push_str(&format!(
+                "-A WEFT_INBOUND -p tcp --dport {port} -j RETURN\n"
+            ));
+        }
+        r.push_str("-A WEFT_INBOUND -p tcp -j WEFT_IN_REDIRECT\n");
+
+        // Outbound: the app's connections, never the proxy's own.
+        r.push_str("-A OUTPUT -p tcp -j WEFT_OUTPUT\n");
+        r.push_str(&format!(
+            "-A WEFT_OUTPUT -m owner --uid-owner {} -j RETURN\n",
+            self.proxy_uid
+        ));
+        r.push_str("-A WEFT_OUTPUT -d 127.0.0.1/32 -j RETURN\n");
+        for port in &self.exclude_outbound_ports {
+            r.push_str(&format!("-A WEFT_OUTPUT -p tcp --dport {port} -j RETURN\n"));
+        }
+        for cidr in &self.exclude_outbound_cidrs {
+            r.push_str(&format!("-A WEFT_OUTPUT -d {cidr} -j RETURN\n"));
+        }
+        if self.include_outbound_cidrs.is_empty() {
+            r.push_str("-A WEFT_OUTPUT -j WEFT_REDIRECT\n");
+        } else {
+            for cidr in &self.include_outbound_cidrs {
+                r.push_str(&format!("-A WEFT_OUTPUT -d {cidr} -j WEFT_REDIRECT\n"));
+            }
+        }
+        r.push_str("COMMIT\n");
+        r
+    }
+}
+
+fn restore(rules: &str) -> Result<()> {
+    let mut child = Command::new("iptables-restore")
+        .arg("--noflush")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("running iptables-restore (is iptables installed?)")?;
+    child
+        .stdin
+        .take()
+        .context("iptables-restore has no stdin")?
+        .write_all(rules.as_bytes())?;
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        bail!(
+            "iptables-restore failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// Installs the rules, first removing any earlier weft rules (a restarted
+/// init container must not stack a second set).
+pub fn apply(capture: &Capture) -> Result<()> {
+    cleanup()?;
+    restore(&capture.rules())
+}
+
+/// Removes the jumps to weft's chains and the chains; fine when absent.
+pub fn cleanup() -> Result<()> {
+    let iptables = |args: &[&str]| Command::new("iptables").args(args).output();
+    for (hook, chain) in [("PREROUTING", "WEFT_INBOUND"), ("OUTPUT", "WEFT_OUTPUT")] {
+        // -D removes one jump per call; repeat until there is none.
+        for _ in 0..16 {
+            let out = iptables(&["-t", "nat", "-D", hook, "-p", "tcp", "-j", chain])
+                .context("running iptables (is it installed?)")?;
+            if !out.status.success() {
+                break;
+            }
+        }
+    }
+    for chain in [
+        "WEFT_INBOUND",
+        "WEFT_IN_REDIRECT",
+        "WEFT_OUTPUT",
+        "WEFT_REDIRECT",
+    ] {
+        let _ = iptables(&["-t", "nat", "-F", chain]);
+    }
+    for chain in [
+        "WEFT_INBOUND",
+        "WEFT_IN_REDIRECT",
+        "WEFT_OUTPUT",
+        "WEFT_REDIRECT",
+    ] {
+        let _ = iptables(&["-t", "nat", "-X", chain]);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rules_capture_both_ways_with_exclusions() {
+        let capture = Capture {
+            exclude_inbound_ports: vec![8080],
+            exclude_outbound_ports: vec![5432],
+            exclude_outbound_cidrs: vec!["169.254.169.254/32".into()],
+            ..Capture::default()
+        };
+        let rules = capture.rules();
+        assert!(rules.starts_with("*nat\n") && rules.ends_with("COMMIT\n"));
+        assert!(rules.contains("-A WEFT_IN_REDIRECT -p tcp -j REDIRECT --to-ports 15006"));
+        assert!(rules.contains("-A WEFT_REDIRECT -p tcp -j REDIRECT --to-ports 15001"));
+        assert!(rules.contains("-A WEFT_OUTPUT -m owner --uid-owner 1337 -j RETURN"));
+        assert!(rules.contains("-A WEFT_INBOUND -p tcp --dport 8080 -j RETURN"));
+        assert!(rules.contains("-A WEFT_INBOUND -p tcp --dport 15008 -j RETURN"));
+        assert!(rules.contains("-A WEFT_OUTPUT -p tcp --dport 5432 -j RETURN"));
+        assert!(rules.contains("-A WEFT_OUTPUT -d 169.254.169.254/32 -j RETURN"));
+        assert!(rules.contains("-A WEFT_OUTPUT -j WEFT_REDIRECT"));
+        // The owner exclusion comes before any redirect.
+        assert!(
+            rules.find("--uid-owner").unwrap()
+                < rules.find("-A WEFT_OUTPUT -j WEFT_REDIRECT").unwrap()
+        );
+
+        let only = Capture {
+            include_outbound_cidrs: vec!["10.96.0.0/16".into()],
+            ..Capture::default()
+        };
+        let rules = only.rules();
+        assert!(rules.contains("-A WEFT_OUTPUT -d 10.96.0.0/16 -j WEFT_REDIRECT"));
+        assert!(!rules.contains("-A WEFT_OUTPUT -j WEFT_REDIRECT"));
+    }
+
+    #[test]
+    fn bad_ports_and_cidrs_are_refused() {
+        assert_eq!(parse_ports("8080, 9090,").unwrap(), vec![8080, 9090]);
+        assert!(parse_ports("").unwrap().is_empty());
+        assert!(parse_ports("http").is_err());
+        assert!(parse_ports("70000").is_err());
+        assert_eq!(
+            parse_cidrs("10.0.0.0/8,1.2.3.4").unwrap(),
+            vec!["10.0.0.0/8", "1.2.3.4/32"]
+        );
+        assert!(parse_cidrs("10.0.0.0/33").is_err());
+        assert!(parse_cidrs("10.0.0/8").is_err());
+        assert!(parse_cidrs("10.0.0.0/8; rm -rf /").is_err());
+    }
+}

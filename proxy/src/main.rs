@@ -1,0 +1,79 @@
+//! `weft-proxy`. Today it has the init container's command, `iptables`; the
+//! sidecar itself (`proxy sidecar`) comes with the data path.
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+use weft_proxy::iptables::{self, Capture};
+
+#[derive(Parser)]
+#[command(name = "weft-proxy", version, about = "weft's sidecar proxy")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Install the traffic capture rules in this network namespace (the init container).
+    Iptables(IptablesArgs),
+}
+
+#[derive(clap::Args)]
+struct IptablesArgs {
+    /// Connections from this UID (the proxy's) are never captured.
+    #[arg(long, default_value_t = 1337)]
+    proxy_uid: u32,
+    #[arg(long, default_value_t = 15006)]
+    inbound_capture_port: u16,
+    #[arg(long, default_value_t = 15001)]
+    outbound_capture_port: u16,
+    /// Comma-separated ports left out of inbound capture.
+    #[arg(long, default_value = "")]
+    exclude_inbound_ports: String,
+    /// Comma-separated ports left out of outbound capture.
+    #[arg(long, default_value = "")]
+    exclude_outbound_ports: String,
+    /// Comma-separated IPv4 CIDRs to capture outbound (default: all).
+    #[arg(long, default_value = "")]
+    include_outbound_cidrs: String,
+    #[arg(long, default_value = "")]
+    exclude_outbound_cidrs: String,
+    /// Print the rules instead of installing them.
+    #[arg(long)]
+    dry_run: bool,
+    /// Remove weft's rules instead (idempotent).
+    #[arg(long)]
+    cleanup: bool,
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let result: Result<()> = match cli.command {
+        Command::Iptables(args) => (|| {
+            if args.cleanup {
+                return iptables::cleanup();
+            }
+            let capture = Capture {
+                proxy_uid: args.proxy_uid,
+                inbound_capture_port: args.inbound_capture_port,
+                outbound_capture_port: args.outbound_capture_port,
+                exclude_inbound_ports: iptables::parse_ports(&args.exclude_inbound_ports)?,
+                exclude_outbound_ports: iptables::parse_ports(&args.exclude_outbound_ports)?,
+                include_outbound_cidrs: iptables::parse_cidrs(&args.include_outbound_cidrs)?,
+                exclude_outbound_cidrs: iptables::parse_cidrs(&args.exclude_outbound_cidrs)?,
+            };
+            if args.dry_run {
+                print!("{}", capture.rules());
+                return Ok(());
+            }
+            iptables::apply(&capture)
+        })(),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
