@@ -12,8 +12,11 @@
 //! rules (`weft-proxy iptables`) are built and tested; the data path is not,
 //! so the binary has only the `iptables` command so far.
 
+pub mod balance;
 pub mod channel;
+pub mod hbone;
 pub mod identity;
 pub mod iptables;
+pub mod outbound;
 pub mod state;
 pub mod xds;

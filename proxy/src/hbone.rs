@@ -1,0 +1,226 @@
+//! The mesh transport (HBONE-style): mutual TLS between sidecars on 15008,
+//! HTTP/2 inside, and each TCP connection an HTTP/2 CONNECT stream whose
+//! authority is the target `ip:port`. The receiving side needs no capture
+//! rule to learn the target, and many connections share one TLS session.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::Empty;
+use hyper::upgrade::Upgraded;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::{TcpListener, TcpStream};
+use weft_certs::Identity;
+use weft_certs::tls::{self, CertStore, TrustBundle};
+
+/// The port sidecars accept mesh connections on.
+pub const HBONE_PORT: u16 = 15008;
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The receiving sidecar: which addresses it forwards to, and who called.
+pub struct Inbound {
+    /// The pod's own addresses; a CONNECT to anything else is refused, so the
+    /// sidecar cannot be used to reach other hosts.
+    pub local_addresses: Vec<IpAddr>,
+    /// Connections per caller identity, for metrics and tests.
+    pub callers: Mutex<HashMap<String, u64>>,
+}
+
+impl Inbound {
+    pub fn new(local_addresses: Vec<IpAddr>) -> Self {
+        Inbound {
+            local_addresses,
+            callers: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn calls_from(&self, identity: &str) -> u64 {
+        self.callers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(identity)
+            .copied()
+            .unwrap_or(0)
+    }
+}
+
+fn status(code: StatusCode) -> Response<Empty<Bytes>> {
+    let mut response = Response::new(Empty::new());
+    *response.status_mut() = code;
+    response
+}
+
+async fn tunnel_in(
+    inbound: Arc<Inbound>,
+    peer: Option<Identity>,
+    mut request: Request<hyper::body::Incoming>,
+) -> Result<Response<Empty<Bytes>>, Infallible> {
+    if request.method() != Method::CONNECT {
+        return Ok(status(StatusCode::METHOD_NOT_ALLOWED));
+    }
+    let Some(target) = request
+        .uri()
+        .authority()
+        .and_then(|a| a.as_str().parse::<SocketAddr>().ok())
+    else {
+        return Ok(status(StatusCode::BAD_REQUEST));
+    };
+    if !inbound.local_addresses.contains(&target.ip()) {
+        tracing::warn!(%target, caller = ?peer, "refused a tunnel to an address that is not this pod's");
+        return Ok(status(StatusCode::FORBIDDEN));
+    }
+    let app = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(target)).await {
+        Ok(Ok(app)) => app,
+        _ => return Ok(status(StatusCode::BAD_GATEWAY)),
+    };
+    let _ = app.set_nodelay(true);
+    if let Some(identity) = &peer {
+        *inbound
+            .callers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(identity.to_string())
+            .or_default() += 1;
+    }
+    tokio::spawn(async move {
+        match hyper::upgrade::on(&mut request).await {
+            Ok(upgraded) => {
+                let mut app = app;
+                let _ = tokio::io::copy_bidirectional(&mut TokioIo::new(upgraded), &mut app).await;
+            }
+            Err(err) => tracing::debug!(%err, "tunnel upgrade failed"),
+        }
+    });
+    Ok(status(StatusCode::OK))
+}
+
+/// Serves 15008: mTLS with a client certificate required, then HTTP/2.
+pub async fn serve_inbound(
+    listener: TcpListener,
+    certs: CertStore,
+    bundle: TrustBundle,
+    inbound: Arc<Inbound>,
+) {
+    let tls = match tls::server_config(&certs, &bundle) {
+        Ok(tls) => tokio_rustls::TlsAcceptor::from(tls),
+        Err(err) => {
+            tracing::error!(%err, "cannot build the inbound TLS configuration");
+            return;
+        }
+    };
+    loop {
+        let Ok((tcp, addr)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            continue;
+        };
+        let (tls, inbound) = (tls.clone(), inbound.clone());
+        tokio::spawn(async move {
+            let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.accept(tcp)).await {
+                Ok(Ok(stream)) => stream,
+                Ok(Err(err)) => {
+                    tracing::debug!(%addr, %err, "inbound mTLS handshake refused");
+                    return;
+                }
+                Err(_) => return,
+            };
+            let peer = tls::peer_identity(stream.get_ref().1.peer_certificates());
+            let service = hyper::service::service_fn(move |request| {
+                tunnel_in(inbound.clone(), peer.clone(), request)
+            });
+            let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+type Sender = hyper::client::conn::http2::SendRequest<Empty<Bytes>>;
+
+/// Pooled HTTP/2 connections to peer sidecars, one per (address, identity).
+pub struct Pool {
+    certs: CertStore,
+    bundle: TrustBundle,
+    connections: Mutex<HashMap<(SocketAddr, Identity), Sender>>,
+}
+
+impl Pool {
+    pub fn new(certs: CertStore, bundle: TrustBundle) -> Self {
+        Pool {
+            certs,
+            bundle,
+            connections: Mutex::new(HashMap::new()),
+        }
+    }
+
+    async fn sender(&self, peer: SocketAddr, identity: &Identity) -> Result<Sender> {
+        let key = (peer, identity.clone());
+        if let Some(sender) = self
+            .connections
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&key)
+            && !sender.is_closed()
+            && sender.is_ready()
+        {
+            return Ok(sender.clone());
+        }
+        let config = tls::client_config(&self.certs, &self.bundle, vec![identity.clone()])?;
+        let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(peer))
+            .await
+            .context("connecting to the peer sidecar timed out")??;
+        tcp.set_nodelay(true)?;
+        let stream = tokio::time::timeout(
+            HANDSHAKE_TIMEOUT,
+            tokio_rustls::TlsConnector::from(config).connect(tls::mesh_server_name(peer.ip()), tcp),
+        )
+        .await
+        .context("the mTLS handshake timed out")?
+        .with_context(|| format!("mTLS to {peer} expecting {identity}"))?;
+        let (sender, connection) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+                .await?;
+        tokio::spawn(connection);
+        self.connections
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key, sender.clone());
+        Ok(sender)
+    }
+
+    /// A tunnel to `target` through the sidecar at `peer`, which must prove
+    /// to be `identity`.
+    pub async fn tunnel(
+        &self,
+        peer: SocketAddr,
+        identity: &Identity,
+        target: SocketAddr,
+    ) -> Result<TokioIo<Upgraded>> {
+        let mut sender = self.sender(peer, identity).await?;
+        let request = Request::builder()
+            .method(Method::CONNECT)
+            .uri(target.to_string())
+            .body(Empty::new())?;
+        let response = sender.send_request(request).await?;
+        if response.status() != StatusCode::OK {
+            bail!(
+                "the peer sidecar answered {} to CONNECT {target}",
+                response.status()
+            );
+        }
+        Ok(TokioIo::new(hyper::upgrade::on(response).await?))
+    }
+
+    pub fn connections(&self) -> usize {
+        self.connections
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .len()
+    }
+}
