@@ -18,5 +18,6 @@ pub mod hbone;
 pub mod identity;
 pub mod iptables;
 pub mod outbound;
+pub mod sidecar;
 pub mod state;
 pub mod xds;

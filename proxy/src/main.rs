@@ -1,5 +1,6 @@
-//! `weft-proxy`. Today it has the init container's command, `iptables`; the
-//! sidecar itself (`proxy sidecar`) comes with the data path.
+//! `weft-proxy`: `proxy sidecar` runs the sidecar (configured from the
+//! environment the injector sets); `iptables` is the init container's
+//! command.
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -14,8 +15,35 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run a proxy: `proxy sidecar`.
+    Proxy {
+        #[command(subcommand)]
+        mode: ProxyMode,
+    },
     /// Install the traffic capture rules in this network namespace (the init container).
     Iptables(IptablesArgs),
+}
+
+#[derive(Subcommand)]
+enum ProxyMode {
+    /// The sidecar, configured from WEFT_* and the Downward API environment.
+    Sidecar,
+}
+
+fn sidecar() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    let config = weft_proxy::sidecar::SidecarConfig::from_env()?;
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(async {
+        let _sidecar = weft_proxy::sidecar::start(config).await?;
+        tokio::signal::ctrl_c().await?;
+        tracing::info!("shutting down");
+        anyhow::Ok(())
+    })
 }
 
 #[derive(clap::Args)]
@@ -49,6 +77,9 @@ struct IptablesArgs {
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result: Result<()> = match cli.command {
+        Command::Proxy {
+            mode: ProxyMode::Sidecar,
+        } => sidecar(),
         Command::Iptables(args) => (|| {
             if args.cleanup {
                 return iptables::cleanup();

@@ -33,7 +33,10 @@ pub struct Outbound {
     pub xds: Arc<XdsState>,
     pub pool: Pool,
     pub load: Load,
+    /// Where this proxy runs, when its own Workload does not say.
     pub here: Here,
+    /// This pod's address: its Workload, once known, gives the locality.
+    pub pod_ip: Option<IpAddr>,
     /// Whether destinations outside the mesh are reached directly.
     pub passthrough: bool,
 }
@@ -94,9 +97,21 @@ impl Outbound {
                         || b.ports.iter().any(|m| m.service_port == u32::from(port)))
             })
         });
+        let here = self
+            .pod_ip
+            .and_then(|ip| snapshot.workload_by_ip(ip))
+            .map(|me| {
+                let locality = me.locality.clone().unwrap_or_default();
+                Here {
+                    cluster: me.cluster_id.clone(),
+                    region: locality.region,
+                    zone: locality.zone,
+                }
+            })
+            .unwrap_or_else(|| self.here.clone());
         let (workload, in_flight) = self
             .load
-            .choose(&self.here, candidates)
+            .choose(&here, candidates)
             .with_context(|| format!("{} has no healthy endpoint", service.hostname))?;
         let target_port = workload
             .services

@@ -220,6 +220,7 @@ async fn client_sidecar(passthrough: bool) -> Mesh {
             region: "eu".into(),
             zone: "a".into(),
         },
+        pod_ip: None,
         passthrough,
     });
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -211,3 +211,189 @@ async fn proxy_gets_an_identity_syncs_and_survives_a_control_plane_restart() {
     assert_eq!(state.nacks.load(Ordering::Relaxed), 0);
     client_task.abort();
 }
+
+/// The whole path: a lab cluster, weft-control, and two sidecars configured
+/// as the injector configures them; an app's connection to a mesh hostname
+/// crosses both sidecars over mTLS and the server side sees who called.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_crosses_two_sidecars_configured_by_the_control_plane() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use weft_proxy::sidecar::{self, SidecarConfig};
+
+    let pid = std::process::id();
+    let ip = |n: u8| -> std::net::IpAddr {
+        [127, 200 + (pid % 50) as u8, (pid / 50 % 250) as u8, n].into()
+    };
+    let (client_ip, server_ip) = (ip(10), ip(11));
+
+    let lab = ApiServer::start(ApiServerConfig::default()).await.unwrap();
+    let kubeconfig = kube::config::Kubeconfig::from_yaml(lab.kubeconfig()).unwrap();
+    let client = kube::Client::try_from(
+        kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
+            .await
+            .unwrap(),
+    )
+    .unwrap();
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    for ns in ["weft-system", "demo"] {
+        create(&namespaces, json!({"metadata": {"name": ns}})).await;
+    }
+    let accounts: Api<ServiceAccount> = Api::namespaced(client.clone(), "demo");
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "demo");
+    for (pod, sa, pod_ip) in [
+        ("client-1", "client", client_ip),
+        ("echo-1", "echo", server_ip),
+    ] {
+        create(&accounts, json!({"metadata": {"name": sa}})).await;
+        create(
+            &pods,
+            json!({
+                "metadata": {"name": pod, "annotations": {"sidecar.weft.io/status": "{}"}},
+                "spec": {"serviceAccountName": sa, "containers": [{"name": "app", "image": "app"}]},
+            }),
+        )
+        .await;
+        pods.patch_status(pod, &PatchParams::default(), &Patch::Merge(json!({"status": {"podIP": pod_ip.to_string(), "conditions": [{"type": "Ready", "status": "True"}]}})))
+            .await
+            .unwrap();
+    }
+    create(&Api::<k8s_openapi::api::core::v1::Service>::namespaced(client.clone(), "demo"), json!({
+        "metadata": {"name": "echo"}, "spec": {"ports": [{"name": "tcp-echo", "port": 80, "targetPort": 8080}]},
+    }))
+    .await;
+    create(&Api::<EndpointSlice>::namespaced(client.clone(), "demo"), json!({
+        "metadata": {"name": "echo-x", "labels": {"kubernetes.io/service-name": "echo"}},
+        "addressType": "IPv4",
+        "endpoints": [{"addresses": [server_ip.to_string()], "targetRef": {"kind": "Pod", "name": "echo-1"}}],
+        "ports": [{"name": "tcp-echo", "port": 8080}],
+    }))
+    .await;
+
+    let xds_addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let mut config = Config::new("c1");
+    config.xds_tls_addr = Some(xds_addr);
+    let control = ControlPlane::start(config, client.clone()).await.unwrap();
+
+    // The app behind the server sidecar.
+    let app = tokio::net::TcpListener::bind((server_ip, 8080))
+        .await
+        .unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = app.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 256];
+                while let Ok(n) = conn.read(&mut buf).await {
+                    if n == 0 || conn.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root-cert.pem");
+    std::fs::write(&root, control.ca.roots_pem()).unwrap();
+    let mut sidecars = Vec::new();
+    for (pod, sa, pod_ip) in [
+        ("client-1", "client", client_ip),
+        ("echo-1", "echo", server_ip),
+    ] {
+        let token = accounts
+            .create_token_request(
+                sa,
+                &PostParams::default(),
+                &TokenRequest {
+                    spec: TokenRequestSpec {
+                        audiences: vec!["weft-ca".into()],
+                        expiration_seconds: Some(3600),
+                        ..Default::default()
+                    },
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap()
+            .status
+            .unwrap()
+            .token;
+        let token_path = dir.path().join(format!("{sa}.token"));
+        std::fs::write(&token_path, token).unwrap();
+        let sidecar = sidecar::start(SidecarConfig {
+            control_plane: xds_addr.to_string(),
+            cluster_id: "c1".into(),
+            trust_domain: "cluster.local".into(),
+            control_plane_namespace: "weft-system".into(),
+            token_path,
+            root_cert_path: root.clone(),
+            pod_name: pod.into(),
+            pod_namespace: "demo".into(),
+            pod_ip,
+            service_account: sa.into(),
+            outbound_addr: "127.0.0.1:0".parse().unwrap(),
+            health_addr: "127.0.0.1:0".parse().unwrap(),
+            passthrough: false,
+        })
+        .await
+        .unwrap();
+        sidecars.push(sidecar);
+    }
+    let (client_side, server_side) = (&sidecars[0], &sidecars[1]);
+
+    // Ready once configured.
+    let health = client_side.health_addr;
+    let ready = || async move {
+        let mut conn = tokio::net::TcpStream::connect(health).await.unwrap();
+        conn.write_all(b"GET /healthz/ready HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut out = String::new();
+        conn.read_to_string(&mut out).await.unwrap();
+        out.starts_with("HTTP/1.1 200")
+    };
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !(ready().await
+        && client_side
+            .xds
+            .snapshot
+            .load()
+            .workloads
+            .contains_key("c1/demo/echo-1"))
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the client sidecar never got configured"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    let mut conn = tokio::net::TcpStream::connect(client_side.outbound_addr)
+        .await
+        .unwrap();
+    conn.write_all(b"CONNECT echo.demo.svc.cluster.local:80 HTTP/1.1\r\n\r\n")
+        .await
+        .unwrap();
+    let mut head = [0u8; 39];
+    conn.read_exact(&mut head).await.unwrap();
+    assert!(
+        head.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
+    conn.write_all(b"across the mesh").await.unwrap();
+    let mut echoed = [0u8; 15];
+    tokio::time::timeout(WAIT, conn.read_exact(&mut echoed))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&echoed, b"across the mesh");
+    assert_eq!(
+        server_side
+            .inbound
+            .calls_from("spiffe://cluster.local/ns/demo/sa/client"),
+        1
+    );
+}
