@@ -8,9 +8,10 @@
 //! control plane crate; the two meet only on the wire protocols of
 //! `weft-xds-proto`.
 //!
-//! Status: the control-plane side (identity, xDS, snapshot) and the capture
-//! rules (`weft-proxy iptables`) are built and tested; the data path is not,
-//! so the binary has only the `iptables` command so far.
+//! Status (see docs/proxy.md): identity, xDS, the snapshot, the HBONE L4
+//! transport, balancing, the explicit-mode outbound listener and the
+//! capture rules are built and tested; transparent capture, L7, metrics and
+//! the admin port are not yet.
 
 pub mod balance;
 pub mod channel;
