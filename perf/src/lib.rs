@@ -9,3 +9,4 @@
 pub mod apiserver;
 pub mod control;
 pub mod report;
+pub mod sidecar;

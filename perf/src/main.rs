@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
-use weft_perf::{apiserver, control, report};
+use weft_perf::{apiserver, control, report, sidecar};
 
 #[derive(Parser)]
 #[command(name = "weft-perf", about = "weft's benchmark scenarios")]
@@ -37,6 +37,17 @@ enum Scenario {
         gap_ms: u64,
         #[arg(long, default_value_t = 5.0)]
         target_p99_ms: f64,
+    },
+    /// Added latency of the two-sidecar mTLS path for TCP echo, against direct, in one run.
+    Sidecar {
+        #[arg(long, default_value_t = 1_000)]
+        rate: u64,
+        #[arg(long, default_value_t = 20_000)]
+        requests: usize,
+        #[arg(long, default_value_t = 2_000)]
+        warmup: usize,
+        #[arg(long, default_value_t = 1024)]
+        payload: usize,
     },
     /// The control plane: clusters of workloads, many delta-xDS proxies, change propagation latency.
     Control {
@@ -80,6 +91,23 @@ fn main() -> Result<()> {
                     warmup,
                     gap: Duration::from_millis(gap_ms),
                     target_p99_ms,
+                },
+                &command,
+            )?,
+        ),
+        Scenario::Sidecar {
+            rate,
+            requests,
+            warmup,
+            payload,
+        } => (
+            "sidecar-tcp",
+            sidecar::run(
+                &sidecar::Options {
+                    rate,
+                    requests,
+                    warmup,
+                    payload,
                 },
                 &command,
             )?,

@@ -120,6 +120,8 @@ pub async fn serve_inbound(
             tokio::time::sleep(Duration::from_millis(20)).await;
             continue;
         };
+        // Small frames must not wait for delayed ACKs (a 40 ms stall).
+        let _ = tcp.set_nodelay(true);
         let (tls, inbound) = (tls.clone(), inbound.clone());
         tokio::spawn(async move {
             let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.accept(tcp)).await {

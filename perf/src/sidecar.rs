@@ -1,0 +1,236 @@
+//! Added latency of the two-sidecar path for TCP: 1 KiB request, 1 KiB
+//! echo, on one persistent connection at a fixed rate, directly to the app
+//! and through client sidecar → mTLS HBONE → server sidecar, alternating in
+//! the same run so both see the same machine.
+//!
+//! Everything runs in this process on loopback addresses: the app, both
+//! sidecars and the client. The figures are therefore the path's latency,
+//! not its CPU cost per sidecar (which needs separate processes).
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use hdrhistogram::Histogram;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use weft_certs::tls::{CertStore, TrustBundle};
+use weft_certs::{CaParams, CertificateAuthority, Identity, issue_workload};
+use weft_proxy::balance::{Here, Load};
+use weft_proxy::hbone::{HBONE_PORT, Inbound, Pool, serve_inbound};
+use weft_proxy::outbound::{Outbound, serve_explicit};
+use weft_proxy::state::Snapshot;
+use weft_proxy::xds::XdsState;
+use weft_xds_proto::mesh;
+
+use crate::apiserver::Outcome;
+use crate::report::{self, Machine};
+
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub rate: u64,
+    pub requests: usize,
+    pub warmup: usize,
+    pub payload: usize,
+}
+
+async fn echo(listener: TcpListener) {
+    while let Ok((mut conn, _)) = listener.accept().await {
+        let _ = conn.set_nodelay(true);
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 64 * 1024];
+            while let Ok(n) = conn.read(&mut buf).await {
+                if n == 0 || conn.write_all(&buf[..n]).await.is_err() {
+                    break;
+                }
+            }
+        });
+    }
+}
+
+fn id(sa: &str) -> Result<Identity> {
+    Ok(Identity::new("cluster.local", "bench", sa)?)
+}
+
+async fn round_trip(conn: &mut TcpStream, payload: &[u8], buf: &mut [u8]) -> Result<Duration> {
+    let start = Instant::now();
+    conn.write_all(payload).await?;
+    conn.read_exact(buf).await?;
+    Ok(start.elapsed())
+}
+
+pub fn run(options: &Options, command: &str) -> Result<Outcome> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(drive(options, command))
+}
+
+async fn drive(options: &Options, command: &str) -> Result<Outcome> {
+    let server_ip: IpAddr = [127, 151, (std::process::id() % 250) as u8, 2].into();
+    let app = TcpListener::bind(SocketAddr::new(server_ip, 8080))
+        .await
+        .context("binding the app")?;
+    let app_addr = app.local_addr()?;
+    tokio::spawn(echo(app));
+
+    let ca = CertificateAuthority::generate_root(
+        "cluster.local",
+        &CaParams::valid_for("bench root", Duration::from_secs(86400)),
+    )?;
+    let bundle = TrustBundle::from_pem(&ca.roots_pem())?;
+    let server_certs = CertStore::new(&issue_workload(&ca, &id("server")?, None)?)?;
+    let client_certs = CertStore::new(&issue_workload(&ca, &id("client")?, None)?)?;
+    let hbone = TcpListener::bind(SocketAddr::new(server_ip, HBONE_PORT))
+        .await
+        .context("binding 15008")?;
+    tokio::spawn(serve_inbound(
+        hbone,
+        server_certs,
+        bundle.clone(),
+        Arc::new(Inbound::new(vec![server_ip])),
+    ));
+
+    let IpAddr::V4(v4) = server_ip else {
+        bail!("IPv4 expected")
+    };
+    let workload = mesh::Workload {
+        uid: "c1/bench/server".into(),
+        cluster_id: "c1".into(),
+        addresses: vec![v4.octets().to_vec()],
+        identity: Some(mesh::Identity {
+            trust_domain: "cluster.local".into(),
+            namespace: "bench".into(),
+            service_account: "server".into(),
+        }),
+        services: vec![mesh::ServiceBinding {
+            namespace: "bench".into(),
+            hostname: "echo.bench.svc.cluster.local".into(),
+            ports: vec![mesh::PortMapping {
+                service_port: 80,
+                target_port: 8080,
+            }],
+        }],
+        tunnel_protocol: mesh::TunnelProtocol::Hbone as i32,
+        ..Default::default()
+    };
+    let service = mesh::Service {
+        name: "echo".into(),
+        namespace: "bench".into(),
+        hostname: "echo.bench.svc.cluster.local".into(),
+        ports: vec![mesh::ServicePort {
+            port: 80,
+            name: "tcp".into(),
+            app_protocol: mesh::AppProtocol::Tcp as i32,
+            target_port: 8080,
+        }],
+        ..Default::default()
+    };
+    let xds = Arc::new(XdsState::default());
+    xds.snapshot.store(Arc::new(Snapshot::build(
+        BTreeMap::from([(
+            "bench/echo.bench.svc.cluster.local".to_string(),
+            Arc::new(service),
+        )]),
+        BTreeMap::from([(workload.uid.clone(), Arc::new(workload))]),
+    )));
+    let outbound = Arc::new(Outbound {
+        xds,
+        pool: Pool::new(client_certs, bundle),
+        load: Load::default(),
+        here: Here {
+            cluster: "c1".into(),
+            ..Default::default()
+        },
+        pod_ip: None,
+        passthrough: false,
+    });
+    let proxy_listener = TcpListener::bind("127.0.0.1:0").await?;
+    let proxy = proxy_listener.local_addr()?;
+    tokio::spawn(serve_explicit(proxy_listener, outbound));
+
+    let mut direct = TcpStream::connect(app_addr).await?;
+    direct.set_nodelay(true)?;
+    let mut meshed = TcpStream::connect(proxy).await?;
+    meshed.set_nodelay(true)?;
+    meshed
+        .write_all(b"CONNECT echo.bench.svc.cluster.local:80 HTTP/1.1\r\n\r\n")
+        .await?;
+    let mut head = [0u8; 39];
+    meshed.read_exact(&mut head).await?;
+    if !head.starts_with(b"HTTP/1.1 200") {
+        bail!(
+            "the client sidecar refused: {}",
+            String::from_utf8_lossy(&head)
+        );
+    }
+
+    let payload = vec![b'x'; options.payload];
+    let mut buf = vec![0u8; options.payload];
+    let mut direct_h = Histogram::<u64>::new_with_bounds(1, 10_000_000, 3)?;
+    let mut mesh_h = Histogram::<u64>::new_with_bounds(1, 10_000_000, 3)?;
+    // Each tick does one round trip on each path, in alternating order, so
+    // that neither always goes first.
+    let mut tick = tokio::time::interval(Duration::from_nanos(1_000_000_000 / options.rate.max(1)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    for n in 0..(options.warmup + options.requests) {
+        tick.tick().await;
+        let (d, m) = if n % 2 == 0 {
+            let d = round_trip(&mut direct, &payload, &mut buf).await?;
+            (d, round_trip(&mut meshed, &payload, &mut buf).await?)
+        } else {
+            let m = round_trip(&mut meshed, &payload, &mut buf).await?;
+            (round_trip(&mut direct, &payload, &mut buf).await?, m)
+        };
+        if n >= options.warmup {
+            direct_h.record(d.as_micros().max(1) as u64)?;
+            mesh_h.record(m.as_micros().max(1) as u64)?;
+        }
+    }
+    let d = report::percentiles_ms(&direct_h);
+    let m = report::percentiles_ms(&mesh_h);
+    let markdown = format!(
+        "# Sidecar path, TCP: {payload} B echo at {rate}/s\n\n\
+         - Date: {date}\n- Commit: {commit}\n- Command: `{command}`\n{machine}\n\
+         One persistent TCP connection each way: directly to the app, and through the client \
+         sidecar (explicit CONNECT) → mTLS HTTP/2 CONNECT tunnel → server sidecar → app. A {payload} B \
+         write and its {payload} B echo is one round trip; both paths take one each tick, in \
+         alternating order, {requests} ticks after {warmup} of warm-up. App, sidecars and client \
+         share this process on loopback, so this is the path's latency, not a per-sidecar CPU cost. \
+         This is L4; the issue's target is for HTTP/1.1 through L7, which does not exist yet.\n\n\
+         | path | p50 ms | p90 ms | p99 ms | p99.9 ms | max ms | samples |\n|---|---|---|---|---|---|---|\n\
+         | direct | {d0:.3} | {d1:.3} | {d2:.3} | {d3:.3} | {d4:.3} | {d5} |\n\
+         | two sidecars, mTLS | {m0:.3} | {m1:.3} | {m2:.3} | {m3:.3} | {m4:.3} | {m5} |\n\
+         | added | {a0:.3} | {a1:.3} | {a2:.3} | {a3:.3} | | |\n",
+        payload = options.payload,
+        rate = options.rate,
+        requests = options.requests,
+        warmup = options.warmup,
+        date = report::today(),
+        commit = report::commit(),
+        machine = Machine::read().markdown(),
+        d0 = d[0],
+        d1 = d[1],
+        d2 = d[2],
+        d3 = d[3],
+        d4 = d[4],
+        d5 = d[5],
+        m0 = m[0],
+        m1 = m[1],
+        m2 = m[2],
+        m3 = m[3],
+        m4 = m[4],
+        m5 = m[5],
+        a0 = m[0] - d[0],
+        a1 = m[1] - d[1],
+        a2 = m[2] - d[2],
+        a3 = m[3] - d[3],
+    );
+    // No target is asserted: the issue's target is for L7 HTTP.
+    Ok(Outcome {
+        markdown,
+        passed: true,
+    })
+}
