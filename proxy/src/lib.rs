@@ -9,9 +9,9 @@
 //! protocols of `weft-xds-proto`.
 //!
 //! Status (see docs/proxy.md): identity, xDS, the snapshot, the HBONE L4
-//! transport, balancing, the explicit-mode outbound listener and the
-//! capture rules are built and tested; transparent capture, L7, metrics and
-//! the admin port are not yet.
+//! transport, balancing, the outbound listener (transparent and explicit)
+//! and the capture rules are built and tested; inbound capture, L7, metrics
+//! and the admin port are not yet.
 
 pub mod balance;
 pub mod channel;

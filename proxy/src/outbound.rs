@@ -6,8 +6,9 @@
 //! one; anything else passes through to the address as given, unless
 //! passthrough is off.
 //!
-//! Transparent mode (iptables + SO_ORIGINAL_DST) and L7 routing build on the
-//! same `resolve` and come next.
+//! Transparent mode: connections redirected by the capture rules arrive on
+//! the same port; the destination the app dialled is read back with
+//! `SO_ORIGINAL_DST` and resolved the same way. L7 routing comes next.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -255,6 +256,82 @@ pub async fn serve_explicit(listener: TcpListener, outbound: Arc<Outbound>) {
         tokio::spawn(async move {
             if let Err(err) = handle(outbound, client).await {
                 tracing::debug!(%addr, "outbound connection: {err:#}");
+            }
+        });
+    }
+}
+
+/// The address a redirected connection was originally sent to.
+pub fn original_destination(stream: &TcpStream) -> std::io::Result<SocketAddr> {
+    let socket = socket2::SockRef::from(stream);
+    let address = match stream.local_addr()? {
+        SocketAddr::V4(_) => socket.original_dst_v4()?,
+        SocketAddr::V6(_) => socket.original_dst_v6()?,
+    };
+    address
+        .as_socket()
+        .ok_or_else(|| std::io::Error::other("the original destination is not an IP address"))
+}
+
+async fn handle_transparent(outbound: Arc<Outbound>, mut client: TcpStream) -> Result<()> {
+    let original = original_destination(&client).context("reading SO_ORIGINAL_DST")?;
+    // A connection that was not redirected reports its own local address:
+    // serving it would connect to ourselves, again and again.
+    if original == client.local_addr()? {
+        bail!("connection to the capture port itself ({original}); refusing to loop");
+    }
+    let (destination, _in_flight) =
+        outbound.resolve(&original.ip().to_string(), original.port())?;
+    let mut upstream = outbound
+        .connect(&destination)
+        .await
+        .with_context(|| format!("reaching {destination:?} for {original}"))?;
+    tokio::io::copy_bidirectional(&mut client, &mut upstream).await?;
+    Ok(())
+}
+
+/// Serves the transparent outbound listener (15001 behind the capture
+/// rules).
+pub async fn serve_transparent(listener: TcpListener, outbound: Arc<Outbound>) {
+    loop {
+        let Ok((client, addr)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            continue;
+        };
+        let _ = client.set_nodelay(true);
+        let outbound = outbound.clone();
+        tokio::spawn(async move {
+            if let Err(err) = handle_transparent(outbound, client).await {
+                tracing::debug!(%addr, "captured connection: {err:#}");
+            }
+        });
+    }
+}
+
+/// Serves 15001 in both modes at once: a connection the capture rules
+/// redirected is handled transparently; one made to the port directly
+/// speaks the explicit proxy protocol.
+pub async fn serve(listener: TcpListener, outbound: Arc<Outbound>) {
+    loop {
+        let Ok((client, addr)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            continue;
+        };
+        let _ = client.set_nodelay(true);
+        let outbound = outbound.clone();
+        tokio::spawn(async move {
+            let redirected = match (original_destination(&client), client.local_addr()) {
+                (Ok(original), Ok(local)) => original != local,
+                // No connection tracking (no capture rules): explicit only.
+                _ => false,
+            };
+            let result = if redirected {
+                handle_transparent(outbound, client).await
+            } else {
+                handle(outbound, client).await
+            };
+            if let Err(err) = result {
+                tracing::debug!(%addr, redirected, "outbound connection: {err:#}");
             }
         });
     }

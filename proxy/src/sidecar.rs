@@ -31,7 +31,8 @@ pub struct SidecarConfig {
     pub pod_namespace: String,
     pub pod_ip: IpAddr,
     pub service_account: String,
-    /// Explicit-mode outbound listener.
+    /// The outbound listener: redirected connections are handled
+    /// transparently, direct ones as an explicit (CONNECT) proxy.
     pub outbound_addr: SocketAddr,
     /// Readiness (`/healthz/ready`).
     pub health_addr: SocketAddr,
