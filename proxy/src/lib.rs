@@ -3,20 +3,22 @@
 //! It owns the workload identity and its rotation (`identity`), the delta
 //! xDS client and the immutable snapshot built from it (`xds`, `state`),
 //! the mesh transport between sidecars (`hbone`), endpoint choice
-//! (`balance`), the outbound listener (`outbound`), the capture rules for
+//! (`balance`), the outbound listener (`outbound`), inbound capture
+//! (`inbound`), the capture rules for
 //! the init container (`iptables`), and their assembly (`sidecar`). It never
 //! depends on the control plane crate; the two meet only on the wire
 //! protocols of `weft-xds-proto`.
 //!
 //! Status (see docs/proxy.md): identity, xDS, the snapshot, the HBONE L4
-//! transport, balancing, the outbound listener (transparent and explicit)
-//! and the capture rules are built and tested; inbound capture, L7, metrics
-//! and the admin port are not yet.
+//! transport, balancing, the outbound listener (transparent and explicit),
+//! inbound capture (15006) and the capture rules are built and tested; L7,
+//! metrics and the admin port are not yet.
 
 pub mod balance;
 pub mod channel;
 pub mod hbone;
 pub mod identity;
+pub mod inbound;
 pub mod iptables;
 pub mod outbound;
 pub mod sidecar;

@@ -34,6 +34,9 @@ pub struct SidecarConfig {
     /// The outbound listener: redirected connections are handled
     /// transparently, direct ones as an explicit (CONNECT) proxy.
     pub outbound_addr: SocketAddr,
+    /// Redirected inbound plaintext (15006).
+    pub inbound_capture_addr: SocketAddr,
+    pub inbound_mode: crate::inbound::Mode,
     /// Readiness (`/healthz/ready`).
     pub health_addr: SocketAddr,
     pub passthrough: bool,
@@ -62,6 +65,13 @@ impl SidecarConfig {
             outbound_addr: or("WEFT_OUTBOUND_ADDR", "127.0.0.1:15001")
                 .parse()
                 .context("WEFT_OUTBOUND_ADDR")?,
+            inbound_capture_addr: or("WEFT_INBOUND_CAPTURE_ADDR", "0.0.0.0:15006")
+                .parse()
+                .context("WEFT_INBOUND_CAPTURE_ADDR")?,
+            inbound_mode: or("WEFT_INBOUND_MODE", "PERMISSIVE")
+                .parse()
+                .map_err(anyhow::Error::msg)
+                .context("WEFT_INBOUND_MODE")?,
             health_addr: or("WEFT_HEALTH_ADDR", "0.0.0.0:15021")
                 .parse()
                 .context("WEFT_HEALTH_ADDR")?,
@@ -73,6 +83,7 @@ impl SidecarConfig {
 /// A running sidecar.
 pub struct Sidecar {
     pub xds: Arc<XdsState>,
+    pub inbound_capture: Arc<crate::inbound::Counters>,
     pub inbound: Arc<Inbound>,
     pub outbound: Arc<Outbound>,
     pub outbound_addr: SocketAddr,
@@ -186,6 +197,21 @@ pub async fn start(config: SidecarConfig) -> Result<Sidecar> {
         outbound.clone(),
     )));
 
+    let inbound_capture = Arc::new(crate::inbound::Counters::default());
+    let capture = tokio::net::TcpListener::bind(config.inbound_capture_addr)
+        .await
+        .with_context(|| {
+            format!(
+                "binding the inbound capture port {}",
+                config.inbound_capture_addr
+            )
+        })?;
+    tasks.push(tokio::spawn(crate::inbound::serve(
+        capture,
+        config.inbound_mode,
+        inbound_capture.clone(),
+    )));
+
     let health = tokio::net::TcpListener::bind(config.health_addr)
         .await
         .with_context(|| format!("binding the health port {}", config.health_addr))?;
@@ -194,6 +220,7 @@ pub async fn start(config: SidecarConfig) -> Result<Sidecar> {
     tracing::info!(identity = %cert.identity(), %outbound_addr, %health_addr, "sidecar started");
     Ok(Sidecar {
         xds,
+        inbound_capture,
         inbound,
         outbound,
         outbound_addr,

@@ -321,3 +321,167 @@ fn a_connection_to_a_vip_is_captured_and_delivered() {
     assert_eq!(result.unwrap(), "app:hello|app:|true");
     drop(ns);
 }
+
+/// Runs `f` on a thread inside network namespace `ns`.
+fn on_thread_in<T: Send + 'static>(
+    ns: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> std::thread::JoinHandle<Result<T, String>> {
+    use std::os::fd::AsRawFd;
+    let path = format!("/var/run/netns/{ns}");
+    std::thread::spawn(move || {
+        let file = std::fs::File::open(&path).map_err(|e| e.to_string())?;
+        // SAFETY: setns only changes this thread's network namespace.
+        if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            return Err(format!("setns: {}", std::io::Error::last_os_error()));
+        }
+        Ok(f())
+    })
+}
+
+/// Inbound capture across two namespaces joined by a veth pair: a client
+/// in one dials the app's address in the other; the rules there redirect
+/// it to 15006, which forwards it in PERMISSIVE mode and refuses it in
+/// STRICT mode.
+#[test]
+fn inbound_plaintext_is_forwarded_when_permissive_and_refused_when_strict() {
+    use std::sync::Arc;
+    use std::sync::atomic::Ordering;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use weft_proxy::inbound::{self, Counters, Mode};
+
+    let root = Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0");
+    if !root || !have("ip", "-V") || !have("iptables", "--version") {
+        eprintln!(
+            "SKIPPED: needs root, iproute2 and iptables (CI runs as root and installs iptables)"
+        );
+        return;
+    }
+    let tag = std::process::id() % 100_000;
+    let (client_ns, pod_ns) = (format!("weft-test-c-{tag}"), format!("weft-test-p-{tag}"));
+    for ns in [&client_ns, &pod_ns] {
+        let _ = Command::new("ip").args(["netns", "delete", ns]).output();
+        assert!(
+            Command::new("ip")
+                .args(["netns", "add", ns])
+                .status()
+                .unwrap()
+                .success()
+        );
+    }
+    let _guards = (Netns(client_ns.clone()), Netns(pod_ns.clone()));
+    let (veth_c, veth_p) = (format!("wc{tag}"), format!("wp{tag}"));
+    let setup: Vec<Vec<String>> = vec![vec![
+        "ip", "link", "add", &veth_c, "netns", &client_ns, "type", "veth", "peer", "name", &veth_p,
+        "netns", &pod_ns,
+    ]]
+    .into_iter()
+    .map(|v| v.into_iter().map(String::from).collect())
+    .collect();
+    for args in &setup {
+        let out = Command::new(&args[0]).args(&args[1..]).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    for (ns, dev, addr) in [
+        (&client_ns, &veth_c, "10.250.0.1/24"),
+        (&pod_ns, &veth_p, "10.250.0.2/24"),
+    ] {
+        for args in [
+            vec!["ip", "link", "set", "lo", "up"],
+            vec!["ip", "addr", "add", addr, "dev", dev],
+            vec!["ip", "link", "set", dev, "up"],
+        ] {
+            let out = in_ns(ns, args[0], &args[1..]);
+            assert!(
+                out.status.success(),
+                "{args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+    let out = in_ns(
+        &pod_ns,
+        env!("CARGO_BIN_EXE_weft-proxy"),
+        &[
+            "iptables",
+            "--proxy-uid",
+            "4242",
+            "--include-outbound-cidrs",
+            "10.96.0.0/16",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    for mode in [Mode::Permissive, Mode::Strict] {
+        let counters = Arc::new(Counters::default());
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let pod_counters = counters.clone();
+        let pod = on_thread_in(&pod_ns, move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async move {
+                let app = tokio::net::TcpListener::bind("10.250.0.2:8080")
+                    .await
+                    .unwrap();
+                tokio::spawn(async move {
+                    while let Ok((mut conn, _)) = app.accept().await {
+                        let _ = conn.write_all(b"app:").await;
+                    }
+                });
+                let capture = tokio::net::TcpListener::bind("0.0.0.0:15006")
+                    .await
+                    .unwrap();
+                tokio::spawn(inbound::serve(capture, mode, pod_counters));
+                ready_tx.send(()).unwrap();
+                let _ = stop_rx.await;
+            });
+        });
+        ready_rx
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .expect("pod side ready");
+        let client = on_thread_in(&client_ns, || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async {
+                let step = std::time::Duration::from_secs(5);
+                let mut conn =
+                    tokio::time::timeout(step, tokio::net::TcpStream::connect("10.250.0.2:8080"))
+                        .await
+                        .map_err(|_| "connect timed out".to_string())?
+                        .map_err(|e| e.to_string())?;
+                let mut got = Vec::new();
+                let _ = tokio::time::timeout(step, conn.read_to_end(&mut got)).await;
+                Ok::<String, String>(String::from_utf8_lossy(&got).into_owned())
+            })
+        });
+        let received = client.join().unwrap().unwrap().unwrap();
+        let _ = stop_tx.send(());
+        pod.join().unwrap().unwrap();
+        match mode {
+            Mode::Permissive => {
+                assert_eq!(received, "app:");
+                assert_eq!(counters.forwarded.load(Ordering::Relaxed), 1);
+            }
+            Mode::Strict => {
+                assert_eq!(received, "", "STRICT must not let plaintext reach the app");
+                assert_eq!(counters.refused_plaintext.load(Ordering::Relaxed), 1);
+            }
+        }
+    }
+}

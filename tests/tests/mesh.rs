@@ -334,6 +334,8 @@ async fn a_connection_crosses_two_sidecars_configured_by_the_control_plane() {
             pod_ip,
             service_account: sa.into(),
             outbound_addr: "127.0.0.1:0".parse().unwrap(),
+            inbound_capture_addr: "127.0.0.1:0".parse().unwrap(),
+            inbound_mode: weft_proxy::inbound::Mode::Strict,
             health_addr: "127.0.0.1:0".parse().unwrap(),
             passthrough: false,
         })
