@@ -244,23 +244,6 @@ async fn handle(outbound: Arc<Outbound>, mut client: TcpStream) -> Result<()> {
     Ok(())
 }
 
-/// Serves the explicit-mode outbound listener.
-pub async fn serve_explicit(listener: TcpListener, outbound: Arc<Outbound>) {
-    loop {
-        let Ok((client, addr)) = listener.accept().await else {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-            continue;
-        };
-        let _ = client.set_nodelay(true);
-        let outbound = outbound.clone();
-        tokio::spawn(async move {
-            if let Err(err) = handle(outbound, client).await {
-                tracing::debug!(%addr, "outbound connection: {err:#}");
-            }
-        });
-    }
-}
-
 /// The address a redirected connection was originally sent to.
 pub fn original_destination(stream: &TcpStream) -> std::io::Result<SocketAddr> {
     let socket = socket2::SockRef::from(stream);
@@ -290,28 +273,16 @@ async fn handle_transparent(outbound: Arc<Outbound>, mut client: TcpStream) -> R
     Ok(())
 }
 
-/// Serves the transparent outbound listener (15001 behind the capture
-/// rules).
-pub async fn serve_transparent(listener: TcpListener, outbound: Arc<Outbound>) {
-    loop {
-        let Ok((client, addr)) = listener.accept().await else {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-            continue;
-        };
-        let _ = client.set_nodelay(true);
-        let outbound = outbound.clone();
-        tokio::spawn(async move {
-            if let Err(err) = handle_transparent(outbound, client).await {
-                tracing::debug!(%addr, "captured connection: {err:#}");
-            }
-        });
-    }
+/// Which protocol a listener's connections speak.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Mode {
+    Explicit,
+    Transparent,
+    /// Redirected connections transparently, direct ones explicitly.
+    Both,
 }
 
-/// Serves 15001 in both modes at once: a connection the capture rules
-/// redirected is handled transparently; one made to the port directly
-/// speaks the explicit proxy protocol.
-pub async fn serve(listener: TcpListener, outbound: Arc<Outbound>) {
+async fn accept_loop(listener: TcpListener, outbound: Arc<Outbound>, mode: Mode) {
     loop {
         let Ok((client, addr)) = listener.accept().await else {
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -320,10 +291,14 @@ pub async fn serve(listener: TcpListener, outbound: Arc<Outbound>) {
         let _ = client.set_nodelay(true);
         let outbound = outbound.clone();
         tokio::spawn(async move {
-            let redirected = match (original_destination(&client), client.local_addr()) {
-                (Ok(original), Ok(local)) => original != local,
-                // No connection tracking (no capture rules): explicit only.
-                _ => false,
+            let redirected = match mode {
+                Mode::Explicit => false,
+                Mode::Transparent => true,
+                Mode::Both => match (original_destination(&client), client.local_addr()) {
+                    (Ok(original), Ok(local)) => original != local,
+                    // No connection tracking (no capture rules): explicit only.
+                    _ => false,
+                },
             };
             let result = if redirected {
                 handle_transparent(outbound, client).await
@@ -335,4 +310,21 @@ pub async fn serve(listener: TcpListener, outbound: Arc<Outbound>) {
             }
         });
     }
+}
+
+/// Serves an explicit-mode (CONNECT) outbound listener.
+pub async fn serve_explicit(listener: TcpListener, outbound: Arc<Outbound>) {
+    accept_loop(listener, outbound, Mode::Explicit).await
+}
+
+/// Serves a transparent outbound listener (behind the capture rules).
+pub async fn serve_transparent(listener: TcpListener, outbound: Arc<Outbound>) {
+    accept_loop(listener, outbound, Mode::Transparent).await
+}
+
+/// Serves 15001 in both modes at once: a connection the capture rules
+/// redirected is handled transparently; one made to the port directly
+/// speaks the explicit proxy protocol.
+pub async fn serve(listener: TcpListener, outbound: Arc<Outbound>) {
+    accept_loop(listener, outbound, Mode::Both).await
 }

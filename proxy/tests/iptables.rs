@@ -22,6 +22,30 @@ impl Drop for Netns {
     }
 }
 
+/// A fresh network namespace for this test, or `None` (with the reason
+/// printed) where the test cannot run. Deleted when dropped.
+fn namespace(name: &str) -> Option<Netns> {
+    let root = Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0");
+    if !root || !have("ip", "-V") || !have("iptables", "--version") {
+        eprintln!(
+            "SKIPPED: needs root, iproute2 and iptables (CI runs as root and installs iptables)"
+        );
+        return None;
+    }
+    let _ = Command::new("ip").args(["netns", "delete", name]).output();
+    assert!(
+        Command::new("ip")
+            .args(["netns", "add", name])
+            .status()
+            .unwrap()
+            .success()
+    );
+    Some(Netns(name.to_string()))
+}
+
 fn in_ns(ns: &str, program: &str, args: &[&str]) -> std::process::Output {
     Command::new("ip")
         .args(["netns", "exec", ns, program])
@@ -32,26 +56,9 @@ fn in_ns(ns: &str, program: &str, args: &[&str]) -> std::process::Output {
 
 #[test]
 fn rules_install_idempotently_and_clean_up_in_a_namespace() {
-    let root = Command::new("id")
-        .arg("-u")
-        .output()
-        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0");
-    if !root || !have("ip", "-V") || !have("iptables", "--version") {
-        eprintln!(
-            "SKIPPED: needs root, iproute2 and iptables (CI runs as root and installs iptables)"
-        );
+    let Some(ns) = namespace(&format!("weft-test-ipt-{}", std::process::id())) else {
         return;
-    }
-    let name = format!("weft-test-ipt-{}", std::process::id());
-    let _ = Command::new("ip").args(["netns", "delete", &name]).output();
-    assert!(
-        Command::new("ip")
-            .args(["netns", "add", &name])
-            .status()
-            .unwrap()
-            .success()
-    );
-    let ns = Netns(name);
+    };
     let proxy = env!("CARGO_BIN_EXE_weft-proxy");
     let args = [
         "iptables",
@@ -123,26 +130,9 @@ fn a_connection_to_a_vip_is_captured_and_delivered() {
     use weft_proxy::xds::XdsState;
     use weft_xds_proto::mesh;
 
-    let root = Command::new("id")
-        .arg("-u")
-        .output()
-        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0");
-    if !root || !have("ip", "-V") || !have("iptables", "--version") {
-        eprintln!(
-            "SKIPPED: needs root, iproute2 and iptables (CI runs as root and installs iptables)"
-        );
+    let Some(ns) = namespace(&format!("weft-test-cap-{}", std::process::id())) else {
         return;
-    }
-    let name = format!("weft-test-cap-{}", std::process::id());
-    let _ = Command::new("ip").args(["netns", "delete", &name]).output();
-    assert!(
-        Command::new("ip")
-            .args(["netns", "add", &name])
-            .status()
-            .unwrap()
-            .success()
-    );
-    let ns = Netns(name);
+    };
     // Loopback up, and a route for the service range so that connecting to
     // a VIP reaches the nat OUTPUT hook.
     for args in [
@@ -350,29 +340,12 @@ fn inbound_plaintext_is_forwarded_when_permissive_and_refused_when_strict() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use weft_proxy::inbound::{self, Counters, Mode};
 
-    let root = Command::new("id")
-        .arg("-u")
-        .output()
-        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0");
-    if !root || !have("ip", "-V") || !have("iptables", "--version") {
-        eprintln!(
-            "SKIPPED: needs root, iproute2 and iptables (CI runs as root and installs iptables)"
-        );
-        return;
-    }
     let tag = std::process::id() % 100_000;
     let (client_ns, pod_ns) = (format!("weft-test-c-{tag}"), format!("weft-test-p-{tag}"));
-    for ns in [&client_ns, &pod_ns] {
-        let _ = Command::new("ip").args(["netns", "delete", ns]).output();
-        assert!(
-            Command::new("ip")
-                .args(["netns", "add", ns])
-                .status()
-                .unwrap()
-                .success()
-        );
-    }
-    let _guards = (Netns(client_ns.clone()), Netns(pod_ns.clone()));
+    let (Some(_client_guard), Some(_pod_guard)) = (namespace(&client_ns), namespace(&pod_ns))
+    else {
+        return;
+    };
     let (veth_c, veth_p) = (format!("wc{tag}"), format!("wp{tag}"));
     let setup: Vec<Vec<String>> = vec![vec![
         "ip", "link", "add", &veth_c, "netns", &client_ns, "type", "veth", "peer", "name", &veth_p,
