@@ -46,53 +46,24 @@ impl Default for XdsState {
 /// The resources held, with their versions: kept across streams.
 #[derive(Default, Clone)]
 pub struct Resources {
-    pub services: BTreeMap<String, (String, Arc<mesh::Service>)>,
-    pub workloads: BTreeMap<String, (String, Arc<mesh::Workload>)>,
+    pub services: Held<mesh::Service>,
+    pub workloads: Held<mesh::Workload>,
     seen_services: bool,
     seen_workloads: bool,
 }
 
 impl Resources {
-    /// Applies one response to a copy; the copy replaces `self` only if
-    /// every resource in it is valid.
+    /// Applies one response whole, or, if any resource in it is invalid,
+    /// not at all: everything is decoded before anything changes.
     pub fn apply(&mut self, response: &DeltaDiscoveryResponse) -> Result<(), InvalidResource> {
-        let mut next = self.clone();
         match response.type_url.as_str() {
             type_url::SERVICE => {
-                for resource in &response.resources {
-                    let body = resource
-                        .resource
-                        .as_ref()
-                        .map(|a| a.value.as_slice())
-                        .unwrap_or_default();
-                    let service = state::decode_service(&resource.name, body)?;
-                    next.services.insert(
-                        resource.name.clone(),
-                        (resource.version.clone(), Arc::new(service)),
-                    );
-                }
-                for name in &response.removed_resources {
-                    next.services.remove(name);
-                }
-                next.seen_services = true;
+                apply_typed(&mut self.services, response, state::decode_service)?;
+                self.seen_services = true;
             }
             type_url::WORKLOAD => {
-                for resource in &response.resources {
-                    let body = resource
-                        .resource
-                        .as_ref()
-                        .map(|a| a.value.as_slice())
-                        .unwrap_or_default();
-                    let workload = state::decode_workload(&resource.name, body)?;
-                    next.workloads.insert(
-                        resource.name.clone(),
-                        (resource.version.clone(), Arc::new(workload)),
-                    );
-                }
-                for name in &response.removed_resources {
-                    next.workloads.remove(name);
-                }
-                next.seen_workloads = true;
+                apply_typed(&mut self.workloads, response, state::decode_workload)?;
+                self.seen_workloads = true;
             }
             other => {
                 return Err(InvalidResource::Field {
@@ -101,7 +72,6 @@ impl Resources {
                 });
             }
         }
-        *self = next;
         Ok(())
     }
 
@@ -135,6 +105,35 @@ impl Resources {
     fn complete(&self) -> bool {
         self.seen_services && self.seen_workloads
     }
+}
+
+type Held<T> = BTreeMap<String, (String, Arc<T>)>;
+
+fn apply_typed<T>(
+    held: &mut Held<T>,
+    response: &DeltaDiscoveryResponse,
+    decode: fn(&str, &[u8]) -> Result<T, InvalidResource>,
+) -> Result<(), InvalidResource> {
+    let decoded = response
+        .resources
+        .iter()
+        .map(|r| {
+            let body = r
+                .resource
+                .as_ref()
+                .map(|a| a.value.as_slice())
+                .unwrap_or_default();
+            Ok((
+                r.name.clone(),
+                (r.version.clone(), Arc::new(decode(&r.name, body)?)),
+            ))
+        })
+        .collect::<Result<Vec<_>, InvalidResource>>()?;
+    held.extend(decoded);
+    for name in &response.removed_resources {
+        held.remove(name);
+    }
+    Ok(())
 }
 
 /// Backoff between reconnects: doubling from `base` up to `max`, each wait
