@@ -18,7 +18,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use weft_certs::tls::{CertStore, TrustBundle};
 use weft_certs::{CaParams, CertificateAuthority, Identity, issue_workload};
-use weft_proxy::balance::{Here, Load};
+use weft_proxy::balance::Here;
 use weft_proxy::hbone::{HBONE_PORT, Inbound, Pool, serve_inbound};
 use weft_proxy::outbound::{Outbound, serve_explicit};
 use weft_proxy::state::Snapshot;
@@ -136,17 +136,16 @@ async fn drive(options: &Options, command: &str) -> Result<Outcome> {
         )]),
         BTreeMap::from([(workload.uid.clone(), Arc::new(workload))]),
     )));
-    let outbound = Arc::new(Outbound {
+    let mut outbound = Outbound::new(
         xds,
-        pool: Pool::new(client_certs, bundle),
-        load: Load::default(),
-        here: Here {
+        Pool::new(client_certs, bundle),
+        Here {
             cluster: "c1".into(),
             ..Default::default()
         },
-        pod_ip: None,
-        passthrough: false,
-    });
+    );
+    outbound.passthrough = false;
+    let outbound = Arc::new(outbound);
     let proxy_listener = TcpListener::bind("127.0.0.1:0").await?;
     let proxy = proxy_listener.local_addr()?;
     tokio::spawn(serve_explicit(proxy_listener, outbound));

@@ -12,6 +12,8 @@ use std::sync::{Arc, Mutex};
 
 use weft_xds_proto::mesh;
 
+use crate::outlier::Outliers;
+
 /// Where this proxy runs.
 #[derive(Clone, Debug, Default)]
 pub struct Here {
@@ -31,10 +33,12 @@ fn tier(here: &Here, workload: &mesh::Workload) -> u8 {
     }
 }
 
-/// Outstanding connections per workload, shared by every request path.
+/// Outstanding connections per workload, shared by every request path,
+/// and the outlier state that takes failing endpoints out of rotation.
 #[derive(Default)]
 pub struct Load {
     outstanding: Mutex<HashMap<String, Arc<AtomicUsize>>>,
+    pub outliers: Outliers,
 }
 
 /// Counts one connection to a workload while it is alive.
@@ -56,15 +60,36 @@ impl Load {
         self.counter(uid).load(Ordering::Relaxed)
     }
 
+    pub fn new(outliers: Outliers) -> Self {
+        Load {
+            outliers,
+            ..Default::default()
+        }
+    }
+
     /// Picks an endpoint among `candidates` and counts it as busy.
+    /// `excluded` are endpoints this request already failed on (a retry
+    /// goes elsewhere when it can); ejected outliers are left out too.
     pub fn choose<'a>(
         &self,
         here: &Here,
         candidates: impl Iterator<Item = &'a Arc<mesh::Workload>>,
+        excluded: &[String],
     ) -> Option<(Arc<mesh::Workload>, InFlight)> {
-        let healthy: Vec<&Arc<mesh::Workload>> = candidates
+        let mut healthy: Vec<&Arc<mesh::Workload>> = candidates
             .filter(|w| w.status == mesh::WorkloadStatus::Healthy as i32)
             .collect();
+        let ejected: Vec<String> = self
+            .outliers
+            .ejected_among(healthy.iter().map(|w| w.uid.as_str()))
+            .into_iter()
+            .map(str::to_string)
+            .collect();
+        let usable =
+            |w: &&Arc<mesh::Workload>| !ejected.contains(&w.uid) && !excluded.contains(&w.uid);
+        if healthy.iter().any(usable) {
+            healthy.retain(usable);
+        }
         let fresh: Vec<&Arc<mesh::Workload>> =
             healthy.iter().copied().filter(|w| !w.stale).collect();
         let pool = if fresh.is_empty() { healthy } else { fresh };
@@ -124,7 +149,8 @@ mod tests {
     }
 
     fn pick(load: &Load, set: &[Arc<mesh::Workload>]) -> Option<String> {
-        load.choose(&here(), set.iter()).map(|(w, _)| w.uid.clone())
+        load.choose(&here(), set.iter(), &[])
+            .map(|(w, _)| w.uid.clone())
     }
 
     #[test]
@@ -165,12 +191,12 @@ mod tests {
         let a = w("a", "c1", "a", true, false);
         let b = w("b", "c1", "a", true, false);
         let held: Vec<InFlight> = (0..5)
-            .map(|_| load.choose(&here(), [a.clone()].iter()).unwrap().1)
+            .map(|_| load.choose(&here(), [a.clone()].iter(), &[]).unwrap().1)
             .collect();
         assert_eq!(load.outstanding("a"), 5);
         let picks: Vec<String> = (0..50)
             .map(|_| {
-                load.choose(&here(), [a.clone(), b.clone()].iter())
+                load.choose(&here(), [a.clone(), b.clone()].iter(), &[])
                     .map(|(w, _)| w.uid.clone())
                     .unwrap()
             })
@@ -180,5 +206,22 @@ mod tests {
         assert!(picks.iter().filter(|p| *p == "b").count() > 25, "{picks:?}");
         drop(held);
         assert_eq!(load.outstanding("a"), 0);
+    }
+
+    #[test]
+    fn ejected_and_excluded_endpoints_are_avoided_while_others_remain() {
+        let load = Load::default();
+        let local = w("local", "c1", "a", true, false);
+        let remote = w("remote", "c2", "b", true, false);
+        let both = [local.clone(), remote.clone()];
+        assert_eq!(pick(&load, &both).unwrap(), "local");
+        let retry = load.choose(&here(), both.iter(), &["local".to_string()]);
+        assert_eq!(retry.unwrap().0.uid, "remote", "a retry goes elsewhere");
+        for _ in 0..load.outliers.policy.consecutive_failures {
+            load.outliers.failure("local");
+        }
+        assert_eq!(pick(&load, &both).unwrap(), "remote", "ejected: failover");
+        // Alone, an ejected endpoint is still better than nothing.
+        assert_eq!(pick(&load, &[local]).unwrap(), "local");
     }
 }

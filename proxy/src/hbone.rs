@@ -10,18 +10,22 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
-use http_body_util::Empty;
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::{TcpListener, TcpStream};
 use weft_certs::Identity;
 use weft_certs::tls::{self, CertStore, TrustBundle};
 
+use crate::drain::Drain;
+use crate::http::Body;
+use crate::metrics::{Metrics, Peer, TrafficLabels};
+use crate::upstream::Upstreams;
+use crate::xds::XdsState;
+
 /// The port sidecars accept mesh connections on.
 pub const HBONE_PORT: u16 = 15008;
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The receiving sidecar: which addresses it forwards to, and who called.
@@ -29,8 +33,14 @@ pub struct Inbound {
     /// The pod's own addresses; a CONNECT to anything else is refused, so the
     /// sidecar cannot be used to reach other hosts.
     pub local_addresses: Vec<IpAddr>,
-    /// Connections per caller identity, for metrics and tests.
+    /// Connections and requests per caller identity, for tests and debugging.
     pub callers: Mutex<HashMap<String, u64>>,
+    /// Keep-alive clients to the application, for mesh HTTP requests.
+    pub app: Upstreams,
+    pub metrics: Arc<Metrics>,
+    /// The mesh view, to label metrics with this pod's own workload.
+    pub xds: Option<Arc<XdsState>>,
+    pub drain: Drain,
 }
 
 impl Inbound {
@@ -38,6 +48,10 @@ impl Inbound {
         Inbound {
             local_addresses,
             callers: Mutex::new(HashMap::new()),
+            app: Upstreams::new(CONNECT_TIMEOUT),
+            metrics: Arc::default(),
+            xds: None,
+            drain: Drain::default(),
         }
     }
 
@@ -49,56 +63,102 @@ impl Inbound {
             .copied()
             .unwrap_or(0)
     }
+
+    pub fn count_caller(&self, peer: &Option<Identity>) {
+        if let Some(identity) = peer {
+            *self
+                .callers
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .entry(identity.to_string())
+                .or_default() += 1;
+        }
+    }
+
+    /// This pod as a metrics peer.
+    pub fn me(&self) -> Peer {
+        self.xds
+            .as_ref()
+            .and_then(|xds| {
+                let snapshot = xds.snapshot.load();
+                self.local_addresses
+                    .iter()
+                    .find_map(|ip| snapshot.workload_by_ip(*ip).map(|w| Peer::of(w)))
+            })
+            .unwrap_or_default()
+    }
 }
 
-fn status(code: StatusCode) -> Response<Empty<Bytes>> {
-    let mut response = Response::new(Empty::new());
+fn status(code: StatusCode) -> Response<Body> {
+    let mut response = Response::new(crate::http::empty());
     *response.status_mut() = code;
     response
+}
+
+fn caller(peer: &Option<Identity>) -> Peer {
+    peer.as_ref()
+        .map(|id| Peer {
+            namespace: id.namespace.clone(),
+            principal: id.to_string(),
+            ..Default::default()
+        })
+        .unwrap_or_default()
+}
+
+/// One request on a mesh connection: CONNECT opens a TCP tunnel to the
+/// app; anything else is an HTTP request for the app (see `l7`).
+async fn serve_request(
+    inbound: Arc<Inbound>,
+    peer: Option<Identity>,
+    request: Request<hyper::body::Incoming>,
+) -> Result<Response<Body>, Infallible> {
+    if request.method() != Method::CONNECT {
+        return Ok(crate::l7::inbound(&inbound, &peer, request).await);
+    }
+    Ok(tunnel_in(inbound, peer, request).await)
 }
 
 async fn tunnel_in(
     inbound: Arc<Inbound>,
     peer: Option<Identity>,
     mut request: Request<hyper::body::Incoming>,
-) -> Result<Response<Empty<Bytes>>, Infallible> {
-    if request.method() != Method::CONNECT {
-        return Ok(status(StatusCode::METHOD_NOT_ALLOWED));
-    }
+) -> Response<Body> {
     let Some(target) = request
         .uri()
         .authority()
         .and_then(|a| a.as_str().parse::<SocketAddr>().ok())
     else {
-        return Ok(status(StatusCode::BAD_REQUEST));
+        return status(StatusCode::BAD_REQUEST);
     };
     if !inbound.local_addresses.contains(&target.ip()) {
         tracing::warn!(%target, caller = ?peer, "refused a tunnel to an address that is not this pod's");
-        return Ok(status(StatusCode::FORBIDDEN));
+        return status(StatusCode::FORBIDDEN);
     }
     let app = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(target)).await {
         Ok(Ok(app)) => app,
-        _ => return Ok(status(StatusCode::BAD_GATEWAY)),
+        _ => return status(StatusCode::BAD_GATEWAY),
     };
     let _ = app.set_nodelay(true);
-    if let Some(identity) = &peer {
-        *inbound
-            .callers
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .entry(identity.to_string())
-            .or_default() += 1;
-    }
+    inbound.count_caller(&peer);
+    let labels = TrafficLabels::new("destination", &caller(&peer), "", &inbound.me());
+    inbound.metrics.tcp_opened.get_or_create(&labels).inc();
+    let guard = inbound.drain.track();
     tokio::spawn(async move {
+        let _guard = guard;
         match hyper::upgrade::on(&mut request).await {
             Ok(upgraded) => {
                 let mut app = app;
-                let _ = tokio::io::copy_bidirectional(&mut TokioIo::new(upgraded), &mut app).await;
+                let (received, sent) =
+                    tokio::io::copy_bidirectional(&mut TokioIo::new(upgraded), &mut app)
+                        .await
+                        .unwrap_or((0, 0));
+                // Seen from the server side: "sent" goes to the app.
+                inbound.metrics.tcp(&labels, received, sent);
             }
             Err(err) => tracing::debug!(%err, "tunnel upgrade failed"),
         }
     });
-    Ok(status(StatusCode::OK))
+    status(StatusCode::OK)
 }
 
 /// Serves 15008: mTLS with a client certificate required, then HTTP/2.
@@ -115,8 +175,13 @@ pub async fn serve_inbound(
             return;
         }
     };
+    let drain = inbound.drain.clone();
     loop {
-        let Ok((tcp, addr)) = listener.accept().await else {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = drain.started() => return,
+        };
+        let Ok((tcp, addr)) = accepted else {
             tokio::time::sleep(Duration::from_millis(20)).await;
             continue;
         };
@@ -133,17 +198,19 @@ pub async fn serve_inbound(
                 Err(_) => return,
             };
             let peer = tls::peer_identity(stream.get_ref().1.peer_certificates());
+            let drain = inbound.drain.clone();
+            let _guard = drain.track();
             let service = hyper::service::service_fn(move |request| {
-                tunnel_in(inbound.clone(), peer.clone(), request)
+                serve_request(inbound.clone(), peer.clone(), request)
             });
-            let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
+            let connection = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(stream), service);
+            drain.serve(connection).await;
         });
     }
 }
 
-type Sender = hyper::client::conn::http2::SendRequest<Empty<Bytes>>;
+pub type Sender = hyper::client::conn::http2::SendRequest<Body>;
 
 /// Pooled HTTP/2 connections to peer sidecars, one per (address, identity).
 pub struct Pool {
@@ -161,7 +228,9 @@ impl Pool {
         }
     }
 
-    async fn sender(&self, peer: SocketAddr, identity: &Identity) -> Result<Sender> {
+    /// A pooled HTTP/2 connection to the sidecar at `peer`, opened (mTLS,
+    /// expecting `identity`) when there is none.
+    pub async fn sender(&self, peer: SocketAddr, identity: &Identity) -> Result<Sender> {
         let key = (peer, identity.clone());
         if let Some(sender) = self
             .connections
@@ -208,7 +277,7 @@ impl Pool {
         let request = Request::builder()
             .method(Method::CONNECT)
             .uri(target.to_string())
-            .body(Empty::new())?;
+            .body(crate::http::empty())?;
         let response = sender.send_request(request).await?;
         if response.status() != StatusCode::OK {
             bail!(

@@ -14,13 +14,21 @@
 //! inbound capture (15006) and the capture rules are built and tested; L7,
 //! metrics and the admin port are not yet.
 
+pub mod admin;
 pub mod balance;
 pub mod channel;
+pub mod drain;
 pub mod hbone;
+pub mod http;
 pub mod identity;
 pub mod inbound;
 pub mod iptables;
+pub mod l7;
+pub mod metrics;
 pub mod outbound;
+pub mod outlier;
 pub mod sidecar;
+pub mod sniff;
 pub mod state;
+pub mod upstream;
 pub mod xds;

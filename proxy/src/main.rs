@@ -31,17 +31,32 @@ enum ProxyMode {
 }
 
 fn sidecar() -> Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
+    use tracing_subscriber::prelude::*;
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(tracing_subscriber::fmt::layer())
         .init();
+    let set_log_level: weft_proxy::admin::SetLogLevel = Box::new(move |level| {
+        let filter = tracing_subscriber::EnvFilter::try_new(level)?;
+        handle.reload(filter)?;
+        Ok(())
+    });
     let config = weft_proxy::sidecar::SidecarConfig::from_env()?;
+    let deadline = config.drain_timeout;
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async {
-        let _sidecar = weft_proxy::sidecar::start(config).await?;
-        tokio::signal::ctrl_c().await?;
-        tracing::info!("shutting down");
+        let sidecar = weft_proxy::sidecar::start_with(config, Some(set_log_level)).await?;
+        let mut terminate =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            _ = terminate.recv() => tracing::info!("SIGTERM"),
+            _ = tokio::signal::ctrl_c() => tracing::info!("interrupted"),
+        }
+        let left = sidecar.drain(deadline).await;
+        tracing::info!(left, "shutting down");
         anyhow::Ok(())
     })
 }

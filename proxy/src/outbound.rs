@@ -8,7 +8,14 @@
 //!
 //! Transparent mode: connections redirected by the capture rules arrive on
 //! the same port; the destination the app dialled is read back with
-//! `SO_ORIGINAL_DST` and resolved the same way. L7 routing comes next.
+//! `SO_ORIGINAL_DST` and resolved the same way.
+//!
+//! Either way, a connection to a mesh service port is then served by
+//! protocol: the port's declared protocol (`appProtocol` or name), else
+//! what the first bytes look like (see `sniff`). HTTP goes to `l7`, which
+//! routes every request on its own; the rest is a TCP stream to one
+//! endpoint. Explicit mode also takes absolute-form HTTP/1.1 requests
+//! (`GET http://echo.demo/ HTTP/1.1`), routed per request the same way.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -21,14 +28,21 @@ use weft_certs::Identity;
 use weft_xds_proto::mesh;
 
 use crate::balance::{Here, InFlight, Load};
-use crate::hbone::{HBONE_PORT, Pool};
+use crate::drain::Drain;
+use crate::hbone::{CONNECT_TIMEOUT, HBONE_PORT, Pool};
+use crate::l7::{RetryBudget, Route, serve_outbound};
+use crate::metrics::{Metrics, Peer, TrafficLabels};
+use crate::sniff::{Protocol, Rewind, sniff};
 use crate::state::{Snapshot, ip_from_bytes};
+use crate::upstream::Upstreams;
 use crate::xds::XdsState;
 
 /// Longest request head accepted, and how long it may take to arrive: a
 /// slow or endless header cannot hold a connection or memory for long.
 const MAX_HEAD: usize = 8 * 1024;
 const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
+/// Other endpoints tried after a failed connect.
+const MAX_CONNECT_RETRIES: usize = 2;
 
 pub struct Outbound {
     pub xds: Arc<XdsState>,
@@ -40,6 +54,51 @@ pub struct Outbound {
     pub pod_ip: Option<IpAddr>,
     /// Whether destinations outside the mesh are reached directly.
     pub passthrough: bool,
+    /// How long to wait for a client's first bytes when the port does not
+    /// declare its protocol.
+    pub sniff_timeout: Duration,
+    pub upstreams: Upstreams,
+    pub retry_budget: RetryBudget,
+    pub metrics: Arc<Metrics>,
+    pub drain: Drain,
+}
+
+impl Outbound {
+    pub fn new(xds: Arc<XdsState>, pool: Pool, here: Here) -> Self {
+        Outbound {
+            xds,
+            pool,
+            load: Load::default(),
+            here,
+            pod_ip: None,
+            passthrough: true,
+            sniff_timeout: Duration::from_millis(100),
+            upstreams: Upstreams::new(CONNECT_TIMEOUT),
+            retry_budget: RetryBudget::default(),
+            metrics: Arc::default(),
+            drain: Drain::default(),
+        }
+    }
+}
+
+/// One routing decision.
+pub struct Pick {
+    pub destination: Destination,
+    /// Counts the endpoint busy while held.
+    pub in_flight: Option<InFlight>,
+    pub service: Option<Arc<mesh::Service>>,
+    pub workload: Option<Arc<mesh::Workload>>,
+    /// The service port's declared protocol; `None`: sniff.
+    pub protocol: Option<Protocol>,
+}
+
+impl Pick {
+    pub fn service_name(&self) -> String {
+        self.service
+            .as_ref()
+            .map(|s| s.hostname.clone())
+            .unwrap_or_default()
+    }
 }
 
 /// Where a connection goes.
@@ -60,38 +119,68 @@ pub enum Destination {
 impl Outbound {
     /// Resolves `host:port` against the current snapshot.
     pub fn resolve(&self, host: &str, port: u16) -> Result<(Destination, Option<InFlight>)> {
+        let pick = self.pick(host, port, &[])?;
+        Ok((pick.destination, pick.in_flight))
+    }
+
+    /// Chooses a destination for `host:port`, avoiding the endpoints in
+    /// `excluded` (already tried) when others are available.
+    pub fn pick(&self, host: &str, port: u16, excluded: &[String]) -> Result<Pick> {
         let snapshot = self.xds.snapshot.load();
         let service = match host.parse::<IpAddr>() {
             Ok(ip) => snapshot.service_by_vip(SocketAddr::new(ip, port)).cloned(),
             Err(_) => snapshot.service_by_host(host).cloned(),
         };
         if let Some(service) = service {
-            return self.to_service(&snapshot, &service, port);
+            return self.to_service(&snapshot, service, port, excluded);
         }
+        let plain = |destination| Pick {
+            destination,
+            in_flight: None,
+            service: None,
+            workload: None,
+            protocol: Some(Protocol::Tcp),
+        };
         if let Ok(ip) = host.parse::<IpAddr>() {
             if let Some(workload) = snapshot.workload_by_ip(ip) {
-                return Ok((destination(workload, SocketAddr::new(ip, port))?, None));
+                let mut pick = plain(destination(workload, SocketAddr::new(ip, port))?);
+                pick.workload = Some(workload.clone());
+                return Ok(pick);
             }
             if self.passthrough {
-                return Ok((Destination::Direct(SocketAddr::new(ip, port)), None));
+                return Ok(plain(Destination::Direct(SocketAddr::new(ip, port))));
             }
             bail!("{ip}:{port} is not in the mesh and passthrough is off");
         }
         bail!("no mesh service is named {host:?}")
     }
 
+    /// This pod, as metrics name it.
+    pub fn me(&self) -> Peer {
+        self.pod_ip
+            .and_then(|ip| {
+                self.xds
+                    .snapshot
+                    .load()
+                    .workload_by_ip(ip)
+                    .map(|w| Peer::of(w))
+            })
+            .unwrap_or_default()
+    }
+
     fn to_service(
         &self,
         snapshot: &Snapshot,
-        service: &mesh::Service,
+        service: Arc<mesh::Service>,
         port: u16,
-    ) -> Result<(Destination, Option<InFlight>)> {
+        excluded: &[String],
+    ) -> Result<Pick> {
         let service_port = service
             .ports
             .iter()
             .find(|p| p.port == u32::from(port))
             .with_context(|| format!("{} has no port {port}", service.hostname))?;
-        let candidates = snapshot.endpoints(service).filter(|w| {
+        let candidates = snapshot.endpoints(&service).filter(|w| {
             w.services.iter().any(|b| {
                 b.hostname == service.hostname
                     && (b.ports.is_empty()
@@ -112,7 +201,7 @@ impl Outbound {
             .unwrap_or_else(|| self.here.clone());
         let (workload, in_flight) = self
             .load
-            .choose(&here, candidates)
+            .choose(&here, candidates, excluded)
             .with_context(|| format!("{} has no healthy endpoint", service.hostname))?;
         let target_port = workload
             .services
@@ -132,7 +221,14 @@ impl Outbound {
             ip,
             u16::try_from(target_port).context("target port out of range")?,
         );
-        Ok((destination(&workload, target)?, Some(in_flight)))
+        let protocol = crate::sniff::declared(service_port.app_protocol());
+        Ok(Pick {
+            destination: destination(&workload, target)?,
+            in_flight: Some(in_flight),
+            service: Some(service),
+            workload: Some(workload),
+            protocol,
+        })
     }
 
     async fn connect(&self, destination: &Destination) -> Result<Box<dyn Stream>> {
@@ -144,13 +240,121 @@ impl Outbound {
                 ..
             } => Ok(Box::new(self.pool.tunnel(*peer, identity, *target).await?)),
             Destination::Direct(addr) => {
-                let tcp = tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(addr))
+                let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
                     .await
                     .context("connect timed out")??;
                 tcp.set_nodelay(true)?;
                 Ok(Box::new(tcp))
             }
         }
+    }
+
+    /// Connects a TCP stream, retrying another endpoint when one cannot be
+    /// reached (nothing was sent yet, so any connection may be retried).
+    async fn connect_tcp(&self, host: &str, port: u16) -> Result<(Pick, Box<dyn Stream>)> {
+        let mut tried = Vec::new();
+        loop {
+            let pick = self.pick(host, port, &tried)?;
+            match self.connect(&pick.destination).await {
+                Ok(stream) => {
+                    if let Some(w) = &pick.workload {
+                        self.load.outliers.success(&w.uid);
+                    }
+                    return Ok((pick, stream));
+                }
+                Err(err) => {
+                    self.metrics.upstream_connect_failures.inc();
+                    let Some(w) = &pick.workload else {
+                        return Err(err.context(format!("reaching {:?}", pick.destination)));
+                    };
+                    self.load.outliers.failure(&w.uid);
+                    tried.push(w.uid.clone());
+                    if pick.service.is_none() || tried.len() > MAX_CONNECT_RETRIES {
+                        return Err(err.context(format!("reaching {:?}", pick.destination)));
+                    }
+                    tracing::debug!(
+                        endpoint = w.uid,
+                        "connect failed, trying another endpoint: {err:#}"
+                    );
+                    self.metrics.retries.inc();
+                }
+            }
+        }
+    }
+
+    /// Serves one client connection to `host:port` by protocol.
+    async fn serve_connection<S>(
+        self: &Arc<Self>,
+        mut client: S,
+        host: &str,
+        port: u16,
+    ) -> Result<()>
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let declared = self.pick_protocol(host, port);
+        let (protocol, seen) = match declared {
+            Some(protocol) => (protocol, bytes::Bytes::new()),
+            None => sniff(&mut client, self.sniff_timeout).await,
+        };
+        let client = Rewind::new(seen, client);
+        if protocol != Protocol::Tcp {
+            let route = Route::Fixed {
+                host: host.to_string(),
+                port,
+            };
+            serve_outbound(self.clone(), client, route).await;
+            return Ok(());
+        }
+        self.relay(client, host, port).await
+    }
+
+    /// The declared protocol of `host:port`: TCP outside the mesh.
+    fn pick_protocol(&self, host: &str, port: u16) -> Option<Protocol> {
+        let snapshot = self.xds.snapshot.load();
+        let service = match host.parse::<IpAddr>() {
+            Ok(ip) => snapshot.service_by_vip(SocketAddr::new(ip, port)),
+            Err(_) => snapshot.service_by_host(host),
+        };
+        let Some(service) = service else {
+            return Some(Protocol::Tcp);
+        };
+        service
+            .ports
+            .iter()
+            .find(|p| p.port == u32::from(port))
+            .map(|p| crate::sniff::declared(p.app_protocol()))
+            .unwrap_or(Some(Protocol::Tcp))
+    }
+
+    /// Relays a TCP stream to one endpoint, counting it in metrics.
+    async fn relay<S>(&self, client: S, host: &str, port: u16) -> Result<()>
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send,
+    {
+        let (pick, upstream) = self.connect_tcp(host, port).await?;
+        self.relay_connected(client, pick, upstream).await
+    }
+
+    async fn relay_connected<S>(
+        &self,
+        mut client: S,
+        pick: Pick,
+        mut upstream: Box<dyn Stream>,
+    ) -> Result<()>
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send,
+    {
+        let destination = pick.workload.as_deref().map(Peer::of).unwrap_or_default();
+        let labels = TrafficLabels::new("source", &self.me(), &pick.service_name(), &destination);
+        self.metrics.tcp_opened.get_or_create(&labels).inc();
+        let _guard = self.drain.track();
+        let result = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+        let (sent, received) = result.as_ref().map(|r| *r).unwrap_or((0, 0));
+        self.metrics.tcp(&labels, sent, received);
+        drop(pick);
+        result?;
+        Ok(())
     }
 }
 
@@ -195,53 +399,60 @@ async fn read_head(client: &mut TcpStream) -> Result<(String, Vec<u8>)> {
     }
 }
 
+fn respond(status: &str) -> Vec<u8> {
+    format!("HTTP/1.1 {status}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n").into_bytes()
+}
+
 async fn handle(outbound: Arc<Outbound>, mut client: TcpStream) -> Result<()> {
     let (head, early) = tokio::time::timeout(HEAD_TIMEOUT, read_head(&mut client))
         .await
         .context("the request head did not arrive in time")??;
     let mut words = head.lines().next().unwrap_or("").split_whitespace();
-    let (Some(method), Some(authority)) = (words.next(), words.next()) else {
-        client
-            .write_all(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n")
-            .await?;
+    let (Some(method), Some(target)) = (words.next(), words.next()) else {
+        client.write_all(&respond("400 Bad Request")).await?;
         bail!("not an HTTP request");
     };
     if method != "CONNECT" {
-        client
-            .write_all(b"HTTP/1.1 501 Not Implemented\r\ncontent-length: 0\r\n\r\n")
-            .await?;
-        bail!("{method} is not supported in explicit mode yet; use CONNECT");
+        if !target.starts_with("http://") {
+            client.write_all(&respond("400 Bad Request")).await?;
+            bail!(
+                "{method} {target}: an explicit proxy needs absolute-form http:// requests or CONNECT"
+            );
+        }
+        // Absolute-form HTTP/1.1: hand the whole connection, head included,
+        // to the HTTP router; each request names its own destination.
+        let mut replay = head.into_bytes();
+        replay.extend_from_slice(&early);
+        let client = Rewind::new(replay.into(), client);
+        serve_outbound(outbound, client, Route::PerRequest).await;
+        return Ok(());
     }
-    let (host, port) = authority
+    let (host, port) = target
         .rsplit_once(':')
         .and_then(|(h, p)| Some((h.trim_matches(['[', ']']), p.parse::<u16>().ok()?)))
         .context("CONNECT needs host:port")?;
-    let (destination, _in_flight) = match outbound.resolve(host, port) {
-        Ok(found) => found,
-        Err(err) => {
-            client
-                .write_all(b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n")
-                .await?;
-            return Err(err);
-        }
-    };
-    let mut upstream = match outbound.connect(&destination).await {
-        Ok(upstream) => upstream,
-        Err(err) => {
-            client
-                .write_all(b"HTTP/1.1 502 Bad Gateway\r\ncontent-length: 0\r\n\r\n")
-                .await?;
-            return Err(err.context(format!("reaching {destination:?}")));
-        }
-    };
-    client
-        .write_all(b"HTTP/1.1 200 Connection Established\r\n\r\n")
-        .await?;
-    if !early.is_empty() {
-        upstream.write_all(&early).await?;
+    if let Err(err) = outbound.pick(host, port, &[]) {
+        client.write_all(&respond("404 Not Found")).await?;
+        return Err(err);
     }
-    tokio::io::copy_bidirectional(&mut client, &mut upstream).await?;
-    Ok(())
+    const ESTABLISHED: &[u8] = b"HTTP/1.1 200 Connection Established\r\n\r\n";
+    if outbound.pick_protocol(host, port) == Some(Protocol::Tcp) {
+        // Plain TCP: connect first, so the client learns of a failure
+        // from the status instead of a closed tunnel.
+        let (pick, upstream) = match outbound.connect_tcp(host, port).await {
+            Ok(connected) => connected,
+            Err(err) => {
+                client.write_all(&respond("502 Bad Gateway")).await?;
+                return Err(err);
+            }
+        };
+        client.write_all(ESTABLISHED).await?;
+        let client = Rewind::new(early.into(), client);
+        return outbound.relay_connected(client, pick, upstream).await;
+    }
+    client.write_all(ESTABLISHED).await?;
+    let client = Rewind::new(early.into(), client);
+    outbound.serve_connection(client, host, port).await
 }
 
 /// The address a redirected connection was originally sent to.
@@ -256,21 +467,16 @@ pub fn original_destination(stream: &TcpStream) -> std::io::Result<SocketAddr> {
         .ok_or_else(|| std::io::Error::other("the original destination is not an IP address"))
 }
 
-async fn handle_transparent(outbound: Arc<Outbound>, mut client: TcpStream) -> Result<()> {
+async fn handle_transparent(outbound: Arc<Outbound>, client: TcpStream) -> Result<()> {
     let original = original_destination(&client).context("reading SO_ORIGINAL_DST")?;
     // A connection that was not redirected reports its own local address:
     // serving it would connect to ourselves, again and again.
     if original == client.local_addr()? {
         bail!("connection to the capture port itself ({original}); refusing to loop");
     }
-    let (destination, _in_flight) =
-        outbound.resolve(&original.ip().to_string(), original.port())?;
-    let mut upstream = outbound
-        .connect(&destination)
+    outbound
+        .serve_connection(client, &original.ip().to_string(), original.port())
         .await
-        .with_context(|| format!("reaching {destination:?} for {original}"))?;
-    tokio::io::copy_bidirectional(&mut client, &mut upstream).await?;
-    Ok(())
 }
 
 /// Which protocol a listener's connections speak.
@@ -283,8 +489,13 @@ enum Mode {
 }
 
 async fn accept_loop(listener: TcpListener, outbound: Arc<Outbound>, mode: Mode) {
+    let drain = outbound.drain.clone();
     loop {
-        let Ok((client, addr)) = listener.accept().await else {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = drain.started() => return,
+        };
+        let Ok((client, addr)) = accepted else {
             tokio::time::sleep(Duration::from_millis(20)).await;
             continue;
         };

@@ -4,7 +4,6 @@
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -12,10 +11,14 @@ use weft_certs::Identity;
 use weft_certs::tls::{CertStore, TrustBundle};
 use weft_xds_proto::envoy::config::core::v3::Node;
 
+use crate::admin::{Admin, Routes, SetLogLevel};
 use crate::balance::{Here, Load};
+use crate::drain::Drain;
 use crate::hbone::{HBONE_PORT, Inbound, Pool};
 use crate::identity::{self, IdentityConfig};
+use crate::metrics::Metrics;
 use crate::outbound::Outbound;
+use crate::outlier::Outliers;
 use crate::xds::{self, Backoff, XdsState};
 
 #[derive(Clone, Debug)]
@@ -39,7 +42,17 @@ pub struct SidecarConfig {
     pub inbound_mode: crate::inbound::Mode,
     /// Readiness (`/healthz/ready`).
     pub health_addr: SocketAddr,
+    /// The admin port: loopback by default, it shows the whole mesh view.
+    pub admin_addr: SocketAddr,
+    /// Prometheus scraping (`/stats/prometheus`).
+    pub prometheus_addr: SocketAddr,
     pub passthrough: bool,
+    /// How long to wait for a client's first bytes on ports that do not
+    /// declare a protocol.
+    pub sniff_timeout: Duration,
+    pub outliers: crate::outlier::Policy,
+    /// How long SIGTERM waits for open connections before exiting.
+    pub drain_timeout: Duration,
 }
 
 impl SidecarConfig {
@@ -48,6 +61,14 @@ impl SidecarConfig {
         let var = |name: &str| std::env::var(name).with_context(|| format!("{name} is not set"));
         let or =
             |name: &str, default: &str| std::env::var(name).unwrap_or_else(|_| default.to_string());
+        let number = |name: &str, default: u64| -> Result<u64> {
+            match std::env::var(name) {
+                Ok(text) => text
+                    .parse()
+                    .with_context(|| format!("{name}={text:?} is not a whole number")),
+                Err(_) => Ok(default),
+            }
+        };
         let pod_ip: IpAddr = var("POD_IP")?
             .parse()
             .context("POD_IP is not an IP address")?;
@@ -75,7 +96,28 @@ impl SidecarConfig {
             health_addr: or("WEFT_HEALTH_ADDR", "0.0.0.0:15021")
                 .parse()
                 .context("WEFT_HEALTH_ADDR")?,
+            admin_addr: or("WEFT_ADMIN_ADDR", "127.0.0.1:15000")
+                .parse()
+                .context("WEFT_ADMIN_ADDR")?,
+            prometheus_addr: or("WEFT_PROMETHEUS_ADDR", "0.0.0.0:15090")
+                .parse()
+                .context("WEFT_PROMETHEUS_ADDR")?,
             passthrough: or("WEFT_PASSTHROUGH", "true") != "false",
+            sniff_timeout: Duration::from_millis(number("WEFT_SNIFF_TIMEOUT_MS", 100)?),
+            outliers: crate::outlier::Policy {
+                consecutive_failures: number("WEFT_OUTLIER_CONSECUTIVE_FAILURES", 5)?.max(1) as u32,
+                base_ejection: Duration::from_millis(number(
+                    "WEFT_OUTLIER_BASE_EJECTION_MS",
+                    30_000,
+                )?),
+                max_ejection: Duration::from_millis(number(
+                    "WEFT_OUTLIER_MAX_EJECTION_MS",
+                    300_000,
+                )?),
+                max_ejected_share: number("WEFT_OUTLIER_MAX_EJECTED_PERCENT", 50)?.min(100) as f64
+                    / 100.0,
+            },
+            drain_timeout: Duration::from_secs(number("WEFT_DRAIN_SECONDS", 5)?),
         })
     }
 }
@@ -86,9 +128,29 @@ pub struct Sidecar {
     pub inbound_capture: Arc<crate::inbound::Counters>,
     pub inbound: Arc<Inbound>,
     pub outbound: Arc<Outbound>,
+    pub admin: Arc<Admin>,
     pub outbound_addr: SocketAddr,
     pub health_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    pub prometheus_addr: SocketAddr,
+    pub drain: Drain,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Sidecar {
+    /// Stops accepting, lets open connections and in-flight requests
+    /// finish, up to `deadline`. Returns the connections still open then.
+    pub async fn drain(&self, deadline: Duration) -> usize {
+        self.drain.start();
+        tracing::info!(open = self.drain.active(), "draining");
+        if !self.drain.idle(deadline).await {
+            tracing::warn!(
+                open = self.drain.active(),
+                "drain deadline reached; closing what is left"
+            );
+        }
+        self.drain.active()
+    }
 }
 
 impl Drop for Sidecar {
@@ -102,6 +164,14 @@ impl Drop for Sidecar {
 /// Starts everything. Returns once the certificate is obtained and the
 /// ports are bound; readiness follows the first xDS sync.
 pub async fn start(config: SidecarConfig) -> Result<Sidecar> {
+    start_with(config, None).await
+}
+
+/// [`start`], with a way for `/logging` to change the log filter.
+pub async fn start_with(
+    config: SidecarConfig,
+    set_log_level: Option<SetLogLevel>,
+) -> Result<Sidecar> {
     let root = std::fs::read_to_string(&config.root_cert_path).with_context(|| {
         format!(
             "reading the root certificate {}",
@@ -166,7 +236,13 @@ pub async fn start(config: SidecarConfig) -> Result<Sidecar> {
         Backoff::default(),
     )));
 
-    let inbound = Arc::new(Inbound::new(vec![config.pod_ip]));
+    let metrics = Arc::new(Metrics::default());
+    let drain = Drain::default();
+    let mut inbound = Inbound::new(vec![config.pod_ip]);
+    inbound.metrics = metrics.clone();
+    inbound.xds = Some(xds.clone());
+    inbound.drain = drain.clone();
+    let inbound = Arc::new(inbound);
     let hbone = tokio::net::TcpListener::bind(SocketAddr::new(config.pod_ip, HBONE_PORT))
         .await
         .with_context(|| format!("binding {}:{HBONE_PORT}", config.pod_ip))?;
@@ -177,22 +253,26 @@ pub async fn start(config: SidecarConfig) -> Result<Sidecar> {
         inbound.clone(),
     )));
 
-    let outbound = Arc::new(Outbound {
-        xds: xds.clone(),
-        pool: Pool::new(certs.clone(), bundle),
-        load: Load::default(),
-        here: Here {
+    let mut outbound = Outbound::new(
+        xds.clone(),
+        Pool::new(certs.clone(), bundle),
+        Here {
             cluster: config.cluster_id.clone(),
             ..Default::default()
         },
-        pod_ip: Some(config.pod_ip),
-        passthrough: config.passthrough,
-    });
+    );
+    outbound.load = Load::new(Outliers::new(config.outliers.clone()));
+    outbound.pod_ip = Some(config.pod_ip);
+    outbound.passthrough = config.passthrough;
+    outbound.sniff_timeout = config.sniff_timeout;
+    outbound.metrics = metrics.clone();
+    outbound.drain = drain.clone();
+    let outbound = Arc::new(outbound);
     let listener = tokio::net::TcpListener::bind(config.outbound_addr)
         .await
         .with_context(|| format!("binding the outbound listener {}", config.outbound_addr))?;
     let outbound_addr = listener.local_addr()?;
-    tasks.push(tokio::spawn(crate::outbound::serve_explicit(
+    tasks.push(tokio::spawn(crate::outbound::serve(
         listener,
         outbound.clone(),
     )));
@@ -212,58 +292,45 @@ pub async fn start(config: SidecarConfig) -> Result<Sidecar> {
         inbound_capture.clone(),
     )));
 
-    let health = tokio::net::TcpListener::bind(config.health_addr)
-        .await
-        .with_context(|| format!("binding the health port {}", config.health_addr))?;
-    let health_addr = health.local_addr()?;
-    tasks.push(tokio::spawn(serve_health(health, xds.clone())));
-    tracing::info!(identity = %cert.identity(), %outbound_addr, %health_addr, "sidecar started");
+    let admin = Arc::new(Admin {
+        xds: xds.clone(),
+        outbound: outbound.clone(),
+        inbound: inbound.clone(),
+        capture: inbound_capture.clone(),
+        certs: Some(certs.clone()),
+        metrics,
+        drain: drain.clone(),
+        set_log_level,
+    });
+    let mut bound = Vec::new();
+    for (addr, routes, what) in [
+        (config.health_addr, Routes::Health, "health"),
+        (config.admin_addr, Routes::Admin, "admin"),
+        (config.prometheus_addr, Routes::Prometheus, "Prometheus"),
+    ] {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding the {what} port {addr}"))?;
+        bound.push(listener.local_addr()?);
+        tasks.push(tokio::spawn(crate::admin::serve(
+            listener,
+            admin.clone(),
+            routes,
+        )));
+    }
+    let (health_addr, admin_addr, prometheus_addr) = (bound[0], bound[1], bound[2]);
+    tracing::info!(identity = %cert.identity(), %outbound_addr, %health_addr, %admin_addr, "sidecar started");
     Ok(Sidecar {
         xds,
         inbound_capture,
         inbound,
         outbound,
+        admin,
         outbound_addr,
         health_addr,
+        admin_addr,
+        prometheus_addr,
+        drain,
         tasks,
     })
-}
-
-/// `/healthz/ready`: 200 once the first xDS sync is in (the certificate
-/// came before anything was bound), 503 before.
-async fn serve_health(listener: tokio::net::TcpListener, xds: Arc<XdsState>) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    loop {
-        let Ok((mut conn, _)) = listener.accept().await else {
-            continue;
-        };
-        let xds = xds.clone();
-        tokio::spawn(async move {
-            let mut buf = [0u8; 1024];
-            let Ok(Ok(n)) = tokio::time::timeout(Duration::from_secs(5), conn.read(&mut buf)).await
-            else {
-                return;
-            };
-            let request = String::from_utf8_lossy(&buf[..n]);
-            let path = request.split_whitespace().nth(1).unwrap_or("");
-            let ready = xds.synced.load(Ordering::Relaxed);
-            let (code, body) = match path {
-                "/healthz/ready" if ready => ("200 OK", "ready\n"),
-                "/healthz/ready" => (
-                    "503 Service Unavailable",
-                    "waiting for the first configuration from the control plane\n",
-                ),
-                _ => ("404 Not Found", "try /healthz/ready\n"),
-            };
-            let _ = conn
-                .write_all(
-                    format!(
-                        "HTTP/1.1 {code}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-                        body.len()
-                    )
-                    .as_bytes(),
-                )
-                .await;
-        });
-    }
 }

@@ -29,6 +29,8 @@ pub struct XdsState {
     pub acks: AtomicU64,
     pub nacks: AtomicU64,
     pub reconnects: AtomicU64,
+    /// True while a stream to the control plane is open.
+    pub connected: AtomicBool,
 }
 
 impl Default for XdsState {
@@ -39,6 +41,7 @@ impl Default for XdsState {
             acks: AtomicU64::new(0),
             nacks: AtomicU64::new(0),
             reconnects: AtomicU64::new(0),
+            connected: AtomicBool::new(false),
         }
     }
 }
@@ -175,7 +178,11 @@ where
     let mut attempt = 0u32;
     loop {
         let delivered = match connect().await {
-            Ok(channel) => match session(channel, &node, &state, &mut resources).await {
+            Ok(channel) => match session(channel, &node, &state, &mut resources)
+                .await
+                .inspect(|_| state.connected.store(false, Ordering::Relaxed))
+                .inspect_err(|_| state.connected.store(false, Ordering::Relaxed))
+            {
                 Ok(delivered) => delivered,
                 Err((delivered, err)) => {
                     tracing::warn!(%err, "xDS stream ended; serving the last snapshot meanwhile");
@@ -223,6 +230,7 @@ async fn session(
         .await
         .map_err(|e| (false, anyhow::anyhow!("opening the stream: {e}")))?
         .into_inner();
+    state.connected.store(true, Ordering::Relaxed);
     let mut delivered = false;
     loop {
         let response = match responses.message().await {

@@ -12,7 +12,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use weft_certs::tls::{CertStore, TrustBundle};
 use weft_certs::{CaParams, CertificateAuthority, Identity, issue_workload};
-use weft_proxy::balance::{Here, Load};
+use weft_proxy::balance::Here;
 use weft_proxy::hbone::{HBONE_PORT, Inbound, Pool, serve_inbound};
 use weft_proxy::outbound::{Outbound, serve_explicit};
 use weft_proxy::state::Snapshot;
@@ -211,18 +211,17 @@ async fn client_sidecar(passthrough: bool) -> Mesh {
     let bundle = TrustBundle::from_pem(&ca.roots_pem()).unwrap();
     let certs = CertStore::new(&issue_workload(&ca, &id("client"), None).unwrap()).unwrap();
     let xds = Arc::new(XdsState::default());
-    let outbound = Arc::new(Outbound {
-        xds: xds.clone(),
-        pool: Pool::new(certs, bundle.clone()),
-        load: Load::default(),
-        here: Here {
+    let mut outbound = Outbound::new(
+        xds.clone(),
+        Pool::new(certs, bundle.clone()),
+        Here {
             cluster: "c1".into(),
             region: "eu".into(),
             zone: "a".into(),
         },
-        pod_ip: None,
-        passthrough,
-    });
+    );
+    outbound.passthrough = passthrough;
+    let outbound = Arc::new(outbound);
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let proxy = listener.local_addr().unwrap();
     tokio::spawn(serve_explicit(listener, outbound.clone()));

@@ -124,7 +124,7 @@ fn a_connection_to_a_vip_is_captured_and_delivered() {
     use std::os::fd::AsRawFd;
     use std::sync::Arc;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    use weft_proxy::balance::{Here, Load};
+    use weft_proxy::balance::Here;
     use weft_proxy::outbound::{Outbound, serve_transparent};
     use weft_proxy::state::Snapshot;
     use weft_proxy::xds::XdsState;
@@ -256,14 +256,11 @@ fn a_connection_to_a_vip_is_captured_and_delivered() {
             .map_err(|e| e.to_string())?;
             let bundle = weft_certs::tls::TrustBundle::from_pem(&ca.roots_pem())
                 .map_err(|e| e.to_string())?;
-            let outbound = Arc::new(Outbound {
+            let outbound = Arc::new(Outbound::new(
                 xds,
-                pool: weft_proxy::hbone::Pool::new(certs, bundle),
-                load: Load::default(),
-                here: Here::default(),
-                pod_ip: None,
-                passthrough: true,
-            });
+                weft_proxy::hbone::Pool::new(certs, bundle),
+                Here::default(),
+            ));
             let capture = tokio::net::TcpListener::bind("0.0.0.0:15001")
                 .await
                 .map_err(|e| e.to_string())?;

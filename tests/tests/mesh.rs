@@ -337,7 +337,12 @@ async fn a_connection_crosses_two_sidecars_configured_by_the_control_plane() {
             inbound_capture_addr: "127.0.0.1:0".parse().unwrap(),
             inbound_mode: weft_proxy::inbound::Mode::Strict,
             health_addr: "127.0.0.1:0".parse().unwrap(),
+            admin_addr: "127.0.0.1:0".parse().unwrap(),
+            prometheus_addr: "127.0.0.1:0".parse().unwrap(),
             passthrough: false,
+            sniff_timeout: Duration::from_millis(100),
+            outliers: Default::default(),
+            drain_timeout: Duration::from_secs(5),
         })
         .await
         .unwrap();
@@ -349,7 +354,7 @@ async fn a_connection_crosses_two_sidecars_configured_by_the_control_plane() {
     let health = client_side.health_addr;
     let ready = || async move {
         let mut conn = tokio::net::TcpStream::connect(health).await.unwrap();
-        conn.write_all(b"GET /healthz/ready HTTP/1.1\r\nhost: x\r\n\r\n")
+        conn.write_all(b"GET /healthz/ready HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
             .await
             .unwrap();
         let mut out = String::new();
@@ -397,5 +402,52 @@ async fn a_connection_crosses_two_sidecars_configured_by_the_control_plane() {
             .inbound
             .calls_from("spiffe://cluster.local/ns/demo/sa/client"),
         1
+    );
+    drop(conn);
+
+    // The admin port shows the configuration and the traffic.
+    let admin = |addr: std::net::SocketAddr, path: &'static str| async move {
+        let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
+        conn.write_all(
+            format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .unwrap();
+        let mut out = String::new();
+        tokio::time::timeout(WAIT, conn.read_to_string(&mut out))
+            .await
+            .unwrap()
+            .unwrap();
+        out
+    };
+    let dump = admin(client_side.admin_addr, "/config_dump").await;
+    assert!(dump.contains("\"uid\": \"c1/demo/echo-1\""), "{dump}");
+    let clusters = admin(client_side.admin_addr, "/clusters").await;
+    assert!(
+        clusters.contains("echo.demo.svc.cluster.local"),
+        "{clusters}"
+    );
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let stats = admin(client_side.prometheus_addr, "/stats/prometheus").await;
+        if stats.contains("weft_proxy_tcp_connections_closed_total{reporter=\"source\"")
+            && stats.contains("destination_service=\"echo.demo.svc.cluster.local\"")
+            && stats.contains("weft_proxy_xds_connected 1")
+        {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{stats}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let stats = admin(server_side.prometheus_addr, "/stats/prometheus").await;
+    assert!(
+        stats.contains("source_principal=\"spiffe://cluster.local/ns/demo/sa/client\""),
+        "{stats}"
+    );
+    // 15090 serves metrics only; the mesh view stays on loopback's 15000.
+    assert!(
+        admin(client_side.prometheus_addr, "/config_dump")
+            .await
+            .starts_with("HTTP/1.1 404")
     );
 }

@@ -1,0 +1,299 @@
+//! The admin endpoints, Envoy-style so operators know where to look:
+//! 15000 (loopback only: it shows the whole mesh view) serves
+//! `/config_dump`, `/clusters`, `/stats/prometheus`, `/logging` and
+//! `/healthz/ready`; 15090 serves `/stats/prometheus` for scrapers; 15021
+//! serves `/healthz/ready` for the kubelet.
+
+use std::convert::Infallible;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, UNIX_EPOCH};
+
+use http::{Method, Request, Response, StatusCode, header};
+use hyper_util::rt::TokioIo;
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+use weft_certs::tls::CertStore;
+use weft_xds_proto::mesh;
+
+use crate::drain::Drain;
+use crate::hbone::Inbound;
+use crate::http::{Body, full};
+use crate::metrics::{Metrics, catch_up};
+use crate::outbound::Outbound;
+use crate::state::{Snapshot, ip_from_bytes};
+use crate::xds::XdsState;
+
+/// Changes the log filter at run time (`/logging?level=debug`).
+pub type SetLogLevel = Box<dyn Fn(&str) -> anyhow::Result<()> + Send + Sync>;
+
+pub struct Admin {
+    pub xds: Arc<XdsState>,
+    pub outbound: Arc<Outbound>,
+    pub inbound: Arc<Inbound>,
+    pub capture: Arc<crate::inbound::Counters>,
+    pub certs: Option<CertStore>,
+    pub metrics: Arc<Metrics>,
+    pub drain: Drain,
+    pub set_log_level: Option<SetLogLevel>,
+}
+
+/// Which endpoints a port serves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Routes {
+    Admin,
+    Prometheus,
+    Health,
+}
+
+impl Admin {
+    pub fn ready(&self) -> bool {
+        self.xds.synced.load(Ordering::Relaxed) && !self.drain.is_draining()
+    }
+
+    /// The metrics text, with the counts kept elsewhere brought up to date.
+    pub fn prometheus(&self) -> String {
+        let m = &self.metrics;
+        catch_up(&m.xds_acks, self.xds.acks.load(Ordering::Relaxed));
+        catch_up(&m.xds_nacks, self.xds.nacks.load(Ordering::Relaxed));
+        catch_up(
+            &m.xds_reconnects,
+            self.xds.reconnects.load(Ordering::Relaxed),
+        );
+        catch_up(
+            &m.outlier_ejections,
+            self.outbound
+                .load
+                .outliers
+                .ejections_total
+                .load(Ordering::Relaxed),
+        );
+        catch_up(
+            &m.inbound_plaintext_refused,
+            self.capture.refused_plaintext.load(Ordering::Relaxed),
+        );
+        m.xds_connected
+            .set(i64::from(self.xds.connected.load(Ordering::Relaxed)));
+        m.draining.set(i64::from(self.drain.is_draining()));
+        if let Some(certs) = &self.certs {
+            let expiry = certs
+                .certificate()
+                .not_after()
+                .duration_since(UNIX_EPOCH)
+                .unwrap_or_default();
+            m.certificate_expiry.set(expiry.as_secs() as i64);
+        }
+        m.encode()
+    }
+
+    /// `/clusters`: each service's endpoints as this proxy sees them.
+    pub fn clusters(&self) -> Value {
+        let snapshot = self.xds.snapshot.load();
+        let load = &self.outbound.load;
+        let services: Vec<Value> = snapshot
+            .services
+            .values()
+            .map(|service| {
+                let endpoints: Vec<Value> = snapshot
+                    .endpoints(service)
+                    .map(|w| {
+                        let locality = w.locality.clone().unwrap_or_default();
+                        json!({
+                            "workload": w.uid,
+                            "addresses": addresses(&w.addresses),
+                            "cluster": w.cluster_id,
+                            "locality": {"region": locality.region, "zone": locality.zone},
+                            "healthy": w.status == mesh::WorkloadStatus::Healthy as i32,
+                            "stale": w.stale,
+                            "outstanding": load.outstanding(&w.uid),
+                            "outlier": load.outliers.health(&w.uid),
+                            "sidecar": w.tunnel_protocol == mesh::TunnelProtocol::Hbone as i32,
+                        })
+                    })
+                    .collect();
+                json!({"service": service.hostname, "endpoints": endpoints})
+            })
+            .collect();
+        json!({ "services": services })
+    }
+
+    fn logging(&self, query: &str) -> (StatusCode, String) {
+        let Some(level) = query.split('&').find_map(|kv| kv.strip_prefix("level=")) else {
+            return (
+                StatusCode::BAD_REQUEST,
+                "usage: POST /logging?level=<filter>, e.g. level=debug or level=weft_proxy=trace\n"
+                    .into(),
+            );
+        };
+        match &self.set_log_level {
+            None => (
+                StatusCode::NOT_IMPLEMENTED,
+                "log level changes are not wired in this process\n".into(),
+            ),
+            Some(set) => match set(level) {
+                Ok(()) => {
+                    tracing::info!(level, "log level changed");
+                    (StatusCode::OK, format!("log level: {level}\n"))
+                }
+                Err(err) => (StatusCode::BAD_REQUEST, format!("{err:#}\n")),
+            },
+        }
+    }
+
+    fn route(&self, routes: Routes, method: &Method, path: &str, query: &str) -> Response<Body> {
+        let (status, content_type, body) = match (routes, path) {
+            (_, "/healthz/ready") if self.ready() => {
+                (StatusCode::OK, "text/plain", "ready\n".to_string())
+            }
+            (_, "/healthz/ready") if self.drain.is_draining() => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "text/plain",
+                "draining\n".to_string(),
+            ),
+            (_, "/healthz/ready") => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "text/plain",
+                "waiting for the first configuration from the control plane\n".to_string(),
+            ),
+            (Routes::Admin | Routes::Prometheus, "/stats/prometheus") => (
+                StatusCode::OK,
+                "text/plain; version=0.0.4",
+                self.prometheus(),
+            ),
+            (Routes::Admin, "/config_dump") => (
+                StatusCode::OK,
+                "application/json",
+                pretty(&config_dump(&self.xds.snapshot.load())),
+            ),
+            (Routes::Admin, "/clusters") => {
+                (StatusCode::OK, "application/json", pretty(&self.clusters()))
+            }
+            (Routes::Admin, "/logging") if method == Method::POST => {
+                let (status, text) = self.logging(query);
+                (status, "text/plain", text)
+            }
+            (Routes::Admin, "/logging") => (
+                StatusCode::METHOD_NOT_ALLOWED,
+                "text/plain",
+                "use POST /logging?level=<filter>\n".into(),
+            ),
+            (Routes::Admin, _) => (
+                StatusCode::NOT_FOUND,
+                "text/plain",
+                "/config_dump /clusters /stats/prometheus /logging /healthz/ready\n".into(),
+            ),
+            (Routes::Prometheus, _) => (
+                StatusCode::NOT_FOUND,
+                "text/plain",
+                "try /stats/prometheus\n".into(),
+            ),
+            (Routes::Health, _) => (
+                StatusCode::NOT_FOUND,
+                "text/plain",
+                "try /healthz/ready\n".into(),
+            ),
+        };
+        let mut response = Response::new(full(body));
+        *response.status_mut() = status;
+        if let Ok(value) = content_type.parse() {
+            response.headers_mut().insert(header::CONTENT_TYPE, value);
+        }
+        response
+    }
+}
+
+fn pretty(value: &Value) -> String {
+    serde_json::to_string_pretty(value).unwrap_or_default() + "\n"
+}
+
+fn addresses(raw: &[Vec<u8>]) -> Vec<String> {
+    raw.iter()
+        .filter_map(|a| ip_from_bytes(a))
+        .map(|ip: IpAddr| ip.to_string())
+        .collect()
+}
+
+/// The snapshot as JSON: what this proxy was told, in a form a person
+/// (or `jq`) can read.
+pub fn config_dump(snapshot: &Snapshot) -> Value {
+    let services: Vec<Value> = snapshot
+        .services
+        .iter()
+        .map(|(name, s)| {
+            json!({
+                "name": name,
+                "hostname": s.hostname,
+                "namespace": s.namespace,
+                "vips": s.vips.iter().map(|v| json!({
+                    "cluster": v.cluster_id,
+                    "network": v.network,
+                    "address": addresses(std::slice::from_ref(&v.address)).first(),
+                })).collect::<Vec<_>>(),
+                "ports": s.ports.iter().map(|p| json!({
+                    "port": p.port,
+                    "name": p.name,
+                    "protocol": p.app_protocol().as_str_name(),
+                    "target_port": p.target_port,
+                })).collect::<Vec<_>>(),
+                "cluster_local": s.cluster_local,
+                "clusters": s.clusters,
+            })
+        })
+        .collect();
+    let workloads: Vec<Value> = snapshot
+        .workloads
+        .values()
+        .map(|w| {
+            let identity = w.identity.clone().unwrap_or_default();
+            let locality = w.locality.clone().unwrap_or_default();
+            json!({
+                "uid": w.uid,
+                "name": w.name,
+                "namespace": w.namespace,
+                "cluster": w.cluster_id,
+                "network": w.network,
+                "addresses": addresses(&w.addresses),
+                "identity": format!("spiffe://{}/ns/{}/sa/{}", identity.trust_domain, identity.namespace, identity.service_account),
+                "locality": {"region": locality.region, "zone": locality.zone, "subzone": locality.subzone},
+                "status": w.status().as_str_name(),
+                "tunnel": w.tunnel_protocol().as_str_name(),
+                "stale": w.stale,
+                "canonical_name": w.canonical_name,
+                "canonical_revision": w.canonical_revision,
+                "services": w.services.iter().map(|b| json!({
+                    "hostname": b.hostname,
+                    "ports": b.ports.iter().map(|m| json!({"service_port": m.service_port, "target_port": m.target_port})).collect::<Vec<_>>(),
+                })).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    json!({ "services": services, "workloads": workloads })
+}
+
+/// Serves `routes` on `listener` until draining ends the process.
+pub async fn serve(listener: TcpListener, admin: Arc<Admin>, routes: Routes) {
+    loop {
+        let Ok((tcp, _)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            continue;
+        };
+        let admin = admin.clone();
+        tokio::spawn(async move {
+            let service =
+                hyper::service::service_fn(move |request: Request<hyper::body::Incoming>| {
+                    let admin = admin.clone();
+                    async move {
+                        let path = request.uri().path().to_string();
+                        let query = request.uri().query().unwrap_or("").to_string();
+                        Ok::<_, Infallible>(admin.route(routes, request.method(), &path, &query))
+                    }
+                });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .header_read_timeout(Duration::from_secs(10))
+                .timer(hyper_util::rt::TokioTimer::new())
+                .serve_connection(TokioIo::new(tcp), service)
+                .await;
+        });
+    }
+}

@@ -1,0 +1,121 @@
+//! Graceful drain: on SIGTERM the sidecar stops accepting, tells HTTP
+//! clients to go away (`connection: close` on HTTP/1.1, GOAWAY on HTTP/2)
+//! after their in-flight requests, and waits for open connections to end,
+//! up to a deadline. The application's own shutdown runs meanwhile, and
+//! its last responses still get out.
+
+use std::pin::pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use hyper_util::server::graceful::GracefulConnection;
+use tokio::sync::{Notify, watch};
+
+struct Inner {
+    started: watch::Sender<bool>,
+    active: AtomicUsize,
+    idle: Notify,
+}
+
+#[derive(Clone)]
+pub struct Drain {
+    inner: Arc<Inner>,
+}
+
+impl Default for Drain {
+    fn default() -> Self {
+        Drain {
+            inner: Arc::new(Inner {
+                started: watch::channel(false).0,
+                active: AtomicUsize::new(0),
+                idle: Notify::new(),
+            }),
+        }
+    }
+}
+
+/// One open connection (or tunnel), counted until dropped.
+pub struct Active(Arc<Inner>);
+
+impl Drop for Active {
+    fn drop(&mut self) {
+        if self.0.active.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.idle.notify_waiters();
+        }
+    }
+}
+
+impl Drain {
+    pub fn start(&self) {
+        self.inner.started.send_replace(true);
+    }
+
+    pub fn is_draining(&self) -> bool {
+        *self.inner.started.borrow()
+    }
+
+    /// Resolves once draining has begun.
+    pub async fn started(&self) {
+        let mut rx = self.inner.started.subscribe();
+        let _ = rx.wait_for(|started| *started).await;
+    }
+
+    pub fn track(&self) -> Active {
+        self.inner.active.fetch_add(1, Ordering::AcqRel);
+        Active(self.inner.clone())
+    }
+
+    pub fn active(&self) -> usize {
+        self.inner.active.load(Ordering::Acquire)
+    }
+
+    /// Drives an HTTP connection; when draining starts, it finishes its
+    /// in-flight requests and closes.
+    pub async fn serve<C: GracefulConnection>(&self, connection: C) {
+        let mut connection = pin!(connection);
+        tokio::select! {
+            _ = connection.as_mut() => return,
+            _ = self.started() => connection.as_mut().graceful_shutdown(),
+        }
+        let _ = connection.await;
+    }
+
+    /// Waits until no connection is open, or `deadline`. True if idle.
+    pub async fn idle(&self, deadline: Duration) -> bool {
+        let wait = async {
+            loop {
+                let notified = self.inner.idle.notified();
+                if self.active() == 0 {
+                    return;
+                }
+                notified.await;
+            }
+        };
+        tokio::time::timeout(deadline, wait).await.is_ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn waits_for_open_connections_up_to_the_deadline() {
+        let drain = Drain::default();
+        assert!(drain.idle(Duration::from_millis(10)).await);
+        let open = drain.track();
+        drain.start();
+        assert!(drain.is_draining());
+        drain.started().await;
+        assert!(
+            !drain.idle(Duration::from_millis(50)).await,
+            "one still open"
+        );
+        let later = drain.clone();
+        let waiter = tokio::spawn(async move { later.idle(Duration::from_secs(10)).await });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        drop(open);
+        assert!(waiter.await.unwrap());
+    }
+}

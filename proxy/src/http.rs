@@ -1,0 +1,138 @@
+//! What every HTTP path of the sidecar shares: the body type that carries
+//! requests and responses across hyper's client and server halves, the
+//! headers weft adds between sidecars, and the hop-by-hop headers that must
+//! not cross a proxy.
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Response, StatusCode};
+use http_body_util::{BodyExt, Empty, Full};
+
+/// Bodies stream through the proxy; they are never buffered whole.
+pub type Body = http_body_util::combinators::BoxBody<Bytes, hyper::Error>;
+
+/// Set by the client sidecar on mesh HTTP requests: the `ip:port` of the
+/// application behind the peer sidecar (the L7 twin of CONNECT's authority).
+pub const TARGET: HeaderName = HeaderName::from_static("x-weft-target");
+/// Set by the client sidecar: the HTTP version the application spoke
+/// (`http/1.1` or `h2`), so the far side restores it for the server app.
+pub const APP_PROTOCOL: HeaderName = HeaderName::from_static("x-weft-app-protocol");
+/// Set by the server sidecar for the application: the caller's SPIFFE ID,
+/// proven by its mTLS certificate. Any value a client sent is replaced.
+pub const PEER_IDENTITY: HeaderName = HeaderName::from_static("x-weft-peer-identity");
+
+pub fn empty() -> Body {
+    Empty::new().map_err(|never| match never {}).boxed()
+}
+
+pub fn full(bytes: impl Into<Bytes>) -> Body {
+    Full::new(bytes.into())
+        .map_err(|never| match never {})
+        .boxed()
+}
+
+/// A response the proxy itself makes, with a one-line reason the caller
+/// can read and an `x-weft-error` header that says it came from weft and
+/// not from the application.
+pub fn error(status: StatusCode, reason: &str) -> Response<Body> {
+    let mut response = Response::new(full(format!("{reason}\n")));
+    *response.status_mut() = status;
+    if let Ok(value) = HeaderValue::from_str(reason) {
+        response
+            .headers_mut()
+            .insert(HeaderName::from_static("x-weft-error"), value);
+    }
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
+}
+
+/// Headers that describe one connection, not the message (RFC 9110 7.6.1),
+/// plus any the `connection` header names. HTTP/2 forbids them outright.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in [
+        header::CONNECTION,
+        header::PROXY_AUTHORIZATION,
+        header::TRANSFER_ENCODING,
+        header::UPGRADE,
+        HeaderName::from_static("keep-alive"),
+        HeaderName::from_static("proxy-connection"),
+    ] {
+        headers.remove(name);
+    }
+    // `te: trailers` is how gRPC says it understands trailers; HTTP/2
+    // allows exactly that value and nothing else.
+    if headers
+        .get(header::TE)
+        .is_some_and(|v| !v.as_bytes().eq_ignore_ascii_case(b"trailers"))
+    {
+        headers.remove(header::TE);
+    }
+}
+
+/// Methods whose requests may be sent again after a failure that happened
+/// before the application saw them (RFC 9110 9.2.2).
+pub fn idempotent(method: &http::Method) -> bool {
+    use http::Method;
+    [
+        Method::GET,
+        Method::HEAD,
+        Method::OPTIONS,
+        Method::TRACE,
+        Method::PUT,
+        Method::DELETE,
+    ]
+    .contains(method)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_do_not_cross() {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, x-private"),
+        );
+        headers.insert("x-private", HeaderValue::from_static("1"));
+        headers.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        headers.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+        headers.insert(header::TE, HeaderValue::from_static("gzip"));
+        headers.insert("x-kept", HeaderValue::from_static("yes"));
+        strip_hop_by_hop(&mut headers);
+        assert_eq!(headers.len(), 1, "{headers:?}");
+        assert!(headers.contains_key("x-kept"));
+
+        let mut grpc = HeaderMap::new();
+        grpc.insert(header::TE, HeaderValue::from_static("trailers"));
+        strip_hop_by_hop(&mut grpc);
+        assert!(
+            grpc.contains_key(header::TE),
+            "gRPC's te: trailers must survive"
+        );
+    }
+
+    #[test]
+    fn errors_say_they_come_from_the_proxy() {
+        let response = error(StatusCode::SERVICE_UNAVAILABLE, "no healthy endpoint");
+        assert_eq!(response.status(), 503);
+        assert_eq!(response.headers()["x-weft-error"], "no healthy endpoint");
+    }
+}

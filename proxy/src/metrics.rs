@@ -1,0 +1,250 @@
+//! The sidecar's Prometheus metrics, in one registry, served on
+//! `/stats/prometheus` (15000 and 15090). Label names follow Istio's
+//! standard metrics where they mean the same thing, so dashboards carry
+//! over: `reporter` is `source` for the client sidecar's view and
+//! `destination` for the server sidecar's.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+use weft_xds_proto::mesh;
+
+/// Who is at one end of a request or connection.
+#[derive(Clone, Debug, Default, Hash, PartialEq, Eq)]
+pub struct Peer {
+    pub workload: String,
+    pub namespace: String,
+    pub cluster: String,
+    /// The SPIFFE ID, when proven by mTLS.
+    pub principal: String,
+}
+
+impl Peer {
+    pub fn of(workload: &mesh::Workload) -> Peer {
+        Peer {
+            workload: workload_name(workload),
+            namespace: workload.namespace.clone(),
+            cluster: workload.cluster_id.clone(),
+            principal: workload
+                .identity
+                .as_ref()
+                .map(|id| {
+                    format!(
+                        "spiffe://{}/ns/{}/sa/{}",
+                        id.trust_domain, id.namespace, id.service_account
+                    )
+                })
+                .unwrap_or_default(),
+        }
+    }
+}
+
+/// The name dashboards group by: the canonical (deployment) name when the
+/// control plane knows it, else the pod name.
+fn workload_name(workload: &mesh::Workload) -> String {
+    if workload.canonical_name.is_empty() {
+        workload.name.clone()
+    } else {
+        workload.canonical_name.clone()
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TrafficLabels {
+    pub reporter: String,
+    pub source_workload: String,
+    pub source_namespace: String,
+    pub source_cluster: String,
+    pub source_principal: String,
+    pub destination_service: String,
+    pub destination_workload: String,
+    pub destination_namespace: String,
+    pub destination_cluster: String,
+    pub destination_principal: String,
+}
+
+impl TrafficLabels {
+    pub fn new(reporter: &str, source: &Peer, service: &str, destination: &Peer) -> Self {
+        TrafficLabels {
+            reporter: reporter.into(),
+            source_workload: source.workload.clone(),
+            source_namespace: source.namespace.clone(),
+            source_cluster: source.cluster.clone(),
+            source_principal: source.principal.clone(),
+            destination_service: service.into(),
+            destination_workload: destination.workload.clone(),
+            destination_namespace: destination.namespace.clone(),
+            destination_cluster: destination.cluster.clone(),
+            destination_principal: destination.principal.clone(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    #[prometheus(flatten)]
+    pub traffic: TrafficLabels,
+    pub response_code: u16,
+}
+
+fn duration_histogram() -> Histogram {
+    // 0.1 ms to ~13 s, doubling.
+    Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
+        0.0001, 2.0, 18,
+    ))
+}
+
+pub struct Metrics {
+    registry: Registry,
+    pub requests: Family<RequestLabels, Counter>,
+    pub request_duration: Family<RequestLabels, Histogram, fn() -> Histogram>,
+    pub tcp_opened: Family<TrafficLabels, Counter>,
+    pub tcp_closed: Family<TrafficLabels, Counter>,
+    pub tcp_sent_bytes: Family<TrafficLabels, Counter>,
+    pub tcp_received_bytes: Family<TrafficLabels, Counter>,
+    pub retries: Counter,
+    pub upstream_connect_failures: Counter,
+    /// Set from the other parts' own counters when scraped.
+    pub outlier_ejections: Counter,
+    pub inbound_plaintext_refused: Counter,
+    pub xds_connected: Gauge,
+    pub xds_acks: Counter,
+    pub xds_nacks: Counter,
+    pub xds_reconnects: Counter,
+    pub certificate_expiry: Gauge,
+    pub draining: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("weft_proxy");
+        let m = Metrics {
+            registry: Registry::default(),
+            requests: Family::default(),
+            request_duration: Family::new_with_constructor(duration_histogram),
+            tcp_opened: Family::default(),
+            tcp_closed: Family::default(),
+            tcp_sent_bytes: Family::default(),
+            tcp_received_bytes: Family::default(),
+            retries: Counter::default(),
+            upstream_connect_failures: Counter::default(),
+            outlier_ejections: Counter::default(),
+            inbound_plaintext_refused: Counter::default(),
+            xds_connected: Gauge::default(),
+            xds_acks: Counter::default(),
+            xds_nacks: Counter::default(),
+            xds_reconnects: Counter::default(),
+            certificate_expiry: Gauge::default(),
+            draining: Gauge::default(),
+        };
+        let r = &mut registry;
+        r.register(
+            "requests",
+            "HTTP requests, by peers and response code",
+            m.requests.clone(),
+        );
+        r.register(
+            "request_duration_seconds",
+            "HTTP request duration to the response headers",
+            m.request_duration.clone(),
+        );
+        r.register(
+            "tcp_connections_opened",
+            "TCP connections opened",
+            m.tcp_opened.clone(),
+        );
+        r.register(
+            "tcp_connections_closed",
+            "TCP connections closed",
+            m.tcp_closed.clone(),
+        );
+        r.register(
+            "tcp_sent_bytes",
+            "Bytes sent towards the destination on TCP connections",
+            m.tcp_sent_bytes.clone(),
+        );
+        r.register(
+            "tcp_received_bytes",
+            "Bytes received from the destination on TCP connections",
+            m.tcp_received_bytes.clone(),
+        );
+        r.register(
+            "retries",
+            "Requests and connects retried on another endpoint",
+            m.retries.clone(),
+        );
+        r.register(
+            "upstream_connect_failures",
+            "Connections to an endpoint or its sidecar that failed",
+            m.upstream_connect_failures.clone(),
+        );
+        r.register(
+            "outlier_ejections",
+            "Endpoints ejected by outlier detection",
+            m.outlier_ejections.clone(),
+        );
+        r.register(
+            "inbound_plaintext_refused",
+            "Plaintext inbound connections refused in STRICT mode",
+            m.inbound_plaintext_refused.clone(),
+        );
+        r.register(
+            "xds_connected",
+            "1 when the xDS stream to the control plane is up",
+            m.xds_connected.clone(),
+        );
+        r.register("xds_acks", "xDS responses accepted", m.xds_acks.clone());
+        r.register("xds_nacks", "xDS responses refused", m.xds_nacks.clone());
+        r.register(
+            "xds_reconnects",
+            "xDS streams re-established",
+            m.xds_reconnects.clone(),
+        );
+        r.register(
+            "certificate_expiry_timestamp_seconds",
+            "When the workload certificate expires (Unix time)",
+            m.certificate_expiry.clone(),
+        );
+        r.register(
+            "draining",
+            "1 while the sidecar drains before exiting",
+            m.draining.clone(),
+        );
+        Metrics { registry, ..m }
+    }
+}
+
+/// Moves a counter up to `value`, for counts kept elsewhere as atomics.
+pub fn catch_up(counter: &Counter, value: u64) {
+    let current = counter.get();
+    if value > current {
+        counter.inc_by(value - current);
+    }
+}
+
+impl Metrics {
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing to a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+
+    pub fn request(&self, labels: RequestLabels, seconds: f64) {
+        self.request_duration
+            .get_or_create(&labels)
+            .observe(seconds);
+        self.requests.get_or_create(&labels).inc();
+    }
+
+    pub fn tcp(&self, labels: &TrafficLabels, sent: u64, received: u64) {
+        self.tcp_closed.get_or_create(labels).inc();
+        self.tcp_sent_bytes.get_or_create(labels).inc_by(sent);
+        self.tcp_received_bytes
+            .get_or_create(labels)
+            .inc_by(received);
+    }
+}
