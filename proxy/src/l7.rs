@@ -21,7 +21,7 @@ use http::request::Parts;
 use http::{Request, Response, StatusCode, Uri, Version};
 use http_body_util::BodyExt;
 use hyper::body::{Body as _, Incoming};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
 use weft_certs::Identity;
 
@@ -32,6 +32,10 @@ use crate::outbound::{Destination, Outbound};
 
 /// Attempts after the first.
 const MAX_RETRIES: usize = 2;
+/// The largest request head accepted from an application, and how long it
+/// may take to arrive.
+const MAX_HEAD: usize = 64 * 1024;
+const HEAD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Retries may add at most a fifth to the requests in flight (plus a
 /// floor, so that a quiet proxy can still retry): when an outage makes
@@ -87,7 +91,18 @@ where
         let (outbound, route) = (outbound.clone(), route.clone());
         async move { Ok::<_, Infallible>(forward(&outbound, &route, request).await) }
     });
-    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    // A slow or oversized request head must not hold a connection or
+    // memory for long (slowloris).
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEAD_TIMEOUT)
+        .max_buf_size(MAX_HEAD);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(MAX_HEAD as u32);
     drain
         .serve(builder.serve_connection(TokioIo::new(io), service))
         .await;

@@ -74,6 +74,15 @@ async fn server_pod(
     inbound
 }
 
+fn port(port: u32, name: &str, protocol: mesh::AppProtocol, target_port: u32) -> mesh::ServicePort {
+    mesh::ServicePort {
+        port,
+        name: name.into(),
+        app_protocol: protocol as i32,
+        target_port,
+    }
+}
+
 fn service() -> mesh::Service {
     mesh::Service {
         name: "echo".into(),
@@ -84,12 +93,13 @@ fn service() -> mesh::Service {
             network: "n".into(),
             address: vec![10, 96, 0, 10],
         }],
-        ports: vec![mesh::ServicePort {
-            port: 80,
-            name: "tcp".into(),
-            app_protocol: mesh::AppProtocol::Tcp as i32,
-            target_port: 8080,
-        }],
+        ports: vec![
+            port(80, "tcp", mesh::AppProtocol::Tcp, 8080),
+            port(81, "http", mesh::AppProtocol::Http, 8081),
+            // No declared protocol: the client sidecar sniffs.
+            port(82, "web", mesh::AppProtocol::Unspecified, 8081),
+            port(90, "grpc", mesh::AppProtocol::Grpc, 9090),
+        ],
         cluster_local: false,
         clusters: vec!["c1".into(), "c2".into()],
     }
@@ -126,10 +136,13 @@ fn workload(
         services: vec![mesh::ServiceBinding {
             namespace: "demo".into(),
             hostname: "echo.demo.svc.cluster.local".into(),
-            ports: vec![mesh::PortMapping {
-                service_port: 80,
-                target_port: 8080,
-            }],
+            ports: [(80, 8080), (81, 8081), (82, 8081), (90, 9090)]
+                .into_iter()
+                .map(|(service_port, target_port)| mesh::PortMapping {
+                    service_port,
+                    target_port,
+                })
+                .collect(),
         }],
         tunnel_protocol: mesh::TunnelProtocol::Hbone as i32,
         ..Default::default()
@@ -314,7 +327,7 @@ async fn refusals_are_clean() {
         vec![workload("c1/demo/echo-1", ip, "c1", "a", "echo", true)],
     );
     assert_eq!(connect(mesh.proxy, "nope.demo:80").await.0, 404);
-    assert_eq!(connect(mesh.proxy, "echo.demo:81").await.0, 404);
+    assert_eq!(connect(mesh.proxy, "echo.demo:99").await.0, 404);
     assert_eq!(connect(mesh.proxy, "127.0.0.1:9").await.0, 404);
 
     // A tunnel to an address that is not the server pod's.
@@ -383,4 +396,460 @@ async fn passthrough_reaches_addresses_outside_the_mesh() {
     let (code, mut conn) = connect(mesh.proxy, &addr.to_string()).await;
     assert_eq!(code, 200);
     assert_eq!(exchange(&mut conn, "hi").await, "outside:hi");
+}
+
+// ---- L7: HTTP/1.1, HTTP/2 and gRPC through two sidecars ----
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+
+/// An HTTP app (HTTP/1.1 and HTTP/2) on `ip:8081` that says who it is, the
+/// version it was spoken to in, and the caller identity its sidecar
+/// reported; POST bodies are echoed. `/fail/<name>` fails on that app only.
+async fn http_app(ip: IpAddr, name: &'static str) {
+    let listener = TcpListener::bind(SocketAddr::new(ip, 8081)).await.unwrap();
+    tokio::spawn(async move {
+        while let Ok((conn, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(
+                    move |request: http::Request<hyper::body::Incoming>| async move {
+                        let failing = request.uri().path() == format!("/fail/{name}");
+                        let identity = request
+                            .headers()
+                            .get("x-weft-peer-identity")
+                            .map(|v| v.to_str().unwrap_or("?").to_string())
+                            .unwrap_or_else(|| "-".into());
+                        let version = format!("{:?}", request.version());
+                        let body = request.into_body().collect().await?.to_bytes();
+                        let text = format!(
+                            "{name} {version} {identity} {}",
+                            String::from_utf8_lossy(&body)
+                        );
+                        let mut response = http::Response::new(Full::new(Bytes::from(text)));
+                        if failing {
+                            *response.status_mut() = http::StatusCode::INTERNAL_SERVER_ERROR;
+                        }
+                        Ok::<_, hyper::Error>(response)
+                    },
+                );
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(conn), service)
+                    .await;
+            });
+        }
+    });
+}
+
+mod grpc {
+    //! A gRPC app on `ip:9090`: the CA service's shape for unary calls and
+    //! ADS's for a bidirectional stream, answering with the app's name and
+    //! the caller identity its sidecar reported.
+    use super::*;
+    use std::pin::Pin;
+    use tokio_stream::{Stream, StreamExt};
+    use tonic::{Request, Response, Status, Streaming};
+    use weft_xds_proto::ca::certificate_service_server::{
+        CertificateService, CertificateServiceServer,
+    };
+    use weft_xds_proto::ca::{CreateCertificateRequest, CreateCertificateResponse};
+    use weft_xds_proto::discovery::aggregated_discovery_service_server::{
+        AggregatedDiscoveryService, AggregatedDiscoveryServiceServer,
+    };
+    use weft_xds_proto::discovery::{
+        DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
+    };
+
+    #[derive(Clone)]
+    pub struct App(pub &'static str);
+
+    fn caller<T>(request: &Request<T>) -> String {
+        request
+            .metadata()
+            .get("x-weft-peer-identity")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("-")
+            .to_string()
+    }
+
+    #[tonic::async_trait]
+    impl CertificateService for App {
+        async fn create_certificate(
+            &self,
+            request: Request<CreateCertificateRequest>,
+        ) -> Result<Response<CreateCertificateResponse>, Status> {
+            let who = caller(&request);
+            Ok(Response::new(CreateCertificateResponse {
+                cert_chain: vec![self.0.to_string(), who, request.into_inner().csr],
+            }))
+        }
+    }
+
+    type Responses<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+    #[tonic::async_trait]
+    impl AggregatedDiscoveryService for App {
+        type StreamAggregatedResourcesStream = Responses<DiscoveryResponse>;
+        type DeltaAggregatedResourcesStream = Responses<DeltaDiscoveryResponse>;
+
+        async fn stream_aggregated_resources(
+            &self,
+            _: Request<Streaming<DiscoveryRequest>>,
+        ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
+            Err(Status::unimplemented("not in this test"))
+        }
+
+        async fn delta_aggregated_resources(
+            &self,
+            request: Request<Streaming<DeltaDiscoveryRequest>>,
+        ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
+            let (name, who) = (self.0, caller(&request));
+            let replies = request.into_inner().map(move |item| {
+                item.map(|r| DeltaDiscoveryResponse {
+                    type_url: r.type_url,
+                    nonce: format!("{name} {who}"),
+                    ..Default::default()
+                })
+            });
+            Ok(Response::new(Box::pin(replies)))
+        }
+    }
+
+    pub async fn serve(ip: IpAddr, name: &'static str) {
+        let listener = TcpListener::bind(SocketAddr::new(ip, 9090)).await.unwrap();
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(CertificateServiceServer::new(App(name)))
+                .add_service(AggregatedDiscoveryServiceServer::new(App(name)))
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+    }
+
+    /// A gRPC channel whose connections are CONNECT tunnels through the
+    /// client sidecar's explicit-mode listener.
+    pub async fn channel(proxy: SocketAddr, authority: &'static str) -> tonic::transport::Channel {
+        tonic::transport::Endpoint::from_shared(format!("http://{authority}"))
+            .unwrap()
+            .connect_with_connector(tower::service_fn(move |_: http::Uri| async move {
+                let (code, conn) = connect(proxy, authority).await;
+                if code != 200 {
+                    return Err(std::io::Error::other(format!("CONNECT answered {code}")));
+                }
+                Ok::<_, std::io::Error>(TokioIo::new(conn))
+            }))
+            .await
+            .unwrap()
+    }
+}
+
+/// Two server pods, each with HTTP and gRPC apps behind its sidecar.
+async fn l7_pods(mesh: &Mesh, first: (u8, &'static str), second: (u8, &'static str)) {
+    for (n, name) in [first, second] {
+        let ip = pod_ip(n);
+        server_pod(&mesh.ca, &mesh.bundle, ip, name, &id("echo")).await;
+        http_app(ip, name).await;
+        grpc::serve(ip, name).await;
+    }
+}
+
+type H1 = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
+
+/// An HTTP/1.1 connection through a CONNECT to `authority`.
+async fn http1_via_connect(proxy: SocketAddr, authority: &str) -> H1 {
+    let (code, conn) = connect(proxy, authority).await;
+    assert_eq!(code, 200, "CONNECT {authority}");
+    let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(conn))
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    sender
+}
+
+async fn send(sender: &mut H1, request: http::Request<Full<Bytes>>) -> (u16, String) {
+    // The previous exchange on this keep-alive connection must be over.
+    tokio::time::timeout(STEP, sender.ready())
+        .await
+        .unwrap()
+        .unwrap();
+    let response = tokio::time::timeout(STEP, sender.send_request(request))
+        .await
+        .unwrap()
+        .unwrap();
+    let status = response.status().as_u16();
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+fn get(path: &str, host: &str) -> http::Request<Full<Bytes>> {
+    http::Request::get(path)
+        .header("host", host)
+        .body(Full::default())
+        .unwrap()
+}
+
+const CLIENT: &str = "spiffe://cluster.local/ns/demo/sa/client";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http1_http2_and_grpc_through_two_sidecars() {
+    let mesh = client_sidecar(false).await;
+    l7_pods(&mesh, (10, "echo-a"), (11, "echo-b")).await;
+    publish(
+        &mesh.xds,
+        vec![
+            workload("c1/demo/echo-a", pod_ip(10), "c1", "a", "echo", true),
+            workload("c1/demo/echo-b", pod_ip(11), "c1", "a", "echo", true),
+        ],
+    );
+
+    // HTTP/1.1 on a port declared `http`: one keep-alive connection from
+    // the app, balanced per request over both endpoints, HTTP/1.1 restored
+    // at the far side, and the caller's identity attached there; a
+    // forged identity header is replaced.
+    let mut h1 = http1_via_connect(mesh.proxy, "echo.demo:81").await;
+    let mut served = std::collections::BTreeSet::new();
+    for n in 0..20 {
+        let request = http::Request::post("/")
+            .header("host", "echo.demo:81")
+            .header(
+                "x-weft-peer-identity",
+                "spiffe://cluster.local/ns/demo/sa/admin",
+            )
+            .body(Full::new(Bytes::from(format!("n={n}"))))
+            .unwrap();
+        let (status, body) = send(&mut h1, request).await;
+        assert_eq!(status, 200, "{body}");
+        let words: Vec<&str> = body.split(' ').collect();
+        assert_eq!(
+            words[1..],
+            ["HTTP/1.1", CLIENT, &format!("n={n}")],
+            "{body}"
+        );
+        served.insert(words[0].to_string());
+    }
+    assert_eq!(served.len(), 2, "per-request balancing reached {served:?}");
+
+    // HTTP/2 with prior knowledge on a port that declares nothing: sniffed.
+    let (code, conn) = connect(mesh.proxy, "echo.demo:82").await;
+    assert_eq!(code, 200);
+    let (mut h2, connection) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(conn))
+            .await
+            .unwrap();
+    tokio::spawn(connection);
+    let request = http::Request::get("http://echo.demo:82/")
+        .body(Full::<Bytes>::default())
+        .unwrap();
+    let response = h2.send_request(request).await.unwrap();
+    assert_eq!(response.status(), 200);
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    let body = String::from_utf8_lossy(&body);
+    assert!(body.contains(&format!(" HTTP/2.0 {CLIENT} ")), "{body}");
+    // HTTP/1.1 on the same undeclared port is sniffed as HTTP/1.1.
+    let mut h1 = http1_via_connect(mesh.proxy, "echo.demo:82").await;
+    let (status, body) = send(&mut h1, get("/", "echo.demo:82")).await;
+    assert_eq!(status, 200);
+    assert!(body.contains(&format!(" HTTP/1.1 {CLIENT} ")), "{body}");
+
+    // Absolute-form requests to the explicit proxy, routed by their URI.
+    let conn = TcpStream::connect(mesh.proxy).await.unwrap();
+    let (mut proxied, connection) = hyper::client::conn::http1::handshake(TokioIo::new(conn))
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let (status, body) = send(
+        &mut proxied,
+        get(
+            "http://echo.demo.svc.cluster.local:81/",
+            "echo.demo.svc.cluster.local:81",
+        ),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains(CLIENT), "{body}");
+    let (status, body) = send(&mut proxied, get("http://nope.demo:81/", "nope.demo:81")).await;
+    assert_eq!(status, 503, "an unknown host is the proxy's answer: {body}");
+
+    // gRPC: unary and a bidirectional stream, over one channel.
+    let channel = grpc::channel(mesh.proxy, "echo.demo:90").await;
+    let mut ca = weft_xds_proto::ca::certificate_service_client::CertificateServiceClient::new(
+        channel.clone(),
+    );
+    let reply = ca
+        .create_certificate(weft_xds_proto::ca::CreateCertificateRequest {
+            csr: "ping".into(),
+            validity_seconds: 1,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(reply.cert_chain[1..], [CLIENT, "ping"]);
+    assert!(reply.cert_chain[0].starts_with("echo-"));
+
+    let mut ads = weft_xds_proto::discovery::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient::new(channel);
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let mut replies = ads
+        .delta_aggregated_resources(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    for n in 0..3 {
+        tx.send(weft_xds_proto::discovery::DeltaDiscoveryRequest {
+            type_url: format!("message-{n}"),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        let reply = tokio::time::timeout(STEP, replies.message())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert_eq!(reply.type_url, format!("message-{n}"));
+        assert!(reply.nonce.ends_with(CLIENT), "{}", reply.nonce);
+    }
+    drop(tx);
+    assert!(
+        tokio::time::timeout(STEP, replies.message())
+            .await
+            .unwrap()
+            .unwrap()
+            .is_none(),
+        "the stream ends cleanly when the client ends it"
+    );
+
+    // Each request was counted with its peers and code.
+    let stats = mesh.outbound.metrics.encode();
+    assert!(
+        stats.contains("weft_proxy_requests_total{reporter=\"source\"")
+            && stats.contains("destination_service=\"echo.demo.svc.cluster.local\"")
+            && stats.contains("response_code=\"200\""),
+        "{stats}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failing_endpoints_are_retried_and_ejected() {
+    let mesh = client_sidecar(false).await;
+    l7_pods(&mesh, (12, "echo-a"), (13, "echo-b")).await;
+    // The local endpoint has no sidecar listening: every connect fails.
+    let dead = pod_ip(14);
+    publish(
+        &mesh.xds,
+        vec![
+            workload("c1/demo/dead", dead, "c1", "a", "echo", true),
+            workload("c2/demo/echo-b", pod_ip(13), "c2", "b", "echo", true),
+        ],
+    );
+    let mut h1 = http1_via_connect(mesh.proxy, "echo.demo:81").await;
+    // A POST: the failure happened before the request left, so even a
+    // request with a body is retried elsewhere.
+    let request = http::Request::post("/")
+        .header("host", "echo.demo:81")
+        .body(Full::new(Bytes::from("payload")))
+        .unwrap();
+    let (status, body) = send(&mut h1, request).await;
+    assert_eq!(
+        (status, body.as_str()),
+        (200, format!("echo-b HTTP/1.1 {CLIENT} payload").as_str())
+    );
+    for _ in 0..10 {
+        let (status, body) = send(&mut h1, get("/", "echo.demo:81")).await;
+        assert_eq!(status, 200, "{body}");
+        assert!(body.starts_with("echo-b"), "{body}");
+    }
+    let retries = mesh.outbound.metrics.retries.get();
+    assert!((1..=10).contains(&retries), "retried {retries} times");
+    assert_eq!(
+        mesh.outbound
+            .load
+            .outliers
+            .ejections_total
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1,
+        "five failed connects eject the dead endpoint; later requests go straight to echo-b"
+    );
+
+    // 5xx answers: echo-a fails /fail/echo-a, echo-b serves it. Once echo-a
+    // has failed five times in a row it is ejected and only echo-b answers.
+    publish(
+        &mesh.xds,
+        vec![
+            workload("c1/demo/echo-a", pod_ip(12), "c1", "a", "echo", true),
+            workload("c1/demo/echo-b", pod_ip(13), "c1", "a", "echo", true),
+        ],
+    );
+    let mut answers = Vec::new();
+    for _ in 0..40 {
+        let (status, body) = send(&mut h1, get("/fail/echo-a", "echo.demo:81")).await;
+        answers.push((status, body.split(' ').next().unwrap_or("").to_string()));
+    }
+    let failures = answers.iter().filter(|(s, _)| *s == 500).count();
+    assert_eq!(failures, 5, "{answers:?}");
+    assert!(
+        answers[answers.len() - 10..]
+            .iter()
+            .all(|(s, who)| *s == 200 && who == "echo-b"),
+        "{answers:?}"
+    );
+    let health = mesh.outbound.load.outliers.health("c1/demo/echo-a");
+    assert!(health.ejected_for_seconds.is_some(), "{health:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_http_input_is_refused_and_bounded() {
+    let mesh = client_sidecar(false).await;
+    l7_pods(&mesh, (15, "echo-a"), (16, "echo-b")).await;
+    publish(
+        &mesh.xds,
+        vec![workload(
+            "c1/demo/echo-a",
+            pod_ip(15),
+            "c1",
+            "a",
+            "echo",
+            true,
+        )],
+    );
+    // Garbage after CONNECT to an HTTP port: a 400, not a crash.
+    let (_, mut conn) = connect(mesh.proxy, "echo.demo:81").await;
+    conn.write_all(b"\x00\x01garbage\r\n\r\n").await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(STEP, conn.read_to_end(&mut out)).await;
+    assert!(
+        String::from_utf8_lossy(&out).starts_with("HTTP/1.1 400"),
+        "{out:?}"
+    );
+    // An oversized header: refused (431), the connection closed.
+    let (_, mut conn) = connect(mesh.proxy, "echo.demo:81").await;
+    let huge = format!(
+        "GET / HTTP/1.1\r\nhost: x\r\nx-big: {}\r\n\r\n",
+        "a".repeat(100_000)
+    );
+    let _ = conn.write_all(huge.as_bytes()).await;
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(STEP, conn.read_to_end(&mut out)).await;
+    assert!(
+        String::from_utf8_lossy(&out).starts_with("HTTP/1.1 431"),
+        "{:?}",
+        String::from_utf8_lossy(&out)
+    );
+    // Mesh HTTP requests on 15008 without a target, or for another host.
+    let certs = CertStore::new(&issue_workload(&mesh.ca, &id("client"), None).unwrap()).unwrap();
+    let pool = Pool::new(certs, mesh.bundle.clone());
+    let mut sender = pool
+        .sender(SocketAddr::new(pod_ip(15), HBONE_PORT), &id("echo"))
+        .await
+        .unwrap();
+    let bare = http::Request::get("http://echo.demo/")
+        .body(weft_proxy::http::empty())
+        .unwrap();
+    assert_eq!(sender.send_request(bare).await.unwrap().status(), 400);
+    let elsewhere = http::Request::get("http://echo.demo/")
+        .header("x-weft-target", "127.0.0.1:22")
+        .body(weft_proxy::http::empty())
+        .unwrap();
+    assert_eq!(sender.send_request(elsewhere).await.unwrap().status(), 403);
+    // Still serving.
+    let mut h1 = http1_via_connect(mesh.proxy, "echo.demo:81").await;
+    assert_eq!(send(&mut h1, get("/", "echo.demo:81")).await.0, 200);
 }
