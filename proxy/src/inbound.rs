@@ -3,15 +3,32 @@
 //! that clients outside the mesh keep working while it is rolled out) they
 //! are forwarded to the address they were sent to; in STRICT mode they are
 //! refused, with a log line and a counter, and only mTLS on 15008 gets in.
+//!
+//! Plaintext callers have no proven identity, so HTTP arriving here is
+//! forwarded request by request with any `x-weft-peer-identity` header
+//! removed: the application can trust the header whenever it is present.
 
+use std::convert::Infallible;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
+use http::{Request, Response, StatusCode, Version};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::{TcpListener, TcpStream};
 
+use crate::http::{APP_PROTOCOL, Body, PEER_IDENTITY, TARGET, error, strip_hop_by_hop};
 use crate::outbound::original_destination;
+use crate::sniff::{Protocol, Rewind, sniff};
+use crate::upstream::Upstreams;
+
+/// How long a plaintext client may stay silent before it is taken for a
+/// server-first protocol and relayed as TCP.
+const SNIFF_TIMEOUT: Duration = Duration::from_millis(100);
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mode {
@@ -36,7 +53,12 @@ pub struct Counters {
     pub refused_plaintext: AtomicU64,
 }
 
-async fn handle(mut client: TcpStream, mode: Mode, counters: &Counters) -> Result<()> {
+async fn handle(
+    mut client: TcpStream,
+    mode: Mode,
+    counters: &Counters,
+    app: Arc<Upstreams>,
+) -> Result<()> {
     let original = original_destination(&client).context("reading SO_ORIGINAL_DST")?;
     if original == client.local_addr()? {
         bail!("connection to the capture port itself; refusing to loop");
@@ -46,25 +68,92 @@ async fn handle(mut client: TcpStream, mode: Mode, counters: &Counters) -> Resul
         tracing::warn!(peer = ?client.peer_addr().ok(), %original, "plaintext refused: inbound mode is STRICT (mTLS on 15008 only)");
         return Ok(());
     }
+    counters.forwarded.fetch_add(1, Ordering::Relaxed);
+    let (protocol, seen) = sniff(&mut client, SNIFF_TIMEOUT).await;
+    let client = Rewind::new(seen, client);
+    if protocol != Protocol::Tcp {
+        let service = hyper::service::service_fn(move |request| {
+            let app = app.clone();
+            async move { Ok::<_, Infallible>(plaintext_request(&app, original, request).await) }
+        });
+        let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+            .serve_connection(TokioIo::new(client), service)
+            .await;
+        return Ok(());
+    }
+    let mut client = client;
     let mut app = tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(original))
         .await
         .context("connecting to the app timed out")??;
     app.set_nodelay(true)?;
-    counters.forwarded.fetch_add(1, Ordering::Relaxed);
     tokio::io::copy_bidirectional(&mut client, &mut app).await?;
     Ok(())
 }
 
+async fn plaintext_request(
+    app: &Upstreams,
+    original: SocketAddr,
+    request: Request<Incoming>,
+) -> Response<Body> {
+    let http2 = request.version() == Version::HTTP_2;
+    let (mut parts, body) = request.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    for forged in [PEER_IDENTITY, TARGET, APP_PROTOCOL] {
+        parts.headers.remove(forged);
+    }
+    let authority = parts
+        .uri
+        .authority()
+        .map(|a| a.to_string())
+        .or_else(|| {
+            parts
+                .headers
+                .get(http::header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_string)
+        })
+        .unwrap_or_else(|| original.to_string());
+    let path = parts
+        .uri
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("/");
+    let Ok(uri) = format!("http://{authority}{path}").parse::<http::Uri>() else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "the request's authority is not valid",
+        );
+    };
+    parts.uri = uri;
+    parts.version = if http2 {
+        Version::HTTP_2
+    } else {
+        Version::HTTP_11
+    };
+    let request = Request::from_parts(parts, body.boxed());
+    match app.client(original, http2).request(request).await {
+        Ok(mut response) => {
+            strip_hop_by_hop(response.headers_mut());
+            response.map(|b| b.boxed())
+        }
+        Err(err) => {
+            tracing::debug!(%original, "the application did not answer: {err:#}");
+            error(StatusCode::BAD_GATEWAY, "the application did not answer")
+        }
+    }
+}
+
 pub async fn serve(listener: TcpListener, mode: Mode, counters: Arc<Counters>) {
+    let app = Arc::new(Upstreams::new(Duration::from_secs(5)));
     loop {
         let Ok((client, addr)) = listener.accept().await else {
             tokio::time::sleep(Duration::from_millis(20)).await;
             continue;
         };
         let _ = client.set_nodelay(true);
-        let counters = counters.clone();
+        let (counters, app) = (counters.clone(), app.clone());
         tokio::spawn(async move {
-            if let Err(err) = handle(client, mode, &counters).await {
+            if let Err(err) = handle(client, mode, &counters, app).await {
                 tracing::debug!(%addr, "inbound capture: {err:#}");
             }
         });

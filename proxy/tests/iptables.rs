@@ -202,6 +202,18 @@ fn a_connection_to_a_vip_is_captured_and_delivered() {
                     });
                 }
             });
+            let web = tokio::net::TcpListener::bind("127.0.0.1:8081")
+                .await
+                .map_err(|e| e.to_string())?;
+            tokio::spawn(async move {
+                while let Ok((mut conn, _)) = web.accept().await {
+                    let mut buf = [0u8; 1024];
+                    let _ = conn.read(&mut buf).await;
+                    let _ = conn
+                        .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nweb")
+                        .await;
+                }
+            });
             let xds = Arc::new(XdsState::default());
             let service = mesh::Service {
                 name: "echo".into(),
@@ -212,12 +224,21 @@ fn a_connection_to_a_vip_is_captured_and_delivered() {
                     network: "n".into(),
                     address: vec![10, 96, 0, 10],
                 }],
-                ports: vec![mesh::ServicePort {
-                    port: 80,
-                    name: "tcp".into(),
-                    app_protocol: 1,
-                    target_port: 8080,
-                }],
+                ports: vec![
+                    mesh::ServicePort {
+                        port: 80,
+                        name: "tcp".into(),
+                        app_protocol: 1,
+                        target_port: 8080,
+                    },
+                    // Undeclared: the sidecar sniffs HTTP and routes it.
+                    mesh::ServicePort {
+                        port: 81,
+                        name: "web".into(),
+                        app_protocol: 0,
+                        target_port: 8081,
+                    },
+                ],
                 ..Default::default()
             };
             let workload = mesh::Workload {
@@ -227,10 +248,16 @@ fn a_connection_to_a_vip_is_captured_and_delivered() {
                 services: vec![mesh::ServiceBinding {
                     namespace: "demo".into(),
                     hostname: "echo.demo.svc.cluster.local".into(),
-                    ports: vec![mesh::PortMapping {
-                        service_port: 80,
-                        target_port: 8080,
-                    }],
+                    ports: vec![
+                        mesh::PortMapping {
+                            service_port: 80,
+                            target_port: 8080,
+                        },
+                        mesh::PortMapping {
+                            service_port: 81,
+                            target_port: 8081,
+                        },
+                    ],
                 }],
                 // No sidecar: reached directly.
                 tunnel_protocol: mesh::TunnelProtocol::None as i32,
@@ -279,6 +306,24 @@ fn a_connection_to_a_vip_is_captured_and_delivered() {
                 .await
                 .map_err(|_| "no answer through the capture".to_string())?
                 .map_err(|e| e.to_string())?;
+            // HTTP to the VIP's undeclared port: sniffed, routed per request.
+            let mut web =
+                tokio::time::timeout(step, tokio::net::TcpStream::connect("10.96.0.10:81"))
+                    .await
+                    .map_err(|_| "connect to the VIP timed out".to_string())?
+                    .map_err(|e| format!("connect to the VIP: {e}"))?;
+            web.write_all(b"GET / HTTP/1.1\r\nhost: echo\r\nconnection: close\r\n\r\n")
+                .await
+                .map_err(|e| e.to_string())?;
+            let mut answer = Vec::new();
+            tokio::time::timeout(step, web.read_to_end(&mut answer))
+                .await
+                .map_err(|_| "no HTTP answer through the capture".to_string())?
+                .map_err(|e| e.to_string())?;
+            let answer = String::from_utf8_lossy(&answer);
+            if !(answer.starts_with("HTTP/1.1 200") && answer.ends_with("web")) {
+                return Err(format!("HTTP through the capture: {answer:?}"));
+            }
             // Outside the captured range: straight to the app.
             let mut direct = tokio::net::TcpStream::connect("127.0.0.1:8080")
                 .await
@@ -412,6 +457,37 @@ fn inbound_plaintext_is_forwarded_when_permissive_and_refused_when_strict() {
                         let _ = conn.write_all(b"app:").await;
                     }
                 });
+                // An HTTP app that says whether a caller identity reached it.
+                let web = tokio::net::TcpListener::bind("10.250.0.2:8081")
+                    .await
+                    .unwrap();
+                tokio::spawn(async move {
+                    while let Ok((mut conn, _)) = web.accept().await {
+                        let mut head = Vec::new();
+                        let mut buf = [0u8; 1024];
+                        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                            match conn.read(&mut buf).await {
+                                Ok(n) if n > 0 => head.extend_from_slice(&buf[..n]),
+                                _ => break,
+                            }
+                        }
+                        let text = String::from_utf8_lossy(&head).to_ascii_lowercase();
+                        let verdict = if text.contains("x-weft-peer-identity") {
+                            "forged"
+                        } else {
+                            "clean"
+                        };
+                        let _ = conn
+                            .write_all(
+                                format!(
+                                    "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{verdict}",
+                                    verdict.len()
+                                )
+                                .as_bytes(),
+                            )
+                            .await;
+                    }
+                });
                 let capture = tokio::net::TcpListener::bind("0.0.0.0:15006")
                     .await
                     .unwrap();
@@ -437,7 +513,22 @@ fn inbound_plaintext_is_forwarded_when_permissive_and_refused_when_strict() {
                         .map_err(|e| e.to_string())?;
                 let mut got = Vec::new();
                 let _ = tokio::time::timeout(step, conn.read_to_end(&mut got)).await;
-                Ok::<String, String>(String::from_utf8_lossy(&got).into_owned())
+                // Plain HTTP with a forged caller identity.
+                let mut web =
+                    tokio::time::timeout(step, tokio::net::TcpStream::connect("10.250.0.2:8081"))
+                        .await
+                        .map_err(|_| "connect timed out".to_string())?
+                        .map_err(|e| e.to_string())?;
+                let _ = web
+                    .write_all(
+                        b"GET / HTTP/1.1\r\nhost: web\r\nx-weft-peer-identity: spiffe://cluster.local/ns/x/sa/admin\r\nconnection: close\r\n\r\n",
+                    )
+                    .await;
+                let mut answer = Vec::new();
+                let _ = tokio::time::timeout(step, web.read_to_end(&mut answer)).await;
+                let answer = String::from_utf8_lossy(&answer);
+                let verdict = answer.rsplit("\r\n\r\n").next().unwrap_or("");
+                Ok::<String, String>(format!("{}|{verdict}", String::from_utf8_lossy(&got)))
             })
         });
         let received = client.join().unwrap().unwrap().unwrap();
@@ -445,12 +536,14 @@ fn inbound_plaintext_is_forwarded_when_permissive_and_refused_when_strict() {
         pod.join().unwrap().unwrap();
         match mode {
             Mode::Permissive => {
-                assert_eq!(received, "app:");
-                assert_eq!(counters.forwarded.load(Ordering::Relaxed), 1);
+                // The server-first app answered once the sniffing gave up;
+                // the HTTP app never saw the forged identity.
+                assert_eq!(received, "app:|clean");
+                assert_eq!(counters.forwarded.load(Ordering::Relaxed), 2);
             }
             Mode::Strict => {
-                assert_eq!(received, "", "STRICT must not let plaintext reach the app");
-                assert_eq!(counters.refused_plaintext.load(Ordering::Relaxed), 1);
+                assert_eq!(received, "|", "STRICT must not let plaintext reach the app");
+                assert_eq!(counters.refused_plaintext.load(Ordering::Relaxed), 2);
             }
         }
     }
