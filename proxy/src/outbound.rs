@@ -348,7 +348,6 @@ impl Outbound {
         let destination = pick.workload.as_deref().map(Peer::of).unwrap_or_default();
         let labels = TrafficLabels::new("source", &self.me(), &pick.service_name(), &destination);
         self.metrics.tcp_opened.get_or_create(&labels).inc();
-        let _guard = self.drain.track();
         let result = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
         let (sent, received) = result.as_ref().map(|r| *r).unwrap_or((0, 0));
         self.metrics.tcp(&labels, sent, received);
@@ -501,7 +500,9 @@ async fn accept_loop(listener: TcpListener, outbound: Arc<Outbound>, mode: Mode)
         };
         let _ = client.set_nodelay(true);
         let outbound = outbound.clone();
+        let active = drain.track();
         tokio::spawn(async move {
+            let _active = active;
             let redirected = match mode {
                 Mode::Explicit => false,
                 Mode::Transparent => true,

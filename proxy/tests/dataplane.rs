@@ -415,6 +415,9 @@ async fn http_app(ip: IpAddr, name: &'static str) {
                 let service = hyper::service::service_fn(
                     move |request: http::Request<hyper::body::Incoming>| async move {
                         let failing = request.uri().path() == format!("/fail/{name}");
+                        if request.uri().path() == "/slow" {
+                            tokio::time::sleep(Duration::from_millis(300)).await;
+                        }
                         let identity = request
                             .headers()
                             .get("x-weft-peer-identity")
@@ -852,4 +855,46 @@ async fn bad_http_input_is_refused_and_bounded() {
     // Still serving.
     let mut h1 = http1_via_connect(mesh.proxy, "echo.demo:81").await;
     assert_eq!(send(&mut h1, get("/", "echo.demo:81")).await.0, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_finishes_in_flight_requests_and_refuses_new_connections() {
+    let mesh = client_sidecar(false).await;
+    l7_pods(&mesh, (17, "echo-a"), (18, "echo-b")).await;
+    publish(
+        &mesh.xds,
+        vec![workload(
+            "c1/demo/echo-a",
+            pod_ip(17),
+            "c1",
+            "a",
+            "echo",
+            true,
+        )],
+    );
+    let mut h1 = http1_via_connect(mesh.proxy, "echo.demo:81").await;
+    let in_flight = tokio::spawn(async move {
+        tokio::time::timeout(STEP, h1.ready())
+            .await
+            .unwrap()
+            .unwrap();
+        let response = h1.send_request(get("/slow", "echo.demo:81")).await.unwrap();
+        let closing = response
+            .headers()
+            .get("connection")
+            .is_some_and(|v| v == "close");
+        (response.status().as_u16(), closing)
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(mesh.outbound.drain.active(), 1, "the tunnel is counted");
+    mesh.outbound.drain.start();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(
+        TcpStream::connect(mesh.proxy).await.is_err(),
+        "a draining sidecar accepts no new connections"
+    );
+    let (status, closing) = in_flight.await.unwrap();
+    assert_eq!(status, 200, "the in-flight request finished");
+    assert!(closing, "and its keep-alive connection was told to close");
+    assert!(mesh.outbound.drain.idle(STEP).await);
 }

@@ -450,4 +450,18 @@ async fn a_connection_crosses_two_sidecars_configured_by_the_control_plane() {
             .await
             .starts_with("HTTP/1.1 404")
     );
+
+    // Drain (what SIGTERM does): readiness turns 503, 15001 stops accepting.
+    let left = client_side.drain(Duration::from_secs(2)).await;
+    assert_eq!(left, 0, "nothing was open");
+    assert!(
+        admin(client_side.health_addr, "/healthz/ready")
+            .await
+            .starts_with("HTTP/1.1 503")
+    );
+    assert!(
+        tokio::net::TcpStream::connect(client_side.outbound_addr)
+            .await
+            .is_err()
+    );
 }
