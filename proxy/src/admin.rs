@@ -76,6 +76,9 @@ impl Admin {
         m.xds_connected
             .set(i64::from(self.xds.connected.load(Ordering::Relaxed)));
         m.draining.set(i64::from(self.drain.is_draining()));
+        let snapshot = self.xds.snapshot.load();
+        m.services.set(snapshot.services.len() as i64);
+        m.workloads.set(snapshot.workloads.len() as i64);
         if let Some(certs) = &self.certs {
             let expiry = certs
                 .certificate()

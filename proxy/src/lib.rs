@@ -3,16 +3,13 @@
 //! It owns the workload identity and its rotation (`identity`), the delta
 //! xDS client and the immutable snapshot built from it (`xds`, `state`),
 //! the mesh transport between sidecars (`hbone`), endpoint choice
-//! (`balance`), the outbound listener (`outbound`), inbound capture
-//! (`inbound`), the capture rules for
-//! the init container (`iptables`), and their assembly (`sidecar`). It never
-//! depends on the control plane crate; the two meet only on the wire
-//! protocols of `weft-xds-proto`.
-//!
-//! Status (see docs/proxy.md): identity, xDS, the snapshot, the HBONE L4
-//! transport, balancing, the outbound listener (transparent and explicit),
-//! inbound capture (15006) and the capture rules are built and tested; L7,
-//! metrics and the admin port are not yet.
+//! (`balance`, `outlier`), the outbound listener (`outbound`), protocol
+//! detection (`sniff`), HTTP routing (`l7`, `http`, `upstream`), inbound
+//! capture (`inbound`), metrics and the admin ports (`metrics`, `admin`),
+//! graceful drain (`drain`), the capture rules for the init container
+//! (`iptables`), and their assembly (`sidecar`). It never depends on the
+//! control plane crate; the two meet only on the wire protocols of
+//! `weft-xds-proto`. docs/proxy.md describes it for operators.
 
 pub mod admin;
 pub mod balance;

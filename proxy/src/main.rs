@@ -2,7 +2,7 @@
 //! environment the injector sets); `iptables` is the init container's
 //! command.
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use weft_proxy::iptables::{self, Capture};
 
@@ -46,7 +46,20 @@ fn sidecar() -> Result<()> {
     });
     let config = weft_proxy::sidecar::SidecarConfig::from_env()?;
     let deadline = config.drain_timeout;
-    let runtime = tokio::runtime::Runtime::new()?;
+    // A sidecar shares its pod's CPU limit: two worker threads by default
+    // (Istio's default concurrency), WEFT_WORKER_THREADS to change it.
+    let threads = match std::env::var("WEFT_WORKER_THREADS") {
+        Ok(text) => text
+            .parse::<usize>()
+            .ok()
+            .filter(|n| *n > 0)
+            .with_context(|| format!("WEFT_WORKER_THREADS={text:?} is not a positive number"))?,
+        Err(_) => 2,
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads)
+        .enable_all()
+        .build()?;
     runtime.block_on(async {
         let sidecar = weft_proxy::sidecar::start_with(config, Some(set_log_level)).await?;
         let mut terminate =

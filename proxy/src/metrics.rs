@@ -116,6 +116,8 @@ pub struct Metrics {
     pub xds_reconnects: Counter,
     pub certificate_expiry: Gauge,
     pub draining: Gauge,
+    pub services: Gauge,
+    pub workloads: Gauge,
 }
 
 impl Default for Metrics {
@@ -139,6 +141,8 @@ impl Default for Metrics {
             xds_reconnects: Counter::default(),
             certificate_expiry: Gauge::default(),
             draining: Gauge::default(),
+            services: Gauge::default(),
+            workloads: Gauge::default(),
         };
         let r = &mut registry;
         r.register(
