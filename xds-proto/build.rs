@@ -10,6 +10,7 @@ const PROTOS: &[&str] = &[
     "proto/envoy/service/discovery/v3/ads.proto",
     "proto/weft/mesh/v1/mesh.proto",
     "proto/weft/ca/v1/ca.proto",
+    "proto/weft/echo/v1/echo.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

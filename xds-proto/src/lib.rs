@@ -5,7 +5,7 @@
 //! `envoy.service.discovery.v3` (state-of-the-world and delta), the small part
 //! of `envoy.config.core.v3` and `google.rpc` that it needs, weft's own mesh
 //! resources in `weft.mesh.v1` (`Service`, `Workload`), and the mesh CA in
-//! `weft.ca.v1`. The code is generated at build time by protox, so no system
+//! `weft.ca.v1`, and the demo echo service in `weft.echo.v1`. The code is generated at build time by protox, so no system
 //! `protoc` is needed. Behaviour lives elsewhere: the control plane serves
 //! these messages and the proxy consumes them.
 
@@ -45,6 +45,11 @@ pub mod weft {
             tonic::include_proto!("weft.ca.v1");
         }
     }
+    pub mod echo {
+        pub mod v1 {
+            tonic::include_proto!("weft.echo.v1");
+        }
+    }
 }
 
 pub use prost;
@@ -53,6 +58,7 @@ pub use prost_types;
 /// Short paths to what the rest of weft uses most.
 pub use envoy::service::discovery::v3 as discovery;
 pub use weft::ca::v1 as ca;
+pub use weft::echo::v1 as echo;
 pub use weft::mesh::v1 as mesh;
 
 /// Type URLs, as carried in `type_url` and in `google.protobuf.Any`.
