@@ -122,9 +122,13 @@ async fn main() -> anyhow::Result<()> {
         ..Config::new(args.cluster_id)
     };
     let control = ControlPlane::start(config, client).await?;
-    tokio::signal::ctrl_c()
-        .await
-        .context("waiting for a shutdown signal")?;
+    // Kubernetes stops pods with SIGTERM; a terminal sends SIGINT.
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("installing the SIGTERM handler")?;
+    tokio::select! {
+        _ = terminate.recv() => {}
+        interrupted = tokio::signal::ctrl_c() => interrupted.context("waiting for a shutdown signal")?,
+    }
     tracing::info!("shutting down");
     control.stop();
     Ok(())

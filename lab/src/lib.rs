@@ -7,5 +7,7 @@
 //! tool and never part of a production install.
 
 pub mod apiserver;
+pub mod endpoints;
+pub mod mesh;
 
 pub use apiserver::{ApiServer, ApiServerConfig, LabError};

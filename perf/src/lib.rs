@@ -7,6 +7,9 @@
 //! control`); the load generator and the proxy scenarios come with the proxy.
 
 pub mod apiserver;
+pub mod bench;
 pub mod control;
+pub mod load;
 pub mod report;
 pub mod sidecar;
+pub mod svg;

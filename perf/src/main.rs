@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
-use weft_perf::{apiserver, control, report, sidecar};
+use weft_perf::{apiserver, bench, control, load, report, sidecar};
 
 #[derive(Parser)]
 #[command(name = "weft-perf", about = "weft's benchmark scenarios")]
@@ -22,6 +22,36 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Scenario {
+    /// Generate load against a target and print latency percentiles (wrk2/Fortio style).
+    Load {
+        /// http://host[:port]/path for http1/http2/grpc; host:port for tcp.
+        target: String,
+        #[arg(long, value_enum, default_value = "http1")]
+        protocol: load::Protocol,
+        /// Send through this explicit proxy (absolute-form for HTTP/1.1, CONNECT otherwise).
+        #[arg(long)]
+        proxy: Option<std::net::SocketAddr>,
+        /// Requests per second in total; 0 for closed loop (maximum throughput).
+        #[arg(long, default_value_t = 1000)]
+        rate: u64,
+        #[arg(long, default_value_t = 4)]
+        connections: usize,
+        /// Concurrent streams per connection (HTTP/2, gRPC).
+        #[arg(long, default_value_t = 1)]
+        concurrency: usize,
+        /// Seconds measured.
+        #[arg(long, default_value_t = 10.0)]
+        duration: f64,
+        /// Seconds of warm-up, not measured.
+        #[arg(long, default_value_t = 2.0)]
+        warmup: f64,
+        /// Request body bytes (0: GET).
+        #[arg(long, default_value_t = 1024)]
+        payload: usize,
+        /// Print the summary as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// The lab API server: objects listed and watched by many watchers, update fan-out latency.
     Apiserver {
         #[arg(long, default_value_t = 10_000)]
@@ -37,6 +67,33 @@ enum Scenario {
         gap_ms: u64,
         #[arg(long, default_value_t = 5.0)]
         target_p99_ms: f64,
+    },
+    /// The data path: direct, weft (same and cross cluster), nginx and HAProxy, in one run.
+    Bench {
+        /// Fixed rates, req/s, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "1000,5000")]
+        rates: Vec<u64>,
+        /// Seconds measured per run.
+        #[arg(long, default_value_t = 10)]
+        duration: u64,
+        #[arg(long, default_value_t = 2)]
+        warmup: u64,
+        #[arg(long, default_value_t = 1024)]
+        payload: usize,
+        #[arg(long, default_value_t = 4)]
+        connections: usize,
+        #[arg(long, default_value_t = 32)]
+        max_connections: usize,
+        /// Leave out nginx, HAProxy and wrk.
+        #[arg(long)]
+        no_baselines: bool,
+        /// Leave out the cross-cluster scenario.
+        #[arg(long)]
+        no_cross_cluster: bool,
+        #[arg(long, default_value_t = 1000)]
+        snapshot_services: usize,
+        #[arg(long, default_value_t = 10_000)]
+        snapshot_workloads: usize,
     },
     /// Added latency of the two-sidecar mTLS path for TCP echo, against direct, in one run.
     Sidecar {
@@ -73,7 +130,73 @@ enum Scenario {
 fn main() -> Result<()> {
     let cli = Cli::parse();
     let command = std::env::args().collect::<Vec<_>>().join(" ");
+    if let Scenario::Load {
+        target,
+        protocol,
+        proxy,
+        rate,
+        connections,
+        concurrency,
+        duration,
+        warmup,
+        payload,
+        json,
+    } = &cli.scenario
+    {
+        let options = load::Options {
+            protocol: *protocol,
+            target: target.clone(),
+            proxy: *proxy,
+            rate: *rate,
+            connections: *connections,
+            concurrency: *concurrency,
+            duration: Duration::from_secs_f64(*duration),
+            warmup: Duration::from_secs_f64(*warmup),
+            payload: *payload,
+            progress: !json,
+            ..Default::default()
+        };
+        let runtime = tokio::runtime::Runtime::new()?;
+        let summary = runtime.block_on(load::run(&options))?;
+        if *json {
+            println!("{}", serde_json::to_string_pretty(&summary)?);
+        } else {
+            println!("{}", summary.line());
+        }
+        return Ok(());
+    }
     let (name, outcome) = match cli.scenario {
+        Scenario::Load { .. } => unreachable!("handled above"),
+        Scenario::Bench {
+            rates,
+            duration,
+            warmup,
+            payload,
+            connections,
+            max_connections,
+            no_baselines,
+            no_cross_cluster,
+            snapshot_services,
+            snapshot_workloads,
+        } => (
+            "bench",
+            bench::run(
+                &bench::Options {
+                    rates,
+                    duration: Duration::from_secs(duration),
+                    warmup: Duration::from_secs(warmup),
+                    payload,
+                    connections,
+                    max_connections,
+                    baselines: !no_baselines,
+                    cross_cluster: !no_cross_cluster,
+                    snapshot_services,
+                    snapshot_workloads,
+                    results: cli.results.clone(),
+                },
+                &command,
+            )?,
+        ),
         Scenario::Apiserver {
             objects,
             watchers,

@@ -217,6 +217,16 @@ impl Default for Metrics {
             "1 while the sidecar drains before exiting",
             m.draining.clone(),
         );
+        r.register(
+            "services",
+            "Services in the configuration snapshot",
+            m.services.clone(),
+        );
+        r.register(
+            "workloads",
+            "Workloads in the configuration snapshot",
+            m.workloads.clone(),
+        );
         Metrics { registry, ..m }
     }
 }

@@ -433,6 +433,7 @@ async fn a_connection_crosses_two_sidecars_configured_by_the_control_plane() {
         if stats.contains("weft_proxy_tcp_connections_closed_total{reporter=\"source\"")
             && stats.contains("destination_service=\"echo.demo.svc.cluster.local\"")
             && stats.contains("weft_proxy_xds_connected 1")
+            && stats.contains("weft_proxy_workloads 2")
         {
             break;
         }

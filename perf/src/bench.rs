@@ -1,0 +1,1038 @@
+//! `weft-perf bench`: the data-path benchmark, all scenarios in one run so
+//! that every ratio compares figures taken on the same machine at the same
+//! time.
+//!
+//! - `direct`: load generator → echo server.
+//! - `weft`: load → client `weft-proxy` (explicit mode) → mTLS HTTP/2 →
+//!   server `weft-proxy` → echo. Both sidecars are real processes
+//!   configured by a real `weft-control` from a lab API server.
+//! - `weft cross-cluster`: the same with the echo server and its sidecar
+//!   in a second lab cluster, found through a remote secret.
+//! - `nginx`, `HAProxy`: the same shape, two processes each (client side
+//!   and server side), TLS 1.3 with client certificates between them,
+//!   keep-alive upstream connections. Installed from Debian when missing
+//!   and possible; skipped with the reason otherwise.
+//!
+//! Per scenario: latency at fixed rates (open loop, coordinated omission
+//! corrected), maximum throughput (closed loop), CPU per 1,000 req/s and
+//! peak RSS of each proxy process (from /proc). Then `wrk` against the echo
+//! server directly, for the load generator's own overhead, and the client
+//! sidecar's RSS with 1,000 services and 10,000 workloads in its snapshot.
+//!
+//! Every proxy runs with one worker (thread or process), so figures are
+//! per core.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::Api;
+use kube::api::{Patch, PatchParams, PostParams};
+use serde_json::json;
+use tokio::process::{Child, Command};
+use weft_lab::mesh::{self, Binaries, Cluster, ClusterOptions, MeshRoot, SidecarSpec};
+
+use crate::apiserver::Outcome;
+use crate::load::{self, Protocol, Summary};
+use crate::report::{self, Machine};
+
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub rates: Vec<u64>,
+    pub duration: Duration,
+    pub warmup: Duration,
+    pub payload: usize,
+    /// Connections for the fixed-rate runs.
+    pub connections: usize,
+    /// Connections for the maximum-throughput runs.
+    pub max_connections: usize,
+    pub baselines: bool,
+    pub cross_cluster: bool,
+    pub snapshot_services: usize,
+    pub snapshot_workloads: usize,
+    /// Where plots go (next to the report).
+    pub results: PathBuf,
+}
+
+const NS: &str = "bench";
+
+fn ip(last: [u8; 2]) -> IpAddr {
+    IpAddr::from([127, 77, last[0], last[1]])
+}
+
+/// A process measured from /proc.
+#[derive(Clone, Debug)]
+struct Measured {
+    label: String,
+    pid: u32,
+}
+
+fn proc_field(pid: u32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix(field))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb * 1024)
+}
+
+/// CPU seconds of a process and its threads (utime + stime).
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit_once(") ")
+        .map(|(_, rest)| rest.split(' ').collect())
+        .unwrap_or_default();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    (ticks(11) + ticks(12)) / hz
+}
+
+/// One load run and what the proxies spent on it.
+#[derive(Clone, Debug)]
+struct Run {
+    summary: Summary,
+    /// (label, CPU seconds during the measured part, peak RSS bytes).
+    proxies: Vec<(String, f64, u64)>,
+}
+
+impl Run {
+    /// vCPU per 1,000 req/s for one proxy.
+    fn vcpu_per_k(&self, cpu: f64) -> f64 {
+        let rate = self.summary.achieved_rate.max(1.0);
+        cpu / self.summary.seconds / (rate / 1000.0)
+    }
+}
+
+async fn measure(options: &load::Options, proxies: &[Measured]) -> Result<Run> {
+    // CPU is read across the warm-up too: the warm-up is short and steady.
+    let before: Vec<f64> = proxies.iter().map(|p| cpu_seconds(p.pid)).collect();
+    let started = std::time::Instant::now();
+    let summary = load::run(options).await?;
+    let elapsed = started.elapsed().as_secs_f64();
+    let share = summary.seconds / elapsed.max(summary.seconds);
+    let proxies = proxies
+        .iter()
+        .zip(before)
+        .map(|(p, b)| {
+            (
+                p.label.clone(),
+                (cpu_seconds(p.pid) - b) * share,
+                proc_field(p.pid, "VmHWM:"),
+            )
+        })
+        .collect();
+    Ok(Run { summary, proxies })
+}
+
+struct Scenario {
+    name: String,
+    /// What the load generator talks to.
+    target: String,
+    proxy: Option<SocketAddr>,
+    grpc_target: Option<String>,
+    measured: Vec<Measured>,
+}
+
+#[derive(Default)]
+struct Results {
+    /// scenario → runs (fixed rates in order, then max).
+    fixed: BTreeMap<String, Vec<Run>>,
+    max: BTreeMap<String, Run>,
+    grpc: BTreeMap<String, Run>,
+    order: Vec<String>,
+    skipped: Vec<String>,
+}
+
+async fn run_scenario(options: &Options, scenario: &Scenario, results: &mut Results) -> Result<()> {
+    eprintln!("== {}", scenario.name);
+    let base = load::Options {
+        protocol: Protocol::Http1,
+        target: scenario.target.clone(),
+        proxy: scenario.proxy,
+        connections: options.connections,
+        duration: options.duration,
+        warmup: options.warmup,
+        payload: options.payload,
+        ..Default::default()
+    };
+    let mut fixed = Vec::new();
+    for rate in &options.rates {
+        let run = measure(
+            &load::Options {
+                rate: *rate,
+                ..base.clone()
+            },
+            &scenario.measured,
+        )
+        .await?;
+        eprintln!("   {rate}/s: {}", run.summary.line());
+        fixed.push(run);
+    }
+    let max = measure(
+        &load::Options {
+            rate: 0,
+            connections: options.max_connections,
+            ..base.clone()
+        },
+        &scenario.measured,
+    )
+    .await?;
+    eprintln!("   max: {}", max.summary.line());
+    if let Some(grpc) = &scenario.grpc_target {
+        let run = measure(
+            &load::Options {
+                protocol: Protocol::Grpc,
+                target: grpc.clone(),
+                rate: options.rates[0],
+                ..base.clone()
+            },
+            &scenario.measured,
+        )
+        .await?;
+        eprintln!("   gRPC {}/s: {}", options.rates[0], run.summary.line());
+        results.grpc.insert(scenario.name.clone(), run);
+    }
+    results.order.push(scenario.name.clone());
+    results.fixed.insert(scenario.name.clone(), fixed);
+    results.max.insert(scenario.name.clone(), max);
+    Ok(())
+}
+
+async fn spawn_echo(
+    binaries: &Binaries,
+    dir: &Path,
+    at: IpAddr,
+    cluster: &str,
+    pod: &str,
+) -> Result<Child> {
+    let log = std::fs::File::create(dir.join(format!("echo-{at}.log")))?;
+    let child = Command::new(&binaries.echo)
+        .args([
+            "--http",
+            &format!("{at}:8080"),
+            "--grpc",
+            &format!("{at}:9090"),
+            "--tcp",
+            &format!("{at}:9000"),
+        ])
+        .args(["--cluster", cluster, "--pod", pod])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::from(log.try_clone()?))
+        .stderr(Stdio::from(log))
+        .kill_on_drop(true)
+        .spawn()
+        .context("starting weft-echo")?;
+    mesh::wait_http_ok(
+        SocketAddr::new(at, 8080),
+        "/healthz",
+        Duration::from_secs(10),
+    )
+    .await?;
+    Ok(child)
+}
+
+async fn create<K>(api: &Api<K>, value: serde_json::Value) -> Result<()>
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + serde::Serialize + std::fmt::Debug,
+{
+    match api
+        .create(&PostParams::default(), &serde_json::from_value(value)?)
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(status)) if status.code == 409 => Ok(()),
+        Err(err) => Err(err.into()),
+    }
+}
+
+/// The echo Service (in every cluster, as multi-primary wants) and, where
+/// `pod` is given, a ready pod behind it with a sidecar.
+async fn deploy(cluster: &Cluster, service: &str, pod: Option<(&str, &str, IpAddr)>) -> Result<()> {
+    create(
+        &Api::<Namespace>::all(cluster.client.clone()),
+        json!({"metadata": {"name": NS}}),
+    )
+    .await?;
+    create(
+        &Api::<Service>::namespaced(cluster.client.clone(), NS),
+        json!({"metadata": {"name": service}, "spec": {"selector": {"app": service}, "ports": [
+            {"name": "http", "port": 80, "targetPort": 8080, "appProtocol": "http"},
+            {"name": "grpc", "port": 90, "targetPort": 9090, "appProtocol": "grpc"},
+            {"name": "tcp", "port": 9000, "targetPort": 9000},
+        ]}}),
+    )
+    .await?;
+    if let Some((name, sa, at)) = pod {
+        add_pod(cluster, name, sa, service, at).await?;
+    }
+    weft_lab::endpoints::reconcile(&cluster.client).await?;
+    Ok(())
+}
+
+async fn add_pod(cluster: &Cluster, name: &str, sa: &str, app: &str, at: IpAddr) -> Result<()> {
+    let pods = Api::<Pod>::namespaced(cluster.client.clone(), NS);
+    create(
+        &pods,
+        json!({"metadata": {"name": name, "labels": {"app": app}, "annotations": {"sidecar.weft.io/status": "{}"}},
+               "spec": {"serviceAccountName": sa, "nodeName": cluster.node_name(), "containers": [{"name": "app", "image": "weft-echo"}]}}),
+    )
+    .await?;
+    let status = json!({"status": {"phase": "Running", "podIP": at.to_string(), "podIPs": [{"ip": at.to_string()}],
+                        "conditions": [{"type": "Ready", "status": "True"}]}});
+    pods.patch_status(name, &PatchParams::default(), &Patch::Merge(status))
+        .await?;
+    Ok(())
+}
+
+async fn sidecar(
+    cluster: &Cluster,
+    root: &MeshRoot,
+    name: &str,
+    sa: &str,
+    at: IpAddr,
+) -> Result<Child> {
+    let spec = SidecarSpec {
+        pod_name: name.into(),
+        namespace: NS.into(),
+        service_account: sa.into(),
+        pod_ip: at,
+        listen_on_pod_ip: true,
+        env: vec![("WEFT_WORKER_THREADS".into(), "1".into())],
+    };
+    let child = mesh::spawn_sidecar(cluster, &root.root_pem(), &spec).await?;
+    mesh::wait_http_ok(
+        SocketAddr::new(at, 15021),
+        "/healthz/ready",
+        Duration::from_secs(30),
+    )
+    .await
+    .with_context(|| format!("sidecar of {name}"))?;
+    Ok(child)
+}
+
+/// Waits until the sidecar at `at` holds at least `workloads` workloads.
+async fn wait_workloads(at: IpAddr, workloads: usize, timeout: Duration) -> Result<()> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Ok((200, text)) =
+            mesh::http_get(SocketAddr::new(at, 15090), "/stats/prometheus").await
+        {
+            let held = text
+                .lines()
+                .find_map(|l| l.strip_prefix("weft_proxy_workloads "))
+                .and_then(|v| v.trim().parse::<f64>().ok())
+                .unwrap_or(0.0);
+            if held as usize >= workloads {
+                return Ok(());
+            }
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!("the sidecar at {at} did not receive {workloads} workloads within {timeout:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Makes sure nginx, HAProxy and wrk are there: installs them from Debian
+/// when running as root with apt, else says why they are skipped.
+fn ensure_tools() -> Vec<String> {
+    let have = |tool: &str| {
+        ["/usr/sbin", "/usr/bin", "/sbin", "/bin"]
+            .iter()
+            .any(|d| Path::new(d).join(tool).is_file())
+    };
+    let missing: Vec<(&str, &str)> = [
+        ("nginx", "nginx-light"),
+        ("haproxy", "haproxy"),
+        ("wrk", "wrk"),
+    ]
+    .into_iter()
+    .filter(|(tool, _)| !have(tool))
+    .collect();
+    if missing.is_empty() {
+        return Vec::new();
+    }
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    if root && have("apt-get") {
+        eprintln!(
+            "installing {:?} from Debian",
+            missing.iter().map(|m| m.1).collect::<Vec<_>>()
+        );
+        let _ = std::process::Command::new("apt-get")
+            .args(["install", "-y", "-q"])
+            .args(missing.iter().map(|m| m.1))
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .stdout(Stdio::null())
+            .status();
+    }
+    missing
+        .into_iter()
+        .filter(|(tool, _)| !have(tool))
+        .map(|(tool, package)| format!("{tool}: not installed (Debian package {package}; installing needs root and apt-get)"))
+        .collect()
+}
+
+/// Certificates for the nginx and HAProxy baselines: a server certificate
+/// for `server.mesh` and a client certificate, from one root.
+fn baseline_certs(dir: &Path) -> Result<()> {
+    let ca = weft_certs::CertificateAuthority::generate_root(
+        "cluster.local",
+        &weft_certs::CaParams::valid_for("bench baseline root", Duration::from_secs(86400)),
+    )?;
+    let (server_chain, server_key) =
+        ca.issue_serving(&["server.mesh"], &[], Duration::from_secs(86400))?;
+    let client = weft_certs::issue_workload(
+        &ca,
+        &weft_certs::Identity::new("cluster.local", NS, "client")?,
+        None,
+    )?;
+    std::fs::write(dir.join("root.pem"), ca.roots_pem())?;
+    std::fs::write(dir.join("server.pem"), server_chain)?;
+    std::fs::write(dir.join("server.key"), server_key)?;
+    std::fs::write(dir.join("client.pem"), client.chain_pem())?;
+    std::fs::write(dir.join("client.key"), client.key_pem())?;
+    // HAProxy wants certificate and key in one file.
+    std::fs::write(
+        dir.join("server.both.pem"),
+        std::fs::read_to_string(dir.join("server.pem"))?
+            + &std::fs::read_to_string(dir.join("server.key"))?,
+    )?;
+    std::fs::write(
+        dir.join("client.both.pem"),
+        client.chain_pem() + &client.key_pem(),
+    )?;
+    Ok(())
+}
+
+fn nginx_conf(dir: &Path, side: &str, listen: SocketAddr, upstream: SocketAddr) -> String {
+    let d = dir.display();
+    let common = format!(
+        "worker_processes 1;\ndaemon off;\npid {d}/nginx-{side}.pid;\nerror_log {d}/nginx-{side}.err warn;\n\
+         events {{ worker_connections 4096; }}\nhttp {{\n  access_log off;\n  client_body_temp_path {d}/tmp-{side};\n  proxy_temp_path {d}/tmp-{side};\n"
+    );
+    match side {
+        "client" => format!(
+            "{common}  upstream mesh {{ server {upstream}; keepalive 64; }}\n  server {{\n    listen {listen};\n    location / {{\n      proxy_pass https://mesh;\n      proxy_http_version 1.1;\n      proxy_set_header Connection \"\";\n      proxy_ssl_certificate {d}/client.pem;\n      proxy_ssl_certificate_key {d}/client.key;\n      proxy_ssl_trusted_certificate {d}/root.pem;\n      proxy_ssl_verify on;\n      proxy_ssl_name server.mesh;\n      proxy_ssl_server_name on;\n      proxy_ssl_protocols TLSv1.3;\n      proxy_ssl_session_reuse on;\n    }}\n  }}\n}}\n"
+        ),
+        _ => format!(
+            "{common}  upstream app {{ server {upstream}; keepalive 64; }}\n  server {{\n    listen {listen} ssl;\n    ssl_certificate {d}/server.pem;\n    ssl_certificate_key {d}/server.key;\n    ssl_client_certificate {d}/root.pem;\n    ssl_verify_client on;\n    ssl_protocols TLSv1.3;\n    location / {{\n      proxy_pass http://app;\n      proxy_http_version 1.1;\n      proxy_set_header Connection \"\";\n    }}\n  }}\n}}\n"
+        ),
+    }
+}
+
+fn haproxy_conf(dir: &Path, side: &str, listen: SocketAddr, upstream: SocketAddr) -> String {
+    let d = dir.display();
+    let common = "global\n  nbthread 1\n  maxconn 20000\n  log stderr format raw local0 warning\ndefaults\n  mode http\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n  http-reuse always\n";
+    match side {
+        "client" => format!(
+            "{common}frontend in\n  bind {listen}\n  default_backend mesh\nbackend mesh\n  server s1 {upstream} ssl verify required ca-file {d}/root.pem crt {d}/client.both.pem sni str(server.mesh) verifyhost server.mesh ssl-min-ver TLSv1.3\n"
+        ),
+        _ => format!(
+            "{common}frontend in\n  bind {listen} ssl crt {d}/server.both.pem ca-file {d}/root.pem verify required ssl-min-ver TLSv1.3\n  default_backend app\nbackend app\n  server app1 {upstream}\n"
+        ),
+    }
+}
+
+/// Starts a baseline proxy pair; returns the processes.
+async fn baseline(
+    kind: &str,
+    dir: &Path,
+    app: SocketAddr,
+    client_at: IpAddr,
+    server_at: IpAddr,
+) -> Result<(Vec<Child>, Vec<Measured>, SocketAddr)> {
+    let front = SocketAddr::new(client_at, 8080);
+    let middle = SocketAddr::new(server_at, 8443);
+    let mut children = Vec::new();
+    let mut measured = Vec::new();
+    for (side, listen, upstream) in [("server", middle, app), ("client", front, middle)] {
+        let log = std::fs::File::create(dir.join(format!("{kind}-{side}.log")))?;
+        let mut command = match kind {
+            "nginx" => {
+                std::fs::create_dir_all(dir.join(format!("tmp-{side}")))?;
+                let conf = dir.join(format!("nginx-{side}.conf"));
+                std::fs::write(&conf, nginx_conf(dir, side, listen, upstream))?;
+                let mut c = Command::new("nginx");
+                c.arg("-c").arg(&conf).arg("-p").arg(dir);
+                c
+            }
+            _ => {
+                let conf = dir.join(format!("haproxy-{side}.cfg"));
+                std::fs::write(&conf, haproxy_conf(dir, side, listen, upstream))?;
+                let mut c = Command::new("haproxy");
+                c.arg("-db").arg("-f").arg(&conf);
+                c
+            }
+        };
+        let child = command
+            .stdout(Stdio::from(log.try_clone()?))
+            .stderr(Stdio::from(log))
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("starting {kind}"))?;
+        let pid = child.id().context("no pid")?;
+        children.push(child);
+        // nginx's master forks one worker: the worker does the work.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        let worker = loop {
+            let children_of: Vec<u32> =
+                std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+                    .unwrap_or_default()
+                    .split_whitespace()
+                    .filter_map(|p| p.parse().ok())
+                    .collect();
+            if kind != "nginx" {
+                break pid;
+            }
+            if let Some(w) = children_of.first() {
+                break *w;
+            }
+            if tokio::time::Instant::now() > deadline {
+                bail!(
+                    "nginx ({side}) started no worker; see {}",
+                    dir.join(format!("{kind}-{side}.log")).display()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        measured.push(Measured {
+            label: format!("{kind} {side}"),
+            pid: worker,
+        });
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while tokio::net::TcpStream::connect(listen).await.is_err() {
+            if tokio::time::Instant::now() > deadline {
+                let log = std::fs::read_to_string(dir.join(format!("{kind}-{side}.log")))
+                    .unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(3).collect();
+                bail!(
+                    "{kind} ({side}) is not listening on {listen}: {}",
+                    tail.into_iter().rev().collect::<Vec<_>>().join(" / ")
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    measured.reverse();
+    Ok((children, measured, front))
+}
+
+/// `wrk` against the echo server, closed loop, to compare with our own
+/// closed-loop figure for `direct`.
+async fn wrk(dir: &Path, app: SocketAddr, options: &Options) -> Result<String> {
+    let script = dir.join("post.lua");
+    std::fs::write(
+        &script,
+        format!(
+            "wrk.method = \"POST\"\nwrk.body = string.rep(\"x\", {})\n",
+            options.payload
+        ),
+    )?;
+    let out = Command::new("wrk")
+        .args(["-t1", &format!("-c{}", options.max_connections)])
+        .arg(format!("-d{}s", options.duration.as_secs().max(1)))
+        .arg("--latency")
+        .arg("-s")
+        .arg(&script)
+        .arg(format!("http://{app}/"))
+        .output()
+        .await
+        .context("running wrk")?;
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn wrk_rate(text: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.trim().strip_prefix("Requests/sec:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+fn wrk_percentile(text: &str, p: &str) -> String {
+    text.lines()
+        .find_map(|l| l.trim().strip_prefix(p).map(|v| v.trim().to_string()))
+        .unwrap_or_else(|| "?".into())
+}
+
+/// Services and workloads for the snapshot-size measurement: `services`
+/// services over `workloads` pods (with sidecars), in their own namespace.
+async fn populate(cluster: &Cluster, services: usize, workloads: usize) -> Result<()> {
+    let client = cluster.client.clone();
+    create(
+        &Api::<Namespace>::all(client.clone()),
+        json!({"metadata": {"name": "scale"}}),
+    )
+    .await?;
+    let per = workloads.div_ceil(services.max(1));
+    let svc_api = Api::<Service>::namespaced(client.clone(), "scale");
+    let results: Vec<Result<()>> = futures::stream::iter(0..services)
+        .map(|s| {
+            let svc_api = svc_api.clone();
+            async move {
+                create(&svc_api, json!({"metadata": {"name": format!("svc-{s}")}, "spec": {"ports": [{"name": "http", "port": 80, "targetPort": 8080}]}})).await
+            }
+        })
+        .buffer_unordered(16)
+        .collect()
+        .await;
+    results.into_iter().collect::<Result<()>>()?;
+    let pods = Api::<Pod>::namespaced(client.clone(), "scale");
+    let ip_of = |n: usize| format!("10.{}.{}.{}", 100 + n / 62500, (n / 250) % 250, 1 + n % 250);
+    let node = cluster.node_name();
+    let results: Vec<Result<()>> = futures::stream::iter(0..workloads)
+        .map(|n| {
+            let (pods, node) = (pods.clone(), node.clone());
+            async move {
+                let name = format!("pod-{n}");
+                create(&pods, json!({"metadata": {"name": name, "labels": {"app": format!("svc-{}", n / per)}, "annotations": {"sidecar.weft.io/status": "{}"}},
+                    "spec": {"serviceAccountName": "scale", "nodeName": node, "containers": [{"name": "app", "image": "x"}]}})).await?;
+                let status = json!({"status": {"phase": "Running", "podIP": ip_of(n), "podIPs": [{"ip": ip_of(n)}], "conditions": [{"type": "Ready", "status": "True"}]}});
+                pods.patch_status(&name, &PatchParams::default(), &Patch::Merge(status)).await?;
+                Ok(())
+            }
+        })
+        .buffer_unordered(16)
+        .collect()
+        .await;
+    results.into_iter().collect::<Result<()>>()?;
+    let slices = Api::<EndpointSlice>::namespaced(client.clone(), "scale");
+    for s in 0..services {
+        let members = (s * per)..((s + 1) * per).min(workloads);
+        let slice = json!({
+            "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": {"name": format!("svc-{s}-x"), "labels": {"kubernetes.io/service-name": format!("svc-{s}")}},
+            "addressType": "IPv4",
+            "endpoints": members.map(|n| json!({"addresses": [ip_of(n)], "conditions": {"ready": true},
+                "targetRef": {"kind": "Pod", "name": format!("pod-{n}"), "namespace": "scale"}})).collect::<Vec<_>>(),
+            "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+        });
+        create(&slices, slice).await?;
+    }
+    Ok(())
+}
+
+pub fn run(options: &Options, command: &str) -> Result<Outcome> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(drive(options, command))
+}
+
+async fn drive(options: &Options, command: &str) -> Result<Outcome> {
+    if options.rates.is_empty() {
+        bail!("--rates needs at least one rate");
+    }
+    let binaries = Binaries::locate()?;
+    let dir = std::env::temp_dir().join(format!("weft-perf-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let mut results = Results::default();
+    let mut children: Vec<Child> = Vec::new();
+
+    // The echo server the scenarios share, and the direct baseline.
+    let app_ip = ip([0, 3]);
+    let app = SocketAddr::new(app_ip, 8080);
+    children.push(spawn_echo(&binaries, &dir, app_ip, "c1", "echo-1").await?);
+    run_scenario(
+        options,
+        &Scenario {
+            name: "direct".into(),
+            target: format!("http://{app}/"),
+            proxy: None,
+            grpc_target: Some(format!("http://{app_ip}:9090")),
+            measured: vec![],
+        },
+        &mut results,
+    )
+    .await?;
+
+    // weft: a lab cluster, its control plane, two sidecars.
+    let root = MeshRoot::generate("cluster.local")?;
+    let mut c1 = Cluster::start(
+        ClusterOptions {
+            log: "warn".into(),
+            ..ClusterOptions::new("c1", &dir)
+        },
+        &root,
+        &binaries,
+    )
+    .await?;
+    let client_ip = ip([0, 2]);
+    deploy(&c1, "echo", Some(("echo-1", "echo", app_ip))).await?;
+    add_pod(&c1, "client-1", "client", "client", client_ip).await?;
+    let server_sidecar = sidecar(&c1, &root, "echo-1", "echo", app_ip).await?;
+    let client_sidecar = sidecar(&c1, &root, "client-1", "client", client_ip).await?;
+    let weft_measured = vec![
+        Measured {
+            label: "weft client".into(),
+            pid: client_sidecar.id().context("pid")?,
+        },
+        Measured {
+            label: "weft server".into(),
+            pid: server_sidecar.id().context("pid")?,
+        },
+    ];
+    wait_workloads(client_ip, 2, Duration::from_secs(30)).await?;
+    run_scenario(
+        options,
+        &Scenario {
+            name: "weft".into(),
+            target: format!("http://echo.{NS}.svc.cluster.local:80/"),
+            proxy: Some(SocketAddr::new(client_ip, 15001)),
+            grpc_target: Some(format!("http://echo.{NS}.svc.cluster.local:90")),
+            measured: weft_measured.clone(),
+        },
+        &mut results,
+    )
+    .await?;
+
+    // weft across clusters: the echo pod and its sidecar in c2.
+    let mut c2 = None;
+    if options.cross_cluster {
+        let cluster = Cluster::start(
+            ClusterOptions {
+                log: "warn".into(),
+                zone: "c2-a".into(),
+                ..ClusterOptions::new("c2", &dir)
+            },
+            &root,
+            &binaries,
+        )
+        .await?;
+        let far_ip = ip([1, 3]);
+        children.push(spawn_echo(&binaries, &dir, far_ip, "c2", "far-echo-1").await?);
+        deploy(&c1, "far-echo", None).await?;
+        deploy(&cluster, "far-echo", Some(("far-echo-1", "echo", far_ip))).await?;
+        c1.add_remote(&cluster).await?;
+        cluster.add_remote(&c1).await?;
+        let far_sidecar = sidecar(&cluster, &root, "far-echo-1", "echo", far_ip).await?;
+        wait_workloads(client_ip, 3, Duration::from_secs(30)).await?;
+        let measured = vec![
+            weft_measured[0].clone(),
+            Measured {
+                label: "weft server (c2)".into(),
+                pid: far_sidecar.id().context("pid")?,
+            },
+        ];
+        run_scenario(
+            options,
+            &Scenario {
+                name: "weft cross-cluster".into(),
+                target: format!("http://far-echo.{NS}.svc.cluster.local:80/"),
+                proxy: Some(SocketAddr::new(client_ip, 15001)),
+                grpc_target: None,
+                measured,
+            },
+            &mut results,
+        )
+        .await?;
+        children.push(far_sidecar);
+        c2 = Some(cluster);
+    }
+
+    // Baselines.
+    let mut wrk_text = None;
+    if options.baselines {
+        results.skipped.extend(ensure_tools());
+        baseline_certs(&dir)?;
+        for (kind, client_at, server_at) in [
+            ("nginx", ip([0, 4]), ip([0, 5])),
+            ("haproxy", ip([0, 6]), ip([0, 7])),
+        ] {
+            if results.skipped.iter().any(|s| s.starts_with(kind)) {
+                continue;
+            }
+            match baseline(kind, &dir, app, client_at, server_at).await {
+                Ok((procs, measured, front)) => {
+                    run_scenario(
+                        options,
+                        &Scenario {
+                            name: kind.into(),
+                            target: format!("http://{front}/"),
+                            proxy: None,
+                            grpc_target: None,
+                            measured,
+                        },
+                        &mut results,
+                    )
+                    .await?;
+                    for p in procs {
+                        mesh::stop(p, Duration::from_secs(2)).await;
+                    }
+                }
+                Err(err) => results.skipped.push(format!("{kind}: {err:#}")),
+            }
+        }
+        if !results.skipped.iter().any(|s| s.starts_with("wrk")) {
+            wrk_text = Some(wrk(&dir, app, options).await?);
+        }
+    }
+
+    // The client sidecar's memory with a large mesh in its snapshot.
+    let idle_rss = proc_field(weft_measured[0].pid, "VmRSS:");
+    eprintln!(
+        "== snapshot: {} services, {} workloads",
+        options.snapshot_services, options.snapshot_workloads
+    );
+    let populate_start = std::time::Instant::now();
+    populate(&c1, options.snapshot_services, options.snapshot_workloads).await?;
+    wait_workloads(
+        client_ip,
+        options.snapshot_workloads + 2,
+        Duration::from_secs(300),
+    )
+    .await?;
+    let synced_in = populate_start.elapsed();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let large_rss = proc_field(weft_measured[0].pid, "VmRSS:");
+    let large_hwm = proc_field(weft_measured[0].pid, "VmHWM:");
+
+    let markdown = render(
+        options,
+        command,
+        &results,
+        wrk_text.as_deref(),
+        idle_rss,
+        large_rss,
+        large_hwm,
+        synced_in,
+    )?;
+
+    drop(client_sidecar);
+    drop(server_sidecar);
+    for child in children {
+        mesh::stop(child, Duration::from_secs(2)).await;
+    }
+    if let Some(c2) = c2 {
+        c2.stop().await;
+    }
+    c1.stop_control().await;
+    c1.stop().await;
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(Outcome {
+        markdown,
+        passed: true,
+    })
+}
+
+fn mb(bytes: u64) -> f64 {
+    bytes as f64 / (1024.0 * 1024.0)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn render(
+    options: &Options,
+    command: &str,
+    results: &Results,
+    wrk_text: Option<&str>,
+    idle_rss: u64,
+    large_rss: u64,
+    large_hwm: u64,
+    synced_in: Duration,
+) -> Result<String> {
+    let mut md = format!(
+        "# Data-path benchmark: weft against direct, nginx and HAProxy\n\n\
+         - Date: {}\n- Commit: {}\n- Command: `{command}`\n{}\n\
+         HTTP/1.1 keep-alive, {} B POST echoed back, {} connections at fixed rates (open loop, latency \
+         corrected for coordinated omission), {} connections closed loop for maximum throughput; \
+         {} s measured after {} s of warm-up per run. Every proxy runs one worker (one thread, or one \
+         nginx worker process), so its throughput is per core. Proxies, echo server and load generator \
+         share this machine's cores. Two proxies in series in every scenario: client side → TLS 1.3 \
+         with client certificates → server side → echo.\n\n",
+        report::today(),
+        report::commit(),
+        Machine::read().markdown(),
+        options.payload,
+        options.connections,
+        options.max_connections,
+        options.duration.as_secs_f64(),
+        options.warmup.as_secs_f64(),
+    );
+    let direct = results.fixed.get("direct").context("no direct run")?;
+    for (i, rate) in options.rates.iter().enumerate() {
+        md += &format!(
+            "## {rate} req/s\n\n| scenario | achieved/s | p50 ms | p90 ms | p99 ms | p99.9 ms | max ms | added p50 ms | added p99 ms | errors | CPU per 1k req/s, each proxy (vCPU) |\n|---|---|---|---|---|---|---|---|---|---|---|\n"
+        );
+        for name in &results.order {
+            let run = &results.fixed[name][i];
+            let s = &run.summary;
+            let d = &direct[i].summary;
+            let cpu: Vec<String> = run
+                .proxies
+                .iter()
+                .map(|(label, cpu, _)| format!("{label} {:.3}", run.vcpu_per_k(*cpu)))
+                .collect();
+            md += &format!(
+                "| {name} | {:.0} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {} | {} | {} | {} |\n",
+                s.achieved_rate,
+                s.p50_ms,
+                s.p90_ms,
+                s.p99_ms,
+                s.p999_ms,
+                s.max_ms,
+                if name == "direct" {
+                    "".into()
+                } else {
+                    format!("{:.3}", s.p50_ms - d.p50_ms)
+                },
+                if name == "direct" {
+                    "".into()
+                } else {
+                    format!("{:.3}", s.p99_ms - d.p99_ms)
+                },
+                s.error_count(),
+                if cpu.is_empty() {
+                    "".into()
+                } else {
+                    cpu.join(", ")
+                },
+            );
+        }
+        md += "\n";
+    }
+    md += "## Maximum throughput (closed loop)\n\n| scenario | req/s | p50 ms | p99 ms | errors | each proxy: CPU s/s, requests per CPU-second, peak RSS MiB |\n|---|---|---|---|---|---|\n";
+    for name in &results.order {
+        let run = &results.max[name];
+        let s = &run.summary;
+        let procs: Vec<String> = run
+            .proxies
+            .iter()
+            .map(|(label, cpu, rss)| {
+                format!(
+                    "{label}: {:.2}, {:.0}, {:.1}",
+                    cpu / s.seconds,
+                    s.requests as f64 / cpu.max(1e-9),
+                    mb(*rss)
+                )
+            })
+            .collect();
+        md += &format!(
+            "| {name} | {:.0} | {:.3} | {:.3} | {} | {} |\n",
+            s.achieved_rate,
+            s.p50_ms,
+            s.p99_ms,
+            s.error_count(),
+            procs.join("; ")
+        );
+    }
+    // Ratios that matter, from this run.
+    let per_cpu = |name: &str| -> Option<f64> {
+        let run = results.max.get(name)?;
+        let cpu: f64 = run.proxies.iter().map(|p| p.1).sum();
+        Some(run.summary.requests as f64 * run.proxies.len() as f64 / cpu.max(1e-9))
+    };
+    md += "\n## Ratios (same run)\n\n";
+    if let Some(weft) = results.fixed.get("weft") {
+        let (w, d) = (&weft[0].summary, &direct[0].summary);
+        md += &format!(
+            "- weft added latency at {} req/s: p50 {:.3} ms, p99 {:.3} ms (target: p99 < 0.10 ms; Istio's published anchor 0.30 ms p99).\n",
+            options.rates[0],
+            w.p50_ms - d.p50_ms,
+            w.p99_ms - d.p99_ms
+        );
+        let cpu = weft[0]
+            .proxies
+            .iter()
+            .map(|p| weft[0].vcpu_per_k(p.1))
+            .fold(0.0, f64::max);
+        md += &format!(
+            "- weft CPU per 1,000 req/s, busiest sidecar: {cpu:.3} vCPU (target < 0.05; anchors: Istio sidecar 0.20, ztunnel 0.06).\n"
+        );
+    }
+    for other in ["nginx", "haproxy"] {
+        if let (Some(w), Some(o)) = (per_cpu("weft"), per_cpu(other)) {
+            md += &format!(
+                "- requests per CPU-second per proxy, weft / {other}: {:.2} ({:.0} vs {:.0}).\n",
+                w / o,
+                w,
+                o
+            );
+        }
+        if let (Some(w), Some(o)) = (results.fixed.get("weft"), results.fixed.get(other)) {
+            md += &format!(
+                "- added p99 at {} req/s, weft / {other}: {:.3} ms / {:.3} ms.\n",
+                options.rates[0],
+                w[0].summary.p99_ms - direct[0].summary.p99_ms,
+                o[0].summary.p99_ms - direct[0].summary.p99_ms
+            );
+        }
+    }
+    if !results.grpc.is_empty() {
+        md += &format!(
+            "\n## gRPC unary at {} req/s\n\n| scenario | p50 ms | p99 ms | p99.9 ms | errors |\n|---|---|---|---|---|\n",
+            options.rates[0]
+        );
+        for (name, run) in &results.grpc {
+            let s = &run.summary;
+            md += &format!(
+                "| {name} | {:.3} | {:.3} | {:.3} | {} |\n",
+                s.p50_ms,
+                s.p99_ms,
+                s.p999_ms,
+                s.error_count()
+            );
+        }
+    }
+    md += &format!(
+        "\n## Sidecar memory with a large mesh\n\n- client sidecar RSS with the bench's 2 services/3 workloads: {:.1} MiB\n\
+         - with {} services and {} workloads more in its snapshot: {:.1} MiB (peak {:.1} MiB); received {:.1} s after the objects were created \
+         (target < 10 MB; anchors: Envoy ~60 MB, linkerd2-proxy ~18 MB, ztunnel 12 MB)\n",
+        mb(idle_rss),
+        options.snapshot_services,
+        options.snapshot_workloads,
+        mb(large_rss),
+        mb(large_hwm),
+        synced_in.as_secs_f64()
+    );
+    if let Some(text) = wrk_text {
+        let ours = &results.max["direct"].summary;
+        md += &format!(
+            "\n## The load generator against wrk\n\nClosed loop against the echo server directly, {} connections, same payload:\n\n\
+             | generator | req/s | p50 | p99 |\n|---|---|---|---|\n| weft-perf load | {:.0} | {:.3} ms | {:.3} ms |\n| wrk (1 thread) | {:.0} | {} | {} |\n\n\
+             A gap is the generators' own cost per request: it bounds how small a difference between scenarios this harness can show.\n",
+            options.max_connections,
+            ours.achieved_rate,
+            ours.p50_ms,
+            ours.p99_ms,
+            wrk_rate(text),
+            wrk_percentile(text, "50%"),
+            wrk_percentile(text, "99%"),
+        );
+    }
+    if !results.skipped.is_empty() {
+        md += "\n## Skipped\n\n";
+        for s in &results.skipped {
+            md += &format!("- {s}\n");
+        }
+    }
+    // The plot.
+    let series: Vec<(String, Vec<(f64, f64)>)> = results
+        .order
+        .iter()
+        .map(|n| (n.clone(), results.fixed[n][0].summary.curve.clone()))
+        .collect();
+    let svg = crate::svg::percentile_plot(
+        &format!("HTTP/1.1 latency at {} req/s", options.rates[0]),
+        &series,
+    );
+    let name = format!("{}-bench-latency.svg", report::today());
+    std::fs::create_dir_all(&options.results)?;
+    std::fs::write(options.results.join(&name), svg)?;
+    md += &format!("\n![latency percentiles]({name})\n");
+    Ok(md)
+}
