@@ -56,10 +56,18 @@ fn sidecar() -> Result<()> {
             .with_context(|| format!("WEFT_WORKER_THREADS={text:?} is not a positive number"))?,
         Err(_) => 2,
     };
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(threads)
-        .enable_all()
-        .build()?;
+    // One thread: a current-thread runtime, without the work-stealing
+    // scheduler's cross-thread bookkeeping on every wake-up.
+    let runtime = if threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads)
+            .enable_all()
+            .build()?
+    };
     runtime.block_on(async {
         let sidecar = weft_proxy::sidecar::start_with(config, Some(set_log_level)).await?;
         let mut terminate =
