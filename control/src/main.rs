@@ -39,6 +39,10 @@ struct Args {
     /// The sidecar injection webhook.
     #[arg(long, env = "WEFT_WEBHOOK_ADDR", default_value = "0.0.0.0:15017")]
     webhook_addr: SocketAddr,
+    /// The control plane address injected sidecars dial (default: this
+    /// Service's DNS name, weft-control.<namespace>.svc:15012).
+    #[arg(long, env = "WEFT_PROXY_CONTROL_PLANE")]
+    proxy_control_plane: Option<String>,
     /// Image of the injected sidecar and init container.
     #[arg(long, env = "WEFT_PROXY_IMAGE")]
     proxy_image: Option<String>,
@@ -100,6 +104,10 @@ async fn main() -> anyhow::Result<()> {
     if let Some(image) = args.proxy_image {
         injection.proxy_image = image;
     }
+    if let Some(address) = args.proxy_control_plane {
+        injection.control_plane = address;
+    }
+    injection.network = args.network.clone();
     injection.proxy_cpu_request = args.proxy_cpu_request;
     injection.proxy_memory_request = args.proxy_memory_request;
     injection.proxy_cpu_limit = args.proxy_cpu_limit;

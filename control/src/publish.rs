@@ -1,8 +1,9 @@
 //! Keeps what workloads and the API server need from the CA in place: the
 //! `weft-root-cert` ConfigMap in every namespace (mounted by sidecars to
 //! verify the control plane) and the injection webhook's `caBundle` (so
-//! the API server trusts the webhook). Checked at start and every 30 s, and
-//! written only when different.
+//! the API server trusts the webhook). Checked at start, whenever a
+//! namespace is added or changed, and every 30 s; written only when
+//! different.
 
 use std::time::Duration;
 
@@ -17,9 +18,24 @@ pub const WEBHOOK_CONFIGURATION: &str = "weft-sidecar-injector";
 const MANAGER: &str = "weft-control";
 
 pub async fn run(client: kube::Client, root_pem: String) {
+    use futures::StreamExt;
     let mut tick = tokio::time::interval(Duration::from_secs(30));
+    // A new namespace gets its ConfigMap at once, not at the next tick: its
+    // first pods cannot start without it.
+    let mut namespaces = kube::runtime::watcher(
+        Api::<Namespace>::all(client.clone()),
+        kube::runtime::watcher::Config::default(),
+    )
+    .boxed();
     loop {
-        tick.tick().await;
+        tokio::select! {
+            _ = tick.tick() => {}
+            Some(event) = namespaces.next() => {
+                if !matches!(event, Ok(kube::runtime::watcher::Event::Apply(_))) {
+                    continue;
+                }
+            }
+        }
         if let Err(err) = publish_root_cert(&client, &root_pem).await {
             tracing::warn!(%err, "publishing the root certificate failed; retrying");
         }

@@ -7,7 +7,11 @@
 //! tool and never part of a production install.
 
 pub mod apiserver;
+pub mod apply;
 pub mod endpoints;
+pub mod lab;
 pub mod mesh;
+pub mod netns;
+pub mod runner;
 
 pub use apiserver::{ApiServer, ApiServerConfig, LabError};

@@ -219,6 +219,18 @@ impl Cluster {
             }}}),
         )
         .await?;
+        // The injector's webhook configuration from the install manifests;
+        // the control plane fills in its caBundle when it starts.
+        let webhook: serde_json::Value =
+            serde_saphyr::from_str(include_str!("../../examples/install/30-injector.yaml"))
+                .context("reading examples/install/30-injector.yaml")?;
+        create(
+            &Api::<k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration>::all(
+                client.clone(),
+            ),
+            webhook,
+        )
+        .await?;
         let mut cluster = Cluster {
             xds_addr: free_port(options.host)?,
             monitoring_addr: free_port(options.host)?,
@@ -263,6 +275,8 @@ impl Cluster {
             .args(["--monitoring-addr", &self.monitoring_addr.to_string()])
             .args(["--webhook-addr", &self.webhook_addr.to_string()])
             .args(["--remote-sync-timeout", "5"])
+            // The lab has no cluster DNS: sidecars dial the address itself.
+            .args(["--proxy-control-plane", &self.xds_addr.to_string()])
             .env("RUST_LOG", &self.options.log)
             .stdout(Stdio::from(log.try_clone()?))
             .stderr(Stdio::from(log))

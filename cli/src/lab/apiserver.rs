@@ -1,18 +1,11 @@
-//! `weftctl lab`: the local multi-cluster lab. Today: a standalone lab API
-//! server.
+//! `weftctl lab apiserver`: a standalone lab API server.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
-use clap::{Args, Subcommand};
+use clap::Args;
 use weft_lab::{ApiServer, ApiServerConfig};
-
-#[derive(Subcommand)]
-pub enum LabCommand {
-    /// Run a Kubernetes-API-compatible API server (kubectl and the kube crate work against it).
-    Apiserver(ApiserverArgs),
-}
 
 #[derive(Args)]
 pub struct ApiserverArgs {
@@ -34,11 +27,9 @@ pub struct ApiserverArgs {
     exit_after: Option<u64>,
 }
 
-pub fn run(command: LabCommand) -> Result<()> {
+pub fn run(args: ApiserverArgs) -> Result<()> {
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
-    match command {
-        LabCommand::Apiserver(args) => runtime.block_on(apiserver(args)),
-    }
+    runtime.block_on(apiserver(args))
 }
 
 async fn apiserver(args: ApiserverArgs) -> Result<()> {

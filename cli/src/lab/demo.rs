@@ -1,0 +1,356 @@
+//! `weftctl lab demo`: two clusters, echo v1 in c1 and v2 in c2, a client
+//! in c1, all injected by the webhook; traffic stays in c1 while it can,
+//! fails over to c2 when c1's echo goes away, and comes back when it
+//! returns. Every step checks what it shows; the exit code says whether
+//! all behaved.
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use k8s_openapi::api::core::v1::{Pod, Service};
+use kube::Api;
+use kube::api::DeleteParams;
+use weft_lab::lab::{Lab, LabOptions};
+use weft_lab::netns;
+use weft_lab::runner::Network;
+
+use super::{DemoArgs, choose_network, ensure_binaries, find_pod};
+
+const HOST: &str = "echo.demo.svc.cluster.local";
+const CLIENT_ID: &str = "spiffe://cluster.local/ns/demo/sa/client";
+
+pub fn run(args: DemoArgs) -> Result<()> {
+    let binaries = ensure_binaries()?;
+    let (network, reason) = choose_network(args.loopback);
+    match &reason {
+        None => println!(
+            "network: a namespace per pod on per-cluster bridges, capture rules applied for real"
+        ),
+        Some(reason) => println!(
+            "network: loopback addresses, apps use their sidecar as an explicit proxy ({reason})"
+        ),
+    }
+    if network == Network::Namespaces {
+        if netns::exists(netns::ROUTER) {
+            bail!("a lab is already running on this machine (weftctl lab down --dir <its dir>)");
+        }
+        netns::create_router(2)?;
+        netns::enter(netns::ROUTER)?;
+    }
+    std::fs::create_dir_all(&args.dir)?;
+    let dir = args.dir.canonicalize()?;
+    let result = tokio::runtime::Runtime::new()?.block_on(async {
+        let started = Instant::now();
+        let mut lab = Lab::up(LabOptions {
+            clusters: 2,
+            network,
+            dir: dir.clone(),
+            binaries,
+            log: "info,kube=warn,tower=warn,hyper=warn".into(),
+        })
+        .await?;
+        println!(
+            "✓ lab up: clusters c1 and c2 with weft-control each, in {:.1} s",
+            started.elapsed().as_secs_f64()
+        );
+        let outcome = story(&mut lab, &dir).await;
+        if args.keep && outcome.is_ok() {
+            println!(
+                "the lab keeps running (Ctrl-C to stop); logs and kubeconfigs in {}",
+                dir.display()
+            );
+            let _ = tokio::signal::ctrl_c().await;
+        }
+        lab.down().await;
+        outcome
+    });
+    if network == Network::Namespaces {
+        netns::sweep();
+    }
+    match &result {
+        Ok(()) => println!(
+            "✓ lab down: every process and namespace removed\n\nthe demo behaved at every step"
+        ),
+        Err(err) => println!("✗ {err:#}\n(logs: {})", dir.display()),
+    }
+    result
+}
+
+async fn story(lab: &mut Lab, dir: &std::path::Path) -> Result<()> {
+    let common = include_str!("../../../examples/lab/demo-common.yaml");
+    for (cluster, extra) in [
+        (
+            "c1",
+            vec![
+                include_str!("../../../examples/lab/echo-c1.yaml"),
+                include_str!("../../../examples/lab/client.yaml"),
+            ],
+        ),
+        (
+            "c2",
+            vec![include_str!("../../../examples/lab/echo-c2.yaml")],
+        ),
+    ] {
+        let client = &lab.cluster(cluster)?.client;
+        weft_lab::apply::apply_all(client, common).await?;
+        for doc in extra {
+            weft_lab::apply::apply_all(client, doc).await?;
+        }
+    }
+    println!(
+        "✓ deployed: echo v1 in c1, echo v2 in c2, a client in c1 (sidecars injected by each cluster's webhook)"
+    );
+    let injected = Api::<Pod>::namespaced(lab.cluster("c1")?.client.clone(), "demo")
+        .get("client")
+        .await?
+        .spec
+        .map(|s| s.containers.iter().any(|c| c.name == "weft-proxy"))
+        .unwrap_or(false);
+    if !injected {
+        bail!("the client pod has no weft-proxy container: injection did not happen");
+    }
+    for (cluster, pods) in [("c1", vec!["echo-v1", "client"]), ("c2", vec!["echo-v2"])] {
+        wait_ready(
+            &lab.cluster(cluster)?.client,
+            &pods,
+            Duration::from_secs(120),
+        )
+        .await?;
+    }
+    println!("✓ pods ready in both clusters");
+
+    let caller = Caller::new(lab, dir).await?;
+    // The client's sidecar learns of c2's endpoint through c1's control
+    // plane watching c2: wait until the first answer comes back.
+    caller.until(Duration::from_secs(60), |r| r.is_ok()).await?;
+    let answers = caller.batch(20).await;
+    report("traffic (local first)", &answers);
+    check_all(&answers, "c1")?;
+    println!("✓ 20 of 20 answered by c1 (same cluster and zone first), peer identity {CLIENT_ID}");
+
+    let c1 = lab.cluster("c1")?.client.clone();
+    Api::<Pod>::namespaced(c1.clone(), "demo")
+        .delete("echo-v1", &DeleteParams::default())
+        .await?;
+    let failover_started = Instant::now();
+    let errors = caller.until_stable("c2", Duration::from_secs(60)).await?;
+    println!(
+        "✓ echo-v1 deleted in c1: traffic failed over to c2 in {:.2} s with {} failed requests",
+        failover_started.elapsed().as_secs_f64(),
+        errors
+    );
+    let answers = caller.batch(10).await;
+    report("traffic (c1's echo gone)", &answers);
+    check_all(&answers, "c2")?;
+
+    weft_lab::apply::apply_all(&c1, include_str!("../../../examples/lab/echo-c1.yaml")).await?;
+    wait_ready(&c1, &["echo-v1"], Duration::from_secs(120)).await?;
+    let back = Instant::now();
+    let errors = caller.until_stable("c1", Duration::from_secs(60)).await?;
+    println!(
+        "✓ echo-v1 restored: traffic back in c1 {:.2} s after it was ready, {} failed requests",
+        back.elapsed().as_secs_f64(),
+        errors
+    );
+    let answers = caller.batch(10).await;
+    report("traffic (restored)", &answers);
+    check_all(&answers, "c1")?;
+    Ok(())
+}
+
+async fn wait_ready(client: &kube::Client, names: &[&str], timeout: Duration) -> Result<()> {
+    let pods = Api::<Pod>::namespaced(client.clone(), "demo");
+    let deadline = Instant::now() + timeout;
+    loop {
+        let mut waiting = Vec::new();
+        for name in names {
+            let ready = pods
+                .get_opt(name)
+                .await?
+                .and_then(|p| p.status)
+                .and_then(|s| s.conditions)
+                .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+            if !ready {
+                waiting.push(*name);
+            }
+        }
+        if waiting.is_empty() {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("pods not ready after {timeout:?}: {waiting:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+type Answer = Result<BTreeMap<String, String>, String>;
+
+fn report(title: &str, answers: &[Answer]) {
+    let mut by_cluster: BTreeMap<String, usize> = BTreeMap::new();
+    let mut peers: BTreeMap<String, usize> = BTreeMap::new();
+    let mut errors = 0;
+    for answer in answers {
+        match answer {
+            Ok(fields) => {
+                let who = format!(
+                    "{} ({} {})",
+                    fields.get("cluster").cloned().unwrap_or_default(),
+                    fields.get("pod").cloned().unwrap_or_default(),
+                    fields.get("version").cloned().unwrap_or_default()
+                );
+                *by_cluster.entry(who).or_default() += 1;
+                *peers
+                    .entry(fields.get("peer").cloned().unwrap_or_default())
+                    .or_default() += 1;
+            }
+            Err(_) => errors += 1,
+        }
+    }
+    println!(
+        "  {title}: answered by {by_cluster:?}; peer identities seen by echo {peers:?}; errors {errors}"
+    );
+}
+
+fn check_all(answers: &[Answer], cluster: &str) -> Result<()> {
+    for answer in answers {
+        match answer {
+            Ok(fields) if fields.get("cluster").map(String::as_str) == Some(cluster) => {
+                if fields.get("peer").map(String::as_str) != Some(CLIENT_ID) {
+                    bail!(
+                        "echo saw peer {:?}, expected {CLIENT_ID}",
+                        fields.get("peer")
+                    );
+                }
+            }
+            Ok(fields) => bail!(
+                "answered by {:?}, expected {cluster}",
+                fields.get("cluster")
+            ),
+            Err(err) => bail!("a request failed: {err}"),
+        }
+    }
+    Ok(())
+}
+
+/// Sends requests from the client pod, as an app in it would: to the echo
+/// Service's ClusterIP (captured by the pod's rules) in a namespace lab, or
+/// through the sidecar as an explicit proxy in a loopback lab.
+struct Caller {
+    netns: Option<String>,
+    connect: SocketAddr,
+    request: String,
+}
+
+impl Caller {
+    async fn new(lab: &Lab, dir: &std::path::Path) -> Result<Caller> {
+        let pod = find_pod(dir, Some("c1"), "demo", "client")?;
+        let netns_name = std::fs::read_to_string(pod.join("netns"))?
+            .trim()
+            .to_string();
+        let ip = std::fs::read_to_string(pod.join("ip"))?.trim().to_string();
+        if netns_name.is_empty() {
+            return Ok(Caller {
+                netns: None,
+                connect: format!("{ip}:15001").parse()?,
+                request: format!(
+                    "GET http://{HOST}/ HTTP/1.1\r\nhost: {HOST}\r\nconnection: close\r\n\r\n"
+                ),
+            });
+        }
+        let service = Api::<Service>::namespaced(lab.cluster("c1")?.client.clone(), "demo")
+            .get("echo")
+            .await?;
+        let vip = service
+            .spec
+            .and_then(|s| s.cluster_ip)
+            .context("the echo Service has no ClusterIP")?;
+        Ok(Caller {
+            netns: Some(netns_name),
+            connect: format!("{vip}:80").parse()?,
+            request: format!("GET / HTTP/1.1\r\nhost: {HOST}\r\nconnection: close\r\n\r\n"),
+        })
+    }
+
+    /// One request, on a thread of its own (a namespace lab enters the
+    /// pod's network on that thread only).
+    async fn once(&self) -> Answer {
+        let (netns_name, connect, request) =
+            (self.netns.clone(), self.connect, self.request.clone());
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        std::thread::spawn(move || {
+            let result = (|| -> Result<BTreeMap<String, String>, String> {
+                if let Some(ns) = &netns_name {
+                    netns::enter(ns).map_err(|e| format!("{e:#}"))?;
+                }
+                let mut tcp =
+                    std::net::TcpStream::connect_timeout(&connect, Duration::from_secs(3))
+                        .map_err(|e| format!("connect: {e}"))?;
+                tcp.set_read_timeout(Some(Duration::from_secs(5)))
+                    .map_err(|e| e.to_string())?;
+                tcp.write_all(request.as_bytes())
+                    .map_err(|e| format!("write: {e}"))?;
+                let mut out = String::new();
+                tcp.read_to_string(&mut out)
+                    .map_err(|e| format!("read: {e}"))?;
+                let (head, body) = out.split_once("\r\n\r\n").ok_or("no HTTP response")?;
+                if !head.starts_with("HTTP/1.1 200") {
+                    return Err(head.lines().next().unwrap_or("").to_string());
+                }
+                Ok(weft_echo::parse_report(body))
+            })();
+            let _ = tx.send(result);
+        });
+        rx.await
+            .unwrap_or_else(|_| Err("the request thread died".into()))
+    }
+
+    async fn batch(&self, n: usize) -> Vec<Answer> {
+        let mut out = Vec::new();
+        for _ in 0..n {
+            out.push(self.once().await);
+        }
+        out
+    }
+
+    async fn until(&self, timeout: Duration, done: impl Fn(&Answer) -> bool) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let answer = self.once().await;
+            if done(&answer) {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("no answer from echo within {timeout:?}; last: {answer:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Sends a request every 50 ms until ten in a row come from `cluster`;
+    /// returns how many failed meanwhile.
+    async fn until_stable(&self, cluster: &str, timeout: Duration) -> Result<usize> {
+        let deadline = Instant::now() + timeout;
+        let (mut streak, mut errors) = (0, 0);
+        while streak < 10 {
+            match self.once().await {
+                Ok(fields) if fields.get("cluster").map(String::as_str) == Some(cluster) => {
+                    streak += 1
+                }
+                Ok(_) => streak = 0,
+                Err(_) => {
+                    errors += 1;
+                    streak = 0;
+                }
+            }
+            if Instant::now() > deadline {
+                bail!("traffic did not settle on {cluster} within {timeout:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok(errors)
+    }
+}

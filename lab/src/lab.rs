@@ -1,0 +1,148 @@
+//! A whole lab: N clusters sharing one mesh root, registered with each
+//! other (a flat network), each with its pod runner and EndpointSlice
+//! controller. `weftctl lab` and the end-to-end tests drive it.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use serde_json::json;
+use tokio::sync::watch;
+
+use crate::mesh::{Binaries, Cluster, ClusterOptions, MeshRoot};
+use crate::netns;
+use crate::runner::{self, Network, RunnerConfig};
+
+#[derive(Clone, Debug)]
+pub struct LabOptions {
+    pub clusters: u8,
+    pub network: Network,
+    pub dir: PathBuf,
+    pub binaries: Binaries,
+    /// `RUST_LOG` for the control planes.
+    pub log: String,
+}
+
+pub struct Lab {
+    pub root: MeshRoot,
+    pub clusters: Vec<Cluster>,
+    pub network: Network,
+    pub dir: PathBuf,
+    runners: Vec<(watch::Sender<bool>, tokio::task::JoinHandle<()>)>,
+    controllers: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Lab {
+    /// Brings the lab up. With `Network::Namespaces` the caller must already
+    /// be inside the router namespace (`netns::create_router`, then
+    /// `netns::enter` before any thread starts).
+    pub async fn up(options: LabOptions) -> Result<Lab> {
+        if options.clusters == 0 || options.clusters > 9 {
+            bail!("--clusters must be between 1 and 9");
+        }
+        std::fs::create_dir_all(&options.dir)?;
+        let root = MeshRoot::generate("cluster.local")?;
+        let mut clusters = Vec::new();
+        for c in 1..=options.clusters {
+            let name = format!("c{c}");
+            let host = match options.network {
+                Network::Namespaces => std::net::IpAddr::V4(netns::gateway(c)),
+                Network::Loopback => std::net::IpAddr::from([127, 0, 0, 1]),
+            };
+            let cluster_options = ClusterOptions {
+                host,
+                region: "lab".into(),
+                zone: format!("{name}-a"),
+                service_cidr: format!("10.{}.0.0/16", 95 + c),
+                log: options.log.clone(),
+                ..ClusterOptions::new(&name, &options.dir)
+            };
+            let cluster = Cluster::start(cluster_options, &root, &options.binaries)
+                .await
+                .with_context(|| format!("starting cluster {name}"))?;
+            if let Some(pid) = cluster.control_pid() {
+                runner::record_pid(&options.dir, pid);
+            }
+            clusters.push(cluster);
+        }
+        for a in &clusters {
+            for b in &clusters {
+                if a.name() != b.name() {
+                    a.add_remote(b).await?;
+                }
+            }
+        }
+        let mut runners = Vec::new();
+        let mut controllers = Vec::new();
+        for (i, cluster) in clusters.iter().enumerate() {
+            let (stop, stopped) = watch::channel(false);
+            let config = RunnerConfig {
+                cluster_index: (i + 1) as u8,
+                cluster: cluster.name().to_string(),
+                node: cluster.node_name(),
+                client: cluster.client.clone(),
+                binaries: options.binaries.clone(),
+                dir: options.dir.clone(),
+                network: options.network,
+                control_plane: cluster.xds_addr,
+            };
+            runners.push((stop, tokio::spawn(runner::run(config, stopped))));
+            controllers.push(tokio::spawn(crate::endpoints::run(cluster.client.clone())));
+        }
+        Ok(Lab {
+            root,
+            clusters,
+            network: options.network,
+            dir: options.dir,
+            runners,
+            controllers,
+        })
+    }
+
+    pub fn cluster(&self, name: &str) -> Result<&Cluster> {
+        self.clusters
+            .iter()
+            .find(|c| c.name() == name)
+            .with_context(|| format!("no cluster {name} in this lab"))
+    }
+
+    pub fn cluster_mut(&mut self, name: &str) -> Result<&mut Cluster> {
+        self.clusters
+            .iter_mut()
+            .find(|c| c.name() == name)
+            .with_context(|| format!("no cluster {name} in this lab"))
+    }
+
+    /// What `lab status` and `lab down` read back.
+    pub fn state(&self) -> serde_json::Value {
+        json!({
+            "pid": std::process::id(),
+            "network": match self.network { Network::Namespaces => "namespaces", Network::Loopback => "loopback" },
+            "router": if self.network == Network::Namespaces { netns::ROUTER } else { "" },
+            "clusters": self.clusters.iter().map(|c| json!({
+                "name": c.name(),
+                "kubeconfig": c.kubeconfig,
+                "api": c.api.addr(),
+                "xds": c.xds_addr,
+                "monitoring": c.monitoring_addr,
+                "control_pid": c.control_pid(),
+            })).collect::<Vec<_>>(),
+        })
+    }
+
+    /// Stops every pod, runner, controller, control plane and API server.
+    pub async fn down(self) {
+        for (stop, _) in &self.runners {
+            let _ = stop.send(true);
+        }
+        for (_, task) in self.runners {
+            let _ = tokio::time::timeout(Duration::from_secs(30), task).await;
+        }
+        for task in self.controllers {
+            task.abort();
+        }
+        for cluster in self.clusters {
+            cluster.stop().await;
+        }
+    }
+}
