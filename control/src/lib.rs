@@ -189,8 +189,11 @@ impl ControlPlane {
         let monitoring_addr = monitoring.as_ref().and_then(|l| l.local_addr().ok());
 
         if let Some(listener) = plain {
-            let ads = AggregatedDiscoveryServiceServer::new(xds::AdsServer::new(hub.clone()))
-                .max_decoding_message_size(16 * 1024 * 1024);
+            let ads = AggregatedDiscoveryServiceServer::new(xds::AdsServer::new(
+                hub.clone(),
+                config.remote_timeout,
+            ))
+            .max_decoding_message_size(16 * 1024 * 1024);
             let incoming =
                 tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
             tasks.push(tokio::spawn(async move {
@@ -211,8 +214,11 @@ impl ControlPlane {
             let certs = CertStore::new(&cert)?;
             let bundle = TrustBundle::from_pem(&ca.roots_pem())?;
             let tls = weft_certs::tls::server_config_optional_client(&certs, &bundle)?;
-            let ads = AggregatedDiscoveryServiceServer::new(xds::AdsServer::new(hub.clone()))
-                .max_decoding_message_size(16 * 1024 * 1024);
+            let ads = AggregatedDiscoveryServiceServer::new(xds::AdsServer::new(
+                hub.clone(),
+                config.remote_timeout,
+            ))
+            .max_decoding_message_size(16 * 1024 * 1024);
             let ca_service = CertificateServiceServer::new(ca::CaService {
                 ca: ca.clone(),
                 client: local.clone(),

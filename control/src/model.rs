@@ -370,6 +370,9 @@ pub struct Model {
     version: u64,
     dirty_pods: HashSet<(String, Key)>,
     dirty_services: HashSet<Key>,
+    /// The remote-cluster Secrets have been listed once, so every remote
+    /// that exists is known: before that, "all remotes synced" says nothing.
+    remotes_listed: bool,
 }
 
 impl Model {
@@ -382,7 +385,13 @@ impl Model {
             version: 0,
             dirty_pods: HashSet::new(),
             dirty_services: HashSet::new(),
+            remotes_listed: false,
         }
+    }
+
+    /// Called once the remote-cluster Secrets have been listed.
+    pub fn set_remotes_listed(&mut self) {
+        self.remotes_listed = true;
     }
 
     pub fn version(&self) -> u64 {
@@ -720,17 +729,20 @@ impl Model {
         })
     }
 
-    /// The local cluster has synced, and every remote has synced or had
-    /// `remote_timeout` to do so: one dead remote never holds readiness.
+    /// The local cluster has synced, the remote-cluster Secrets have been
+    /// listed, and every remote has synced or had `remote_timeout` to do
+    /// so: one dead remote never holds readiness.
     pub fn ready(&self, remote_timeout: Duration) -> bool {
-        self.clusters.iter().all(|(id, state)| {
-            let synced = state.last_synced.is_some();
-            if *id == self.config.local_cluster {
-                synced
-            } else {
-                synced || state.added.elapsed() >= remote_timeout
-            }
-        }) && self.clusters.contains_key(&self.config.local_cluster)
+        self.remotes_listed
+            && self.clusters.iter().all(|(id, state)| {
+                let synced = state.last_synced.is_some();
+                if *id == self.config.local_cluster {
+                    synced
+                } else {
+                    synced || state.added.elapsed() >= remote_timeout
+                }
+            })
+            && self.clusters.contains_key(&self.config.local_cluster)
     }
 
     pub fn cluster_status(&self) -> Vec<ClusterStatus> {
@@ -906,6 +918,11 @@ mod tests {
             }]
         );
         assert_eq!(w.status, mesh::WorkloadStatus::Healthy as i32);
+        assert!(
+            !model.ready(Duration::from_secs(30)),
+            "not before the remote-cluster Secrets are listed"
+        );
+        model.set_remotes_listed();
         assert!(model.ready(Duration::from_secs(30)));
         // Nothing changed: no new version.
         assert_eq!(model.flush(), None);

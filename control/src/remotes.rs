@@ -303,6 +303,7 @@ pub async fn run(mut remotes: RemoteClusters, client: kube::Client, namespace: S
     let mut secrets: BTreeMap<String, BTreeMap<String, Option<String>>> = BTreeMap::new();
     let mut relist: Option<BTreeMap<String, BTreeMap<String, Option<String>>>> = None;
     let mut tick = tokio::time::interval(Duration::from_millis(100));
+    let mut listed = false;
     loop {
         tokio::select! {
             event = stream.next() => {
@@ -313,7 +314,7 @@ pub async fn run(mut remotes: RemoteClusters, client: kube::Client, namespace: S
                         if let Some(set) = relist.as_mut() { set.insert(secret.name_any(), entries(&secret)); }
                         false
                     }
-                    Ok(watcher::Event::InitDone) => { secrets = relist.take().unwrap_or_default(); true }
+                    Ok(watcher::Event::InitDone) => { secrets = relist.take().unwrap_or_default(); listed = true; true }
                     Ok(watcher::Event::Apply(secret)) => { secrets.insert(secret.name_any(), entries(&secret)); true }
                     Ok(watcher::Event::Delete(secret)) => { secrets.remove(&secret.name_any()); true }
                     Err(err) => {
@@ -323,6 +324,9 @@ pub async fn run(mut remotes: RemoteClusters, client: kube::Client, namespace: S
                 };
                 if changed {
                     remotes.reconcile(&secrets).await;
+                    if listed {
+                        remotes.hub.model().set_remotes_listed();
+                    }
                 }
             }
             _ = tick.tick() => remotes.retire_swapped(),

@@ -34,11 +34,15 @@ pub const CHUNK: usize = 200;
 
 pub struct AdsServer {
     hub: Arc<Hub>,
+    remote_timeout: std::time::Duration,
 }
 
 impl AdsServer {
-    pub fn new(hub: Arc<Hub>) -> Self {
-        AdsServer { hub }
+    pub fn new(hub: Arc<Hub>, remote_timeout: std::time::Duration) -> Self {
+        AdsServer {
+            hub,
+            remote_timeout,
+        }
     }
 }
 
@@ -66,9 +70,10 @@ impl AggregatedDiscoveryService for AdsServer {
         let inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(1);
         let hub = self.hub.clone();
+        let remote_timeout = self.remote_timeout;
         tokio::spawn(async move {
             hub.metrics.connected_proxies.inc();
-            let result = serve_stream(&hub, peer.clone(), inbound, &tx).await;
+            let result = serve_stream(&hub, remote_timeout, peer.clone(), inbound, &tx).await;
             hub.metrics.connected_proxies.dec();
             if let Err(status) = result {
                 tracing::debug!(peer = ?peer, %status, "xDS stream ended with an error");
@@ -106,6 +111,18 @@ fn table<'a>(model: &'a Model, type_url: &str) -> &'a Table {
     }
 }
 
+/// A resource's version as proxies see it: a hash of its content, so that
+/// it means the same thing to every control plane process. A counter would
+/// restart with the process, and a proxy reconnecting to the new one could
+/// hold different content under a version that now names something else.
+fn resource_version(body: &[u8]) -> String {
+    use std::hash::Hasher;
+    // Fixed keys: the same content hashes the same in every process.
+    let mut hasher = std::hash::DefaultHasher::new();
+    hasher.write(body);
+    format!("{:016x}", hasher.finish())
+}
+
 fn known_type(url: &str) -> Option<&'static str> {
     [type_url::SERVICE, type_url::WORKLOAD]
         .into_iter()
@@ -114,6 +131,7 @@ fn known_type(url: &str) -> Option<&'static str> {
 
 async fn serve_stream(
     hub: &Hub,
+    remote_timeout: std::time::Duration,
     peer: Option<PeerIdentity>,
     mut inbound: Streaming<DeltaDiscoveryRequest>,
     tx: &mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>,
@@ -123,6 +141,18 @@ async fn serve_stream(
     let mut types: Vec<TypeState> = Vec::new();
     let mut node = String::from("unknown");
     let mut nonce_counter = 0u64;
+    // A control plane that just started has not listed its clusters yet:
+    // answering now would tell reconnecting proxies to remove everything it
+    // has not seen so far. Proxies keep serving their last snapshot while
+    // they wait.
+    while !hub.model().ready(remote_timeout) {
+        tokio::select! {
+            _ = tokio::time::sleep(std::time::Duration::from_millis(50)) => {}
+            _ = closing.wait_for(|closed| *closed) => {
+                return Err(Status::unavailable("the control plane is shutting down; reconnect"));
+            }
+        }
+    }
     loop {
         // Send what is owed, one response in flight per type.
         for state in types.iter_mut().filter(|s| s.in_flight.is_none()) {
@@ -157,10 +187,10 @@ async fn serve_stream(
                 let add = |name: &String,
                            entry: Option<&Entry>,
                            response: &mut DeltaDiscoveryResponse| {
-                    match entry.and_then(|e| e.body.as_ref().map(|b| (e.version, b))) {
-                        Some((version, body)) => response.resources.push(Resource {
+                    match entry.and_then(|e| e.body.as_ref()) {
+                        Some(body) => response.resources.push(Resource {
                             name: name.clone(),
-                            version: version.to_string(),
+                            version: resource_version(body),
                             resource: Some(prost_types::Any {
                                 type_url: state.type_url.to_string(),
                                 value: body.to_vec(),
@@ -285,7 +315,9 @@ async fn serve_stream(
                 } else {
                     let mut differing: Vec<&String> = table
                         .live()
-                        .filter(|(name, entry)| known.get(*name) != Some(&entry.version.to_string()))
+                        .filter(|(name, entry)| {
+                            entry.body.as_ref().map(|b| resource_version(b)).as_ref() != known.get(*name)
+                        })
                         .map(|(name, _)| name)
                         .collect();
                     differing.sort();

@@ -6,7 +6,6 @@
 //! lab clusters are small, so that is cheap and leaves nothing to drift.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Result;
@@ -17,7 +16,6 @@ use kube::Api;
 use kube::api::{DeleteParams, ListParams, PostParams};
 use kube::runtime::watcher;
 use serde_json::{Value, json};
-use tokio::sync::Notify;
 
 const MANAGED_BY: &str = "endpointslice.kubernetes.io/managed-by";
 const MANAGER: &str = "weft-lab";
@@ -175,36 +173,44 @@ pub async fn reconcile(client: &kube::Client) -> Result<usize> {
     Ok(writes)
 }
 
-/// Runs the controller until the task is dropped.
+/// Runs the controller until the task is dropped (its watches go with it).
 pub async fn run(client: kube::Client) {
-    let dirty = Arc::new(Notify::new());
-    for kind in ["pods", "services"] {
-        let (client, dirty) = (client.clone(), dirty.clone());
-        tokio::spawn(async move {
-            let config = watcher::Config::default();
-            let mut events = match kind {
-                "pods" => watcher(Api::<Pod>::all(client), config)
-                    .map(|e| e.map(|_| ()))
-                    .boxed(),
-                _ => watcher(Api::<Service>::all(client), config)
-                    .map(|e| e.map(|_| ()))
-                    .boxed(),
-            };
-            while let Some(event) = events.next().await {
-                if event.is_ok() {
-                    dirty.notify_one();
+    use kube::runtime::WatchStreamExt;
+    let config = watcher::Config::default();
+    // Backoff: an unreachable API server must not turn into a busy loop.
+    let pods = watcher(Api::<Pod>::all(client.clone()), config.clone())
+        .default_backoff()
+        .map(|e| e.map(|_| ()));
+    let services = watcher(Api::<Service>::all(client.clone()), config)
+        .default_backoff()
+        .map(|e| e.map(|_| ()));
+    let mut events = futures::stream::select(pods.boxed(), services.boxed());
+    let mut dirty = false;
+    loop {
+        let wait = if dirty {
+            // Let a burst of changes settle into one pass.
+            Duration::from_millis(20)
+        } else {
+            Duration::from_secs(3600)
+        };
+        tokio::select! {
+            event = events.next() => match event {
+                Some(Ok(())) => dirty = true,
+                Some(Err(err)) => tracing::debug!("endpoint slices: watch: {err}"),
+                None => return,
+            },
+            _ = tokio::time::sleep(wait) => {
+                if !dirty {
+                    continue;
+                }
+                match reconcile(&client).await {
+                    Ok(_) => dirty = false,
+                    Err(err) => {
+                        tracing::warn!("endpoint slices: {err:#}; retrying");
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
                 }
             }
-        });
-    }
-    loop {
-        dirty.notified().await;
-        // Let a burst of changes settle into one pass.
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        if let Err(err) = reconcile(&client).await {
-            tracing::warn!("endpoint slices: {err:#}; retrying");
-            tokio::time::sleep(Duration::from_millis(200)).await;
-            dirty.notify_one();
         }
     }
 }

@@ -13,5 +13,6 @@ pub mod lab;
 pub mod mesh;
 pub mod netns;
 pub mod runner;
+pub mod traffic;
 
 pub use apiserver::{ApiServer, ApiServerConfig, LabError};

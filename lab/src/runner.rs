@@ -95,11 +95,15 @@ pub async fn run(config: RunnerConfig, mut stop: watch::Receiver<bool>) {
     let config = Arc::new(config);
     let next_index = Arc::new(Mutex::new(0u32));
     let mut pods: HashMap<String, Running> = HashMap::new();
-    let mut events = watcher(
-        Api::<Pod>::all(config.client.clone()),
-        watcher::Config::default(),
-    )
-    .boxed();
+    let mut events = {
+        use kube::runtime::WatchStreamExt;
+        watcher(
+            Api::<Pod>::all(config.client.clone()),
+            watcher::Config::default(),
+        )
+        .default_backoff()
+        .boxed()
+    };
     loop {
         let event = tokio::select! {
             event = events.next() => event,

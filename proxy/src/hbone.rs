@@ -25,7 +25,11 @@ use crate::xds::XdsState;
 
 /// The port sidecars accept mesh connections on.
 pub const HBONE_PORT: u16 = 15008;
-pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a connect may take before another endpoint is tried. An
+/// endpoint whose pod just went away often does not refuse: its address
+/// stops answering, and a long timeout would hold every request that
+/// picked it in the moment before the control plane's update arrives.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The receiving sidecar: which addresses it forwards to, and who called.
@@ -214,6 +218,8 @@ pub type Sender = hyper::client::conn::http2::SendRequest<Body>;
 
 /// Pooled HTTP/2 connections to peer sidecars, one per (address, identity).
 pub struct Pool {
+    /// How long opening a connection to a peer sidecar may take.
+    pub connect_timeout: Duration,
     certs: CertStore,
     bundle: TrustBundle,
     connections: Mutex<HashMap<(SocketAddr, Identity), Sender>>,
@@ -222,6 +228,7 @@ pub struct Pool {
 impl Pool {
     pub fn new(certs: CertStore, bundle: TrustBundle) -> Self {
         Pool {
+            connect_timeout: CONNECT_TIMEOUT,
             certs,
             bundle,
             connections: Mutex::new(HashMap::new()),
@@ -243,7 +250,7 @@ impl Pool {
             return Ok(sender.clone());
         }
         let config = tls::client_config(&self.certs, &self.bundle, vec![identity.clone()])?;
-        let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(peer))
+        let tcp = tokio::time::timeout(self.connect_timeout, TcpStream::connect(peer))
             .await
             .context("connecting to the peer sidecar timed out")??;
         tcp.set_nodelay(true)?;

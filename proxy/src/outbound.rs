@@ -240,7 +240,7 @@ impl Outbound {
                 ..
             } => Ok(Box::new(self.pool.tunnel(*peer, identity, *target).await?)),
             Destination::Direct(addr) => {
-                let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
+                let tcp = tokio::time::timeout(self.pool.connect_timeout, TcpStream::connect(addr))
                     .await
                     .context("connect timed out")??;
                 tcp.set_nodelay(true)?;

@@ -53,6 +53,8 @@ pub struct SidecarConfig {
     pub outliers: crate::outlier::Policy,
     /// How long SIGTERM waits for open connections before exiting.
     pub drain_timeout: Duration,
+    /// How long a connect to an endpoint may take before another is tried.
+    pub connect_timeout: Duration,
 }
 
 impl SidecarConfig {
@@ -118,6 +120,7 @@ impl SidecarConfig {
                     / 100.0,
             },
             drain_timeout: Duration::from_secs(number("WEFT_DRAIN_SECONDS", 5)?),
+            connect_timeout: Duration::from_millis(number("WEFT_CONNECT_TIMEOUT_MS", 1000)?.max(1)),
         })
     }
 }
@@ -253,9 +256,11 @@ pub async fn start_with(
         inbound.clone(),
     )));
 
+    let mut pool = Pool::new(certs.clone(), bundle);
+    pool.connect_timeout = config.connect_timeout;
     let mut outbound = Outbound::new(
         xds.clone(),
-        Pool::new(certs.clone(), bundle),
+        pool,
         Here {
             cluster: config.cluster_id.clone(),
             ..Default::default()
@@ -265,6 +270,7 @@ pub async fn start_with(
     outbound.pod_ip = Some(config.pod_ip);
     outbound.passthrough = config.passthrough;
     outbound.sniff_timeout = config.sniff_timeout;
+    outbound.upstreams = crate::upstream::Upstreams::new(config.connect_timeout);
     outbound.metrics = metrics.clone();
     outbound.drain = drain.clone();
     let outbound = Arc::new(outbound);

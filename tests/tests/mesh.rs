@@ -343,6 +343,7 @@ async fn a_connection_crosses_two_sidecars_configured_by_the_control_plane() {
             sniff_timeout: Duration::from_millis(100),
             outliers: Default::default(),
             drain_timeout: Duration::from_secs(5),
+            connect_timeout: Duration::from_secs(1),
         })
         .await
         .unwrap();
@@ -465,4 +466,246 @@ async fn a_connection_crosses_two_sidecars_configured_by_the_control_plane() {
             .await
             .is_err()
     );
+}
+
+// ---- The lab: two clusters, real processes, the demo's workloads ----
+
+mod lab {
+    //! Two lab clusters on a flat network with every piece real: API
+    //! servers, weft-control processes, the webhook injecting sidecars, the
+    //! pod runner applying the init container's capture rules in per-pod
+    //! network namespaces (as root; loopback and explicit proxying
+    //! otherwise), and weft-proxy processes carrying the traffic. One test,
+    //! because a lab owns machine-wide names while it runs.
+
+    use std::time::{Duration, Instant};
+
+    use k8s_openapi::api::core::v1::Pod;
+    use kube::api::{Api, DeleteParams};
+    use weft_lab::lab::{Lab, LabOptions};
+    use weft_lab::mesh::Binaries;
+    use weft_lab::netns;
+    use weft_lab::runner::{Network, pod_dir};
+    use weft_lab::traffic::{PodClient, by_cluster};
+
+    const CLIENT: &str = "spiffe://cluster.local/ns/demo/sa/client";
+
+    async fn wait_ready(client: &kube::Client, names: &[&str]) {
+        let pods: Api<Pod> = Api::namespaced(client.clone(), "demo");
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let mut all = true;
+            for name in names {
+                let ready = pods
+                    .get_opt(name)
+                    .await
+                    .unwrap()
+                    .and_then(|p| p.status)
+                    .and_then(|s| s.conditions)
+                    .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+                all &= ready;
+            }
+            if all {
+                return;
+            }
+            assert!(Instant::now() < deadline, "pods {names:?} not ready");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    async fn apply(lab: &Lab, cluster: &str, text: &str) {
+        weft_lab::apply::apply_all(&lab.cluster(cluster).unwrap().client, text)
+            .await
+            .unwrap();
+    }
+
+    #[test]
+    fn two_clusters_locality_failover_secrets_and_restarts() {
+        let binaries = match Binaries::locate() {
+            Ok(b) => b,
+            Err(err) => {
+                println!("SKIP: {err:#} (cargo test --workspace builds them)");
+                return;
+            }
+        };
+        let network = match netns::unavailable() {
+            None => Network::Namespaces,
+            Some(reason) => {
+                println!(
+                    "per-pod namespaces unavailable ({reason}): loopback lab, explicit proxying"
+                );
+                Network::Loopback
+            }
+        };
+        if network == Network::Namespaces {
+            if netns::exists(netns::ROUTER) {
+                println!("SKIP: a lab is running on this machine (weftctl lab down)");
+                return;
+            }
+            netns::create_router(2).unwrap();
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let dir_path = dir.path().to_path_buf();
+        // The lab's threads (and the processes they start) live in the
+        // router namespace: enter it on a thread of our own.
+        let result = std::thread::spawn(move || {
+            if network == Network::Namespaces {
+                netns::enter(netns::ROUTER).unwrap();
+            }
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .unwrap()
+                .block_on(scenario(binaries, network, dir_path))
+        })
+        .join();
+        let left = netns::sweep();
+        if network == Network::Namespaces {
+            // Only the pods still running when the lab stopped are swept here:
+            // the router itself, and nothing else, must be left by `down`.
+            assert!(netns::list().is_empty(), "namespaces left after the sweep");
+            assert_eq!(
+                left,
+                vec![netns::ROUTER.to_string()],
+                "lab.down() left pod namespaces behind"
+            );
+        }
+        // No process the lab started is still running.
+        let pids = std::fs::read_to_string(dir.path().join("pids")).unwrap_or_default();
+        for pid in pids.lines().filter_map(|l| l.parse::<i32>().ok()) {
+            // SAFETY: signal 0 only checks for existence.
+            let alive = unsafe { libc::kill(pid, 0) } == 0
+                && std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                    .is_ok_and(|s| !s.contains(") Z "));
+            assert!(!alive, "process {pid} outlived the lab");
+        }
+        if let Err(panic) = result {
+            std::panic::resume_unwind(panic);
+        }
+    }
+
+    async fn scenario(binaries: Binaries, network: Network, dir: std::path::PathBuf) {
+        let mut lab = Lab::up(LabOptions {
+            clusters: 2,
+            network,
+            dir: dir.clone(),
+            binaries,
+            log: "info,kube=warn,tower=warn,hyper=warn".into(),
+        })
+        .await
+        .unwrap();
+        let common = include_str!("../../examples/lab/demo-common.yaml");
+        apply(&lab, "c1", common).await;
+        apply(&lab, "c2", common).await;
+        apply(&lab, "c1", include_str!("../../examples/lab/echo-c1.yaml")).await;
+        apply(&lab, "c1", include_str!("../../examples/lab/client.yaml")).await;
+        apply(&lab, "c2", include_str!("../../examples/lab/echo-c2.yaml")).await;
+        let c1 = lab.cluster("c1").unwrap().client.clone();
+        wait_ready(&c1, &["echo-v1", "client"]).await;
+        wait_ready(&lab.cluster("c2").unwrap().client, &["echo-v2"]).await;
+        let caller = PodClient::new(&c1, &pod_dir(&dir, "c1", "demo", "client"), "demo", "echo")
+            .await
+            .unwrap();
+        caller
+            .until(Duration::from_secs(60), |a| a.is_ok())
+            .await
+            .unwrap();
+
+        // Local first, with the caller's identity at the server.
+        let answers = caller.batch(20).await;
+        assert_eq!(by_cluster(&answers).get("c1"), Some(&20), "{answers:?}");
+        for answer in &answers {
+            assert_eq!(answer.as_ref().unwrap()["peer"], CLIENT);
+        }
+
+        // Failover: c1's echo goes away; c2 answers after a bounded number of errors.
+        let pods: Api<Pod> = Api::namespaced(c1.clone(), "demo");
+        pods.delete("echo-v1", &DeleteParams::default())
+            .await
+            .unwrap();
+        let started = Instant::now();
+        let errors = caller
+            .until_stable("c2", Duration::from_secs(30))
+            .await
+            .unwrap();
+        println!(
+            "failover to c2: {:.2} s, {errors} failed requests",
+            started.elapsed().as_secs_f64()
+        );
+        assert!(errors <= 3, "{errors} requests failed during failover");
+
+        // The remote secret for c2 goes: c2's endpoints leave c1's view
+        // within a second (with c1's echo gone, requests then fail)...
+        lab.cluster("c1")
+            .unwrap()
+            .remove_remote("c2")
+            .await
+            .unwrap();
+        let started = Instant::now();
+        caller
+            .until(Duration::from_secs(5), |a| a.is_err())
+            .await
+            .unwrap();
+        let gone_in = started.elapsed();
+        println!(
+            "c2's endpoints unused {:.2} s after its secret was deleted",
+            gone_in.as_secs_f64()
+        );
+        assert!(gone_in < Duration::from_secs(1), "took {gone_in:?}");
+        assert!(
+            caller.batch(5).await.iter().all(|a| a.is_err()),
+            "c2 still used"
+        );
+        // ...and come back when it is re-applied.
+        let c2 = lab.clusters.iter().find(|c| c.name() == "c2").unwrap();
+        lab.cluster("c1").unwrap().add_remote(c2).await.unwrap();
+        let started = Instant::now();
+        caller
+            .until_stable("c2", Duration::from_secs(30))
+            .await
+            .unwrap();
+        println!(
+            "c2 used again {:.2} s after its secret came back",
+            started.elapsed().as_secs_f64()
+        );
+
+        // Restored: traffic returns to c1.
+        apply(&lab, "c1", include_str!("../../examples/lab/echo-c1.yaml")).await;
+        wait_ready(&c1, &["echo-v1"]).await;
+        let errors = caller
+            .until_stable("c1", Duration::from_secs(30))
+            .await
+            .unwrap();
+        assert_eq!(errors, 0, "coming back must not fail requests");
+
+        // c1's control plane restarts under steady traffic: nothing fails.
+        let steady = caller.clone();
+        let traffic = tokio::spawn(async move {
+            let mut answers = Vec::new();
+            let deadline = Instant::now() + Duration::from_secs(6);
+            while Instant::now() < deadline {
+                answers.push(steady.once().await);
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            answers
+        });
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        lab.cluster_mut("c1")
+            .unwrap()
+            .start_control()
+            .await
+            .unwrap();
+        let answers = traffic.await.unwrap();
+        let failed: Vec<_> = answers.iter().filter(|a| a.is_err()).collect();
+        println!(
+            "{} requests across the control-plane restart, {} failed",
+            answers.len(),
+            failed.len()
+        );
+        assert!(failed.is_empty(), "{failed:?}");
+        assert!(answers.len() > 50);
+
+        lab.down().await;
+    }
 }

@@ -5,21 +5,19 @@
 //! all behaved.
 
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
-use k8s_openapi::api::core::v1::{Pod, Service};
+use anyhow::{Result, bail};
+use k8s_openapi::api::core::v1::Pod;
 use kube::Api;
 use kube::api::DeleteParams;
 use weft_lab::lab::{Lab, LabOptions};
 use weft_lab::netns;
 use weft_lab::runner::Network;
+use weft_lab::traffic::{Answer, PodClient};
 
 use super::{DemoArgs, choose_network, ensure_binaries, find_pod};
 
-const HOST: &str = "echo.demo.svc.cluster.local";
 const CLIENT_ID: &str = "spiffe://cluster.local/ns/demo/sa/client";
 
 pub fn run(args: DemoArgs) -> Result<()> {
@@ -122,7 +120,8 @@ async fn story(lab: &mut Lab, dir: &std::path::Path) -> Result<()> {
     }
     println!("✓ pods ready in both clusters");
 
-    let caller = Caller::new(lab, dir).await?;
+    let pod = find_pod(dir, Some("c1"), "demo", "client")?;
+    let caller = PodClient::new(&lab.cluster("c1")?.client, &pod, "demo", "echo").await?;
     // The client's sidecar learns of c2's endpoint through c1's control
     // plane watching c2: wait until the first answer comes back.
     caller.until(Duration::from_secs(60), |r| r.is_ok()).await?;
@@ -187,8 +186,6 @@ async fn wait_ready(client: &kube::Client, names: &[&str], timeout: Duration) ->
     }
 }
 
-type Answer = Result<BTreeMap<String, String>, String>;
-
 fn report(title: &str, answers: &[Answer]) {
     let mut by_cluster: BTreeMap<String, usize> = BTreeMap::new();
     let mut peers: BTreeMap<String, usize> = BTreeMap::new();
@@ -234,123 +231,4 @@ fn check_all(answers: &[Answer], cluster: &str) -> Result<()> {
         }
     }
     Ok(())
-}
-
-/// Sends requests from the client pod, as an app in it would: to the echo
-/// Service's ClusterIP (captured by the pod's rules) in a namespace lab, or
-/// through the sidecar as an explicit proxy in a loopback lab.
-struct Caller {
-    netns: Option<String>,
-    connect: SocketAddr,
-    request: String,
-}
-
-impl Caller {
-    async fn new(lab: &Lab, dir: &std::path::Path) -> Result<Caller> {
-        let pod = find_pod(dir, Some("c1"), "demo", "client")?;
-        let netns_name = std::fs::read_to_string(pod.join("netns"))?
-            .trim()
-            .to_string();
-        let ip = std::fs::read_to_string(pod.join("ip"))?.trim().to_string();
-        if netns_name.is_empty() {
-            return Ok(Caller {
-                netns: None,
-                connect: format!("{ip}:15001").parse()?,
-                request: format!(
-                    "GET http://{HOST}/ HTTP/1.1\r\nhost: {HOST}\r\nconnection: close\r\n\r\n"
-                ),
-            });
-        }
-        let service = Api::<Service>::namespaced(lab.cluster("c1")?.client.clone(), "demo")
-            .get("echo")
-            .await?;
-        let vip = service
-            .spec
-            .and_then(|s| s.cluster_ip)
-            .context("the echo Service has no ClusterIP")?;
-        Ok(Caller {
-            netns: Some(netns_name),
-            connect: format!("{vip}:80").parse()?,
-            request: format!("GET / HTTP/1.1\r\nhost: {HOST}\r\nconnection: close\r\n\r\n"),
-        })
-    }
-
-    /// One request, on a thread of its own (a namespace lab enters the
-    /// pod's network on that thread only).
-    async fn once(&self) -> Answer {
-        let (netns_name, connect, request) =
-            (self.netns.clone(), self.connect, self.request.clone());
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        std::thread::spawn(move || {
-            let result = (|| -> Result<BTreeMap<String, String>, String> {
-                if let Some(ns) = &netns_name {
-                    netns::enter(ns).map_err(|e| format!("{e:#}"))?;
-                }
-                let mut tcp =
-                    std::net::TcpStream::connect_timeout(&connect, Duration::from_secs(3))
-                        .map_err(|e| format!("connect: {e}"))?;
-                tcp.set_read_timeout(Some(Duration::from_secs(5)))
-                    .map_err(|e| e.to_string())?;
-                tcp.write_all(request.as_bytes())
-                    .map_err(|e| format!("write: {e}"))?;
-                let mut out = String::new();
-                tcp.read_to_string(&mut out)
-                    .map_err(|e| format!("read: {e}"))?;
-                let (head, body) = out.split_once("\r\n\r\n").ok_or("no HTTP response")?;
-                if !head.starts_with("HTTP/1.1 200") {
-                    return Err(head.lines().next().unwrap_or("").to_string());
-                }
-                Ok(weft_echo::parse_report(body))
-            })();
-            let _ = tx.send(result);
-        });
-        rx.await
-            .unwrap_or_else(|_| Err("the request thread died".into()))
-    }
-
-    async fn batch(&self, n: usize) -> Vec<Answer> {
-        let mut out = Vec::new();
-        for _ in 0..n {
-            out.push(self.once().await);
-        }
-        out
-    }
-
-    async fn until(&self, timeout: Duration, done: impl Fn(&Answer) -> bool) -> Result<()> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let answer = self.once().await;
-            if done(&answer) {
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                bail!("no answer from echo within {timeout:?}; last: {answer:?}");
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-
-    /// Sends a request every 50 ms until ten in a row come from `cluster`;
-    /// returns how many failed meanwhile.
-    async fn until_stable(&self, cluster: &str, timeout: Duration) -> Result<usize> {
-        let deadline = Instant::now() + timeout;
-        let (mut streak, mut errors) = (0, 0);
-        while streak < 10 {
-            match self.once().await {
-                Ok(fields) if fields.get("cluster").map(String::as_str) == Some(cluster) => {
-                    streak += 1
-                }
-                Ok(_) => streak = 0,
-                Err(_) => {
-                    errors += 1;
-                    streak = 0;
-                }
-            }
-            if Instant::now() > deadline {
-                bail!("traffic did not settle on {cluster} within {timeout:?}");
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        Ok(errors)
-    }
 }

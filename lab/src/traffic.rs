@@ -1,0 +1,167 @@
+//! Requests from inside a lab pod, as an application in it would make
+//! them: to a Service's ClusterIP (captured by the pod's rules) when pods
+//! have namespaces, or through the pod's sidecar as an explicit proxy on a
+//! loopback lab. The demo and the end-to-end tests measure with this.
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use k8s_openapi::api::core::v1::Service;
+use kube::Api;
+
+use crate::netns;
+
+/// The fields of an echo report, or why the request failed.
+pub type Answer = Result<BTreeMap<String, String>, String>;
+
+#[derive(Clone, Debug)]
+pub struct PodClient {
+    netns: Option<String>,
+    connect: SocketAddr,
+    request: String,
+}
+
+impl PodClient {
+    /// A client in pod `namespace/pod` (its directory under `dir`) calling
+    /// `service` (in `namespace`, port 80) through the mesh.
+    pub async fn new(
+        client: &kube::Client,
+        pod_dir: &Path,
+        namespace: &str,
+        service: &str,
+    ) -> Result<PodClient> {
+        let host = format!("{service}.{namespace}.svc.cluster.local");
+        let netns_name = std::fs::read_to_string(pod_dir.join("netns"))
+            .with_context(|| format!("{} is not a running lab pod", pod_dir.display()))?
+            .trim()
+            .to_string();
+        let ip = std::fs::read_to_string(pod_dir.join("ip"))?
+            .trim()
+            .to_string();
+        if netns_name.is_empty() {
+            return Ok(PodClient {
+                netns: None,
+                connect: format!("{ip}:15001").parse()?,
+                request: format!(
+                    "GET http://{host}/ HTTP/1.1\r\nhost: {host}\r\nconnection: close\r\n\r\n"
+                ),
+            });
+        }
+        let vip = Api::<Service>::namespaced(client.clone(), namespace)
+            .get(service)
+            .await?
+            .spec
+            .and_then(|s| s.cluster_ip)
+            .with_context(|| format!("service {namespace}/{service} has no ClusterIP"))?;
+        Ok(PodClient {
+            netns: Some(netns_name),
+            connect: format!("{vip}:80").parse()?,
+            request: format!("GET / HTTP/1.1\r\nhost: {host}\r\nconnection: close\r\n\r\n"),
+        })
+    }
+
+    /// One request on a new connection, on a thread of its own (which
+    /// alone enters the pod's network).
+    pub async fn once(&self) -> Answer {
+        let (netns_name, connect, request) =
+            (self.netns.clone(), self.connect, self.request.clone());
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        std::thread::spawn(move || {
+            let result = (|| -> Answer {
+                if let Some(ns) = &netns_name {
+                    netns::enter(ns).map_err(|e| format!("{e:#}"))?;
+                }
+                let mut tcp =
+                    std::net::TcpStream::connect_timeout(&connect, Duration::from_secs(3))
+                        .map_err(|e| format!("connect: {e}"))?;
+                tcp.set_read_timeout(Some(Duration::from_secs(5)))
+                    .map_err(|e| e.to_string())?;
+                tcp.write_all(request.as_bytes())
+                    .map_err(|e| format!("write: {e}"))?;
+                let mut out = String::new();
+                tcp.read_to_string(&mut out)
+                    .map_err(|e| format!("read: {e}"))?;
+                let (head, body) = out.split_once("\r\n\r\n").ok_or("no HTTP response")?;
+                if !head.starts_with("HTTP/1.1 200") {
+                    return Err(head.lines().next().unwrap_or("").to_string());
+                }
+                Ok(parse_report(body))
+            })();
+            let _ = tx.send(result);
+        });
+        rx.await
+            .unwrap_or_else(|_| Err("the request thread died".into()))
+    }
+
+    pub async fn batch(&self, n: usize) -> Vec<Answer> {
+        let mut out = Vec::new();
+        for _ in 0..n {
+            out.push(self.once().await);
+        }
+        out
+    }
+
+    /// Sends requests until one satisfies `done`.
+    pub async fn until(&self, timeout: Duration, done: impl Fn(&Answer) -> bool) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let answer = self.once().await;
+            if done(&answer) {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("no matching answer within {timeout:?}; last: {answer:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Sends a request every 50 ms until ten in a row come from `cluster`;
+    /// returns how many failed meanwhile.
+    pub async fn until_stable(&self, cluster: &str, timeout: Duration) -> Result<usize> {
+        let deadline = Instant::now() + timeout;
+        let (mut streak, mut errors) = (0, 0);
+        while streak < 10 {
+            match self.once().await {
+                Ok(fields) if fields.get("cluster").map(String::as_str) == Some(cluster) => {
+                    streak += 1
+                }
+                Ok(_) => streak = 0,
+                Err(_) => {
+                    errors += 1;
+                    streak = 0;
+                }
+            }
+            if Instant::now() > deadline {
+                bail!("traffic did not settle on {cluster} within {timeout:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok(errors)
+    }
+}
+
+/// The echo server's report line as fields (`cluster=c1 pod=... peer=...`).
+pub fn parse_report(line: &str) -> BTreeMap<String, String> {
+    line.split_whitespace()
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+/// Counts answers by cluster.
+pub fn by_cluster(answers: &[Answer]) -> BTreeMap<String, usize> {
+    let mut out = BTreeMap::new();
+    for answer in answers {
+        let key = match answer {
+            Ok(fields) => fields.get("cluster").cloned().unwrap_or_default(),
+            Err(_) => "error".into(),
+        };
+        *out.entry(key).or_default() += 1;
+    }
+    out
+}
