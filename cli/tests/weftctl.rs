@@ -319,3 +319,149 @@ fn install_manifests_and_injected_workloads_pass_schema_validation() {
     assert!(!text.contains("ERROR"), "{text}");
     assert!(text.contains("deployment/echo"), "{text}");
 }
+
+/// Whether the lab's binaries are built next to weftctl (`cargo test
+/// --workspace` builds them); the lab tests skip with the reason if not.
+fn lab_binaries() -> bool {
+    let dir = Path::new(env!("CARGO_BIN_EXE_weftctl")).parent().unwrap();
+    let missing: Vec<&str> = ["weft-control", "weft-proxy", "weft-echo"]
+        .into_iter()
+        .filter(|b| !dir.join(b).is_file())
+        .collect();
+    if !missing.is_empty() {
+        println!(
+            "SKIP: {missing:?} not built next to weftctl (cargo test --workspace builds them)"
+        );
+    }
+    missing.is_empty()
+}
+
+fn alive(pid: i32) -> bool {
+    // SAFETY: signal 0 only checks for existence.
+    let exists = unsafe { libc::kill(pid, 0) == 0 };
+    exists
+        && std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| !s.contains(") Z "))
+}
+
+fn lab_namespaces() -> Vec<String> {
+    std::fs::read_dir("/var/run/netns")
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with("weft-lab-"))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// `lab up` in the background, `apply`, `status`, `exec` in a pod's
+/// network; the supervisor killed with SIGKILL (a crash); `lab down` still
+/// removes every process and namespace, and says so; a second `down` is
+/// harmless. Then the README's demo, which must exit 0. One test: a lab
+/// owns machine-wide names while it runs.
+#[test]
+fn lab_up_exec_crash_down_and_the_demo() {
+    if !lab_binaries() {
+        return;
+    }
+    if !lab_namespaces().is_empty() {
+        println!("SKIP: a lab is already running on this machine");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("lab");
+    let d = path(&dir);
+    let up = ok(weftctl(&["lab", "up", "--dir", d]));
+    assert!(up.contains("lab up: 2 clusters"), "{up}");
+    let root = workspace_root();
+    for (cluster, file) in [
+        ("c1", "examples/lab/demo-common.yaml"),
+        ("c1", "examples/lab/client.yaml"),
+    ] {
+        let out = ok(weftctl(&[
+            "lab",
+            "apply",
+            "--dir",
+            d,
+            "--cluster",
+            cluster,
+            "-f",
+            path(&root.join(file)),
+        ]));
+        assert!(out.contains("created"), "{out}");
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let status = ok(weftctl(&["lab", "status", "--dir", d]));
+        if status.lines().any(|l| {
+            l.contains("client") && l.contains("Running") && l.trim_end().ends_with("true")
+        }) {
+            assert!(status.contains("cluster c2"), "{status}");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the client pod never got ready:\n{status}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    }
+    let exec = ok(weftctl(&[
+        "lab",
+        "exec",
+        "--dir",
+        d,
+        "-n",
+        "demo",
+        "client",
+        "--",
+        "sh",
+        "-c",
+        "echo ip=$POD_IP",
+    ]));
+    assert!(
+        exec.starts_with("ip=10.101.") || exec.starts_with("ip=127.101."),
+        "{exec}"
+    );
+    assert!(
+        !weftctl(&[
+            "lab", "exec", "--dir", d, "-n", "demo", "nope", "--", "true"
+        ])
+        .status
+        .success()
+    );
+
+    // A crash: the supervisor dies without cleaning up.
+    let state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("state.json")).unwrap()).unwrap();
+    let supervisor = state["pid"].as_i64().unwrap() as i32;
+    // SAFETY: kill(2) on the lab supervisor this test started.
+    unsafe { libc::kill(supervisor, libc::SIGKILL) };
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let recorded: Vec<i32> = std::fs::read_to_string(dir.join("pids"))
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.parse().ok())
+        .collect();
+    assert!(
+        recorded.iter().any(|p| alive(*p)),
+        "the crash should leave processes behind"
+    );
+    let down = ok(weftctl(&["lab", "down", "--dir", d]));
+    assert!(down.contains("lab down"), "{down}");
+    for pid in &recorded {
+        assert!(!alive(*pid), "process {pid} survived lab down");
+    }
+    assert!(lab_namespaces().is_empty(), "{:?}", lab_namespaces());
+    let again = ok(weftctl(&["lab", "down", "--dir", d]));
+    assert!(again.contains("0 leftover processes"), "{again}");
+
+    // The README's first command.
+    let demo = ok(weftctl(&[
+        "lab",
+        "demo",
+        "--dir",
+        path(&tmp.path().join("demo")),
+    ]));
+    assert!(demo.contains("the demo behaved at every step"), "{demo}");
+    assert!(lab_namespaces().is_empty());
+}
