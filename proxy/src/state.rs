@@ -93,14 +93,16 @@ pub fn decode_service(name: &str, bytes: &[u8]) -> Result<mesh::Service, Invalid
 pub struct Snapshot {
     pub services: BTreeMap<String, Arc<mesh::Service>>,
     pub workloads: BTreeMap<String, Arc<mesh::Workload>>,
-    /// (VIP, port) → service resource name.
-    by_vip: HashMap<SocketAddr, String>,
-    /// Hostname (and its short forms) → service resource name.
-    by_host: HashMap<String, String>,
-    /// Workload address → workload uid.
-    by_ip: HashMap<IpAddr, String>,
-    /// Service hostname → uids of the workloads that back it.
-    by_service: HashMap<String, Vec<String>>,
+    /// (VIP, port) → service.
+    by_vip: HashMap<SocketAddr, Arc<mesh::Service>>,
+    /// Hostname (and its short forms) → service.
+    by_host: HashMap<String, Arc<mesh::Service>>,
+    /// Workload address → workload.
+    by_ip: HashMap<IpAddr, Arc<mesh::Workload>>,
+    /// Service hostname → the workloads that back it. The indexes hold the
+    /// resources themselves (shared pointers), not their names: no string
+    /// is copied per workload, and request handling does no second lookup.
+    by_service: HashMap<String, Vec<Arc<mesh::Workload>>>,
 }
 
 impl Snapshot {
@@ -110,40 +112,42 @@ impl Snapshot {
     ) -> Snapshot {
         let mut by_vip = HashMap::new();
         let mut by_host = HashMap::new();
-        for (name, service) in &services {
+        for service in services.values() {
             for vip in &service.vips {
                 if let Some(ip) = ip_from_bytes(&vip.address) {
                     for port in &service.ports {
                         if let Ok(port) = u16::try_from(port.port) {
-                            by_vip.insert(SocketAddr::new(ip, port), name.clone());
+                            by_vip.insert(SocketAddr::new(ip, port), service.clone());
                         }
                     }
                 }
             }
-            by_host.insert(service.hostname.clone(), name.clone());
+            by_host.insert(service.hostname.clone(), service.clone());
             // "name.ns" and "name.ns.svc" resolve too, as in cluster DNS.
             by_host.insert(
                 format!("{}.{}", service.name, service.namespace),
-                name.clone(),
+                service.clone(),
             );
             by_host.insert(
                 format!("{}.{}.svc", service.name, service.namespace),
-                name.clone(),
+                service.clone(),
             );
         }
-        let mut by_ip = HashMap::new();
-        let mut by_service: HashMap<String, Vec<String>> = HashMap::new();
-        for (uid, workload) in &workloads {
+        let mut by_ip = HashMap::with_capacity(workloads.len());
+        let mut by_service: HashMap<String, Vec<Arc<mesh::Workload>>> = HashMap::new();
+        for workload in workloads.values() {
             for address in &workload.addresses {
                 if let Some(ip) = ip_from_bytes(address) {
-                    by_ip.insert(ip, uid.clone());
+                    by_ip.insert(ip, workload.clone());
                 }
             }
             for binding in &workload.services {
-                by_service
-                    .entry(binding.hostname.clone())
-                    .or_default()
-                    .push(uid.clone());
+                match by_service.get_mut(&binding.hostname) {
+                    Some(members) => members.push(workload.clone()),
+                    None => {
+                        by_service.insert(binding.hostname.clone(), vec![workload.clone()]);
+                    }
+                }
             }
         }
         Snapshot {
@@ -157,31 +161,22 @@ impl Snapshot {
     }
 
     pub fn service_by_vip(&self, addr: SocketAddr) -> Option<&Arc<mesh::Service>> {
-        self.by_vip
-            .get(&addr)
-            .and_then(|name| self.services.get(name))
+        self.by_vip.get(&addr)
     }
 
     /// A mesh hostname: full (`name.ns.svc.cluster.local`) or short
     /// (`name.ns`, `name.ns.svc`).
     pub fn service_by_host(&self, host: &str) -> Option<&Arc<mesh::Service>> {
-        let host = host.trim_end_matches('.');
-        self.by_host
-            .get(host)
-            .and_then(|name| self.services.get(name))
+        self.by_host.get(host.trim_end_matches('.'))
     }
 
     pub fn workload_by_ip(&self, ip: IpAddr) -> Option<&Arc<mesh::Workload>> {
-        self.by_ip.get(&ip).and_then(|uid| self.workloads.get(uid))
+        self.by_ip.get(&ip)
     }
 
     /// The workloads backing a service, in every cluster.
     pub fn endpoints(&self, service: &mesh::Service) -> impl Iterator<Item = &Arc<mesh::Workload>> {
-        self.by_service
-            .get(&service.hostname)
-            .into_iter()
-            .flatten()
-            .filter_map(|uid| self.workloads.get(uid))
+        self.by_service.get(&service.hostname).into_iter().flatten()
     }
 }
 

@@ -167,6 +167,17 @@ impl Backoff {
     }
 }
 
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn release_free_memory() {
+    // SAFETY: malloc_trim only returns unused heap pages to the kernel.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn release_free_memory() {}
+
 /// Runs the client until the task is aborted. `connect` makes a channel to
 /// the control plane (mTLS in production).
 pub async fn run<F, Fut>(connect: F, node: Node, state: Arc<XdsState>, backoff: Backoff)
@@ -243,6 +254,12 @@ async fn session(
             Ok(()) => {
                 delivered = true;
                 state.snapshot.store(Arc::new(resources.snapshot()));
+                if response.resources.len() + response.removed_resources.len() >= 50 {
+                    // A large update (the initial sync comes in chunks)
+                    // leaves the previous snapshots' memory free but held
+                    // by the allocator: give it back to the system.
+                    release_free_memory();
+                }
                 if resources.complete() {
                     state.synced.store(true, Ordering::Relaxed);
                 }
