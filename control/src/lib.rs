@@ -18,6 +18,7 @@ pub mod kubeconfig;
 pub mod metrics;
 pub mod model;
 pub mod publish;
+pub mod remote_secret;
 pub mod remotes;
 pub mod tls;
 pub mod xds;

@@ -320,22 +320,20 @@ impl Cluster {
         }
     }
 
-    /// Registers `remote` in this cluster: the Secret `create-remote-secret`
-    /// makes, holding a kubeconfig for the remote API server.
+    /// Registers `remote` in this cluster as an operator would: the remote
+    /// secret `weftctl create-remote-secret` makes (a read-only account in
+    /// the remote cluster and a kubeconfig with its token), applied here.
     pub async fn add_remote(&self, remote: &Cluster) -> Result<()> {
-        let secret = json!({
-            "metadata": {
-                "name": format!("weft-remote-secret-{}", remote.name()),
-                "labels": {"weft.io/multicluster": "true"},
-                "annotations": {"weft.io/cluster": remote.name()},
-            },
-            "stringData": {remote.name(): remote.api.kubeconfig()},
-        });
-        create(
-            &Api::<Secret>::namespaced(self.client.clone(), "weft-system"),
-            secret,
+        let manifest = weft_control::remote_secret::create(
+            remote.client.clone(),
+            &format!("https://{}", remote.api.addr()),
+            remote.name(),
+            "weft-system",
         )
         .await
+        .with_context(|| format!("the remote secret for {}", remote.name()))?;
+        crate::apply::apply_all(&self.client, &manifest).await?;
+        Ok(())
     }
 
     pub async fn remove_remote(&self, remote: &str) -> Result<()> {

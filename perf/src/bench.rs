@@ -438,7 +438,7 @@ fn nginx_conf(dir: &Path, side: &str, listen: SocketAddr, upstream: SocketAddr) 
 
 fn haproxy_conf(dir: &Path, side: &str, listen: SocketAddr, upstream: SocketAddr) -> String {
     let d = dir.display();
-    let common = "global\n  nbthread 1\n  maxconn 20000\n  log stderr format raw local0 warning\ndefaults\n  mode http\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n  http-reuse always\n";
+    let common = "global\n  nbthread 1\n  maxconn 4000\n  log stderr format raw local0 warning\ndefaults\n  mode http\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n  http-reuse always\n";
     match side {
         "client" => format!(
             "{common}frontend in\n  bind {listen}\n  default_backend mesh\nbackend mesh\n  server s1 {upstream} ssl verify required ca-file {d}/root.pem crt {d}/client.both.pem sni str(server.mesh) verifyhost server.mesh ssl-min-ver TLSv1.3\n"
@@ -830,6 +830,20 @@ async fn drive(options: &Options, command: &str) -> Result<Outcome> {
     })
 }
 
+/// Errors by kind, and reconnects (a server closing keep-alive
+/// connections, which a client survives by dialling again).
+fn errors(s: &Summary) -> String {
+    let mut parts: Vec<String> = s.errors.iter().map(|(k, n)| format!("{n} {k}")).collect();
+    if s.reconnects > 0 {
+        parts.push(format!("({} reconnects)", s.reconnects));
+    }
+    if parts.is_empty() {
+        "0".into()
+    } else {
+        parts.join(", ")
+    }
+}
+
 fn mb(bytes: u64) -> f64 {
     bytes as f64 / (1024.0 * 1024.0)
 }
@@ -895,7 +909,7 @@ fn render(
                 } else {
                     format!("{:.3}", s.p99_ms - d.p99_ms)
                 },
-                s.error_count(),
+                errors(s),
                 if cpu.is_empty() {
                     "".into()
                 } else {
@@ -926,7 +940,7 @@ fn render(
             s.achieved_rate,
             s.p50_ms,
             s.p99_ms,
-            s.error_count(),
+            errors(s),
             procs.join("; ")
         );
     }
@@ -984,7 +998,7 @@ fn render(
                 s.p50_ms,
                 s.p99_ms,
                 s.p999_ms,
-                s.error_count()
+                errors(s)
             );
         }
     }

@@ -298,6 +298,7 @@ async fn a_connection_crosses_two_sidecars_configured_by_the_control_plane() {
     let root = dir.path().join("root-cert.pem");
     std::fs::write(&root, control.ca.roots_pem()).unwrap();
     let mut sidecars = Vec::new();
+    let log_levels = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
     for (pod, sa, pod_ip) in [
         ("client-1", "client", client_ip),
         ("echo-1", "echo", server_ip),
@@ -322,29 +323,40 @@ async fn a_connection_crosses_two_sidecars_configured_by_the_control_plane() {
             .token;
         let token_path = dir.path().join(format!("{sa}.token"));
         std::fs::write(&token_path, token).unwrap();
-        let sidecar = sidecar::start(SidecarConfig {
-            control_plane: xds_addr.to_string(),
-            cluster_id: "c1".into(),
-            trust_domain: "cluster.local".into(),
-            control_plane_namespace: "weft-system".into(),
-            token_path,
-            root_cert_path: root.clone(),
-            pod_name: pod.into(),
-            pod_namespace: "demo".into(),
-            pod_ip,
-            service_account: sa.into(),
-            outbound_addr: "127.0.0.1:0".parse().unwrap(),
-            inbound_capture_addr: "127.0.0.1:0".parse().unwrap(),
-            inbound_mode: weft_proxy::inbound::Mode::Strict,
-            health_addr: "127.0.0.1:0".parse().unwrap(),
-            admin_addr: "127.0.0.1:0".parse().unwrap(),
-            prometheus_addr: "127.0.0.1:0".parse().unwrap(),
-            passthrough: false,
-            sniff_timeout: Duration::from_millis(100),
-            outliers: Default::default(),
-            drain_timeout: Duration::from_secs(5),
-            connect_timeout: Duration::from_secs(1),
-        })
+        let levels = log_levels.clone();
+        let set_log_level: weft_proxy::admin::SetLogLevel = Box::new(move |level: &str| {
+            if level.contains('!') {
+                anyhow::bail!("{level:?} is not a log filter");
+            }
+            levels.lock().unwrap().push(level.to_string());
+            Ok(())
+        });
+        let sidecar = sidecar::start_with(
+            SidecarConfig {
+                control_plane: xds_addr.to_string(),
+                cluster_id: "c1".into(),
+                trust_domain: "cluster.local".into(),
+                control_plane_namespace: "weft-system".into(),
+                token_path,
+                root_cert_path: root.clone(),
+                pod_name: pod.into(),
+                pod_namespace: "demo".into(),
+                pod_ip,
+                service_account: sa.into(),
+                outbound_addr: "127.0.0.1:0".parse().unwrap(),
+                inbound_capture_addr: "127.0.0.1:0".parse().unwrap(),
+                inbound_mode: weft_proxy::inbound::Mode::Strict,
+                health_addr: "127.0.0.1:0".parse().unwrap(),
+                admin_addr: "127.0.0.1:0".parse().unwrap(),
+                prometheus_addr: "127.0.0.1:0".parse().unwrap(),
+                passthrough: false,
+                sniff_timeout: Duration::from_millis(100),
+                outliers: Default::default(),
+                drain_timeout: Duration::from_secs(5),
+                connect_timeout: Duration::from_secs(1),
+            },
+            Some(set_log_level),
+        )
         .await
         .unwrap();
         sidecars.push(sidecar);
@@ -424,6 +436,45 @@ async fn a_connection_crosses_two_sidecars_configured_by_the_control_plane() {
     let dump = admin(client_side.admin_addr, "/config_dump").await;
     assert!(dump.contains("\"uid\": \"c1/demo/echo-1\""), "{dump}");
     let clusters = admin(client_side.admin_addr, "/clusters").await;
+    // The log filter changes at run time; bad input is a 400, not a crash.
+    let post = |addr: std::net::SocketAddr, path: &'static str| async move {
+        let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
+        conn.write_all(
+            format!(
+                "POST {path} HTTP/1.1\r\nhost: x\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+        let mut out = String::new();
+        conn.read_to_string(&mut out).await.unwrap();
+        out
+    };
+    assert!(
+        post(client_side.admin_addr, "/logging?level=weft_proxy=debug")
+            .await
+            .starts_with("HTTP/1.1 200")
+    );
+    assert!(
+        post(client_side.admin_addr, "/logging?level=x!")
+            .await
+            .starts_with("HTTP/1.1 400")
+    );
+    assert!(
+        post(client_side.admin_addr, "/logging")
+            .await
+            .starts_with("HTTP/1.1 400")
+    );
+    assert!(
+        admin(client_side.admin_addr, "/logging")
+            .await
+            .starts_with("HTTP/1.1 405")
+    );
+    assert_eq!(
+        *log_levels.lock().unwrap(),
+        vec!["weft_proxy=debug".to_string()]
+    );
     assert!(
         clusters.contains("echo.demo.svc.cluster.local"),
         "{clusters}"
