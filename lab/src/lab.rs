@@ -13,6 +13,20 @@ use crate::mesh::{Binaries, Cluster, ClusterOptions, MeshRoot};
 use crate::netns;
 use crate::runner::{self, Network, RunnerConfig};
 
+/// The lab's world-traversable runtime directory, derived from its
+/// directory so that `lab down` finds it again after a crash.
+pub fn run_dir(dir: &std::path::Path) -> Result<PathBuf> {
+    use std::hash::{Hash, Hasher};
+    use std::os::unix::fs::PermissionsExt;
+    let canonical = dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf());
+    let mut hasher = std::hash::DefaultHasher::new();
+    canonical.hash(&mut hasher);
+    let path = std::env::temp_dir().join(format!("weft-lab-run-{:016x}", hasher.finish()));
+    std::fs::create_dir_all(&path)?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))?;
+    Ok(path)
+}
+
 #[derive(Clone, Debug)]
 pub struct LabOptions {
     pub clusters: u8,
@@ -25,6 +39,8 @@ pub struct LabOptions {
 
 pub struct Lab {
     pub root: MeshRoot,
+    /// Binaries and volumes for containers that run as other users.
+    pub run_dir: PathBuf,
     pub clusters: Vec<Cluster>,
     pub network: Network,
     pub dir: PathBuf,
@@ -41,6 +57,22 @@ impl Lab {
             bail!("--clusters must be between 1 and 9");
         }
         std::fs::create_dir_all(&options.dir)?;
+        let run_dir = run_dir(&options.dir)?;
+        // Containers run as the user their securityContext names (the
+        // sidecar as 1337): they get copies of the binaries where any user
+        // can reach them, wherever this checkout lives.
+        let mut staged = options.binaries.clone();
+        let bin = run_dir.join("bin");
+        std::fs::create_dir_all(&bin)?;
+        for (from, to) in [
+            (&options.binaries.proxy, &mut staged.proxy),
+            (&options.binaries.echo, &mut staged.echo),
+        ] {
+            let target = bin.join(from.file_name().context("a binary without a name")?);
+            std::fs::copy(from, &target)
+                .with_context(|| format!("copying {} to {}", from.display(), target.display()))?;
+            *to = target;
+        }
         let root = MeshRoot::generate("cluster.local")?;
         let mut clusters = Vec::new();
         for c in 1..=options.clusters {
@@ -81,8 +113,9 @@ impl Lab {
                 cluster: cluster.name().to_string(),
                 node: cluster.node_name(),
                 client: cluster.client.clone(),
-                binaries: options.binaries.clone(),
+                binaries: staged.clone(),
                 dir: options.dir.clone(),
+                run_dir: run_dir.clone(),
                 network: options.network,
                 control_plane: cluster.xds_addr,
             };
@@ -91,6 +124,7 @@ impl Lab {
         }
         Ok(Lab {
             root,
+            run_dir,
             clusters,
             network: options.network,
             dir: options.dir,
@@ -144,5 +178,6 @@ impl Lab {
         for cluster in self.clusters {
             cluster.stop().await;
         }
+        let _ = std::fs::remove_dir_all(&self.run_dir);
     }
 }

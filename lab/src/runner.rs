@@ -48,8 +48,12 @@ pub struct RunnerConfig {
     pub node: String,
     pub client: kube::Client,
     pub binaries: Binaries,
-    /// Per-pod directories go under here.
+    /// Per-pod directories (logs, address, namespace name) go under here.
     pub dir: PathBuf,
+    /// Files containers read (volumes) go under here: a directory every
+    /// user can traverse, since the sidecar runs as UID 1337 and `dir` may
+    /// sit under a private one (a home directory, a `mktemp -d`).
+    pub run_dir: PathBuf,
     pub network: Network,
     /// The address pods reach the control plane at, replacing the
     /// in-cluster DNS name the injector writes.
@@ -416,7 +420,13 @@ async fn write_volumes(
 ) -> Result<BTreeMap<String, PathBuf>> {
     let mut out = BTreeMap::new();
     for volume in spec.volumes.clone().unwrap_or_default() {
-        let path = pod.dir.join("volumes").join(&volume.name);
+        let path = config
+            .run_dir
+            .join("pods")
+            .join(&config.cluster)
+            .join(&pod.namespace)
+            .join(&pod.name)
+            .join(&volume.name);
         std::fs::create_dir_all(&path)?;
         set_mode(&path, 0o755)?;
         if let Some(projected) = &volume.projected {

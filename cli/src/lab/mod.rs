@@ -315,6 +315,9 @@ pub fn down(dir: &Path) -> Result<()> {
         }
     }
     let namespaces = netns::sweep();
+    if let Ok(run_dir) = weft_lab::lab::run_dir(dir) {
+        let _ = std::fs::remove_dir_all(run_dir);
+    }
     let _ = std::fs::remove_file(dir.join("state.json"));
     let _ = std::fs::remove_file(dir.join("pids"));
     let left = netns::list();
