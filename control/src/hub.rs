@@ -21,6 +21,9 @@ pub struct Hub {
     /// Set when the control plane stops: open streams end, so proxies
     /// reconnect to whatever serves next rather than to a stopped model.
     closing: watch::Sender<bool>,
+    /// Set once the model has been complete and flushed: from then on,
+    /// xDS streams are answered at once.
+    pub serving: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -49,6 +52,7 @@ impl Hub {
             metrics: Metrics::default(),
             nudge,
             closing: watch::Sender::new(false),
+            serving: std::sync::atomic::AtomicBool::new(false),
         };
         (Arc::new(hub), nudges)
     }

@@ -389,6 +389,12 @@ impl Model {
         }
     }
 
+    /// No change is waiting for the next flush: the tables hold everything
+    /// the clusters' data says.
+    pub fn is_clean(&self) -> bool {
+        self.dirty_pods.is_empty() && self.dirty_services.is_empty()
+    }
+
     /// Called once the remote-cluster Secrets have been listed.
     pub fn set_remotes_listed(&mut self) {
         self.remotes_listed = true;

@@ -145,7 +145,24 @@ async fn serve_stream(
     // answering now would tell reconnecting proxies to remove everything it
     // has not seen so far. Proxies keep serving their last snapshot while
     // they wait.
-    while !hub.model().ready(remote_timeout) {
+    // Ready is not enough: the tables are computed at the next flush (after
+    // the debounce), so wait until what the clusters said is in them. A
+    // model that never settles is served after the longest debounce.
+    let mut ready_since: Option<std::time::Instant> = None;
+    while !hub.serving.load(std::sync::atomic::Ordering::Acquire) {
+        {
+            let model = hub.model();
+            if model.ready(remote_timeout) {
+                let since = *ready_since.get_or_insert_with(std::time::Instant::now);
+                if model.is_clean() || since.elapsed() > std::time::Duration::from_secs(11) {
+                    hub.serving
+                        .store(true, std::sync::atomic::Ordering::Release);
+                    break;
+                }
+            } else {
+                ready_since = None;
+            }
+        }
         tokio::select! {
             _ = tokio::time::sleep(std::time::Duration::from_millis(50)) => {}
             _ = closing.wait_for(|closed| *closed) => {
