@@ -157,7 +157,8 @@ pub async fn client_for(api: &ApiServer) -> Result<kube::Client> {
     Ok(kube::Client::try_from(config)?)
 }
 
-async fn create<K>(api: &Api<K>, value: serde_json::Value) -> Result<()>
+/// Creates an object; one that already exists is left as it is.
+pub async fn create<K>(api: &Api<K>, value: serde_json::Value) -> Result<()>
 where
     K: kube::Resource + Clone + serde::de::DeserializeOwned + serde::Serialize + std::fmt::Debug,
 {

@@ -89,7 +89,7 @@ impl PodClient {
                 if !head.starts_with("HTTP/1.1 200") {
                     return Err(head.lines().next().unwrap_or("").to_string());
                 }
-                Ok(parse_report(body))
+                Ok(weft_echo::parse_report(body))
             })();
             let _ = tx.send(result);
         });
@@ -143,14 +143,6 @@ impl PodClient {
         }
         Ok(errors)
     }
-}
-
-/// The echo server's report line as fields (`cluster=c1 pod=... peer=...`).
-pub fn parse_report(line: &str) -> BTreeMap<String, String> {
-    line.split_whitespace()
-        .filter_map(|kv| kv.split_once('='))
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect()
 }
 
 /// Counts answers by cluster.

@@ -33,10 +33,10 @@ use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::Api;
-use kube::api::{Patch, PatchParams, PostParams};
+use kube::api::{Patch, PatchParams};
 use serde_json::json;
 use tokio::process::{Child, Command};
-use weft_lab::mesh::{self, Binaries, Cluster, ClusterOptions, MeshRoot, SidecarSpec};
+use weft_lab::mesh::{self, Binaries, Cluster, ClusterOptions, MeshRoot, SidecarSpec, create};
 
 use crate::apiserver::Outcome;
 use crate::load::{self, Protocol, Summary};
@@ -73,35 +73,6 @@ struct Measured {
     pid: u32,
 }
 
-fn proc_field(pid: u32, field: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix(field))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        })
-        .map_or(0, |kb| kb * 1024)
-}
-
-/// CPU seconds of a process and its threads (utime + stime).
-fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let fields: Vec<&str> = stat
-        .rsplit_once(") ")
-        .map(|(_, rest)| rest.split(' ').collect())
-        .unwrap_or_default();
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-    (ticks(11) + ticks(12)) / hz
-}
-
 /// One load run and what the proxies spent on it.
 #[derive(Clone, Debug)]
 struct Run {
@@ -120,7 +91,10 @@ impl Run {
 
 async fn measure(options: &load::Options, proxies: &[Measured]) -> Result<Run> {
     // CPU is read across the warm-up too: the warm-up is short and steady.
-    let before: Vec<f64> = proxies.iter().map(|p| cpu_seconds(p.pid)).collect();
+    let before: Vec<f64> = proxies
+        .iter()
+        .map(|p| report::proc_cpu_seconds(p.pid))
+        .collect();
     let started = std::time::Instant::now();
     let summary = load::run(options).await?;
     let elapsed = started.elapsed().as_secs_f64();
@@ -131,8 +105,8 @@ async fn measure(options: &load::Options, proxies: &[Measured]) -> Result<Run> {
         .map(|(p, b)| {
             (
                 p.label.clone(),
-                (cpu_seconds(p.pid) - b) * share,
-                proc_field(p.pid, "VmHWM:"),
+                (report::proc_cpu_seconds(p.pid) - b) * share,
+                report::proc_bytes(p.pid, "VmHWM:"),
             )
         })
         .collect();
@@ -244,20 +218,6 @@ async fn spawn_echo(
     )
     .await?;
     Ok(child)
-}
-
-async fn create<K>(api: &Api<K>, value: serde_json::Value) -> Result<()>
-where
-    K: kube::Resource + Clone + serde::de::DeserializeOwned + serde::Serialize + std::fmt::Debug,
-{
-    match api
-        .create(&PostParams::default(), &serde_json::from_value(value)?)
-        .await
-    {
-        Ok(_) => Ok(()),
-        Err(kube::Error::Api(status)) if status.code == 409 => Ok(()),
-        Err(err) => Err(err.into()),
-    }
 }
 
 /// The echo Service (in every cluster, as multi-primary wants) and, where
@@ -784,7 +744,7 @@ async fn drive(options: &Options, command: &str) -> Result<Outcome> {
     }
 
     // The client sidecar's memory with a large mesh in its snapshot.
-    let idle_rss = proc_field(weft_measured[0].pid, "VmRSS:");
+    let idle_rss = report::proc_bytes(weft_measured[0].pid, "VmRSS:");
     eprintln!(
         "== snapshot: {} services, {} workloads",
         options.snapshot_services, options.snapshot_workloads
@@ -799,8 +759,8 @@ async fn drive(options: &Options, command: &str) -> Result<Outcome> {
     .await?;
     let synced_in = populate_start.elapsed();
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let large_rss = proc_field(weft_measured[0].pid, "VmRSS:");
-    let large_hwm = proc_field(weft_measured[0].pid, "VmHWM:");
+    let large_rss = report::proc_bytes(weft_measured[0].pid, "VmRSS:");
+    let large_hwm = report::proc_bytes(weft_measured[0].pid, "VmHWM:");
 
     let markdown = render(
         options,

@@ -124,33 +124,6 @@ fn slice(
     })
 }
 
-fn proc_status(pid: u32, field: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix(field))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        })
-        .map_or(0, |kb| kb * 1024)
-}
-
-fn proc_cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let fields: Vec<&str> = stat
-        .rsplit_once(") ")
-        .map(|(_, rest)| rest.split(' ').collect())
-        .unwrap_or_default();
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
-    // utime and stime, in clock ticks of 1/100 s on Linux.
-    (ticks(11) + ticks(12)) / 100.0
-}
-
 async fn http_get(addr: std::net::SocketAddr, path: &str) -> Result<String> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut tcp = tokio::net::TcpStream::connect(addr).await?;
@@ -314,7 +287,7 @@ async fn drive(options: &Options, command: &str) -> Result<Outcome> {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let control_synced = synced_at.elapsed();
-    let rss_synced = proc_status(pid, "VmRSS:");
+    let rss_synced = report::proc_bytes(pid, "VmRSS:");
 
     // Proxies.
     let counts: Arc<Vec<AtomicUsize>> =
@@ -366,13 +339,13 @@ async fn drive(options: &Options, command: &str) -> Result<Outcome> {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let initial_sync = sync_started.elapsed();
-    let rss_after_sync = proc_status(pid, "VmRSS:");
+    let rss_after_sync = report::proc_bytes(pid, "VmRSS:");
     tokio::time::sleep(Duration::from_millis(500)).await;
     measuring.store(true, Ordering::Relaxed);
 
     // Changes: one endpoint of one service in c2 turns unready, then ready.
     let metrics_before = http_get(monitoring, "/metrics").await?;
-    let cpu_before = proc_cpu_seconds(pid);
+    let cpu_before = report::proc_cpu_seconds(pid);
     let slices: Api<EndpointSlice> = Api::namespaced(clients[1].clone(), "bench");
     let mut reach_all = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3)?;
     let mut reach_one = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3)?;
@@ -416,9 +389,9 @@ async fn drive(options: &Options, command: &str) -> Result<Outcome> {
         tokio::time::sleep(Duration::from_millis(150)).await;
     }
     let metrics_after = http_get(monitoring, "/metrics").await?;
-    let cpu_changes = proc_cpu_seconds(pid) - cpu_before;
-    let rss_end = proc_status(pid, "VmRSS:");
-    let rss_peak = proc_status(pid, "VmHWM:");
+    let cpu_changes = report::proc_cpu_seconds(pid) - cpu_before;
+    let rss_end = report::proc_bytes(pid, "VmRSS:");
+    let rss_peak = report::proc_bytes(pid, "VmHWM:");
     let bytes = metric(&metrics_after, "weft_control_xds_pushed_bytes_total")
         - metric(&metrics_before, "weft_control_xds_pushed_bytes_total");
     let resources = metric(&metrics_after, "weft_control_xds_pushed_resources_total")
