@@ -7,7 +7,6 @@
 //! sidecars and the client. The figures are therefore the path's latency,
 //! not its CPU cost per sidecar (which needs separate processes).
 
-use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -129,13 +128,8 @@ async fn drive(options: &Options, command: &str) -> Result<Outcome> {
         ..Default::default()
     };
     let xds = Arc::new(XdsState::default());
-    xds.snapshot.store(Arc::new(Snapshot::build(
-        BTreeMap::from([(
-            "bench/echo.bench.svc.cluster.local".to_string(),
-            Arc::new(service),
-        )]),
-        BTreeMap::from([(workload.uid.clone(), Arc::new(workload))]),
-    )));
+    xds.snapshot
+        .store(Arc::new(Snapshot::from_messages(&[service], &[workload])?));
     let mut outbound = Outbound::new(
         xds,
         Pool::new(client_certs, bundle),

@@ -15,14 +15,14 @@ use hyper_util::rt::TokioIo;
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use weft_certs::tls::CertStore;
-use weft_xds_proto::mesh;
 
 use crate::drain::Drain;
 use crate::hbone::Inbound;
 use crate::http::{Body, full};
 use crate::metrics::{Metrics, catch_up};
 use crate::outbound::Outbound;
-use crate::state::{Snapshot, ip_from_bytes};
+use crate::resources::Name;
+use crate::state::Snapshot;
 use crate::xds::XdsState;
 
 /// Changes the log filter at run time (`/logging?level=debug`).
@@ -96,26 +96,27 @@ impl Admin {
         let load = &self.outbound.load;
         let services: Vec<Value> = snapshot
             .services
-            .values()
+            .iter()
             .map(|service| {
                 let endpoints: Vec<Value> = snapshot
                     .endpoints(service)
+                    .iter()
                     .map(|w| {
-                        let locality = w.locality.clone().unwrap_or_default();
+                        let profile = &w.profile;
                         json!({
-                            "workload": w.uid,
+                            "workload": &*w.uid,
                             "addresses": addresses(&w.addresses),
-                            "cluster": w.cluster_id,
-                            "locality": {"region": locality.region, "zone": locality.zone},
-                            "healthy": w.status == mesh::WorkloadStatus::Healthy as i32,
+                            "cluster": &*profile.cluster_id,
+                            "locality": {"region": &*profile.locality.region, "zone": &*profile.locality.zone},
+                            "healthy": w.healthy,
                             "stale": w.stale,
                             "outstanding": load.outstanding(&w.uid),
                             "outlier": load.outliers.health(&w.uid),
-                            "sidecar": w.tunnel_protocol == mesh::TunnelProtocol::Hbone as i32,
+                            "sidecar": profile.sidecar,
                         })
                     })
                     .collect();
-                json!({"service": service.hostname, "endpoints": endpoints})
+                json!({"service": &*service.hostname, "endpoints": endpoints})
             })
             .collect();
         json!({ "services": services })
@@ -210,11 +211,12 @@ fn pretty(value: &Value) -> String {
     serde_json::to_string_pretty(value).unwrap_or_default() + "\n"
 }
 
-fn addresses(raw: &[Vec<u8>]) -> Vec<String> {
-    raw.iter()
-        .filter_map(|a| ip_from_bytes(a))
-        .map(|ip: IpAddr| ip.to_string())
-        .collect()
+fn addresses(ips: &[IpAddr]) -> Vec<String> {
+    ips.iter().map(IpAddr::to_string).collect()
+}
+
+fn names(names: &[Name]) -> Vec<&str> {
+    names.iter().map(|n| &**n).collect()
 }
 
 /// The snapshot as JSON: what this proxy was told, in a form a person
@@ -223,50 +225,50 @@ pub fn config_dump(snapshot: &Snapshot) -> Value {
     let services: Vec<Value> = snapshot
         .services
         .iter()
-        .map(|(name, s)| {
+        .map(|s| {
             json!({
-                "name": name,
-                "hostname": s.hostname,
-                "namespace": s.namespace,
+                "name": format!("{}/{}", s.namespace, s.hostname),
+                "hostname": &*s.hostname,
+                "namespace": &*s.namespace,
                 "vips": s.vips.iter().map(|v| json!({
-                    "cluster": v.cluster_id,
-                    "network": v.network,
-                    "address": addresses(std::slice::from_ref(&v.address)).first(),
+                    "cluster": &*v.cluster_id,
+                    "network": &*v.network,
+                    "address": v.address.to_string(),
                 })).collect::<Vec<_>>(),
                 "ports": s.ports.iter().map(|p| json!({
                     "port": p.port,
-                    "name": p.name,
-                    "protocol": p.app_protocol().as_str_name(),
+                    "name": &*p.name,
+                    "protocol": p.app_protocol.as_str_name(),
                     "target_port": p.target_port,
                 })).collect::<Vec<_>>(),
                 "cluster_local": s.cluster_local,
-                "clusters": s.clusters,
+                "clusters": names(&s.clusters),
             })
         })
         .collect();
     let workloads: Vec<Value> = snapshot
         .workloads
-        .values()
+        .iter()
         .map(|w| {
-            let identity = w.identity.clone().unwrap_or_default();
-            let locality = w.locality.clone().unwrap_or_default();
+            let p = &w.profile;
             json!({
-                "uid": w.uid,
-                "name": w.name,
-                "namespace": w.namespace,
-                "cluster": w.cluster_id,
-                "network": w.network,
+                "uid": &*w.uid,
+                "name": &*w.name,
+                "namespace": &*p.namespace,
+                "cluster": &*p.cluster_id,
+                "network": &*p.network,
+                "node": &*w.node,
                 "addresses": addresses(&w.addresses),
-                "identity": format!("spiffe://{}/ns/{}/sa/{}", identity.trust_domain, identity.namespace, identity.service_account),
-                "locality": {"region": locality.region, "zone": locality.zone, "subzone": locality.subzone},
-                "status": w.status().as_str_name(),
-                "tunnel": w.tunnel_protocol().as_str_name(),
+                "identity": &*p.principal,
+                "locality": {"region": &*p.locality.region, "zone": &*p.locality.zone, "subzone": &*p.locality.subzone},
+                "status": if w.healthy { "HEALTHY" } else { "UNHEALTHY" },
+                "tunnel": if p.sidecar { "HBONE" } else { "NONE" },
                 "stale": w.stale,
-                "canonical_name": w.canonical_name,
-                "canonical_revision": w.canonical_revision,
-                "services": w.services.iter().map(|b| json!({
-                    "hostname": b.hostname,
-                    "ports": b.ports.iter().map(|m| json!({"service_port": m.service_port, "target_port": m.target_port})).collect::<Vec<_>>(),
+                "canonical_name": &*p.canonical_name,
+                "canonical_revision": &*p.canonical_revision,
+                "services": p.services.iter().map(|b| json!({
+                    "hostname": &*b.hostname,
+                    "ports": b.ports.iter().map(|(service_port, target_port)| json!({"service_port": service_port, "target_port": target_port})).collect::<Vec<_>>(),
                 })).collect::<Vec<_>>(),
             })
         })

@@ -10,23 +10,42 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-use weft_xds_proto::mesh;
-
 use crate::outlier::Outliers;
+use crate::resources::{Name, Workload};
 
 /// Where this proxy runs.
 #[derive(Clone, Debug, Default)]
 pub struct Here {
-    pub cluster: String,
-    pub region: String,
-    pub zone: String,
+    pub cluster: Name,
+    pub region: Name,
+    pub zone: Name,
 }
 
-fn tier(here: &Here, workload: &mesh::Workload) -> u8 {
-    let locality = workload.locality.clone().unwrap_or_default();
-    if workload.cluster_id == here.cluster && locality.zone == here.zone {
+impl Here {
+    pub fn new(cluster: &str, region: &str, zone: &str) -> Self {
+        Here {
+            cluster: cluster.into(),
+            region: region.into(),
+            zone: zone.into(),
+        }
+    }
+
+    /// Where a workload runs.
+    pub fn of(workload: &Workload) -> Self {
+        let profile = &workload.profile;
+        Here {
+            cluster: profile.cluster_id.clone(),
+            region: profile.locality.region.clone(),
+            zone: profile.locality.zone.clone(),
+        }
+    }
+}
+
+fn tier(here: &Here, workload: &Workload) -> u8 {
+    let profile = &workload.profile;
+    if profile.cluster_id == here.cluster && profile.locality.zone == here.zone {
         0
-    } else if !here.region.is_empty() && locality.region == here.region {
+    } else if !here.region.is_empty() && profile.locality.region == here.region {
         1
     } else {
         2
@@ -37,7 +56,7 @@ fn tier(here: &Here, workload: &mesh::Workload) -> u8 {
 /// and the outlier state that takes failing endpoints out of rotation.
 #[derive(Default)]
 pub struct Load {
-    outstanding: Mutex<HashMap<String, Arc<AtomicUsize>>>,
+    outstanding: Mutex<HashMap<Name, Arc<AtomicUsize>>>,
     pub outliers: Outliers,
 }
 
@@ -51,13 +70,22 @@ impl Drop for InFlight {
 }
 
 impl Load {
-    fn counter(&self, uid: &str) -> Arc<AtomicUsize> {
+    fn counter(&self, uid: &Name) -> Arc<AtomicUsize> {
         let mut map = self.outstanding.lock().unwrap_or_else(|p| p.into_inner());
-        map.entry(uid.to_string()).or_default().clone()
+        if let Some(counter) = map.get(uid) {
+            return counter.clone();
+        }
+        // Endpoints come and go: forget idle counters of old ones before
+        // the map outgrows the mesh.
+        if map.len() >= 4096 {
+            map.retain(|_, c| Arc::strong_count(c) > 1);
+        }
+        map.entry(uid.clone()).or_default().clone()
     }
 
     pub fn outstanding(&self, uid: &str) -> usize {
-        self.counter(uid).load(Ordering::Relaxed)
+        let map = self.outstanding.lock().unwrap_or_else(|p| p.into_inner());
+        map.get(uid).map_or(0, |c| c.load(Ordering::Relaxed))
     }
 
     pub fn new(outliers: Outliers) -> Self {
@@ -73,37 +101,32 @@ impl Load {
     pub fn choose<'a>(
         &self,
         here: &Here,
-        candidates: impl Iterator<Item = &'a Arc<mesh::Workload>>,
-        excluded: &[String],
-    ) -> Option<(Arc<mesh::Workload>, InFlight)> {
-        let mut healthy: Vec<&Arc<mesh::Workload>> = candidates
-            .filter(|w| w.status == mesh::WorkloadStatus::Healthy as i32)
-            .collect();
-        let ejected: Vec<String> = self
-            .outliers
-            .ejected_among(healthy.iter().map(|w| w.uid.as_str()))
-            .into_iter()
-            .map(str::to_string)
-            .collect();
-        let usable =
-            |w: &&Arc<mesh::Workload>| !ejected.contains(&w.uid) && !excluded.contains(&w.uid);
-        if healthy.iter().any(usable) {
-            healthy.retain(usable);
+        candidates: impl Iterator<Item = &'a Arc<Workload>>,
+        excluded: &[Name],
+    ) -> Option<(Arc<Workload>, InFlight)> {
+        let mut healthy: Vec<&Arc<Workload>> = candidates.filter(|w| w.healthy).collect();
+        let ejected = self.outliers.ejected_among(healthy.iter().map(|w| &*w.uid));
+        if !ejected.is_empty() || !excluded.is_empty() {
+            let usable = |w: &&Arc<Workload>| {
+                !ejected.contains(&&*w.uid) && !excluded.iter().any(|e| *e == w.uid)
+            };
+            if healthy.iter().any(usable) {
+                let keep: Vec<&Arc<Workload>> = healthy.iter().copied().filter(usable).collect();
+                healthy = keep;
+            }
         }
-        let fresh: Vec<&Arc<mesh::Workload>> =
-            healthy.iter().copied().filter(|w| !w.stale).collect();
-        let pool = if fresh.is_empty() { healthy } else { fresh };
-        let best_tier = pool.iter().map(|w| tier(here, w)).min()?;
-        let tier_members: Vec<&Arc<mesh::Workload>> = pool
-            .into_iter()
-            .filter(|w| tier(here, w) == best_tier)
-            .collect();
-        let pick = match tier_members.len() {
+        // Stale clusters only when nothing fresh is healthy.
+        if healthy.iter().any(|w| !w.stale) {
+            healthy.retain(|w| !w.stale);
+        }
+        let best_tier = healthy.iter().map(|w| tier(here, w)).min()?;
+        healthy.retain(|w| tier(here, w) == best_tier);
+        let pick = match healthy.len() {
             0 => return None,
-            1 => tier_members[0],
+            1 => healthy[0],
             n => {
-                let a = tier_members[rand::random_range(0..n)];
-                let b = tier_members[rand::random_range(0..n)];
+                let a = healthy[rand::random_range(0..n)];
+                let b = healthy[rand::random_range(0..n)];
                 if self.outstanding(&b.uid) < self.outstanding(&a.uid) {
                     b
                 } else {
@@ -120,37 +143,27 @@ impl Load {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::resources::fixtures::workload_message;
+    use crate::resources::{Interner, fixtures};
 
-    fn w(uid: &str, cluster: &str, zone: &str, healthy: bool, stale: bool) -> Arc<mesh::Workload> {
-        Arc::new(mesh::Workload {
-            uid: uid.into(),
-            cluster_id: cluster.into(),
-            locality: Some(mesh::Locality {
-                region: "eu".into(),
-                zone: zone.into(),
-                subzone: String::new(),
-            }),
-            status: if healthy {
-                mesh::WorkloadStatus::Healthy
-            } else {
-                mesh::WorkloadStatus::Unhealthy
-            } as i32,
-            stale,
-            ..Default::default()
-        })
+    fn w(uid: &str, cluster: &str, zone: &str, healthy: bool, stale: bool) -> Arc<Workload> {
+        let mut m = workload_message(uid, [10, 0, 0, 1]);
+        m.cluster_id = cluster.into();
+        if let Some(l) = m.locality.as_mut() {
+            l.zone = zone.into();
+        }
+        m.status = if healthy { 0 } else { 1 };
+        m.stale = stale;
+        Arc::new(fixtures::workload(m, &mut Interner::default()))
     }
 
     fn here() -> Here {
-        Here {
-            cluster: "c1".into(),
-            region: "eu".into(),
-            zone: "a".into(),
-        }
+        Here::new("c1", "eu", "a")
     }
 
-    fn pick(load: &Load, set: &[Arc<mesh::Workload>]) -> Option<String> {
+    fn pick(load: &Load, set: &[Arc<Workload>]) -> Option<String> {
         load.choose(&here(), set.iter(), &[])
-            .map(|(w, _)| w.uid.clone())
+            .map(|(w, _)| w.uid.to_string())
     }
 
     #[test]
@@ -164,12 +177,18 @@ mod tests {
         );
         let down = w("local", "c1", "a", false, false);
         assert_eq!(pick(&load, &[down, region.clone()]).unwrap(), "region");
-        let mut far = (*w("far", "c3", "x", true, false)).clone();
-        far.locality = Some(mesh::Locality {
+        let mut far = workload_message("far", [10, 0, 0, 2]);
+        far.cluster_id = "c3".into();
+        far.locality = Some(weft_xds_proto::mesh::Locality {
             region: "us".into(),
             ..Default::default()
         });
-        assert_eq!(pick(&load, &[Arc::new(far)]).unwrap(), "far");
+        let far = Arc::new(fixtures::workload(far, &mut Interner::default()));
+        assert_eq!(
+            pick(&load, &[far.clone(), region.clone()]).unwrap(),
+            "region"
+        );
+        assert_eq!(pick(&load, &[far]).unwrap(), "far");
         assert_eq!(pick(&load, &[w("x", "c1", "a", false, false)]), None);
     }
 
@@ -197,7 +216,7 @@ mod tests {
         let picks: Vec<String> = (0..50)
             .map(|_| {
                 load.choose(&here(), [a.clone(), b.clone()].iter(), &[])
-                    .map(|(w, _)| w.uid.clone())
+                    .map(|(w, _)| w.uid.to_string())
                     .unwrap()
             })
             .collect();
@@ -215,8 +234,8 @@ mod tests {
         let remote = w("remote", "c2", "b", true, false);
         let both = [local.clone(), remote.clone()];
         assert_eq!(pick(&load, &both).unwrap(), "local");
-        let retry = load.choose(&here(), both.iter(), &["local".to_string()]);
-        assert_eq!(retry.unwrap().0.uid, "remote", "a retry goes elsewhere");
+        let retry = load.choose(&here(), both.iter(), &[Name::from("local")]);
+        assert_eq!(&*retry.unwrap().0.uid, "remote", "a retry goes elsewhere");
         for _ in 0..load.outliers.policy.consecutive_failures {
             load.outliers.failure("local");
         }

@@ -99,11 +99,12 @@ fn status(code: StatusCode) -> Response<Body> {
     response
 }
 
-fn caller(peer: &Option<Identity>) -> Peer {
+/// A caller as metrics name it: all its certificate proves.
+pub fn caller(peer: &Option<Identity>) -> Peer {
     peer.as_ref()
         .map(|id| Peer {
-            namespace: id.namespace.clone(),
-            principal: id.to_string(),
+            namespace: id.namespace.as_str().into(),
+            principal: id.to_string().into(),
             ..Default::default()
         })
         .unwrap_or_default()
@@ -144,7 +145,7 @@ async fn tunnel_in(
     };
     let _ = app.set_nodelay(true);
     inbound.count_caller(&peer);
-    let labels = TrafficLabels::new("destination", &caller(&peer), "", &inbound.me());
+    let labels = TrafficLabels::new("destination", &caller(&peer), &"".into(), &inbound.me());
     inbound.metrics.tcp_opened.get_or_create(&labels).inc();
     let guard = inbound.drain.track();
     tokio::spawn(async move {

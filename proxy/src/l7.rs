@@ -29,6 +29,7 @@ use crate::hbone::Inbound;
 use crate::http::{APP_PROTOCOL, Body, PEER_IDENTITY, TARGET, error, idempotent, strip_hop_by_hop};
 use crate::metrics::{Peer, RequestLabels, TrafficLabels};
 use crate::outbound::{Destination, Outbound};
+use crate::resources::Name;
 
 /// Attempts after the first.
 const MAX_RETRIES: usize = 2;
@@ -198,7 +199,7 @@ pub async fn forward(
     };
     let replayable = idempotent(&parts.method) && body.is_end_stream();
     let mut body = Some(body.boxed());
-    let mut tried: Vec<String> = Vec::new();
+    let mut tried: Vec<Name> = Vec::new();
     let mut _retry = None;
     let me = outbound.me();
     loop {
@@ -289,12 +290,12 @@ pub async fn forward(
                     && tried.len() <= MAX_RETRIES
                     && let Some(retry) = outbound.retry_budget.retry()
                 {
-                    tracing::debug!(service, "retrying on another endpoint: {err:#}");
+                    tracing::debug!(%service, "retrying on another endpoint: {err:#}");
                     outbound.metrics.retries.inc();
                     _retry = Some(retry);
                     continue;
                 }
-                tracing::debug!(service, "request failed: {err:#}");
+                tracing::debug!(%service, "request failed: {err:#}");
                 let code = if sent {
                     StatusCode::BAD_GATEWAY
                 } else {
@@ -378,14 +379,7 @@ pub async fn inbound(
     };
     let request = outgoing(&parts, uri, version, body.boxed());
     inbound.count_caller(peer);
-    let caller = Peer {
-        namespace: peer
-            .as_ref()
-            .map(|id| id.namespace.clone())
-            .unwrap_or_default(),
-        principal: peer.as_ref().map(|id| id.to_string()).unwrap_or_default(),
-        ..Default::default()
-    };
+    let caller = crate::hbone::caller(peer);
     let me = inbound.me();
     let response = match inbound.app.client(target, http2).request(request).await {
         Ok(mut response) => {
@@ -398,7 +392,7 @@ pub async fn inbound(
         }
     };
     let labels = RequestLabels {
-        traffic: TrafficLabels::new("destination", &caller, "", &me),
+        traffic: TrafficLabels::new("destination", &caller, &"".into(), &me),
         response_code: response.status().as_u16(),
     };
     inbound

@@ -1,7 +1,8 @@
 //! `weft-proxy`, the sidecar that runs next to every meshed application.
 //!
 //! It owns the workload identity and its rotation (`identity`), the delta
-//! xDS client and the immutable snapshot built from it (`xds`, `state`),
+//! xDS client, the compact resources it decodes and the immutable snapshot
+//! built from them (`xds`, `resources`, `state`),
 //! the mesh transport between sidecars (`hbone`), endpoint choice
 //! (`balance`, `outlier`), the outbound listener (`outbound`), protocol
 //! detection (`sniff`), HTTP routing (`l7`, `http`, `upstream`), inbound
@@ -24,6 +25,7 @@ pub mod l7;
 pub mod metrics;
 pub mod outbound;
 pub mod outlier;
+pub mod resources;
 pub mod sidecar;
 pub mod sniff;
 pub mod state;

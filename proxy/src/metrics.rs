@@ -10,71 +10,66 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
-use weft_xds_proto::mesh;
 
-/// Who is at one end of a request or connection.
-#[derive(Clone, Debug, Default, Hash, PartialEq, Eq)]
+use crate::resources::{Name, Workload};
+
+/// Who is at one end of a request or connection. Cloning one is cheap:
+/// its parts are shared strings from the snapshot.
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
 pub struct Peer {
-    pub workload: String,
-    pub namespace: String,
-    pub cluster: String,
+    pub workload: Name,
+    pub namespace: Name,
+    pub cluster: Name,
     /// The SPIFFE ID, when proven by mTLS.
-    pub principal: String,
+    pub principal: Name,
 }
 
-impl Peer {
-    pub fn of(workload: &mesh::Workload) -> Peer {
+impl Default for Peer {
+    fn default() -> Self {
+        let empty = Name::from("");
         Peer {
-            workload: workload_name(workload),
-            namespace: workload.namespace.clone(),
-            cluster: workload.cluster_id.clone(),
-            principal: workload
-                .identity
-                .as_ref()
-                .map(|id| {
-                    format!(
-                        "spiffe://{}/ns/{}/sa/{}",
-                        id.trust_domain, id.namespace, id.service_account
-                    )
-                })
-                .unwrap_or_default(),
+            workload: empty.clone(),
+            namespace: empty.clone(),
+            cluster: empty.clone(),
+            principal: empty,
         }
     }
 }
 
-/// The name dashboards group by: the canonical (deployment) name when the
-/// control plane knows it, else the pod name.
-fn workload_name(workload: &mesh::Workload) -> String {
-    if workload.canonical_name.is_empty() {
-        workload.name.clone()
-    } else {
-        workload.canonical_name.clone()
+impl Peer {
+    pub fn of(workload: &Workload) -> Peer {
+        Peer {
+            workload: workload.display_name().clone(),
+            namespace: workload.profile.namespace.clone(),
+            cluster: workload.profile.cluster_id.clone(),
+            principal: workload.profile.principal.clone(),
+        }
     }
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TrafficLabels {
-    pub reporter: String,
-    pub source_workload: String,
-    pub source_namespace: String,
-    pub source_cluster: String,
-    pub source_principal: String,
-    pub destination_service: String,
-    pub destination_workload: String,
-    pub destination_namespace: String,
-    pub destination_cluster: String,
-    pub destination_principal: String,
+    pub reporter: &'static str,
+    pub source_workload: Name,
+    pub source_namespace: Name,
+    pub source_cluster: Name,
+    pub source_principal: Name,
+    pub destination_service: Name,
+    pub destination_workload: Name,
+    pub destination_namespace: Name,
+    pub destination_cluster: Name,
+    pub destination_principal: Name,
 }
 
 impl TrafficLabels {
-    pub fn new(reporter: &str, source: &Peer, service: &str, destination: &Peer) -> Self {
+    pub fn new(reporter: &'static str, source: &Peer, service: &Name, destination: &Peer) -> Self {
         TrafficLabels {
-            reporter: reporter.into(),
+            reporter,
             source_workload: source.workload.clone(),
             source_namespace: source.namespace.clone(),
             source_cluster: source.cluster.clone(),
             source_principal: source.principal.clone(),
-            destination_service: service.into(),
+            destination_service: service.clone(),
             destination_workload: destination.workload.clone(),
             destination_namespace: destination.namespace.clone(),
             destination_cluster: destination.cluster.clone(),

@@ -25,15 +25,15 @@ use anyhow::{Context, Result, bail};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use weft_certs::Identity;
-use weft_xds_proto::mesh;
 
 use crate::balance::{Here, InFlight, Load};
 use crate::drain::Drain;
 use crate::hbone::{CONNECT_TIMEOUT, HBONE_PORT, Pool};
 use crate::l7::{RetryBudget, Route, serve_outbound};
 use crate::metrics::{Metrics, Peer, TrafficLabels};
+use crate::resources::{Name, Service, Workload};
 use crate::sniff::{Protocol, Rewind, sniff};
-use crate::state::{Snapshot, ip_from_bytes};
+use crate::state::Snapshot;
 use crate::upstream::Upstreams;
 use crate::xds::XdsState;
 
@@ -86,18 +86,18 @@ pub struct Pick {
     pub destination: Destination,
     /// Counts the endpoint busy while held.
     pub in_flight: Option<InFlight>,
-    pub service: Option<Arc<mesh::Service>>,
-    pub workload: Option<Arc<mesh::Workload>>,
+    pub service: Option<Arc<Service>>,
+    pub workload: Option<Arc<Workload>>,
     /// The service port's declared protocol; `None`: sniff.
     pub protocol: Option<Protocol>,
 }
 
 impl Pick {
-    pub fn service_name(&self) -> String {
+    pub fn service_name(&self) -> Name {
         self.service
             .as_ref()
             .map(|s| s.hostname.clone())
-            .unwrap_or_default()
+            .unwrap_or_else(|| Name::from(""))
     }
 }
 
@@ -107,9 +107,9 @@ pub enum Destination {
     /// Through the peer sidecar at `peer`, which must be `identity`.
     Mesh {
         peer: SocketAddr,
-        identity: Identity,
+        identity: Arc<Identity>,
         target: SocketAddr,
-        workload: String,
+        workload: Name,
     },
     /// Straight to the address (a workload without a sidecar, or outside
     /// the mesh with passthrough on).
@@ -125,13 +125,9 @@ impl Outbound {
 
     /// Chooses a destination for `host:port`, avoiding the endpoints in
     /// `excluded` (already tried) when others are available.
-    pub fn pick(&self, host: &str, port: u16, excluded: &[String]) -> Result<Pick> {
+    pub fn pick(&self, host: &str, port: u16, excluded: &[Name]) -> Result<Pick> {
         let snapshot = self.xds.snapshot.load();
-        let service = match host.parse::<IpAddr>() {
-            Ok(ip) => snapshot.service_by_vip(SocketAddr::new(ip, port)).cloned(),
-            Err(_) => snapshot.service_by_host(host).cloned(),
-        };
-        if let Some(service) = service {
+        if let Some(service) = snapshot.service(host, port).cloned() {
             return self.to_service(&snapshot, service, port, excluded);
         }
         let plain = |destination| Pick {
@@ -171,59 +167,33 @@ impl Outbound {
     fn to_service(
         &self,
         snapshot: &Snapshot,
-        service: Arc<mesh::Service>,
+        service: Arc<Service>,
         port: u16,
-        excluded: &[String],
+        excluded: &[Name],
     ) -> Result<Pick> {
         let service_port = service
-            .ports
-            .iter()
-            .find(|p| p.port == u32::from(port))
+            .port(port)
             .with_context(|| format!("{} has no port {port}", service.hostname))?;
-        let candidates = snapshot.endpoints(&service).filter(|w| {
-            w.services.iter().any(|b| {
-                b.hostname == service.hostname
-                    && (b.ports.is_empty()
-                        || b.ports.iter().any(|m| m.service_port == u32::from(port)))
-            })
-        });
-        let here = self
-            .pod_ip
-            .and_then(|ip| snapshot.workload_by_ip(ip))
-            .map(|me| {
-                let locality = me.locality.clone().unwrap_or_default();
-                Here {
-                    cluster: me.cluster_id.clone(),
-                    region: locality.region,
-                    zone: locality.zone,
-                }
-            })
-            .unwrap_or_else(|| self.here.clone());
+        let candidates = snapshot
+            .endpoints(&service)
+            .iter()
+            .filter(|w| w.target_port(&service, service_port).is_some());
+        let me = self.pod_ip.and_then(|ip| snapshot.workload_by_ip(ip));
+        let here = me.map(|me| Here::of(me));
         let (workload, in_flight) = self
             .load
-            .choose(&here, candidates, excluded)
+            .choose(here.as_ref().unwrap_or(&self.here), candidates, excluded)
             .with_context(|| format!("{} has no healthy endpoint", service.hostname))?;
         let target_port = workload
-            .services
-            .iter()
-            .filter(|b| b.hostname == service.hostname)
-            .flat_map(|b| &b.ports)
-            .find(|m| m.service_port == u32::from(port))
-            .map(|m| m.target_port)
-            .or(Some(service_port.target_port).filter(|p| *p != 0))
-            .unwrap_or(u32::from(port));
-        let ip = workload
+            .target_port(&service, service_port)
+            .context("the chosen workload does not serve the port")?;
+        let ip = *workload
             .addresses
             .first()
-            .and_then(|a| ip_from_bytes(a))
             .context("the chosen workload has no address")?;
-        let target = SocketAddr::new(
-            ip,
-            u16::try_from(target_port).context("target port out of range")?,
-        );
-        let protocol = crate::sniff::declared(service_port.app_protocol());
+        let protocol = crate::sniff::declared(service_port.app_protocol);
         Ok(Pick {
-            destination: destination(&workload, target)?,
+            destination: destination(&workload, SocketAddr::new(ip, target_port))?,
             in_flight: Some(in_flight),
             service: Some(service),
             workload: Some(workload),
@@ -273,7 +243,7 @@ impl Outbound {
                         return Err(err.context(format!("reaching {:?}", pick.destination)));
                     }
                     tracing::debug!(
-                        endpoint = w.uid,
+                        endpoint = %w.uid,
                         "connect failed, trying another endpoint: {err:#}"
                     );
                     self.metrics.retries.inc();
@@ -312,18 +282,12 @@ impl Outbound {
     /// The declared protocol of `host:port`: TCP outside the mesh.
     fn pick_protocol(&self, host: &str, port: u16) -> Option<Protocol> {
         let snapshot = self.xds.snapshot.load();
-        let service = match host.parse::<IpAddr>() {
-            Ok(ip) => snapshot.service_by_vip(SocketAddr::new(ip, port)),
-            Err(_) => snapshot.service_by_host(host),
-        };
-        let Some(service) = service else {
+        let Some(service) = snapshot.service(host, port) else {
             return Some(Protocol::Tcp);
         };
         service
-            .ports
-            .iter()
-            .find(|p| p.port == u32::from(port))
-            .map(|p| crate::sniff::declared(p.app_protocol()))
+            .port(port)
+            .map(|p| crate::sniff::declared(p.app_protocol))
             .unwrap_or(Some(Protocol::Tcp))
     }
 
@@ -357,15 +321,16 @@ impl Outbound {
     }
 }
 
-fn destination(workload: &mesh::Workload, target: SocketAddr) -> Result<Destination> {
-    if workload.tunnel_protocol == mesh::TunnelProtocol::Hbone as i32 {
-        let id = workload
+fn destination(workload: &Workload, target: SocketAddr) -> Result<Destination> {
+    if workload.profile.sidecar {
+        let identity = workload
+            .profile
             .identity
             .clone()
             .context("a sidecar workload without an identity")?;
         Ok(Destination::Mesh {
             peer: SocketAddr::new(target.ip(), HBONE_PORT),
-            identity: Identity::new(id.trust_domain, id.namespace, id.service_account)?,
+            identity,
             target,
             workload: workload.uid.clone(),
         })

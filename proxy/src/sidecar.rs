@@ -258,14 +258,7 @@ pub async fn start_with(
 
     let mut pool = Pool::new(certs.clone(), bundle);
     pool.connect_timeout = config.connect_timeout;
-    let mut outbound = Outbound::new(
-        xds.clone(),
-        pool,
-        Here {
-            cluster: config.cluster_id.clone(),
-            ..Default::default()
-        },
-    );
+    let mut outbound = Outbound::new(xds.clone(), pool, Here::new(&config.cluster_id, "", ""));
     outbound.load = Load::new(Outliers::new(config.outliers.clone()));
     outbound.pod_ip = Some(config.pod_ip);
     outbound.passthrough = config.passthrough;

@@ -17,9 +17,10 @@ use weft_xds_proto::discovery::aggregated_discovery_service_client::AggregatedDi
 use weft_xds_proto::discovery::{DeltaDiscoveryRequest, DeltaDiscoveryResponse};
 use weft_xds_proto::envoy::config::core::v3::Node;
 use weft_xds_proto::google::rpc::Status;
-use weft_xds_proto::{mesh, type_url};
+use weft_xds_proto::type_url;
 
-use crate::state::{self, InvalidResource, Snapshot};
+use crate::resources::{self, Interner, InvalidResource, Name, Service, Workload};
+use crate::state::Snapshot;
 
 /// What the xDS client publishes to the rest of the proxy.
 pub struct XdsState {
@@ -47,10 +48,11 @@ impl Default for XdsState {
 }
 
 /// The resources held, with their versions: kept across streams.
-#[derive(Default, Clone)]
+#[derive(Default)]
 pub struct Resources {
-    pub services: Held<mesh::Service>,
-    pub workloads: Held<mesh::Workload>,
+    pub services: Held<Service>,
+    pub workloads: Held<Workload>,
+    names: Interner,
     seen_services: bool,
     seen_workloads: bool,
 }
@@ -61,11 +63,24 @@ impl Resources {
     pub fn apply(&mut self, response: &DeltaDiscoveryResponse) -> Result<(), InvalidResource> {
         match response.type_url.as_str() {
             type_url::SERVICE => {
-                apply_typed(&mut self.services, response, state::decode_service)?;
+                apply_typed(
+                    &mut self.services,
+                    &mut self.names,
+                    response,
+                    resources::decode_service,
+                    |name, _| Name::from(name),
+                )?;
                 self.seen_services = true;
             }
             type_url::WORKLOAD => {
-                apply_typed(&mut self.workloads, response, state::decode_workload)?;
+                apply_typed(
+                    &mut self.workloads,
+                    &mut self.names,
+                    response,
+                    resources::decode_workload,
+                    // The uid is the name: one string for both.
+                    |_, workload| workload.uid.clone(),
+                )?;
                 self.seen_workloads = true;
             }
             other => {
@@ -75,33 +90,27 @@ impl Resources {
                 });
             }
         }
+        self.names.prune();
         Ok(())
     }
 
     pub fn snapshot(&self) -> Snapshot {
         Snapshot::build(
-            self.services
-                .iter()
-                .map(|(k, (_, v))| (k.clone(), v.clone()))
-                .collect(),
-            self.workloads
-                .iter()
-                .map(|(k, (_, v))| (k.clone(), v.clone()))
-                .collect(),
+            self.services.values().map(|(_, s)| s.clone()),
+            self.workloads.values().map(|(_, w)| w.clone()),
         )
     }
 
     fn versions(&self, url: &str) -> std::collections::HashMap<String, String> {
+        fn of<T>(held: &Held<T>) -> std::collections::HashMap<String, String> {
+            held.iter()
+                .map(|(k, (v, _))| (k.to_string(), v.to_string()))
+                .collect()
+        }
         if url == type_url::SERVICE {
-            self.services
-                .iter()
-                .map(|(k, (v, _))| (k.clone(), v.clone()))
-                .collect()
+            of(&self.services)
         } else {
-            self.workloads
-                .iter()
-                .map(|(k, (v, _))| (k.clone(), v.clone()))
-                .collect()
+            of(&self.workloads)
         }
     }
 
@@ -110,12 +119,40 @@ impl Resources {
     }
 }
 
-type Held<T> = BTreeMap<String, (String, Arc<T>)>;
+/// A resource's version as the control plane named it. Ours are 64-bit
+/// content hashes in hex: kept as the number, they cost no allocation.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Version {
+    Hash(u64),
+    Other(Box<str>),
+}
+
+impl Version {
+    fn parse(text: &str) -> Version {
+        match u64::from_str_radix(text, 16) {
+            Ok(hash) if text.len() == 16 && !text.starts_with('+') => Version::Hash(hash),
+            _ => Version::Other(text.into()),
+        }
+    }
+}
+
+impl std::fmt::Display for Version {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Version::Hash(hash) => write!(f, "{hash:016x}"),
+            Version::Other(text) => f.write_str(text),
+        }
+    }
+}
+
+type Held<T> = BTreeMap<Name, (Version, Arc<T>)>;
 
 fn apply_typed<T>(
     held: &mut Held<T>,
+    names: &mut Interner,
     response: &DeltaDiscoveryResponse,
-    decode: fn(&str, &[u8]) -> Result<T, InvalidResource>,
+    decode: fn(&str, &[u8], &mut Interner) -> Result<T, InvalidResource>,
+    key: fn(&str, &T) -> Name,
 ) -> Result<(), InvalidResource> {
     let decoded = response
         .resources
@@ -126,15 +163,16 @@ fn apply_typed<T>(
                 .as_ref()
                 .map(|a| a.value.as_slice())
                 .unwrap_or_default();
+            let resource = decode(&r.name, body, names)?;
             Ok((
-                r.name.clone(),
-                (r.version.clone(), Arc::new(decode(&r.name, body)?)),
+                key(&r.name, &resource),
+                (Version::parse(&r.version), Arc::new(resource)),
             ))
         })
         .collect::<Result<Vec<_>, InvalidResource>>()?;
     held.extend(decoded);
     for name in &response.removed_resources {
-        held.remove(name);
+        held.remove(name.as_str());
     }
     Ok(())
 }
@@ -293,6 +331,7 @@ mod tests {
     use super::*;
     use prost::Message;
     use weft_xds_proto::discovery::Resource;
+    use weft_xds_proto::mesh;
 
     fn workload(uid: &str, address: Vec<u8>) -> Resource {
         let w = mesh::Workload {
@@ -341,7 +380,7 @@ mod tests {
         );
         assert!(resources.apply(&bad).is_err());
         assert_eq!(
-            resources.workloads.keys().collect::<Vec<_>>(),
+            resources.workloads.keys().map(|k| &**k).collect::<Vec<_>>(),
             ["c1/demo/a"]
         );
         resources

@@ -3,7 +3,6 @@
 //! sidecars, the server's app reached on its pod address, the caller's
 //! identity seen by the server's sidecar; locality failover; and refusals.
 
-use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
@@ -150,16 +149,8 @@ fn workload(
 }
 
 fn publish(xds: &XdsState, workloads: Vec<mesh::Workload>) {
-    let services = BTreeMap::from([(
-        "demo/echo.demo.svc.cluster.local".to_string(),
-        Arc::new(service()),
-    )]);
-    let workloads = workloads
-        .into_iter()
-        .map(|w| (w.uid.clone(), Arc::new(w)))
-        .collect();
-    xds.snapshot
-        .store(Arc::new(Snapshot::build(services, workloads)));
+    let snapshot = Snapshot::from_messages(&[service()], &workloads).expect("valid resources");
+    xds.snapshot.store(Arc::new(snapshot));
 }
 
 /// Opens a CONNECT through the client sidecar; returns the HTTP status and

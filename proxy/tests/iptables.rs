@@ -120,7 +120,6 @@ fn rules_install_idempotently_and_clean_up_in_a_namespace() {
 /// rather than looped.
 #[test]
 fn a_connection_to_a_vip_is_captured_and_delivered() {
-    use std::collections::BTreeMap;
     use std::os::fd::AsRawFd;
     use std::sync::Arc;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -263,13 +262,9 @@ fn a_connection_to_a_vip_is_captured_and_delivered() {
                 tunnel_protocol: mesh::TunnelProtocol::None as i32,
                 ..Default::default()
             };
-            xds.snapshot.store(Arc::new(Snapshot::build(
-                BTreeMap::from([(
-                    "demo/echo.demo.svc.cluster.local".to_string(),
-                    Arc::new(service),
-                )]),
-                BTreeMap::from([(workload.uid.clone(), Arc::new(workload))]),
-            )));
+            xds.snapshot.store(Arc::new(
+                Snapshot::from_messages(&[service], &[workload]).map_err(|e| e.to_string())?,
+            ));
             let ca = weft_certs::CertificateAuthority::generate_root(
                 "cluster.local",
                 &weft_certs::CaParams::valid_for("r", std::time::Duration::from_secs(3600)),
