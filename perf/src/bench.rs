@@ -40,7 +40,7 @@ use weft_lab::mesh::{self, Binaries, Cluster, ClusterOptions, MeshRoot, SidecarS
 
 use crate::apiserver::Outcome;
 use crate::load::{self, Protocol, Summary};
-use crate::report::{self, Machine};
+use crate::report::{self, Machine, Resident};
 
 #[derive(Clone, Debug)]
 pub struct Options {
@@ -648,6 +648,7 @@ async fn drive(options: &Options, command: &str) -> Result<Outcome> {
         },
     ];
     wait_workloads(client_ip, 2, Duration::from_secs(30)).await?;
+    let fresh = Resident::of(weft_measured[0].pid);
     run_scenario(
         options,
         &Scenario {
@@ -744,7 +745,7 @@ async fn drive(options: &Options, command: &str) -> Result<Outcome> {
     }
 
     // The client sidecar's memory with a large mesh in its snapshot.
-    let idle_rss = report::proc_bytes(weft_measured[0].pid, "VmRSS:");
+    let after_traffic = Resident::of(weft_measured[0].pid);
     eprintln!(
         "== snapshot: {} services, {} workloads",
         options.snapshot_services, options.snapshot_workloads
@@ -759,18 +760,20 @@ async fn drive(options: &Options, command: &str) -> Result<Outcome> {
     .await?;
     let synced_in = populate_start.elapsed();
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let large_rss = report::proc_bytes(weft_measured[0].pid, "VmRSS:");
-    let large_hwm = report::proc_bytes(weft_measured[0].pid, "VmHWM:");
+    let memory = Memory {
+        fresh,
+        after_traffic,
+        large: Resident::of(weft_measured[0].pid),
+        large_peak: report::proc_bytes(weft_measured[0].pid, "VmHWM:"),
+        synced_in,
+    };
 
     let markdown = render(
         options,
         command,
         &results,
         wrk_text.as_deref(),
-        idle_rss,
-        large_rss,
-        large_hwm,
-        synced_in,
+        &memory,
     )?;
 
     drop(client_sidecar);
@@ -788,6 +791,15 @@ async fn drive(options: &Options, command: &str) -> Result<Outcome> {
         markdown,
         passed: true,
     })
+}
+
+/// The client sidecar's memory at the points the report shows.
+struct Memory {
+    fresh: Resident,
+    after_traffic: Resident,
+    large: Resident,
+    large_peak: u64,
+    synced_in: Duration,
 }
 
 /// Errors by kind, and reconnects (a server closing keep-alive
@@ -814,10 +826,7 @@ fn render(
     command: &str,
     results: &Results,
     wrk_text: Option<&str>,
-    idle_rss: u64,
-    large_rss: u64,
-    large_hwm: u64,
-    synced_in: Duration,
+    memory: &Memory,
 ) -> Result<String> {
     let mut md = format!(
         "# Data-path benchmark: weft against direct, nginx and HAProxy\n\n\
@@ -963,15 +972,18 @@ fn render(
         }
     }
     md += &format!(
-        "\n## Sidecar memory with a large mesh\n\n- client sidecar RSS with the bench's 2 services/3 workloads: {:.1} MiB\n\
-         - with {} services and {} workloads more in its snapshot: {:.1} MiB (peak {:.1} MiB); received {:.1} s after the objects were created \
+        "\n## Sidecar memory with a large mesh\n\nThe client sidecar's resident memory:\n\n\
+         - with the bench's 2 services/3 workloads, before any traffic: {}\n\
+         - the same after the load runs above: {}\n\
+         - then with {} services and {} workloads more in its snapshot: {} (peak RSS {:.1} MiB); received {:.1} s after the objects were created \
          (target < 10 MB; anchors: Envoy ~60 MB, linkerd2-proxy ~18 MB, ztunnel 12 MB)\n",
-        mb(idle_rss),
+        memory.fresh.describe(),
+        memory.after_traffic.describe(),
         options.snapshot_services,
         options.snapshot_workloads,
-        mb(large_rss),
-        mb(large_hwm),
-        synced_in.as_secs_f64()
+        memory.large.describe(),
+        mb(memory.large_peak),
+        memory.synced_in.as_secs_f64()
     );
     if let Some(text) = wrk_text {
         let ours = &results.max["direct"].summary;

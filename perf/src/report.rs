@@ -102,6 +102,37 @@ pub fn proc_bytes(pid: u32, field: &str) -> u64 {
         .map_or(0, |kb| kb * 1024)
 }
 
+/// A process's resident memory, and what it is made of: `anon` is its
+/// own (heap, stacks), `file` the mapped files' pages (mostly the
+/// executable's code, shared by every process running the same binary).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Resident {
+    pub rss: u64,
+    pub anon: u64,
+    pub file: u64,
+}
+
+impl Resident {
+    pub fn of(pid: u32) -> Resident {
+        Resident {
+            rss: proc_bytes(pid, "VmRSS:"),
+            anon: proc_bytes(pid, "RssAnon:"),
+            file: proc_bytes(pid, "RssFile:") + proc_bytes(pid, "RssShmem:"),
+        }
+    }
+
+    /// "12.3 MiB (anon 4.5, file 7.8)".
+    pub fn describe(&self) -> String {
+        let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
+        format!(
+            "{:.1} MiB (anonymous {:.1}, file-backed {:.1})",
+            mib(self.rss),
+            mib(self.anon),
+            mib(self.file)
+        )
+    }
+}
+
 /// CPU seconds of a process and all its threads (utime + stime).
 pub fn proc_cpu_seconds(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
