@@ -768,13 +768,7 @@ async fn drive(options: &Options, command: &str) -> Result<Outcome> {
         synced_in,
     };
 
-    let markdown = render(
-        options,
-        command,
-        &results,
-        wrk_text.as_deref(),
-        &memory,
-    )?;
+    let markdown = render(options, command, &results, wrk_text.as_deref(), &memory)?;
 
     drop(client_sidecar);
     drop(server_sidecar);

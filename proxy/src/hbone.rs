@@ -17,6 +17,7 @@ use tokio::net::{TcpListener, TcpStream};
 use weft_certs::Identity;
 use weft_certs::tls::{self, CertStore, TrustBundle};
 
+use crate::coalesce::Coalesce;
 use crate::drain::Drain;
 use crate::http::Body;
 use crate::metrics::{Metrics, Peer, TrafficLabels};
@@ -223,7 +224,8 @@ pub struct Pool {
     pub connect_timeout: Duration,
     certs: CertStore,
     bundle: TrustBundle,
-    connections: Mutex<HashMap<(SocketAddr, Identity), Sender>>,
+    /// One connection per peer sidecar, with the identity it proved.
+    connections: Mutex<HashMap<SocketAddr, (Identity, Sender)>>,
 }
 
 impl Pool {
@@ -239,12 +241,12 @@ impl Pool {
     /// A pooled HTTP/2 connection to the sidecar at `peer`, opened (mTLS,
     /// expecting `identity`) when there is none.
     pub async fn sender(&self, peer: SocketAddr, identity: &Identity) -> Result<Sender> {
-        let key = (peer, identity.clone());
-        if let Some(sender) = self
+        if let Some((proven, sender)) = self
             .connections
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .get(&key)
+            .get(&peer)
+            && proven == identity
             && !sender.is_closed()
             && sender.is_ready()
         {
@@ -257,7 +259,8 @@ impl Pool {
         tcp.set_nodelay(true)?;
         let stream = tokio::time::timeout(
             HANDSHAKE_TIMEOUT,
-            tokio_rustls::TlsConnector::from(config).connect(tls::mesh_server_name(peer.ip()), tcp),
+            tokio_rustls::TlsConnector::from(config)
+                .connect(tls::mesh_server_name(peer.ip()), Coalesce::new(tcp)),
         )
         .await
         .context("the mTLS handshake timed out")?
@@ -269,7 +272,7 @@ impl Pool {
         self.connections
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(key, sender.clone());
+            .insert(peer, (identity.clone(), sender.clone()));
         Ok(sender)
     }
 

@@ -3,7 +3,7 @@
 //! It owns the workload identity and its rotation (`identity`), the delta
 //! xDS client, the compact resources it decodes and the immutable snapshot
 //! built from them (`xds`, `resources`, `state`),
-//! the mesh transport between sidecars (`hbone`), endpoint choice
+//! the mesh transport between sidecars (`hbone`, `coalesce`), endpoint choice
 //! (`balance`, `outlier`), the outbound listener (`outbound`), protocol
 //! detection (`sniff`), HTTP routing (`l7`, `http`, `upstream`), inbound
 //! capture (`inbound`), metrics and the admin ports (`metrics`, `admin`),
@@ -15,6 +15,7 @@
 pub mod admin;
 pub mod balance;
 pub mod channel;
+pub mod coalesce;
 pub mod drain;
 pub mod hbone;
 pub mod http;
