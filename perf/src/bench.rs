@@ -56,8 +56,8 @@ pub struct Options {
     pub cross_cluster: bool,
     pub snapshot_services: usize,
     pub snapshot_workloads: usize,
-    /// Where plots go (next to the report).
-    pub results: PathBuf,
+    /// Where plots go (next to the report); `None`: nowhere (`--no-write`).
+    pub results: Option<PathBuf>,
 }
 
 const NS: &str = "bench";
@@ -1011,8 +1011,10 @@ fn render(
         &series,
     );
     let name = format!("{}-bench-latency.svg", report::today());
-    std::fs::create_dir_all(&options.results)?;
-    std::fs::write(options.results.join(&name), svg)?;
-    md += &format!("\n![latency percentiles]({name})\n");
+    if let Some(dir) = &options.results {
+        std::fs::create_dir_all(dir)?;
+        std::fs::write(dir.join(&name), svg)?;
+        md += &format!("\n![latency percentiles]({name})\n");
+    }
     Ok(md)
 }

@@ -192,7 +192,7 @@ fn main() -> Result<()> {
                     cross_cluster: !no_cross_cluster,
                     snapshot_services,
                     snapshot_workloads,
-                    results: cli.results.clone(),
+                    results: (!cli.no_write).then(|| cli.results.clone()),
                 },
                 &command,
             )?,

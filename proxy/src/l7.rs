@@ -33,10 +33,9 @@ use crate::resources::Name;
 
 /// Attempts after the first.
 const MAX_RETRIES: usize = 2;
-/// The largest request head accepted from an application, and how long it
-/// may take to arrive.
+/// The largest request head accepted from an application (how long it may
+/// take to arrive is `Outbound::head_timeout`).
 const MAX_HEAD: usize = 64 * 1024;
-const HEAD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Retries may add at most a fifth to the requests in flight (plus a
 /// floor, so that a quiet proxy can still retry): when an outage makes
@@ -88,6 +87,7 @@ where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let drain = outbound.drain.clone();
+    let head_timeout = outbound.head_timeout;
     let service = hyper::service::service_fn(move |request| {
         let (outbound, route) = (outbound.clone(), route.clone());
         async move { Ok::<_, Infallible>(forward(&outbound, &route, request).await) }
@@ -98,7 +98,7 @@ where
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(HEAD_TIMEOUT)
+        .header_read_timeout(head_timeout)
         .max_buf_size(MAX_HEAD);
     builder
         .http2()

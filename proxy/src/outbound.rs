@@ -40,7 +40,7 @@ use crate::xds::XdsState;
 /// Longest request head accepted, and how long it may take to arrive: a
 /// slow or endless header cannot hold a connection or memory for long.
 const MAX_HEAD: usize = 8 * 1024;
-const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
+pub const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
 /// Other endpoints tried after a failed connect.
 const MAX_CONNECT_RETRIES: usize = 2;
 
@@ -57,6 +57,9 @@ pub struct Outbound {
     /// How long to wait for a client's first bytes when the port does not
     /// declare its protocol.
     pub sniff_timeout: Duration,
+    /// How long a client may take to send a whole request head, from its
+    /// first byte (slowloris).
+    pub head_timeout: Duration,
     pub upstreams: Upstreams,
     pub retry_budget: RetryBudget,
     pub metrics: Arc<Metrics>,
@@ -73,6 +76,7 @@ impl Outbound {
             pod_ip: None,
             passthrough: true,
             sniff_timeout: Duration::from_millis(100),
+            head_timeout: HEAD_TIMEOUT,
             upstreams: Upstreams::new(CONNECT_TIMEOUT),
             retry_budget: RetryBudget::default(),
             metrics: Arc::default(),
@@ -368,7 +372,7 @@ fn respond(status: &str) -> Vec<u8> {
 }
 
 async fn handle(outbound: Arc<Outbound>, mut client: TcpStream) -> Result<()> {
-    let (head, early) = tokio::time::timeout(HEAD_TIMEOUT, read_head(&mut client))
+    let (head, early) = tokio::time::timeout(outbound.head_timeout, read_head(&mut client))
         .await
         .context("the request head did not arrive in time")??;
     let mut words = head.lines().next().unwrap_or("").split_whitespace();

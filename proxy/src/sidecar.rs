@@ -50,6 +50,8 @@ pub struct SidecarConfig {
     /// How long to wait for a client's first bytes on ports that do not
     /// declare a protocol.
     pub sniff_timeout: Duration,
+    /// How long an application may take to send a request head.
+    pub head_timeout: Duration,
     pub outliers: crate::outlier::Policy,
     /// How long SIGTERM waits for open connections before exiting.
     pub drain_timeout: Duration,
@@ -106,6 +108,7 @@ impl SidecarConfig {
                 .context("WEFT_PROMETHEUS_ADDR")?,
             passthrough: or("WEFT_PASSTHROUGH", "true") != "false",
             sniff_timeout: Duration::from_millis(number("WEFT_SNIFF_TIMEOUT_MS", 100)?),
+            head_timeout: Duration::from_millis(number("WEFT_HEADER_TIMEOUT_MS", 10_000)?),
             outliers: crate::outlier::Policy {
                 consecutive_failures: number("WEFT_OUTLIER_CONSECUTIVE_FAILURES", 5)?.max(1) as u32,
                 base_ejection: Duration::from_millis(number(
@@ -263,6 +266,7 @@ pub async fn start_with(
     outbound.pod_ip = Some(config.pod_ip);
     outbound.passthrough = config.passthrough;
     outbound.sniff_timeout = config.sniff_timeout;
+    outbound.head_timeout = config.head_timeout;
     outbound.upstreams = crate::upstream::Upstreams::new(config.connect_timeout);
     outbound.metrics = metrics.clone();
     outbound.drain = drain.clone();

@@ -206,6 +206,33 @@ struct Mesh {
     proxy: SocketAddr,
 }
 
+/// The test sidecar's limit on the time to send a request head.
+const SLOW_HEAD_LIMIT: Duration = Duration::from_millis(800);
+
+/// Sends `head` (which never ends) a line every 100 ms until the proxy
+/// closes the connection; returns how long that took, or `None` when it
+/// was still open after 5 s.
+async fn trickle(mut conn: TcpStream, head: &str) -> Option<Duration> {
+    let start = tokio::time::Instant::now();
+    let mut lines = head
+        .split_inclusive("\r\n")
+        .map(String::from)
+        .chain((0..).map(|i| format!("x-slow-{i}: still coming\r\n")));
+    let mut buf = [0u8; 1024];
+    while start.elapsed() < Duration::from_secs(5) {
+        let line = lines.next().unwrap_or_default();
+        if conn.write_all(line.as_bytes()).await.is_err() {
+            return Some(start.elapsed());
+        }
+        match tokio::time::timeout(Duration::from_millis(100), conn.read(&mut buf)).await {
+            // Closed, or answered (an error status) and then closed.
+            Ok(Ok(0)) | Ok(Err(_)) => return Some(start.elapsed()),
+            Ok(Ok(_)) | Err(_) => {}
+        }
+    }
+    None
+}
+
 async fn client_sidecar(passthrough: bool) -> Mesh {
     let ca = CertificateAuthority::generate_root(
         "cluster.local",
@@ -225,6 +252,7 @@ async fn client_sidecar(passthrough: bool) -> Mesh {
         },
     );
     outbound.passthrough = passthrough;
+    outbound.head_timeout = SLOW_HEAD_LIMIT;
     let outbound = Arc::new(outbound);
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let proxy = listener.local_addr().unwrap();
@@ -827,6 +855,29 @@ async fn bad_http_input_is_refused_and_bounded() {
         "{:?}",
         String::from_utf8_lossy(&out)
     );
+    // Slowloris: a head sent a line at a time, never finished, is cut off
+    // at the limit: on the explicit proxy's own CONNECT, and on an HTTP
+    // port behind it.
+    for (what, conn, head) in [
+        (
+            "CONNECT head",
+            TcpStream::connect(mesh.proxy).await.unwrap(),
+            "CONNECT echo.demo:81 HTTP/1.1\r\n",
+        ),
+        (
+            "HTTP head after CONNECT",
+            connect(mesh.proxy, "echo.demo:81").await.1,
+            "GET / HTTP/1.1\r\nhost: echo.demo\r\n",
+        ),
+    ] {
+        let held = trickle(conn, head)
+            .await
+            .unwrap_or_else(|| panic!("{what}: a slow head held the connection"));
+        assert!(
+            held >= SLOW_HEAD_LIMIT - Duration::from_millis(100) && held < Duration::from_secs(3),
+            "{what}: closed after {held:?}"
+        );
+    }
     // Mesh HTTP requests on 15008 without a target, or for another host.
     let certs = CertStore::new(&issue_workload(&mesh.ca, &id("client"), None).unwrap()).unwrap();
     let pool = Pool::new(certs, mesh.bundle.clone());

@@ -351,6 +351,7 @@ async fn a_connection_crosses_two_sidecars_configured_by_the_control_plane() {
                 prometheus_addr: "127.0.0.1:0".parse().unwrap(),
                 passthrough: false,
                 sniff_timeout: Duration::from_millis(100),
+                head_timeout: weft_proxy::outbound::HEAD_TIMEOUT,
                 outliers: Default::default(),
                 drain_timeout: Duration::from_secs(5),
                 connect_timeout: Duration::from_secs(1),
