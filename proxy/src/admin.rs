@@ -5,7 +5,6 @@
 //! serves `/healthz/ready` for the kubelet.
 
 use std::convert::Infallible;
-use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, UNIX_EPOCH};
@@ -105,7 +104,7 @@ impl Admin {
                         let profile = &w.profile;
                         json!({
                             "workload": &*w.uid,
-                            "addresses": addresses(&w.addresses),
+                            "addresses": w.addresses().map(|ip| ip.to_string()).collect::<Vec<_>>(),
                             "cluster": &*profile.cluster_id,
                             "locality": {"region": &*profile.locality.region, "zone": &*profile.locality.zone},
                             "healthy": w.healthy,
@@ -211,10 +210,6 @@ fn pretty(value: &Value) -> String {
     serde_json::to_string_pretty(value).unwrap_or_default() + "\n"
 }
 
-fn addresses(ips: &[IpAddr]) -> Vec<String> {
-    ips.iter().map(IpAddr::to_string).collect()
-}
-
 fn names(names: &[Name]) -> Vec<&str> {
     names.iter().map(|n| &**n).collect()
 }
@@ -253,12 +248,12 @@ pub fn config_dump(snapshot: &Snapshot) -> Value {
             let p = &w.profile;
             json!({
                 "uid": &*w.uid,
-                "name": &*w.name,
+                "name": w.name(),
                 "namespace": &*p.namespace,
                 "cluster": &*p.cluster_id,
                 "network": &*p.network,
                 "node": &*w.node,
-                "addresses": addresses(&w.addresses),
+                "addresses": w.addresses().map(|ip| ip.to_string()).collect::<Vec<_>>(),
                 "identity": &*p.principal,
                 "locality": {"region": &*p.locality.region, "zone": &*p.locality.zone, "subzone": &*p.locality.subzone},
                 "status": if w.healthy { "HEALTHY" } else { "UNHEALTHY" },

@@ -39,7 +39,7 @@ impl Default for Peer {
 impl Peer {
     pub fn of(workload: &Workload) -> Peer {
         Peer {
-            workload: workload.display_name().clone(),
+            workload: workload.display_name(),
             namespace: workload.profile.namespace.clone(),
             cluster: workload.profile.cluster_id.clone(),
             principal: workload.profile.principal.clone(),

@@ -191,10 +191,7 @@ impl Outbound {
         let target_port = workload
             .target_port(&service, service_port)
             .context("the chosen workload does not serve the port")?;
-        let ip = *workload
-            .addresses
-            .first()
-            .context("the chosen workload has no address")?;
+        let ip = workload.address;
         let protocol = crate::sniff::declared(service_port.app_protocol);
         Ok(Pick {
             destination: destination(&workload, SocketAddr::new(ip, target_port))?,

@@ -115,15 +115,30 @@ pub struct Profile {
 #[derive(Debug, PartialEq, Eq)]
 pub struct Workload {
     pub uid: Name,
-    pub name: Name,
+    /// The pod's name, when it is not the last segment of `uid` (the
+    /// usual `cluster/namespace/name`): see `name()`.
+    own_name: Option<Name>,
     pub node: Name,
-    pub addresses: Box<[IpAddr]>,
+    /// The first address, kept inline: most pods have only one.
+    pub address: IpAddr,
+    more_addresses: Box<[IpAddr]>,
     pub healthy: bool,
     pub stale: bool,
     pub profile: Arc<Profile>,
 }
 
 impl Workload {
+    pub fn name(&self) -> &str {
+        match &self.own_name {
+            Some(name) => name,
+            None => self.uid.rsplit('/').next().unwrap_or_default(),
+        }
+    }
+
+    pub fn addresses(&self) -> impl Iterator<Item = IpAddr> + '_ {
+        std::iter::once(self.address).chain(self.more_addresses.iter().copied())
+    }
+
     /// The port a workload serves `service`'s `port` on, if it backs it there.
     pub fn target_port(&self, service: &Service, port: &ServicePort) -> Option<u16> {
         let binding = self
@@ -143,11 +158,11 @@ impl Workload {
 
     /// The name dashboards group by: the canonical (deployment) name when
     /// the control plane knows it, else the pod name.
-    pub fn display_name(&self) -> &Name {
+    pub fn display_name(&self) -> Name {
         if self.profile.canonical_name.is_empty() {
-            &self.name
+            Name::from(self.name())
         } else {
-            &self.profile.canonical_name
+            self.profile.canonical_name.clone()
         }
     }
 }
@@ -242,13 +257,13 @@ pub fn decode_workload(
                 len: a.len(),
             })
         })
-        .collect::<Result<Box<[IpAddr]>, _>>()?;
-    if addresses.is_empty() {
+        .collect::<Result<Vec<IpAddr>, _>>()?;
+    let Some((&address, more_addresses)) = addresses.split_first() else {
         return Err(InvalidResource::Field {
             name: name.into(),
             reason: "a workload needs at least one address".into(),
         });
-    }
+    };
     let identity = workload
         .identity
         .as_ref()
@@ -307,11 +322,13 @@ pub fn decode_workload(
         canonical_revision: names.name(&workload.canonical_revision),
         services,
     };
+    let derivable = workload.uid.rsplit('/').next() == Some(workload.name.as_str());
     Ok(Workload {
+        own_name: (!derivable).then(|| Arc::from(workload.name)),
         uid: Arc::from(workload.uid),
-        name: Arc::from(workload.name),
         node: names.name(&workload.node),
-        addresses,
+        address,
+        more_addresses: more_addresses.into(),
         healthy: workload.status == mesh::WorkloadStatus::Healthy as i32,
         stale: workload.stale,
         profile: names.profile(profile),
@@ -517,6 +534,25 @@ mod tests {
         let c = workload(other, names);
         assert!(!Arc::ptr_eq(&a.profile, &c.profile));
         assert!(Arc::ptr_eq(&a.profile.namespace, &c.profile.namespace));
+    }
+
+    #[test]
+    fn names_and_addresses_read_back() {
+        let names = &mut Interner::default();
+        let mut m = workload_message("c1/demo/a", [10, 1, 0, 5]);
+        m.addresses.push(vec![0; 16]);
+        let w = workload(m, names);
+        assert_eq!(w.name(), "a");
+        assert_eq!(
+            w.addresses().collect::<Vec<_>>(),
+            ["10.1.0.5".parse::<IpAddr>().unwrap(), "::".parse().unwrap()]
+        );
+        let mut m = workload_message("c1/demo/a", [10, 1, 0, 5]);
+        m.name = "other".into();
+        assert_eq!(workload(m, names).name(), "other");
+        let mut m = workload_message("c1/demo/a", [10, 1, 0, 5]);
+        m.name = String::new();
+        assert_eq!(workload(m, names).name(), "");
     }
 
     #[test]

@@ -1,0 +1,195 @@
+//! What a large mesh costs the sidecar in memory, counted by the allocator
+//! rather than read off RSS: bytes held per workload by the decoded
+//! resources and by the snapshot's indexes, and the peak while an initial
+//! sync is applied. Repeatable to the byte for the same code.
+//!
+//! `cargo bench -p weft-proxy --bench snapshot [-- SERVICES WORKLOADS]`
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use prost::Message;
+use weft_proxy::xds::Resources;
+use weft_xds_proto::discovery::{DeltaDiscoveryResponse, Resource};
+use weft_xds_proto::{mesh, type_url};
+
+/// The system allocator, counting live bytes and their high-water mark.
+struct Counting;
+
+static LIVE: AtomicUsize = AtomicUsize::new(0);
+static PEAK: AtomicUsize = AtomicUsize::new(0);
+
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        let now = LIVE.fetch_add(layout.size(), Ordering::Relaxed) + layout.size();
+        PEAK.fetch_max(now, Ordering::Relaxed);
+        // SAFETY: forwarded as received.
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        LIVE.fetch_sub(layout.size(), Ordering::Relaxed);
+        // SAFETY: forwarded as received.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: Counting = Counting;
+
+/// A workload as the control plane describes a pod of `service`.
+fn workload(n: usize, service: usize) -> mesh::Workload {
+    let name = format!("pod-{n}");
+    mesh::Workload {
+        uid: format!("c1/scale/{name}"),
+        name,
+        namespace: "scale".into(),
+        cluster_id: "c1".into(),
+        network: "lab".into(),
+        addresses: vec![vec![
+            10,
+            100 + (n / 62500) as u8,
+            (n / 250 % 250) as u8,
+            (1 + n % 250) as u8,
+        ]],
+        locality: Some(mesh::Locality {
+            region: "lab".into(),
+            zone: "c1-a".into(),
+            subzone: String::new(),
+        }),
+        identity: Some(mesh::Identity {
+            trust_domain: "cluster.local".into(),
+            namespace: "scale".into(),
+            service_account: "scale".into(),
+        }),
+        services: vec![mesh::ServiceBinding {
+            namespace: "scale".into(),
+            hostname: format!("svc-{service}.scale.svc.cluster.local"),
+            ports: vec![mesh::PortMapping {
+                service_port: 80,
+                target_port: 8080,
+            }],
+        }],
+        tunnel_protocol: mesh::TunnelProtocol::Hbone as i32,
+        node: "lab-node-c1".into(),
+        canonical_name: format!("svc-{service}"),
+        ..Default::default()
+    }
+}
+
+fn service(n: usize) -> mesh::Service {
+    mesh::Service {
+        name: format!("svc-{n}"),
+        namespace: "scale".into(),
+        hostname: format!("svc-{n}.scale.svc.cluster.local"),
+        vips: vec![mesh::ClusterVip {
+            cluster_id: "c1".into(),
+            network: "lab".into(),
+            address: vec![10, 96, (n / 250) as u8, (1 + n % 250) as u8],
+        }],
+        ports: vec![mesh::ServicePort {
+            port: 80,
+            name: "http".into(),
+            app_protocol: mesh::AppProtocol::Http as i32,
+            target_port: 8080,
+        }],
+        clusters: vec!["c1".into()],
+        ..Default::default()
+    }
+}
+
+fn response(url: &str, resources: Vec<(String, Vec<u8>)>) -> DeltaDiscoveryResponse {
+    DeltaDiscoveryResponse {
+        type_url: url.into(),
+        nonce: "1".into(),
+        resources: resources
+            .into_iter()
+            .map(|(name, value)| Resource {
+                version: format!("{:016x}", value.len() * 7919),
+                name,
+                resource: Some(prost_types::Any {
+                    type_url: url.into(),
+                    value,
+                }),
+                ..Default::default()
+            })
+            .collect(),
+        ..Default::default()
+    }
+}
+
+fn main() {
+    let args: Vec<usize> = std::env::args()
+        .skip(1)
+        .filter_map(|a| a.parse().ok())
+        .collect();
+    let services = args.first().copied().unwrap_or(1_000);
+    let workloads = args.get(1).copied().unwrap_or(10_000);
+    let per = workloads.div_ceil(services.max(1));
+
+    // The updates as they arrive: services in one response, workloads in
+    // chunks of 1,000 (as weft-control sends an initial sync).
+    let service_update = response(
+        type_url::SERVICE,
+        (0..services)
+            .map(|n| {
+                let s = service(n);
+                (format!("scale/{}", s.hostname), s.encode_to_vec())
+            })
+            .collect(),
+    );
+    let workload_updates: Vec<DeltaDiscoveryResponse> = (0..workloads)
+        .collect::<Vec<_>>()
+        .chunks(1_000)
+        .map(|chunk| {
+            response(
+                type_url::WORKLOAD,
+                chunk
+                    .iter()
+                    .map(|&n| {
+                        let w = workload(n, n / per);
+                        (w.uid.clone(), w.encode_to_vec())
+                    })
+                    .collect(),
+            )
+        })
+        .collect();
+
+    let before = LIVE.load(Ordering::Relaxed);
+    PEAK.store(before, Ordering::Relaxed);
+    let mut resources = Resources::default();
+    resources.apply(&service_update).expect("valid services");
+    let mut snapshot = resources.snapshot();
+    for update in &workload_updates {
+        resources.apply(update).expect("valid workloads");
+        // As the client does: the new snapshot replaces the old one.
+        snapshot = resources.snapshot();
+    }
+    let peak = PEAK.load(Ordering::Relaxed) - before;
+    let with_snapshot = LIVE.load(Ordering::Relaxed) - before;
+    drop(snapshot);
+    let held = LIVE.load(Ordering::Relaxed) - before;
+    let indexes = with_snapshot - held;
+
+    let kib = |b: usize| b as f64 / 1024.0;
+    let each = |b: usize| b as f64 / workloads.max(1) as f64;
+    println!("{services} services, {workloads} workloads ({per} per service)");
+    println!(
+        "  resources held:   {:>9.1} KiB  ({:.0} B per workload)",
+        kib(held),
+        each(held)
+    );
+    println!(
+        "  snapshot indexes: {:>9.1} KiB  ({:.0} B per workload)",
+        kib(indexes),
+        each(indexes)
+    );
+    println!(
+        "  total:            {:>9.1} KiB  ({:.0} B per workload)",
+        kib(with_snapshot),
+        each(with_snapshot)
+    );
+    println!(
+        "  peak while syncing (updates in memory excluded): {:.1} KiB",
+        kib(peak)
+    );
+}
