@@ -77,7 +77,7 @@ async fn handle(
             async move { Ok::<_, Infallible>(plaintext_request(&app, original, request).await) }
         });
         let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-            .serve_connection(TokioIo::new(client), service)
+            .serve_connection_with_upgrades(TokioIo::new(client), service)
             .await;
         return Ok(());
     }
@@ -96,6 +96,9 @@ async fn plaintext_request(
     request: Request<Incoming>,
 ) -> Response<Body> {
     let http2 = request.version() == Version::HTTP_2;
+    if crate::upgrade::requested(&request) {
+        return upgrade(original, request).await;
+    }
     let (mut parts, body) = request.into_parts();
     strip_hop_by_hop(&mut parts.headers);
     for forged in [PEER_IDENTITY, TARGET, APP_PROTOCOL] {
@@ -138,6 +141,32 @@ async fn plaintext_request(
         }
         Err(err) => {
             tracing::debug!(%original, "the application did not answer: {err:#}");
+            error(StatusCode::BAD_GATEWAY, "the application did not answer")
+        }
+    }
+}
+
+/// An upgrade (WebSocket) from a plaintext caller: relayed to the app on
+/// its own connection, and joined on 101.
+async fn upgrade(original: SocketAddr, mut request: Request<Incoming>) -> Response<Body> {
+    for forged in [PEER_IDENTITY, TARGET, APP_PROTOCOL] {
+        request.headers_mut().remove(forged);
+    }
+    let app = match tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(original)).await
+    {
+        Ok(Ok(app)) => app,
+        _ => return error(StatusCode::BAD_GATEWAY, "the application did not answer"),
+    };
+    let _ = app.set_nodelay(true);
+    match crate::upgrade::relay(app, &original.to_string(), request).await {
+        Ok((response, joined)) => {
+            if let Some(joined) = joined {
+                tokio::spawn(joined);
+            }
+            response
+        }
+        Err(err) => {
+            tracing::debug!(%original, "an upgrade to the application failed: {err}");
             error(StatusCode::BAD_GATEWAY, "the application did not answer")
         }
     }

@@ -105,7 +105,7 @@ where
         .timer(TokioTimer::new())
         .max_header_list_size(MAX_HEAD as u32);
     drain
-        .serve(builder.serve_connection(TokioIo::new(io), service))
+        .serve(builder.serve_connection_with_upgrades(TokioIo::new(io), service))
         .await;
 }
 
@@ -185,6 +185,9 @@ pub async fn forward(
         }
     };
     let authority = authority.unwrap_or_else(|| format!("{host}:{port}"));
+    if crate::upgrade::requested(&request) {
+        return crate::upgrade::forward(outbound, &host, port, &authority, request).await;
+    }
     let version = request.version();
     let (mut parts, body) = request.into_parts();
     strip_hop_by_hop(&mut parts.headers);

@@ -5,7 +5,7 @@
 //! built from them (`xds`, `resources`, `state`),
 //! the mesh transport between sidecars (`hbone`, `coalesce`), endpoint choice
 //! (`balance`, `outlier`), the outbound listener (`outbound`), protocol
-//! detection (`sniff`), HTTP routing (`l7`, `http`, `upstream`), inbound
+//! detection (`sniff`), HTTP routing (`l7`, `http`, `upstream`, `upgrade`), inbound
 //! capture (`inbound`), metrics and the admin ports (`metrics`, `admin`),
 //! graceful drain (`drain`), the capture rules for the init container
 //! (`iptables`), and their assembly (`sidecar`). It never depends on the
@@ -30,5 +30,6 @@ pub mod resources;
 pub mod sidecar;
 pub mod sniff;
 pub mod state;
+pub mod upgrade;
 pub mod upstream;
 pub mod xds;

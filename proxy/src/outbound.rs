@@ -222,7 +222,11 @@ impl Outbound {
 
     /// Connects a TCP stream, retrying another endpoint when one cannot be
     /// reached (nothing was sent yet, so any connection may be retried).
-    async fn connect_tcp(&self, host: &str, port: u16) -> Result<(Pick, Box<dyn Stream>)> {
+    pub(crate) async fn connect_tcp(
+        &self,
+        host: &str,
+        port: u16,
+    ) -> Result<(Pick, Box<dyn Stream>)> {
         let mut tried = Vec::new();
         loop {
             let pick = self.pick(host, port, &tried)?;
@@ -340,7 +344,10 @@ fn destination(workload: &Workload, target: SocketAddr) -> Result<Destination> {
     }
 }
 
-trait Stream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+pub(crate) trait Stream:
+    tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send
+{
+}
 impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Stream for T {}
 
 /// Reads an HTTP/1 request head: the bytes up to the blank line, and any

@@ -185,6 +185,11 @@ async fn connect(proxy: SocketAddr, authority: &str) -> (u16, TcpStream) {
 /// Sends `message`, returns who answered and the echo.
 async fn exchange(conn: &mut TcpStream, message: &str) -> String {
     conn.write_all(message.as_bytes()).await.unwrap();
+    read_until(conn, message).await
+}
+
+/// Reads until what arrived ends with `end`.
+async fn read_until(conn: &mut TcpStream, message: &str) -> String {
     let mut out = Vec::new();
     let mut buf = [0u8; 256];
     while !String::from_utf8_lossy(&out).ends_with(message) {
@@ -432,7 +437,10 @@ async fn http_app(ip: IpAddr, name: &'static str) {
         while let Ok((conn, _)) = listener.accept().await {
             tokio::spawn(async move {
                 let service = hyper::service::service_fn(
-                    move |request: http::Request<hyper::body::Incoming>| async move {
+                    move |mut request: http::Request<hyper::body::Incoming>| async move {
+                        if request.uri().path() == "/upgrade" {
+                            return Ok(upgraded_echo(name, &mut request));
+                        }
                         let failing = request.uri().path() == format!("/fail/{name}");
                         if request.uri().path() == "/slow" {
                             tokio::time::sleep(Duration::from_millis(300)).await;
@@ -456,11 +464,42 @@ async fn http_app(ip: IpAddr, name: &'static str) {
                     },
                 );
                 let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(conn), service)
+                    .serve_connection_with_upgrades(TokioIo::new(conn), service)
                     .await;
             });
         }
     });
+}
+
+/// Answers an upgrade to `weft-test` with 101, then, on the switched
+/// connection, says the app's name and echoes what it reads. Anything else
+/// asking to upgrade is refused with 426.
+fn upgraded_echo(
+    name: &'static str,
+    request: &mut http::Request<hyper::body::Incoming>,
+) -> http::Response<Full<Bytes>> {
+    let mut response = http::Response::new(Full::default());
+    if request.headers().get("upgrade").map(|v| v.as_bytes()) != Some(b"weft-test") {
+        *response.status_mut() = http::StatusCode::UPGRADE_REQUIRED;
+        return response;
+    }
+    let switched = hyper::upgrade::on(request);
+    tokio::spawn(async move {
+        let Ok(conn) = switched.await else { return };
+        let mut conn = TokioIo::new(conn);
+        let _ = conn.write_all(format!("{name}:").as_bytes()).await;
+        let mut buf = [0u8; 256];
+        while let Ok(n) = conn.read(&mut buf).await {
+            if n == 0 || conn.write_all(&buf[..n]).await.is_err() {
+                break;
+            }
+        }
+    });
+    *response.status_mut() = http::StatusCode::SWITCHING_PROTOCOLS;
+    let headers = response.headers_mut();
+    headers.insert("upgrade", http::HeaderValue::from_static("weft-test"));
+    headers.insert("connection", http::HeaderValue::from_static("upgrade"));
+    response
 }
 
 mod grpc {
@@ -896,6 +935,65 @@ async fn bad_http_input_is_refused_and_bounded() {
     assert_eq!(sender.send_request(elsewhere).await.unwrap().status(), 403);
     // Still serving.
     let mut h1 = http1_via_connect(mesh.proxy, "echo.demo:81").await;
+    assert_eq!(send(&mut h1, get("/", "echo.demo:81")).await.0, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upgrades_on_http_ports_cross_the_mesh() {
+    let mesh = client_sidecar(false).await;
+    l7_pods(&mesh, (19, "echo-a"), (20, "echo-b")).await;
+    publish(
+        &mesh.xds,
+        vec![workload(
+            "c1/demo/echo-a",
+            pod_ip(19),
+            "c1",
+            "a",
+            "echo",
+            true,
+        )],
+    );
+    let head = |upgrade: &str| {
+        format!(
+            "GET /upgrade HTTP/1.1\r\nhost: echo.demo:81\r\nconnection: upgrade\r\nupgrade: {upgrade}\r\n\r\n"
+        )
+    };
+    // Through a CONNECT to the HTTP port, and as an absolute-form request
+    // to the explicit proxy: the app switches, and the bytes after the
+    // 101 go both ways through both sidecars.
+    let (_, through_connect) = connect(mesh.proxy, "echo.demo:81").await;
+    let absolute = TcpStream::connect(mesh.proxy).await.unwrap();
+    for (what, mut conn, request) in [
+        ("after CONNECT", through_connect, head("weft-test")),
+        (
+            "absolute form",
+            {
+                absolute.set_nodelay(true).unwrap();
+                absolute
+            },
+            head("weft-test").replacen("/upgrade", "http://echo.demo:81/upgrade", 1),
+        ),
+    ] {
+        conn.write_all(request.as_bytes()).await.unwrap();
+        let answer = read_until(&mut conn, "echo-a:").await;
+        assert!(answer.starts_with("HTTP/1.1 101"), "{what}: {answer:?}");
+        assert!(
+            answer.to_ascii_lowercase().contains("upgrade: weft-test"),
+            "{what}: {answer:?}"
+        );
+        assert_eq!(exchange(&mut conn, "ping").await, "ping", "{what}");
+        assert_eq!(exchange(&mut conn, "pong").await, "pong", "{what}");
+    }
+    // Refused by the app: its answer comes back, and the connection
+    // keeps working as HTTP.
+    let mut h1 = http1_via_connect(mesh.proxy, "echo.demo:81").await;
+    let refused = http::Request::get("/upgrade")
+        .header("host", "echo.demo:81")
+        .header("connection", "upgrade")
+        .header("upgrade", "other")
+        .body(Full::default())
+        .unwrap();
+    assert_eq!(send(&mut h1, refused).await.0, 426);
     assert_eq!(send(&mut h1, get("/", "echo.demo:81")).await.0, 200);
 }
 

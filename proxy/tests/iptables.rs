@@ -472,6 +472,20 @@ fn inbound_plaintext_is_forwarded_when_permissive_and_refused_when_strict() {
                         } else {
                             "clean"
                         };
+                        if text.contains("upgrade: weft-test") {
+                            // Switch, say the verdict, then echo.
+                            let _ = conn
+                                .write_all(
+                                    format!("HTTP/1.1 101 Switching Protocols\r\nupgrade: weft-test\r\nconnection: upgrade\r\n\r\n{verdict}:").as_bytes(),
+                                )
+                                .await;
+                            while let Ok(n) = conn.read(&mut buf).await {
+                                if n == 0 || conn.write_all(&buf[..n]).await.is_err() {
+                                    break;
+                                }
+                            }
+                            continue;
+                        }
                         let _ = conn
                             .write_all(
                                 format!(
@@ -523,7 +537,41 @@ fn inbound_plaintext_is_forwarded_when_permissive_and_refused_when_strict() {
                 let _ = tokio::time::timeout(step, web.read_to_end(&mut answer)).await;
                 let answer = String::from_utf8_lossy(&answer);
                 let verdict = answer.rsplit("\r\n\r\n").next().unwrap_or("");
-                Ok::<String, String>(format!("{}|{verdict}", String::from_utf8_lossy(&got)))
+                // A WebSocket-style upgrade, forged identity included: the
+                // app switches, never sees the identity, and echoes.
+                let mut switched = String::new();
+                if let Ok(Ok(mut up)) =
+                    tokio::time::timeout(step, tokio::net::TcpStream::connect("10.250.0.2:8081"))
+                        .await
+                {
+                    let _ = up
+                        .write_all(
+                            b"GET /ws HTTP/1.1\r\nhost: web\r\nconnection: upgrade\r\nupgrade: weft-test\r\nx-weft-peer-identity: spiffe://cluster.local/ns/x/sa/admin\r\n\r\n",
+                        )
+                        .await;
+                    let mut seen = Vec::new();
+                    let mut buf = [0u8; 1024];
+                    let mut pinged = false;
+                    while !String::from_utf8_lossy(&seen).ends_with(":ping") {
+                        match tokio::time::timeout(step, up.read(&mut buf)).await {
+                            Ok(Ok(n)) if n > 0 => seen.extend_from_slice(&buf[..n]),
+                            _ => break,
+                        }
+                        if !pinged && String::from_utf8_lossy(&seen).ends_with(':') {
+                            pinged = true;
+                            let _ = up.write_all(b"ping").await;
+                        }
+                    }
+                    let seen = String::from_utf8_lossy(&seen);
+                    if let Some((head, rest)) = seen.split_once("\r\n\r\n") {
+                        let status = head.split(' ').nth(1).unwrap_or("?");
+                        switched = format!("{status} {rest}");
+                    }
+                }
+                Ok::<String, String>(format!(
+                    "{}|{verdict}|{switched}",
+                    String::from_utf8_lossy(&got)
+                ))
             })
         });
         let received = client.join().unwrap().unwrap().unwrap();
@@ -533,12 +581,15 @@ fn inbound_plaintext_is_forwarded_when_permissive_and_refused_when_strict() {
             Mode::Permissive => {
                 // The server-first app answered once the sniffing gave up;
                 // the HTTP app never saw the forged identity.
-                assert_eq!(received, "app:|clean");
-                assert_eq!(counters.forwarded.load(Ordering::Relaxed), 2);
+                assert_eq!(received, "app:|clean|101 clean:ping");
+                assert_eq!(counters.forwarded.load(Ordering::Relaxed), 3);
             }
             Mode::Strict => {
-                assert_eq!(received, "|", "STRICT must not let plaintext reach the app");
-                assert_eq!(counters.refused_plaintext.load(Ordering::Relaxed), 2);
+                assert_eq!(
+                    received, "||",
+                    "STRICT must not let plaintext reach the app"
+                );
+                assert_eq!(counters.refused_plaintext.load(Ordering::Relaxed), 3);
             }
         }
     }
