@@ -2,15 +2,16 @@
 //!
 //! It owns the workload identity and its rotation (`identity`), the delta
 //! xDS client, the compact resources it decodes and the immutable snapshot
-//! built from them (`xds`, `resources`, `state`),
-//! the mesh transport between sidecars (`hbone`, `coalesce`), endpoint choice
-//! (`balance`, `outlier`), the outbound listener (`outbound`), protocol
-//! detection (`sniff`), HTTP routing (`l7`, `http`, `upstream`, `upgrade`), inbound
+//! built from them (`xds`, `resources`, `state`), the mesh transport
+//! between sidecars (`hbone`, `coalesce`), endpoint choice (`balance`,
+//! `outlier`), the outbound listener (`outbound`), protocol detection
+//! (`sniff`), HTTP routing (`l7`, `http`, `upstream`, `upgrade`), inbound
 //! capture (`inbound`), metrics and the admin ports (`metrics`, `admin`),
-//! graceful drain (`drain`), the capture rules for the init container
-//! (`iptables`), and their assembly (`sidecar`). It never depends on the
-//! control plane crate; the two meet only on the wire protocols of
-//! `weft-xds-proto`. docs/proxy.md describes it for operators.
+//! graceful drain (`drain`), returning memory after bursts (`memory`), the
+//! capture rules for the init container (`iptables`), and their assembly
+//! (`sidecar`). It never depends on the control plane crate; the two meet
+//! only on the wire protocols of `weft-xds-proto`. docs/proxy.md describes
+//! it for operators.
 
 pub mod admin;
 pub mod balance;
@@ -23,6 +24,7 @@ pub mod identity;
 pub mod inbound;
 pub mod iptables;
 pub mod l7;
+pub mod memory;
 pub mod metrics;
 pub mod outbound;
 pub mod outlier;

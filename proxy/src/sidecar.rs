@@ -289,6 +289,9 @@ pub async fn start_with(
                 config.inbound_capture_addr
             )
         })?;
+    tasks.push(tokio::spawn(crate::memory::release_after_bursts(
+        drain.clone(),
+    )));
     tasks.push(tokio::spawn(crate::inbound::serve(
         capture,
         config.inbound_mode,

@@ -205,17 +205,6 @@ impl Backoff {
     }
 }
 
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
-fn release_free_memory() {
-    // SAFETY: malloc_trim only returns unused heap pages to the kernel.
-    unsafe {
-        libc::malloc_trim(0);
-    }
-}
-
-#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-fn release_free_memory() {}
-
 /// Runs the client until the task is aborted. `connect` makes a channel to
 /// the control plane (mTLS in production).
 pub async fn run<F, Fut>(connect: F, node: Node, state: Arc<XdsState>, backoff: Backoff)
@@ -296,7 +285,7 @@ async fn session(
                     // A large update (the initial sync comes in chunks)
                     // leaves the previous snapshots' memory free but held
                     // by the allocator: give it back to the system.
-                    release_free_memory();
+                    crate::memory::release_free();
                 }
                 if resources.complete() {
                     state.synced.store(true, Ordering::Relaxed);
