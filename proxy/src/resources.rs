@@ -177,6 +177,7 @@ fn nonzero_or(port: u16, fallback: u16) -> u16 {
 pub struct Interner {
     names: HashSet<Name>,
     profiles: HashSet<Arc<Profile>>,
+    identities: HashSet<Arc<Identity>>,
     /// Sizes after the last prune: pruning waits until they double.
     pruned_at: usize,
 }
@@ -200,8 +201,17 @@ impl Interner {
         shared
     }
 
+    fn identity(&mut self, identity: Identity) -> Arc<Identity> {
+        if let Some(shared) = self.identities.get(&identity) {
+            return shared.clone();
+        }
+        let shared = Arc::new(identity);
+        self.identities.insert(shared.clone());
+        shared
+    }
+
     pub fn len(&self) -> usize {
-        self.names.len() + self.profiles.len()
+        self.names.len() + self.profiles.len() + self.identities.len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -217,9 +227,11 @@ impl Interner {
         }
         // Profiles first: they hold names.
         self.profiles.retain(|p| Arc::strong_count(p) > 1);
+        self.identities.retain(|i| Arc::strong_count(i) > 1);
         self.names.retain(|n| Arc::strong_count(n) > 1);
         self.names.shrink_to_fit();
         self.profiles.shrink_to_fit();
+        self.identities.shrink_to_fit();
         self.pruned_at = self.len();
     }
 }
@@ -305,7 +317,7 @@ pub fn decode_workload(
         .collect::<Result<_, InvalidResource>>()?;
     let locality = workload.locality.unwrap_or_default();
     let principal = names.name(&identity.as_ref().map(Identity::uri).unwrap_or_default());
-    let identity = identity.map(Arc::new);
+    let identity = identity.map(|id| names.identity(id));
     let profile = Profile {
         namespace: names.name(&workload.namespace),
         cluster_id: names.name(&workload.cluster_id),
@@ -534,6 +546,8 @@ mod tests {
         let c = workload(other, names);
         assert!(!Arc::ptr_eq(&a.profile, &c.profile));
         assert!(Arc::ptr_eq(&a.profile.namespace, &c.profile.namespace));
+        let (ia, ic) = (a.profile.identity.as_ref(), c.profile.identity.as_ref());
+        assert!(Arc::ptr_eq(ia.unwrap(), ic.unwrap()));
     }
 
     #[test]
