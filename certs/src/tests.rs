@@ -319,13 +319,21 @@ fn rotation_is_due_at_half_life_minus_a_little_jitter() {
     assert!(jittered > start + Duration::from_secs(450));
     assert_eq!(rotation_due(start, end, 7.0), rotation_due(start, end, 1.0));
 
-    let cert = issue_workload(&root(), &echo(), Some(Duration::from_secs(3600))).unwrap();
-    let half =
-        cert.not_before() + (cert.not_after().duration_since(cert.not_before()).unwrap() / 2);
-    assert!(!cert.needs_rotation(cert.not_before()));
-    assert!(!cert.needs_rotation(half - Duration::from_secs(400)));
-    assert!(cert.needs_rotation(half));
-    assert!(cert.rotate_at() <= half);
+    // Counted from when the certificate arrived, not from its backdated
+    // not_before: a 60 s certificate is due in about 30 s, not at once.
+    for ttl in [60, 3600] {
+        let issued = SystemTime::now();
+        let cert = issue_workload(&root(), &echo(), Some(Duration::from_secs(ttl))).unwrap();
+        let left = cert.not_after().duration_since(issued).unwrap();
+        let half = issued + left / 2;
+        assert!(cert.not_before() < issued, "backdated for clock skew");
+        assert!(!cert.needs_rotation(SystemTime::now()), "ttl {ttl}");
+        assert!(!cert.needs_rotation(half - left.mul_f64(0.06)), "ttl {ttl}");
+        assert!(
+            cert.needs_rotation(half + Duration::from_secs(1)),
+            "ttl {ttl}"
+        );
+    }
 }
 
 #[test]

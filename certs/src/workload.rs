@@ -116,7 +116,11 @@ impl WorkloadCert {
         let identity = info
             .identity()
             .ok_or_else(|| CertError::NotSpiffe(info.uri_sans.join(", ")))?;
-        let rotate_at = rotation_due(info.not_before, info.not_after, rand::random::<f64>());
+        // Half of what is left from now, not from `not_before`: CAs backdate
+        // certificates for clock skew (ours by a minute), and counted from
+        // there a short-lived certificate would be due at once, every time.
+        let start = info.not_before.max(SystemTime::now());
+        let rotate_at = rotation_due(start, info.not_after, rand::random::<f64>());
         Ok(WorkloadCert {
             identity,
             chain,

@@ -165,6 +165,37 @@ async fn proxy_gets_an_identity_syncs_and_survives_a_control_plane_restart() {
     );
 
     let store = CertStore::new(&cert).unwrap();
+
+    // Rotation against the real CA: a certificate of the shortest lifetime
+    // it grants (60 s) is replaced at about half its life, with the same
+    // identity, in the same store.
+    let short = Arc::new(IdentityConfig {
+        ttl: Duration::from_secs(60),
+        ..config.clone()
+    });
+    let short_lived = identity::fetch(&short).await.unwrap();
+    let rotating = CertStore::new(&short_lived).unwrap();
+    let rotation = tokio::spawn(identity::rotate(short, rotating.clone()));
+    let first = rotating.certificate().full_chain()[0].clone();
+    let fetched = tokio::time::Instant::now();
+    let rotated_by = fetched + Duration::from_secs(45);
+    while rotating.certificate().full_chain()[0] == first {
+        assert!(
+            tokio::time::Instant::now() < rotated_by,
+            "the certificate was not rotated at half its life"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Not at once: the CA backdates certificates by a minute, and half
+    // the lifetime counted from there would be now (a loop on the CA).
+    assert!(
+        fetched.elapsed() > Duration::from_secs(20),
+        "rotated after {:?}",
+        fetched.elapsed()
+    );
+    assert_eq!(rotating.certificate().identity(), cert.identity());
+    rotation.abort();
+
     let tls = weft_certs::tls::client_config(&store, &bundle, vec![control_identity]).unwrap();
     let state = Arc::new(XdsState::default());
     let node = weft_xds_proto::envoy::config::core::v3::Node {
