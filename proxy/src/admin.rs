@@ -75,6 +75,15 @@ impl Admin {
         m.xds_connected
             .set(i64::from(self.xds.connected.load(Ordering::Relaxed)));
         m.draining.set(i64::from(self.drain.is_draining()));
+        if let Some(bytes) = crate::usage::resident_bytes() {
+            m.resident_memory.set(bytes as i64);
+        }
+        if let Some(seconds) = crate::usage::cpu_seconds() {
+            let counted = m.cpu_seconds.get();
+            if seconds > counted {
+                m.cpu_seconds.inc_by(seconds - counted);
+            }
+        }
         let snapshot = self.xds.snapshot.load();
         m.services.set(snapshot.services.len() as i64);
         m.workloads.set(snapshot.workloads.len() as i64);

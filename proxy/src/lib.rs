@@ -6,10 +6,10 @@
 //! between sidecars (`hbone`, `coalesce`), endpoint choice (`balance`,
 //! `outlier`), the outbound listener (`outbound`), protocol detection
 //! (`sniff`), HTTP routing (`l7`, `http`, `upstream`, `upgrade`), inbound
-//! capture (`inbound`), metrics and the admin ports (`metrics`, `admin`),
-//! graceful drain (`drain`), returning memory after bursts (`memory`), the
-//! capture rules for the init container (`iptables`), and their assembly
-//! (`sidecar`). It never depends on the control plane crate; the two meet
+//! capture (`inbound`), metrics and the admin ports (`metrics`, `admin`,
+//! `usage`), graceful drain (`drain`), returning memory after bursts
+//! (`memory`), the capture rules for the init container (`iptables`), and
+//! their assembly (`sidecar`). It never depends on the control plane crate; the two meet
 //! only on the wire protocols of `weft-xds-proto`. docs/proxy.md describes
 //! it for operators.
 
@@ -34,4 +34,5 @@ pub mod sniff;
 pub mod state;
 pub mod upgrade;
 pub mod upstream;
+pub mod usage;
 pub mod xds;

@@ -113,6 +113,8 @@ pub struct Metrics {
     pub draining: Gauge,
     pub services: Gauge,
     pub workloads: Gauge,
+    pub resident_memory: Gauge,
+    pub cpu_seconds: Counter<f64, std::sync::atomic::AtomicU64>,
 }
 
 impl Default for Metrics {
@@ -138,6 +140,8 @@ impl Default for Metrics {
             draining: Gauge::default(),
             services: Gauge::default(),
             workloads: Gauge::default(),
+            resident_memory: Gauge::default(),
+            cpu_seconds: Counter::default(),
         };
         let r = &mut registry;
         r.register(
@@ -221,6 +225,16 @@ impl Default for Metrics {
             "workloads",
             "Workloads in the configuration snapshot",
             m.workloads.clone(),
+        );
+        r.register(
+            "process_resident_memory_bytes",
+            "The sidecar's resident memory",
+            m.resident_memory.clone(),
+        );
+        r.register(
+            "process_cpu_seconds",
+            "CPU time the sidecar has used, user and system",
+            m.cpu_seconds.clone(),
         );
         Metrics { registry, ..m }
     }

@@ -518,6 +518,8 @@ async fn a_connection_crosses_two_sidecars_configured_by_the_control_plane() {
             && stats.contains("destination_service=\"echo.demo.svc.cluster.local\"")
             && stats.contains("weft_proxy_xds_connected 1")
             && stats.contains("weft_proxy_workloads 2")
+            && stats.contains("weft_proxy_process_resident_memory_bytes ")
+            && stats.contains("weft_proxy_process_cpu_seconds_total ")
         {
             break;
         }

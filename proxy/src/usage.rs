@@ -1,0 +1,65 @@
+//! What the sidecar itself costs, read from `/proc/self` when metrics are
+//! scraped: operators watch a sidecar's footprint with the same dashboard
+//! as its traffic. Off Linux (or without /proc) the readings are absent.
+
+/// Resident memory, in bytes (`VmRSS`).
+pub fn resident_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    parse_kib(&status, "VmRSS:").map(|kib| kib * 1024)
+}
+
+/// CPU time used so far, user and system, in seconds.
+pub fn cpu_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    parse_cpu_ticks(&stat).map(|ticks| ticks as f64 / hz.max(1) as f64)
+}
+
+fn parse_kib(status: &str, field: &str) -> Option<u64> {
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix(field))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// utime + stime from `/proc/<pid>/stat`: fields 14 and 15, counted after
+/// the command name, which may itself hold spaces and parentheses.
+fn parse_cpu_ticks(stat: &str) -> Option<u64> {
+    let (_, rest) = stat.rsplit_once(") ")?;
+    let mut fields = rest.split(' ').skip(11);
+    let user: u64 = fields.next()?.parse().ok()?;
+    let system: u64 = fields.next()?.parse().ok()?;
+    Some(user + system)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn proc_formats_parse() {
+        assert_eq!(
+            parse_kib("Name:\tx\nVmRSS:\t   9480 kB\nThreads: 1\n", "VmRSS:"),
+            Some(9480)
+        );
+        assert_eq!(parse_kib("Name:\tx\n", "VmRSS:"), None);
+        let stat = "42 (weft proxy) (x)) S 1 42 42 0 -1 4194560 100 0 0 0 250 75 0 0 20 0 1 0";
+        assert_eq!(parse_cpu_ticks(stat), Some(325));
+        assert_eq!(parse_cpu_ticks("garbage"), None);
+    }
+
+    #[test]
+    fn this_process_reads_back() {
+        if std::fs::metadata("/proc/self/stat").is_err() {
+            eprintln!("skipping: no /proc");
+            return;
+        }
+        assert!(resident_bytes().is_some_and(|b| b > 1024 * 1024));
+        assert!(cpu_seconds().is_some_and(|s| s >= 0.0));
+    }
+}
