@@ -56,6 +56,8 @@ pub struct Options {
     pub cross_cluster: bool,
     pub snapshot_services: usize,
     pub snapshot_workloads: usize,
+    /// Runtime threads per weft sidecar.
+    pub proxy_threads: usize,
     /// Where plots go (next to the report); `None`: nowhere (`--no-write`).
     pub results: Option<PathBuf>,
 }
@@ -262,9 +264,8 @@ async fn add_pod(cluster: &Cluster, name: &str, sa: &str, app: &str, at: IpAddr)
 async fn sidecar(
     cluster: &Cluster,
     root: &MeshRoot,
-    name: &str,
-    sa: &str,
-    at: IpAddr,
+    (name, sa, at): (&str, &str, IpAddr),
+    threads: usize,
 ) -> Result<Child> {
     let spec = SidecarSpec {
         pod_name: name.into(),
@@ -272,7 +273,7 @@ async fn sidecar(
         service_account: sa.into(),
         pod_ip: at,
         listen_on_pod_ip: true,
-        env: vec![("WEFT_WORKER_THREADS".into(), "1".into())],
+        env: vec![("WEFT_WORKER_THREADS".into(), threads.to_string())],
     };
     let child = mesh::spawn_sidecar(cluster, &root.root_pem(), &spec).await?;
     mesh::wait_http_ok(
@@ -635,8 +636,20 @@ async fn drive(options: &Options, command: &str) -> Result<Outcome> {
     let client_ip = ip([0, 2]);
     deploy(&c1, "echo", Some(("echo-1", "echo", app_ip))).await?;
     add_pod(&c1, "client-1", "client", "client", client_ip).await?;
-    let server_sidecar = sidecar(&c1, &root, "echo-1", "echo", app_ip).await?;
-    let client_sidecar = sidecar(&c1, &root, "client-1", "client", client_ip).await?;
+    let server_sidecar = sidecar(
+        &c1,
+        &root,
+        ("echo-1", "echo", app_ip),
+        options.proxy_threads,
+    )
+    .await?;
+    let client_sidecar = sidecar(
+        &c1,
+        &root,
+        ("client-1", "client", client_ip),
+        options.proxy_threads,
+    )
+    .await?;
     let weft_measured = vec![
         Measured {
             label: "weft client".into(),
@@ -681,7 +694,13 @@ async fn drive(options: &Options, command: &str) -> Result<Outcome> {
         deploy(&cluster, "far-echo", Some(("far-echo-1", "echo", far_ip))).await?;
         c1.add_remote(&cluster).await?;
         cluster.add_remote(&c1).await?;
-        let far_sidecar = sidecar(&cluster, &root, "far-echo-1", "echo", far_ip).await?;
+        let far_sidecar = sidecar(
+            &cluster,
+            &root,
+            ("far-echo-1", "echo", far_ip),
+            options.proxy_threads,
+        )
+        .await?;
         wait_workloads(client_ip, 3, Duration::from_secs(30)).await?;
         let measured = vec![
             weft_measured[0].clone(),
@@ -827,8 +846,7 @@ fn render(
          - Date: {}\n- Commit: {}\n- Command: `{command}`\n{}\n\
          HTTP/1.1 keep-alive, {} B POST echoed back, {} connections at fixed rates (open loop, latency \
          corrected for coordinated omission), {} connections closed loop for maximum throughput; \
-         {} s measured after {} s of warm-up per run. Every proxy runs one worker (one thread, or one \
-         nginx worker process), so its throughput is per core. Proxies, echo server and load generator \
+         {} s measured after {} s of warm-up per run. {} Proxies, echo server and load generator \
          share this machine's cores. Two proxies in series in every scenario: client side → TLS 1.3 \
          with client certificates → server side → echo.\n\n",
         report::today(),
@@ -839,6 +857,16 @@ fn render(
         options.max_connections,
         options.duration.as_secs_f64(),
         options.warmup.as_secs_f64(),
+        if options.proxy_threads == 1 {
+            "Every proxy runs one worker (one thread, or one nginx worker process), so its \
+             throughput is per core."
+                .to_string()
+        } else {
+            format!(
+                "weft sidecars run {} runtime threads (nginx and HAProxy one worker each).",
+                options.proxy_threads
+            )
+        },
     );
     let direct = results.fixed.get("direct").context("no direct run")?;
     for (i, rate) in options.rates.iter().enumerate() {

@@ -94,6 +94,10 @@ enum Scenario {
         snapshot_services: usize,
         #[arg(long, default_value_t = 10_000)]
         snapshot_workloads: usize,
+        /// Runtime threads per weft sidecar (WEFT_WORKER_THREADS); 1 compares
+        /// per core with one-worker nginx and HAProxy.
+        #[arg(long, default_value_t = 1)]
+        proxy_threads: usize,
     },
     /// Added latency of the two-sidecar mTLS path for TCP echo, against direct, in one run.
     Sidecar {
@@ -178,6 +182,7 @@ fn main() -> Result<()> {
             no_cross_cluster,
             snapshot_services,
             snapshot_workloads,
+            proxy_threads,
         } => (
             "bench",
             bench::run(
@@ -192,6 +197,7 @@ fn main() -> Result<()> {
                     cross_cluster: !no_cross_cluster,
                     snapshot_services,
                     snapshot_workloads,
+                    proxy_threads,
                     results: (!cli.no_write).then(|| cli.results.clone()),
                 },
                 &command,

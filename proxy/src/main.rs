@@ -46,15 +46,18 @@ fn sidecar() -> Result<()> {
     });
     let config = weft_proxy::sidecar::SidecarConfig::from_env()?;
     let deadline = config.drain_timeout;
-    // A sidecar shares its pod's CPU limit: two worker threads by default
-    // (Istio's default concurrency), WEFT_WORKER_THREADS to change it.
+    // A sidecar shares its pod's CPU limit. One thread by default: measured
+    // with `weft-perf bench --proxy-threads 1|2`, two threads cost 20-45%
+    // more CPU per request and give about a quarter less throughput per
+    // CPU-second, and one thread carries about 20,000 req/s, more than most
+    // pods see. WEFT_WORKER_THREADS raises it for busy pods.
     let threads = match std::env::var("WEFT_WORKER_THREADS") {
         Ok(text) => text
             .parse::<usize>()
             .ok()
             .filter(|n| *n > 0)
             .with_context(|| format!("WEFT_WORKER_THREADS={text:?} is not a positive number"))?,
-        Err(_) => 2,
+        Err(_) => 1,
     };
     // One thread: a current-thread runtime, without the work-stealing
     // scheduler's cross-thread bookkeeping on every wake-up.
