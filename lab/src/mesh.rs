@@ -406,6 +406,16 @@ pub struct SidecarSpec {
     pub env: Vec<(String, String)>,
 }
 
+/// The sidecar's listeners and their ports: bound on the pod's own address
+/// when pods share loopback instead of having network namespaces.
+pub const SIDECAR_LISTENERS: [(&str, u16); 5] = [
+    ("WEFT_OUTBOUND_ADDR", 15001),
+    ("WEFT_INBOUND_CAPTURE_ADDR", 15006),
+    ("WEFT_HEALTH_ADDR", 15021),
+    ("WEFT_ADMIN_ADDR", 15000),
+    ("WEFT_PROMETHEUS_ADDR", 15090),
+];
+
 /// Starts `weft-proxy proxy sidecar` for a pod of `cluster`, configured as
 /// the injector configures it: token file, root certificate, Downward API
 /// variables.
@@ -434,13 +444,7 @@ pub async fn spawn_sidecar(cluster: &Cluster, root_pem: &str, spec: &SidecarSpec
         .env("SERVICE_ACCOUNT", &spec.service_account)
         .env("RUST_LOG", "warn");
     if spec.listen_on_pod_ip {
-        for (var, port) in [
-            ("WEFT_OUTBOUND_ADDR", 15001),
-            ("WEFT_INBOUND_CAPTURE_ADDR", 15006),
-            ("WEFT_HEALTH_ADDR", 15021),
-            ("WEFT_ADMIN_ADDR", 15000),
-            ("WEFT_PROMETHEUS_ADDR", 15090),
-        ] {
+        for (var, port) in SIDECAR_LISTENERS {
             command.env(var, SocketAddr::new(spec.pod_ip, port).to_string());
         }
     }

@@ -67,12 +67,9 @@ pub fn pod_dir(dir: &Path, cluster: &str, namespace: &str, name: &str) -> PathBu
 
 /// The loopback address of pod `index` of cluster `c`.
 pub fn loopback_address(c: u8, index: u32) -> Ipv4Addr {
-    Ipv4Addr::new(
-        127,
-        100 + c,
-        (1 + index / 250) as u8,
-        (1 + index % 250) as u8,
-    )
+    // The namespace address, moved into 127/8.
+    let [_, cluster, high, low] = netns::pod_address(c, index).octets();
+    Ipv4Addr::new(127, cluster, high, low)
 }
 
 /// The local binary an image runs as, and fixed arguments before its own.
@@ -569,13 +566,7 @@ fn environment(
             }
         }
         if config.network == Network::Loopback {
-            for (var, port) in [
-                ("WEFT_OUTBOUND_ADDR", 15001),
-                ("WEFT_INBOUND_CAPTURE_ADDR", 15006),
-                ("WEFT_HEALTH_ADDR", 15021),
-                ("WEFT_ADMIN_ADDR", 15000),
-                ("WEFT_PROMETHEUS_ADDR", 15090),
-            ] {
+            for (var, port) in crate::mesh::SIDECAR_LISTENERS {
                 env.push((
                     var.into(),
                     SocketAddr::new(IpAddr::V4(pod.ip), port).to_string(),

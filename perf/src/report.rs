@@ -79,27 +79,13 @@ pub fn today() -> String {
 
 /// Resident memory of this process, in bytes.
 pub fn rss_bytes() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        })
-        .map_or(0, |kb| kb * 1024)
+    proc_bytes(std::process::id(), "VmRSS:")
 }
 
 /// A `/proc/<pid>/status` field given in kB (`VmRSS:`, `VmHWM:`), in bytes;
 /// 0 when the process is gone.
 pub fn proc_bytes(pid: u32, field: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix(field))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        })
-        .map_or(0, |kb| kb * 1024)
+    weft_proxy::usage::status_bytes(pid, field).unwrap_or(0)
 }
 
 /// A process's resident memory, and what it is made of: `anon` is its
@@ -121,7 +107,7 @@ impl Resident {
         }
     }
 
-    /// "12.3 MiB (anon 4.5, file 7.8)".
+    /// "12.3 MiB (anonymous 4.5, file-backed 7.8)".
     pub fn describe(&self) -> String {
         let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
         format!(
@@ -133,22 +119,10 @@ impl Resident {
     }
 }
 
-/// CPU seconds of a process and all its threads (utime + stime).
+/// CPU seconds of a process and all its threads (utime + stime); 0 when
+/// the process is gone.
 pub fn proc_cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let fields: Vec<&str> = stat
-        .rsplit_once(") ")
-        .map(|(_, rest)| rest.split(' ').collect())
-        .unwrap_or_default();
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-    (ticks(11) + ticks(12)) / hz
+    weft_proxy::usage::cpu_seconds_of(pid).unwrap_or(0.0)
 }
 
 /// One table row of latency percentiles, in milliseconds.

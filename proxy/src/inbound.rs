@@ -101,9 +101,7 @@ async fn plaintext_request(
     }
     let (mut parts, body) = request.into_parts();
     strip_hop_by_hop(&mut parts.headers);
-    for forged in [PEER_IDENTITY, TARGET, APP_PROTOCOL] {
-        parts.headers.remove(forged);
-    }
+    remove_forged(&mut parts.headers);
     let authority = parts
         .uri
         .authority()
@@ -146,12 +144,18 @@ async fn plaintext_request(
     }
 }
 
+/// Headers only sidecars may set: a plaintext caller's are dropped, so the
+/// application can trust them whenever they are present.
+fn remove_forged(headers: &mut http::HeaderMap) {
+    for forged in [PEER_IDENTITY, TARGET, APP_PROTOCOL] {
+        headers.remove(forged);
+    }
+}
+
 /// An upgrade (WebSocket) from a plaintext caller: relayed to the app on
 /// its own connection, and joined on 101.
 async fn upgrade(original: SocketAddr, mut request: Request<Incoming>) -> Response<Body> {
-    for forged in [PEER_IDENTITY, TARGET, APP_PROTOCOL] {
-        request.headers_mut().remove(forged);
-    }
+    remove_forged(request.headers_mut());
     let app = match tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(original)).await
     {
         Ok(Ok(app)) => app,

@@ -1,16 +1,29 @@
 //! What the sidecar itself costs, read from `/proc/self` when metrics are
 //! scraped: operators watch a sidecar's footprint with the same dashboard
 //! as its traffic. Off Linux (or without /proc) the readings are absent.
+//! The benchmarks read other processes the same way.
 
 /// Resident memory, in bytes (`VmRSS`).
 pub fn resident_bytes() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    parse_kib(&status, "VmRSS:").map(|kib| kib * 1024)
+    status_bytes("self", "VmRSS:")
 }
 
 /// CPU time used so far, user and system, in seconds.
 pub fn cpu_seconds() -> Option<f64> {
-    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    cpu_seconds_of("self")
+}
+
+/// A `/proc/<process>/status` field given in kB (`VmRSS:`, `VmHWM:`,
+/// `RssAnon:`), in bytes; `process` is a pid or `self`.
+pub fn status_bytes(process: impl std::fmt::Display, field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{process}/status")).ok()?;
+    parse_kib(&status, field).map(|kib| kib * 1024)
+}
+
+/// The CPU time (user and system) of `/proc/<process>` and its threads,
+/// in seconds.
+pub fn cpu_seconds_of(process: impl std::fmt::Display) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{process}/stat")).ok()?;
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
     parse_cpu_ticks(&stat).map(|ticks| ticks as f64 / hz.max(1) as f64)
