@@ -12,6 +12,10 @@
 //!   and server side), TLS 1.3 with client certificates between them,
 //!   keep-alive upstream connections. Installed from Debian when missing
 //!   and possible; skipped with the reason otherwise.
+//! - `relay`: the floor. Two HAProxy processes in TCP mode, plaintext,
+//!   relaying bytes without parsing them: what any two user-space proxies
+//!   in series cost on this machine before doing any work of their own
+//!   (process wake-ups, loopback TCP), to read the other figures against.
 //!
 //! Per scenario: latency at fixed rates (open loop, coordinated omission
 //! corrected), maximum throughput (closed loop), CPU per 1,000 req/s and
@@ -399,6 +403,11 @@ fn nginx_conf(dir: &Path, side: &str, listen: SocketAddr, upstream: SocketAddr) 
 
 fn haproxy_conf(dir: &Path, side: &str, listen: SocketAddr, upstream: SocketAddr) -> String {
     let d = dir.display();
+    if side.starts_with("relay") {
+        return format!(
+            "global\n  nbthread 1\n  maxconn 4000\n  log stderr format raw local0 warning\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\nfrontend in\n  bind {listen}\n  default_backend next\nbackend next\n  server next1 {upstream}\n"
+        );
+    }
     let common = "global\n  nbthread 1\n  maxconn 4000\n  log stderr format raw local0 warning\ndefaults\n  mode http\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n  http-reuse always\n";
     match side {
         "client" => format!(
@@ -434,8 +443,14 @@ async fn baseline(
                 c
             }
             _ => {
+                // The floor relays plaintext, so both of its sides are alike.
+                let side = if kind == "relay" {
+                    format!("relay-{side}")
+                } else {
+                    side.to_string()
+                };
                 let conf = dir.join(format!("haproxy-{side}.cfg"));
-                std::fs::write(&conf, haproxy_conf(dir, side, listen, upstream))?;
+                std::fs::write(&conf, haproxy_conf(dir, &side, listen, upstream))?;
                 let mut c = Command::new("haproxy");
                 c.arg("-db").arg("-f").arg(&conf);
                 c
@@ -733,8 +748,10 @@ async fn drive(options: &Options, command: &str) -> Result<Outcome> {
         for (kind, client_at, server_at) in [
             ("nginx", ip([0, 4]), ip([0, 5])),
             ("haproxy", ip([0, 6]), ip([0, 7])),
+            ("relay", ip([0, 8]), ip([0, 9])),
         ] {
-            if results.skipped.iter().any(|s| s.starts_with(kind)) {
+            let tool = if kind == "relay" { "haproxy" } else { kind };
+            if results.skipped.iter().any(|s| s.starts_with(tool)) {
                 continue;
             }
             match baseline(kind, &dir, app, client_at, server_at).await {
@@ -842,7 +859,7 @@ fn render(
     memory: &Memory,
 ) -> Result<String> {
     let mut md = format!(
-        "# Data-path benchmark: weft against direct, nginx and HAProxy\n\n\
+        "# Data-path benchmark: weft against direct, nginx, HAProxy and a plain TCP relay\n\n\
          - Date: {}\n- Commit: {}\n- Command: `{command}`\n{}\n\
          HTTP/1.1 keep-alive, {} B POST echoed back, {} connections at fixed rates (open loop, latency \
          corrected for coordinated omission), {} connections closed loop for maximum throughput; \
@@ -959,7 +976,21 @@ fn render(
             "- weft CPU per 1,000 req/s, busiest sidecar: {cpu:.3} vCPU (target < 0.05; anchors: Istio sidecar 0.20, ztunnel 0.06).\n"
         );
     }
-    for other in ["nginx", "haproxy"] {
+    if let Some(relay) = results.fixed.get("relay") {
+        let (r, d) = (&relay[0].summary, &direct[0].summary);
+        let cpu = relay[0]
+            .proxies
+            .iter()
+            .map(|p| relay[0].vcpu_per_k(p.1))
+            .fold(0.0, f64::max);
+        md += &format!(
+            "- the floor, two plaintext TCP relays in series (HAProxy `mode tcp`, no TLS, no HTTP) at {} req/s: added p50 {:.3} ms, p99 {:.3} ms; CPU per 1,000 req/s, busiest relay: {cpu:.3} vCPU. No pair of user-space proxies can add less on this machine.\n",
+            options.rates[0],
+            r.p50_ms - d.p50_ms,
+            r.p99_ms - d.p99_ms,
+        );
+    }
+    for other in ["nginx", "haproxy", "relay"] {
         if let (Some(w), Some(o)) = (per_cpu("weft"), per_cpu(other)) {
             md += &format!(
                 "- requests per CPU-second per proxy, weft / {other}: {:.2} ({:.0} vs {:.0}).\n",

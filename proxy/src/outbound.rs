@@ -258,21 +258,24 @@ impl Outbound {
     }
 
     /// Serves one client connection to `host:port` by protocol.
-    async fn serve_connection<S>(
+    ///
+    /// Every path hands over the same stream type, so the HTTP stack is
+    /// compiled once for it: each other type would add its own copy of
+    /// hyper and h2 to the sidecar's code, and its resident memory.
+    async fn serve_connection(
         self: &Arc<Self>,
-        mut client: S,
+        mut client: Rewind<TcpStream>,
         host: &str,
         port: u16,
-    ) -> Result<()>
-    where
-        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-    {
-        let declared = self.pick_protocol(host, port);
-        let (protocol, seen) = match declared {
-            Some(protocol) => (protocol, bytes::Bytes::new()),
-            None => sniff(&mut client, self.sniff_timeout).await,
+    ) -> Result<()> {
+        let protocol = match self.pick_protocol(host, port) {
+            Some(protocol) => protocol,
+            None => {
+                let (protocol, seen) = sniff(&mut client, self.sniff_timeout).await;
+                client.unread(seen);
+                protocol
+            }
         };
-        let client = Rewind::new(seen, client);
         if protocol != Protocol::Tcp {
             let route = Route::Fixed {
                 host: host.to_string(),
@@ -447,7 +450,11 @@ async fn handle_transparent(outbound: Arc<Outbound>, client: TcpStream) -> Resul
         bail!("connection to the capture port itself ({original}); refusing to loop");
     }
     outbound
-        .serve_connection(client, &original.ip().to_string(), original.port())
+        .serve_connection(
+            Rewind::new(bytes::Bytes::new(), client),
+            &original.ip().to_string(),
+            original.port(),
+        )
         .await
 }
 

@@ -85,6 +85,18 @@ impl<S> Rewind<S> {
     pub fn new(prefix: Bytes, inner: S) -> Self {
         Rewind { prefix, inner }
     }
+
+    /// Puts bytes just read through this stream back in front of it.
+    pub fn unread(&mut self, seen: Bytes) {
+        if self.prefix.is_empty() {
+            self.prefix = seen;
+        } else if !seen.is_empty() {
+            let mut joined = BytesMut::with_capacity(seen.len() + self.prefix.len());
+            joined.extend_from_slice(&seen);
+            joined.extend_from_slice(&self.prefix);
+            self.prefix = joined.freeze();
+        }
+    }
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for Rewind<S> {
@@ -166,5 +178,26 @@ mod tests {
         let mut all = String::new();
         rewound.read_to_string(&mut all).await.unwrap();
         assert_eq!(all, "GET / HTTP/1.1");
+    }
+
+    #[tokio::test]
+    async fn sniffing_through_a_rewind_loses_no_bytes() {
+        // Bytes that came with a CONNECT head, then more from the socket:
+        // sniffed through the rewind and put back, all reach the reader
+        // once and in order, whether the sniff stops inside the prefix or
+        // reads past it.
+        let long = format!("GET / HTTP/1.1\r\nx-fill: {}\r\n", "a".repeat(80));
+        for (early, rest) in [("GE", "T / HTTP/1.1"), (long.as_str(), "\r\n")] {
+            let (mut a, b) = tokio::io::duplex(256);
+            a.write_all(rest.as_bytes()).await.unwrap();
+            drop(a);
+            let mut rewound = Rewind::new(Bytes::copy_from_slice(early.as_bytes()), b);
+            let (protocol, seen) = sniff(&mut rewound, Duration::from_secs(5)).await;
+            assert_eq!(protocol, Protocol::Http, "{early:?}");
+            rewound.unread(seen);
+            let mut all = String::new();
+            rewound.read_to_string(&mut all).await.unwrap();
+            assert_eq!(all, format!("{early}{rest}"));
+        }
     }
 }
