@@ -3,44 +3,29 @@
 //! command.
 
 use anyhow::{Context, Result};
-use clap::{Parser, Subcommand};
-use weft_proxy::iptables::{self, Capture};
-
-#[derive(Parser)]
-#[command(name = "weft-proxy", version, about = "weft's sidecar proxy")]
-struct Cli {
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Subcommand)]
-enum Command {
-    /// Run a proxy: `proxy sidecar`.
-    Proxy {
-        #[command(subcommand)]
-        mode: ProxyMode,
-    },
-    /// Install the traffic capture rules in this network namespace (the init container).
-    Iptables(IptablesArgs),
-}
-
-#[derive(Subcommand)]
-enum ProxyMode {
-    /// The sidecar, configured from WEFT_* and the Downward API environment.
-    Sidecar,
-}
+use weft_proxy::command_line::{self, Command};
+use weft_proxy::iptables;
 
 fn sidecar() -> Result<()> {
     use tracing_subscriber::prelude::*;
-    let filter =
-        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let from_env = std::env::var("RUST_LOG").ok().map(|text| {
+        let parsed = weft_proxy::logs::parse(&text);
+        (text, parsed)
+    });
+    let filter = match &from_env {
+        Some((_, Ok(filter))) => filter.clone(),
+        _ => tracing_subscriber::filter::Targets::new().with_default(tracing::Level::INFO),
+    };
     let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
     tracing_subscriber::registry()
         .with(filter)
         .with(tracing_subscriber::fmt::layer())
         .init();
+    if let Some((text, Err(err))) = &from_env {
+        tracing::warn!("RUST_LOG={text:?} is not a log filter ({err:#}); logging at info");
+    }
     let set_log_level: weft_proxy::admin::SetLogLevel = Box::new(move |level| {
-        let filter = tracing_subscriber::EnvFilter::try_new(level)?;
+        let filter = weft_proxy::logs::parse(level)?;
         handle.reload(filter)?;
         Ok(())
     });
@@ -85,60 +70,21 @@ fn sidecar() -> Result<()> {
     })
 }
 
-#[derive(clap::Args)]
-struct IptablesArgs {
-    /// Connections from this UID (the proxy's) are never captured.
-    #[arg(long, default_value_t = 1337)]
-    proxy_uid: u32,
-    #[arg(long, default_value_t = 15006)]
-    inbound_capture_port: u16,
-    #[arg(long, default_value_t = 15001)]
-    outbound_capture_port: u16,
-    /// Comma-separated ports left out of inbound capture.
-    #[arg(long, default_value = "")]
-    exclude_inbound_ports: String,
-    /// Comma-separated ports left out of outbound capture.
-    #[arg(long, default_value = "")]
-    exclude_outbound_ports: String,
-    /// Comma-separated IPv4 CIDRs to capture outbound (default: all).
-    #[arg(long, default_value = "")]
-    include_outbound_cidrs: String,
-    #[arg(long, default_value = "")]
-    exclude_outbound_cidrs: String,
-    /// Print the rules instead of installing them.
-    #[arg(long)]
-    dry_run: bool,
-    /// Remove weft's rules instead (idempotent).
-    #[arg(long)]
-    cleanup: bool,
-}
-
 fn main() -> std::process::ExitCode {
-    let cli = Cli::parse();
-    let result: Result<()> = match cli.command {
-        Command::Proxy {
-            mode: ProxyMode::Sidecar,
-        } => sidecar(),
-        Command::Iptables(args) => (|| {
-            if args.cleanup {
-                return iptables::cleanup();
+    let result: Result<()> =
+        command_line::parse(std::env::args().skip(1)).and_then(|command| match command {
+            Command::Sidecar => sidecar(),
+            Command::Print(text) => {
+                print!("{text}");
+                Ok(())
             }
-            let capture = Capture {
-                proxy_uid: args.proxy_uid,
-                inbound_capture_port: args.inbound_capture_port,
-                outbound_capture_port: args.outbound_capture_port,
-                exclude_inbound_ports: iptables::parse_ports(&args.exclude_inbound_ports)?,
-                exclude_outbound_ports: iptables::parse_ports(&args.exclude_outbound_ports)?,
-                include_outbound_cidrs: iptables::parse_cidrs(&args.include_outbound_cidrs)?,
-                exclude_outbound_cidrs: iptables::parse_cidrs(&args.exclude_outbound_cidrs)?,
-            };
-            if args.dry_run {
-                print!("{}", capture.rules());
-                return Ok(());
+            Command::Iptables(args) if args.cleanup => iptables::cleanup(),
+            Command::Iptables(args) if args.dry_run => {
+                print!("{}", args.capture.rules());
+                Ok(())
             }
-            iptables::apply(&capture)
-        })(),
-    };
+            Command::Iptables(args) => iptables::apply(&args.capture),
+        });
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(err) => {
