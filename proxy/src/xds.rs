@@ -121,17 +121,20 @@ impl Resources {
 
 /// A resource's version as the control plane named it. Ours are 64-bit
 /// content hashes in hex: kept as the number, they cost no allocation.
+/// Any other text is behind one thin pointer, so that a version is 16
+/// bytes, not 24, in every held resource.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Version {
     Hash(u64),
-    Other(Box<str>),
+    #[allow(clippy::box_collection)]
+    Other(Box<String>),
 }
 
 impl Version {
     fn parse(text: &str) -> Version {
         match u64::from_str_radix(text, 16) {
             Ok(hash) if text.len() == 16 && !text.starts_with('+') => Version::Hash(hash),
-            _ => Version::Other(text.into()),
+            _ => Version::Other(Box::new(text.to_string())),
         }
     }
 }
@@ -475,6 +478,7 @@ mod tests {
         ] {
             assert_eq!(Version::parse(text).to_string(), text);
         }
+        assert_eq!(std::mem::size_of::<Version>(), 16);
     }
 
     #[test]
