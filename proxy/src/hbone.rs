@@ -20,7 +20,7 @@ use weft_certs::tls::{self, CertStore, TrustBundle};
 use crate::coalesce::Coalesce;
 use crate::drain::Drain;
 use crate::http::Body;
-use crate::metrics::{Metrics, Peer, TrafficLabels};
+use crate::metrics::{Metrics, Peer};
 use crate::upstream::Upstreams;
 use crate::xds::XdsState;
 
@@ -94,7 +94,7 @@ impl Inbound {
     }
 }
 
-fn status(code: StatusCode) -> Response<Body> {
+pub(crate) fn status(code: StatusCode) -> Response<Body> {
     let mut response = Response::new(crate::http::empty());
     *response.status_mut() = code;
     response
@@ -121,50 +121,7 @@ async fn serve_request(
     if request.method() != Method::CONNECT {
         return Ok(crate::l7::inbound(&inbound, &peer, request).await);
     }
-    Ok(tunnel_in(inbound, peer, request).await)
-}
-
-async fn tunnel_in(
-    inbound: Arc<Inbound>,
-    peer: Option<Identity>,
-    mut request: Request<hyper::body::Incoming>,
-) -> Response<Body> {
-    let Some(target) = request
-        .uri()
-        .authority()
-        .and_then(|a| a.as_str().parse::<SocketAddr>().ok())
-    else {
-        return status(StatusCode::BAD_REQUEST);
-    };
-    if !inbound.local_addresses.contains(&target.ip()) {
-        tracing::warn!(%target, caller = ?peer, "refused a tunnel to an address that is not this pod's");
-        return status(StatusCode::FORBIDDEN);
-    }
-    let app = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(target)).await {
-        Ok(Ok(app)) => app,
-        _ => return status(StatusCode::BAD_GATEWAY),
-    };
-    let _ = app.set_nodelay(true);
-    inbound.count_caller(&peer);
-    let labels = TrafficLabels::new("destination", &caller(&peer), &"".into(), &inbound.me());
-    inbound.metrics.tcp_opened.get_or_create(&labels).inc();
-    let guard = inbound.drain.track();
-    tokio::spawn(async move {
-        let _guard = guard;
-        match hyper::upgrade::on(&mut request).await {
-            Ok(upgraded) => {
-                let mut app = app;
-                let (received, sent) =
-                    tokio::io::copy_bidirectional(&mut TokioIo::new(upgraded), &mut app)
-                        .await
-                        .unwrap_or((0, 0));
-                // Seen from the server side: "sent" goes to the app.
-                inbound.metrics.tcp(&labels, received, sent);
-            }
-            Err(err) => tracing::debug!(%err, "tunnel upgrade failed"),
-        }
-    });
-    status(StatusCode::OK)
+    Ok(crate::inbound_tunnel::tunnel_in(inbound, peer, request).await)
 }
 
 /// Serves 15008: mTLS with a client certificate required, then HTTP/2.

@@ -20,6 +20,7 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::{TcpListener, TcpStream};
+use weft_certs::Identity;
 
 use crate::http::{APP_PROTOCOL, Body, PEER_IDENTITY, TARGET, error, strip_hop_by_hop};
 use crate::outbound::original_destination;
@@ -97,7 +98,7 @@ async fn plaintext_request(
 ) -> Response<Body> {
     let http2 = request.version() == Version::HTTP_2;
     if crate::upgrade::requested(&request) {
-        return upgrade(original, request).await;
+        return upgrade(original, request, None).await;
     }
     let (mut parts, body) = request.into_parts();
     strip_hop_by_hop(&mut parts.headers);
@@ -152,10 +153,21 @@ fn remove_forged(headers: &mut http::HeaderMap) {
     }
 }
 
-/// An upgrade (WebSocket) from a plaintext caller: relayed to the app on
-/// its own connection, and joined on 101.
-async fn upgrade(original: SocketAddr, mut request: Request<Incoming>) -> Response<Body> {
+/// An upgrade (WebSocket) for the app at `original`, from a plaintext
+/// caller or through a mesh tunnel from `peer`: relayed to the app on its
+/// own connection, and joined on 101. The app sees the caller's identity
+/// only as the mesh proved it.
+pub(crate) async fn upgrade(
+    original: SocketAddr,
+    mut request: Request<Incoming>,
+    peer: Option<&Identity>,
+) -> Response<Body> {
     remove_forged(request.headers_mut());
+    if let Some(identity) = peer
+        && let Ok(value) = http::HeaderValue::from_str(&identity.to_string())
+    {
+        request.headers_mut().insert(PEER_IDENTITY, value);
+    }
     let app = match tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(original)).await
     {
         Ok(Ok(app)) => app,

@@ -23,6 +23,7 @@ pub mod hbone;
 pub mod http;
 pub mod identity;
 pub mod inbound;
+pub mod inbound_tunnel;
 pub mod iptables;
 pub mod l7;
 pub mod logs;

@@ -472,8 +472,9 @@ async fn http_app(ip: IpAddr, name: &'static str) {
 }
 
 /// Answers an upgrade to `weft-test` with 101, then, on the switched
-/// connection, says the app's name and echoes what it reads. Anything else
-/// asking to upgrade is refused with 426.
+/// connection, says the app's name and the caller identity its sidecar
+/// reported, and echoes what it reads. Anything else asking to upgrade is
+/// refused with 426.
 fn upgraded_echo(
     name: &'static str,
     request: &mut http::Request<hyper::body::Incoming>,
@@ -483,11 +484,20 @@ fn upgraded_echo(
         *response.status_mut() = http::StatusCode::UPGRADE_REQUIRED;
         return response;
     }
+    let identity = request
+        .headers()
+        .get_all("x-weft-peer-identity")
+        .iter()
+        .map(|v| v.to_str().unwrap_or("?"))
+        .collect::<Vec<_>>()
+        .join(",");
     let switched = hyper::upgrade::on(request);
     tokio::spawn(async move {
         let Ok(conn) = switched.await else { return };
         let mut conn = TokioIo::new(conn);
-        let _ = conn.write_all(format!("{name}:").as_bytes()).await;
+        let _ = conn
+            .write_all(format!("{name} [{identity}] ready:").as_bytes())
+            .await;
         let mut buf = [0u8; 256];
         while let Ok(n) = conn.read(&mut buf).await {
             if n == 0 || conn.write_all(&buf[..n]).await.is_err() {
@@ -953,9 +963,12 @@ async fn upgrades_on_http_ports_cross_the_mesh() {
             true,
         )],
     );
+    // The client claims to be someone else: the app must see only what
+    // the server sidecar proved, on upgrades as on any HTTP request.
     let head = |upgrade: &str| {
         format!(
-            "GET /upgrade HTTP/1.1\r\nhost: echo.demo:81\r\nconnection: upgrade\r\nupgrade: {upgrade}\r\n\r\n"
+            "GET /upgrade HTTP/1.1\r\nhost: echo.demo:81\r\nconnection: upgrade\r\nupgrade: {upgrade}\r\n\
+             x-weft-peer-identity: spiffe://cluster.local/ns/demo/sa/admin\r\n\r\n"
         )
     };
     // Through a CONNECT to the HTTP port, and as an absolute-form request
@@ -975,8 +988,12 @@ async fn upgrades_on_http_ports_cross_the_mesh() {
         ),
     ] {
         conn.write_all(request.as_bytes()).await.unwrap();
-        let answer = read_until(&mut conn, "echo-a:").await;
+        let answer = read_until(&mut conn, "ready:").await;
         assert!(answer.starts_with("HTTP/1.1 101"), "{what}: {answer:?}");
+        assert!(
+            answer.ends_with(&format!("echo-a [{}] ready:", id("client"))),
+            "{what}: {answer:?}"
+        );
         assert!(
             answer.to_ascii_lowercase().contains("upgrade: weft-test"),
             "{what}: {answer:?}"
@@ -1037,4 +1054,86 @@ async fn drain_finishes_in_flight_requests_and_refuses_new_connections() {
     assert_eq!(status, 200, "the in-flight request finished");
     assert!(closing, "and its keep-alive connection was told to close");
     assert!(mesh.outbound.drain.idle(STEP).await);
+}
+
+/// A tunnel opened straight to a server sidecar, as any workload with a
+/// mesh certificate can without its own sidecar: a server-first app's
+/// greeting comes back at once (nothing waits to see what the caller
+/// speaks), and HTTP inside reaches the app with the identity the caller's
+/// certificate proved, not the one it wrote.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tunnels_carry_server_first_tcp_and_prove_http_callers() {
+    let mesh = client_sidecar(false).await;
+    let ip = pod_ip(21);
+    server_pod(&mesh.ca, &mesh.bundle, ip, "echo-t", &id("echo")).await;
+    http_app(ip, "echo-t").await;
+    let greeter = TcpListener::bind(SocketAddr::new(ip, 7070)).await.unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = greeter.accept().await {
+            let _ = conn.write_all(b"220 hello\r\n").await;
+            tokio::spawn(async move {
+                let mut buf = [0u8; 64];
+                while let Ok(n) = conn.read(&mut buf).await {
+                    if n == 0 || conn.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    let sidecar = SocketAddr::new(ip, HBONE_PORT);
+    let pool = &mesh.outbound.pool;
+
+    let started = std::time::Instant::now();
+    let mut tunnel = pool
+        .tunnel(sidecar, &id("echo"), SocketAddr::new(ip, 7070))
+        .await
+        .unwrap();
+    let mut greeting = [0u8; 11];
+    tokio::time::timeout(STEP, tunnel.read_exact(&mut greeting))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&greeting, b"220 hello\r\n");
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
+    );
+    tunnel.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
+    let mut echoed = [0u8; 16];
+    tunnel.read_exact(&mut echoed).await.unwrap();
+    assert_eq!(
+        &echoed, b"GET / HTTP/1.1\r\n",
+        "after the app spoke first, bytes"
+    );
+
+    let mut tunnel = pool
+        .tunnel(sidecar, &id("echo"), SocketAddr::new(ip, 8081))
+        .await
+        .unwrap();
+    tunnel
+        .write_all(
+            b"POST / HTTP/1.1\r\nhost: echo.demo\r\ncontent-length: 2\r\n\
+              x-weft-peer-identity: spiffe://cluster.local/ns/demo/sa/admin\r\n\
+              x-weft-target: 127.0.0.1:1\r\n\r\nhi",
+        )
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 512];
+    while !String::from_utf8_lossy(&answer).ends_with(" hi") {
+        let n = tokio::time::timeout(STEP, tunnel.read(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(n > 0, "closed: {:?}", String::from_utf8_lossy(&answer));
+        answer.extend_from_slice(&buf[..n]);
+    }
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(
+        answer.ends_with(&format!("echo-t HTTP/1.1 {} hi", id("client"))),
+        "{answer}"
+    );
 }

@@ -1,0 +1,164 @@
+//! A CONNECT tunnel arriving on 15008 on its way to the app.
+//!
+//! Most tunnels carry TCP and are relayed byte for byte. But a tunnel can
+//! carry HTTP too: an HTTP/1.1 upgrade (WebSocket) goes to its endpoint
+//! this way, and any workload holding a mesh certificate can open a
+//! tunnel to an HTTP port without going through its own sidecar. Relayed
+//! as bytes, such a request would reach the app with whatever
+//! `x-weft-peer-identity` the caller wrote. So unless the port is declared
+//! TCP, the caller's first bytes are looked at, and HTTP is served request
+//! by request like any mesh request: the identity the app sees is the one
+//! the caller's certificate proved. The app speaking first (a server-first
+//! protocol) settles it as TCP at once, so nothing waits on a timeout.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::BytesMut;
+use http::{HeaderValue, Request, Response, StatusCode, Version};
+use hyper::body::Incoming;
+use hyper::upgrade::Upgraded;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::io::AsyncReadExt;
+use tokio::net::TcpStream;
+use weft_certs::Identity;
+
+use crate::hbone::{CONNECT_TIMEOUT, Inbound, caller, status};
+use crate::http::{APP_PROTOCOL, Body, TARGET};
+use crate::metrics::TrafficLabels;
+use crate::sniff::{Protocol, Rewind, classify, declared};
+
+pub async fn tunnel_in(
+    inbound: Arc<Inbound>,
+    peer: Option<Identity>,
+    mut request: Request<Incoming>,
+) -> Response<Body> {
+    let Some(target) = request
+        .uri()
+        .authority()
+        .and_then(|a| a.as_str().parse::<SocketAddr>().ok())
+    else {
+        return status(StatusCode::BAD_REQUEST);
+    };
+    if !inbound.local_addresses.contains(&target.ip()) {
+        tracing::warn!(%target, caller = ?peer, "refused a tunnel to an address that is not this pod's");
+        return status(StatusCode::FORBIDDEN);
+    }
+    // Connected before answering, so that the caller learns of a dead app
+    // from the status.
+    let app = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(target)).await {
+        Ok(Ok(app)) => app,
+        _ => return status(StatusCode::BAD_GATEWAY),
+    };
+    let _ = app.set_nodelay(true);
+    inbound.count_caller(&peer);
+    let guard = inbound.drain.track();
+    tokio::spawn(async move {
+        let _guard = guard;
+        match hyper::upgrade::on(&mut request).await {
+            Ok(upgraded) => carry(inbound, peer, target, TokioIo::new(upgraded), app).await,
+            Err(err) => tracing::debug!(%err, "tunnel upgrade failed"),
+        }
+    });
+    status(StatusCode::OK)
+}
+
+async fn carry(
+    inbound: Arc<Inbound>,
+    peer: Option<Identity>,
+    target: SocketAddr,
+    mut client: TokioIo<Upgraded>,
+    mut app: TcpStream,
+) {
+    let (protocol, seen) = if declared_tcp(&inbound, target) {
+        (Protocol::Tcp, BytesMut::new())
+    } else {
+        first_bytes(&mut client, &app).await
+    };
+    let mut client = Rewind::new(seen.freeze(), client);
+    if protocol == Protocol::Tcp {
+        let labels = TrafficLabels::new("destination", &caller(&peer), &"".into(), &inbound.me());
+        inbound.metrics.tcp_opened.get_or_create(&labels).inc();
+        let (received, sent) = tokio::io::copy_bidirectional(&mut client, &mut app)
+            .await
+            .unwrap_or((0, 0));
+        // Seen from the server side: "sent" goes to the app.
+        inbound.metrics.tcp(&labels, received, sent);
+        return;
+    }
+    // HTTP: each request goes to the app as a mesh request does.
+    drop(app);
+    let service = hyper::service::service_fn(move |request| {
+        let (inbound, peer) = (inbound.clone(), peer.clone());
+        async move { Ok::<_, Infallible>(request_in_tunnel(&inbound, &peer, target, request).await) }
+    });
+    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+        .serve_connection_with_upgrades(TokioIo::new(client), service)
+        .await;
+}
+
+/// Reads the caller's first bytes until they tell HTTP from anything else,
+/// unless the app speaks first: then it is TCP, and nothing was lost (the
+/// bytes read are returned, to be replayed).
+async fn first_bytes(client: &mut TokioIo<Upgraded>, app: &TcpStream) -> (Protocol, BytesMut) {
+    let mut seen = BytesMut::new();
+    loop {
+        if let Some(protocol) = classify(&seen) {
+            return (protocol, seen);
+        }
+        let mut chunk = [0u8; 64];
+        // Both are cancel-safe: a read that loses the race reads nothing.
+        tokio::select! {
+            read = client.read(&mut chunk) => match read {
+                Ok(n) if n > 0 => seen.extend_from_slice(&chunk[..n]),
+                _ => return (Protocol::Tcp, seen),
+            },
+            _ = app.readable() => return (Protocol::Tcp, seen),
+        }
+    }
+}
+
+/// Whether a service of this pod declares `target`'s port TCP: then its
+/// bytes are not looked at, whatever they look like.
+fn declared_tcp(inbound: &Inbound, target: SocketAddr) -> bool {
+    let Some(xds) = &inbound.xds else {
+        return false;
+    };
+    let snapshot = xds.snapshot.load();
+    let Some(workload) = snapshot.workload_by_ip(target.ip()) else {
+        return false;
+    };
+    workload
+        .profile
+        .services
+        .iter()
+        .filter_map(|binding| snapshot.service_by_host(&binding.hostname))
+        .flat_map(|service| service.ports.iter().map(move |port| (service, port)))
+        .filter(|(service, port)| workload.target_port(service, port) == Some(target.port()))
+        .any(|(_, port)| declared(port.app_protocol) == Some(Protocol::Tcp))
+}
+
+async fn request_in_tunnel(
+    inbound: &Inbound,
+    peer: &Option<Identity>,
+    target: SocketAddr,
+    mut request: Request<Incoming>,
+) -> Response<Body> {
+    if crate::upgrade::requested(&request) {
+        return crate::inbound::upgrade(target, request, peer.as_ref()).await;
+    }
+    // The tunnel's target, and the version spoken in it: never what the
+    // caller wrote in these headers.
+    let Ok(target_value) = HeaderValue::from_str(&target.to_string()) else {
+        return status(StatusCode::BAD_REQUEST);
+    };
+    let http2 = request.version() == Version::HTTP_2;
+    let headers = request.headers_mut();
+    headers.insert(TARGET, target_value);
+    headers.remove(APP_PROTOCOL);
+    if http2 {
+        headers.insert(APP_PROTOCOL, HeaderValue::from_static("h2"));
+    }
+    crate::l7::inbound(inbound, peer, request).await
+}
