@@ -93,6 +93,14 @@ impl Run {
         let rate = self.summary.achieved_rate.max(1.0);
         cpu / self.summary.seconds / (rate / 1000.0)
     }
+
+    /// vCPU per 1,000 req/s of the proxy that spent the most.
+    fn busiest_vcpu_per_k(&self) -> f64 {
+        self.proxies
+            .iter()
+            .map(|p| self.vcpu_per_k(p.1))
+            .fold(0.0, f64::max)
+    }
 }
 
 async fn measure(options: &load::Options, proxies: &[Measured]) -> Result<Run> {
@@ -967,22 +975,14 @@ fn render(
             w.p50_ms - d.p50_ms,
             w.p99_ms - d.p99_ms
         );
-        let cpu = weft[0]
-            .proxies
-            .iter()
-            .map(|p| weft[0].vcpu_per_k(p.1))
-            .fold(0.0, f64::max);
+        let cpu = weft[0].busiest_vcpu_per_k();
         md += &format!(
             "- weft CPU per 1,000 req/s, busiest sidecar: {cpu:.3} vCPU (target < 0.05; anchors: Istio sidecar 0.20, ztunnel 0.06).\n"
         );
     }
     if let Some(relay) = results.fixed.get("relay") {
         let (r, d) = (&relay[0].summary, &direct[0].summary);
-        let cpu = relay[0]
-            .proxies
-            .iter()
-            .map(|p| relay[0].vcpu_per_k(p.1))
-            .fold(0.0, f64::max);
+        let cpu = relay[0].busiest_vcpu_per_k();
         md += &format!(
             "- the floor, two plaintext TCP relays in series (HAProxy `mode tcp`, no TLS, no HTTP) at {} req/s: added p50 {:.3} ms, p99 {:.3} ms; CPU per 1,000 req/s, busiest relay: {cpu:.3} vCPU: what two user-space proxies that only copy bytes cost on this machine.\n",
             options.rates[0],

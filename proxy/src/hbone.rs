@@ -46,6 +46,8 @@ pub struct Inbound {
     /// The mesh view, to label metrics with this pod's own workload.
     pub xds: Option<Arc<XdsState>>,
     pub drain: Drain,
+    /// How long a request head inside a tunnel may take to arrive.
+    pub head_timeout: Duration,
 }
 
 impl Inbound {
@@ -57,6 +59,7 @@ impl Inbound {
             metrics: Arc::default(),
             xds: None,
             drain: Drain::default(),
+            head_timeout: crate::outbound::HEAD_TIMEOUT,
         }
     }
 

@@ -18,7 +18,7 @@ use anyhow::{Context, Result, bail};
 use http::{Request, Response, StatusCode, Version};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 use tokio::net::{TcpListener, TcpStream};
 use weft_certs::Identity;
 
@@ -77,7 +77,7 @@ async fn handle(
             let app = app.clone();
             async move { Ok::<_, Infallible>(plaintext_request(&app, original, request).await) }
         });
-        let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+        let _ = crate::l7::server(crate::outbound::HEAD_TIMEOUT)
             .serve_connection_with_upgrades(TokioIo::new(client), service)
             .await;
         return Ok(());

@@ -19,7 +19,7 @@ use bytes::BytesMut;
 use http::{HeaderValue, Request, Response, StatusCode, Version};
 use hyper::body::Incoming;
 use hyper::upgrade::Upgraded;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 use weft_certs::Identity;
@@ -89,12 +89,14 @@ async fn carry(
     }
     // HTTP: each request goes to the app as a mesh request does.
     drop(app);
+    let (drain, head_timeout) = (inbound.drain.clone(), inbound.head_timeout);
     let service = hyper::service::service_fn(move |request| {
         let (inbound, peer) = (inbound.clone(), peer.clone());
         async move { Ok::<_, Infallible>(request_in_tunnel(&inbound, &peer, target, request).await) }
     });
-    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-        .serve_connection_with_upgrades(TokioIo::new(client), service)
+    let server = crate::l7::server(head_timeout);
+    drain
+        .serve(server.serve_connection_with_upgrades(TokioIo::new(client), service))
         .await;
 }
 

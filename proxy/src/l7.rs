@@ -14,7 +14,7 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use http::header::{self, HeaderValue};
 use http::request::Parts;
@@ -92,9 +92,17 @@ where
         let (outbound, route) = (outbound.clone(), route.clone());
         async move { Ok::<_, Infallible>(forward(&outbound, &route, request).await) }
     });
+    drain
+        .serve(server(head_timeout).serve_connection_with_upgrades(TokioIo::new(io), service))
+        .await;
+}
+
+/// An HTTP server for connections from callers: a slow or oversized
+/// request head must not hold a connection or memory for long (slowloris).
+pub(crate) fn server(
+    head_timeout: Duration,
+) -> hyper_util::server::conn::auto::Builder<TokioExecutor> {
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    // A slow or oversized request head must not hold a connection or
-    // memory for long (slowloris).
     builder
         .http1()
         .timer(TokioTimer::new())
@@ -104,9 +112,7 @@ where
         .http2()
         .timer(TokioTimer::new())
         .max_header_list_size(MAX_HEAD as u32);
-    drain
-        .serve(builder.serve_connection_with_upgrades(TokioIo::new(io), service))
-        .await;
+    builder
 }
 
 fn authority_of(request: &Request<Incoming>) -> Option<String> {

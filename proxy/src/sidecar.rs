@@ -248,6 +248,7 @@ pub async fn start_with(
     inbound.metrics = metrics.clone();
     inbound.xds = Some(xds.clone());
     inbound.drain = drain.clone();
+    inbound.head_timeout = config.head_timeout;
     let inbound = Arc::new(inbound);
     let hbone = tokio::net::TcpListener::bind(SocketAddr::new(config.pod_ip, HBONE_PORT))
         .await

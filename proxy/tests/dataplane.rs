@@ -7,7 +7,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use weft_certs::tls::{CertStore, TrustBundle};
 use weft_certs::{CaParams, CertificateAuthority, Identity, issue_workload};
@@ -59,8 +59,22 @@ async fn server_pod(
     identity: &Identity,
 ) -> Arc<Inbound> {
     echo_app(ip, name).await;
+    server_sidecar(ca, bundle, ip, identity, None).await
+}
+
+/// A server pod's sidecar on 15008, with the mesh view `xds` when given.
+async fn server_sidecar(
+    ca: &CertificateAuthority,
+    bundle: &TrustBundle,
+    ip: IpAddr,
+    identity: &Identity,
+    xds: Option<Arc<XdsState>>,
+) -> Arc<Inbound> {
     let certs = CertStore::new(&issue_workload(ca, identity, None).unwrap()).unwrap();
-    let inbound = Arc::new(Inbound::new(vec![ip]));
+    let mut inbound = Inbound::new(vec![ip]);
+    inbound.xds = xds;
+    inbound.head_timeout = SLOW_HEAD_LIMIT;
+    let inbound = Arc::new(inbound);
     let listener = TcpListener::bind(SocketAddr::new(ip, HBONE_PORT))
         .await
         .unwrap();
@@ -98,6 +112,7 @@ fn service() -> mesh::Service {
             // No declared protocol: the client sidecar sniffs.
             port(82, "web", mesh::AppProtocol::Unspecified, 8081),
             port(90, "grpc", mesh::AppProtocol::Grpc, 9090),
+            port(83, "quiet", mesh::AppProtocol::Tcp, 8083),
         ],
         cluster_local: false,
         clusters: vec!["c1".into(), "c2".into()],
@@ -135,7 +150,7 @@ fn workload(
         services: vec![mesh::ServiceBinding {
             namespace: "demo".into(),
             hostname: "echo.demo.svc.cluster.local".into(),
-            ports: [(80, 8080), (81, 8081), (82, 8081), (90, 9090)]
+            ports: [(80, 8080), (81, 8081), (82, 8081), (90, 9090), (83, 8083)]
                 .into_iter()
                 .map(|(service_port, target_port)| mesh::PortMapping {
                     service_port,
@@ -183,13 +198,13 @@ async fn connect(proxy: SocketAddr, authority: &str) -> (u16, TcpStream) {
 }
 
 /// Sends `message`, returns who answered and the echo.
-async fn exchange(conn: &mut TcpStream, message: &str) -> String {
+async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(conn: &mut S, message: &str) -> String {
     conn.write_all(message.as_bytes()).await.unwrap();
     read_until(conn, message).await
 }
 
 /// Reads until what arrived ends with `end`.
-async fn read_until(conn: &mut TcpStream, message: &str) -> String {
+async fn read_until<S: AsyncRead + Unpin>(conn: &mut S, message: &str) -> String {
     let mut out = Vec::new();
     let mut buf = [0u8; 256];
     while !String::from_utf8_lossy(&out).ends_with(message) {
@@ -217,7 +232,7 @@ const SLOW_HEAD_LIMIT: Duration = Duration::from_millis(800);
 /// Sends `head` (which never ends) a line every 100 ms until the proxy
 /// closes the connection; returns how long that took, or `None` when it
 /// was still open after 5 s.
-async fn trickle(mut conn: TcpStream, head: &str) -> Option<Duration> {
+async fn trickle<S: AsyncRead + AsyncWrite + Unpin>(mut conn: S, head: &str) -> Option<Duration> {
     let start = tokio::time::Instant::now();
     let mut lines = head
         .split_inclusive("\r\n")
@@ -1056,84 +1071,88 @@ async fn drain_finishes_in_flight_requests_and_refuses_new_connections() {
     assert!(mesh.outbound.drain.idle(STEP).await);
 }
 
-/// A tunnel opened straight to a server sidecar, as any workload with a
-/// mesh certificate can without its own sidecar: a server-first app's
+/// Tunnels opened straight to a server sidecar, as any workload with a
+/// mesh certificate can without its own sidecar. A server-first app's
 /// greeting comes back at once (nothing waits to see what the caller
-/// speaks), and HTTP inside reaches the app with the identity the caller's
-/// certificate proved, not the one it wrote.
+/// speaks); on a port declared TCP, bytes that look like HTTP are relayed
+/// untouched; HTTP to an HTTP port reaches the app with the identity the
+/// caller's certificate proved, not the one it wrote.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tunnels_carry_server_first_tcp_and_prove_http_callers() {
+async fn tunnels_carry_tcp_as_declared_and_prove_http_callers() {
     let mesh = client_sidecar(false).await;
     let ip = pod_ip(21);
-    server_pod(&mesh.ca, &mesh.bundle, ip, "echo-t", &id("echo")).await;
+    publish(
+        &mesh.xds,
+        vec![workload("c1/demo/echo-t", ip, "c1", "a", "echo", true)],
+    );
+    echo_app(ip, "echo-t").await;
     http_app(ip, "echo-t").await;
-    let greeter = TcpListener::bind(SocketAddr::new(ip, 7070)).await.unwrap();
+    let quiet = TcpListener::bind(SocketAddr::new(ip, 8083)).await.unwrap();
     tokio::spawn(async move {
-        while let Ok((mut conn, _)) = greeter.accept().await {
-            let _ = conn.write_all(b"220 hello\r\n").await;
+        while let Ok((mut conn, _)) = quiet.accept().await {
             tokio::spawn(async move {
-                let mut buf = [0u8; 64];
-                while let Ok(n) = conn.read(&mut buf).await {
-                    if n == 0 || conn.write_all(&buf[..n]).await.is_err() {
-                        break;
-                    }
-                }
+                let (mut reader, mut writer) = conn.split();
+                let _ = tokio::io::copy(&mut reader, &mut writer).await;
             });
         }
     });
-    let sidecar = SocketAddr::new(ip, HBONE_PORT);
-    let pool = &mesh.outbound.pool;
+    server_sidecar(
+        &mesh.ca,
+        &mesh.bundle,
+        ip,
+        &id("echo"),
+        Some(mesh.xds.clone()),
+    )
+    .await;
+    let (sidecar, echo) = (SocketAddr::new(ip, HBONE_PORT), id("echo"));
+    let tunnel = |port: u16| {
+        mesh.outbound
+            .pool
+            .tunnel(sidecar, &echo, SocketAddr::new(ip, port))
+    };
 
     let started = std::time::Instant::now();
-    let mut tunnel = pool
-        .tunnel(sidecar, &id("echo"), SocketAddr::new(ip, 7070))
-        .await
-        .unwrap();
-    let mut greeting = [0u8; 11];
-    tokio::time::timeout(STEP, tunnel.read_exact(&mut greeting))
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(&greeting, b"220 hello\r\n");
+    let mut greeted = tunnel(8080).await.unwrap();
+    assert_eq!(read_until(&mut greeted, "echo-t:").await, "echo-t:");
     assert!(
         started.elapsed() < Duration::from_secs(1),
         "{:?}",
         started.elapsed()
     );
-    tunnel.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
-    let mut echoed = [0u8; 16];
-    tunnel.read_exact(&mut echoed).await.unwrap();
     assert_eq!(
-        &echoed, b"GET / HTTP/1.1\r\n",
-        "after the app spoke first, bytes"
+        exchange(&mut greeted, "GET / HTTP/1.1\r\n").await,
+        "GET / HTTP/1.1\r\n"
     );
 
-    let mut tunnel = pool
-        .tunnel(sidecar, &id("echo"), SocketAddr::new(ip, 8081))
-        .await
-        .unwrap();
-    tunnel
-        .write_all(
-            b"POST / HTTP/1.1\r\nhost: echo.demo\r\ncontent-length: 2\r\n\
-              x-weft-peer-identity: spiffe://cluster.local/ns/demo/sa/admin\r\n\
-              x-weft-target: 127.0.0.1:1\r\n\r\nhi",
-        )
-        .await
-        .unwrap();
-    let mut answer = Vec::new();
-    let mut buf = [0u8; 512];
-    while !String::from_utf8_lossy(&answer).ends_with(" hi") {
-        let n = tokio::time::timeout(STEP, tunnel.read(&mut buf))
-            .await
-            .unwrap()
-            .unwrap();
-        assert!(n > 0, "closed: {:?}", String::from_utf8_lossy(&answer));
-        answer.extend_from_slice(&buf[..n]);
-    }
-    let answer = String::from_utf8_lossy(&answer);
+    let mut declared_tcp = tunnel(8083).await.unwrap();
+    declared_tcp.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
+    assert_eq!(
+        read_until(&mut declared_tcp, "\r\n").await,
+        "GET / HTTP/1.1\r\n"
+    );
+
+    let mut http = tunnel(8081).await.unwrap();
+    http.write_all(
+        b"POST / HTTP/1.1\r\nhost: echo.demo\r\ncontent-length: 2\r\n\
+          x-weft-peer-identity: spiffe://cluster.local/ns/demo/sa/admin\r\n\
+          x-weft-target: 127.0.0.1:1\r\n\r\nhi",
+    )
+    .await
+    .unwrap();
+    let answer = read_until(&mut http, " hi").await;
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     assert!(
         answer.ends_with(&format!("echo-t HTTP/1.1 {} hi", id("client"))),
         "{answer}"
+    );
+
+    // A request head that never ends is cut off at the limit, as on the
+    // other listeners.
+    let slow = trickle(tunnel(8081).await.unwrap(), "GET / HTTP/1.1\r\n").await;
+    assert!(
+        slow.is_some_and(
+            |t| t > SLOW_HEAD_LIMIT - Duration::from_millis(100) && t < Duration::from_secs(3)
+        ),
+        "{slow:?}"
     );
 }
