@@ -59,6 +59,7 @@ async fn handle(
     mode: Mode,
     counters: &Counters,
     app: Arc<Upstreams>,
+    head_timeout: Duration,
 ) -> Result<()> {
     let original = original_destination(&client).context("reading SO_ORIGINAL_DST")?;
     if original == client.local_addr()? {
@@ -77,7 +78,7 @@ async fn handle(
             let app = app.clone();
             async move { Ok::<_, Infallible>(plaintext_request(&app, original, request).await) }
         });
-        let _ = crate::l7::server(crate::outbound::HEAD_TIMEOUT)
+        let _ = crate::l7::server(head_timeout)
             .serve_connection_with_upgrades(TokioIo::new(client), service)
             .await;
         return Ok(());
@@ -188,7 +189,14 @@ pub(crate) async fn upgrade(
     }
 }
 
-pub async fn serve(listener: TcpListener, mode: Mode, counters: Arc<Counters>) {
+/// Serves 15006; `head_timeout` bounds how long an HTTP request head may
+/// take to arrive.
+pub async fn serve(
+    listener: TcpListener,
+    mode: Mode,
+    counters: Arc<Counters>,
+    head_timeout: Duration,
+) {
     let app = Arc::new(Upstreams::new(Duration::from_secs(5)));
     loop {
         let Ok((client, addr)) = listener.accept().await else {
@@ -198,7 +206,7 @@ pub async fn serve(listener: TcpListener, mode: Mode, counters: Arc<Counters>) {
         let _ = client.set_nodelay(true);
         let (counters, app) = (counters.clone(), app.clone());
         tokio::spawn(async move {
-            if let Err(err) = handle(client, mode, &counters, app).await {
+            if let Err(err) = handle(client, mode, &counters, app, head_timeout).await {
                 tracing::debug!(%addr, "inbound capture: {err:#}");
             }
         });

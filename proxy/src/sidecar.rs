@@ -297,6 +297,7 @@ pub async fn start_with(
         capture,
         config.inbound_mode,
         inbound_capture.clone(),
+        config.head_timeout,
     )));
 
     let admin = Arc::new(Admin {

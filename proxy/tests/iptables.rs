@@ -500,7 +500,12 @@ fn inbound_plaintext_is_forwarded_when_permissive_and_refused_when_strict() {
                 let capture = tokio::net::TcpListener::bind("0.0.0.0:15006")
                     .await
                     .unwrap();
-                tokio::spawn(inbound::serve(capture, mode, pod_counters));
+                tokio::spawn(inbound::serve(
+                    capture,
+                    mode,
+                    pod_counters,
+                    weft_proxy::outbound::HEAD_TIMEOUT,
+                ));
                 ready_tx.send(()).unwrap();
                 let _ = stop_rx.await;
             });
