@@ -78,6 +78,10 @@ impl Admin {
         if let Some(bytes) = crate::usage::resident_bytes() {
             m.resident_memory.set(bytes as i64);
         }
+        if let Some(heap) = crate::memory::heap() {
+            m.heap_in_use.set(heap.in_use as i64);
+            m.heap_free.set(heap.free as i64);
+        }
         if let Some(seconds) = crate::usage::cpu_seconds() {
             let counted = m.cpu_seconds.get();
             if seconds > counted {

@@ -114,6 +114,8 @@ pub struct Metrics {
     pub services: Gauge,
     pub workloads: Gauge,
     pub resident_memory: Gauge,
+    pub heap_in_use: Gauge,
+    pub heap_free: Gauge,
     pub cpu_seconds: Counter<f64, std::sync::atomic::AtomicU64>,
 }
 
@@ -141,6 +143,8 @@ impl Default for Metrics {
             services: Gauge::default(),
             workloads: Gauge::default(),
             resident_memory: Gauge::default(),
+            heap_in_use: Gauge::default(),
+            heap_free: Gauge::default(),
             cpu_seconds: Counter::default(),
         };
         let r = &mut registry;
@@ -230,6 +234,16 @@ impl Default for Metrics {
             "process_resident_memory_bytes",
             "The sidecar's resident memory",
             m.resident_memory.clone(),
+        );
+        r.register(
+            "heap_in_use_bytes",
+            "Bytes in live heap allocations",
+            m.heap_in_use.clone(),
+        );
+        r.register(
+            "heap_free_bytes",
+            "Heap bytes in free chunks the allocator keeps (pages of them may be back with the system)",
+            m.heap_free.clone(),
         );
         r.register(
             "process_cpu_seconds",

@@ -519,6 +519,7 @@ async fn a_connection_crosses_two_sidecars_configured_by_the_control_plane() {
             && stats.contains("weft_proxy_xds_connected 1")
             && stats.contains("weft_proxy_workloads 2")
             && stats.contains("weft_proxy_process_resident_memory_bytes ")
+            && stats.contains("weft_proxy_heap_in_use_bytes ")
             && stats.contains("weft_proxy_process_cpu_seconds_total ")
         {
             break;
