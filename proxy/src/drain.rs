@@ -15,6 +15,9 @@ use tokio::sync::{Notify, watch};
 struct Inner {
     started: watch::Sender<bool>,
     active: AtomicUsize,
+    /// Accept loops still running: a listener is closed only when its loop
+    /// has seen the drain start and returned.
+    listening: AtomicUsize,
     idle: Notify,
 }
 
@@ -29,6 +32,7 @@ impl Default for Drain {
             inner: Arc::new(Inner {
                 started: watch::channel(false).0,
                 active: AtomicUsize::new(0),
+                listening: AtomicUsize::new(0),
                 idle: Notify::new(),
             }),
         }
@@ -41,6 +45,18 @@ pub struct Active(Arc<Inner>);
 impl Drop for Active {
     fn drop(&mut self) {
         if self.0.active.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.idle.notify_waiters();
+        }
+    }
+}
+
+/// One accept loop that stops when draining starts, counted until it
+/// returns (and its listener is closed).
+pub struct Listening(Arc<Inner>);
+
+impl Drop for Listening {
+    fn drop(&mut self) {
+        if self.0.listening.fetch_sub(1, Ordering::AcqRel) == 1 {
             self.0.idle.notify_waiters();
         }
     }
@@ -70,6 +86,12 @@ impl Drain {
         self.inner.active.load(Ordering::Acquire)
     }
 
+    /// Held by an accept loop for as long as it accepts.
+    pub fn listening(&self) -> Listening {
+        self.inner.listening.fetch_add(1, Ordering::AcqRel);
+        Listening(self.inner.clone())
+    }
+
     /// Drives an HTTP connection; when draining starts, it finishes its
     /// in-flight requests and closes.
     pub async fn serve<C: GracefulConnection>(&self, connection: C) {
@@ -81,12 +103,13 @@ impl Drain {
         let _ = connection.await;
     }
 
-    /// Waits until no connection is open, or `deadline`. True if idle.
+    /// Waits until no connection is open and every draining listener is
+    /// closed, or `deadline`. True if idle.
     pub async fn idle(&self, deadline: Duration) -> bool {
         let wait = async {
             loop {
                 let notified = self.inner.idle.notified();
-                if self.active() == 0 {
+                if self.active() == 0 && self.inner.listening.load(Ordering::Acquire) == 0 {
                     return;
                 }
                 notified.await;
@@ -116,6 +139,22 @@ mod tests {
         let waiter = tokio::spawn(async move { later.idle(Duration::from_secs(10)).await });
         tokio::time::sleep(Duration::from_millis(20)).await;
         drop(open);
+        assert!(waiter.await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn idle_waits_for_accept_loops_to_close_their_listeners() {
+        let drain = Drain::default();
+        let listening = drain.listening();
+        drain.start();
+        assert!(
+            !drain.idle(Duration::from_millis(50)).await,
+            "a listener is still open"
+        );
+        let later = drain.clone();
+        let waiter = tokio::spawn(async move { later.idle(Duration::from_secs(10)).await });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        drop(listening);
         assert!(waiter.await.unwrap());
     }
 }

@@ -142,6 +142,9 @@ pub async fn serve_inbound(
         }
     };
     let drain = inbound.drain.clone();
+    // The listener closes before the guard says so (locals drop in reverse).
+    let _listening = drain.listening();
+    let listener = listener;
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,

@@ -469,6 +469,10 @@ enum Mode {
 
 async fn accept_loop(listener: TcpListener, outbound: Arc<Outbound>, mode: Mode) {
     let drain = outbound.drain.clone();
+    // Locals drop in reverse order: the listener (moved in after the
+    // guard) closes before the guard tells a drain it is gone.
+    let _listening = drain.listening();
+    let listener = listener;
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
