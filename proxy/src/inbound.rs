@@ -22,6 +22,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::{TcpListener, TcpStream};
 use weft_certs::Identity;
 
+use crate::drain::Drain;
 use crate::http::{APP_PROTOCOL, Body, PEER_IDENTITY, TARGET, error, strip_hop_by_hop};
 use crate::outbound::original_destination;
 use crate::sniff::{Protocol, Rewind, sniff};
@@ -60,6 +61,7 @@ async fn handle(
     counters: &Counters,
     app: Arc<Upstreams>,
     head_timeout: Duration,
+    drain: &Drain,
 ) -> Result<()> {
     let original = original_destination(&client).context("reading SO_ORIGINAL_DST")?;
     if original == client.local_addr()? {
@@ -78,8 +80,9 @@ async fn handle(
             let app = app.clone();
             async move { Ok::<_, Infallible>(plaintext_request(&app, original, request).await) }
         });
-        let _ = crate::l7::server(head_timeout)
-            .serve_connection_with_upgrades(TokioIo::new(client), service)
+        let server = crate::l7::server(head_timeout);
+        drain
+            .serve(server.serve_connection_with_upgrades(TokioIo::new(client), service))
             .await;
         return Ok(());
     }
@@ -189,24 +192,34 @@ pub(crate) async fn upgrade(
     }
 }
 
-/// Serves 15006; `head_timeout` bounds how long an HTTP request head may
-/// take to arrive.
+/// Serves 15006 until draining starts; `head_timeout` bounds how long an
+/// HTTP request head may take to arrive.
 pub async fn serve(
     listener: TcpListener,
     mode: Mode,
     counters: Arc<Counters>,
     head_timeout: Duration,
+    drain: Drain,
 ) {
     let app = Arc::new(Upstreams::new(Duration::from_secs(5)));
+    // The listener closes before the guard says so (locals drop in reverse).
+    let _listening = drain.listening();
+    let listener = listener;
     loop {
-        let Ok((client, addr)) = listener.accept().await else {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = drain.started() => return,
+        };
+        let Ok((client, addr)) = accepted else {
             tokio::time::sleep(Duration::from_millis(20)).await;
             continue;
         };
         let _ = client.set_nodelay(true);
-        let (counters, app) = (counters.clone(), app.clone());
+        let (counters, app, drain) = (counters.clone(), app.clone(), drain.clone());
+        let active = drain.track();
         tokio::spawn(async move {
-            if let Err(err) = handle(client, mode, &counters, app, head_timeout).await {
+            let _active = active;
+            if let Err(err) = handle(client, mode, &counters, app, head_timeout, &drain).await {
                 tracing::debug!(%addr, "inbound capture: {err:#}");
             }
         });

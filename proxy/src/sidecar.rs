@@ -136,6 +136,7 @@ pub struct Sidecar {
     pub outbound: Arc<Outbound>,
     pub admin: Arc<Admin>,
     pub outbound_addr: SocketAddr,
+    pub inbound_capture_addr: SocketAddr,
     pub health_addr: SocketAddr,
     pub admin_addr: SocketAddr,
     pub prometheus_addr: SocketAddr,
@@ -290,6 +291,7 @@ pub async fn start_with(
                 config.inbound_capture_addr
             )
         })?;
+    let inbound_capture_addr = capture.local_addr()?;
     tasks.push(tokio::spawn(crate::memory::release_after_bursts(
         drain.clone(),
     )));
@@ -298,6 +300,7 @@ pub async fn start_with(
         config.inbound_mode,
         inbound_capture.clone(),
         config.head_timeout,
+        drain.clone(),
     )));
 
     let admin = Arc::new(Admin {
@@ -335,6 +338,7 @@ pub async fn start_with(
         outbound,
         admin,
         outbound_addr,
+        inbound_capture_addr,
         health_addr,
         admin_addr,
         prometheus_addr,

@@ -505,6 +505,7 @@ fn inbound_plaintext_is_forwarded_when_permissive_and_refused_when_strict() {
                     mode,
                     pod_counters,
                     weft_proxy::outbound::HEAD_TIMEOUT,
+                    weft_proxy::drain::Drain::default(),
                 ));
                 ready_tx.send(()).unwrap();
                 let _ = stop_rx.await;

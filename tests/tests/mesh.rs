@@ -539,7 +539,8 @@ async fn a_connection_crosses_two_sidecars_configured_by_the_control_plane() {
             .starts_with("HTTP/1.1 404")
     );
 
-    // Drain (what SIGTERM does): readiness turns 503, 15001 stops accepting.
+    // Drain (what SIGTERM does): readiness turns 503, 15001 and 15006 stop
+    // accepting.
     let left = client_side.drain(Duration::from_secs(2)).await;
     assert_eq!(left, 0, "nothing was open");
     assert!(
@@ -547,11 +548,12 @@ async fn a_connection_crosses_two_sidecars_configured_by_the_control_plane() {
             .await
             .starts_with("HTTP/1.1 503")
     );
-    assert!(
-        tokio::net::TcpStream::connect(client_side.outbound_addr)
-            .await
-            .is_err()
-    );
+    for closed in [client_side.outbound_addr, client_side.inbound_capture_addr] {
+        assert!(
+            tokio::net::TcpStream::connect(closed).await.is_err(),
+            "{closed} still accepts"
+        );
+    }
 }
 
 // ---- The lab: two clusters, real processes, the demo's workloads ----
