@@ -131,15 +131,7 @@ mod tests {
         drain.start();
         assert!(drain.is_draining());
         drain.started().await;
-        assert!(
-            !drain.idle(Duration::from_millis(50)).await,
-            "one still open"
-        );
-        let later = drain.clone();
-        let waiter = tokio::spawn(async move { later.idle(Duration::from_secs(10)).await });
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        drop(open);
-        assert!(waiter.await.unwrap());
+        assert!(idle_once_dropped(&drain, open).await);
     }
 
     #[tokio::test]
@@ -147,14 +139,20 @@ mod tests {
         let drain = Drain::default();
         let listening = drain.listening();
         drain.start();
+        assert!(idle_once_dropped(&drain, listening).await);
+    }
+
+    /// `idle` is not reached while `held` lives (up to a deadline), and a
+    /// waiter is released once it is dropped.
+    async fn idle_once_dropped<T: Send + 'static>(drain: &Drain, held: T) -> bool {
         assert!(
             !drain.idle(Duration::from_millis(50)).await,
-            "a listener is still open"
+            "idle while something is still open"
         );
         let later = drain.clone();
         let waiter = tokio::spawn(async move { later.idle(Duration::from_secs(10)).await });
         tokio::time::sleep(Duration::from_millis(20)).await;
-        drop(listening);
-        assert!(waiter.await.unwrap());
+        drop(held);
+        waiter.await.unwrap()
     }
 }

@@ -21,6 +21,18 @@ pub const APP_PROTOCOL: HeaderName = HeaderName::from_static("x-weft-app-protoco
 /// proven by its mTLS certificate. Any value a client sent is replaced.
 pub const PEER_IDENTITY: HeaderName = HeaderName::from_static("x-weft-peer-identity");
 
+/// Says who called, as the mesh proved it: whatever identity header the
+/// caller wrote is dropped first, so the app can trust the header whenever
+/// it is present.
+pub fn set_peer_identity(headers: &mut HeaderMap, peer: Option<&weft_certs::Identity>) {
+    headers.remove(PEER_IDENTITY);
+    if let Some(identity) = peer
+        && let Ok(value) = HeaderValue::from_str(&identity.to_string())
+    {
+        headers.insert(PEER_IDENTITY, value);
+    }
+}
+
 pub fn empty() -> Body {
     Empty::new().map_err(|never| match never {}).boxed()
 }

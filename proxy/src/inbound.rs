@@ -23,7 +23,9 @@ use tokio::net::{TcpListener, TcpStream};
 use weft_certs::Identity;
 
 use crate::drain::Drain;
-use crate::http::{APP_PROTOCOL, Body, PEER_IDENTITY, TARGET, error, strip_hop_by_hop};
+use crate::http::{
+    APP_PROTOCOL, Body, PEER_IDENTITY, TARGET, error, set_peer_identity, strip_hop_by_hop,
+};
 use crate::outbound::original_destination;
 use crate::sniff::{Protocol, Rewind, sniff};
 use crate::upstream::Upstreams;
@@ -167,11 +169,7 @@ pub(crate) async fn upgrade(
     peer: Option<&Identity>,
 ) -> Response<Body> {
     remove_forged(request.headers_mut());
-    if let Some(identity) = peer
-        && let Ok(value) = http::HeaderValue::from_str(&identity.to_string())
-    {
-        request.headers_mut().insert(PEER_IDENTITY, value);
-    }
+    set_peer_identity(request.headers_mut(), peer);
     let app = match tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(original)).await
     {
         Ok(Ok(app)) => app,

@@ -15,19 +15,18 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use bytes::BytesMut;
-use http::{HeaderValue, Request, Response, StatusCode, Version};
+use bytes::Bytes;
+use http::{Request, Response, StatusCode, Version};
 use hyper::body::Incoming;
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
-use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 use weft_certs::Identity;
 
 use crate::hbone::{CONNECT_TIMEOUT, Inbound, caller, status};
-use crate::http::{APP_PROTOCOL, Body, TARGET};
+use crate::http::Body;
 use crate::metrics::TrafficLabels;
-use crate::sniff::{Protocol, Rewind, classify, declared};
+use crate::sniff::{Protocol, Rewind, declared, sniff_until};
 
 pub async fn tunnel_in(
     inbound: Arc<Inbound>,
@@ -72,11 +71,15 @@ async fn carry(
     mut app: TcpStream,
 ) {
     let (protocol, seen) = if declared_tcp(&inbound, target) {
-        (Protocol::Tcp, BytesMut::new())
+        (Protocol::Tcp, Bytes::new())
     } else {
-        first_bytes(&mut client, &app).await
+        // The app speaking first settles it: not HTTP.
+        sniff_until(&mut client, async {
+            let _ = app.readable().await;
+        })
+        .await
     };
-    let mut client = Rewind::new(seen.freeze(), client);
+    let mut client = Rewind::new(seen, client);
     if protocol == Protocol::Tcp {
         let labels = TrafficLabels::new("destination", &caller(&peer), &"".into(), &inbound.me());
         inbound.metrics.tcp_opened.get_or_create(&labels).inc();
@@ -98,27 +101,6 @@ async fn carry(
     drain
         .serve(server.serve_connection_with_upgrades(TokioIo::new(client), service))
         .await;
-}
-
-/// Reads the caller's first bytes until they tell HTTP from anything else,
-/// unless the app speaks first: then it is TCP, and nothing was lost (the
-/// bytes read are returned, to be replayed).
-async fn first_bytes(client: &mut TokioIo<Upgraded>, app: &TcpStream) -> (Protocol, BytesMut) {
-    let mut seen = BytesMut::new();
-    loop {
-        if let Some(protocol) = classify(&seen) {
-            return (protocol, seen);
-        }
-        let mut chunk = [0u8; 64];
-        // Both are cancel-safe: a read that loses the race reads nothing.
-        tokio::select! {
-            read = client.read(&mut chunk) => match read {
-                Ok(n) if n > 0 => seen.extend_from_slice(&chunk[..n]),
-                _ => return (Protocol::Tcp, seen),
-            },
-            _ = app.readable() => return (Protocol::Tcp, seen),
-        }
-    }
 }
 
 /// Whether a service of this pod declares `target`'s port TCP: then its
@@ -145,22 +127,13 @@ async fn request_in_tunnel(
     inbound: &Inbound,
     peer: &Option<Identity>,
     target: SocketAddr,
-    mut request: Request<Incoming>,
+    request: Request<Incoming>,
 ) -> Response<Body> {
     if crate::upgrade::requested(&request) {
         return crate::inbound::upgrade(target, request, peer.as_ref()).await;
     }
-    // The tunnel's target, and the version spoken in it: never what the
-    // caller wrote in these headers.
-    let Ok(target_value) = HeaderValue::from_str(&target.to_string()) else {
-        return status(StatusCode::BAD_REQUEST);
-    };
+    // The tunnel's target, and the version spoken in it; whatever the
+    // caller wrote in weft's own headers is dropped on the way.
     let http2 = request.version() == Version::HTTP_2;
-    let headers = request.headers_mut();
-    headers.insert(TARGET, target_value);
-    headers.remove(APP_PROTOCOL);
-    if http2 {
-        headers.insert(APP_PROTOCOL, HeaderValue::from_static("h2"));
-    }
-    crate::l7::inbound(inbound, peer, request).await
+    crate::l7::to_app(inbound, peer, target, http2, request).await
 }

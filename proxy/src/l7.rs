@@ -26,7 +26,9 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use weft_certs::Identity;
 
 use crate::hbone::Inbound;
-use crate::http::{APP_PROTOCOL, Body, PEER_IDENTITY, TARGET, error, idempotent, strip_hop_by_hop};
+use crate::http::{
+    APP_PROTOCOL, Body, TARGET, error, idempotent, set_peer_identity, strip_hop_by_hop,
+};
 use crate::metrics::{Peer, RequestLabels, TrafficLabels};
 use crate::outbound::{Destination, Outbound};
 use crate::resources::Name;
@@ -339,7 +341,6 @@ pub async fn inbound(
     peer: &Option<Identity>,
     request: Request<Incoming>,
 ) -> Response<Body> {
-    let start = Instant::now();
     let target = request
         .headers()
         .get(TARGET)
@@ -351,25 +352,32 @@ pub async fn inbound(
             "a mesh request needs x-weft-target",
         );
     };
-    if !inbound.local_addresses.contains(&target.ip()) {
-        tracing::warn!(%target, caller = ?peer, "refused a request for an address that is not this pod's");
-        return error(StatusCode::FORBIDDEN, "not this pod's address");
-    }
     let http2 = request
         .headers()
         .get(APP_PROTOCOL)
         .is_some_and(|v| v.as_bytes() == b"h2");
+    to_app(inbound, peer, target, http2, request).await
+}
+
+/// A request from `peer` for the application at `target` (a mesh request,
+/// or HTTP inside a tunnel), spoken to it in HTTP/2 or HTTP/1.1.
+pub(crate) async fn to_app(
+    inbound: &Inbound,
+    peer: &Option<Identity>,
+    target: SocketAddr,
+    http2: bool,
+    request: Request<Incoming>,
+) -> Response<Body> {
+    let start = Instant::now();
+    if !inbound.local_addresses.contains(&target.ip()) {
+        tracing::warn!(%target, caller = ?peer, "refused a request for an address that is not this pod's");
+        return error(StatusCode::FORBIDDEN, "not this pod's address");
+    }
     let (mut parts, body) = request.into_parts();
     parts.headers.remove(TARGET);
     parts.headers.remove(APP_PROTOCOL);
     strip_hop_by_hop(&mut parts.headers);
-    // Only the proxy may say who called; a value from the caller is a lie.
-    parts.headers.remove(PEER_IDENTITY);
-    if let Some(identity) = peer
-        && let Ok(value) = HeaderValue::from_str(&identity.to_string())
-    {
-        parts.headers.insert(PEER_IDENTITY, value);
-    }
+    set_peer_identity(&mut parts.headers, peer.as_ref());
     let authority = parts
         .uri
         .authority()

@@ -59,18 +59,34 @@ pub fn classify(bytes: &[u8]) -> Option<Protocol> {
 /// Reads from `stream` until the protocol is known or `timeout` passes.
 /// Returns the protocol and the bytes consumed.
 pub async fn sniff<S: AsyncRead + Unpin>(stream: &mut S, timeout: Duration) -> (Protocol, Bytes) {
+    sniff_until(stream, tokio::time::sleep(timeout)).await
+}
+
+/// `sniff`, giving up (TCP) when `give_up` resolves instead of after a
+/// time: a tunnel gives up when the app speaks first.
+pub async fn sniff_until<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    give_up: impl Future<Output = ()>,
+) -> (Protocol, Bytes) {
+    let mut give_up = std::pin::pin!(give_up);
     let mut seen = BytesMut::with_capacity(PREFACE.len());
-    let deadline = tokio::time::Instant::now() + timeout;
     loop {
         if let Some(protocol) = classify(&seen) {
             return (protocol, seen.freeze());
         }
         let mut chunk = [0u8; 64];
-        match tokio::time::timeout_at(deadline, stream.read(&mut chunk)).await {
-            Ok(Ok(n)) if n > 0 => seen.extend_from_slice(&chunk[..n]),
-            // Closed, failed or silent: whatever it is, it is not HTTP we
-            // can route; pass the bytes on untouched.
-            _ => return (Protocol::Tcp, seen.freeze()),
+        // Bytes that are there win over giving up; a read that loses the
+        // race reads nothing (it is cancel-safe).
+        tokio::select! {
+            biased;
+            read = stream.read(&mut chunk) => match read {
+                Ok(n) if n > 0 => seen.extend_from_slice(&chunk[..n]),
+                // Closed or failed: whatever it is, it is not HTTP we can
+                // route; pass the bytes on untouched.
+                _ => return (Protocol::Tcp, seen.freeze()),
+            },
+            // Silent: a server-first protocol, or nothing routable.
+            () = &mut give_up => return (Protocol::Tcp, seen.freeze()),
         }
     }
 }
