@@ -4,16 +4,22 @@
 //! service). A new snapshot replaces the old one whole; readers never wait.
 //! The indexes point at the resources (shared, see `resources`): a new
 //! snapshot copies pointers, never a workload.
+//!
+//! Every index is a sorted slice searched by bisection, most of them of
+//! 4-byte positions in `services` or `workloads`: a sidecar holds one
+//! snapshot of the whole mesh, and at 10,000 workloads hash maps of
+//! pointers and owned keys cost several times as much memory for lookups
+//! that are a few comparisons either way (`cargo bench -p weft-proxy
+//! --bench snapshot`).
 
-use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 
 use prost::Message;
 use weft_xds_proto::mesh;
 
 use crate::resources::{
-    Interner, InvalidResource, Service, Workload, decode_service, decode_workload,
+    Interner, InvalidResource, Name, Service, Workload, decode_service, decode_workload,
 };
 
 /// One immutable view of the mesh.
@@ -23,15 +29,48 @@ pub struct Snapshot {
     pub services: Vec<Arc<Service>>,
     /// Sorted by uid.
     pub workloads: Vec<Arc<Workload>>,
-    /// (VIP, port) → service.
-    by_vip: HashMap<SocketAddr, Arc<Service>>,
-    /// Hostname (and its short forms) → service.
-    by_host: HashMap<Box<str>, Arc<Service>>,
-    /// Workload address → workload, sorted by address: a third of the
-    /// memory of a hash map, for a binary search per lookup.
-    by_ip: Box<[(IpAddr, Arc<Workload>)]>,
-    /// Service hostname → the workloads that back it.
-    by_service: HashMap<Arc<str>, Vec<Arc<Workload>>>,
+    /// (VIP, port, position in `services`), sorted.
+    by_vip: Box<[(IpAddr, u16, u32)]>,
+    /// Positions in `services`, sorted by hostname.
+    by_hostname: Box<[u32]>,
+    /// Positions in `services`, sorted by (name, namespace): the short
+    /// forms `name.ns` and `name.ns.svc`, as in cluster DNS.
+    by_short_name: Box<[u32]>,
+    /// Workload address → position in `workloads`, sorted by address.
+    by_ipv4: Box<[(Ipv4Addr, u32)]>,
+    by_ipv6: Box<[(Ipv6Addr, u32)]>,
+    /// The workloads backing each service, one run per service hostname,
+    /// each run in uid order.
+    backends: Box<[Arc<Workload>]>,
+    /// Service hostname → its run in `backends` (start, length), sorted.
+    by_service: Box<[(Name, u32, u32)]>,
+}
+
+/// A position in `services` or `workloads`. A mesh has far fewer than 2^32.
+fn position(at: usize) -> u32 {
+    at as u32
+}
+
+/// Sorts by `key` and keeps, among entries with equal keys, the last one
+/// (the sort is stable): what a map filled in the same order would hold.
+/// Two entries may claim one key for a moment (a pod IP reused before the
+/// old pod's removal arrived).
+fn sorted_last_wins<T, K: Ord>(mut entries: Vec<T>, key: impl Fn(&T) -> K) -> Box<[T]> {
+    entries.sort_by_key(&key);
+    let mut kept: Vec<T> = Vec::with_capacity(entries.len());
+    for entry in entries {
+        match kept.last_mut() {
+            Some(last) if key(last) == key(&entry) => *last = entry,
+            _ => kept.push(entry),
+        }
+    }
+    kept.into_boxed_slice()
+}
+
+/// The entry of a sorted slice that `order` (an entry against the one
+/// wanted) finds equal.
+fn find<T>(entries: &[T], order: impl Fn(&T) -> std::cmp::Ordering) -> Option<&T> {
+    entries.binary_search_by(order).ok().map(|at| &entries[at])
 }
 
 impl Snapshot {
@@ -44,53 +83,62 @@ impl Snapshot {
         // Usually sorted already (they come from ordered maps): then cheap.
         services.sort_by(|a, b| (&a.namespace, &a.hostname).cmp(&(&b.namespace, &b.hostname)));
         workloads.sort_by(|a, b| a.uid.cmp(&b.uid));
-        let mut by_vip = HashMap::new();
-        let mut by_host = HashMap::with_capacity(services.len() * 3);
-        for service in &services {
+
+        let mut vips = Vec::new();
+        for (at, service) in services.iter().enumerate() {
             for vip in &service.vips {
                 for port in &service.ports {
-                    by_vip.insert(SocketAddr::new(vip.address, port.port), service.clone());
+                    vips.push((vip.address, port.port, position(at)));
                 }
             }
-            by_host.insert(Box::from(&*service.hostname), service.clone());
-            // "name.ns" and "name.ns.svc" resolve too, as in cluster DNS.
-            let short = format!("{}.{}", service.name, service.namespace);
-            by_host.insert(format!("{short}.svc").into(), service.clone());
-            by_host.insert(short.into(), service.clone());
         }
-        let mut by_ip = Vec::with_capacity(workloads.len());
-        let mut by_service: HashMap<Arc<str>, Vec<Arc<Workload>>> = HashMap::new();
-        for workload in &workloads {
+        let by_vip = sorted_last_wins(vips, |&(ip, port, _)| (ip, port));
+        let all = || (0..services.len()).map(position).collect::<Vec<u32>>();
+        let by_hostname = sorted_last_wins(all(), |&at| &*services[at as usize].hostname);
+        let by_short_name = sorted_last_wins(all(), |&at| {
+            let service = &services[at as usize];
+            (&*service.name, &*service.namespace)
+        });
+
+        let mut ipv4 = Vec::with_capacity(workloads.len());
+        let mut ipv6 = Vec::new();
+        let mut memberships: Vec<(&Name, u32)> = Vec::with_capacity(workloads.len());
+        for (at, workload) in workloads.iter().enumerate() {
             for ip in workload.addresses() {
-                by_ip.push((ip, workload.clone()));
+                match ip {
+                    IpAddr::V4(ip) => ipv4.push((ip, position(at))),
+                    IpAddr::V6(ip) => ipv6.push((ip, position(at))),
+                }
             }
             for binding in &workload.profile.services {
-                by_service
-                    .entry(binding.hostname.clone())
-                    .or_default()
-                    .push(workload.clone());
+                memberships.push((&binding.hostname, position(at)));
             }
         }
-        by_service.values_mut().for_each(Vec::shrink_to_fit);
-        // Two workloads may claim one address for a moment (a pod IP reused
-        // before the old pod's removal arrived): the sort is stable, so
-        // the last by uid is kept, as a map filled in uid order would.
-        by_ip.sort_by_key(|(ip, _)| *ip);
-        let mut deduplicated: Vec<(IpAddr, Arc<Workload>)> = Vec::with_capacity(by_ip.len());
-        for entry in by_ip {
-            match deduplicated.last_mut() {
-                Some(last) if last.0 == entry.0 => *last = entry,
-                _ => deduplicated.push(entry),
+        let by_ipv4 = sorted_last_wins(ipv4, |&(ip, _)| ip);
+        let by_ipv6 = sorted_last_wins(ipv6, |&(ip, _)| ip);
+
+        // Stable: within a service, workloads stay in uid order.
+        memberships.sort_by(|a, b| a.0.cmp(b.0));
+        let mut backends = Vec::with_capacity(memberships.len());
+        let mut by_service: Vec<(Name, u32, u32)> = Vec::new();
+        for (hostname, at) in memberships {
+            match by_service.last_mut() {
+                Some(run) if run.0 == *hostname => run.2 += 1,
+                _ => by_service.push((hostname.clone(), position(backends.len()), 1)),
             }
+            backends.push(workloads[at as usize].clone());
         }
-        let by_ip = deduplicated.into_boxed_slice();
+
         Snapshot {
+            by_vip,
+            by_hostname,
+            by_short_name,
+            by_ipv4,
+            by_ipv6,
+            backends: backends.into_boxed_slice(),
+            by_service: by_service.into_boxed_slice(),
             services,
             workloads,
-            by_vip,
-            by_host,
-            by_ip,
-            by_service,
         }
     }
 
@@ -116,13 +164,29 @@ impl Snapshot {
     }
 
     pub fn service_by_vip(&self, addr: SocketAddr) -> Option<&Arc<Service>> {
-        self.by_vip.get(&addr)
+        let wanted = (addr.ip(), addr.port());
+        find(&self.by_vip, |&(ip, port, _)| (ip, port).cmp(&wanted))
+            .map(|&(_, _, at)| &self.services[at as usize])
     }
 
     /// A mesh hostname: full (`name.ns.svc.cluster.local`) or short
     /// (`name.ns`, `name.ns.svc`).
     pub fn service_by_host(&self, host: &str) -> Option<&Arc<Service>> {
-        self.by_host.get(host.trim_end_matches('.'))
+        let host = host.trim_end_matches('.');
+        let service = |&at: &u32| &self.services[at as usize];
+        if let Some(found) = find(&self.by_hostname, |at| (*service(at).hostname).cmp(host)) {
+            return Some(service(found));
+        }
+        // Names and namespaces are DNS labels: no dots inside either.
+        let short = host.strip_suffix(".svc").unwrap_or(host);
+        let (name, namespace) = short.split_once('.')?;
+        if namespace.contains('.') {
+            return None;
+        }
+        find(&self.by_short_name, |at| {
+            (&*service(at).name, &*service(at).namespace).cmp(&(name, namespace))
+        })
+        .map(service)
     }
 
     /// A service by VIP or hostname, as a client names it.
@@ -134,25 +198,24 @@ impl Snapshot {
     }
 
     pub fn workload(&self, uid: &str) -> Option<&Arc<Workload>> {
-        self.workloads
-            .binary_search_by(|w| (*w.uid).cmp(uid))
-            .ok()
-            .map(|at| &self.workloads[at])
+        find(&self.workloads, |w| (*w.uid).cmp(uid))
     }
 
     pub fn workload_by_ip(&self, ip: IpAddr) -> Option<&Arc<Workload>> {
-        self.by_ip
-            .binary_search_by_key(&ip, |(at, _)| *at)
-            .ok()
-            .map(|i| &self.by_ip[i].1)
+        let at = match ip {
+            IpAddr::V4(ip) => find(&self.by_ipv4, |(at, _)| at.cmp(&ip)).map(|&(_, at)| at),
+            IpAddr::V6(ip) => find(&self.by_ipv6, |(at, _)| at.cmp(&ip)).map(|&(_, at)| at),
+        }?;
+        Some(&self.workloads[at as usize])
     }
 
     /// The workloads backing a service, in every cluster.
     pub fn endpoints(&self, service: &Service) -> &[Arc<Workload>] {
-        self.by_service
-            .get(&service.hostname)
-            .map(Vec::as_slice)
-            .unwrap_or_default()
+        find(&self.by_service, |(hostname, _, _)| {
+            hostname.cmp(&service.hostname)
+        })
+        .map(|&(_, start, len)| &self.backends[start as usize..(start + len) as usize])
+        .unwrap_or_default()
     }
 }
 
@@ -207,5 +270,141 @@ mod tests {
                 .uid,
             "c2/demo/b"
         );
+    }
+
+    /// The sorted indexes answer as maps filled in the same order would:
+    /// over a mesh with shared VIPs, reused pod addresses, IPv6 and pods
+    /// backing several services, every lookup is checked against a map.
+    #[test]
+    fn sorted_indexes_answer_as_maps_would() {
+        use std::collections::HashMap;
+        let services: Vec<mesh::Service> = (0..40u8)
+            .map(|n| {
+                let mut s = crate::resources::fixtures::service_message();
+                s.name = format!("svc-{n}");
+                s.namespace = format!("ns-{}", n % 3);
+                s.hostname = format!("svc-{n}.ns-{}.svc.cluster.local", n % 3);
+                // Every fourth service shares the previous one's VIP.
+                s.vips[0].address = vec![10, 96, 0, n - n % 4 / 3];
+                s.ports[0].port = 80;
+                s.ports.push(mesh::ServicePort {
+                    port: 9000 + u32::from(n),
+                    name: "tcp".into(),
+                    app_protocol: 0,
+                    target_port: 0,
+                });
+                s
+            })
+            .collect();
+        let workloads: Vec<mesh::Workload> = (0..300u16)
+            .map(|n| {
+                // Pairs of pods share an address, as a reused pod IP does.
+                let ip = [10, 1, (n / 2 / 250) as u8, (n / 2 % 250) as u8];
+                let mut w = workload_message(&format!("c{}/demo/pod-{n:03}", n % 2), ip);
+                if n % 5 == 0 {
+                    let mut v6 = vec![0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+                    v6.extend_from_slice(&n.to_be_bytes());
+                    w.addresses.push(v6);
+                }
+                w.services = (0..1 + n % 3)
+                    .map(|k| {
+                        let m = (n + k * 7) % 40;
+                        mesh::ServiceBinding {
+                            namespace: format!("ns-{}", m % 3),
+                            hostname: format!("svc-{m}.ns-{}.svc.cluster.local", m % 3),
+                            ports: vec![],
+                        }
+                    })
+                    .collect();
+                w
+            })
+            .collect();
+        let snapshot = Snapshot::from_messages(&services, &workloads).unwrap();
+
+        let mut by_vip = HashMap::new();
+        let mut by_host = HashMap::new();
+        for service in &snapshot.services {
+            for vip in &service.vips {
+                for port in &service.ports {
+                    by_vip.insert(
+                        SocketAddr::new(vip.address, port.port),
+                        service.name.clone(),
+                    );
+                }
+            }
+            by_host.insert(service.hostname.to_string(), service.name.clone());
+            let short = format!("{}.{}", service.name, service.namespace);
+            by_host.insert(format!("{short}.svc"), service.name.clone());
+            by_host.insert(short, service.name.clone());
+        }
+        let mut by_ip = HashMap::new();
+        let mut by_service: HashMap<String, Vec<Name>> = HashMap::new();
+        for workload in &snapshot.workloads {
+            for ip in workload.addresses() {
+                by_ip.insert(ip, workload.uid.clone());
+            }
+            for binding in &workload.profile.services {
+                by_service
+                    .entry(binding.hostname.to_string())
+                    .or_default()
+                    .push(workload.uid.clone());
+            }
+        }
+        assert!(
+            by_vip.len() < 80 && by_ip.len() < 360,
+            "collisions exercised"
+        );
+
+        for (addr, name) in &by_vip {
+            assert_eq!(snapshot.service_by_vip(*addr).map(|s| &s.name), Some(name));
+        }
+        assert!(
+            snapshot
+                .service_by_vip("10.96.0.1:81".parse().unwrap())
+                .is_none()
+        );
+        for (host, name) in &by_host {
+            assert_eq!(
+                snapshot.service_by_host(host).map(|s| &s.name),
+                Some(name),
+                "{host}"
+            );
+        }
+        for host in [
+            "svc-1",
+            "svc-1.ns-9",
+            "svc-1.ns-1.other",
+            "svc-1.ns-1.svc.x",
+            "",
+        ] {
+            assert!(snapshot.service_by_host(host).is_none(), "{host}");
+        }
+        for (ip, uid) in &by_ip {
+            assert_eq!(snapshot.workload_by_ip(*ip).map(|w| &w.uid), Some(uid));
+        }
+        assert!(
+            snapshot
+                .workload_by_ip("10.9.9.9".parse().unwrap())
+                .is_none()
+        );
+        assert!(
+            snapshot
+                .workload_by_ip("fd00::ffff".parse().unwrap())
+                .is_none()
+        );
+        for service in &snapshot.services {
+            let found: Vec<&Name> = snapshot.endpoints(service).iter().map(|w| &w.uid).collect();
+            let expected: Vec<&Name> = by_service
+                .get(&*service.hostname)
+                .map(|uids| uids.iter().collect())
+                .unwrap_or_default();
+            assert_eq!(found, expected, "{}", service.hostname);
+        }
+        for workload in &snapshot.workloads {
+            assert_eq!(
+                snapshot.workload(&workload.uid).map(|w| &w.uid),
+                Some(&workload.uid)
+            );
+        }
     }
 }
