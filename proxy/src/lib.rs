@@ -1,8 +1,9 @@
 //! `weft-proxy`, the sidecar that runs next to every meshed application.
 //!
 //! It owns the workload identity and its rotation (`identity`), the delta
-//! xDS client, the compact resources it decodes and the immutable snapshot
-//! built from them (`xds`, `resources`, `state`), the mesh transport
+//! xDS client, the compact resources it decodes (with their strings as
+//! `name::Name`) and the immutable snapshot built from them (`xds`,
+//! `resources`, `state`), the mesh transport
 //! between sidecars (`hbone`, `coalesce`), endpoint choice (`balance`,
 //! `outlier`), the outbound listener (`outbound`), protocol detection
 //! (`sniff`), HTTP routing (`l7`, `http`, `upstream`, `upgrade`), inbound
@@ -29,6 +30,7 @@ pub mod l7;
 pub mod logs;
 pub mod memory;
 pub mod metrics;
+pub mod name;
 pub mod outbound;
 pub mod outlier;
 pub mod resources;

@@ -15,8 +15,7 @@ use prost::Message;
 use weft_certs::Identity;
 use weft_xds_proto::mesh;
 
-/// A shared, immutable string.
-pub type Name = Arc<str>;
+pub use crate::name::Name;
 
 /// Why a resource was refused (and the update NACKed).
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -198,7 +197,7 @@ impl Interner {
         if let Some(name) = self.names.get(text) {
             return name.clone();
         }
-        let name: Name = Arc::from(text);
+        let name = Name::from(text);
         self.names.insert(name.clone());
         name
     }
@@ -239,7 +238,7 @@ impl Interner {
         // Profiles first: they hold names.
         self.profiles.retain(|p| Arc::strong_count(p) > 1);
         self.identities.retain(|i| Arc::strong_count(i) > 1);
-        self.names.retain(|n| Arc::strong_count(n) > 1);
+        self.names.retain(|n| n.holders() > 1);
         self.names.shrink_to_fit();
         self.profiles.shrink_to_fit();
         self.identities.shrink_to_fit();
@@ -348,12 +347,12 @@ pub fn decode_workload(
     let derivable = workload.uid.rsplit('/').next() == Some(workload.name.as_str());
     let unusual = (!derivable || !more_addresses.is_empty()).then(|| {
         Box::new(Unusual {
-            own_name: (!derivable).then(|| Arc::from(workload.name)),
+            own_name: (!derivable).then(|| Name::from(workload.name)),
             more_addresses: more_addresses.into(),
         })
     });
     Ok(Workload {
-        uid: Arc::from(workload.uid),
+        uid: Name::from(workload.uid),
         node: names.name(&workload.node),
         address,
         healthy: workload.status == mesh::WorkloadStatus::Healthy as i32,
@@ -406,9 +405,9 @@ pub fn decode_service(
         })
         .collect::<Result<_, InvalidResource>>()?;
     Ok(Service {
-        name: Arc::from(service.name),
+        name: Name::from(service.name),
         namespace: names.name(&service.namespace),
-        hostname: Arc::from(service.hostname),
+        hostname: Name::from(service.hostname),
         vips,
         ports,
         cluster_local: service.cluster_local,
@@ -561,7 +560,7 @@ mod tests {
         other.canonical_revision = "v2".into();
         let c = workload(other, names);
         assert!(!Arc::ptr_eq(&a.profile, &c.profile));
-        assert!(Arc::ptr_eq(&a.profile.namespace, &c.profile.namespace));
+        assert!(a.profile.namespace.shares_with(&c.profile.namespace));
         let (ia, ic) = (a.profile.identity.as_ref(), c.profile.identity.as_ref());
         assert!(Arc::ptr_eq(ia.unwrap(), ic.unwrap()));
     }
