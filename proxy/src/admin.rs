@@ -292,7 +292,7 @@ pub async fn serve(listener: TcpListener, admin: Arc<Admin>, routes: Routes) {
             continue;
         };
         let admin = admin.clone();
-        tokio::spawn(async move {
+        crate::task::spawn(async move {
             let service =
                 hyper::service::service_fn(move |request: Request<hyper::body::Incoming>| {
                     let admin = admin.clone();

@@ -12,7 +12,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use http::{Method, Request, Response, StatusCode};
 use hyper::upgrade::Upgraded;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 use tokio::net::{TcpListener, TcpStream};
 use weft_certs::Identity;
 use weft_certs::tls::{self, CertStore, TrustBundle};
@@ -157,7 +157,7 @@ pub async fn serve_inbound(
         // Small frames must not wait for delayed ACKs (a 40 ms stall).
         let _ = tcp.set_nodelay(true);
         let (tls, inbound) = (tls.clone(), inbound.clone());
-        tokio::spawn(async move {
+        crate::task::spawn(async move {
             let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.accept(tcp)).await {
                 Ok(Ok(stream)) => stream,
                 Ok(Err(err)) => {
@@ -172,7 +172,7 @@ pub async fn serve_inbound(
             let service = hyper::service::service_fn(move |request| {
                 serve_request(inbound.clone(), peer.clone(), request)
             });
-            let connection = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+            let connection = hyper::server::conn::http2::Builder::new(crate::task::Executor)
                 .serve_connection(TokioIo::new(stream), service);
             drain.serve(connection).await;
         });
@@ -229,9 +229,9 @@ impl Pool {
         .context("the mTLS handshake timed out")?
         .with_context(|| format!("mTLS to {peer} expecting {identity}"))?;
         let (sender, connection) =
-            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            hyper::client::conn::http2::handshake(crate::task::Executor, TokioIo::new(stream))
                 .await?;
-        tokio::spawn(connection);
+        crate::task::spawn(connection);
         self.connections
             .lock()
             .unwrap_or_else(|p| p.into_inner())

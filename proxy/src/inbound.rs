@@ -179,7 +179,7 @@ pub(crate) async fn upgrade(
     match crate::upgrade::relay(app, &original.to_string(), request).await {
         Ok((response, joined)) => {
             if let Some(joined) = joined {
-                tokio::spawn(joined);
+                crate::task::spawn(joined);
             }
             response
         }
@@ -215,7 +215,7 @@ pub async fn serve(
         let _ = client.set_nodelay(true);
         let (counters, app, drain) = (counters.clone(), app.clone(), drain.clone());
         let active = drain.track();
-        tokio::spawn(async move {
+        crate::task::spawn(async move {
             let _active = active;
             if let Err(err) = handle(client, mode, &counters, app, head_timeout, &drain).await {
                 tracing::debug!(%addr, "inbound capture: {err:#}");

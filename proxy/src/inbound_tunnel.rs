@@ -53,7 +53,7 @@ pub async fn tunnel_in(
     let _ = app.set_nodelay(true);
     inbound.count_caller(&peer);
     let guard = inbound.drain.track();
-    tokio::spawn(async move {
+    crate::task::spawn(async move {
         let _guard = guard;
         match hyper::upgrade::on(&mut request).await {
             Ok(upgraded) => carry(inbound, peer, target, TokioIo::new(upgraded), app).await,

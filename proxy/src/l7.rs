@@ -21,7 +21,7 @@ use http::request::Parts;
 use http::{Request, Response, StatusCode, Uri, Version};
 use http_body_util::BodyExt;
 use hyper::body::{Body as _, Incoming};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
 use weft_certs::Identity;
 
@@ -103,8 +103,8 @@ where
 /// request head must not hold a connection or memory for long (slowloris).
 pub(crate) fn server(
     head_timeout: Duration,
-) -> hyper_util::server::conn::auto::Builder<TokioExecutor> {
-    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+) -> hyper_util::server::conn::auto::Builder<crate::task::Executor> {
+    let mut builder = hyper_util::server::conn::auto::Builder::new(crate::task::Executor);
     builder
         .http1()
         .timer(TokioTimer::new())

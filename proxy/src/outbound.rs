@@ -485,7 +485,7 @@ async fn accept_loop(listener: TcpListener, outbound: Arc<Outbound>, mode: Mode)
         let _ = client.set_nodelay(true);
         let outbound = outbound.clone();
         let active = drain.track();
-        tokio::spawn(async move {
+        crate::task::spawn(async move {
             let _active = active;
             let redirected = match mode {
                 Mode::Explicit => false,

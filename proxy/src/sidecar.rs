@@ -217,7 +217,7 @@ pub async fn start_with(
         }
     };
     let certs = CertStore::new(&cert)?;
-    let mut tasks = vec![tokio::spawn(identity::rotate(
+    let mut tasks = vec![crate::task::spawn(identity::rotate(
         identity_config,
         certs.clone(),
     ))];
@@ -233,7 +233,7 @@ pub async fn start_with(
     };
     let xds_tls = weft_certs::tls::client_config(&certs, &bundle, vec![control_identity])?;
     let control_plane = config.control_plane.clone();
-    tasks.push(tokio::spawn(xds::run(
+    tasks.push(crate::task::spawn(xds::run(
         move || {
             let (tls, address) = (xds_tls.clone(), control_plane.clone());
             async move { Ok(crate::channel::mesh(address, tls)) }
@@ -254,7 +254,7 @@ pub async fn start_with(
     let hbone = tokio::net::TcpListener::bind(SocketAddr::new(config.pod_ip, HBONE_PORT))
         .await
         .with_context(|| format!("binding {}:{HBONE_PORT}", config.pod_ip))?;
-    tasks.push(tokio::spawn(crate::hbone::serve_inbound(
+    tasks.push(crate::task::spawn(crate::hbone::serve_inbound(
         hbone,
         certs.clone(),
         bundle.clone(),
@@ -277,7 +277,7 @@ pub async fn start_with(
         .await
         .with_context(|| format!("binding the outbound listener {}", config.outbound_addr))?;
     let outbound_addr = listener.local_addr()?;
-    tasks.push(tokio::spawn(crate::outbound::serve(
+    tasks.push(crate::task::spawn(crate::outbound::serve(
         listener,
         outbound.clone(),
     )));
@@ -292,10 +292,10 @@ pub async fn start_with(
             )
         })?;
     let inbound_capture_addr = capture.local_addr()?;
-    tasks.push(tokio::spawn(crate::memory::release_after_bursts(
+    tasks.push(crate::task::spawn(crate::memory::release_after_bursts(
         drain.clone(),
     )));
-    tasks.push(tokio::spawn(crate::inbound::serve(
+    tasks.push(crate::task::spawn(crate::inbound::serve(
         capture,
         config.inbound_mode,
         inbound_capture.clone(),
@@ -323,7 +323,7 @@ pub async fn start_with(
             .await
             .with_context(|| format!("binding the {what} port {addr}"))?;
         bound.push(listener.local_addr()?);
-        tasks.push(tokio::spawn(crate::admin::serve(
+        tasks.push(crate::task::spawn(crate::admin::serve(
             listener,
             admin.clone(),
             routes,

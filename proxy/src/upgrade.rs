@@ -62,7 +62,7 @@ pub async fn forward(
         let metrics = outbound.metrics.clone();
         let labels = labels.traffic;
         metrics.tcp_opened.get_or_create(&labels).inc();
-        tokio::spawn(async move {
+        crate::task::spawn(async move {
             // Holds the endpoint's in-flight count while the upgraded
             // connection lives.
             let _pick = pick;
@@ -93,7 +93,7 @@ where
     let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
         .map_err(|e| e.to_string())?;
-    tokio::spawn(connection.with_upgrades());
+    crate::task::spawn(connection.with_upgrades());
     let client_side = hyper::upgrade::on(&mut request);
     let (mut parts, body) = request.into_parts();
     // Origin form for the endpoint, whatever form the client used (an

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use http::Uri;
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
 use crate::http::Body;
@@ -69,7 +69,7 @@ impl Upstreams {
         clients
             .entry((address, http2))
             .or_insert_with(|| {
-                Client::builder(TokioExecutor::new())
+                Client::builder(crate::task::Executor)
                     .http2_only(http2)
                     .pool_idle_timeout(Duration::from_secs(90))
                     .build(FixedConnector {
