@@ -68,6 +68,8 @@ pub struct ClusterVip {
 
 #[derive(Debug, PartialEq, Eq)]
 pub struct Service {
+    /// The name the control plane sent it under: `namespace/hostname`.
+    pub resource_name: Name,
     pub name: Name,
     pub namespace: Name,
     pub hostname: Name,
@@ -405,6 +407,7 @@ pub fn decode_service(
         })
         .collect::<Result<_, InvalidResource>>()?;
     Ok(Service {
+        resource_name: Name::from(name),
         name: Name::from(service.name),
         namespace: names.name(&service.namespace),
         hostname: Name::from(service.hostname),

@@ -18,7 +18,7 @@ use weft_xds_proto::envoy::config::core::v3::Node;
 use weft_xds_proto::google::rpc::Status;
 use weft_xds_proto::type_url;
 
-use crate::resources::{self, Interner, InvalidResource, Name, Service, Workload};
+use crate::resources::{self, Interner, InvalidResource, Service, Workload};
 use crate::state::Snapshot;
 
 /// What the xDS client publishes to the rest of the proxy.
@@ -67,7 +67,6 @@ impl Resources {
                     &mut self.names,
                     response,
                     resources::decode_service,
-                    |name, _| Name::from(name),
                 )?;
                 self.seen_services = true;
             }
@@ -77,8 +76,6 @@ impl Resources {
                     &mut self.names,
                     response,
                     resources::decode_workload,
-                    // The uid is the name: one string for both.
-                    |_, workload| workload.uid.clone(),
                 )?;
                 self.seen_workloads = true;
             }
@@ -101,16 +98,10 @@ impl Resources {
     }
 
     fn versions(&self, url: &str) -> std::collections::HashMap<String, String> {
-        fn of<T>(held: &Held<T>) -> std::collections::HashMap<String, String> {
-            held.entries
-                .iter()
-                .map(|(k, v, _)| (k.to_string(), v.to_string()))
-                .collect()
-        }
         if url == type_url::SERVICE {
-            of(&self.services)
+            self.services.versions()
         } else {
-            of(&self.workloads)
+            self.workloads.versions()
         }
     }
 
@@ -120,21 +111,19 @@ impl Resources {
 }
 
 /// A resource's version as the control plane named it. Ours are 64-bit
-/// content hashes in hex: kept as the number, they cost no allocation.
-/// Any other text is behind one thin pointer, so that a version is 16
-/// bytes, not 24, in every held resource.
+/// content hashes in hex: held as the number, 8 bytes and no allocation
+/// per resource. Any other text (another control plane's) is kept aside.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Version {
     Hash(u64),
-    #[allow(clippy::box_collection)]
-    Other(Box<String>),
+    Other(String),
 }
 
 impl Version {
     fn parse(text: &str) -> Version {
         match u64::from_str_radix(text, 16) {
             Ok(hash) if text.len() == 16 && !text.starts_with('+') => Version::Hash(hash),
-            _ => Version::Other(Box::new(text.to_string())),
+            _ => Version::Other(text.to_string()),
         }
     }
 }
@@ -148,21 +137,45 @@ impl std::fmt::Display for Version {
     }
 }
 
+/// What a held resource is known by: the name the control plane sent it
+/// under, which the resource itself carries (a workload's uid, a
+/// service's `namespace/hostname`), so that it is not stored twice.
+pub trait Named {
+    fn resource_name(&self) -> &str;
+}
+
+impl Named for Workload {
+    fn resource_name(&self) -> &str {
+        &self.uid
+    }
+}
+
+impl Named for Service {
+    fn resource_name(&self) -> &str {
+        &self.resource_name
+    }
+}
+
 /// The resources of one type, sorted by name in one flat vector: a third
 /// of a tree's memory at 10,000 workloads, and an update is one merge.
+/// Each entry is 16 bytes: the resource and its version's hash.
 pub struct Held<T> {
-    entries: Vec<(Name, Version, Arc<T>)>,
+    entries: Vec<(Arc<T>, u64)>,
+    /// Versions that are not our hashes, by resource name (their entries
+    /// hold 0): empty with weft-control.
+    other_versions: std::collections::BTreeMap<String, String>,
 }
 
 impl<T> Default for Held<T> {
     fn default() -> Self {
         Held {
             entries: Vec::new(),
+            other_versions: Default::default(),
         }
     }
 }
 
-impl<T> Held<T> {
+impl<T: Named> Held<T> {
     pub fn len(&self) -> usize {
         self.entries.len()
     }
@@ -172,28 +185,58 @@ impl<T> Held<T> {
     }
 
     pub fn names(&self) -> impl Iterator<Item = &str> {
-        self.entries.iter().map(|(name, _, _)| &**name)
+        self.entries.iter().map(|(value, _)| value.resource_name())
     }
 
     pub fn values(&self) -> impl Iterator<Item = &Arc<T>> {
-        self.entries.iter().map(|(_, _, value)| value)
+        self.entries.iter().map(|(value, _)| value)
+    }
+
+    /// Each resource's version as the control plane wrote it, by name.
+    fn versions(&self) -> std::collections::HashMap<String, String> {
+        self.entries
+            .iter()
+            .map(|(resource, hash)| {
+                let name = resource.resource_name();
+                let version = match self.other_versions.get(name) {
+                    Some(text) => text.clone(),
+                    None => Version::Hash(*hash).to_string(),
+                };
+                (name.to_string(), version)
+            })
+            .collect()
     }
 
     /// Adds or replaces `upserts` (the last of a name wins), then removes
     /// `removed`, as one response's resources and removals apply.
-    fn update(&mut self, mut upserts: Vec<(Name, Version, Arc<T>)>, removed: &[String]) {
+    fn update(&mut self, mut upserts: Vec<(Version, Arc<T>)>, removed: &[String]) {
         // Stable, so among equal names the last sent stays last.
-        upserts.sort_by(|a, b| a.0.cmp(&b.0));
-        let mut merged: Vec<(Name, Version, Arc<T>)> =
-            Vec::with_capacity(self.entries.len() + upserts.len());
+        upserts.sort_by(|a, b| a.1.resource_name().cmp(b.1.resource_name()));
+        let upserts = upserts.into_iter().map(|(version, value)| {
+            let hash = match version {
+                Version::Hash(hash) => {
+                    if !self.other_versions.is_empty() {
+                        self.other_versions.remove(value.resource_name());
+                    }
+                    hash
+                }
+                Version::Other(text) => {
+                    self.other_versions
+                        .insert(value.resource_name().to_string(), text);
+                    0
+                }
+            };
+            (value, hash)
+        });
+        let mut merged: Vec<(Arc<T>, u64)> = Vec::with_capacity(self.entries.len() + upserts.len());
         let mut old = std::mem::take(&mut self.entries).into_iter().peekable();
-        let mut new = upserts.into_iter().peekable();
+        let mut new = upserts.peekable();
         loop {
             let next = match (old.peek(), new.peek()) {
                 (None, None) => break,
                 (Some(_), None) => old.next(),
                 (None, Some(_)) => new.next(),
-                (Some(o), Some(n)) => match o.0.cmp(&n.0) {
+                (Some(o), Some(n)) => match o.0.resource_name().cmp(n.0.resource_name()) {
                     std::cmp::Ordering::Less => old.next(),
                     std::cmp::Ordering::Greater => new.next(),
                     std::cmp::Ordering::Equal => {
@@ -204,7 +247,9 @@ impl<T> Held<T> {
             };
             if let Some(entry) = next {
                 match merged.last_mut() {
-                    Some(last) if last.0 == entry.0 => *last = entry,
+                    Some(last) if last.0.resource_name() == entry.0.resource_name() => {
+                        *last = entry
+                    }
                     _ => merged.push(entry),
                 }
             }
@@ -212,19 +257,20 @@ impl<T> Held<T> {
         if !removed.is_empty() {
             let removed: std::collections::HashSet<&str> =
                 removed.iter().map(String::as_str).collect();
-            merged.retain(|(name, _, _)| !removed.contains(&**name));
+            merged.retain(|(value, _)| !removed.contains(value.resource_name()));
+            self.other_versions
+                .retain(|name, _| !removed.contains(name.as_str()));
         }
         merged.shrink_to_fit();
         self.entries = merged;
     }
 }
 
-fn apply_typed<T>(
+fn apply_typed<T: Named>(
     held: &mut Held<T>,
     names: &mut Interner,
     response: &DeltaDiscoveryResponse,
     decode: fn(&str, &[u8], &mut Interner) -> Result<T, InvalidResource>,
-    key: fn(&str, &T) -> Name,
 ) -> Result<(), InvalidResource> {
     let decoded = response
         .resources
@@ -236,11 +282,7 @@ fn apply_typed<T>(
                 .map(|a| a.value.as_slice())
                 .unwrap_or_default();
             let resource = decode(&r.name, body, names)?;
-            Ok((
-                key(&r.name, &resource),
-                Version::parse(&r.version),
-                Arc::new(resource),
-            ))
+            Ok((Version::parse(&r.version), Arc::new(resource)))
         })
         .collect::<Result<Vec<_>, InvalidResource>>()?;
     held.update(decoded, &response.removed_resources);
@@ -451,20 +493,70 @@ mod tests {
         assert!(resources.apply(&other).is_err());
     }
 
+    struct Item(&'static str, u32);
+
+    impl Named for Item {
+        fn resource_name(&self) -> &str {
+            self.0
+        }
+    }
+
     #[test]
     fn updates_merge_in_order_and_the_last_of_a_name_wins() {
-        let mut held = Held::<u32>::default();
-        let entry =
-            |name: &str, value: u32| (Name::from(name), Version::parse("1"), Arc::new(value));
+        let mut held = Held::<Item>::default();
+        let entry = |name, value| (Version::parse("1"), Arc::new(Item(name, value)));
         held.update(vec![entry("c", 3), entry("a", 1), entry("e", 5)], &[]);
         held.update(
             vec![entry("b", 2), entry("c", 30), entry("b", 20), entry("f", 6)],
             &["e".to_string(), "f".to_string(), "zz".to_string()],
         );
         assert_eq!(held.names().collect::<Vec<_>>(), ["a", "b", "c"]);
-        assert_eq!(held.values().map(|v| **v).collect::<Vec<_>>(), [1, 20, 30]);
+        assert_eq!(held.values().map(|v| v.1).collect::<Vec<_>>(), [1, 20, 30]);
         held.update(vec![], &["a".to_string(), "b".to_string(), "c".to_string()]);
         assert!(held.is_empty());
+    }
+
+    /// Versions are held as hashes, others aside: what the proxy tells a
+    /// control plane it holds, on reconnecting, is the text it was sent,
+    /// for as long as (and only while) it holds that resource.
+    #[test]
+    fn held_versions_are_the_text_sent() {
+        let mut held = Held::<Item>::default();
+        let entry = |name, version| (Version::parse(version), Arc::new(Item(name, 0)));
+        held.update(
+            vec![
+                entry("a", "00000000000000ff"),
+                entry("b", "v1"),
+                entry("c", "v7"),
+            ],
+            &[],
+        );
+        assert_eq!(std::mem::size_of::<(Arc<Item>, u64)>(), 16);
+        let versions = |held: &Held<Item>| {
+            let mut all: Vec<(String, String)> = held.versions().into_iter().collect();
+            all.sort();
+            all
+        };
+        let expect = |pairs: &[(&str, &str)]| {
+            pairs
+                .iter()
+                .map(|(n, v)| (n.to_string(), v.to_string()))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            versions(&held),
+            expect(&[("a", "00000000000000ff"), ("b", "v1"), ("c", "v7")])
+        );
+        // b gets one of our hashes, a another control plane's text, c goes.
+        held.update(
+            vec![entry("b", "0000000000000001"), entry("a", "v2")],
+            &["c".to_string()],
+        );
+        assert_eq!(
+            versions(&held),
+            expect(&[("a", "v2"), ("b", "0000000000000001")])
+        );
+        assert_eq!(held.other_versions.len(), 1);
     }
 
     #[test]
@@ -478,7 +570,6 @@ mod tests {
         ] {
             assert_eq!(Version::parse(text).to_string(), text);
         }
-        assert_eq!(std::mem::size_of::<Version>(), 16);
     }
 
     #[test]
