@@ -556,7 +556,7 @@ mod tests {
         let b = workload(workload_message("c1/demo/b", [10, 1, 0, 6]), names);
         assert!(Arc::ptr_eq(&a.profile, &b.profile));
         assert_eq!(
-            a.profile.principal.as_ref(),
+            &*a.profile.principal,
             "spiffe://cluster.local/ns/demo/sa/echo"
         );
         let mut other = workload_message("c1/demo/c", [10, 1, 0, 7]);

@@ -215,9 +215,7 @@ impl<T: Named> Held<T> {
         let upserts = upserts.into_iter().map(|(version, value)| {
             let hash = match version {
                 Version::Hash(hash) => {
-                    if !self.other_versions.is_empty() {
-                        self.other_versions.remove(value.resource_name());
-                    }
+                    self.other_versions.remove(value.resource_name());
                     hash
                 }
                 Version::Other(text) => {
