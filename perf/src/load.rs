@@ -283,13 +283,23 @@ fn http_request(options: &Options, target: &Target, payload: &Bytes) -> http::Re
     .expect("a valid request")
 }
 
+/// What a successful request leaves of its connection.
+#[derive(Debug, PartialEq)]
+enum After {
+    Keep,
+    /// The server said `Connection: close` (nginx does every 1,000
+    /// requests by default): dial again before the next request rather
+    /// than write into a closing connection and count an error.
+    Redial,
+}
+
 /// One request; the error is its kind, for the summary.
 async fn once(
     client: &mut Client,
     options: &Options,
     target: &Target,
     payload: &Bytes,
-) -> Result<(), String> {
+) -> Result<After, String> {
     let io = |e: &dyn std::fmt::Display| format!("io: {e}");
     match client {
         Client::Http1(sender) => {
@@ -300,12 +310,17 @@ async fn once(
                 .await
                 .map_err(|e| io(&e))?;
             let status = response.status();
+            let closing = response
+                .headers()
+                .get_all(http::header::CONNECTION)
+                .iter()
+                .any(|value| value.as_bytes().eq_ignore_ascii_case(b"close"));
             let body = response.into_body().collect().await.map_err(|e| io(&e))?;
             drop(body);
             if !status.is_success() {
                 return Err(format!("status {}", status.as_u16()));
             }
-            Ok(())
+            Ok(if closing { After::Redial } else { After::Keep })
         }
         Client::Http2(sender) => {
             let mut sender = sender.clone();
@@ -319,14 +334,14 @@ async fn once(
             if !status.is_success() {
                 return Err(format!("status {}", status.as_u16()));
             }
-            Ok(())
+            Ok(After::Keep)
         }
         Client::Grpc(grpc) => grpc
             .echo(weft_xds_proto::echo::EchoRequest {
                 payload: payload.to_vec(),
             })
             .await
-            .map(|_| ())
+            .map(|_| After::Keep)
             .map_err(|status| format!("grpc {:?}", status.code())),
         Client::Tcp(stream) => {
             let mut stream = stream.lock().await;
@@ -339,7 +354,7 @@ async fn once(
             stream.write_all(&data).await.map_err(|e| io(&e))?;
             let mut buf = vec![0u8; size];
             stream.read_exact(&mut buf).await.map_err(|e| io(&e))?;
-            Ok(())
+            Ok(After::Keep)
         }
     }
 }
@@ -417,14 +432,17 @@ async fn work(
         .await;
         let finished = Instant::now();
         free_at = finished;
-        if matches!(&result, Ok(Err(kind)) if kind.starts_with("io")) || result.is_err() {
+        if matches!(&result, Ok(Err(kind)) if kind.starts_with("io"))
+            || matches!(&result, Ok(Ok(After::Redial)))
+            || result.is_err()
+        {
             broken = true;
         }
         if intended < measure_from {
             continue;
         }
         match result {
-            Ok(Ok(())) => {
+            Ok(Ok(_)) => {
                 let ns = (finished - from).as_nanos().clamp(1_000, 100_000_000_000) as u64;
                 let _ = worker.histogram.record(ns);
                 done.fetch_add(1, Ordering::Relaxed);
@@ -599,6 +617,64 @@ mod tests {
                 closed.line()
             );
         }
+    }
+
+    /// An HTTP/1.1 server that answers GETs and, like nginx at its
+    /// `keepalive_requests`, closes each connection after `per_connection`
+    /// responses, saying so in the last one.
+    async fn closing_server(per_connection: usize) -> SocketAddr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    for served in 1..=per_connection {
+                        while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                            let mut chunk = [0u8; 1024];
+                            match stream.read(&mut chunk).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                            }
+                        }
+                        let end = buf.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+                        buf.drain(..end);
+                        let connection = if served == per_connection {
+                            "close"
+                        } else {
+                            "keep-alive"
+                        };
+                        let response = format!(
+                            "HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: {connection}\r\n\r\nok"
+                        );
+                        if stream.write_all(response.as_bytes()).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        address
+    }
+
+    #[tokio::test]
+    async fn a_server_closing_keep_alive_connections_costs_redials_not_errors() {
+        let address = closing_server(3).await;
+        let summary = run(&Options {
+            target: format!("http://{address}/"),
+            payload: 0,
+            rate: 200,
+            connections: 1,
+            duration: Duration::from_millis(300),
+            warmup: Duration::ZERO,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        assert!(summary.errors.is_empty(), "{:?}", summary.errors);
+        // About 60 requests, three per connection.
+        assert!(summary.reconnects >= 10, "{}", summary.line());
+        assert!(summary.requests >= 40, "{}", summary.line());
     }
 
     #[tokio::test]
