@@ -83,8 +83,15 @@ struct Measured {
 #[derive(Clone, Debug)]
 struct Run {
     summary: Summary,
-    /// (label, CPU seconds during the measured part, peak RSS bytes).
-    proxies: Vec<(String, f64, u64)>,
+    proxies: Vec<ProxyCost>,
+}
+
+/// What one proxy spent during the measured part of a run.
+#[derive(Clone, Debug)]
+struct ProxyCost {
+    label: String,
+    cpu: report::CpuUse,
+    peak_rss: u64,
 }
 
 impl Run {
@@ -98,17 +105,26 @@ impl Run {
     fn busiest_vcpu_per_k(&self) -> f64 {
         self.proxies
             .iter()
-            .map(|p| self.vcpu_per_k(p.1))
+            .map(|p| self.vcpu_per_k(p.cpu.total()))
             .fold(0.0, f64::max)
+    }
+
+    /// The proxy that spent the most.
+    fn busiest(&self) -> Option<&ProxyCost> {
+        self.proxies
+            .iter()
+            .max_by(|a, b| a.cpu.total().total_cmp(&b.cpu.total()))
+    }
+
+    /// Requests the run completed, for costs per request.
+    fn requests(&self) -> f64 {
+        (self.summary.achieved_rate * self.summary.seconds).max(1.0)
     }
 }
 
 async fn measure(options: &load::Options, proxies: &[Measured]) -> Result<Run> {
     // CPU is read across the warm-up too: the warm-up is short and steady.
-    let before: Vec<f64> = proxies
-        .iter()
-        .map(|p| report::proc_cpu_seconds(p.pid))
-        .collect();
+    let before: Vec<report::CpuUse> = proxies.iter().map(|p| report::CpuUse::of(p.pid)).collect();
     let started = std::time::Instant::now();
     let summary = load::run(options).await?;
     let elapsed = started.elapsed().as_secs_f64();
@@ -116,12 +132,10 @@ async fn measure(options: &load::Options, proxies: &[Measured]) -> Result<Run> {
     let proxies = proxies
         .iter()
         .zip(before)
-        .map(|(p, b)| {
-            (
-                p.label.clone(),
-                (report::proc_cpu_seconds(p.pid) - b) * share,
-                report::proc_bytes(p.pid, "VmHWM:"),
-            )
+        .map(|(p, b)| ProxyCost {
+            label: p.label.clone(),
+            cpu: report::CpuUse::of(p.pid).since(&b, share),
+            peak_rss: report::proc_bytes(p.pid, "VmHWM:"),
         })
         .collect();
     Ok(Run { summary, proxies })
@@ -858,6 +872,51 @@ fn mb(bytes: u64) -> f64 {
     bytes as f64 / (1024.0 * 1024.0)
 }
 
+/// Per request, for the busiest proxy of each scenario: its own work
+/// (user), the kernel's (system: wake-ups, loopback TCP) and how often it
+/// was switched out, at the first fixed rate and in the closed loop. The
+/// difference between the two is the price of being woken for each
+/// request with cold caches; the relay's line is what the kernel alone
+/// costs two proxies that do no work.
+fn where_cpu_goes(rate: u64, results: &Results) -> String {
+    let mut md = format!(
+        "\n## Where the CPU goes (busiest proxy, per request)\n\n\
+         | scenario | proxy | at {rate} req/s: user µs | system µs | context switches | closed loop: user µs | system µs | context switches |\n\
+         |---|---|---|---|---|---|---|---|\n"
+    );
+    let per_request = |run: &Run, cost: &ProxyCost| {
+        let n = run.requests();
+        format!(
+            "{:.1} | {:.1} | {:.2}",
+            cost.cpu.user / n * 1e6,
+            cost.cpu.system / n * 1e6,
+            cost.cpu.switches as f64 / n
+        )
+    };
+    for name in &results.order {
+        let (Some(fixed), Some(max)) = (results.fixed.get(name), results.max.get(name)) else {
+            continue;
+        };
+        let Some(busiest) = fixed[0].busiest() else {
+            continue;
+        };
+        // The same proxy in the closed loop, so both halves of the row
+        // describe one process's role.
+        let saturated = max
+            .proxies
+            .iter()
+            .find(|p| p.label == busiest.label)
+            .map(|p| per_request(max, p))
+            .unwrap_or_else(|| " |  | ".into());
+        md += &format!(
+            "| {name} | {} | {} | {saturated} |\n",
+            busiest.label,
+            per_request(&fixed[0], busiest)
+        );
+    }
+    md
+}
+
 #[allow(clippy::too_many_arguments)]
 fn render(
     options: &Options,
@@ -905,7 +964,7 @@ fn render(
             let cpu: Vec<String> = run
                 .proxies
                 .iter()
-                .map(|(label, cpu, _)| format!("{label} {:.3}", run.vcpu_per_k(*cpu)))
+                .map(|p| format!("{} {:.3}", p.label, run.vcpu_per_k(p.cpu.total())))
                 .collect();
             md += &format!(
                 "| {name} | {:.0} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {} | {} | {} | {} |\n",
@@ -942,12 +1001,14 @@ fn render(
         let procs: Vec<String> = run
             .proxies
             .iter()
-            .map(|(label, cpu, rss)| {
+            .map(|p| {
+                let cpu = p.cpu.total();
                 format!(
-                    "{label}: {:.2}, {:.0}, {:.1}",
+                    "{}: {:.2}, {:.0}, {:.1}",
+                    p.label,
                     cpu / s.seconds,
                     s.requests as f64 / cpu.max(1e-9),
-                    mb(*rss)
+                    mb(p.peak_rss)
                 )
             })
             .collect();
@@ -963,7 +1024,7 @@ fn render(
     // Ratios that matter, from this run.
     let per_cpu = |name: &str| -> Option<f64> {
         let run = results.max.get(name)?;
-        let cpu: f64 = run.proxies.iter().map(|p| p.1).sum();
+        let cpu: f64 = run.proxies.iter().map(|p| p.cpu.total()).sum();
         Some(run.summary.requests as f64 * run.proxies.len() as f64 / cpu.max(1e-9))
     };
     md += "\n## Ratios (same run)\n\n";
@@ -1008,6 +1069,7 @@ fn render(
             );
         }
     }
+    md += &where_cpu_goes(options.rates[0], results);
     if !results.grpc.is_empty() {
         md += &format!(
             "\n## gRPC unary at {} req/s\n\n| scenario | p50 ms | p99 ms | p99.9 ms | errors |\n|---|---|---|---|---|\n",
@@ -1082,4 +1144,81 @@ fn render(
         md += &format!("\n![latency percentiles]({name})\n");
     }
     Ok(md)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(seconds: f64, rate: f64, proxies: &[(&str, f64, f64, u64)]) -> Run {
+        Run {
+            summary: Summary {
+                protocol: Protocol::Http1,
+                target: String::new(),
+                rate: rate as u64,
+                connections: 1,
+                concurrency: 1,
+                requests: (seconds * rate) as u64,
+                errors: Default::default(),
+                reconnects: 0,
+                seconds,
+                achieved_rate: rate,
+                p50_ms: 0.1,
+                p90_ms: 0.1,
+                p99_ms: 0.1,
+                p999_ms: 0.1,
+                max_ms: 0.1,
+                curve: Vec::new(),
+                histogram: load::new_histogram(),
+            },
+            proxies: proxies
+                .iter()
+                .map(|(label, user, system, switches)| ProxyCost {
+                    label: label.to_string(),
+                    cpu: report::CpuUse {
+                        user: *user,
+                        system: *system,
+                        switches: *switches,
+                    },
+                    peak_rss: 0,
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn cpu_per_request_is_split_for_the_busiest_proxy() {
+        let mut results = Results {
+            order: vec!["weft".into(), "direct".into()],
+            ..Default::default()
+        };
+        // 10 s at 1,000 req/s: 10,000 requests; the server side is busier.
+        results.fixed.insert(
+            "weft".into(),
+            vec![run(
+                10.0,
+                1000.0,
+                &[("client", 0.3, 0.2, 20_000), ("server", 0.5, 0.3, 27_000)],
+            )],
+        );
+        // Closed loop: 100,000 requests in 5 s.
+        results.max.insert(
+            "weft".into(),
+            run(
+                5.0,
+                20_000.0,
+                &[("client", 1.0, 1.0, 50_000), ("server", 1.5, 1.1, 60_000)],
+            ),
+        );
+        results
+            .fixed
+            .insert("direct".into(), vec![run(10.0, 1000.0, &[])]);
+        results.max.insert("direct".into(), run(5.0, 20_000.0, &[]));
+        let md = where_cpu_goes(1000, &results);
+        assert!(
+            md.contains("| weft | server | 50.0 | 30.0 | 2.70 | 15.0 | 11.0 | 0.60 |"),
+            "{md}"
+        );
+        assert!(!md.contains("| direct |"), "{md}");
+    }
 }

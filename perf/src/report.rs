@@ -125,6 +125,67 @@ pub fn proc_cpu_seconds(pid: u32) -> f64 {
     weft_proxy::usage::cpu_seconds_of(pid).unwrap_or(0.0)
 }
 
+/// What a process has spent so far: CPU seconds in its own code and in
+/// the kernel, and how many times its threads were switched out. Where
+/// a proxy's cost per request goes at a fixed rate: its work (user) or
+/// being woken and moving bytes through the kernel (system, switches).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct CpuUse {
+    pub user: f64,
+    pub system: f64,
+    pub switches: u64,
+}
+
+impl CpuUse {
+    /// Zero when the process is gone.
+    pub fn of(pid: u32) -> CpuUse {
+        let (user, system) = weft_proxy::usage::cpu_split_of(pid).unwrap_or_default();
+        CpuUse {
+            user,
+            system,
+            switches: context_switches(pid),
+        }
+    }
+
+    pub fn total(&self) -> f64 {
+        self.user + self.system
+    }
+
+    /// What was spent since `before`, scaled by `share` (the measured
+    /// part of a run read across its warm-up too).
+    pub fn since(&self, before: &CpuUse, share: f64) -> CpuUse {
+        CpuUse {
+            user: (self.user - before.user).max(0.0) * share,
+            system: (self.system - before.system).max(0.0) * share,
+            switches: (self.switches.saturating_sub(before.switches) as f64 * share) as u64,
+        }
+    }
+}
+
+/// Voluntary and involuntary context switches of every thread of `pid`
+/// (`/proc/<pid>/status` counts its main thread only).
+fn context_switches(pid: u32) -> u64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    tasks
+        .flatten()
+        .filter_map(|task| std::fs::read_to_string(task.path().join("status")).ok())
+        .map(|status| parse_switches(&status))
+        .sum()
+}
+
+fn parse_switches(status: &str) -> u64 {
+    status
+        .lines()
+        .filter_map(|line| {
+            line.strip_prefix("voluntary_ctxt_switches:")
+                .or_else(|| line.strip_prefix("nonvoluntary_ctxt_switches:"))
+        })
+        .filter_map(|value| value.trim().parse::<u64>().ok())
+        .sum()
+}
+
 /// One table row of latency percentiles, in milliseconds.
 pub fn percentiles_ms(h: &Histogram<u64>) -> [f64; 6] {
     let ms = |us: u64| us as f64 / 1000.0;
@@ -143,4 +204,40 @@ pub fn write(dir: &Path, scenario: &str, text: &str) -> anyhow::Result<PathBuf> 
     let path = dir.join(format!("{}-{scenario}.md", today()));
     std::fs::write(&path, text)?;
     Ok(path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn context_switches_are_summed_from_status() {
+        let status = "Name:\tx\nvoluntary_ctxt_switches:\t120\nnonvoluntary_ctxt_switches:\t7\n";
+        assert_eq!(parse_switches(status), 127);
+        assert_eq!(parse_switches("Name:\tx\n"), 0);
+    }
+
+    #[test]
+    fn this_process_is_read_and_differences_scale() {
+        if std::fs::metadata("/proc/self/task").is_err() {
+            eprintln!("skipping: no /proc");
+            return;
+        }
+        let before = CpuUse::of(std::process::id());
+        // Enough work for the clock tick to see, bounded in time.
+        let started = std::time::Instant::now();
+        let mut x = 0u64;
+        while started.elapsed() < std::time::Duration::from_millis(50) {
+            x = x.wrapping_mul(31).wrapping_add(7);
+            std::hint::black_box(x);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        let after = CpuUse::of(std::process::id());
+        assert!(after.total() > before.total(), "{before:?} -> {after:?}");
+        assert!(after.switches > before.switches, "{before:?} -> {after:?}");
+        let half = after.since(&before, 0.5);
+        let whole = after.since(&before, 1.0);
+        assert!((half.total() * 2.0 - whole.total()).abs() < 1e-9);
+        assert_eq!(CpuUse::of(u32::MAX), CpuUse::default());
+    }
 }

@@ -23,10 +23,17 @@ pub fn status_bytes(process: impl std::fmt::Display, field: &str) -> Option<u64>
 /// The CPU time (user and system) of `/proc/<process>` and its threads,
 /// in seconds.
 pub fn cpu_seconds_of(process: impl std::fmt::Display) -> Option<f64> {
+    cpu_split_of(process).map(|(user, system)| user + system)
+}
+
+/// The CPU time of `/proc/<process>` and its threads, in seconds, as
+/// (user, system): the benchmarks tell the proxy's own work from the
+/// kernel's.
+pub fn cpu_split_of(process: impl std::fmt::Display) -> Option<(f64, f64)> {
     let stat = std::fs::read_to_string(format!("/proc/{process}/stat")).ok()?;
     // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    parse_cpu_ticks(&stat).map(|ticks| ticks as f64 / hz.max(1) as f64)
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    parse_cpu_ticks(&stat).map(|(user, system)| (user as f64 / hz, system as f64 / hz))
 }
 
 fn parse_kib(status: &str, field: &str) -> Option<u64> {
@@ -40,14 +47,14 @@ fn parse_kib(status: &str, field: &str) -> Option<u64> {
         .ok()
 }
 
-/// utime + stime from `/proc/<pid>/stat`: fields 14 and 15, counted after
-/// the command name, which may itself hold spaces and parentheses.
-fn parse_cpu_ticks(stat: &str) -> Option<u64> {
+/// utime and stime from `/proc/<pid>/stat`: fields 14 and 15, counted
+/// after the command name, which may itself hold spaces and parentheses.
+fn parse_cpu_ticks(stat: &str) -> Option<(u64, u64)> {
     let (_, rest) = stat.rsplit_once(") ")?;
     let mut fields = rest.split(' ').skip(11);
     let user: u64 = fields.next()?.parse().ok()?;
     let system: u64 = fields.next()?.parse().ok()?;
-    Some(user + system)
+    Some((user, system))
 }
 
 #[cfg(test)]
@@ -62,7 +69,7 @@ mod tests {
         );
         assert_eq!(parse_kib("Name:\tx\n", "VmRSS:"), None);
         let stat = "42 (weft proxy) (x)) S 1 42 42 0 -1 4194560 100 0 0 0 250 75 0 0 20 0 1 0";
-        assert_eq!(parse_cpu_ticks(stat), Some(325));
+        assert_eq!(parse_cpu_ticks(stat), Some((250, 75)));
         assert_eq!(parse_cpu_ticks("garbage"), None);
     }
 
