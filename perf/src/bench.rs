@@ -103,10 +103,8 @@ impl Run {
 
     /// vCPU per 1,000 req/s of the proxy that spent the most.
     fn busiest_vcpu_per_k(&self) -> f64 {
-        self.proxies
-            .iter()
-            .map(|p| self.vcpu_per_k(p.cpu.total()))
-            .fold(0.0, f64::max)
+        self.busiest()
+            .map_or(0.0, |p| self.vcpu_per_k(p.cpu.total()))
     }
 
     /// The proxy that spent the most.
@@ -114,11 +112,6 @@ impl Run {
         self.proxies
             .iter()
             .max_by(|a, b| a.cpu.total().total_cmp(&b.cpu.total()))
-    }
-
-    /// Requests the run completed, for costs per request.
-    fn requests(&self) -> f64 {
-        (self.summary.achieved_rate * self.summary.seconds).max(1.0)
     }
 }
 
@@ -885,7 +878,7 @@ fn where_cpu_goes(rate: u64, results: &Results) -> String {
          |---|---|---|---|---|---|---|---|\n"
     );
     let per_request = |run: &Run, cost: &ProxyCost| {
-        let n = run.requests();
+        let n = (run.summary.requests as f64).max(1.0);
         format!(
             "{:.1} | {:.1} | {:.2}",
             cost.cpu.user / n * 1e6,

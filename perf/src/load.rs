@@ -284,7 +284,7 @@ fn http_request(options: &Options, target: &Target, payload: &Bytes) -> http::Re
 }
 
 /// What a successful request leaves of its connection.
-#[derive(Debug, PartialEq)]
+#[derive(Debug)]
 enum After {
     Keep,
     /// The server said `Connection: close` (nginx does every 1,000
@@ -414,7 +414,6 @@ async fn work(
             match connect(&options, &target).await {
                 Ok(fresh) => {
                     client = fresh;
-                    broken = false;
                     reconnects += 1;
                 }
                 Err(_) => {
@@ -432,12 +431,11 @@ async fn work(
         .await;
         let finished = Instant::now();
         free_at = finished;
-        if matches!(&result, Ok(Err(kind)) if kind.starts_with("io"))
-            || matches!(&result, Ok(Ok(After::Redial)))
-            || result.is_err()
-        {
-            broken = true;
-        }
+        broken = match &result {
+            Ok(Ok(After::Keep)) => false,
+            Ok(Ok(After::Redial)) | Err(_) => true,
+            Ok(Err(kind)) => kind.starts_with("io"),
+        };
         if intended < measure_from {
             continue;
         }
@@ -630,14 +628,16 @@ mod tests {
                 tokio::spawn(async move {
                     let mut buf = Vec::new();
                     for served in 1..=per_connection {
-                        while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                        let end = loop {
+                            if let Some(at) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                                break at + 4;
+                            }
                             let mut chunk = [0u8; 1024];
                             match stream.read(&mut chunk).await {
                                 Ok(0) | Err(_) => return,
                                 Ok(n) => buf.extend_from_slice(&chunk[..n]),
                             }
-                        }
-                        let end = buf.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+                        };
                         buf.drain(..end);
                         let connection = if served == per_connection {
                             "close"
