@@ -340,8 +340,31 @@ impl CertificateAuthority {
         ttl: Option<Duration>,
         now: SystemTime,
     ) -> Result<Vec<String>> {
-        self.info.check_valid_at("signing CA", now)?;
         let ttl = self.resolve_ttl(ttl)?;
+        self.sign_for(csr_pem, authenticated, ttl, now)
+    }
+
+    /// Signs a CSR made in this process for the control plane's own
+    /// identity. The lifetime is the operator's (`--serving-cert-lifetime`),
+    /// not bounded below like a workload's request, so that a test can
+    /// rotate every few seconds; it is still capped by this CA's own expiry.
+    pub fn sign_own_csr(
+        &self,
+        csr_pem: &str,
+        identity: &Identity,
+        ttl: Duration,
+    ) -> Result<Vec<String>> {
+        self.sign_for(csr_pem, identity, ttl, SystemTime::now())
+    }
+
+    fn sign_for(
+        &self,
+        csr_pem: &str,
+        authenticated: &Identity,
+        ttl: Duration,
+        now: SystemTime,
+    ) -> Result<Vec<String>> {
+        self.info.check_valid_at("signing CA", now)?;
         let csr = CertificateSigningRequestParams::from_pem(csr_pem).map_err(csr_error)?;
         let requested = requested_identity(&csr)?;
         if requested.trust_domain != self.trust_domain {

@@ -40,5 +40,17 @@ pub fn issue_workload(
     WorkloadCert::from_pem(&chain, &key)
 }
 
+/// The control plane's own certificate (see
+/// [`CertificateAuthority::sign_own_csr`]): any lifetime the operator chose.
+pub fn issue_own(
+    ca: &CertificateAuthority,
+    identity: &Identity,
+    ttl: Duration,
+) -> Result<WorkloadCert> {
+    let key = WorkloadKey::generate()?;
+    let chain = ca.sign_own_csr(&key.csr_pem(identity)?, identity, ttl)?;
+    WorkloadCert::from_pem(&chain, &key)
+}
+
 #[cfg(test)]
 mod tests;

@@ -174,6 +174,61 @@ fn current(cert: &WorkloadCert) -> Result<Current> {
     })
 }
 
+/// A DNS-named serving certificate that can be replaced while serving (the
+/// control plane's webhook): handshakes after [`ServingCert::replace`] get
+/// the new one, open connections keep theirs.
+#[derive(Clone)]
+pub struct ServingCert {
+    current: Arc<ArcSwap<CertifiedKey>>,
+}
+
+impl fmt::Debug for ServingCert {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("ServingCert")
+    }
+}
+
+impl ServingCert {
+    /// From a PEM chain (leaf first) and its PEM private key.
+    pub fn from_pem(chain_pem: &str, key_pem: &str) -> Result<Self> {
+        Ok(ServingCert {
+            current: Arc::new(ArcSwap::from_pointee(certified_key(chain_pem, key_pem)?)),
+        })
+    }
+
+    pub fn replace(&self, chain_pem: &str, key_pem: &str) -> Result<()> {
+        self.current
+            .store(Arc::new(certified_key(chain_pem, key_pem)?));
+        Ok(())
+    }
+
+    /// A TLS 1.3 server config without client authentication (the API
+    /// server calls webhooks without a client certificate) that always
+    /// presents the current certificate.
+    pub fn server_config(&self, alpn: &[&[u8]]) -> Result<Arc<ServerConfig>> {
+        let mut config = ServerConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .with_no_client_auth()
+            .with_cert_resolver(Arc::new(self.clone()));
+        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        Ok(Arc::new(config))
+    }
+}
+
+impl rustls::server::ResolvesServerCert for ServingCert {
+    fn resolve(&self, _hello: rustls::server::ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.current.load_full())
+    }
+}
+
+fn certified_key(chain_pem: &str, key_pem: &str) -> Result<CertifiedKey> {
+    Ok(CertifiedKey::from_der(
+        pem::certificates("serving certificate", chain_pem)?,
+        pem::private_key("serving key", key_pem)?,
+        &PROVIDER,
+    )?)
+}
+
 impl fmt::Debug for Resolver {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         self.0.fmt(f)
