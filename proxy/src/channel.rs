@@ -2,9 +2,13 @@
 //! the server is verified by its SPIFFE identity, not a DNS name.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use hyper_util::rt::TokioIo;
 use tonic::transport::{Channel, Endpoint};
+
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A lazily connecting channel to `address` (host:port) with `tls`.
 pub fn mesh(address: String, tls: Arc<rustls::ClientConfig>) -> Channel {
@@ -23,5 +27,12 @@ pub fn mesh(address: String, tls: Arc<rustls::ClientConfig>) -> Channel {
         }
     });
     // The URI only names the scheme for tonic; the connector decides where to go.
-    Endpoint::from_static("http://weft-control").connect_with_connector_lazy(connector)
+    // HTTP/2 PINGs notice a control plane that vanished without closing
+    // (a node lost, a NAT entry dropped) in under a minute, so the proxy
+    // reconnects elsewhere instead of waiting on a dead stream.
+    Endpoint::from_static("http://weft-control")
+        .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+        .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+        .keep_alive_while_idle(true)
+        .connect_with_connector_lazy(connector)
 }

@@ -36,6 +36,7 @@ pub mod sidecar;
 pub mod sniff;
 pub mod state;
 pub mod task;
+pub mod trust;
 pub mod upgrade;
 pub mod upstream;
 pub mod usage;

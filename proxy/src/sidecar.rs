@@ -30,6 +30,8 @@ pub struct SidecarConfig {
     pub control_plane_namespace: String,
     pub token_path: PathBuf,
     pub root_cert_path: PathBuf,
+    /// How often the root certificate file is re-read (root rotation).
+    pub root_cert_poll: Duration,
     pub pod_name: String,
     pub pod_namespace: String,
     pub pod_ip: IpAddr,
@@ -83,6 +85,9 @@ impl SidecarConfig {
             control_plane_namespace: or("WEFT_CONTROL_PLANE_NAMESPACE", "weft-system"),
             token_path: or("WEFT_TOKEN_PATH", "/var/run/secrets/weft/tokens/token").into(),
             root_cert_path: or("WEFT_ROOT_CERT", "/var/run/secrets/weft/ca/root-cert.pem").into(),
+            root_cert_poll: Duration::from_millis(
+                number("WEFT_ROOT_CERT_POLL_MS", 10_000)?.max(10),
+            ),
             pod_name: var("POD_NAME")?,
             pod_namespace: var("POD_NAMESPACE")?,
             pod_ip,
@@ -217,10 +222,14 @@ pub async fn start_with(
         }
     };
     let certs = CertStore::new(&cert)?;
-    let mut tasks = vec![crate::task::spawn(identity::rotate(
-        identity_config,
-        certs.clone(),
-    ))];
+    let mut tasks = vec![
+        crate::task::spawn(identity::rotate(identity_config, certs.clone())),
+        crate::task::spawn(crate::trust::follow(
+            config.root_cert_path.clone(),
+            bundle.clone(),
+            config.root_cert_poll,
+        )),
+    ];
 
     let xds = Arc::new(XdsState::default());
     let node = Node {

@@ -370,6 +370,7 @@ async fn a_connection_crosses_two_sidecars_configured_by_the_control_plane() {
                 control_plane_namespace: "weft-system".into(),
                 token_path,
                 root_cert_path: root.clone(),
+                root_cert_poll: Duration::from_secs(10),
                 pod_name: pod.into(),
                 pod_namespace: "demo".into(),
                 pod_ip,
