@@ -1,9 +1,12 @@
 //! The remote secret: what lets other clusters' control planes read this
-//! one. A dedicated ServiceAccount with only what weft-control needs (read
-//! services, pods, namespaces, nodes, EndpointSlices cluster-wide; Secrets
-//! only in the mesh namespace; TokenReviews), and a kubeconfig with its
-//! token, returned as a Secret manifest to apply in every other cluster.
-//! `weftctl create-remote-secret` prints it; the lab applies it.
+//! one. A dedicated ServiceAccount that may get, list and watch exactly
+//! what the watchers read (services, pods, namespaces, nodes,
+//! EndpointSlices) and nothing else: no Secrets, since the mesh namespace
+//! holds the CA key and every other cluster's credentials, and no
+//! TokenReviews. A kubeconfig with its token is returned as a Secret
+//! manifest to apply in every other cluster. `weftctl
+//! create-remote-secret` prints it; the lab applies it;
+//! `examples/install/15-remote-reader.yaml` holds the same rules.
 
 use std::time::Duration;
 
@@ -13,7 +16,16 @@ use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBind
 use kube::api::{Api, Patch, PatchParams};
 use serde_json::json;
 
-const READER: &str = "weft-reader";
+pub const READER: &str = "weft-reader";
+
+/// The reader's ClusterRole rules: what `cluster::spawn_watchers` reads.
+pub fn reader_rules() -> serde_json::Value {
+    let read = ["get", "list", "watch"];
+    json!([
+        {"apiGroups": [""], "resources": ["services", "pods", "namespaces", "nodes"], "verbs": read},
+        {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": read},
+    ])
+}
 const MANAGER: &str = "weftctl";
 
 async fn apply<K>(api: &Api<K>, name: &str, object: serde_json::Value) -> Result<K>
@@ -27,6 +39,18 @@ where
     )
     .await
     .with_context(|| format!("applying {name}"))
+}
+
+/// Deletes `name` if it exists; says which kind it deleted.
+async fn delete_if_present<K>(api: &Api<K>, name: &str) -> Result<Option<String>>
+where
+    K: kube::Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    match api.delete(name, &Default::default()).await {
+        Ok(_) => Ok(Some(K::kind(&()).into_owned())),
+        Err(kube::Error::Api(status)) if status.code == 404 => Ok(None),
+        Err(err) => Err(err).with_context(|| format!("deleting {} {name}", K::kind(&()))),
+    }
 }
 
 /// Creates (idempotently) the reader account in the cluster `client`
@@ -53,7 +77,6 @@ pub async fn create(
     .await?;
     let accounts: Api<ServiceAccount> = Api::namespaced(client.clone(), ns);
     apply(&accounts, READER, json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": READER, "namespace": ns}})).await?;
-    let read = ["get", "list", "watch"];
     let cluster_roles: Api<ClusterRole> = Api::all(client.clone());
     apply(
         &cluster_roles,
@@ -61,11 +84,7 @@ pub async fn create(
         json!({
             "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
             "metadata": {"name": READER},
-            "rules": [
-                {"apiGroups": [""], "resources": ["services", "pods", "namespaces", "nodes"], "verbs": read},
-                {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": read},
-                {"apiGroups": ["authentication.k8s.io"], "resources": ["tokenreviews"], "verbs": ["create"]},
-            ],
+            "rules": reader_rules(),
         }),
     )
     .await?;
@@ -81,30 +100,26 @@ pub async fn create(
         }),
     )
     .await?;
-    // Secrets only in the mesh namespace, not cluster-wide.
+    // Earlier versions let the reader read the mesh namespace's Secrets;
+    // an upgrade takes that away.
     let roles: Api<Role> = Api::namespaced(client.clone(), ns);
-    apply(
-        &roles,
-        READER,
-        json!({
-            "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
-            "metadata": {"name": READER, "namespace": ns},
-            "rules": [{"apiGroups": [""], "resources": ["secrets"], "verbs": read}],
-        }),
-    )
-    .await?;
     let bindings: Api<RoleBinding> = Api::namespaced(client.clone(), ns);
-    apply(
-        &bindings,
-        READER,
-        json!({
-            "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
-            "metadata": {"name": READER, "namespace": ns},
-            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": READER},
-            "subjects": [{"kind": "ServiceAccount", "name": READER, "namespace": ns}],
-        }),
-    )
-    .await?;
+    let mut notes = String::new();
+    for removed in [
+        delete_if_present(&bindings, READER).await?,
+        delete_if_present(&roles, READER).await?,
+    ]
+    .into_iter()
+    .flatten()
+    {
+        tracing::warn!(
+            namespace = ns,
+            "removed the {removed} {READER} that let other clusters read Secrets"
+        );
+        notes.push_str(&format!(
+            "# Removed the {removed} {ns}/{READER}: other clusters no longer read Secrets in {name}.\n"
+        ));
+    }
     let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
     let token_secret = format!("{READER}-token");
     apply(
@@ -141,7 +156,7 @@ pub async fn create(
         .map(|l| format!("    {l}\n"))
         .collect();
     Ok(format!(
-        "# Remote secret for cluster {name}: apply it in every other cluster of the mesh.\n\
+        "# Remote secret for cluster {name}: apply it in every other cluster of the mesh.\n{notes}\
          apiVersion: v1\nkind: Secret\nmetadata:\n  name: weft-remote-secret-{name}\n  namespace: {ns}\n  \
          labels:\n    weft.io/multicluster: \"true\"\n  annotations:\n    weft.io/cluster: {name}\n\
          type: Opaque\nstringData:\n  {name}: |\n{indented}"
