@@ -1,36 +1,25 @@
 //! The monitoring port (15014): `/metrics`, `/ready`, and `/debug/...` JSON
 //! for operators and `weftctl remote-clusters`.
 
-use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::{Request, Response};
-use hyper_util::rt::TokioIo;
 use serde_json::json;
 use tokio::net::TcpListener;
 
 use crate::hub::Hub;
+use crate::serve::HttpLimits;
 
 pub async fn serve(listener: TcpListener, hub: Arc<Hub>, remote_timeout: Duration) {
-    loop {
-        let Ok((tcp, _)) = listener.accept().await else {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            continue;
-        };
+    crate::serve::serve(listener, None, HttpLimits::default(), move |request| {
         let hub = hub.clone();
-        tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |request| {
-                let hub = hub.clone();
-                async move { Ok::<_, Infallible>(respond(&hub, &request, remote_timeout)) }
-            });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(tcp), service)
-                .await;
-        });
-    }
+        // Nothing here reads a request body: hyper discards what is sent.
+        async move { respond(&hub, &request, remote_timeout) }
+    })
+    .await
 }
 
 fn text(code: u16, content_type: &'static str, body: String) -> Response<Full<Bytes>> {

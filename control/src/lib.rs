@@ -20,6 +20,8 @@ pub mod model;
 pub mod publish;
 pub mod remote_secret;
 pub mod remotes;
+pub mod serve;
+pub mod serving;
 pub mod tls;
 pub mod xds;
 
@@ -30,13 +32,19 @@ use std::time::Duration;
 use anyhow::Context;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
-use weft_certs::tls::{CertStore, TrustBundle};
+use weft_certs::tls::TrustBundle;
 use weft_certs::{CertificateAuthority, Identity};
 use weft_xds_proto::ca::certificate_service_server::CertificateServiceServer;
 use weft_xds_proto::discovery::aggregated_discovery_service_server::AggregatedDiscoveryServiceServer;
 
 use crate::hub::{Debounce, Hub};
 use crate::model::{Model, ModelConfig};
+
+/// The largest message a proxy may send: a reconnecting proxy's request
+/// lists the version of everything it holds (about 60 bytes a workload), so
+/// 4 MiB is room for ~60,000 workloads; anything larger is refused before
+/// it is buffered.
+pub const XDS_MAX_MESSAGE: usize = 4 * 1024 * 1024;
 
 /// Everything a control plane is started with.
 #[derive(Clone, Debug)]
@@ -60,6 +68,14 @@ pub struct Config {
     pub remote_timeout: Duration,
     /// "ns/name" or "ns/*" services that are never merged across clusters.
     pub cluster_local: Vec<String>,
+    /// Lifetime of the control plane's own serving certificates (xDS,
+    /// webhook); they are renewed at half of it.
+    pub serving_cert_lifetime: Duration,
+    /// xDS streams end after about this long (give or take 10%), so that
+    /// proxies spread over replicas again; Istio uses 30 minutes.
+    pub xds_max_stream_age: Duration,
+    /// Bounds on the xDS/CA port's connections.
+    pub xds_limits: tls::Limits,
 }
 
 impl Config {
@@ -79,6 +95,9 @@ impl Config {
             debounce: Debounce::default(),
             remote_timeout: Duration::from_secs(30),
             cluster_local: Vec::new(),
+            serving_cert_lifetime: Duration::from_secs(24 * 3600),
+            xds_max_stream_age: Duration::from_secs(30 * 60),
+            xds_limits: tls::Limits::default(),
         }
     }
 }
@@ -151,37 +170,26 @@ impl ControlPlane {
         let webhook = bind(config.webhook_addr, "webhook").await?;
         let webhook_addr = webhook.as_ref().and_then(|l| l.local_addr().ok());
         tasks.push(tokio::spawn(publish::run(local.clone(), ca.roots_pem())));
+        let identity = Identity::new(&config.trust_domain, &config.namespace, "weft-control")?;
+        let serving = serving::ServingCerts::issue(
+            &ca,
+            identity,
+            &config.namespace,
+            &config.domain_suffix,
+            config.serving_cert_lifetime,
+        )?;
+        tasks.push(tokio::spawn(
+            serving.clone().rotate(ca.clone(), hub.clone()),
+        ));
         if let Some(listener) = webhook {
-            let ns = &config.namespace;
-            let names = [
-                "weft-control".to_string(),
-                format!("weft-control.{ns}"),
-                format!("weft-control.{ns}.svc"),
-                format!("weft-control.{ns}.svc.{}", config.domain_suffix),
-                "localhost".to_string(),
-            ];
-            let names: Vec<&str> = names.iter().map(String::as_str).collect();
-            let (chain, key) = ca.issue_serving(
-                &names,
-                &["127.0.0.1".parse()?],
-                Duration::from_secs(365 * 86400),
-            )?;
-            let tls = rustls::ServerConfig::builder_with_provider(weft_certs::tls::provider())
-                .with_safe_default_protocol_versions()?
-                .with_no_client_auth()
-                .with_single_cert(
-                    weft_certs::pem::certificates("webhook certificate", &chain)?,
-                    weft_certs::pem::private_key("webhook key", &key)?,
-                )?;
-            let mut tls = tls;
-            tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+            let tls = serving.webhook.server_config(&[b"h2", b"http/1.1"])?;
             let mut values = config.injection.clone();
             values.cluster_id = config.cluster_id.clone();
             values.network = config.network.clone();
             values.trust_domain = config.trust_domain.clone();
             tasks.push(tokio::spawn(inject::webhook::serve(
                 listener,
-                Arc::new(tls),
+                tls,
                 Arc::new(values),
             )));
         }
@@ -194,7 +202,7 @@ impl ControlPlane {
                 hub.clone(),
                 config.remote_timeout,
             ))
-            .max_decoding_message_size(16 * 1024 * 1024);
+            .max_decoding_message_size(XDS_MAX_MESSAGE);
             let incoming =
                 tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
             tasks.push(tokio::spawn(async move {
@@ -208,26 +216,39 @@ impl ControlPlane {
             }));
         }
         if let Some(listener) = secure {
-            // The control plane's own identity, from its own CA.
-            let identity = Identity::new(&config.trust_domain, &config.namespace, "weft-control")?;
-            let cert =
-                weft_certs::issue_workload(&ca, &identity, Some(Duration::from_secs(7 * 86400)))?;
-            let certs = CertStore::new(&cert)?;
             let bundle = TrustBundle::from_pem(&ca.roots_pem())?;
-            let tls = weft_certs::tls::server_config_optional_client(&certs, &bundle)?;
-            let ads = AggregatedDiscoveryServiceServer::new(xds::AdsServer::new(
+            let tls = weft_certs::tls::server_config_optional_client(&serving.xds, &bundle)?;
+            let ads = AggregatedDiscoveryServiceServer::new(xds::AdsServer::for_mesh(
                 hub.clone(),
                 config.remote_timeout,
+                config.xds_max_stream_age,
             ))
-            .max_decoding_message_size(16 * 1024 * 1024);
-            let ca_service = CertificateServiceServer::new(ca::CaService {
-                ca: ca.clone(),
-                client: local.clone(),
-                hub: hub.clone(),
-            });
-            let incoming = tls::incoming(listener, tls);
+            .max_decoding_message_size(XDS_MAX_MESSAGE);
+            let ca_service = CertificateServiceServer::new(ca::CaService::new(
+                ca.clone(),
+                local.clone(),
+                hub.clone(),
+            ))
+            .max_decoding_message_size(XDS_MAX_MESSAGE);
+            let limits = config.xds_limits;
+            let incoming = tls::incoming(
+                listener,
+                tls,
+                limits,
+                hub.metrics.connections_refused.clone(),
+            );
+            // Keepalive notices a dead peer (a node gone, a NAT entry
+            // dropped) within a minute on both ends; the age bound sends
+            // GOAWAY to any client the stream age did not already move.
+            let age_bound = config.xds_max_stream_age.mul_f64(1.2);
             tasks.push(tokio::spawn(async move {
                 if let Err(err) = tonic::transport::Server::builder()
+                    .max_concurrent_streams(Some(limits.streams_per_connection))
+                    .http2_keepalive_interval(Some(limits.keepalive_interval))
+                    .http2_keepalive_timeout(Some(limits.keepalive_timeout))
+                    .max_connection_age(age_bound)
+                    .max_connection_age_grace(Duration::from_secs(10))
+                    .http2_max_header_list_size(Some(16 * 1024))
                     .add_service(ads)
                     .add_service(ca_service)
                     .serve_with_incoming(incoming)

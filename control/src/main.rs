@@ -74,6 +74,17 @@ struct Args {
         value_delimiter = ','
     )]
     cluster_local: Vec<String>,
+    /// Lifetime of the control plane's own xDS and webhook certificates,
+    /// in seconds; they are renewed at half of it.
+    #[arg(long, env = "WEFT_SERVING_CERT_LIFETIME", default_value_t = 86_400)]
+    serving_cert_lifetime: u64,
+    /// xDS streams end after about this many seconds (give or take 10%),
+    /// so that proxies spread over the replicas there are now.
+    #[arg(long, env = "WEFT_XDS_MAX_STREAM_AGE", default_value_t = 1_800)]
+    xds_max_stream_age: u64,
+    /// Open connections one IP address may hold on the xDS/CA port.
+    #[arg(long, env = "WEFT_XDS_CONNECTIONS_PER_PEER", default_value_t = 64)]
+    xds_connections_per_peer: usize,
 }
 
 async fn local_client(kubeconfig: Option<&PathBuf>) -> anyhow::Result<kube::Client> {
@@ -127,6 +138,12 @@ async fn main() -> anyhow::Result<()> {
         },
         remote_timeout: Duration::from_secs(args.remote_sync_timeout),
         cluster_local: args.cluster_local,
+        serving_cert_lifetime: Duration::from_secs(args.serving_cert_lifetime.max(2)),
+        xds_max_stream_age: Duration::from_secs(args.xds_max_stream_age.max(1)),
+        xds_limits: weft_control::tls::Limits {
+            connections_per_peer: args.xds_connections_per_peer.max(1),
+            ..Default::default()
+        },
         ..Config::new(args.cluster_id)
     };
     let control = ControlPlane::start(config, client).await?;

@@ -32,6 +32,12 @@ pub struct Metrics {
     pub convergence_latency: Histogram,
     pub certificates_issued: Counter,
     pub certificates_refused: Counter,
+    /// xDS streams refused for want of a mesh client certificate.
+    pub xds_refused: Counter,
+    /// Connections to 15012 closed before the handshake, by reason.
+    pub connections_refused: Family<RejectLabels, Counter>,
+    /// When the control plane's own serving certificates were last issued.
+    pub serving_cert_rotations: Counter,
 }
 
 impl Default for Metrics {
@@ -52,6 +58,9 @@ impl Default for Metrics {
             convergence_latency: Histogram::new(exponential_buckets(0.001, 2.0, 15)),
             certificates_issued: Counter::default(),
             certificates_refused: Counter::default(),
+            xds_refused: Counter::default(),
+            connections_refused: Family::default(),
+            serving_cert_rotations: Counter::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -110,6 +119,21 @@ impl Default for Metrics {
             "certificates_refused",
             "Certificate requests refused",
             m.certificates_refused.clone(),
+        );
+        registry.register(
+            "xds_refused",
+            "xDS streams refused: no client certificate from the mesh CA",
+            m.xds_refused.clone(),
+        );
+        registry.register(
+            "connections_refused",
+            "Connections to the xDS/CA port closed unserved, by reason",
+            m.connections_refused.clone(),
+        );
+        registry.register(
+            "serving_cert_rotations",
+            "Serving certificates (xDS, webhook) issued to the control plane itself",
+            m.serving_cert_rotations.clone(),
         );
         Metrics { registry, ..m }
     }

@@ -35,15 +35,48 @@ pub const CHUNK: usize = 200;
 pub struct AdsServer {
     hub: Arc<Hub>,
     remote_timeout: std::time::Duration,
+    /// Whether a stream needs a client certificate chained to the mesh root.
+    /// The mesh view (every workload, address and identity of every
+    /// cluster) is for mesh workloads only; only the plain-text port of
+    /// tests and benchmarks serves without one.
+    require_identity: bool,
+    /// Streams end after about this long (jittered per stream), so that
+    /// proxies reconnect, and spread over the replicas there are now.
+    max_stream_age: Option<std::time::Duration>,
 }
 
 impl AdsServer {
+    /// A server for any client (the plain-text port of tests and benches).
     pub fn new(hub: Arc<Hub>, remote_timeout: std::time::Duration) -> Self {
         AdsServer {
             hub,
             remote_timeout,
+            require_identity: false,
+            max_stream_age: None,
         }
     }
+
+    /// A server that answers only clients with a mesh certificate, and ends
+    /// each stream after `max_age` give or take 10%.
+    pub fn for_mesh(
+        hub: Arc<Hub>,
+        remote_timeout: std::time::Duration,
+        max_age: std::time::Duration,
+    ) -> Self {
+        AdsServer {
+            hub,
+            remote_timeout,
+            require_identity: true,
+            max_stream_age: Some(max_age),
+        }
+    }
+}
+
+/// `age` moved by up to 10% either way, so that streams opened together
+/// (after a control plane restart) do not all end together.
+pub fn jittered(age: std::time::Duration) -> std::time::Duration {
+    use rand::Rng;
+    age.mul_f64(rand::rng().random_range(0.9..=1.1))
 }
 
 type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
@@ -67,13 +100,29 @@ impl AggregatedDiscoveryService for AdsServer {
         request: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
         let peer = request.extensions().get::<PeerIdentity>().cloned();
+        if self.require_identity && peer.as_ref().and_then(|p| p.identity.as_ref()).is_none() {
+            self.hub.metrics.xds_refused.inc();
+            tracing::info!(addr = ?peer.map(|p| p.addr), "xDS refused: no mesh client certificate");
+            return Err(Status::unauthenticated(
+                "xDS needs a client certificate from the mesh CA",
+            ));
+        }
+        let age = self.max_stream_age.map(jittered);
         let inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(1);
         let hub = self.hub.clone();
         let remote_timeout = self.remote_timeout;
         tokio::spawn(async move {
             hub.metrics.connected_proxies.inc();
-            let result = serve_stream(&hub, remote_timeout, peer.clone(), inbound, &tx).await;
+            let stream = serve_stream(&hub, remote_timeout, peer.clone(), inbound, &tx);
+            let result = match age {
+                Some(age) => tokio::time::timeout(age, stream).await.unwrap_or_else(|_| {
+                    Err(Status::unavailable(
+                        "this stream reached its maximum age; reconnect",
+                    ))
+                }),
+                None => stream.await,
+            };
             hub.metrics.connected_proxies.dec();
             if let Err(status) = result {
                 tracing::debug!(peer = ?peer, %status, "xDS stream ended with an error");

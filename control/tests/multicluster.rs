@@ -743,6 +743,40 @@ async fn delta_xds_ack_nack_and_resume() {
     let _ = resumed.requests.capacity();
 }
 
+/// A gRPC channel over TLS to `addr` that verifies the control plane's
+/// SPIFFE identity (`config` decides whether a client certificate goes too).
+async fn tls_channel(
+    addr: std::net::SocketAddr,
+    config: Arc<rustls::ClientConfig>,
+) -> tonic::transport::Channel {
+    tls_channel_from(addr, config, None).await.unwrap()
+}
+
+/// As [`tls_channel`], from the local address `from` when given.
+async fn tls_channel_from(
+    addr: std::net::SocketAddr,
+    config: Arc<rustls::ClientConfig>,
+    from: Option<std::net::IpAddr>,
+) -> Result<tonic::transport::Channel, tonic::transport::Error> {
+    tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect_with_connector(tower::service_fn(move |_| {
+            let config = config.clone();
+            async move {
+                let socket = tokio::net::TcpSocket::new_v4()?;
+                if let Some(ip) = from {
+                    socket.bind(std::net::SocketAddr::new(ip, 0))?;
+                }
+                let tcp = socket.connect(addr).await?;
+                let tls = tokio_rustls::TlsConnector::from(config)
+                    .connect(weft_certs::tls::mesh_server_name(addr.ip()), tcp)
+                    .await?;
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tls))
+            }
+        }))
+        .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ca_signs_only_the_callers_own_identity() {
     use weft_certs::tls::{self, TrustBundle};
@@ -754,13 +788,15 @@ async fn ca_signs_only_the_callers_own_identity() {
     let accounts: Api<ServiceAccount> = Api::namespaced(c1.client.clone(), "demo");
     let sa = serde_json::from_value(json!({"metadata": {"name": "echo"}})).unwrap();
     accounts.create(&PostParams::default(), &sa).await.unwrap();
-    let token = |audience: &'static str| {
+    // Tokens asked for in the same second are the same text unless their
+    // lifetimes differ.
+    let token_for = |audience: &'static str, seconds: i64| {
         let accounts = accounts.clone();
         async move {
             let request = TokenRequest {
                 spec: TokenRequestSpec {
                     audiences: vec![audience.into()],
-                    expiration_seconds: Some(3600),
+                    expiration_seconds: Some(seconds),
                     ..Default::default()
                 },
                 ..Default::default()
@@ -774,30 +810,12 @@ async fn ca_signs_only_the_callers_own_identity() {
                 .token
         }
     };
+    let token = |audience: &'static str| token_for(audience, 3600);
     let control = control_plane(&c1, "c1").await;
     let bundle = TrustBundle::from_pem(&control.ca.roots_pem()).unwrap();
     let control_identity = Identity::new("cluster.local", "weft-system", "weft-control").unwrap();
 
-    // A TLS channel that verifies the control plane's SPIFFE identity.
-    let channel = |config: Arc<rustls::ClientConfig>| {
-        let addr = control.xds_tls_addr.unwrap();
-        async move {
-            tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-                .unwrap()
-                .connect_with_connector(tower::service_fn(move |_| {
-                    let config = config.clone();
-                    async move {
-                        let tcp = tokio::net::TcpStream::connect(addr).await?;
-                        let tls = tokio_rustls::TlsConnector::from(config)
-                            .connect(tls::mesh_server_name(addr.ip()), tcp)
-                            .await?;
-                        Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tls))
-                    }
-                }))
-                .await
-                .unwrap()
-        }
-    };
+    let channel = |config| tls_channel(control.xds_tls_addr.unwrap(), config);
     let anonymous =
         tls::client_config_without_certificate(&bundle, vec![control_identity.clone()]).unwrap();
     let mut ca = CertificateServiceClient::new(channel(anonymous).await);
@@ -841,7 +859,11 @@ async fn ca_signs_only_the_callers_own_identity() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::Unauthenticated, "{err}");
-    let stale_token = token("weft-ca").await;
+    let stale_token = token_for("weft-ca", 5400).await;
+    let reviewed_token = token_for("weft-ca", 7200).await;
+    ca.create_certificate(ask(key.csr_pem(&me).unwrap(), reviewed_token.clone()))
+        .await
+        .unwrap();
     accounts
         .delete("echo", &DeleteParams::default())
         .await
@@ -851,6 +873,27 @@ async fn ca_signs_only_the_callers_own_identity() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::Unauthenticated, "{err}");
+    // A reviewed token is remembered until it expires, without another
+    // TokenReview: the account's deletion is not seen for it.
+    ca.create_certificate(ask(key.csr_pem(&me).unwrap(), reviewed_token.clone()))
+        .await
+        .expect("a reviewed token is served from the cache");
+
+    // Four refusals so far from this address; at ten, it is not heard for
+    // the rest of the minute, even with a good token.
+    for _ in 0..6 {
+        let err = ca
+            .create_certificate(ask(key.csr_pem(&me).unwrap(), "not-a-token".into()))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::Unauthenticated, "{err}");
+        assert_eq!(err.message(), "token rejected", "no reviewer text echoed");
+    }
+    let err = ca
+        .create_certificate(ask(key.csr_pem(&me).unwrap(), reviewed_token))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err}");
 
     // The certificate opens an mTLS xDS stream to the same port.
     c1.service("echo", false).await;
@@ -1099,4 +1142,384 @@ async fn pods_are_injected_through_the_webhook() {
         .await
         .unwrap();
     assert_eq!(response.status(), 400);
+}
+
+/// The TLS port's xDS answers mesh workloads only, and the control plane's
+/// own certificates rotate under open streams: each lives 2 s here, so a
+/// handshake after 4 s works only with a renewed one, and a stream opened
+/// before the rotations still delivers changes after them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn xds_needs_a_mesh_certificate_and_streams_outlive_serving_cert_rotations() {
+    use weft_certs::Identity;
+    use weft_certs::tls::{self, CertStore, TrustBundle};
+
+    let c1 = Lab::start("c1").await;
+    c1.service("echo", false).await;
+    c1.workload("echo", "a1", "10.1.0.5").await;
+    let mut config = Config::new("c1");
+    config.xds_tls_addr = Some("127.0.0.1:0".parse().unwrap());
+    config.webhook_addr = Some("127.0.0.1:0".parse().unwrap());
+    config.serving_cert_lifetime = Duration::from_secs(2);
+    config.debounce = Debounce {
+        quiet: Duration::from_millis(50),
+        max_delay: Duration::from_secs(1),
+    };
+    let control = ControlPlane::start(config, c1.client.clone())
+        .await
+        .unwrap();
+    let addr = control.xds_tls_addr.unwrap();
+    let bundle = TrustBundle::from_pem(&control.ca.roots_pem()).unwrap();
+    let control_identity = Identity::new("cluster.local", "weft-system", "weft-control").unwrap();
+
+    // No client certificate: the handshake succeeds (the CA needs that),
+    // the xDS stream does not.
+    let anonymous =
+        tls::client_config_without_certificate(&bundle, vec![control_identity.clone()]).unwrap();
+    let (_requests, outbound) = mpsc::channel::<DeltaDiscoveryRequest>(1);
+    let err = AggregatedDiscoveryServiceClient::new(tls_channel(addr, anonymous).await)
+        .delta_aggregated_resources(ReceiverStream::new(outbound))
+        .await
+        .expect_err("an anonymous client gets no stream");
+    assert_eq!(err.code(), tonic::Code::Unauthenticated, "{err}");
+    assert_eq!(control.hub.metrics.xds_refused.get(), 1);
+
+    let me = Identity::new("cluster.local", "demo", "client").unwrap();
+    let cert = weft_certs::issue_workload(&control.ca, &me, None).unwrap();
+    let mtls = tls::client_config(
+        &CertStore::new(&cert).unwrap(),
+        &bundle,
+        vec![control_identity],
+    )
+    .unwrap();
+    let early = XdsClient::over(tls_channel(addr, mtls.clone()).await, BTreeMap::new()).await;
+    eventually("the first workload", || async {
+        early.workload("c1/demo/a1").is_some()
+    })
+    .await;
+
+    eventually("three serving certificate rotations", || async {
+        control.hub.metrics.serving_cert_rotations.get() >= 3
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The first certificates expired 2 s after they were issued: new
+    // handshakes see renewed ones.
+    let late = XdsClient::over(tls_channel(addr, mtls).await, BTreeMap::new()).await;
+    c1.workload("echo", "a2", "10.1.0.6").await;
+    eventually("a change after the rotations, on both streams", || async {
+        early.workload("c1/demo/a2").is_some() && late.workload("c1/demo/a2").is_some()
+    })
+    .await;
+
+    // The webhook's DNS certificate is renewed too.
+    let mut roots = rustls::RootCertStore::empty();
+    for der in weft_certs::pem::certificates("root", &control.ca.roots_pem()).unwrap() {
+        roots.add(der).unwrap();
+    }
+    let webhook_tls = rustls::ClientConfig::builder_with_provider(weft_certs::tls::provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(control.webhook_addr.unwrap())
+        .await
+        .unwrap();
+    tokio_rustls::TlsConnector::from(Arc::new(webhook_tls))
+        .connect("localhost".try_into().unwrap(), tcp)
+        .await
+        .expect("the webhook presents a current certificate");
+}
+
+/// Without `cacerts`, the self-signed root is made once and kept in a
+/// Secret: a second replica and a restarted control plane sign under it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_cacerts_the_root_survives_restarts_and_replicas() {
+    let c1 = Lab::start("c1").await;
+    let (a, b) = tokio::join!(control_plane(&c1, "c1"), control_plane(&c1, "c1"));
+    let root = a.ca.roots_pem();
+    assert_eq!(
+        b.ca.roots_pem(),
+        root,
+        "two replicas started together share a root"
+    );
+    drop((a, b));
+    let restarted = control_plane(&c1, "c1").await;
+    assert_eq!(restarted.ca.roots_pem(), root, "a restart keeps the root");
+    let secrets: Api<Secret> = Api::namespaced(c1.client.clone(), "weft-system");
+    let stored = secrets
+        .get(weft_control::ca::SELF_SIGNED_SECRET)
+        .await
+        .unwrap();
+    assert!(stored.data.unwrap().contains_key("ca-key.pem"));
+}
+
+fn resident_bytes() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .unwrap_or(0)
+        * 1024
+}
+
+/// Slow and oversized clients on every port the pod network reaches leave
+/// the control plane serving: heads that never finish are cut off, large
+/// bodies and messages refused unread, one source's connections bounded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_clients_leave_the_control_plane_serving() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use weft_certs::Identity;
+    use weft_certs::tls::{self, CertStore, TrustBundle};
+    use weft_xds_proto::ca::CreateCertificateRequest;
+    use weft_xds_proto::ca::certificate_service_client::CertificateServiceClient;
+
+    let c1 = Lab::start("c1").await;
+    let mut config = Config::new("c1");
+    config.xds_tls_addr = Some("127.0.0.1:0".parse().unwrap());
+    config.webhook_addr = Some("127.0.0.1:0".parse().unwrap());
+    config.monitoring_addr = Some("127.0.0.1:0".parse().unwrap());
+    let control = ControlPlane::start(config, c1.client.clone())
+        .await
+        .unwrap();
+    let (xds, webhook, monitoring) = (
+        control.xds_tls_addr.unwrap(),
+        control.webhook_addr.unwrap(),
+        control.monitoring_addr.unwrap(),
+    );
+    let rss_before = resident_bytes();
+
+    // Slowloris: 100 connections per port that send part of a head (or, on
+    // the TLS ports, nothing) and then wait.
+    let mut idle = Vec::new();
+    for addr in [monitoring, webhook, xds] {
+        for _ in 0..100 {
+            let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+            if addr == monitoring {
+                tcp.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\nx-slow: ")
+                    .await
+                    .unwrap();
+            }
+            idle.push((addr, tcp));
+        }
+    }
+    // Meanwhile the ports answer others.
+    assert_eq!(http_get(monitoring, "/ready").await.trim(), "ready");
+    let refused = || {
+        control
+            .hub
+            .metrics
+            .encode()
+            .lines()
+            .find(|l| l.contains("connections_refused_total{reason=\"connections_per_peer\"}"))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    eventually(
+        "xDS connections past 64 from one address refused",
+        || async { refused() >= 36 },
+    )
+    .await;
+    let bundle = TrustBundle::from_pem(&control.ca.roots_pem()).unwrap();
+    let control_identity = Identity::new("cluster.local", "weft-system", "weft-control").unwrap();
+    let me = Identity::new("cluster.local", "demo", "client").unwrap();
+    let cert = weft_certs::issue_workload(&control.ca, &me, None).unwrap();
+    let mtls = tls::client_config(
+        &CertStore::new(&cert).unwrap(),
+        &bundle,
+        vec![control_identity.clone()],
+    )
+    .unwrap();
+    c1.service("echo", false).await;
+    c1.workload("echo", "a1", "10.1.0.5").await;
+    // Another source address (loopback is a /8) is served as usual.
+    let other = Some("127.0.0.2".parse().unwrap());
+    let client = XdsClient::over(
+        tls_channel_from(xds, mtls.clone(), other).await.unwrap(),
+        BTreeMap::new(),
+    )
+    .await;
+    eventually("xDS from another address", || async {
+        client.workload("c1/demo/a1").is_some()
+    })
+    .await;
+
+    // Oversized: a 64 KiB header on 15014, a 5 MiB AdmissionReview on
+    // 15017, a 5 MiB certificate request on 15012.
+    let mut tcp = tokio::net::TcpStream::connect(monitoring).await.unwrap();
+    let huge = "a".repeat(70 * 1024);
+    let _ = tcp
+        .write_all(format!("GET /metrics HTTP/1.1\r\nhost: x\r\nx-big: {huge}\r\n\r\n").as_bytes())
+        .await;
+    let mut answer = String::new();
+    let _ = tcp.read_to_string(&mut answer).await;
+    assert!(
+        !answer.contains("200 OK"),
+        "an oversized head is not served"
+    );
+
+    let mut roots = rustls::RootCertStore::empty();
+    for der in weft_certs::pem::certificates("root", &control.ca.roots_pem()).unwrap() {
+        roots.add(der).unwrap();
+    }
+    let webhook_tls = Arc::new(
+        rustls::ClientConfig::builder_with_provider(weft_certs::tls::provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+    );
+    for _ in 0..4 {
+        let tcp = tokio::net::TcpStream::connect(webhook).await.unwrap();
+        let mut tls = tokio_rustls::TlsConnector::from(webhook_tls.clone())
+            .connect("localhost".try_into().unwrap(), tcp)
+            .await
+            .unwrap();
+        let body = 5 * 1024 * 1024;
+        tls.write_all(
+            format!("POST /inject HTTP/1.1\r\nhost: x\r\ncontent-length: {body}\r\n\r\n")
+                .as_bytes(),
+        )
+        .await
+        .unwrap();
+        let _ = tls.write_all(&vec![b'{'; body]).await;
+        let mut answer = Vec::new();
+        let _ = tls.read_to_end(&mut answer).await;
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    }
+
+    let anonymous =
+        tls::client_config_without_certificate(&bundle, vec![control_identity]).unwrap();
+    let mut ca =
+        CertificateServiceClient::new(tls_channel_from(xds, anonymous, other).await.unwrap())
+            .max_encoding_message_size(64 * 1024 * 1024);
+    for _ in 0..4 {
+        let err = ca
+            .create_certificate(CreateCertificateRequest {
+                csr: "x".repeat(5 * 1024 * 1024),
+                validity_seconds: 3600,
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::OutOfRange, "{err}");
+    }
+    let grown = resident_bytes().saturating_sub(rss_before);
+    assert!(
+        grown < 96 * 1024 * 1024,
+        "memory grew by {} MiB",
+        grown / (1024 * 1024)
+    );
+
+    // The slow heads and handshakes are cut off after 10 s.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let mut cut = 0;
+    for (addr, tcp) in idle.iter_mut().filter(|(a, _)| *a != xds).take(10) {
+        let mut buf = [0u8; 1024];
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            match tokio::time::timeout(left, tcp.read(&mut buf)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => {
+                    cut += 1;
+                    break;
+                }
+                Ok(Ok(_)) => continue,
+                Err(_) => panic!("a slow client on {addr} was still connected after 20 s"),
+            }
+        }
+    }
+    assert_eq!(cut, 10);
+    assert_eq!(http_get(monitoring, "/ready").await.trim(), "ready");
+}
+
+/// The documents of one install manifest, by kind and name.
+fn install_docs(file: &str) -> Vec<serde_json::Value> {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../examples/install")
+        .join(file);
+    serde_saphyr::from_multiple::<serde_json::Value>(&std::fs::read_to_string(path).unwrap())
+        .unwrap()
+}
+
+fn rules_of<'a>(docs: &'a [serde_json::Value], kind: &str, name: &str) -> &'a serde_json::Value {
+    &docs
+        .iter()
+        .find(|d| d["kind"] == kind && d["metadata"]["name"] == name)
+        .unwrap_or_else(|| panic!("no {kind} {name}"))["rules"]
+}
+
+/// Other clusters read exactly what the watchers read: the reader that
+/// `create-remote-secret` applies and the one in `examples/install` agree,
+/// neither grants Secrets or TokenReviews, and an upgrade removes the old
+/// Secret-reading Role. weft-control writes only its own ConfigMap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_roles_grant_only_what_is_read_and_written() {
+    use k8s_openapi::api::rbac::v1::{ClusterRole, Role};
+
+    let c1 = Lab::start("c1").await;
+    // What an earlier version left: the reader could read Secrets here.
+    let roles: Api<Role> = Api::namespaced(c1.client.clone(), "weft-system");
+    let legacy = serde_json::from_value(json!({
+        "metadata": {"name": "weft-reader"},
+        "rules": [{"apiGroups": [""], "resources": ["secrets"], "verbs": ["get", "list", "watch"]}],
+    }))
+    .unwrap();
+    roles.create(&PostParams::default(), &legacy).await.unwrap();
+
+    let manifest = weft_control::remote_secret::create(
+        c1.client.clone(),
+        &format!("https://{}", c1.server.addr()),
+        "c1",
+        "weft-system",
+    )
+    .await
+    .unwrap();
+    assert!(
+        manifest.contains("# Removed the Role weft-system/weft-reader"),
+        "{manifest}"
+    );
+    assert!(roles.get_opt("weft-reader").await.unwrap().is_none());
+
+    let applied = Api::<ClusterRole>::all(c1.client.clone())
+        .get("weft-reader")
+        .await
+        .unwrap();
+    let applied = serde_json::to_value(applied.rules.unwrap()).unwrap();
+    let reader = install_docs("15-remote-reader.yaml");
+    assert_eq!(&applied, rules_of(&reader, "ClusterRole", "weft-reader"));
+    assert_eq!(applied, weft_control::remote_secret::reader_rules());
+    let text = serde_json::to_string(&reader).unwrap();
+    for forbidden in ["secrets", "tokenreviews", "\"Role\"", "\"*\""] {
+        assert!(
+            !text.contains(forbidden),
+            "the reader's manifest grants {forbidden}"
+        );
+    }
+    for rule in applied.as_array().unwrap() {
+        assert_eq!(rule["verbs"], json!(["get", "list", "watch"]));
+    }
+
+    let own = install_docs("10-rbac.yaml");
+    let configmaps: Vec<&serde_json::Value> = rules_of(&own, "ClusterRole", "weft-control")
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["resources"] == json!(["configmaps"]))
+        .collect();
+    assert_eq!(configmaps.len(), 2, "{configmaps:?}");
+    for rule in configmaps {
+        if rule["verbs"] == json!(["create"]) {
+            continue;
+        }
+        assert_eq!(
+            rule["resourceNames"],
+            json!([weft_control::publish::ROOT_CERT_CONFIGMAP])
+        );
+        assert_eq!(rule["verbs"], json!(["get", "update", "patch"]));
+    }
+    let secrets = rules_of(&own, "Role", "weft-control");
+    assert_eq!(
+        secrets,
+        &json!([{"apiGroups": [""], "resources": ["secrets"], "verbs": ["get", "list", "watch", "create"]}])
+    );
 }

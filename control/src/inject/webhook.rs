@@ -6,18 +6,17 @@
 //! 500, so the API server applies the webhook's `failurePolicy`; anything
 //! but a Pod CREATE is allowed unchanged.
 
-use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::Full;
 use hyper::{Request, Response};
-use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
 
 use super::{Values, encode_patch, pod_patch};
+use crate::serve::{BodyError, HttpLimits, read_body};
 
 /// An answer the webhook gives: HTTP code and body.
 #[derive(Debug, PartialEq)]
@@ -79,56 +78,40 @@ pub fn review(body: &[u8], values: &Values) -> Answer {
 }
 
 const MAX_BODY: usize = 4 * 1024 * 1024;
+/// How long the API server may take to send an AdmissionReview's body.
+const BODY_DEADLINE: Duration = Duration::from_secs(10);
 
 async fn handle(
     values: Arc<Values>,
     request: Request<hyper::body::Incoming>,
-) -> Result<Response<Full<Bytes>>, Infallible> {
+) -> crate::serve::Answer {
     let answer = if request.uri().path() != "/inject" {
         error(404, "the injection webhook is served at /inject")
     } else if request.method() != hyper::Method::POST {
         error(405, "POST an AdmissionReview to /inject")
     } else {
-        match Limited::new(request.into_body(), MAX_BODY).collect().await {
-            Ok(body) => review(&body.to_bytes(), &values),
-            Err(_) => error(413, "the AdmissionReview is too large"),
+        match read_body(request.into_body(), MAX_BODY, BODY_DEADLINE).await {
+            Ok(body) => review(&body, &values),
+            Err(BodyError::TooLarge) => error(413, "the AdmissionReview is too large"),
+            Err(BodyError::TooSlow) => error(408, "the AdmissionReview arrived too slowly"),
         }
     };
     if answer.code != 200 {
         tracing::warn!(code = answer.code, body = %answer.body, "injection request refused");
     }
-    Ok(Response::builder()
+    Response::builder()
         .status(answer.code)
         .header("content-type", "application/json")
         .body(Full::new(Bytes::from(answer.body.to_string())))
-        .unwrap_or_default())
+        .unwrap_or_default()
 }
 
 /// Serves the webhook over TLS until the task is aborted.
 pub async fn serve(listener: TcpListener, tls: Arc<rustls::ServerConfig>, values: Arc<Values>) {
-    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
-    loop {
-        let Ok((tcp, peer)) = listener.accept().await else {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            continue;
-        };
-        let (acceptor, values) = (acceptor.clone(), values.clone());
-        tokio::spawn(async move {
-            let tls =
-                match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
-                    Ok(Ok(tls)) => tls,
-                    _ => {
-                        tracing::debug!(%peer, "webhook TLS handshake failed");
-                        return;
-                    }
-                };
-            let service =
-                hyper::service::service_fn(move |request| handle(values.clone(), request));
-            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(tls), service)
-                .await;
-        });
-    }
+    crate::serve::serve(listener, Some(tls), HttpLimits::default(), move |request| {
+        handle(values.clone(), request)
+    })
+    .await
 }
 
 #[cfg(test)]
