@@ -408,9 +408,10 @@ pub struct SidecarSpec {
 
 /// The sidecar's listeners and their ports: bound on the pod's own address
 /// when pods share loopback instead of having network namespaces.
-pub const SIDECAR_LISTENERS: [(&str, u16); 5] = [
+pub const SIDECAR_LISTENERS: [(&str, u16); 6] = [
     ("WEFT_OUTBOUND_ADDR", 15001),
     ("WEFT_INBOUND_CAPTURE_ADDR", 15006),
+    ("WEFT_APP_HEALTH_ADDR", 15020),
     ("WEFT_HEALTH_ADDR", 15021),
     ("WEFT_ADMIN_ADDR", 15000),
     ("WEFT_PROMETHEUS_ADDR", 15090),

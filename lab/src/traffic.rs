@@ -67,34 +67,12 @@ impl PodClient {
     /// One request on a new connection, on a thread of its own (which
     /// alone enters the pod's network).
     pub async fn once(&self) -> Answer {
-        let (netns_name, connect, request) =
-            (self.netns.clone(), self.connect, self.request.clone());
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        std::thread::spawn(move || {
-            let result = (|| -> Answer {
-                if let Some(ns) = &netns_name {
-                    netns::enter(ns).map_err(|e| format!("{e:#}"))?;
-                }
-                let mut tcp =
-                    std::net::TcpStream::connect_timeout(&connect, Duration::from_secs(3))
-                        .map_err(|e| format!("connect: {e}"))?;
-                tcp.set_read_timeout(Some(Duration::from_secs(5)))
-                    .map_err(|e| e.to_string())?;
-                tcp.write_all(request.as_bytes())
-                    .map_err(|e| format!("write: {e}"))?;
-                let mut out = String::new();
-                tcp.read_to_string(&mut out)
-                    .map_err(|e| format!("read: {e}"))?;
-                let (head, body) = out.split_once("\r\n\r\n").ok_or("no HTTP response")?;
-                if !head.starts_with("HTTP/1.1 200") {
-                    return Err(head.lines().next().unwrap_or("").to_string());
-                }
-                Ok(weft_echo::parse_report(body))
-            })();
-            let _ = tx.send(result);
-        });
-        rx.await
-            .unwrap_or_else(|_| Err("the request thread died".into()))
+        let out = exchange(self.netns.clone(), self.connect, self.request.clone()).await?;
+        let (head, body) = out.split_once("\r\n\r\n").ok_or("no HTTP response")?;
+        if !head.starts_with("HTTP/1.1 200") {
+            return Err(head.lines().next().unwrap_or("").to_string());
+        }
+        Ok(weft_echo::parse_report(body))
     }
 
     pub async fn batch(&self, n: usize) -> Vec<Answer> {
@@ -143,6 +121,52 @@ impl PodClient {
         }
         Ok(errors)
     }
+}
+
+/// Sends `request` to `connect` from inside the lab pod whose directory is
+/// `pod_dir` (its network namespace, when it has one) and returns all the
+/// peer sent back until it closed.
+pub async fn send_from_pod(
+    pod_dir: &Path,
+    connect: SocketAddr,
+    request: &str,
+) -> Result<String, String> {
+    let netns_name = std::fs::read_to_string(pod_dir.join("netns"))
+        .map_err(|e| format!("{} is not a running lab pod: {e}", pod_dir.display()))?
+        .trim()
+        .to_string();
+    let netns_name = (!netns_name.is_empty()).then_some(netns_name);
+    exchange(netns_name, connect, request.to_string()).await
+}
+
+/// One request and its whole answer, on a thread of its own that alone
+/// enters `netns_name`.
+async fn exchange(
+    netns_name: Option<String>,
+    connect: SocketAddr,
+    request: String,
+) -> Result<String, String> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::spawn(move || {
+        let result = (|| -> Result<String, String> {
+            if let Some(ns) = &netns_name {
+                netns::enter(ns).map_err(|e| format!("{e:#}"))?;
+            }
+            let mut tcp = std::net::TcpStream::connect_timeout(&connect, Duration::from_secs(3))
+                .map_err(|e| format!("connect: {e}"))?;
+            tcp.set_read_timeout(Some(Duration::from_secs(5)))
+                .map_err(|e| e.to_string())?;
+            tcp.write_all(request.as_bytes())
+                .map_err(|e| format!("write: {e}"))?;
+            let mut out = String::new();
+            tcp.read_to_string(&mut out)
+                .map_err(|e| format!("read: {e}"))?;
+            Ok(out)
+        })();
+        let _ = tx.send(result);
+    });
+    rx.await
+        .unwrap_or_else(|_| Err("the request thread died".into()))
 }
 
 /// Counts answers by cluster.

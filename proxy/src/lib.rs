@@ -13,6 +13,7 @@
 //! protocols of `weft-xds-proto`. docs/proxy.md describes it for operators.
 
 pub mod admin;
+pub mod app_probe;
 pub mod balance;
 pub mod channel;
 pub mod coalesce;

@@ -44,6 +44,10 @@ pub struct SidecarConfig {
     pub inbound_mode: crate::inbound::Mode,
     /// Readiness (`/healthz/ready`).
     pub health_addr: SocketAddr,
+    /// The app's probes, asked by the kubelet (`/app-health/...`).
+    pub app_health_addr: SocketAddr,
+    /// The app's original probes by path (`WEFT_APP_PROBES`, JSON).
+    pub app_probes: String,
     /// The admin port: loopback by default, it shows the whole mesh view.
     pub admin_addr: SocketAddr,
     /// Prometheus scraping (`/stats/prometheus`).
@@ -105,6 +109,10 @@ impl SidecarConfig {
             health_addr: or("WEFT_HEALTH_ADDR", "0.0.0.0:15021")
                 .parse()
                 .context("WEFT_HEALTH_ADDR")?,
+            app_health_addr: or("WEFT_APP_HEALTH_ADDR", "0.0.0.0:15020")
+                .parse()
+                .context("WEFT_APP_HEALTH_ADDR")?,
+            app_probes: or("WEFT_APP_PROBES", ""),
             admin_addr: or("WEFT_ADMIN_ADDR", "127.0.0.1:15000")
                 .parse()
                 .context("WEFT_ADMIN_ADDR")?,
@@ -143,6 +151,7 @@ pub struct Sidecar {
     pub outbound_addr: SocketAddr,
     pub inbound_capture_addr: SocketAddr,
     pub health_addr: SocketAddr,
+    pub app_health_addr: SocketAddr,
     pub admin_addr: SocketAddr,
     pub prometheus_addr: SocketAddr,
     pub drain: Drain,
@@ -184,6 +193,12 @@ pub async fn start_with(
     config: SidecarConfig,
     set_log_level: Option<SetLogLevel>,
 ) -> Result<Sidecar> {
+    // A bad probe list is the injector's or the operator's mistake: say so
+    // before anything starts.
+    let app_probes = Arc::new(crate::app_probe::AppProbes::from_json(
+        &config.app_probes,
+        config.pod_ip,
+    )?);
     let root = std::fs::read_to_string(&config.root_cert_path).with_context(|| {
         format!(
             "reading the root certificate {}",
@@ -339,6 +354,13 @@ pub async fn start_with(
         )));
     }
     let (health_addr, admin_addr, prometheus_addr) = (bound[0], bound[1], bound[2]);
+    let app_health = tokio::net::TcpListener::bind(config.app_health_addr)
+        .await
+        .with_context(|| format!("binding the app health port {}", config.app_health_addr))?;
+    let app_health_addr = app_health.local_addr()?;
+    tasks.push(crate::task::spawn(crate::app_probe::serve(
+        app_health, app_probes,
+    )));
     tracing::info!(identity = %cert.identity(), %outbound_addr, %health_addr, %admin_addr, "sidecar started");
     Ok(Sidecar {
         xds,
@@ -349,6 +371,7 @@ pub async fn start_with(
         outbound_addr,
         inbound_capture_addr,
         health_addr,
+        app_health_addr,
         admin_addr,
         prometheus_addr,
         drain,

@@ -379,6 +379,8 @@ async fn a_connection_crosses_two_sidecars_configured_by_the_control_plane() {
                 inbound_capture_addr: "127.0.0.1:0".parse().unwrap(),
                 inbound_mode: weft_proxy::inbound::Mode::Strict,
                 health_addr: "127.0.0.1:0".parse().unwrap(),
+                app_health_addr: "127.0.0.1:0".parse().unwrap(),
+                app_probes: String::new(),
                 admin_addr: "127.0.0.1:0".parse().unwrap(),
                 prometheus_addr: "127.0.0.1:0".parse().unwrap(),
                 passthrough: false,
@@ -674,6 +676,112 @@ mod lab {
         }
     }
 
+    const OUTSIDER: &str = r#"
+apiVersion: v1
+kind: Pod
+metadata:
+  name: outsider
+  namespace: demo
+  annotations: {sidecar.weft.io/inject: "false"}
+spec:
+  containers:
+  - {name: outsider, image: busybox:1.36, command: ["sleep", "infinity"]}
+"#;
+
+    const ECHO_STRICT: &str = r#"
+apiVersion: v1
+kind: Pod
+metadata:
+  name: echo-strict
+  namespace: demo
+  labels: {app: echo-strict}
+  annotations: {sidecar.weft.io/inboundMode: STRICT}
+spec:
+  serviceAccountName: echo
+  containers:
+  - name: echo
+    image: ghcr.io/weft-mesh/weft-echo:0.1.0
+    args: ["--http", "0.0.0.0:8080"]
+    ports:
+    - {name: http, containerPort: 8080}
+    readinessProbe:
+      httpGet: {path: /healthz, port: http}
+      periodSeconds: 1
+"#;
+
+    /// The echo pods probe the port they serve on. The kubelet's probes go
+    /// to the sidecar (15020), so that port stays captured: a pod without
+    /// a sidecar cannot forge a caller's identity to it (PERMISSIVE) or
+    /// reach it at all (STRICT), and the pods are still ready.
+    async fn probes_keep_the_serving_port_captured(
+        lab: &Lab,
+        dir: &std::path::Path,
+        network: Network,
+    ) {
+        let c1 = lab.cluster("c1").unwrap().client.clone();
+        let pods: Api<Pod> = Api::namespaced(c1.clone(), "demo");
+        let echo = pods.get("echo-v1").await.unwrap();
+        let probe = echo.spec.unwrap().containers[0]
+            .readiness_probe
+            .clone()
+            .unwrap()
+            .http_get
+            .unwrap();
+        assert_eq!(probe.path.as_deref(), Some("/app-health/echo/readyz"));
+        assert_eq!(
+            probe.port,
+            k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(15020)
+        );
+        if network != Network::Namespaces {
+            println!("loopback lab: no capture rules, so plaintext to the app is not tested here");
+            return;
+        }
+        apply(lab, "c1", OUTSIDER).await;
+        apply(lab, "c1", ECHO_STRICT).await;
+        wait_ready(&c1, &["outsider", "echo-strict"]).await;
+        let outsider = pod_dir(dir, "c1", "demo", "outsider");
+        let ip = |pod: &str| -> std::net::IpAddr {
+            std::fs::read_to_string(pod_dir(dir, "c1", "demo", pod).join("ip"))
+                .unwrap()
+                .trim()
+                .parse()
+                .unwrap()
+        };
+        let forged = "GET / HTTP/1.1\r\nhost: echo\r\nx-weft-peer-identity: spiffe://cluster.local/ns/prod/sa/admin\r\nconnection: close\r\n\r\n";
+        let answer = weft_lab::traffic::send_from_pod(
+            &outsider,
+            std::net::SocketAddr::new(ip("echo-v1"), 8080),
+            forged,
+        )
+        .await
+        .unwrap();
+        let (head, body) = answer.split_once("\r\n\r\n").unwrap();
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        let report = weft_echo::parse_report(body);
+        // The echo server reports "-" for a caller without an identity.
+        assert_eq!(
+            report.get("peer").map(String::as_str),
+            Some("-"),
+            "a forged identity reached the app: {report:?}"
+        );
+        let refused = weft_lab::traffic::send_from_pod(
+            &outsider,
+            std::net::SocketAddr::new(ip("echo-strict"), 8080),
+            forged,
+        )
+        .await;
+        assert!(
+            !refused.as_deref().unwrap_or("").contains("HTTP/1.1 200"),
+            "plaintext reached a STRICT pod's app: {refused:?}"
+        );
+        pods.delete("outsider", &DeleteParams::default())
+            .await
+            .unwrap();
+        pods.delete("echo-strict", &DeleteParams::default())
+            .await
+            .unwrap();
+    }
+
     async fn scenario(binaries: Binaries, network: Network, dir: std::path::PathBuf) {
         let mut lab = Lab::up(LabOptions {
             clusters: 2,
@@ -707,6 +815,8 @@ mod lab {
         for answer in &answers {
             assert_eq!(answer.as_ref().unwrap()["peer"], CLIENT);
         }
+
+        probes_keep_the_serving_port_captured(&lab, &dir, network).await;
 
         // Failover: c1's echo goes away; c2 answers after a bounded number of errors.
         let pods: Api<Pod> = Api::namespaced(c1.clone(), "demo");

@@ -8,7 +8,7 @@ use serde_json::{Map, Value, json};
 pub mod webhook;
 
 pub const TEMPLATE: &str = include_str!("sidecar-template.yaml");
-pub const TEMPLATE_VERSION: &str = "1";
+pub const TEMPLATE_VERSION: &str = "2";
 
 /// The annotation recording an injection; its presence makes injection
 /// idempotent.
@@ -18,6 +18,9 @@ pub const NAMESPACE_LABEL: &str = "weft.io/injection";
 pub const EXCLUDE_INBOUND: &str = "traffic.weft.io/excludeInboundPorts";
 pub const EXCLUDE_OUTBOUND: &str = "traffic.weft.io/excludeOutboundPorts";
 pub const PROXY_IMAGE: &str = "sidecar.weft.io/proxyImage";
+/// PERMISSIVE (default) or STRICT: whether the sidecar lets plaintext
+/// through to the app. Per pod until mesh-wide peer authentication exists.
+pub const INBOUND_MODE: &str = "sidecar.weft.io/inboundMode";
 
 /// The values a template is rendered with, besides the pod's own.
 #[derive(Clone, Debug)]
@@ -55,6 +58,8 @@ pub enum InjectError {
     NotAPod(String),
     #[error("the injection template does not render: {0}")]
     Template(String),
+    #[error("a pod annotation is not valid: {0}")]
+    Annotation(String),
 }
 
 /// Why a pod is left alone.
@@ -84,12 +89,7 @@ pub fn decide(metadata: &Value, spec: &Value) -> Result<(), Skip> {
 }
 
 /// The template with `values` filled in.
-fn render(
-    values: &Values,
-    image: &str,
-    exclude_inbound: &str,
-    exclude_outbound: &str,
-) -> Result<Value, InjectError> {
+fn render(values: &Values, image: &str, pod: &[(&str, &str)]) -> Result<Value, InjectError> {
     let escape = |s: &str| {
         let quoted = serde_json::to_string(s).unwrap_or_default();
         quoted[1..quoted.len() - 1].to_string()
@@ -105,9 +105,10 @@ fn render(
         ("proxy_memory_request", values.proxy_memory_request.as_str()),
         ("proxy_cpu_limit", values.proxy_cpu_limit.as_str()),
         ("proxy_memory_limit", values.proxy_memory_limit.as_str()),
-        ("exclude_inbound_ports", exclude_inbound),
-        ("exclude_outbound_ports", exclude_outbound),
-    ] {
+    ]
+    .into_iter()
+    .chain(pod.iter().copied())
+    {
         text = text.replace(&format!("{{{{{key}}}}}"), &escape(value));
     }
     if let Some(left) = text.find("{{") {
@@ -120,33 +121,102 @@ fn render(
     serde_saphyr::from_str::<Value>(&text).map_err(|e| InjectError::Template(e.to_string()))
 }
 
-/// Ports of the app's HTTP and TCP probes. Inbound capture leaves them
-/// alone, so the kubelet's probes reach the app directly and keep working
-/// (mesh traffic arrives on 15008, not through the capture).
-fn probe_ports(spec: &Value) -> Vec<String> {
-    let mut ports = Vec::new();
-    for container in spec["containers"].as_array().into_iter().flatten() {
-        for probe in ["livenessProbe", "readinessProbe", "startupProbe"] {
-            for handler in ["httpGet", "tcpSocket", "grpc"] {
-                let port = &container[probe][handler]["port"];
-                let resolved = match port {
-                    Value::Number(n) => Some(n.to_string()),
-                    Value::String(name) => container["ports"]
-                        .as_array()
-                        .into_iter()
-                        .flatten()
-                        .find(|p| p["name"].as_str() == Some(name))
-                        .map(|p| p["containerPort"].to_string()),
-                    _ => None,
-                };
-                if let Some(port) = resolved.filter(|p| !ports.contains(p)) {
-                    ports.push(port);
-                }
+/// The port where the sidecar answers the kubelet's probes for the app.
+pub const APP_HEALTH_PORT: u16 = 15020;
+/// The probes a container may have, and the path the sidecar serves each at.
+const PROBES: [(&str, &str); 3] = [
+    ("livenessProbe", "livez"),
+    ("readinessProbe", "readyz"),
+    ("startupProbe", "startupz"),
+];
+
+/// One app probe moved to the sidecar.
+#[derive(Clone, Debug, PartialEq)]
+pub struct MovedProbe {
+    pub container: usize,
+    /// `livenessProbe`, `readinessProbe` or `startupProbe`.
+    pub field: &'static str,
+    /// The probe the kubelet now runs: an HTTP GET on the sidecar.
+    pub probe: Value,
+}
+
+/// Moves the app's HTTP, TCP and gRPC probes to the sidecar, as Istio does.
+/// A probe on the app's serving port would otherwise need that port left out
+/// of inbound capture, and then plaintext from anywhere reaches the app
+/// there, past STRICT and with any identity header it likes. The kubelet
+/// instead asks the sidecar (`/app-health/<container>/<livez|readyz|startupz>`
+/// on 15020), which runs the original check against the app. Returns the
+/// rewritten probes and, for the sidecar, each path's original check (ports
+/// resolved to numbers). Exec probes, and HTTP probes aimed at another host,
+/// are left as they are.
+pub fn move_probes(spec: &Value) -> (Vec<MovedProbe>, Map<String, Value>) {
+    let mut moved = Vec::new();
+    let mut checks = Map::new();
+    for (index, container) in spec["containers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .enumerate()
+    {
+        let name = container["name"].as_str().unwrap_or_default();
+        for (field, kind) in PROBES {
+            let original = &container[field];
+            let Some((handler, check)) = ["httpGet", "tcpSocket", "grpc"]
+                .into_iter()
+                .find_map(|h| original.get(h).map(|c| (h, c)))
+            else {
+                continue;
+            };
+            if handler == "httpGet" && check["host"].as_str().is_some_and(|h| !h.is_empty()) {
+                continue;
             }
+            let Some(port) = resolve_port(container, &check["port"]) else {
+                continue;
+            };
+            let path = format!("/app-health/{name}/{kind}");
+            let mut check = check.clone();
+            check["port"] = json!(port);
+            checks.insert(
+                path.clone(),
+                json!({handler: check, "timeoutSeconds": original["timeoutSeconds"].as_u64().unwrap_or(1)}),
+            );
+            let mut probe = original.clone();
+            if let Some(fields) = probe.as_object_mut() {
+                for h in ["httpGet", "tcpSocket", "grpc"] {
+                    fields.remove(h);
+                }
+                fields.insert(
+                    "httpGet".into(),
+                    json!({"path": path, "port": APP_HEALTH_PORT, "scheme": "HTTP"}),
+                );
+            }
+            moved.push(MovedProbe {
+                container: index,
+                field,
+                probe,
+            });
         }
     }
-    ports.sort_by_key(|p| p.parse::<u32>().unwrap_or(u32::MAX));
-    ports
+    (moved, checks)
+}
+
+/// A probe's port as a number: numbered, or named after one of the
+/// container's ports.
+fn resolve_port(container: &Value, port: &Value) -> Option<u64> {
+    match port {
+        Value::Number(n) => n.as_u64(),
+        Value::String(name) => match name.parse::<u64>() {
+            Ok(number) => Some(number),
+            Err(_) => container["ports"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|p| p["name"].as_str() == Some(name))
+                .and_then(|p| p["containerPort"].as_u64()),
+        },
+        _ => None,
+    }
+    .filter(|p| (1..=65535).contains(p))
 }
 
 /// What injection adds to one pod (or pod template): containers, volumes,
@@ -156,6 +226,8 @@ pub struct Addition {
     pub containers: Vec<Value>,
     pub volumes: Vec<Value>,
     pub annotations: Map<String, Value>,
+    /// The app's probes, now asked of the sidecar.
+    pub probes: Vec<MovedProbe>,
 }
 
 pub fn addition(metadata: &Value, spec: &Value, values: &Values) -> Result<Addition, InjectError> {
@@ -163,23 +235,39 @@ pub fn addition(metadata: &Value, spec: &Value, values: &Values) -> Result<Addit
     let image = annotations[PROXY_IMAGE]
         .as_str()
         .unwrap_or(&values.proxy_image);
-    let mut inbound: Vec<String> = annotations[EXCLUDE_INBOUND]
+    let inbound: Vec<&str> = annotations[EXCLUDE_INBOUND]
         .as_str()
         .unwrap_or("")
         .split(',')
-        .map(|p| p.trim().to_string())
+        .map(str::trim)
         .filter(|p| !p.is_empty())
         .collect();
-    for port in probe_ports(spec) {
-        if !inbound.contains(&port) {
-            inbound.push(port);
-        }
-    }
     let outbound = annotations[EXCLUDE_OUTBOUND]
         .as_str()
         .unwrap_or("")
         .replace(' ', "");
-    let rendered = render(values, image, &inbound.join(","), &outbound)?;
+    let inbound_mode = match annotations[INBOUND_MODE].as_str() {
+        None => "PERMISSIVE".to_string(),
+        Some(mode) => match mode.to_ascii_uppercase().as_str() {
+            m @ ("PERMISSIVE" | "STRICT") => m.to_string(),
+            _ => {
+                return Err(InjectError::Annotation(format!(
+                    "{INBOUND_MODE}: {mode:?} is neither PERMISSIVE nor STRICT"
+                )));
+            }
+        },
+    };
+    let (probes, checks) = move_probes(spec);
+    let rendered = render(
+        values,
+        image,
+        &[
+            ("exclude_inbound_ports", &inbound.join(",")),
+            ("exclude_outbound_ports", &outbound),
+            ("inbound_mode", &inbound_mode),
+            ("app_probes", &Value::Object(checks).to_string()),
+        ],
+    )?;
     let list = |key: &str| rendered[key].as_array().cloned().unwrap_or_default();
     let (init_containers, containers, volumes) =
         (list("initContainers"), list("containers"), list("volumes"));
@@ -202,6 +290,7 @@ pub fn addition(metadata: &Value, spec: &Value, values: &Values) -> Result<Addit
         containers,
         volumes,
         annotations,
+        probes,
     })
 }
 
@@ -216,6 +305,9 @@ pub fn inject_in_place(
         return Ok(false);
     }
     let add = addition(metadata, spec, values)?;
+    for moved in &add.probes {
+        spec["containers"][moved.container][moved.field] = moved.probe.clone();
+    }
     let mut push = |key: &str, items: Vec<Value>, front: bool| {
         if !spec[key].is_array() {
             spec[key] = json!([]);
@@ -277,6 +369,9 @@ pub fn pod_patch(pod: &Value, values: &Values) -> Result<Option<Vec<Value>>, Inj
         None => ops.push(
             json!({"op": "add", "path": "/spec/initContainers", "value": add.init_containers}),
         ),
+    }
+    for moved in &add.probes {
+        ops.push(json!({"op": "replace", "path": format!("/spec/containers/{}/{}", moved.container, moved.field), "value": moved.probe}));
     }
     for c in add.containers {
         ops.push(json!({"op": "add", "path": "/spec/containers/-", "value": c}));
@@ -371,12 +466,12 @@ mod tests {
             .iter()
             .map(|p| p["containerPort"].as_i64().unwrap())
             .collect();
-        assert_eq!(ports, [15001, 15006, 15008, 15021, 15090]);
+        assert_eq!(ports, [15001, 15006, 15008, 15020, 15021, 15090]);
         assert_eq!(
             add.volumes[0]["projected"]["sources"][0]["serviceAccountToken"]["audience"],
             "weft-ca"
         );
-        // Probe ports (named and numbered) stay out of inbound capture.
+        // Probe ports stay captured: nothing is left out of inbound capture.
         let args: Vec<&str> = add.init_containers[0]["args"]
             .as_array()
             .unwrap()
@@ -387,7 +482,92 @@ mod tests {
             .iter()
             .position(|a| *a == "--exclude-inbound-ports")
             .unwrap();
-        assert_eq!(args[at + 1], "8080,9090");
+        assert_eq!(args[at + 1], "");
+    }
+
+    fn env<'a>(container: &'a Value, name: &str) -> &'a str {
+        container["env"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["name"] == name)
+            .and_then(|e| e["value"].as_str())
+            .unwrap_or_else(|| panic!("no {name}"))
+    }
+
+    #[test]
+    fn probes_move_to_the_sidecar_and_the_serving_port_stays_captured() {
+        let mut p = pod();
+        p["spec"]["containers"][0]["startupProbe"] =
+            json!({"grpc": {"port": 9090, "service": "ready"}, "failureThreshold": 30});
+        p["spec"]["containers"][0]["livenessProbe"] =
+            json!({"tcpSocket": {"port": 9090}, "timeoutSeconds": 3, "periodSeconds": 7});
+        p["spec"]["containers"].as_array_mut().unwrap().push(json!({
+            "name": "sidekick", "image": "x",
+            "readinessProbe": {"exec": {"command": ["true"]}},
+            "livenessProbe": {"httpGet": {"host": "example.invalid", "path": "/", "port": 80}},
+        }));
+        let injected = patched(&p);
+        let app = &injected["spec"]["containers"][0];
+        for (field, kind) in [
+            ("readinessProbe", "readyz"),
+            ("livenessProbe", "livez"),
+            ("startupProbe", "startupz"),
+        ] {
+            assert_eq!(
+                app[field]["httpGet"],
+                json!({"path": format!("/app-health/echo/{kind}"), "port": 15020, "scheme": "HTTP"}),
+                "{field}"
+            );
+            assert!(app[field].get("tcpSocket").is_none() && app[field].get("grpc").is_none());
+        }
+        // Timing stays the app's.
+        assert_eq!(app["livenessProbe"]["periodSeconds"], 7);
+        assert_eq!(app["startupProbe"]["failureThreshold"], 30);
+        // Exec probes and probes of other hosts are the kubelet's own.
+        let sidekick = &injected["spec"]["containers"][1];
+        assert_eq!(
+            sidekick["readinessProbe"],
+            json!({"exec": {"command": ["true"]}})
+        );
+        assert_eq!(
+            sidekick["livenessProbe"]["httpGet"]["host"],
+            "example.invalid"
+        );
+        let proxy = &injected["spec"]["containers"][2];
+        let checks: Value = serde_json::from_str(env(proxy, "WEFT_APP_PROBES")).unwrap();
+        assert_eq!(
+            checks,
+            json!({
+                "/app-health/echo/readyz": {"httpGet": {"path": "/ready", "port": 8080}, "timeoutSeconds": 1},
+                "/app-health/echo/livez": {"tcpSocket": {"port": 9090}, "timeoutSeconds": 3},
+                "/app-health/echo/startupz": {"grpc": {"port": 9090, "service": "ready"}, "timeoutSeconds": 1},
+            })
+        );
+        assert_eq!(env(proxy, "WEFT_INBOUND_MODE"), "PERMISSIVE");
+
+        // kube-inject gives the same pod.
+        let mut metadata = p["metadata"].clone();
+        let mut spec = p["spec"].clone();
+        assert!(inject_in_place(&mut metadata, &mut spec, &values()).unwrap());
+        assert_eq!(spec, injected["spec"]);
+    }
+
+    #[test]
+    fn inbound_mode_comes_from_the_annotation_and_a_typo_is_refused() {
+        let mut p = pod();
+        p["metadata"]["annotations"] = json!({INBOUND_MODE: "strict"});
+        let injected = patched(&p);
+        assert_eq!(
+            env(&injected["spec"]["containers"][1], "WEFT_INBOUND_MODE"),
+            "STRICT"
+        );
+        p["metadata"]["annotations"] = json!({INBOUND_MODE: "STRIKT"});
+        let err = pod_patch(&p, &values()).unwrap_err();
+        assert!(
+            matches!(err, InjectError::Annotation(ref m) if m.contains("STRIKT")),
+            "{err}"
+        );
     }
 
     #[test]
