@@ -524,7 +524,7 @@ fn field(pod: &PodContext, path: &str) -> String {
     match path {
         "metadata.name" => pod.name.clone(),
         "metadata.namespace" => pod.namespace.clone(),
-        "status.podIP" | "status.hostIP" => pod.ip.to_string(),
+        "status.podIP" | "status.podIPs" | "status.hostIP" => pod.ip.to_string(),
         "spec.serviceAccountName" => pod.service_account.clone(),
         _ => String::new(),
     }

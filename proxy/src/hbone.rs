@@ -48,6 +48,8 @@ pub struct Inbound {
     pub drain: Drain,
     /// How long a request head inside a tunnel may take to arrive.
     pub head_timeout: Duration,
+    /// Upgrades relayed to the app; others become plain requests.
+    pub upgrades: crate::upgrade::Upgrades,
 }
 
 impl Inbound {
@@ -60,6 +62,7 @@ impl Inbound {
             xds: None,
             drain: Drain::default(),
             head_timeout: crate::outbound::HEAD_TIMEOUT,
+            upgrades: Default::default(),
         }
     }
 

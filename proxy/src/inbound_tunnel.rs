@@ -23,8 +23,10 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use weft_certs::Identity;
 
+use tokio::io::{AsyncRead, AsyncWrite};
+
 use crate::hbone::{CONNECT_TIMEOUT, Inbound, caller, status};
-use crate::http::Body;
+use crate::http::{APP_PROTOCOL, Body, TARGET, error, set_peer_identity};
 use crate::metrics::TrafficLabels;
 use crate::sniff::{Protocol, Rewind, declared, sniff_until};
 
@@ -56,20 +58,29 @@ pub async fn tunnel_in(
     crate::task::spawn(async move {
         let _guard = guard;
         match hyper::upgrade::on(&mut request).await {
-            Ok(upgraded) => carry(inbound, peer, target, TokioIo::new(upgraded), app).await,
+            Ok(upgraded) => {
+                let client: TokioIo<Upgraded> = TokioIo::new(upgraded);
+                carry(inbound, peer, target, client, app).await
+            }
             Err(err) => tracing::debug!(%err, "tunnel upgrade failed"),
         }
     });
     status(StatusCode::OK)
 }
 
-async fn carry(
+/// Delivers one client connection to the app at `target` (already
+/// connected as `app`): relayed as bytes if the port is declared TCP or
+/// the app speaks first, else served as HTTP with `peer` as the caller the
+/// app is told of. Mesh tunnels and 15006's plaintext both come here.
+pub(crate) async fn carry<C>(
     inbound: Arc<Inbound>,
     peer: Option<Identity>,
     target: SocketAddr,
-    mut client: TokioIo<Upgraded>,
+    mut client: C,
     mut app: TcpStream,
-) {
+) where
+    C: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let (protocol, seen) = if declared_tcp(&inbound, target) {
         (Protocol::Tcp, Bytes::new())
     } else {
@@ -129,11 +140,43 @@ async fn request_in_tunnel(
     target: SocketAddr,
     request: Request<Incoming>,
 ) -> Response<Body> {
-    if crate::upgrade::requested(&request) {
-        return crate::inbound::upgrade(target, request, peer.as_ref()).await;
+    if inbound.upgrades.requested(&request) {
+        return upgrade_to_app(target, request, peer.as_ref()).await;
     }
     // The tunnel's target, and the version spoken in it; whatever the
     // caller wrote in weft's own headers is dropped on the way.
     let http2 = request.version() == Version::HTTP_2;
     crate::l7::to_app(inbound, peer, target, http2, request).await
+}
+
+/// An upgrade (WebSocket) for the app at `target`, through a tunnel from
+/// `peer` or as plaintext: relayed to the app on its own connection and
+/// joined on 101. The app sees the caller's identity only as the mesh
+/// proved it.
+async fn upgrade_to_app(
+    target: SocketAddr,
+    mut request: Request<Incoming>,
+    peer: Option<&Identity>,
+) -> Response<Body> {
+    for own in [TARGET, APP_PROTOCOL] {
+        request.headers_mut().remove(own);
+    }
+    set_peer_identity(request.headers_mut(), peer);
+    let app = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(target)).await {
+        Ok(Ok(app)) => app,
+        _ => return error(StatusCode::BAD_GATEWAY, "the application did not answer"),
+    };
+    let _ = app.set_nodelay(true);
+    match crate::upgrade::relay(app, &target.to_string(), request).await {
+        Ok((response, joined)) => {
+            if let Some(joined) = joined {
+                crate::task::spawn(joined);
+            }
+            response
+        }
+        Err(err) => {
+            tracing::debug!(%target, "an upgrade to the application failed: {err}");
+            error(StatusCode::BAD_GATEWAY, "the application did not answer")
+        }
+    }
 }

@@ -7,6 +7,10 @@
 //! table, applied in one `iptables-restore --noflush` transaction so a pod
 //! never runs with half the rules; `--cleanup` removes exactly those chains
 //! and the jumps to them, and is safe to run twice.
+//!
+//! IPv6 gets the same rules through `ip6tables` whenever the pod's network
+//! has IPv6 at all: an address family left uncaptured would be a way to the
+//! app past the sidecar.
 
 use std::io::Write;
 use std::process::{Command, Stdio};
@@ -54,31 +58,73 @@ pub fn parse_ports(text: &str) -> Result<Vec<u16>> {
         .collect()
 }
 
-/// Checks a CIDR the way iptables will read it, so a typo fails here with
-/// a clear message rather than half-way through the rules.
+/// Checks a CIDR (IPv4 or IPv6) the way iptables will read it, so a typo
+/// fails here with a clear message rather than half-way through the rules.
 pub fn parse_cidrs(text: &str) -> Result<Vec<String>> {
     text.split(',')
         .map(str::trim)
         .filter(|c| !c.is_empty())
         .map(|c| {
-            let (addr, prefix) = c.split_once('/').unwrap_or((c, "32"));
-            let addr: std::net::Ipv4Addr = addr
+            let addr_text = c.split_once('/').map_or(c, |(a, _)| a);
+            let addr: std::net::IpAddr = addr_text
                 .parse()
-                .with_context(|| format!("{c:?} is not an IPv4 CIDR"))?;
-            let prefix: u8 = prefix
-                .parse()
-                .with_context(|| format!("{c:?} has a bad prefix"))?;
-            if prefix > 32 {
-                bail!("{c:?} has a prefix over 32");
+                .with_context(|| format!("{c:?} is not an IPv4 or IPv6 CIDR"))?;
+            let max = if addr.is_ipv4() { 32 } else { 128 };
+            let prefix: u8 = match c.split_once('/') {
+                Some((_, p)) => p
+                    .parse()
+                    .with_context(|| format!("{c:?} has a bad prefix"))?,
+                None => max,
+            };
+            if prefix > max {
+                bail!("{c:?} has a prefix over {max}");
             }
             Ok(format!("{addr}/{prefix}"))
         })
         .collect()
 }
 
+/// An address family's tools and loopback.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Family {
+    V4,
+    V6,
+}
+
+impl Family {
+    fn tool(self) -> &'static str {
+        match self {
+            Family::V4 => "iptables",
+            Family::V6 => "ip6tables",
+        }
+    }
+
+    fn loopback(self) -> &'static str {
+        match self {
+            Family::V4 => "127.0.0.1/32",
+            Family::V6 => "::1/128",
+        }
+    }
+
+    fn holds(self, cidr: &str) -> bool {
+        cidr.contains(':') == (self == Family::V6)
+    }
+}
+
+/// Whether this network namespace has IPv6 (then it must be captured too).
+pub fn ipv6_enabled() -> bool {
+    std::fs::read_to_string("/proc/sys/net/ipv6/conf/all/disable_ipv6")
+        .is_ok_and(|v| v.trim() == "0")
+}
+
 impl Capture {
-    /// The rules, as `iptables-restore` input for the nat table.
+    /// The IPv4 rules, as `iptables-restore` input for the nat table.
     pub fn rules(&self) -> String {
+        self.rules_for(Family::V4)
+    }
+
+    /// The rules for one family; CIDRs of the other family are left out.
+    pub fn rules_for(&self, family: Family) -> String {
         let mut r = String::from("*nat\n");
         for chain in [
             "WEFT_INBOUND",
@@ -116,17 +162,30 @@ impl Capture {
             "-A WEFT_OUTPUT -m owner --uid-owner {} -j RETURN\n",
             self.proxy_uid
         ));
-        r.push_str("-A WEFT_OUTPUT -d 127.0.0.1/32 -j RETURN\n");
+        r.push_str(&format!(
+            "-A WEFT_OUTPUT -d {} -j RETURN\n",
+            family.loopback()
+        ));
         for port in &self.exclude_outbound_ports {
             r.push_str(&format!("-A WEFT_OUTPUT -p tcp --dport {port} -j RETURN\n"));
         }
-        for cidr in &self.exclude_outbound_cidrs {
+        for cidr in self
+            .exclude_outbound_cidrs
+            .iter()
+            .filter(|c| family.holds(c))
+        {
             r.push_str(&format!("-A WEFT_OUTPUT -d {cidr} -j RETURN\n"));
         }
         if self.include_outbound_cidrs.is_empty() {
             r.push_str("-A WEFT_OUTPUT -j WEFT_REDIRECT\n");
         } else {
-            for cidr in &self.include_outbound_cidrs {
+            // Only the listed ranges are captured; a family with none
+            // listed captures nothing outbound.
+            for cidr in self
+                .include_outbound_cidrs
+                .iter()
+                .filter(|c| family.holds(c))
+            {
                 r.push_str(&format!("-A WEFT_OUTPUT -d {cidr} -j WEFT_REDIRECT\n"));
             }
         }
@@ -135,64 +194,79 @@ impl Capture {
     }
 }
 
-fn restore(rules: &str) -> Result<()> {
-    let mut child = Command::new("iptables-restore")
+fn restore(family: Family, rules: &str) -> Result<()> {
+    let tool = format!("{}-restore", family.tool());
+    let mut child = Command::new(&tool)
         .arg("--noflush")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .context("running iptables-restore (is iptables installed?)")?;
+        .with_context(|| format!("running {tool} (is it installed?)"))?;
     child
         .stdin
         .take()
-        .context("iptables-restore has no stdin")?
+        .with_context(|| format!("{tool} has no stdin"))?
         .write_all(rules.as_bytes())?;
     let out = child.wait_with_output()?;
     if !out.status.success() {
         bail!(
-            "iptables-restore failed: {}",
+            "{tool} failed: {}",
             String::from_utf8_lossy(&out.stderr).trim()
         );
     }
     Ok(())
 }
 
+/// The families to capture here: IPv4 always, IPv6 when it is on.
+fn families() -> Vec<Family> {
+    if ipv6_enabled() {
+        vec![Family::V4, Family::V6]
+    } else {
+        vec![Family::V4]
+    }
+}
+
 /// Installs the rules, first removing any earlier weft rules (a restarted
 /// init container must not stack a second set).
 pub fn apply(capture: &Capture) -> Result<()> {
     cleanup()?;
-    restore(&capture.rules())
+    for family in families() {
+        restore(family, &capture.rules_for(family))?;
+    }
+    Ok(())
 }
 
 /// Removes the jumps to weft's chains and the chains; fine when absent.
 pub fn cleanup() -> Result<()> {
-    let iptables = |args: &[&str]| Command::new("iptables").args(args).output();
+    for family in families() {
+        cleanup_family(family)?;
+    }
+    Ok(())
+}
+
+fn cleanup_family(family: Family) -> Result<()> {
+    let tool = family.tool();
+    let run = |args: &[&str]| Command::new(tool).args(args).output();
     for (hook, chain) in [("PREROUTING", "WEFT_INBOUND"), ("OUTPUT", "WEFT_OUTPUT")] {
         // -D removes one jump per call; repeat until there is none.
         for _ in 0..16 {
-            let out = iptables(&["-t", "nat", "-D", hook, "-p", "tcp", "-j", chain])
-                .context("running iptables (is it installed?)")?;
+            let out = run(&["-t", "nat", "-D", hook, "-p", "tcp", "-j", chain])
+                .with_context(|| format!("running {tool} (is it installed?)"))?;
             if !out.status.success() {
                 break;
             }
         }
     }
-    for chain in [
-        "WEFT_INBOUND",
-        "WEFT_IN_REDIRECT",
-        "WEFT_OUTPUT",
-        "WEFT_REDIRECT",
-    ] {
-        let _ = iptables(&["-t", "nat", "-F", chain]);
-    }
-    for chain in [
-        "WEFT_INBOUND",
-        "WEFT_IN_REDIRECT",
-        "WEFT_OUTPUT",
-        "WEFT_REDIRECT",
-    ] {
-        let _ = iptables(&["-t", "nat", "-X", chain]);
+    for flag in ["-F", "-X"] {
+        for chain in [
+            "WEFT_INBOUND",
+            "WEFT_IN_REDIRECT",
+            "WEFT_OUTPUT",
+            "WEFT_REDIRECT",
+        ] {
+            let _ = run(&["-t", "nat", flag, chain]);
+        }
     }
     Ok(())
 }
@@ -235,6 +309,24 @@ mod tests {
     }
 
     #[test]
+    fn ipv6_is_captured_like_ipv4() {
+        let capture = Capture {
+            exclude_outbound_cidrs: vec!["169.254.169.254/32".into(), "fd00:ec2::254/128".into()],
+            ..Capture::default()
+        };
+        let v4 = capture.rules_for(Family::V4);
+        let v6 = capture.rules_for(Family::V6);
+        for rules in [&v4, &v6] {
+            assert!(rules.contains("-A WEFT_IN_REDIRECT -p tcp -j REDIRECT --to-ports 15006"));
+            assert!(rules.contains("-A WEFT_REDIRECT -p tcp -j REDIRECT --to-ports 15001"));
+            assert!(rules.contains("-A WEFT_OUTPUT -m owner --uid-owner 1337 -j RETURN"));
+        }
+        assert!(v6.contains("-A WEFT_OUTPUT -d ::1/128 -j RETURN"));
+        assert!(v6.contains("-d fd00:ec2::254/128 -j RETURN") && !v6.contains("169.254"));
+        assert!(v4.contains("-d 169.254.169.254/32 -j RETURN") && !v4.contains("fd00"));
+    }
+
+    #[test]
     fn bad_ports_and_cidrs_are_refused() {
         assert_eq!(parse_ports("8080, 9090,").unwrap(), vec![8080, 9090]);
         assert!(parse_ports("").unwrap().is_empty());
@@ -245,6 +337,11 @@ mod tests {
             vec!["10.0.0.0/8", "1.2.3.4/32"]
         );
         assert!(parse_cidrs("10.0.0.0/33").is_err());
+        assert_eq!(
+            parse_cidrs("fd00::/8, ::1").unwrap(),
+            vec!["fd00::/8", "::1/128"]
+        );
+        assert!(parse_cidrs("fd00::/129").is_err());
         assert!(parse_cidrs("10.0.0/8").is_err());
         assert!(parse_cidrs("10.0.0.0/8; rm -rf /").is_err());
     }

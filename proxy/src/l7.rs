@@ -193,7 +193,7 @@ pub async fn forward(
         }
     };
     let authority = authority.unwrap_or_else(|| format!("{host}:{port}"));
-    if crate::upgrade::requested(&request) {
+    if outbound.upgrades.requested(&request) {
         return crate::upgrade::forward(outbound, &host, port, &authority, request).await;
     }
     let version = request.version();

@@ -64,6 +64,8 @@ pub struct Outbound {
     pub retry_budget: RetryBudget,
     pub metrics: Arc<Metrics>,
     pub drain: Drain,
+    /// Upgrades relayed; others become plain requests.
+    pub upgrades: crate::upgrade::Upgrades,
 }
 
 impl Outbound {
@@ -81,6 +83,7 @@ impl Outbound {
             retry_budget: RetryBudget::default(),
             metrics: Arc::default(),
             drain: Drain::default(),
+            upgrades: Default::default(),
         }
     }
 }
@@ -433,20 +436,38 @@ async fn handle(outbound: Arc<Outbound>, mut client: TcpStream) -> Result<()> {
 /// The address a redirected connection was originally sent to.
 pub fn original_destination(stream: &TcpStream) -> std::io::Result<SocketAddr> {
     let socket = socket2::SockRef::from(stream);
-    let address = match stream.local_addr()? {
+    // On a dual-stack listener an IPv4 connection shows an IPv4-mapped
+    // local address; its original destination is an IPv4 one.
+    let address = match local_address(stream)? {
         SocketAddr::V4(_) => socket.original_dst_v4()?,
         SocketAddr::V6(_) => socket.original_dst_v6()?,
     };
     address
         .as_socket()
+        .map(canonical)
         .ok_or_else(|| std::io::Error::other("the original destination is not an IP address"))
+}
+
+/// A connection's local address, IPv4-mapped IPv6 written as IPv4.
+pub fn local_address(stream: &TcpStream) -> std::io::Result<SocketAddr> {
+    stream.local_addr().map(canonical)
+}
+
+fn canonical(addr: SocketAddr) -> SocketAddr {
+    match addr {
+        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
+            Some(v4) => SocketAddr::new(v4.into(), v6.port()),
+            None => addr,
+        },
+        v4 => v4,
+    }
 }
 
 async fn handle_transparent(outbound: Arc<Outbound>, client: TcpStream) -> Result<()> {
     let original = original_destination(&client).context("reading SO_ORIGINAL_DST")?;
     // A connection that was not redirected reports its own local address:
     // serving it would connect to ourselves, again and again.
-    if original == client.local_addr()? {
+    if original == local_address(&client)? {
         bail!("connection to the capture port itself ({original}); refusing to loop");
     }
     outbound

@@ -35,6 +35,8 @@ pub struct SidecarConfig {
     pub pod_name: String,
     pub pod_namespace: String,
     pub pod_ip: IpAddr,
+    /// Every address of the pod (`POD_IPS`, dual-stack); `pod_ip` included.
+    pub pod_ips: Vec<IpAddr>,
     pub service_account: String,
     /// The outbound listener: redirected connections are handled
     /// transparently, direct ones as an explicit (CONNECT) proxy.
@@ -63,6 +65,9 @@ pub struct SidecarConfig {
     pub drain_timeout: Duration,
     /// How long a connect to an endpoint may take before another is tried.
     pub connect_timeout: Duration,
+    /// HTTP/1.1 upgrades relayed (`WEFT_ALLOWED_UPGRADES`, default
+    /// `websocket`; never h2c).
+    pub upgrades: crate::upgrade::Upgrades,
 }
 
 impl SidecarConfig {
@@ -82,7 +87,21 @@ impl SidecarConfig {
         let pod_ip: IpAddr = var("POD_IP")?
             .parse()
             .context("POD_IP is not an IP address")?;
+        let mut pod_ips = vec![pod_ip];
+        for ip in or("POD_IPS", "")
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+        {
+            let ip: IpAddr = ip
+                .parse()
+                .with_context(|| format!("POD_IPS: {ip:?} is not an IP address"))?;
+            if !pod_ips.contains(&ip) {
+                pod_ips.push(ip);
+            }
+        }
         Ok(SidecarConfig {
+            pod_ips,
             control_plane: var("WEFT_CONTROL_PLANE")?,
             cluster_id: var("WEFT_CLUSTER_ID")?,
             trust_domain: or("WEFT_TRUST_DOMAIN", "cluster.local"),
@@ -137,6 +156,10 @@ impl SidecarConfig {
             },
             drain_timeout: Duration::from_secs(number("WEFT_DRAIN_SECONDS", 5)?),
             connect_timeout: Duration::from_millis(number("WEFT_CONNECT_TIMEOUT_MS", 1000)?.max(1)),
+            upgrades: crate::upgrade::Upgrades::from_list(&or(
+                "WEFT_ALLOWED_UPGRADES",
+                "websocket",
+            )),
         })
     }
 }
@@ -180,6 +203,36 @@ impl Drop for Sidecar {
             task.abort();
         }
     }
+}
+
+/// Binds `addr`; for 0.0.0.0, the IPv6 wildcard first, which on Linux
+/// takes IPv4 too, so that a dual-stack pod's IPv6 is served like its
+/// IPv4 (a pod without IPv6 falls back to IPv4 alone).
+async fn bind_dual_stack(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    if addr.ip() == IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED)
+        && let Ok(listener) = tokio::net::TcpListener::bind(SocketAddr::new(
+            IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED),
+            addr.port(),
+        ))
+        .await
+    {
+        return Ok(listener);
+    }
+    tokio::net::TcpListener::bind(addr).await
+}
+
+/// For a listener on 127.0.0.1, the same port on ::1 when the pod has
+/// IPv6 loopback; `None` otherwise.
+async fn ipv6_twin(addr: SocketAddr) -> Option<tokio::net::TcpListener> {
+    if addr.ip() != IpAddr::V4(std::net::Ipv4Addr::LOCALHOST) {
+        return None;
+    }
+    tokio::net::TcpListener::bind(SocketAddr::new(
+        IpAddr::V6(std::net::Ipv6Addr::LOCALHOST),
+        addr.port(),
+    ))
+    .await
+    .ok()
 }
 
 /// Starts everything. Returns once the certificate is obtained and the
@@ -269,11 +322,12 @@ pub async fn start_with(
 
     let metrics = Arc::new(Metrics::default());
     let drain = Drain::default();
-    let mut inbound = Inbound::new(vec![config.pod_ip]);
+    let mut inbound = Inbound::new(config.pod_ips.clone());
     inbound.metrics = metrics.clone();
     inbound.xds = Some(xds.clone());
     inbound.drain = drain.clone();
     inbound.head_timeout = config.head_timeout;
+    inbound.upgrades = config.upgrades.clone();
     let inbound = Arc::new(inbound);
     let hbone = tokio::net::TcpListener::bind(SocketAddr::new(config.pod_ip, HBONE_PORT))
         .await
@@ -293,6 +347,7 @@ pub async fn start_with(
     outbound.passthrough = config.passthrough;
     outbound.sniff_timeout = config.sniff_timeout;
     outbound.head_timeout = config.head_timeout;
+    outbound.upgrades = config.upgrades.clone();
     outbound.upstreams = crate::upstream::Upstreams::new(config.connect_timeout);
     outbound.metrics = metrics.clone();
     outbound.drain = drain.clone();
@@ -305,9 +360,16 @@ pub async fn start_with(
         listener,
         outbound.clone(),
     )));
+    // ip6tables redirects the app's IPv6 connections to [::1]:15001.
+    if let Some(listener) = ipv6_twin(outbound_addr).await {
+        tasks.push(crate::task::spawn(crate::outbound::serve(
+            listener,
+            outbound.clone(),
+        )));
+    }
 
     let inbound_capture = Arc::new(crate::inbound::Counters::default());
-    let capture = tokio::net::TcpListener::bind(config.inbound_capture_addr)
+    let capture = bind_dual_stack(config.inbound_capture_addr)
         .await
         .with_context(|| {
             format!(
@@ -323,8 +385,7 @@ pub async fn start_with(
         capture,
         config.inbound_mode,
         inbound_capture.clone(),
-        config.head_timeout,
-        drain.clone(),
+        inbound.clone(),
     )));
 
     let admin = Arc::new(Admin {

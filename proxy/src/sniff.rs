@@ -1,8 +1,10 @@
 //! Which protocol a client speaks, when the service port does not say:
-//! the first bytes are read (for a short time at most) and matched against
-//! the HTTP/2 connection preface and HTTP/1 request lines. Anything else,
-//! or silence (server-first protocols such as MySQL), is plain TCP. The
-//! bytes read are replayed in front of the connection by [`Rewind`].
+//! the first bytes are read and matched against the HTTP/2 connection
+//! preface and the HTTP/1 request line (any method). Anything else is
+//! plain TCP; so is silence, where the caller decides when to stop waiting
+//! (the outbound side after a short time; the inbound side only when the
+//! app speaks first, so that a caller cannot pass HTTP as bytes by waiting).
+//! The bytes read are replayed in front of the connection by [`Rewind`].
 
 use std::io;
 use std::pin::Pin;
@@ -33,13 +35,27 @@ pub fn declared(protocol: AppProtocol) -> Option<Protocol> {
 }
 
 const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
-const METHODS: [&[u8]; 9] = [
-    b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"OPTIONS", b"PATCH", b"TRACE", b"CONNECT",
-];
+/// A request line longer than this that still looks like one is taken for
+/// HTTP: the HTTP server then refuses it, rather than the bytes going to
+/// the app unparsed.
+const MAX_REQUEST_LINE: usize = 8 * 1024;
+
+/// RFC 9110's `tchar`, what a method is made of.
+fn is_token(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
 
 /// Classifies the first bytes of a connection; `None` while they are too
-/// few to tell.
+/// few to tell. Any HTTP/1 request line is HTTP, whatever its method: a
+/// request relayed as bytes would reach the app with whatever identity
+/// header its sender wrote, so only what cannot be HTTP/1 is TCP.
 pub fn classify(bytes: &[u8]) -> Option<Protocol> {
+    // Servers skip empty lines before a request (RFC 9112 2.2).
+    let start = bytes
+        .iter()
+        .position(|b| *b != b'\r' && *b != b'\n')
+        .unwrap_or(bytes.len());
+    let bytes = &bytes[start..];
     if bytes.is_empty() {
         return None;
     }
@@ -47,13 +63,41 @@ pub fn classify(bytes: &[u8]) -> Option<Protocol> {
     if bytes[..n] == PREFACE[..n] {
         return (n == PREFACE.len()).then_some(Protocol::Http2);
     }
-    match bytes.iter().position(|b| *b == b' ') {
-        Some(end) if METHODS.contains(&&bytes[..end]) => Some(Protocol::Http),
-        Some(_) => Some(Protocol::Tcp),
-        // Still inside the first word: keep reading while it could be a method.
-        None if bytes.len() < 8 && bytes.iter().all(u8::is_ascii_uppercase) => None,
-        None => Some(Protocol::Tcp),
+    request_line(bytes)
+}
+
+/// Whether `bytes` start with `method SP target SP HTTP/d.d CRLF`.
+fn request_line(bytes: &[u8]) -> Option<Protocol> {
+    let method = bytes.iter().position(|b| !is_token(*b));
+    match method {
+        Some(0) => return Some(Protocol::Tcp),
+        Some(end) if bytes[end] != b' ' => return Some(Protocol::Tcp),
+        Some(_) => {}
+        None => return (bytes.len() > MAX_REQUEST_LINE).then_some(Protocol::Tcp),
     }
+    let Some(end) = bytes.iter().position(|b| *b == b'\n') else {
+        // The target and version are printable; control bytes mean not HTTP.
+        if bytes
+            .iter()
+            .any(|b| b.is_ascii_control() && *b != b'\r' && *b != b'\t')
+        {
+            return Some(Protocol::Tcp);
+        }
+        return (bytes.len() > MAX_REQUEST_LINE).then_some(Protocol::Http);
+    };
+    let line = bytes[..end].strip_suffix(b"\r").unwrap_or(&bytes[..end]);
+    let version = line.rsplit(|b| *b == b' ').next().unwrap_or_default();
+    let is_version = version.len() == 8
+        && version.starts_with(b"HTTP/")
+        && version[5].is_ascii_digit()
+        && version[6] == b'.'
+        && version[7].is_ascii_digit();
+    let words = line.split(|b| *b == b' ').filter(|w| !w.is_empty()).count();
+    Some(if is_version && words >= 3 {
+        Protocol::Http
+    } else {
+        Protocol::Tcp
+    })
 }
 
 /// Reads from `stream` until the protocol is known or `timeout` passes.
@@ -69,7 +113,7 @@ pub async fn sniff_until<S: AsyncRead + Unpin>(
     give_up: impl Future<Output = ()>,
 ) -> (Protocol, Bytes) {
     let mut give_up = std::pin::pin!(give_up);
-    let mut seen = BytesMut::with_capacity(PREFACE.len());
+    let mut seen = BytesMut::with_capacity(64);
     loop {
         if let Some(protocol) = classify(&seen) {
             return (protocol, seen.freeze());
@@ -169,14 +213,47 @@ mod tests {
     #[test]
     fn request_lines_and_the_preface_are_recognised() {
         assert_eq!(classify(b"GET / HTTP/1.1\r\n"), Some(Protocol::Http));
-        assert_eq!(classify(b"POST /x"), Some(Protocol::Http));
+        assert_eq!(classify(b"POST /x"), None, "the line is not whole yet");
         assert_eq!(classify(PREFACE), Some(Protocol::Http2));
         assert_eq!(classify(b"PRI * HTTP/2.0"), None, "half a preface");
         assert_eq!(classify(b"GE"), None);
         assert_eq!(classify(b"\x16\x03\x01\x02"), Some(Protocol::Tcp), "TLS");
-        assert_eq!(classify(b"SSH-2.0-x"), Some(Protocol::Tcp));
-        assert_eq!(classify(b"FETCH / x"), Some(Protocol::Tcp));
-        assert_eq!(classify(b"ABCDEFGHIJ"), Some(Protocol::Tcp));
+        assert_eq!(classify(b"SSH-2.0-x\r\n"), Some(Protocol::Tcp));
+        assert_eq!(classify(b"FETCH / x\r\n"), Some(Protocol::Tcp));
+        assert_eq!(
+            classify(b"SET key value\r\n"),
+            Some(Protocol::Tcp),
+            "Redis inline"
+        );
+        assert_eq!(classify(b"ABCDEFGHIJ"), None);
+        assert_eq!(classify(&[b'A'; 9000]), Some(Protocol::Tcp));
+    }
+
+    #[test]
+    fn any_method_token_is_http() {
+        // Methods outside any fixed list, lower case, WebDAV, extension
+        // tokens, HTTP/1.0, a bare LF and leading empty lines: an app's
+        // HTTP server would parse each, so the sidecar must too.
+        for line in [
+            &b"PROPFIND /dav HTTP/1.1\r\n"[..],
+            b"get / HTTP/1.1\r\n",
+            b"X-CUSTOM_1 /a?b HTTP/1.1\r\n",
+            b"GET / HTTP/1.0\n",
+            b"\r\n\r\nFOO / HTTP/1.1\r\n",
+        ] {
+            assert_eq!(
+                classify(line),
+                Some(Protocol::Http),
+                "{}",
+                String::from_utf8_lossy(line)
+            );
+        }
+        let long = format!("GET /{} HTTP/1.1", "a".repeat(9000));
+        assert_eq!(
+            classify(long.as_bytes()),
+            Some(Protocol::Http),
+            "refused by the server, not relayed"
+        );
     }
 
     #[tokio::test]
@@ -185,15 +262,15 @@ mod tests {
         let (protocol, seen) = sniff(&mut b, Duration::from_millis(20)).await;
         assert_eq!((protocol, seen.len()), (Protocol::Tcp, 0));
 
-        a.write_all(b"GET /").await.unwrap();
+        a.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
         let (protocol, seen) = sniff(&mut b, Duration::from_secs(5)).await;
         assert_eq!(protocol, Protocol::Http);
-        a.write_all(b" HTTP/1.1").await.unwrap();
+        a.write_all(b"host: x").await.unwrap();
         drop(a);
         let mut rewound = Rewind::new(seen, b);
         let mut all = String::new();
         rewound.read_to_string(&mut all).await.unwrap();
-        assert_eq!(all, "GET / HTTP/1.1");
+        assert_eq!(all, "GET / HTTP/1.1\r\nhost: x");
     }
 
     #[tokio::test]
@@ -203,7 +280,7 @@ mod tests {
         // once and in order, whether the sniff stops inside the prefix or
         // reads past it.
         let long = format!("GET / HTTP/1.1\r\nx-fill: {}\r\n", "a".repeat(80));
-        for (early, rest) in [("GE", "T / HTTP/1.1"), (long.as_str(), "\r\n")] {
+        for (early, rest) in [("GE", "T / HTTP/1.1\r\n"), (long.as_str(), "\r\n")] {
             let (mut a, b) = tokio::io::duplex(256);
             a.write_all(rest.as_bytes()).await.unwrap();
             drop(a);

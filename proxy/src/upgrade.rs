@@ -1,5 +1,8 @@
-//! HTTP/1.1 upgrades (WebSocket, and anything else sent with `Connection:
-//! upgrade`) on HTTP ports. The mesh carries HTTP as HTTP/2 between
+//! HTTP/1.1 upgrades on HTTP ports: WebSocket, and whatever else the
+//! operator allows (`WEFT_ALLOWED_UPGRADES`). Any other `Upgrade` (h2c
+//! above all, which would let a caller speak HTTP/2 to the app past every
+//! header the sidecar sets) is dropped as the hop-by-hop header it is, and
+//! the request is served as an ordinary one. The mesh carries HTTP as HTTP/2 between
 //! sidecars, which has no `Upgrade`; an upgrade request instead goes to
 //! one endpoint through a TCP tunnel (the HBONE CONNECT of a TCP port, or
 //! a plain connection to a workload without a sidecar), as the application
@@ -19,17 +22,53 @@ use crate::http::{Body, error};
 use crate::metrics::{Peer, RequestLabels, TrafficLabels};
 use crate::outbound::Outbound;
 
-/// Whether a request asks to switch protocols on its connection.
-pub fn requested<B>(request: &Request<B>) -> bool {
-    request.version() == http::Version::HTTP_11
-        && request.headers().contains_key(header::UPGRADE)
-        && request
+/// The upgrade protocols relayed (case-insensitive).
+#[derive(Clone, Debug)]
+pub struct Upgrades(std::sync::Arc<[String]>);
+
+impl Default for Upgrades {
+    fn default() -> Self {
+        Upgrades::from_list("websocket")
+    }
+}
+
+impl Upgrades {
+    /// From a comma-separated list; `h2c` is never relayed, even if listed.
+    pub fn from_list(list: &str) -> Self {
+        Upgrades(
+            list.split(',')
+                .map(|p| p.trim().to_ascii_lowercase())
+                .filter(|p| !p.is_empty() && p != "h2c")
+                .collect(),
+        )
+    }
+
+    /// Whether a request asks to switch its connection to protocols that
+    /// are all allowed.
+    pub fn requested<B>(&self, request: &Request<B>) -> bool {
+        let mut protocols = request
             .headers()
-            .get_all(header::CONNECTION)
+            .get_all(header::UPGRADE)
             .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .any(|token| token.trim().eq_ignore_ascii_case("upgrade"))
+            .flat_map(|v| v.to_str().unwrap_or("\0").split(','))
+            .map(|p| {
+                let name = p.trim().split('/').next().unwrap_or_default();
+                self.0
+                    .iter()
+                    .any(|allowed| name.eq_ignore_ascii_case(allowed))
+            })
+            .peekable();
+        request.version() == http::Version::HTTP_11
+            && protocols.peek().is_some()
+            && protocols.all(|allowed| allowed)
+            && request
+                .headers()
+                .get_all(header::CONNECTION)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .flat_map(|v| v.split(','))
+                .any(|token| token.trim().eq_ignore_ascii_case("upgrade"))
+    }
 }
 
 /// Sends an upgrade request to an endpoint of `host:port` and, on 101,
@@ -144,23 +183,29 @@ mod tests {
     use super::*;
 
     #[test]
-    fn only_http11_requests_with_connection_upgrade_are_upgrades() {
-        let request = |version, connection: &str| {
+    fn only_allowed_http11_upgrades_are_relayed() {
+        let request = |version, upgrade: &str, connection: &str| {
             Request::builder()
                 .version(version)
-                .header(header::UPGRADE, "websocket")
+                .header(header::UPGRADE, upgrade)
                 .header(header::CONNECTION, connection)
                 .body(())
                 .unwrap()
         };
-        assert!(requested(&request(http::Version::HTTP_11, "Upgrade")));
-        assert!(requested(&request(
-            http::Version::HTTP_11,
-            "keep-alive, upgrade"
-        )));
-        assert!(!requested(&request(http::Version::HTTP_11, "keep-alive")));
-        assert!(!requested(&request(http::Version::HTTP_2, "upgrade")));
+        let allowed = Upgrades::default();
+        let v11 = http::Version::HTTP_11;
+        assert!(allowed.requested(&request(v11, "websocket", "Upgrade")));
+        assert!(allowed.requested(&request(v11, "WebSocket", "keep-alive, upgrade")));
+        assert!(!allowed.requested(&request(v11, "websocket", "keep-alive")));
+        assert!(!allowed.requested(&request(http::Version::HTTP_2, "websocket", "upgrade")));
+        assert!(!allowed.requested(&request(v11, "h2c", "Upgrade, HTTP2-Settings")));
+        assert!(!allowed.requested(&request(v11, "websocket, h2c", "upgrade")));
+        assert!(!allowed.requested(&request(v11, "tls/1.2", "upgrade")));
         let plain = Request::builder().body(()).unwrap();
-        assert!(!requested(&plain));
+        assert!(!allowed.requested(&plain));
+        // An operator's list, where h2c stays out whatever it says.
+        let custom = Upgrades::from_list("websocket, spdy ,h2c");
+        assert!(custom.requested(&request(v11, "SPDY/3.1", "upgrade")));
+        assert!(!custom.requested(&request(v11, "h2c", "upgrade")));
     }
 }

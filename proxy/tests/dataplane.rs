@@ -486,7 +486,7 @@ async fn http_app(ip: IpAddr, name: &'static str) {
     });
 }
 
-/// Answers an upgrade to `weft-test` with 101, then, on the switched
+/// Answers an upgrade to `websocket` with 101, then, on the switched
 /// connection, says the app's name and the caller identity its sidecar
 /// reported, and echoes what it reads. Anything else asking to upgrade is
 /// refused with 426.
@@ -495,7 +495,7 @@ fn upgraded_echo(
     request: &mut http::Request<hyper::body::Incoming>,
 ) -> http::Response<Full<Bytes>> {
     let mut response = http::Response::new(Full::default());
-    if request.headers().get("upgrade").map(|v| v.as_bytes()) != Some(b"weft-test") {
+    if request.headers().get("upgrade").map(|v| v.as_bytes()) != Some(b"websocket") {
         *response.status_mut() = http::StatusCode::UPGRADE_REQUIRED;
         return response;
     }
@@ -522,7 +522,7 @@ fn upgraded_echo(
     });
     *response.status_mut() = http::StatusCode::SWITCHING_PROTOCOLS;
     let headers = response.headers_mut();
-    headers.insert("upgrade", http::HeaderValue::from_static("weft-test"));
+    headers.insert("upgrade", http::HeaderValue::from_static("websocket"));
     headers.insert("connection", http::HeaderValue::from_static("upgrade"));
     response
 }
@@ -992,14 +992,14 @@ async fn upgrades_on_http_ports_cross_the_mesh() {
     let (_, through_connect) = connect(mesh.proxy, "echo.demo:81").await;
     let absolute = TcpStream::connect(mesh.proxy).await.unwrap();
     for (what, mut conn, request) in [
-        ("after CONNECT", through_connect, head("weft-test")),
+        ("after CONNECT", through_connect, head("websocket")),
         (
             "absolute form",
             {
                 absolute.set_nodelay(true).unwrap();
                 absolute
             },
-            head("weft-test").replacen("/upgrade", "http://echo.demo:81/upgrade", 1),
+            head("websocket").replacen("/upgrade", "http://echo.demo:81/upgrade", 1),
         ),
     ] {
         conn.write_all(request.as_bytes()).await.unwrap();
@@ -1010,7 +1010,7 @@ async fn upgrades_on_http_ports_cross_the_mesh() {
             "{what}: {answer:?}"
         );
         assert!(
-            answer.to_ascii_lowercase().contains("upgrade: weft-test"),
+            answer.to_ascii_lowercase().contains("upgrade: websocket"),
             "{what}: {answer:?}"
         );
         assert_eq!(exchange(&mut conn, "ping").await, "ping", "{what}");

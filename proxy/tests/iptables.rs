@@ -90,6 +90,15 @@ fn rules_install_idempotently_and_clean_up_in_a_namespace() {
         "a second run must not stack rules:\n{saved}"
     );
 
+    let saved6 = String::from_utf8_lossy(&in_ns(&ns.0, "ip6tables-save", &["-t", "nat"]).stdout)
+        .into_owned();
+    assert!(
+        saved6.contains("-A WEFT_IN_REDIRECT -p tcp -j REDIRECT --to-ports 15006"),
+        "IPv6 is captured too:\n{saved6}"
+    );
+    assert!(saved6.contains("-d ::1/128 -j RETURN"), "{saved6}");
+    assert_eq!(saved6.matches("-A OUTPUT -p tcp -j WEFT_OUTPUT").count(), 1);
+
     for _ in 0..2 {
         let out = in_ns(&ns.0, proxy, &["iptables", "--cleanup"]);
         assert!(
@@ -101,6 +110,9 @@ fn rules_install_idempotently_and_clean_up_in_a_namespace() {
     let saved =
         String::from_utf8_lossy(&in_ns(&ns.0, "iptables-save", &["-t", "nat"]).stdout).into_owned();
     assert!(!saved.contains("WEFT"), "{saved}");
+    let saved6 = String::from_utf8_lossy(&in_ns(&ns.0, "ip6tables-save", &["-t", "nat"]).stdout)
+        .into_owned();
+    assert!(!saved6.contains("WEFT"), "{saved6}");
 
     // Bad input is refused before anything is touched.
     let out = in_ns(
@@ -399,13 +411,15 @@ fn inbound_plaintext_is_forwarded_when_permissive_and_refused_when_strict() {
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    for (ns, dev, addr) in [
-        (&client_ns, &veth_c, "10.250.0.1/24"),
-        (&pod_ns, &veth_p, "10.250.0.2/24"),
+    // Dual-stack: IPv6 must be captured as IPv4 is.
+    for (ns, dev, addr, addr6) in [
+        (&client_ns, &veth_c, "10.250.0.1/24", "fd00:250::1/64"),
+        (&pod_ns, &veth_p, "10.250.0.2/24", "fd00:250::2/64"),
     ] {
         for args in [
             vec!["ip", "link", "set", "lo", "up"],
             vec!["ip", "addr", "add", addr, "dev", dev],
+            vec!["ip", "-6", "addr", "add", addr6, "dev", dev, "nodad"],
             vec!["ip", "link", "set", dev, "up"],
         ] {
             let out = in_ns(ns, args[0], &args[1..]);
@@ -453,9 +467,7 @@ fn inbound_plaintext_is_forwarded_when_permissive_and_refused_when_strict() {
                     }
                 });
                 // An HTTP app that says whether a caller identity reached it.
-                let web = tokio::net::TcpListener::bind("10.250.0.2:8081")
-                    .await
-                    .unwrap();
+                let web = tokio::net::TcpListener::bind("[::]:8081").await.unwrap();
                 tokio::spawn(async move {
                     while let Ok((mut conn, _)) = web.accept().await {
                         let mut head = Vec::new();
@@ -472,11 +484,11 @@ fn inbound_plaintext_is_forwarded_when_permissive_and_refused_when_strict() {
                         } else {
                             "clean"
                         };
-                        if text.contains("upgrade: weft-test") {
+                        if text.contains("upgrade: websocket") {
                             // Switch, say the verdict, then echo.
                             let _ = conn
                                 .write_all(
-                                    format!("HTTP/1.1 101 Switching Protocols\r\nupgrade: weft-test\r\nconnection: upgrade\r\n\r\n{verdict}:").as_bytes(),
+                                    format!("HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: upgrade\r\n\r\n{verdict}:").as_bytes(),
                                 )
                                 .await;
                             while let Ok(n) = conn.read(&mut buf).await {
@@ -497,15 +509,15 @@ fn inbound_plaintext_is_forwarded_when_permissive_and_refused_when_strict() {
                             .await;
                     }
                 });
-                let capture = tokio::net::TcpListener::bind("0.0.0.0:15006")
-                    .await
-                    .unwrap();
+                let capture = tokio::net::TcpListener::bind("[::]:15006").await.unwrap();
                 tokio::spawn(inbound::serve(
                     capture,
                     mode,
                     pod_counters,
-                    weft_proxy::outbound::HEAD_TIMEOUT,
-                    weft_proxy::drain::Drain::default(),
+                    std::sync::Arc::new(weft_proxy::hbone::Inbound::new(vec![
+                        "10.250.0.2".parse().unwrap(),
+                        "fd00:250::2".parse().unwrap(),
+                    ])),
                 ));
                 ready_tx.send(()).unwrap();
                 let _ = stop_rx.await;
@@ -552,7 +564,7 @@ fn inbound_plaintext_is_forwarded_when_permissive_and_refused_when_strict() {
                 {
                     let _ = up
                         .write_all(
-                            b"GET /ws HTTP/1.1\r\nhost: web\r\nconnection: upgrade\r\nupgrade: weft-test\r\nx-weft-peer-identity: spiffe://cluster.local/ns/x/sa/admin\r\n\r\n",
+                            b"GET /ws HTTP/1.1\r\nhost: web\r\nconnection: upgrade\r\nupgrade: websocket\r\nx-weft-peer-identity: spiffe://cluster.local/ns/x/sa/admin\r\n\r\n",
                         )
                         .await;
                     let mut seen = Vec::new();
@@ -574,9 +586,33 @@ fn inbound_plaintext_is_forwarded_when_permissive_and_refused_when_strict() {
                         switched = format!("{status} {rest}");
                     }
                 }
+                // An unusual method, a caller silent for a while first, and
+                // an h2c upgrade: each still gets HTTP's treatment, so none
+                // carries the forged identity to the app.
+                let mut odd = Vec::new();
+                for (to, pause, request) in [
+                    ("10.250.0.2:8081", 0, &b"PROPFIND / HTTP/1.1\r\nhost: web\r\nx-weft-peer-identity: spiffe://cluster.local/ns/x/sa/admin\r\nconnection: close\r\n\r\n"[..]),
+                    ("10.250.0.2:8081", 300, b"GET / HTTP/1.1\r\nhost: web\r\nx-weft-peer-identity: spiffe://cluster.local/ns/x/sa/admin\r\nconnection: close\r\n\r\n"),
+                    ("10.250.0.2:8081", 0, b"GET / HTTP/1.1\r\nhost: web\r\nconnection: Upgrade, HTTP2-Settings\r\nupgrade: h2c\r\nhttp2-settings: AAMAAABkAAQAoAAAAAIAAAAA\r\nx-weft-peer-identity: spiffe://cluster.local/ns/x/sa/admin\r\n\r\n"),
+                    ("[fd00:250::2]:8081", 0, b"GET / HTTP/1.1\r\nhost: web\r\nx-weft-peer-identity: spiffe://cluster.local/ns/x/sa/admin\r\nconnection: close\r\n\r\n"),
+                ] {
+                    let Ok(Ok(mut conn)) =
+                        tokio::time::timeout(step, tokio::net::TcpStream::connect(to)).await
+                    else {
+                        odd.push(String::new());
+                        continue;
+                    };
+                    tokio::time::sleep(std::time::Duration::from_millis(pause)).await;
+                    let _ = conn.write_all(request).await;
+                    let mut answer = Vec::new();
+                    let _ = tokio::time::timeout(step, conn.read_to_end(&mut answer)).await;
+                    let answer = String::from_utf8_lossy(&answer);
+                    odd.push(answer.rsplit("\r\n\r\n").next().unwrap_or("").to_string());
+                }
                 Ok::<String, String>(format!(
-                    "{}|{verdict}|{switched}",
-                    String::from_utf8_lossy(&got)
+                    "{}|{verdict}|{switched}|{}",
+                    String::from_utf8_lossy(&got),
+                    odd.join(",")
                 ))
             })
         });
@@ -587,15 +623,18 @@ fn inbound_plaintext_is_forwarded_when_permissive_and_refused_when_strict() {
             Mode::Permissive => {
                 // The server-first app answered once the sniffing gave up;
                 // the HTTP app never saw the forged identity.
-                assert_eq!(received, "app:|clean|101 clean:ping");
-                assert_eq!(counters.forwarded.load(Ordering::Relaxed), 3);
+                assert_eq!(
+                    received,
+                    "app:|clean|101 clean:ping|clean,clean,clean,clean"
+                );
+                assert_eq!(counters.forwarded.load(Ordering::Relaxed), 7);
             }
             Mode::Strict => {
                 assert_eq!(
-                    received, "||",
+                    received, "|||,,,",
                     "STRICT must not let plaintext reach the app"
                 );
-                assert_eq!(counters.refused_plaintext.load(Ordering::Relaxed), 3);
+                assert_eq!(counters.refused_plaintext.load(Ordering::Relaxed), 7);
             }
         }
     }
