@@ -115,6 +115,11 @@ pub enum Change {
     /// The API server answers again for this kind (a watch that resumes
     /// from its last version may have no event to show for it).
     Recovered(Kind),
+    /// The API server stopped answering the liveness probe, though its
+    /// watches may still look open.
+    Unreachable(String),
+    /// It answers the liveness probe again.
+    Reachable,
 }
 
 #[derive(Debug)]
@@ -292,12 +297,15 @@ pub fn spawn_watchers(
     generation: u64,
     updates: mpsc::UnboundedSender<ClusterUpdate>,
 ) -> Vec<tokio::task::JoinHandle<()>> {
+    let (restart, restarts) = tokio::sync::watch::channel(0u64);
     let ctx = WatchContext {
         cluster,
         generation,
         updates,
+        restarts,
     };
     vec![
+        tokio::spawn(liveness(client.clone(), ctx.clone(), restart)),
         tokio::spawn(watch::<Service, _>(
             Api::all(client.clone()),
             Kind::Service,
@@ -328,11 +336,66 @@ pub fn spawn_watchers(
     ]
 }
 
+/// How often each API server is asked for its version, how long it may
+/// take, and how many missed answers in a row make it unreachable: a
+/// server that goes silent without closing its connections (a frozen
+/// process, a blackholed network) is marked stale within
+/// `LIVENESS_MISSES * (LIVENESS_EVERY + LIVENESS_TIMEOUT)`, 12 s. Its
+/// watches would otherwise wait for their own timeout, minutes later.
+pub const LIVENESS_EVERY: std::time::Duration = std::time::Duration::from_secs(3);
+pub const LIVENESS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
+pub const LIVENESS_MISSES: u32 = 2;
+
+/// Probes the API server; says when it stops and starts answering. When it
+/// answers again the watches start over (a relist), since their
+/// connections may have died without a word while it was silent.
+async fn liveness(client: Client, ctx: WatchContext, restart: tokio::sync::watch::Sender<u64>) {
+    let mut misses = 0u32;
+    loop {
+        tokio::time::sleep(LIVENESS_EVERY).await;
+        let answered = tokio::time::timeout(LIVENESS_TIMEOUT, client.apiserver_version()).await;
+        let sent = match answered {
+            Ok(Ok(_)) => {
+                let was_unreachable = misses >= LIVENESS_MISSES;
+                misses = 0;
+                if was_unreachable {
+                    tracing::info!(cluster = %ctx.cluster, "the API server answers again; watching anew");
+                    restart.send_modify(|epoch| *epoch += 1);
+                    ctx.send(Change::Reachable)
+                } else {
+                    true
+                }
+            }
+            Ok(Err(_)) | Err(_) => {
+                misses += 1;
+                if misses == LIVENESS_MISSES {
+                    let why = match answered {
+                        Ok(Err(err)) => format!("the API server refused the liveness probe: {err}"),
+                        _ => format!(
+                            "the API server did not answer within {} s, {LIVENESS_MISSES} times in a row",
+                            LIVENESS_TIMEOUT.as_secs()
+                        ),
+                    };
+                    tracing::warn!(cluster = %ctx.cluster, "{why}; serving its last known workloads as stale");
+                    ctx.send(Change::Unreachable(why))
+                } else {
+                    true
+                }
+            }
+        };
+        if !sent {
+            return;
+        }
+    }
+}
+
 #[derive(Clone)]
 struct WatchContext {
     cluster: String,
     generation: u64,
     updates: mpsc::UnboundedSender<ClusterUpdate>,
+    /// Changes when the watches must start over.
+    restarts: tokio::sync::watch::Receiver<u64>,
 }
 
 impl WatchContext {
@@ -356,8 +419,13 @@ where
     K: Resource + Clone + DeserializeOwned + Debug + Send + 'static,
     F: Fn(&K) -> Option<Object>,
 {
-    let stream = watcher(api.clone(), watcher::Config::default()).default_backoff();
-    futures::pin_mut!(stream);
+    let start = || {
+        watcher(api.clone(), watcher::Config::default())
+            .default_backoff()
+            .boxed()
+    };
+    let mut stream = start();
+    let mut restarts = ctx.restarts.clone();
     let mut relist: Option<BTreeMap<Key, Object>> = None;
     let mut failing = false;
     let mut probe = tokio::time::interval(PROBE_EVERY);
@@ -366,6 +434,14 @@ where
             event = stream.next() => match event {
                 Some(event) => event,
                 None => return,
+            },
+            changed = restarts.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                stream = start();
+                relist = None;
+                continue;
             },
             _ = probe.tick(), if failing => {
                 let alive = api.list(&kube::api::ListParams::default().limit(1)).await.is_ok();

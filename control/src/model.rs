@@ -341,6 +341,8 @@ pub struct ClusterState {
     /// A replacement client's data, filling up until it has synced.
     staging: Option<(u64, ClusterData)>,
     errors: BTreeMap<Kind, String>,
+    /// Why the API server is taken for unreachable, while it is.
+    unreachable: Option<String>,
     stale: bool,
     added: Instant,
     last_synced: Option<Instant>,
@@ -422,6 +424,7 @@ impl Model {
                         generation,
                         staging: None,
                         errors: BTreeMap::new(),
+                        unreachable: None,
                         stale: false,
                         added: Instant::now(),
                         last_synced: None,
@@ -490,15 +493,25 @@ impl Model {
                         state.errors.remove(&kind);
                     }
                 }
+                Change::Unreachable(why) => {
+                    if !staging {
+                        state.unreachable = Some(why);
+                    }
+                }
+                Change::Reachable => {
+                    if !staging {
+                        state.unreachable = None;
+                    }
+                }
             }
         }
         if !staging {
-            let stale = !state.errors.is_empty();
+            let stale = !state.errors.is_empty() || state.unreachable.is_some();
             if stale != state.stale {
                 state.stale = stale;
                 stale_changed = true;
             }
-            if state.data.fully_synced() && state.errors.is_empty() {
+            if state.data.fully_synced() && !stale {
                 state.last_synced = Some(Instant::now());
             }
         }
@@ -513,6 +526,7 @@ impl Model {
                 let old = std::mem::replace(&mut state.data, data);
                 state.generation = generation;
                 state.errors.clear();
+                state.unreachable = None;
                 state.stale = false;
                 state.last_synced = Some(Instant::now());
                 // Everything either client knew is recomputed; what is
@@ -765,6 +779,12 @@ impl Model {
                     .errors
                     .iter()
                     .map(|(k, v)| (format!("{k:?}"), v.clone()))
+                    .chain(
+                        state
+                            .unreachable
+                            .iter()
+                            .map(|why| ("ApiServer".to_string(), why.clone())),
+                    )
                     .collect(),
                 services: state.data.services.len(),
                 pods: state.data.pods.len(),

@@ -1523,3 +1523,106 @@ async fn cluster_roles_grant_only_what_is_read_and_written() {
         &json!([{"apiGroups": [""], "resources": ["secrets"], "verbs": ["get", "list", "watch", "create"]}])
     );
 }
+
+/// A TCP relay in front of `upstream` that can be frozen: connections stay
+/// open and nothing moves, as when the server's process is stopped
+/// (SIGSTOP) or its network blackholed.
+async fn freezable(
+    upstream: std::net::SocketAddr,
+) -> (std::net::SocketAddr, tokio::sync::watch::Sender<bool>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (frozen, watch) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let Ok(server) = tokio::net::TcpStream::connect(upstream).await else {
+                continue;
+            };
+            let (client_read, client_write) = client.into_split();
+            let (server_read, server_write) = server.into_split();
+            for (mut from, mut to) in [(client_read, server_write), (server_read, client_write)] {
+                let mut watch = watch.clone();
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 16 * 1024];
+                    loop {
+                        if watch.wait_for(|f| !*f).await.is_err() {
+                            return;
+                        }
+                        let n = match from.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => n,
+                        };
+                        if watch.wait_for(|f| !*f).await.is_err()
+                            || to.write_all(&buf[..n]).await.is_err()
+                        {
+                            return;
+                        }
+                    }
+                });
+            }
+        }
+    });
+    (addr, frozen)
+}
+
+/// A remote API server that goes silent without closing its connections
+/// is marked stale within 15 s by the liveness probe (its watches alone
+/// would wait minutes), its workloads still served; when it answers
+/// again, stale clears and what changed meanwhile arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_remote_is_stale_within_15_s_and_recovers() {
+    let c1 = Lab::start("c1").await;
+    let c2 = Lab::start("c2").await;
+    c1.service("echo", false).await;
+    c2.service("echo", false).await;
+    c1.workload("echo", "a1", "10.1.0.5").await;
+    c2.workload("echo", "b1", "10.2.0.5").await;
+    let (relay, frozen) = freezable(c2.server.addr()).await;
+    let kubeconfig = c2.reader_kubeconfig("reader").await.replace(
+        &c2.server.addr().port().to_string(),
+        &relay.port().to_string(),
+    );
+    let control = control_plane(&c1, "c1").await;
+    remote_secret(&c1, "remote-c2", BTreeMap::from([("c2", Some(kubeconfig))])).await;
+    let client = XdsClient::connect(control.xds_plain_addr.unwrap(), BTreeMap::new()).await;
+    eventually("c2 synced", || async {
+        client.workload("c2/demo/b1").is_some_and(|w| !w.stale)
+    })
+    .await;
+
+    frozen.send_replace(true);
+    let silent = std::time::Instant::now();
+    eventually("c2 flagged stale", || async {
+        client.workload("c2/demo/b1").is_some_and(|w| w.stale)
+    })
+    .await;
+    let to_stale = silent.elapsed();
+    assert!(client.workload("c1/demo/a1").is_some_and(|w| !w.stale));
+    let status = http_get(control.monitoring_addr.unwrap(), "/debug/clusters").await;
+    assert!(status.contains("did not answer"), "{status}");
+    // Meanwhile c2 changes, unseen.
+    c2.workload("echo", "b2", "10.2.0.6").await;
+
+    frozen.send_replace(false);
+    let back = std::time::Instant::now();
+    eventually("c2 fresh again, with what changed meanwhile", || async {
+        client.workload("c2/demo/b1").is_some_and(|w| !w.stale)
+            && client.workload("c2/demo/b2").is_some()
+    })
+    .await;
+    let to_recover = back.elapsed();
+    println!(
+        "silent remote: stale after {:.1} s, fresh {:.1} s after it answered again",
+        to_stale.as_secs_f64(),
+        to_recover.as_secs_f64()
+    );
+    assert!(
+        to_stale < Duration::from_secs(15),
+        "stale after {to_stale:?}"
+    );
+    assert!(
+        to_recover < Duration::from_secs(10),
+        "recovered after {to_recover:?}"
+    );
+}
