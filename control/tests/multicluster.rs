@@ -122,7 +122,10 @@ impl Lab {
 
     async fn remove_workload(&self, pod: &str) {
         let pods: Api<Pod> = Api::namespaced(self.client.clone(), "demo");
-        pods.delete(pod, &DeleteParams::default()).await.unwrap();
+        // Forced, as nothing plays the kubelet here.
+        pods.delete(pod, &DeleteParams::default().grace_period(0))
+            .await
+            .unwrap();
         let slices: Api<EndpointSlice> = Api::namespaced(self.client.clone(), "demo");
         slices
             .delete(&format!("{pod}-slice"), &DeleteParams::default())

@@ -20,13 +20,17 @@ use serde_json::{Value, json};
 const MANAGED_BY: &str = "endpointslice.kubernetes.io/managed-by";
 const MANAGER: &str = "weft-lab";
 
+/// Whether the pod passes its readiness probe (terminating or not).
+fn serving(pod: &Pod) -> bool {
+    pod.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
+/// Whether new traffic should go to the pod: serving and not terminating.
 fn ready(pod: &Pod) -> bool {
-    pod.metadata.deletion_timestamp.is_none()
-        && pod
-            .status
-            .as_ref()
-            .and_then(|s| s.conditions.as_ref())
-            .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+    pod.metadata.deletion_timestamp.is_none() && serving(pod)
 }
 
 fn selects(service: &Service, pod: &Pod) -> bool {
@@ -84,7 +88,7 @@ pub fn desired(service: &Service, pods: &[Pod]) -> Option<Value> {
             let ip = pod.status.as_ref().and_then(|s| s.pod_ip.clone()).unwrap_or_default();
             json!({
                 "addresses": [ip],
-                "conditions": {"ready": ready(pod), "serving": ready(pod), "terminating": pod.metadata.deletion_timestamp.is_some()},
+                "conditions": {"ready": ready(pod), "serving": serving(pod), "terminating": pod.metadata.deletion_timestamp.is_some()},
                 "nodeName": pod.spec.as_ref().and_then(|s| s.node_name.clone()),
                 "targetRef": {"kind": "Pod", "name": pod.metadata.name, "namespace": namespace, "uid": pod.metadata.uid},
             })
@@ -212,5 +216,48 @@ pub async fn run(client: kube::Client) {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_terminating_pod_is_serving_but_not_ready() {
+        let service: Service = serde_json::from_value(json!({
+            "metadata": {"name": "echo", "namespace": "demo"},
+            "spec": {"selector": {"app": "echo"}, "ports": [{"port": 80, "targetPort": 8080}]},
+        }))
+        .unwrap();
+        let pod = |name: &str, ip: &str, deleting: bool| -> Pod {
+            let mut pod = json!({
+                "metadata": {"name": name, "namespace": "demo", "labels": {"app": "echo"}},
+                "spec": {"containers": [{"name": "app"}]},
+                "status": {"podIP": ip, "conditions": [{"type": "Ready", "status": "True"}]},
+            });
+            if deleting {
+                pod["metadata"]["deletionTimestamp"] = json!("2026-11-30T00:00:00Z");
+            }
+            serde_json::from_value(pod).unwrap()
+        };
+        let slice = desired(
+            &service,
+            &[pod("a", "10.0.0.1", false), pod("b", "10.0.0.2", true)],
+        )
+        .unwrap();
+        let conditions: Vec<&Value> = slice["endpoints"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| &e["conditions"])
+            .collect();
+        assert_eq!(
+            conditions,
+            [
+                &json!({"ready": true, "serving": true, "terminating": false}),
+                &json!({"ready": false, "serving": true, "terminating": true}),
+            ]
+        );
     }
 }

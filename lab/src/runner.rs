@@ -96,6 +96,8 @@ pub async fn run(config: RunnerConfig, mut stop: watch::Receiver<bool>) {
     let config = Arc::new(config);
     let next_index = Arc::new(Mutex::new(0u32));
     let mut pods: HashMap<String, Running> = HashMap::new();
+    // Pods being stopped after a graceful delete, by uid.
+    let mut terminating: std::collections::HashSet<String> = Default::default();
     let mut events = {
         use kube::runtime::WatchStreamExt;
         watcher(
@@ -135,10 +137,36 @@ pub async fn run(config: RunnerConfig, mut stop: watch::Receiver<bool>) {
                 continue;
             };
             let node = pod.spec.as_ref().and_then(|s| s.node_name.clone());
-            if node.as_deref().is_some_and(|n| n != config.node) || pods.contains_key(&uid) {
+            if node.as_deref().is_some_and(|n| n != config.node) {
                 continue;
             }
             if pod.metadata.deletion_timestamp.is_some() {
+                // As the kubelet: stop the containers (SIGTERM, then
+                // SIGKILL after the grace), then delete the pod for good.
+                // A pod this runner never started is deleted at once.
+                if !terminating.insert(uid.clone()) {
+                    continue;
+                }
+                let running = pods.remove(&uid);
+                let client = config.client.clone();
+                tokio::spawn(async move {
+                    if let Some(running) = running {
+                        let _ = running.stop.send(true);
+                        let _ = running.task.await;
+                    }
+                    let (Some(name), Some(namespace)) = (
+                        pod.metadata.name.as_deref(),
+                        pod.metadata.namespace.as_deref(),
+                    ) else {
+                        return;
+                    };
+                    let _ = Api::<Pod>::namespaced(client, namespace)
+                        .delete(name, &kube::api::DeleteParams::default().grace_period(0))
+                        .await;
+                });
+                continue;
+            }
+            if pods.contains_key(&uid) {
                 continue;
             }
             let index = {
@@ -390,9 +418,15 @@ async fn run_pod_inner(
             ready_reported = Some(ready);
         }
     }
-    for child in children.into_iter().flatten() {
-        crate::mesh::stop(child, Duration::from_secs(5)).await;
-    }
+    // As the kubelet: every container gets SIGTERM at once, and SIGKILL
+    // when the grace (5 s in the lab) is over.
+    futures::future::join_all(
+        children
+            .into_iter()
+            .flatten()
+            .map(|child| crate::mesh::stop(child, Duration::from_secs(5))),
+    )
+    .await;
     Ok(())
 }
 

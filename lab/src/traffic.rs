@@ -99,13 +99,20 @@ impl PodClient {
     }
 
     /// Sends a request every 50 ms until ten in a row come from `cluster`;
-    /// returns how many failed meanwhile.
-    pub async fn until_stable(&self, cluster: &str, timeout: Duration) -> Result<usize> {
-        let deadline = Instant::now() + timeout;
+    /// says how many failed meanwhile and when the first of those ten was
+    /// sent (the time traffic took to settle there).
+    pub async fn until_stable(&self, cluster: &str, timeout: Duration) -> Result<Settled> {
+        let started = Instant::now();
+        let deadline = started + timeout;
         let (mut streak, mut errors) = (0, 0);
+        let mut streak_began = started;
         while streak < 10 {
+            let sent = Instant::now();
             match self.once().await {
                 Ok(fields) if fields.get("cluster").map(String::as_str) == Some(cluster) => {
+                    if streak == 0 {
+                        streak_began = sent;
+                    }
                     streak += 1
                 }
                 Ok(_) => streak = 0,
@@ -119,8 +126,20 @@ impl PodClient {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        Ok(errors)
+        Ok(Settled {
+            errors,
+            after: streak_began.duration_since(started),
+        })
     }
+}
+
+/// How traffic settled on a cluster.
+#[derive(Clone, Copy, Debug)]
+pub struct Settled {
+    /// Requests that failed on the way.
+    pub errors: usize,
+    /// From the first request to the first of the ten that all went there.
+    pub after: Duration,
 }
 
 /// Sends `request` to `connect` from inside the lab pod whose directory is
@@ -168,6 +187,27 @@ async fn exchange(
     rx.await
         .unwrap_or_else(|_| Err("the request thread died".into()))
 }
+
+/// The identity an echo server at `target` reports for a plaintext request
+/// from the pod at `pod_dir` that claims to be an admin in
+/// `x-weft-peer-identity` (`-` when it saw none), or why there was no
+/// answer.
+pub async fn identity_seen_by_echo(pod_dir: &Path, target: SocketAddr) -> Result<String, String> {
+    let forged = format!(
+        "GET / HTTP/1.1\r\nhost: echo\r\nx-weft-peer-identity: {FORGED_IDENTITY}\r\nconnection: close\r\n\r\n"
+    );
+    let answer = send_from_pod(pod_dir, target, &forged).await?;
+    let (head, body) = answer.split_once("\r\n\r\n").ok_or("no HTTP answer")?;
+    if !head.starts_with("HTTP/1.1 200") {
+        return Err(head.lines().next().unwrap_or("").to_string());
+    }
+    Ok(weft_echo::parse_report(body)
+        .remove("peer")
+        .unwrap_or_default())
+}
+
+/// The identity [`identity_seen_by_echo`] claims.
+pub const FORGED_IDENTITY: &str = "spiffe://cluster.local/ns/prod/sa/admin";
 
 /// Counts answers by cluster.
 pub fn by_cluster(answers: &[Answer]) -> BTreeMap<String, usize> {

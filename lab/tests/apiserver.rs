@@ -217,6 +217,38 @@ async fn crud_with_the_kube_client() {
         .unwrap();
     assert_eq!(pod.status.unwrap().phase.as_deref(), Some("Running"));
 
+    // A pod bound to a node is deleted as Kubernetes does: first a deletion
+    // timestamp and grace period (its kubelet stops it), then for good with
+    // a grace of 0. An unbound pod goes at once.
+    let bound: Pod = serde_json::from_value(json!({
+        "metadata": {"name": "bound"},
+        "spec": {"nodeName": "node-1", "terminationGracePeriodSeconds": 7, "containers": [{"name": "app", "image": "echo"}]},
+    }))
+    .unwrap();
+    pods.create(&PostParams::default(), &bound).await.unwrap();
+    pods.delete("bound", &DeleteParams::default())
+        .await
+        .unwrap();
+    let terminating = pods.get("bound").await.unwrap();
+    assert!(terminating.metadata.deletion_timestamp.is_some());
+    assert_eq!(terminating.metadata.deletion_grace_period_seconds, Some(7));
+    pods.delete("bound", &DeleteParams::default())
+        .await
+        .unwrap();
+    assert!(
+        pods.get_opt("bound").await.unwrap().is_some(),
+        "a second delete waits too"
+    );
+    pods.delete("bound", &DeleteParams::default().grace_period(0))
+        .await
+        .unwrap();
+    assert!(pods.get_opt("bound").await.unwrap().is_none());
+    pods.delete("p", &DeleteParams::default()).await.unwrap();
+    assert!(
+        pods.get_opt("p").await.unwrap().is_none(),
+        "an unbound pod goes at once"
+    );
+
     // Delete, then 404.
     services
         .delete("echo", &DeleteParams::default())

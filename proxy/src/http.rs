@@ -21,6 +21,12 @@ pub const APP_PROTOCOL: HeaderName = HeaderName::from_static("x-weft-app-protoco
 /// proven by its mTLS certificate. Any value a client sent is replaced.
 pub const PEER_IDENTITY: HeaderName = HeaderName::from_static("x-weft-peer-identity");
 
+/// Set by the server sidecar on its own error answer when the request never
+/// reached the app (it could not connect: the pod is going away), so the
+/// client sidecar may send it to another endpoint. Removed from every
+/// answer the app itself gives.
+pub const NOT_DELIVERED: HeaderName = HeaderName::from_static("x-weft-not-delivered");
+
 /// Says who called, as the mesh proved it: whatever identity header the
 /// caller wrote is dropped first, so the app can trust the header whenever
 /// it is present.

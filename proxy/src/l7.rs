@@ -27,7 +27,8 @@ use weft_certs::Identity;
 
 use crate::hbone::Inbound;
 use crate::http::{
-    APP_PROTOCOL, Body, TARGET, error, idempotent, set_peer_identity, strip_hop_by_hop,
+    APP_PROTOCOL, Body, NOT_DELIVERED, TARGET, error, idempotent, set_peer_identity,
+    strip_hop_by_hop,
 };
 use crate::metrics::{Peer, RequestLabels, TrafficLabels};
 use crate::outbound::{Destination, Outbound};
@@ -268,6 +269,20 @@ pub async fn forward(
                 })
             }
         };
+        // The endpoint's sidecar could not reach its app (the pod is going
+        // away): the request never left, so it may go elsewhere.
+        let result = match result {
+            Ok(response)
+                if matches!(pick.destination, Destination::Mesh { .. })
+                    && response.headers().contains_key(NOT_DELIVERED) =>
+            {
+                Err((
+                    anyhow::anyhow!("the endpoint's sidecar could not reach its app"),
+                    true,
+                ))
+            }
+            other => other,
+        };
         match result {
             Ok(mut response) => {
                 if let Some(uid) = &uid {
@@ -401,11 +416,18 @@ pub(crate) async fn to_app(
     let response = match inbound.app.client(target, http2).request(request).await {
         Ok(mut response) => {
             strip_hop_by_hop(response.headers_mut());
+            response.headers_mut().remove(NOT_DELIVERED);
             response.map(|b| b.boxed())
         }
         Err(err) => {
             tracing::debug!(%target, "the application did not answer: {err:#}");
-            error(StatusCode::BAD_GATEWAY, "the application did not answer")
+            let mut response = error(StatusCode::BAD_GATEWAY, "the application did not answer");
+            if err.is_connect() {
+                response
+                    .headers_mut()
+                    .insert(NOT_DELIVERED, HeaderValue::from_static("1"));
+            }
+            response
         }
     };
     let labels = RequestLabels {

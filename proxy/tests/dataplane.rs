@@ -1156,3 +1156,25 @@ async fn tunnels_carry_tcp_as_declared_and_prove_http_callers() {
         "{slow:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_its_endpoint_could_not_deliver_goes_elsewhere() {
+    let mesh = client_sidecar(false).await;
+    l7_pods(&mesh, (31, "echo-a"), (32, "echo-b")).await;
+    // A pod going away: its sidecar still answers on 15008, its app is gone.
+    let leaving = pod_ip(33);
+    server_sidecar(&mesh.ca, &mesh.bundle, leaving, &id("echo"), None).await;
+    publish(
+        &mesh.xds,
+        vec![
+            workload("c1/demo/leaving", leaving, "c1", "a", "echo", true),
+            workload("c2/demo/echo-b", pod_ip(32), "c2", "b", "echo", true),
+        ],
+    );
+    let mut h1 = http1_via_connect(mesh.proxy, "echo.demo:81").await;
+    let before = mesh.outbound.metrics.retries.get();
+    let (status, body) = send(&mut h1, get("/", "echo.demo:81")).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.starts_with("echo-b"), "{body}");
+    assert_eq!(mesh.outbound.metrics.retries.get(), before + 1);
+}

@@ -119,6 +119,9 @@ async fn story(lab: &mut Lab, dir: &std::path::Path) -> Result<()> {
         .await?;
     }
     println!("✓ pods ready in both clusters");
+    if lab.network == Network::Namespaces {
+        outsider_cannot_forge_an_identity(lab, dir).await?;
+    }
 
     let pod = find_pod(dir, Some("c1"), "demo", "client")?;
     let caller = PodClient::new(&lab.cluster("c1")?.client, &pod, "demo", "echo").await?;
@@ -134,29 +137,67 @@ async fn story(lab: &mut Lab, dir: &std::path::Path) -> Result<()> {
     Api::<Pod>::namespaced(c1.clone(), "demo")
         .delete("echo-v1", &DeleteParams::default())
         .await?;
-    let failover_started = Instant::now();
-    let errors = caller.until_stable("c2", Duration::from_secs(60)).await?;
+    let failover = caller.until_stable("c2", Duration::from_secs(60)).await?;
     println!(
-        "✓ echo-v1 deleted in c1: traffic failed over to c2 in {:.2} s with {} failed requests",
-        failover_started.elapsed().as_secs_f64(),
-        errors
+        "✓ echo-v1 deleted in c1 (gracefully, as the kubelet does): traffic failed over to c2 in {:.2} s with {} failed requests",
+        failover.after.as_secs_f64(),
+        failover.errors
     );
+    if failover.errors > 0 {
+        bail!(
+            "{} requests failed while echo-v1 was deleted",
+            failover.errors
+        );
+    }
     let answers = caller.batch(10).await;
     report("traffic (c1's echo gone)", &answers);
     check_all(&answers, "c2")?;
 
     weft_lab::apply::apply_all(&c1, include_str!("../../../examples/lab/echo-c1.yaml")).await?;
     wait_ready(&c1, &["echo-v1"], Duration::from_secs(120)).await?;
-    let back = Instant::now();
-    let errors = caller.until_stable("c1", Duration::from_secs(60)).await?;
+    let back = caller.until_stable("c1", Duration::from_secs(60)).await?;
     println!(
         "✓ echo-v1 restored: traffic back in c1 {:.2} s after it was ready, {} failed requests",
-        back.elapsed().as_secs_f64(),
-        errors
+        back.after.as_secs_f64(),
+        back.errors
     );
     let answers = caller.batch(10).await;
     report("traffic (restored)", &answers);
     check_all(&answers, "c1")?;
+    Ok(())
+}
+
+/// A pod without a sidecar sends echo-v1 plaintext claiming to be an
+/// admin: the serving port is captured (its probe goes to the sidecar), so
+/// the claim is dropped and echo sees no identity.
+async fn outsider_cannot_forge_an_identity(lab: &Lab, dir: &std::path::Path) -> Result<()> {
+    let c1 = lab.cluster("c1")?.client.clone();
+    weft_lab::apply::apply_all(&c1, include_str!("../../../examples/lab/outsider.yaml")).await?;
+    wait_ready(&c1, &["outsider"], Duration::from_secs(60)).await?;
+    let echo_ip: std::net::IpAddr =
+        std::fs::read_to_string(find_pod(dir, Some("c1"), "demo", "echo-v1")?.join("ip"))?
+            .trim()
+            .parse()?;
+    let outsider = find_pod(dir, Some("c1"), "demo", "outsider")?;
+    let seen = weft_lab::traffic::identity_seen_by_echo(
+        &outsider,
+        std::net::SocketAddr::new(echo_ip, 8080),
+    )
+    .await
+    .map_err(anyhow::Error::msg)?;
+    if seen != "-" {
+        bail!(
+            "a pod without a sidecar claimed {} and echo saw {seen:?}",
+            weft_lab::traffic::FORGED_IDENTITY
+        );
+    }
+    println!(
+        "✓ a pod without a sidecar claims {} in plaintext to echo-v1:8080: echo sees no identity (probes go to the sidecar on 15020, so the port stays captured)",
+        weft_lab::traffic::FORGED_IDENTITY
+    );
+    Api::<Pod>::namespaced(c1, "demo")
+        .delete("outsider", &DeleteParams::default())
+        .await?;
     Ok(())
 }
 

@@ -431,6 +431,7 @@ async fn resource(
                         &info,
                         &object_ns,
                         &object_name,
+                        query.get("gracePeriodSeconds").and_then(|g| g.parse().ok()),
                         query.dry_run(),
                     )?
                     .value(),
@@ -498,8 +499,15 @@ async fn resource(
             Ok(object_response(code, &patched, &info, version))
         }
         (Method::DELETE, Some(name), None) => {
+            // DeleteOptions come in the body (client-go, kube-rs, kubectl)
+            // or, from simpler clients, as a query parameter.
+            let (_, body) = read_body(request).await?;
+            let options: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+            let grace = options["gracePeriodSeconds"]
+                .as_i64()
+                .or_else(|| query.get("gracePeriodSeconds").and_then(|g| g.parse().ok()));
             let mut state = shared.lock();
-            let deleted = semantics::delete(&mut state, &info, &ns, &name, query.dry_run())?;
+            let deleted = semantics::delete(&mut state, &info, &ns, &name, grace, query.dry_run())?;
             Ok(object_response(200, &deleted, &info, version))
         }
         (Method::POST, Some(name), Some("token"))

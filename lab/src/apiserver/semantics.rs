@@ -732,11 +732,17 @@ fn keep_cluster_ip(current: &Value, next: &mut Value, name: &str) -> Result<(), 
 
 /// Deletes, or with finalizers marks for deletion. Returns the object as it
 /// was at its last version.
+/// Deletes an object. A pod bound to a node is deleted gracefully, as
+/// Kubernetes does: it gets a deletion timestamp and grace period (from
+/// `grace`, else its `terminationGracePeriodSeconds`), its endpoints turn
+/// terminating, and the node's kubelet (the lab's runner) stops its
+/// containers and deletes it for good with a grace of 0.
 pub fn delete(
     state: &mut State,
     info: &ResourceInfo,
     namespace: &str,
     name: &str,
+    grace: Option<i64>,
     dry_run: bool,
 ) -> Result<Arc<Object>, ApiError> {
     let ns = if info.namespaced { namespace } else { "" };
@@ -752,6 +758,22 @@ pub fn delete(
         .get("finalizers")
         .and_then(Value::as_array)
         .is_some_and(|f| !f.is_empty());
+    let is_pod = info.key.group.is_empty() && info.key.resource == "pods";
+    let grace = grace.unwrap_or_else(|| {
+        current["spec"]["terminationGracePeriodSeconds"]
+            .as_i64()
+            .unwrap_or(30)
+    });
+    if is_pod && current["spec"]["nodeName"].is_string() && grace > 0 {
+        if meta(&current).contains_key("deletionTimestamp") {
+            return Ok(stored);
+        }
+        let mut marked = current;
+        let meta = meta_mut(&mut marked);
+        meta.insert("deletionTimestamp".into(), json!(now_rfc3339()));
+        meta.insert("deletionGracePeriodSeconds".into(), json!(grace));
+        return state.store.put(&info.key, ns, name, marked);
+    }
     // Namespaces carry the "kubernetes" finalizer in spec, which only this
     // server acts on; everything else waits for its controllers.
     if has_finalizers {
