@@ -31,12 +31,7 @@ pub async fn load(
     let secrets: Api<Secret> = Api::namespaced(client.clone(), namespace);
     match secrets.get_opt("cacerts").await {
         Ok(Some(secret)) => {
-            let data = secret.data.unwrap_or_default();
-            let text = |key: &str| {
-                data.get(key)
-                    .map(|b| String::from_utf8_lossy(&b.0).into_owned())
-                    .unwrap_or_default()
-            };
+            let text = texts_of(secret);
             let files = PluginFiles {
                 ca_cert: text(PluginFiles::CA_CERT),
                 ca_key: text(PluginFiles::CA_KEY),
@@ -67,6 +62,16 @@ pub async fn load(
     }
 }
 
+/// A Secret's data as text, by key (empty when a key is missing).
+fn texts_of(secret: Secret) -> impl Fn(&str) -> String {
+    let data = secret.data.unwrap_or_default();
+    move |key| {
+        data.get(key)
+            .map(|b| String::from_utf8_lossy(&b.0).into_owned())
+            .unwrap_or_default()
+    }
+}
+
 /// Where the self-signed root lives when there is no `cacerts` (Istio's
 /// `istio-ca-secret`): made once, so that a restarted control plane, or a
 /// second replica, signs with the same root and every certificate already
@@ -78,12 +83,7 @@ async fn self_signed(
     trust_domain: &str,
 ) -> anyhow::Result<CertificateAuthority> {
     let from_secret = |secret: Secret| {
-        let data = secret.data.unwrap_or_default();
-        let text = |key: &str| {
-            data.get(key)
-                .map(|b| String::from_utf8_lossy(&b.0).into_owned())
-                .unwrap_or_default()
-        };
+        let text = texts_of(secret);
         let files = PluginFiles {
             ca_cert: text(PluginFiles::CA_CERT),
             ca_key: text(PluginFiles::CA_KEY),

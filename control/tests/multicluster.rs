@@ -489,14 +489,21 @@ async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
         .unwrap_or_default()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn remote_secret_lifecycle() {
+/// Two clusters, each with the echo service and one pod of it: a1 in c1,
+/// b1 in c2.
+async fn two_clusters_with_echo() -> (Lab, Lab) {
     let c1 = Lab::start("c1").await;
     let c2 = Lab::start("c2").await;
     c1.service("echo", false).await;
     c2.service("echo", false).await;
     c1.workload("echo", "a1", "10.1.0.5").await;
     c2.workload("echo", "b1", "10.2.0.5").await;
+    (c1, c2)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn remote_secret_lifecycle() {
+    let (c1, c2) = two_clusters_with_echo().await;
     let control = control_plane(&c1, "c1").await;
     let client = XdsClient::connect(control.xds_plain_addr.unwrap(), BTreeMap::new()).await;
     eventually("local workload", || async {
@@ -1575,12 +1582,7 @@ async fn freezable(
 /// again, stale clears and what changed meanwhile arrives.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silent_remote_is_stale_within_15_s_and_recovers() {
-    let c1 = Lab::start("c1").await;
-    let c2 = Lab::start("c2").await;
-    c1.service("echo", false).await;
-    c2.service("echo", false).await;
-    c1.workload("echo", "a1", "10.1.0.5").await;
-    c2.workload("echo", "b1", "10.2.0.5").await;
+    let (c1, c2) = two_clusters_with_echo().await;
     let (relay, frozen) = freezable(c2.server.addr()).await;
     let kubeconfig = c2.reader_kubeconfig("reader").await.replace(
         &c2.server.addr().port().to_string(),

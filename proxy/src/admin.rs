@@ -4,13 +4,11 @@
 //! `/healthz/ready`; 15090 serves `/stats/prometheus` for scrapers; 15021
 //! serves `/healthz/ready` for the kubelet.
 
-use std::convert::Infallible;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::{Duration, UNIX_EPOCH};
+use std::time::UNIX_EPOCH;
 
 use http::{Method, Request, Response, StatusCode, header};
-use hyper_util::rt::TokioIo;
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use weft_certs::tls::CertStore;
@@ -286,27 +284,13 @@ pub fn config_dump(snapshot: &Snapshot) -> Value {
 
 /// Serves `routes` on `listener` until draining ends the process.
 pub async fn serve(listener: TcpListener, admin: Arc<Admin>, routes: Routes) {
-    loop {
-        let Ok((tcp, _)) = listener.accept().await else {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-            continue;
-        };
+    crate::http::serve_http1(listener, move |request: Request<hyper::body::Incoming>| {
         let admin = admin.clone();
-        crate::task::spawn(async move {
-            let service =
-                hyper::service::service_fn(move |request: Request<hyper::body::Incoming>| {
-                    let admin = admin.clone();
-                    async move {
-                        let path = request.uri().path().to_string();
-                        let query = request.uri().query().unwrap_or("").to_string();
-                        Ok::<_, Infallible>(admin.route(routes, request.method(), &path, &query))
-                    }
-                });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .header_read_timeout(Duration::from_secs(10))
-                .timer(hyper_util::rt::TokioTimer::new())
-                .serve_connection(TokioIo::new(tcp), service)
-                .await;
-        });
-    }
+        async move {
+            let path = request.uri().path().to_string();
+            let query = request.uri().query().unwrap_or("").to_string();
+            admin.route(routes, request.method(), &path, &query)
+        }
+    })
+    .await
 }

@@ -9,7 +9,6 @@
 //! health check that must say SERVING, within the probe's timeout.
 
 use std::collections::BTreeMap;
-use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
@@ -324,29 +323,17 @@ async fn answer(probes: &AppProbes, path: &str) -> Response<Body> {
 /// check, against the pod's own app; nothing a caller sends chooses the
 /// address, port or path that is probed.
 pub async fn serve(listener: TcpListener, probes: Arc<AppProbes>) {
-    loop {
-        let Ok((tcp, _)) = listener.accept().await else {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-            continue;
-        };
+    crate::http::serve_http1(listener, move |request: Request<hyper::body::Incoming>| {
         let probes = probes.clone();
-        crate::task::spawn(async move {
-            let service =
-                hyper::service::service_fn(move |request: Request<hyper::body::Incoming>| {
-                    let probes = probes.clone();
-                    async move { Ok::<_, Infallible>(answer(&probes, request.uri().path()).await) }
-                });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .header_read_timeout(Duration::from_secs(10))
-                .timer(hyper_util::rt::TokioTimer::new())
-                .serve_connection(TokioIo::new(tcp), service)
-                .await;
-        });
-    }
+        async move { answer(&probes, request.uri().path()).await }
+    })
+    .await
 }
 
 #[cfg(test)]
 mod tests {
+    use std::convert::Infallible;
+
     use http_body_util::StreamBody;
     use hyper::body::Frame;
     use serde_json::json;

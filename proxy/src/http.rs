@@ -115,6 +115,34 @@ pub fn idempotent(method: &http::Method) -> bool {
     .contains(method)
 }
 
+/// Serves plain HTTP/1.1 on `listener` with `handle`, for the sidecar's
+/// small local ports (admin, metrics, health, app probes): a request head
+/// must arrive within 10 s. Runs until the task is aborted.
+pub async fn serve_http1<F, Fut>(listener: tokio::net::TcpListener, handle: F)
+where
+    F: Fn(http::Request<hyper::body::Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Response<Body>> + Send + 'static,
+{
+    loop {
+        let Ok((tcp, _)) = listener.accept().await else {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            continue;
+        };
+        let handle = handle.clone();
+        crate::task::spawn(async move {
+            let service = hyper::service::service_fn(move |request| {
+                let handle = handle.clone();
+                async move { Ok::<_, std::convert::Infallible>(handle(request).await) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .header_read_timeout(std::time::Duration::from_secs(10))
+                .timer(hyper_util::rt::TokioTimer::new())
+                .serve_connection(hyper_util::rt::TokioIo::new(tcp), service)
+                .await;
+        });
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
