@@ -344,3 +344,111 @@ impl CertificateService for CaService {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::convert::Infallible;
+
+    use bytes::Bytes;
+    use http_body_util::Full;
+    use hyper_util::rt::TokioIo;
+    use weft_certs::{CaParams, WorkloadKey};
+
+    use super::*;
+    use crate::model::{Model, ModelConfig};
+
+    /// An API server that answers every request with `status` and `body`.
+    async fn api_server(status: u16, body: serde_json::Value) -> kube::Client {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let body = body.clone();
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(move |_| {
+                        let body = body.to_string();
+                        async move {
+                            Ok::<_, Infallible>(
+                                http::Response::builder()
+                                    .status(status)
+                                    .header("content-type", "application/json")
+                                    .body(Full::new(Bytes::from(body)))
+                                    .unwrap(),
+                            )
+                        }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(tcp), service)
+                        .await;
+                });
+            }
+        });
+        let config = kube::Config::new(format!("http://{addr}").parse().unwrap());
+        kube::Client::try_from(config).unwrap()
+    }
+
+    fn service(client: kube::Client) -> CaService {
+        let ca = CertificateAuthority::generate_root(
+            "cluster.local",
+            &CaParams::valid_for("test", Duration::from_secs(3600)),
+        )
+        .unwrap();
+        let (hub, _) = Hub::new(Model::new(ModelConfig {
+            local_cluster: "c1".into(),
+            network: "default".into(),
+            trust_domain: "cluster.local".into(),
+            domain_suffix: "cluster.local".into(),
+            system_namespace: "weft-system".into(),
+            cluster_local: Vec::new(),
+        }));
+        CaService::new(Arc::new(ca), client, hub)
+    }
+
+    fn ask() -> Request<CreateCertificateRequest> {
+        let me = Identity::new("cluster.local", "demo", "echo").unwrap();
+        let key = WorkloadKey::generate().unwrap();
+        let mut request = Request::new(CreateCertificateRequest {
+            csr: key.csr_pem(&me).unwrap(),
+            validity_seconds: 3600,
+        });
+        request
+            .metadata_mut()
+            .insert("authorization", "Bearer some-token".parse().unwrap());
+        request
+    }
+
+    #[tokio::test]
+    async fn a_review_that_does_not_name_the_audience_is_refused() {
+        // An API server that ignores spec.audiences: it accepts the token
+        // (minted for something else) and names no audience.
+        let client = api_server(
+            201,
+            serde_json::json!({
+                "apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview",
+                "status": {"authenticated": true, "user": {"username": "system:serviceaccount:demo:echo"}, "audiences": ["https://kubernetes.default.svc"]},
+            }),
+        )
+        .await;
+        let err = service(client).create_certificate(ask()).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::Unauthenticated, "{err}");
+        assert!(err.message().contains("weft-ca"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn api_server_errors_are_not_echoed() {
+        let client = api_server(
+            500,
+            serde_json::json!({
+                "apiVersion": "v1", "kind": "Status", "status": "Failure", "code": 500,
+                "message": "etcd at 10.0.0.7:2379 is down for secret-cluster-internal",
+            }),
+        )
+        .await;
+        let err = service(client).create_certificate(ask()).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::Unavailable, "{err}");
+        assert!(
+            !err.message().contains("etcd") && !err.message().contains("10.0.0.7"),
+            "{err}"
+        );
+    }
+}

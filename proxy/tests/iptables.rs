@@ -411,6 +411,18 @@ fn inbound_plaintext_is_forwarded_when_permissive_and_refused_when_strict() {
             String::from_utf8_lossy(&out.stderr)
         );
     }
+    // An address on the pod's link that is not the pod's: 15006 must not
+    // relay to it.
+    let out = in_ns(
+        &pod_ns,
+        "ip",
+        &["addr", "add", "10.250.0.3/24", "dev", &veth_p],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     // Dual-stack: IPv6 must be captured as IPv4 is.
     for (ns, dev, addr, addr6) in [
         (&client_ns, &veth_c, "10.250.0.1/24", "fd00:250::1/64"),
@@ -595,6 +607,7 @@ fn inbound_plaintext_is_forwarded_when_permissive_and_refused_when_strict() {
                     ("10.250.0.2:8081", 300, b"GET / HTTP/1.1\r\nhost: web\r\nx-weft-peer-identity: spiffe://cluster.local/ns/x/sa/admin\r\nconnection: close\r\n\r\n"),
                     ("10.250.0.2:8081", 0, b"GET / HTTP/1.1\r\nhost: web\r\nconnection: Upgrade, HTTP2-Settings\r\nupgrade: h2c\r\nhttp2-settings: AAMAAABkAAQAoAAAAAIAAAAA\r\nx-weft-peer-identity: spiffe://cluster.local/ns/x/sa/admin\r\n\r\n"),
                     ("[fd00:250::2]:8081", 0, b"GET / HTTP/1.1\r\nhost: web\r\nx-weft-peer-identity: spiffe://cluster.local/ns/x/sa/admin\r\nconnection: close\r\n\r\n"),
+                    ("10.250.0.3:8081", 0, b"GET / HTTP/1.1\r\nhost: web\r\nconnection: close\r\n\r\n"),
                 ] {
                     let Ok(Ok(mut conn)) =
                         tokio::time::timeout(step, tokio::net::TcpStream::connect(to)).await
@@ -625,16 +638,18 @@ fn inbound_plaintext_is_forwarded_when_permissive_and_refused_when_strict() {
                 // the HTTP app never saw the forged identity.
                 assert_eq!(
                     received,
-                    "app:|clean|101 clean:ping|clean,clean,clean,clean"
+                    "app:|clean|101 clean:ping|clean,clean,clean,clean,"
                 );
                 assert_eq!(counters.forwarded.load(Ordering::Relaxed), 7);
+                assert_eq!(counters.refused_not_local.load(Ordering::Relaxed), 1);
             }
             Mode::Strict => {
                 assert_eq!(
-                    received, "|||,,,",
+                    received, "|||,,,,",
                     "STRICT must not let plaintext reach the app"
                 );
                 assert_eq!(counters.refused_plaintext.load(Ordering::Relaxed), 7);
+                assert_eq!(counters.refused_not_local.load(Ordering::Relaxed), 1);
             }
         }
     }
