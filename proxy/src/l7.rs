@@ -27,7 +27,7 @@ use weft_certs::Identity;
 
 use crate::hbone::Inbound;
 use crate::http::{
-    APP_PROTOCOL, Body, NOT_DELIVERED, TARGET, error, idempotent, set_peer_identity,
+    APP_PROTOCOL, Body, NOT_DELIVERED, PEER_IDENTITY, TARGET, error, idempotent, set_peer_identity,
     strip_hop_by_hop,
 };
 use crate::metrics::{Peer, RequestLabels, TrafficLabels};
@@ -201,8 +201,12 @@ pub async fn forward(
     let (mut parts, body) = request.into_parts();
     strip_hop_by_hop(&mut parts.headers);
     parts.headers.remove(header::HOST);
-    parts.headers.remove(TARGET);
-    parts.headers.remove(APP_PROTOCOL);
+    // weft's own headers are for sidecars to set: an app's are dropped
+    // here, whether the destination has a sidecar (which sets its own) or
+    // not (which must not be told an identity no one proved).
+    for own in [TARGET, APP_PROTOCOL, PEER_IDENTITY] {
+        parts.headers.remove(own);
+    }
     let Some(uri) = absolute(&authority, &parts) else {
         return error(
             StatusCode::BAD_REQUEST,

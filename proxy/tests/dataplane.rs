@@ -1178,3 +1178,30 @@ async fn a_request_its_endpoint_could_not_deliver_goes_elsewhere() {
     assert!(body.starts_with("echo-b"), "{body}");
     assert_eq!(mesh.outbound.metrics.retries.get(), before + 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_apps_own_identity_header_never_leaves_its_sidecar() {
+    let mesh = client_sidecar(false).await;
+    // A workload without a sidecar: the client sidecar talks to it directly.
+    let plain = pod_ip(34);
+    http_app(plain, "plain").await;
+    let mut without_sidecar = workload("c1/demo/plain", plain, "c1", "a", "echo", true);
+    without_sidecar.tunnel_protocol = mesh::TunnelProtocol::None as i32;
+    publish(&mesh.xds, vec![without_sidecar]);
+    let mut h1 = http1_via_connect(mesh.proxy, "echo.demo:81").await;
+    let request = http::Request::get("/")
+        .header("host", "echo.demo:81")
+        .header(
+            "x-weft-peer-identity",
+            "spiffe://cluster.local/ns/prod/sa/admin",
+        )
+        .body(Full::default())
+        .unwrap();
+    let (status, body) = send(&mut h1, request).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.starts_with("plain"), "{body}");
+    assert!(
+        !body.contains("sa/admin"),
+        "the app's claim went out: {body}"
+    );
+}
