@@ -28,7 +28,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use crate::hbone::{CONNECT_TIMEOUT, Inbound, caller, status};
 use crate::http::{APP_PROTOCOL, Body, TARGET, error, set_peer_identity};
 use crate::metrics::TrafficLabels;
-use crate::sniff::{Protocol, Rewind, declared, sniff_until};
+use crate::sniff::{Protocol, Rewind, declared, sniff_within};
 
 pub async fn tunnel_in(
     inbound: Arc<Inbound>,
@@ -84,11 +84,18 @@ pub(crate) async fn carry<C>(
     let (protocol, seen) = if declared_tcp(&inbound, target) {
         (Protocol::Tcp, Bytes::new())
     } else {
-        // The app speaking first settles it: not HTTP.
-        sniff_until(&mut client, async {
+        // The app speaking first settles it: not HTTP. A caller that
+        // stalls inside a request line is cut off, not relayed.
+        let app_speaks = async {
             let _ = app.readable().await;
-        })
-        .await
+        };
+        match sniff_within(&mut client, app_speaks, Some(inbound.head_timeout)).await {
+            Some(decided) => decided,
+            None => {
+                tracing::debug!(%target, "a caller stalled inside a request line; closed");
+                return;
+            }
+        }
     };
     let mut client = Rewind::new(seen, client);
     if protocol == Protocol::Tcp {

@@ -66,38 +66,50 @@ pub fn classify(bytes: &[u8]) -> Option<Protocol> {
     request_line(bytes)
 }
 
-/// Whether `bytes` start with `method SP target SP HTTP/d.d CRLF`.
+/// Whether `bytes` start with `method SP target SP HTTP/d.d CRLF`:
+/// `Some(Http)` once a whole request line is there, `Some(Tcp)` as soon as
+/// the bytes can no longer begin one (so a TCP client's text is passed on
+/// at once), `None` while they still could.
 fn request_line(bytes: &[u8]) -> Option<Protocol> {
-    let method = bytes.iter().position(|b| !is_token(*b));
-    match method {
-        Some(0) => return Some(Protocol::Tcp),
-        Some(end) if bytes[end] != b' ' => return Some(Protocol::Tcp),
-        Some(_) => {}
-        None => return (bytes.len() > MAX_REQUEST_LINE).then_some(Protocol::Tcp),
+    // Past the limit, what is still a request line is taken for one, and
+    // the HTTP server refuses it.
+    line_so_far(bytes).or((bytes.len() > MAX_REQUEST_LINE).then_some(Protocol::Http))
+}
+
+fn line_so_far(bytes: &[u8]) -> Option<Protocol> {
+    const VERSION: &[u8] = b"HTTP/d.d";
+    let method = bytes.iter().take_while(|b| is_token(**b)).count();
+    match bytes.get(method)? {
+        b' ' if method > 0 => {}
+        _ => return Some(Protocol::Tcp),
     }
-    let Some(end) = bytes.iter().position(|b| *b == b'\n') else {
-        // The target and version are printable; control bytes mean not HTTP.
-        if bytes
-            .iter()
-            .any(|b| b.is_ascii_control() && *b != b'\r' && *b != b'\t')
-        {
+    // Spaces between the parts: some servers take more than one.
+    let rest = &bytes[method..];
+    let target_at = rest.iter().take_while(|b| **b == b' ').count();
+    let rest = &rest[target_at..];
+    let target = rest.iter().take_while(|b| b.is_ascii_graphic()).count();
+    let after_target = rest.get(target)?;
+    if target == 0 || *after_target != b' ' {
+        return Some(Protocol::Tcp);
+    }
+    let rest = &rest[target..];
+    let version = &rest[rest.iter().take_while(|b| **b == b' ').count()..];
+    for (i, want) in VERSION.iter().enumerate() {
+        let got = version.get(i)?;
+        let fits = if *want == b'd' {
+            got.is_ascii_digit()
+        } else {
+            got == want
+        };
+        if !fits {
             return Some(Protocol::Tcp);
         }
-        return (bytes.len() > MAX_REQUEST_LINE).then_some(Protocol::Http);
-    };
-    let line = bytes[..end].strip_suffix(b"\r").unwrap_or(&bytes[..end]);
-    let version = line.rsplit(|b| *b == b' ').next().unwrap_or_default();
-    let is_version = version.len() == 8
-        && version.starts_with(b"HTTP/")
-        && version[5].is_ascii_digit()
-        && version[6] == b'.'
-        && version[7].is_ascii_digit();
-    let words = line.split(|b| *b == b' ').filter(|w| !w.is_empty()).count();
-    Some(if is_version && words >= 3 {
-        Protocol::Http
-    } else {
-        Protocol::Tcp
-    })
+    }
+    match &version[VERSION.len()..] {
+        [] | [b'\r'] => None,
+        [b'\n', ..] | [b'\r', b'\n', ..] => Some(Protocol::Http),
+        _ => Some(Protocol::Tcp),
+    }
 }
 
 /// Reads from `stream` until the protocol is known or `timeout` passes.
@@ -112,11 +124,27 @@ pub async fn sniff_until<S: AsyncRead + Unpin>(
     stream: &mut S,
     give_up: impl Future<Output = ()>,
 ) -> (Protocol, Bytes) {
+    let seen = sniff_within(stream, give_up, None).await;
+    // Without patience there is no stall to report.
+    seen.unwrap_or((Protocol::Tcp, Bytes::new()))
+}
+
+/// [`sniff_until`] for the side in front of the app: once bytes that could
+/// begin an HTTP request have arrived, the request line must be whole
+/// within `patience`, or `None`: the caller closes the connection. Relaying
+/// it as bytes instead would let a caller stop half-way through a request
+/// line, wait, and finish it with whatever headers it likes.
+pub async fn sniff_within<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    give_up: impl Future<Output = ()>,
+    patience: Option<Duration>,
+) -> Option<(Protocol, Bytes)> {
     let mut give_up = std::pin::pin!(give_up);
     let mut seen = BytesMut::with_capacity(64);
+    let mut stalled = std::pin::pin!(tokio::time::sleep(Duration::MAX));
     loop {
         if let Some(protocol) = classify(&seen) {
-            return (protocol, seen.freeze());
+            return Some((protocol, seen.freeze()));
         }
         let mut chunk = [0u8; 64];
         // Bytes that are there win over giving up; a read that loses the
@@ -124,13 +152,21 @@ pub async fn sniff_until<S: AsyncRead + Unpin>(
         tokio::select! {
             biased;
             read = stream.read(&mut chunk) => match read {
-                Ok(n) if n > 0 => seen.extend_from_slice(&chunk[..n]),
+                Ok(n) if n > 0 => {
+                    if seen.is_empty()
+                        && let Some(patience) = patience
+                    {
+                        stalled.as_mut().reset(tokio::time::Instant::now() + patience);
+                    }
+                    seen.extend_from_slice(&chunk[..n]);
+                }
                 // Closed or failed: whatever it is, it is not HTTP we can
                 // route; pass the bytes on untouched.
-                _ => return (Protocol::Tcp, seen.freeze()),
+                _ => return Some((Protocol::Tcp, seen.freeze())),
             },
+            () = &mut stalled, if patience.is_some() && !seen.is_empty() => return None,
             // Silent: a server-first protocol, or nothing routable.
-            () = &mut give_up => return (Protocol::Tcp, seen.freeze()),
+            () = &mut give_up => return Some((Protocol::Tcp, seen.freeze())),
         }
     }
 }
@@ -226,7 +262,23 @@ mod tests {
             "Redis inline"
         );
         assert_eq!(classify(b"ABCDEFGHIJ"), None);
-        assert_eq!(classify(&[b'A'; 9000]), Some(Protocol::Tcp));
+        assert_eq!(
+            classify(&[b'A'; 9000]),
+            Some(Protocol::Http),
+            "refused by the server"
+        );
+        // Text that cannot become a request line is TCP at once, with no
+        // line end needed: a client-first TCP protocol must not wait.
+        assert_eq!(classify(b"across the mesh"), Some(Protocol::Tcp));
+        assert_eq!(classify(b"SET key value"), Some(Protocol::Tcp));
+        assert_eq!(
+            classify(b"hello world"),
+            None,
+            "could be hello world HTTP/1.1"
+        );
+        assert_eq!(classify(b"GET / HTTP/1.1x\r\n"), Some(Protocol::Tcp));
+        assert_eq!(classify(b"GET / HT"), None, "still a request line");
+        assert_eq!(classify(b"GET / HTTP/1.1\r"), None);
     }
 
     #[test]
@@ -240,6 +292,7 @@ mod tests {
             b"X-CUSTOM_1 /a?b HTTP/1.1\r\n",
             b"GET / HTTP/1.0\n",
             b"\r\n\r\nFOO / HTTP/1.1\r\n",
+            b"GET  /  HTTP/1.1\r\n",
         ] {
             assert_eq!(
                 classify(line),
@@ -271,6 +324,21 @@ mod tests {
         let mut all = String::new();
         rewound.read_to_string(&mut all).await.unwrap();
         assert_eq!(all, "GET / HTTP/1.1\r\nhost: x");
+    }
+
+    #[tokio::test]
+    async fn a_caller_stalled_inside_a_request_line_is_not_relayed() {
+        let (mut a, mut b) = tokio::io::duplex(256);
+        a.write_all(b"GET / HTTP/1").await.unwrap();
+        let never = std::future::pending::<()>();
+        let seen = sniff_within(&mut b, never, Some(Duration::from_millis(50))).await;
+        assert_eq!(seen, None);
+        // A whole line in time is HTTP; text that cannot be one is TCP.
+        let (mut a, mut b) = tokio::io::duplex(256);
+        a.write_all(b"across the mesh").await.unwrap();
+        let never = std::future::pending::<()>();
+        let seen = sniff_within(&mut b, never, Some(Duration::from_millis(50))).await;
+        assert_eq!(seen.map(|s| s.0), Some(Protocol::Tcp));
     }
 
     #[tokio::test]
