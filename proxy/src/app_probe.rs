@@ -26,8 +26,10 @@ use crate::http::{Body, full};
 /// The port the kubelet probes.
 pub const APP_HEALTH_PORT: u16 = 15020;
 
+// Fields a check does not know stop the sidecar at start rather than being
+// ignored: a probe that silently checks something else is worse than none.
 #[derive(Clone, Debug, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct Check {
     http_get: Option<HttpGet>,
     tcp_socket: Option<TcpSocket>,
@@ -41,8 +43,11 @@ fn one_second() -> u64 {
 }
 
 #[derive(Clone, Debug, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct HttpGet {
+    /// Only empty: a probe of another host stays the kubelet's.
+    #[serde(default)]
+    host: String,
     path: Option<String>,
     port: u16,
     scheme: Option<String>,
@@ -51,17 +56,23 @@ struct HttpGet {
 }
 
 #[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct NameValue {
     name: String,
     value: String,
 }
 
 #[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct TcpSocket {
+    /// Only empty, as for HTTP.
+    #[serde(default)]
+    host: String,
     port: u16,
 }
 
 #[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct Grpc {
     port: u16,
     service: Option<String>,
@@ -91,6 +102,15 @@ impl AppProbes {
             ];
             if handlers.iter().filter(|h| **h).count() != 1 {
                 bail!("WEFT_APP_PROBES: {path} needs exactly one of httpGet, tcpSocket, grpc");
+            }
+            let host = [
+                check.http_get.as_ref().map(|h| h.host.as_str()),
+                check.tcp_socket.as_ref().map(|t| t.host.as_str()),
+            ];
+            if host.into_iter().flatten().any(|h| !h.is_empty()) {
+                bail!(
+                    "WEFT_APP_PROBES: {path} probes another host; only the pod's own app is probed here"
+                );
             }
         }
         Ok(AppProbes { checks, app })
@@ -520,5 +540,16 @@ mod tests {
         assert!(AppProbes::from_json(&two.to_string(), LOCAL).is_err());
         let none = json!({"/p": {"timeoutSeconds": 2}});
         assert!(AppProbes::from_json(&none.to_string(), LOCAL).is_err());
+        // Nothing is ignored: an unknown field, or another host, is refused.
+        let unknown = json!({"/p": {"tcpSocket": {"port": 1}, "exec": {"command": ["true"]}}});
+        let err = AppProbes::from_json(&unknown.to_string(), LOCAL).unwrap_err();
+        assert!(format!("{err:#}").contains("exec"), "{err:#}");
+        let elsewhere = json!({"/p": {"httpGet": {"host": "10.0.0.9", "port": 80}}});
+        assert!(AppProbes::from_json(&elsewhere.to_string(), LOCAL).is_err());
+        let own = json!({"/p": {"httpGet": {"host": "", "port": 80, "scheme": "HTTP"}}});
+        assert_eq!(
+            AppProbes::from_json(&own.to_string(), LOCAL).unwrap().len(),
+            1
+        );
     }
 }

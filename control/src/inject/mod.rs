@@ -147,8 +147,8 @@ pub struct MovedProbe {
 /// instead asks the sidecar (`/app-health/<container>/<livez|readyz|startupz>`
 /// on 15020), which runs the original check against the app. Returns the
 /// rewritten probes and, for the sidecar, each path's original check (ports
-/// resolved to numbers). Exec probes, and HTTP probes aimed at another host,
-/// are left as they are.
+/// resolved to numbers). Exec probes, and HTTP or TCP probes aimed at
+/// another host, are left as they are.
 pub fn move_probes(spec: &Value) -> (Vec<MovedProbe>, Map<String, Value>) {
     let mut moved = Vec::new();
     let mut checks = Map::new();
@@ -167,7 +167,7 @@ pub fn move_probes(spec: &Value) -> (Vec<MovedProbe>, Map<String, Value>) {
             else {
                 continue;
             };
-            if handler == "httpGet" && check["host"].as_str().is_some_and(|h| !h.is_empty()) {
+            if check["host"].as_str().is_some_and(|h| !h.is_empty()) {
                 continue;
             }
             let Some(port) = resolve_port(container, &check["port"]) else {
@@ -506,6 +506,7 @@ mod tests {
             "name": "sidekick", "image": "x",
             "readinessProbe": {"exec": {"command": ["true"]}},
             "livenessProbe": {"httpGet": {"host": "example.invalid", "path": "/", "port": 80}},
+            "startupProbe": {"tcpSocket": {"host": "db.example.invalid", "port": 5432}},
         }));
         let injected = patched(&p);
         let app = &injected["spec"]["containers"][0];
