@@ -70,6 +70,10 @@ impl Admin {
             &m.inbound_plaintext_refused,
             self.capture.refused_plaintext.load(Ordering::Relaxed),
         );
+        catch_up(
+            &m.inbound_not_local_refused,
+            self.capture.refused_not_local.load(Ordering::Relaxed),
+        );
         m.xds_connected
             .set(i64::from(self.xds.connected.load(Ordering::Relaxed)));
         m.draining.set(i64::from(self.drain.is_draining()));

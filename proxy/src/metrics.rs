@@ -105,6 +105,7 @@ pub struct Metrics {
     /// Set from the other parts' own counters when scraped.
     pub outlier_ejections: Counter,
     pub inbound_plaintext_refused: Counter,
+    pub inbound_not_local_refused: Counter,
     pub xds_connected: Gauge,
     pub xds_acks: Counter,
     pub xds_nacks: Counter,
@@ -134,6 +135,7 @@ impl Default for Metrics {
             upstream_connect_failures: Counter::default(),
             outlier_ejections: Counter::default(),
             inbound_plaintext_refused: Counter::default(),
+            inbound_not_local_refused: Counter::default(),
             xds_connected: Gauge::default(),
             xds_acks: Counter::default(),
             xds_nacks: Counter::default(),
@@ -197,6 +199,11 @@ impl Default for Metrics {
             "inbound_plaintext_refused",
             "Plaintext inbound connections refused in STRICT mode",
             m.inbound_plaintext_refused.clone(),
+        );
+        r.register(
+            "inbound_not_local_refused",
+            "Redirected connections refused on 15006 because they were not for this pod's addresses",
+            m.inbound_not_local_refused.clone(),
         );
         r.register(
             "xds_connected",
