@@ -18,8 +18,9 @@ use tokio::net::{TcpListener, TcpStream};
 use weft_certs::tls::{CertStore, TrustBundle};
 use weft_certs::{CaParams, CertificateAuthority, Identity, issue_workload};
 use weft_proxy::balance::Here;
-use weft_proxy::hbone::{HBONE_PORT, Inbound, Pool, serve_inbound};
-use weft_proxy::outbound::{Outbound, serve_explicit};
+use weft_proxy::local_app::LocalApp;
+use weft_proxy::outbound::{self, Outbound, serve_explicit};
+use weft_proxy::pool::{CONNECT_TIMEOUT, HBONE_PORT, Pool};
 use weft_proxy::state::Snapshot;
 use weft_proxy::xds::XdsState;
 use weft_xds_proto::mesh;
@@ -85,11 +86,11 @@ async fn drive(options: &Options, command: &str) -> Result<Outcome> {
     let hbone = TcpListener::bind(SocketAddr::new(server_ip, HBONE_PORT))
         .await
         .context("binding 15008")?;
-    tokio::spawn(serve_inbound(
+    tokio::spawn(weft_proxy::inbound::serve(
         hbone,
         server_certs,
         bundle.clone(),
-        Arc::new(Inbound::new(vec![server_ip])),
+        Arc::new(LocalApp::at(vec![server_ip])),
     ));
 
     let IpAddr::V4(v4) = server_ip else {
@@ -130,16 +131,22 @@ async fn drive(options: &Options, command: &str) -> Result<Outcome> {
     let xds = Arc::new(XdsState::default());
     xds.snapshot
         .store(Arc::new(Snapshot::from_messages(&[service], &[workload])?));
-    let mut outbound = Outbound::new(
-        xds,
-        Pool::new(client_certs, bundle),
-        Here {
+    let config = outbound::Config {
+        here: Here {
             cluster: "c1".into(),
             ..Default::default()
         },
-    );
-    outbound.passthrough = false;
-    let outbound = Arc::new(outbound);
+        passthrough: false,
+        ..Default::default()
+    };
+    let pool = Pool::new(client_certs, bundle, CONNECT_TIMEOUT);
+    let outbound = Arc::new(Outbound::new(
+        config,
+        xds,
+        pool,
+        Arc::default(),
+        Default::default(),
+    ));
     let proxy_listener = TcpListener::bind("127.0.0.1:0").await?;
     let proxy = proxy_listener.local_addr()?;
     tokio::spawn(serve_explicit(proxy_listener, outbound));

@@ -14,7 +14,6 @@ use tokio::net::TcpListener;
 use weft_certs::tls::CertStore;
 
 use crate::drain::Drain;
-use crate::hbone::Inbound;
 use crate::http::{Body, full};
 use crate::metrics::{Metrics, catch_up};
 use crate::outbound::Outbound;
@@ -28,8 +27,7 @@ pub type SetLogLevel = Box<dyn Fn(&str) -> anyhow::Result<()> + Send + Sync>;
 pub struct Admin {
     pub xds: Arc<XdsState>,
     pub outbound: Arc<Outbound>,
-    pub inbound: Arc<Inbound>,
-    pub capture: Arc<crate::inbound::Counters>,
+    pub capture: Arc<crate::inbound_passthrough::Counters>,
     pub certs: Option<CertStore>,
     pub metrics: Arc<Metrics>,
     pub drain: Drain,

@@ -1,12 +1,17 @@
 //! What every HTTP path of the sidecar shares: the body type that carries
 //! requests and responses across hyper's client and server halves, the
-//! headers weft adds between sidecars, and the hop-by-hop headers that must
-//! not cross a proxy.
+//! headers weft adds between sidecars, the hop-by-hop headers that must
+//! not cross a proxy, the server builder for callers' connections, and
+//! the loop for the small local HTTP ports.
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::{Response, StatusCode};
+use http::request::Parts;
+use http::{Request, Response, StatusCode, Uri, Version};
 use http_body_util::{BodyExt, Empty, Full};
+use hyper_util::rt::TokioTimer;
+
+use crate::drain::Drain;
 
 /// Bodies stream through the proxy; they are never buffered whole.
 pub type Body = http_body_util::combinators::BoxBody<Bytes, hyper::Error>;
@@ -115,32 +120,90 @@ pub fn idempotent(method: &http::Method) -> bool {
     .contains(method)
 }
 
+/// How long a caller may take to send a whole request head, from its
+/// first byte (slowloris), unless configured otherwise.
+pub const HEAD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The largest request head accepted from a caller (how long it may take
+/// to arrive is each listener's head timeout).
+const MAX_HEAD: usize = 64 * 1024;
+
+/// An HTTP server (HTTP/1.1 or HTTP/2 by prior knowledge) for connections
+/// from callers: a slow or oversized request head must not hold a
+/// connection or memory for long (slowloris).
+pub fn server(
+    head_timeout: std::time::Duration,
+) -> hyper_util::server::conn::auto::Builder<crate::task::Executor> {
+    let mut builder = hyper_util::server::conn::auto::Builder::new(crate::task::Executor);
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(head_timeout)
+        .max_buf_size(MAX_HEAD);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(MAX_HEAD as u32);
+    builder
+}
+
+/// A response with only a status, for answers that need no reason.
+pub fn status(code: StatusCode) -> Response<Body> {
+    let mut response = Response::new(empty());
+    *response.status_mut() = code;
+    response
+}
+
+/// The request to send on: same method and headers, a new URI and body.
+pub fn outgoing(parts: &Parts, uri: Uri, version: Version, body: Body) -> Request<Body> {
+    let mut request = Request::new(body);
+    *request.method_mut() = parts.method.clone();
+    *request.uri_mut() = uri;
+    *request.version_mut() = version;
+    *request.headers_mut() = parts.headers.clone();
+    request
+}
+
+/// The absolute `http://` URI for a request to `authority`, keeping its
+/// path and query.
+pub fn absolute(authority: &str, parts: &Parts) -> Option<Uri> {
+    let path = parts
+        .uri
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("/");
+    Uri::builder()
+        .scheme("http")
+        .authority(authority)
+        .path_and_query(path)
+        .build()
+        .ok()
+}
+
 /// Serves plain HTTP/1.1 on `listener` with `handle`, for the sidecar's
 /// small local ports (admin, metrics, health, app probes): a request head
 /// must arrive within 10 s. Runs until the task is aborted.
 pub async fn serve_http1<F, Fut>(listener: tokio::net::TcpListener, handle: F)
 where
-    F: Fn(http::Request<hyper::body::Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    F: Fn(Request<hyper::body::Incoming>) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Response<Body>> + Send + 'static,
 {
-    loop {
-        let Ok((tcp, _)) = listener.accept().await else {
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-            continue;
-        };
+    // Never drained: these ports answer until the process exits.
+    crate::serve::accept(listener, Drain::default(), move |tcp, _| {
         let handle = handle.clone();
-        crate::task::spawn(async move {
+        async move {
             let service = hyper::service::service_fn(move |request| {
                 let handle = handle.clone();
                 async move { Ok::<_, std::convert::Infallible>(handle(request).await) }
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .header_read_timeout(std::time::Duration::from_secs(10))
-                .timer(hyper_util::rt::TokioTimer::new())
+                .timer(TokioTimer::new())
                 .serve_connection(hyper_util::rt::TokioIo::new(tcp), service)
                 .await;
-        });
-    }
+        }
+    })
+    .await
 }
 
 #[cfg(test)]

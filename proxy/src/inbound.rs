@@ -1,110 +1,115 @@
-//! Inbound capture (15006): plaintext connections the capture rules
-//! redirected on their way to the app. In PERMISSIVE mode (the default, so
-//! that clients outside the mesh keep working while it is rolled out) they
-//! are delivered to the address they were sent to, if it is this pod's; in
-//! STRICT mode they are refused, with a log line and a counter, and only
-//! mTLS on 15008 gets in.
-//!
-//! Delivery is the mesh tunnels' own (`inbound_tunnel::carry`), with no
-//! proven caller: HTTP is served request by request with any
-//! `x-weft-peer-identity` removed, so the application can trust the header
-//! whenever it is present, and a caller cannot slip HTTP past that by
-//! staying silent or using an unusual method.
+//! Inbound from the mesh (15008): mutual TLS with a client certificate
+//! required, HTTP/2 inside. A CONNECT is a tunnel whose authority is the
+//! target `ip:port` (HBONE-style), so no capture rule is needed to learn
+//! it; any other request is an HTTP request for the app, its target in
+//! `x-weft-target`. Both are delivered by `local_app` with the identity
+//! the caller's certificate proved. The client half is `pool`.
 
+use std::convert::Infallible;
+use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
 
-use anyhow::{Context, Result, bail};
-use tokio::net::{TcpListener, TcpStream};
+use http::{Method, Request, Response, StatusCode};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+use weft_certs::Identity;
+use weft_certs::tls::{self, CertStore, TrustBundle};
 
-use crate::hbone::{CONNECT_TIMEOUT, Inbound};
-use crate::outbound::{local_address, original_destination};
+use crate::http::{APP_PROTOCOL, Body, TARGET, status};
+use crate::local_app::{LocalApp, Undelivered};
+use crate::pool::HANDSHAKE_TIMEOUT;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Mode {
-    Permissive,
-    Strict,
-}
-
-impl std::str::FromStr for Mode {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s.to_ascii_uppercase().as_str() {
-            "PERMISSIVE" => Ok(Mode::Permissive),
-            "STRICT" => Ok(Mode::Strict),
-            other => Err(format!("{other:?}: expected PERMISSIVE or STRICT")),
-        }
-    }
-}
-
-#[derive(Default)]
-pub struct Counters {
-    pub forwarded: AtomicU64,
-    pub refused_plaintext: AtomicU64,
-    /// Connections redirected here for an address that is not this pod's.
-    pub refused_not_local: AtomicU64,
-}
-
-async fn handle(
-    client: TcpStream,
-    mode: Mode,
-    counters: &Counters,
-    inbound: Arc<Inbound>,
-) -> Result<()> {
-    let original = original_destination(&client).context("reading SO_ORIGINAL_DST")?;
-    if original == local_address(&client)? {
-        bail!("connection to the capture port itself; refusing to loop");
-    }
-    // Only the app behind this sidecar: the capture port must not relay
-    // to other hosts.
-    if !inbound.local_addresses.contains(&original.ip()) {
-        counters.refused_not_local.fetch_add(1, Ordering::Relaxed);
-        tracing::warn!(peer = ?client.peer_addr().ok(), %original, "plaintext refused: not this pod's address");
-        return Ok(());
-    }
-    if mode == Mode::Strict {
-        counters.refused_plaintext.fetch_add(1, Ordering::Relaxed);
-        tracing::warn!(peer = ?client.peer_addr().ok(), %original, "plaintext refused: inbound mode is STRICT (mTLS on 15008 only)");
-        return Ok(());
-    }
-    counters.forwarded.fetch_add(1, Ordering::Relaxed);
-    let app = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(original))
-        .await
-        .context("connecting to the app timed out")??;
-    app.set_nodelay(true)?;
-    crate::inbound_tunnel::carry(inbound, None, original, client, app).await;
-    Ok(())
-}
-
-/// Serves 15006 until draining starts.
+/// Serves 15008 until draining starts.
 pub async fn serve(
     listener: TcpListener,
-    mode: Mode,
-    counters: Arc<Counters>,
-    inbound: Arc<Inbound>,
+    certs: CertStore,
+    bundle: TrustBundle,
+    app: Arc<LocalApp>,
 ) {
-    let drain = inbound.drain.clone();
-    // The listener closes before the guard says so (locals drop in reverse).
-    let _listening = drain.listening();
-    let listener = listener;
-    loop {
-        let accepted = tokio::select! {
-            accepted = listener.accept() => accepted,
-            _ = drain.started() => return,
-        };
-        let Ok((client, addr)) = accepted else {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-            continue;
-        };
-        let _ = client.set_nodelay(true);
-        let (counters, inbound) = (counters.clone(), inbound.clone());
-        let active = drain.track();
-        crate::task::spawn(async move {
-            let _active = active;
-            if let Err(err) = handle(client, mode, &counters, inbound).await {
-                tracing::debug!(%addr, "inbound capture: {err:#}");
-            }
-        });
+    let tls = match tls::server_config(&certs, &bundle) {
+        Ok(tls) => tokio_rustls::TlsAcceptor::from(tls),
+        Err(err) => {
+            tracing::error!(%err, "cannot build the inbound TLS configuration");
+            return;
+        }
+    };
+    let drain = app.drain().clone();
+    crate::serve::accept(listener, drain, move |tcp, addr| {
+        let (tls, app) = (tls.clone(), app.clone());
+        async move {
+            let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.accept(tcp)).await {
+                Ok(Ok(stream)) => stream,
+                Ok(Err(err)) => {
+                    tracing::debug!(%addr, %err, "inbound mTLS handshake refused");
+                    return;
+                }
+                Err(_) => return,
+            };
+            let peer = tls::peer_identity(stream.get_ref().1.peer_certificates());
+            let drain = app.drain().clone();
+            let service = hyper::service::service_fn(move |request| {
+                let (app, peer) = (app.clone(), peer.clone());
+                async move { Ok::<_, Infallible>(serve_request(app, peer, request).await) }
+            });
+            let connection = hyper::server::conn::http2::Builder::new(crate::task::Executor)
+                .serve_connection(TokioIo::new(stream), service);
+            drain.serve(connection).await;
+        }
+    })
+    .await
+}
+
+/// One request on a mesh connection.
+async fn serve_request(
+    app: Arc<LocalApp>,
+    peer: Option<Identity>,
+    request: Request<Incoming>,
+) -> Response<Body> {
+    if request.method() == Method::CONNECT {
+        return tunnel(app, peer, request)
+            .await
+            .unwrap_or_else(Undelivered::respond);
     }
+    let Some(target) = request
+        .headers()
+        .get(TARGET)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<SocketAddr>().ok())
+    else {
+        return Undelivered::NoTarget.respond();
+    };
+    let http2 = request
+        .headers()
+        .get(APP_PROTOCOL)
+        .is_some_and(|v| v.as_bytes() == b"h2");
+    app.request(peer.as_ref(), target, http2, request).await
+}
+
+/// A CONNECT tunnel: the app is connected to before answering, so that
+/// the caller learns of a dead app from the status, then the tunnel's
+/// bytes are delivered once the stream is upgraded.
+async fn tunnel(
+    app: Arc<LocalApp>,
+    peer: Option<Identity>,
+    mut request: Request<Incoming>,
+) -> Result<Response<Body>, Undelivered> {
+    let target = request
+        .uri()
+        .authority()
+        .and_then(|a| a.as_str().parse::<SocketAddr>().ok())
+        .ok_or(Undelivered::NoTarget)?;
+    let connected = app.connect(target, peer.as_ref()).await?;
+    let guard = app.drain().track();
+    crate::task::spawn(async move {
+        let _guard = guard;
+        match hyper::upgrade::on(&mut request).await {
+            Ok(upgraded) => {
+                app.carry(peer, target, TokioIo::new(upgraded), connected)
+                    .await
+            }
+            Err(err) => tracing::debug!(%err, "tunnel upgrade failed"),
+        }
+    });
+    Ok(status(StatusCode::OK))
 }

@@ -1,16 +1,32 @@
-//! `weft-proxy`, the sidecar that runs next to every meshed application. It
-//! owns the workload identity and its rotation (`identity`), the delta xDS
-//! client, the compact resources it decodes (with their strings as
-//! `name::Name`) and the immutable snapshot built from them (`xds`,
-//! `resources`, `state`), the mesh transport between sidecars (`hbone`,
-//! `coalesce`), endpoint choice (`balance`, `outlier`), the outbound listener
-//! (`outbound`), protocol detection (`sniff`), HTTP routing (`l7`, `http`,
-//! `upstream`, `upgrade`), inbound capture (`inbound`), metrics and the admin
-//! ports (`metrics`, `admin`, `usage`), graceful drain (`drain`), spawning
-//! tasks (`task`), returning memory after bursts (`memory`), the capture rules
-//! for the init container (`iptables`), and their assembly (`sidecar`). It
-//! never depends on the control plane crate; the two meet only on the wire
-//! protocols of `weft-xds-proto`. docs/proxy.md describes it for operators.
+//! `weft-proxy`, the sidecar that runs next to every meshed application.
+//! docs/architecture.md draws its modules in the order data flows; in
+//! short:
+//!
+//! - configuration from the control plane: the delta xDS client (`xds`),
+//!   the compact resources it decodes, with their strings as `name::Name`
+//!   (`resources`, `name`), and the immutable snapshot built from them
+//!   (`state`); the workload identity and its rotation (`identity`,
+//!   `trust`, `channel`);
+//! - one module per traffic direction, none importing another:
+//!   `outbound` (15001 and explicit mode, its HTTP in `outbound::l7`),
+//!   `inbound` (15008, from the mesh) and `inbound_passthrough` (15006,
+//!   captured plaintext);
+//! - the leaves they share: delivery to the app behind this sidecar
+//!   (`local_app`), the mesh connection pool (`pool`, the client half of
+//!   15008), endpoint choice (`balance`, `outlier`), protocol detection
+//!   (`sniff`), upgrades (`upgrade`), clients to fixed addresses
+//!   (`upstream`), HTTP pieces (`http`), socket facts (`socket`), the
+//!   accept loop (`serve`), graceful drain (`drain`), write coalescing
+//!   (`coalesce`) and task spawning (`task`);
+//! - the sidecar's own ports and process: metrics and admin (`metrics`,
+//!   `admin`, `usage`), the app's probes (`app_probe`), memory after
+//!   bursts (`memory`), logs (`logs`), the capture rules for the init
+//!   container (`iptables`), the command line (`command_line`), and the
+//!   assembly of it all (`sidecar`).
+//!
+//! It never depends on the control plane crate; the two meet only on the
+//! wire protocols of `weft-xds-proto`. docs/proxy.md describes it for
+//! operators.
 
 pub mod admin;
 pub mod app_probe;
@@ -19,22 +35,24 @@ pub mod channel;
 pub mod coalesce;
 pub mod command_line;
 pub mod drain;
-pub mod hbone;
 pub mod http;
 pub mod identity;
 pub mod inbound;
-pub mod inbound_tunnel;
+pub mod inbound_passthrough;
 pub mod iptables;
-pub mod l7;
+pub mod local_app;
 pub mod logs;
 pub mod memory;
 pub mod metrics;
 pub mod name;
 pub mod outbound;
 pub mod outlier;
+pub mod pool;
 pub mod resources;
+pub mod serve;
 pub mod sidecar;
 pub mod sniff;
+pub mod socket;
 pub mod state;
 pub mod task;
 pub mod trust;

@@ -37,6 +37,17 @@ impl Default for Peer {
 }
 
 impl Peer {
+    /// A caller as metrics name it: all its certificate proves.
+    pub fn caller(identity: Option<&weft_certs::Identity>) -> Peer {
+        identity
+            .map(|id| Peer {
+                namespace: id.namespace.as_str().into(),
+                principal: id.to_string().into(),
+                ..Default::default()
+            })
+            .unwrap_or_default()
+    }
+
     pub fn of(workload: &Workload) -> Peer {
         Peer {
             workload: workload.display_name(),
@@ -275,6 +286,23 @@ impl Metrics {
         // Writing to a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
+    }
+
+    /// How many connections and requests this sidecar served for the
+    /// caller that proved `principal`, read from the metrics text (for
+    /// tests and debugging; nothing on the request path keeps it).
+    pub fn calls_from(&self, principal: &str) -> u64 {
+        let wanted = format!("source_principal=\"{principal}\"");
+        self.encode()
+            .lines()
+            .filter(|line| {
+                (line.starts_with("weft_proxy_requests_total{")
+                    || line.starts_with("weft_proxy_tcp_connections_opened_total{"))
+                    && line.contains("reporter=\"destination\"")
+                    && line.contains(&wanted)
+            })
+            .filter_map(|line| line.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum()
     }
 
     pub fn request(&self, labels: RequestLabels, seconds: f64) {

@@ -28,26 +28,32 @@ use weft_certs::Identity;
 
 use crate::balance::{Here, InFlight, Load};
 use crate::drain::Drain;
-use crate::hbone::{CONNECT_TIMEOUT, HBONE_PORT, Pool};
-use crate::l7::{RetryBudget, Route, serve_outbound};
+use crate::http::HEAD_TIMEOUT;
 use crate::metrics::{Metrics, Peer, TrafficLabels};
+use crate::outlier::{Outliers, Policy};
+use crate::pool::{HBONE_PORT, Pool};
 use crate::resources::{Name, Service, Workload};
 use crate::sniff::{Protocol, Rewind, sniff};
 use crate::state::Snapshot;
+use crate::upgrade::Upgrades;
 use crate::upstream::Upstreams;
 use crate::xds::XdsState;
+
+mod l7;
+
+use l7::RetryBudget;
+pub use l7::Route;
 
 /// Longest request head accepted, and how long it may take to arrive: a
 /// slow or endless header cannot hold a connection or memory for long.
 const MAX_HEAD: usize = 8 * 1024;
-pub const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
 /// Other endpoints tried after a failed connect.
 const MAX_CONNECT_RETRIES: usize = 2;
 
-pub struct Outbound {
-    pub xds: Arc<XdsState>,
-    pub pool: Pool,
-    pub load: Load,
+/// How the outbound side routes, read once from the sidecar's
+/// configuration.
+#[derive(Clone, Debug)]
+pub struct Config {
     /// Where this proxy runs, when its own Workload does not say.
     pub here: Here,
     /// This pod's address: its Workload, once known, gives the locality.
@@ -60,30 +66,61 @@ pub struct Outbound {
     /// How long a client may take to send a whole request head, from its
     /// first byte (slowloris).
     pub head_timeout: Duration,
-    pub upstreams: Upstreams,
-    pub retry_budget: RetryBudget,
-    pub metrics: Arc<Metrics>,
-    pub drain: Drain,
+    /// How long connecting to a workload without a sidecar may take (the
+    /// pool has its own, for sidecars).
+    pub connect_timeout: Duration,
     /// Upgrades relayed; others become plain requests.
-    pub upgrades: crate::upgrade::Upgrades,
+    pub upgrades: Upgrades,
+    /// When an endpoint is ejected for failing.
+    pub outliers: Policy,
 }
 
-impl Outbound {
-    pub fn new(xds: Arc<XdsState>, pool: Pool, here: Here) -> Self {
-        Outbound {
-            xds,
-            pool,
-            load: Load::default(),
-            here,
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            here: Here::new("", "", ""),
             pod_ip: None,
             passthrough: true,
             sniff_timeout: Duration::from_millis(100),
             head_timeout: HEAD_TIMEOUT,
-            upstreams: Upstreams::new(CONNECT_TIMEOUT),
+            connect_timeout: crate::pool::CONNECT_TIMEOUT,
+            upgrades: Upgrades::default(),
+            outliers: Policy::default(),
+        }
+    }
+}
+
+/// The outbound side: its configuration, the state it keeps (connection
+/// pool, endpoint load and health, clients to workloads without a
+/// sidecar, the retry budget), the mesh view, metrics and the drain.
+pub struct Outbound {
+    config: Config,
+    xds: Arc<XdsState>,
+    pub pool: Pool,
+    pub load: Load,
+    upstreams: Upstreams,
+    retry_budget: RetryBudget,
+    pub metrics: Arc<Metrics>,
+    pub drain: Drain,
+}
+
+impl Outbound {
+    pub fn new(
+        config: Config,
+        xds: Arc<XdsState>,
+        pool: Pool,
+        metrics: Arc<Metrics>,
+        drain: Drain,
+    ) -> Self {
+        Outbound {
+            load: Load::new(Outliers::new(config.outliers.clone())),
+            upstreams: Upstreams::new(config.connect_timeout),
             retry_budget: RetryBudget::default(),
-            metrics: Arc::default(),
-            drain: Drain::default(),
-            upgrades: Default::default(),
+            config,
+            xds,
+            pool,
+            metrics,
+            drain,
         }
     }
 }
@@ -150,7 +187,7 @@ impl Outbound {
                 pick.workload = Some(workload.clone());
                 return Ok(pick);
             }
-            if self.passthrough {
+            if self.config.passthrough {
                 return Ok(plain(Destination::Direct(SocketAddr::new(ip, port))));
             }
             bail!("{ip}:{port} is not in the mesh and passthrough is off");
@@ -160,7 +197,8 @@ impl Outbound {
 
     /// This pod, as metrics name it.
     pub fn me(&self) -> Peer {
-        self.pod_ip
+        self.config
+            .pod_ip
             .and_then(|ip| {
                 self.xds
                     .snapshot
@@ -185,11 +223,18 @@ impl Outbound {
             .endpoints(&service)
             .iter()
             .filter(|w| w.target_port(&service, service_port).is_some());
-        let me = self.pod_ip.and_then(|ip| snapshot.workload_by_ip(ip));
+        let me = self
+            .config
+            .pod_ip
+            .and_then(|ip| snapshot.workload_by_ip(ip));
         let here = me.map(|me| Here::of(me));
         let (workload, in_flight) = self
             .load
-            .choose(here.as_ref().unwrap_or(&self.here), candidates, excluded)
+            .choose(
+                here.as_ref().unwrap_or(&self.config.here),
+                candidates,
+                excluded,
+            )
             .with_context(|| format!("{} has no healthy endpoint", service.hostname))?;
         let target_port = workload
             .target_port(&service, service_port)
@@ -214,9 +259,10 @@ impl Outbound {
                 ..
             } => Ok(Box::new(self.pool.tunnel(*peer, identity, *target).await?)),
             Destination::Direct(addr) => {
-                let tcp = tokio::time::timeout(self.pool.connect_timeout, TcpStream::connect(addr))
-                    .await
-                    .context("connect timed out")??;
+                let tcp =
+                    tokio::time::timeout(self.config.connect_timeout, TcpStream::connect(addr))
+                        .await
+                        .context("connect timed out")??;
                 tcp.set_nodelay(true)?;
                 Ok(Box::new(tcp))
             }
@@ -274,7 +320,7 @@ impl Outbound {
         let protocol = match self.pick_protocol(host, port) {
             Some(protocol) => protocol,
             None => {
-                let (protocol, seen) = sniff(&mut client, self.sniff_timeout).await;
+                let (protocol, seen) = sniff(&mut client, self.config.sniff_timeout).await;
                 client.unread(seen);
                 protocol
             }
@@ -284,7 +330,7 @@ impl Outbound {
                 host: host.to_string(),
                 port,
             };
-            serve_outbound(self.clone(), client, route).await;
+            l7::serve(self.clone(), client, route).await;
             return Ok(());
         }
         self.relay(client, host, port).await
@@ -382,7 +428,7 @@ fn respond(status: &str) -> Vec<u8> {
 }
 
 async fn handle(outbound: Arc<Outbound>, mut client: TcpStream) -> Result<()> {
-    let (head, early) = tokio::time::timeout(outbound.head_timeout, read_head(&mut client))
+    let (head, early) = tokio::time::timeout(outbound.config.head_timeout, read_head(&mut client))
         .await
         .context("the request head did not arrive in time")??;
     let mut words = head.lines().next().unwrap_or("").split_whitespace();
@@ -402,7 +448,7 @@ async fn handle(outbound: Arc<Outbound>, mut client: TcpStream) -> Result<()> {
         let mut replay = head.into_bytes();
         replay.extend_from_slice(&early);
         let client = Rewind::new(replay.into(), client);
-        serve_outbound(outbound, client, Route::PerRequest).await;
+        l7::serve(outbound, client, Route::PerRequest).await;
         return Ok(());
     }
     let (host, port) = target
@@ -433,43 +479,11 @@ async fn handle(outbound: Arc<Outbound>, mut client: TcpStream) -> Result<()> {
     outbound.serve_connection(client, host, port).await
 }
 
-/// The address a redirected connection was originally sent to.
-pub fn original_destination(stream: &TcpStream) -> std::io::Result<SocketAddr> {
-    let socket = socket2::SockRef::from(stream);
-    // On a dual-stack listener an IPv4 connection shows an IPv4-mapped
-    // local address; its original destination is an IPv4 one.
-    let address = match local_address(stream)? {
-        SocketAddr::V4(_) => socket.original_dst_v4()?,
-        SocketAddr::V6(_) => socket.original_dst_v6()?,
-    };
-    address
-        .as_socket()
-        .map(canonical)
-        .ok_or_else(|| std::io::Error::other("the original destination is not an IP address"))
-}
-
-/// A connection's local address, IPv4-mapped IPv6 written as IPv4.
-pub fn local_address(stream: &TcpStream) -> std::io::Result<SocketAddr> {
-    stream.local_addr().map(canonical)
-}
-
-fn canonical(addr: SocketAddr) -> SocketAddr {
-    match addr {
-        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
-            Some(v4) => SocketAddr::new(v4.into(), v6.port()),
-            None => addr,
-        },
-        v4 => v4,
-    }
-}
-
 async fn handle_transparent(outbound: Arc<Outbound>, client: TcpStream) -> Result<()> {
-    let original = original_destination(&client).context("reading SO_ORIGINAL_DST")?;
-    // A connection that was not redirected reports its own local address:
-    // serving it would connect to ourselves, again and again.
-    if original == local_address(&client)? {
-        bail!("connection to the capture port itself ({original}); refusing to loop");
-    }
+    let Some(original) = crate::socket::redirected(&client).context("reading SO_ORIGINAL_DST")?
+    else {
+        bail!("connection to the capture port itself; refusing to loop");
+    };
     outbound
         .serve_connection(
             Rewind::new(bytes::Bytes::new(), client),
@@ -490,32 +504,14 @@ enum Mode {
 
 async fn accept_loop(listener: TcpListener, outbound: Arc<Outbound>, mode: Mode) {
     let drain = outbound.drain.clone();
-    // Locals drop in reverse order: the listener (moved in after the
-    // guard) closes before the guard tells a drain it is gone.
-    let _listening = drain.listening();
-    let listener = listener;
-    loop {
-        let accepted = tokio::select! {
-            accepted = listener.accept() => accepted,
-            _ = drain.started() => return,
-        };
-        let Ok((client, addr)) = accepted else {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-            continue;
-        };
-        let _ = client.set_nodelay(true);
+    crate::serve::accept(listener, drain, move |client, addr| {
         let outbound = outbound.clone();
-        let active = drain.track();
-        crate::task::spawn(async move {
-            let _active = active;
+        async move {
             let redirected = match mode {
                 Mode::Explicit => false,
                 Mode::Transparent => true,
-                Mode::Both => match (original_destination(&client), client.local_addr()) {
-                    (Ok(original), Ok(local)) => original != local,
-                    // No connection tracking (no capture rules): explicit only.
-                    _ => false,
-                },
+                // No connection tracking (no capture rules): explicit only.
+                Mode::Both => crate::socket::redirected(&client).is_ok_and(|r| r.is_some()),
             };
             let result = if redirected {
                 handle_transparent(outbound, client).await
@@ -525,8 +521,9 @@ async fn accept_loop(listener: TcpListener, outbound: Arc<Outbound>, mode: Mode)
             if let Err(err) = result {
                 tracing::debug!(%addr, redirected, "outbound connection: {err:#}");
             }
-        });
-    }
+        }
+    })
+    .await
 }
 
 /// Serves an explicit-mode (CONNECT) outbound listener.

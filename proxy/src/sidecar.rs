@@ -12,13 +12,13 @@ use weft_certs::tls::{CertStore, TrustBundle};
 use weft_xds_proto::envoy::config::core::v3::Node;
 
 use crate::admin::{Admin, Routes, SetLogLevel};
-use crate::balance::{Here, Load};
+use crate::balance::Here;
 use crate::drain::Drain;
-use crate::hbone::{HBONE_PORT, Inbound, Pool};
 use crate::identity::{self, IdentityConfig};
+use crate::local_app::{self, LocalApp};
 use crate::metrics::Metrics;
-use crate::outbound::Outbound;
-use crate::outlier::Outliers;
+use crate::outbound::{self, Outbound};
+use crate::pool::{HBONE_PORT, Pool};
 use crate::xds::{self, Backoff, XdsState};
 
 #[derive(Clone, Debug)]
@@ -43,7 +43,7 @@ pub struct SidecarConfig {
     pub outbound_addr: SocketAddr,
     /// Redirected inbound plaintext (15006).
     pub inbound_capture_addr: SocketAddr,
-    pub inbound_mode: crate::inbound::Mode,
+    pub inbound_mode: crate::inbound_passthrough::Mode,
     /// Readiness (`/healthz/ready`).
     pub health_addr: SocketAddr,
     /// The app's probes, asked by the kubelet (`/app-health/...`).
@@ -167,8 +167,9 @@ impl SidecarConfig {
 /// A running sidecar.
 pub struct Sidecar {
     pub xds: Arc<XdsState>,
-    pub inbound_capture: Arc<crate::inbound::Counters>,
-    pub inbound: Arc<Inbound>,
+    pub inbound_capture: Arc<crate::inbound_passthrough::Counters>,
+    /// The app behind the sidecar, as both inbound listeners deliver to it.
+    pub app: Arc<LocalApp>,
     pub outbound: Arc<Outbound>,
     pub admin: Arc<Admin>,
     pub outbound_addr: SocketAddr,
@@ -322,36 +323,43 @@ pub async fn start_with(
 
     let metrics = Arc::new(Metrics::default());
     let drain = Drain::default();
-    let mut inbound = Inbound::new(config.pod_ips.clone());
-    inbound.metrics = metrics.clone();
-    inbound.xds = Some(xds.clone());
-    inbound.drain = drain.clone();
-    inbound.head_timeout = config.head_timeout;
-    inbound.upgrades = config.upgrades.clone();
-    let inbound = Arc::new(inbound);
+    let app = Arc::new(LocalApp::new(
+        local_app::Config {
+            addresses: config.pod_ips.clone(),
+            head_timeout: config.head_timeout,
+            connect_timeout: config.connect_timeout,
+            upgrades: config.upgrades.clone(),
+        },
+        Some(xds.clone()),
+        metrics.clone(),
+        drain.clone(),
+    ));
     let hbone = tokio::net::TcpListener::bind(SocketAddr::new(config.pod_ip, HBONE_PORT))
         .await
         .with_context(|| format!("binding {}:{HBONE_PORT}", config.pod_ip))?;
-    tasks.push(crate::task::spawn(crate::hbone::serve_inbound(
+    tasks.push(crate::task::spawn(crate::inbound::serve(
         hbone,
         certs.clone(),
         bundle.clone(),
-        inbound.clone(),
+        app.clone(),
     )));
 
-    let mut pool = Pool::new(certs.clone(), bundle);
-    pool.connect_timeout = config.connect_timeout;
-    let mut outbound = Outbound::new(xds.clone(), pool, Here::new(&config.cluster_id, "", ""));
-    outbound.load = Load::new(Outliers::new(config.outliers.clone()));
-    outbound.pod_ip = Some(config.pod_ip);
-    outbound.passthrough = config.passthrough;
-    outbound.sniff_timeout = config.sniff_timeout;
-    outbound.head_timeout = config.head_timeout;
-    outbound.upgrades = config.upgrades.clone();
-    outbound.upstreams = crate::upstream::Upstreams::new(config.connect_timeout);
-    outbound.metrics = metrics.clone();
-    outbound.drain = drain.clone();
-    let outbound = Arc::new(outbound);
+    let outbound = Arc::new(Outbound::new(
+        outbound::Config {
+            here: Here::new(&config.cluster_id, "", ""),
+            pod_ip: Some(config.pod_ip),
+            passthrough: config.passthrough,
+            sniff_timeout: config.sniff_timeout,
+            head_timeout: config.head_timeout,
+            connect_timeout: config.connect_timeout,
+            upgrades: config.upgrades.clone(),
+            outliers: config.outliers.clone(),
+        },
+        xds.clone(),
+        Pool::new(certs.clone(), bundle, config.connect_timeout),
+        metrics.clone(),
+        drain.clone(),
+    ));
     let listener = tokio::net::TcpListener::bind(config.outbound_addr)
         .await
         .with_context(|| format!("binding the outbound listener {}", config.outbound_addr))?;
@@ -368,7 +376,7 @@ pub async fn start_with(
         )));
     }
 
-    let inbound_capture = Arc::new(crate::inbound::Counters::default());
+    let inbound_capture = Arc::new(crate::inbound_passthrough::Counters::default());
     let capture = bind_dual_stack(config.inbound_capture_addr)
         .await
         .with_context(|| {
@@ -381,17 +389,16 @@ pub async fn start_with(
     tasks.push(crate::task::spawn(crate::memory::release_after_bursts(
         drain.clone(),
     )));
-    tasks.push(crate::task::spawn(crate::inbound::serve(
+    tasks.push(crate::task::spawn(crate::inbound_passthrough::serve(
         capture,
         config.inbound_mode,
         inbound_capture.clone(),
-        inbound.clone(),
+        app.clone(),
     )));
 
     let admin = Arc::new(Admin {
         xds: xds.clone(),
         outbound: outbound.clone(),
-        inbound: inbound.clone(),
         capture: inbound_capture.clone(),
         certs: Some(certs.clone()),
         metrics,
@@ -426,7 +433,7 @@ pub async fn start_with(
     Ok(Sidecar {
         xds,
         inbound_capture,
-        inbound,
+        app,
         outbound,
         admin,
         outbound_addr,

@@ -9,8 +9,6 @@
 //! wrote it, and when the endpoint answers `101 Switching Protocols` the
 //! two upgraded connections are joined byte for byte.
 
-use std::time::Instant;
-
 use http::header::{self, HeaderValue};
 use http::{Request, Response, StatusCode, Uri};
 use http_body_util::BodyExt;
@@ -18,9 +16,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use crate::http::{Body, error};
-use crate::metrics::{Peer, RequestLabels, TrafficLabels};
-use crate::outbound::Outbound;
+use crate::http::Body;
 
 /// The upgrade protocols relayed (case-insensitive).
 #[derive(Clone, Debug)]
@@ -69,47 +65,6 @@ impl Upgrades {
                 .flat_map(|v| v.split(','))
                 .any(|token| token.trim().eq_ignore_ascii_case("upgrade"))
     }
-}
-
-/// Sends an upgrade request to an endpoint of `host:port` and, on 101,
-/// joins the client's connection to the endpoint's.
-pub async fn forward(
-    outbound: &Outbound,
-    host: &str,
-    port: u16,
-    authority: &str,
-    request: Request<Incoming>,
-) -> Response<Body> {
-    let start = Instant::now();
-    let (pick, stream) = match outbound.connect_tcp(host, port).await {
-        Ok(connected) => connected,
-        Err(err) => return error(StatusCode::SERVICE_UNAVAILABLE, &format!("{err:#}")),
-    };
-    let (response, joined) = match relay(stream, authority, request).await {
-        Ok(relayed) => relayed,
-        Err(err) => return error(StatusCode::BAD_GATEWAY, &err),
-    };
-    let destination = pick.workload.as_deref().map(Peer::of).unwrap_or_default();
-    let labels = RequestLabels {
-        traffic: TrafficLabels::new("source", &outbound.me(), &pick.service_name(), &destination),
-        response_code: response.status().as_u16(),
-    };
-    outbound
-        .metrics
-        .request(labels.clone(), start.elapsed().as_secs_f64());
-    if let Some(joined) = joined {
-        let metrics = outbound.metrics.clone();
-        let labels = labels.traffic;
-        metrics.tcp_opened.get_or_create(&labels).inc();
-        crate::task::spawn(async move {
-            // Holds the endpoint's in-flight count while the upgraded
-            // connection lives.
-            let _pick = pick;
-            let (sent, received) = joined.await;
-            metrics.tcp(&labels, sent, received);
-        });
-    }
-    response
 }
 
 /// Sends `request` (an upgrade) over `stream`, in origin form. Returns the

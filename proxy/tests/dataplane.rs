@@ -12,8 +12,10 @@ use tokio::net::{TcpListener, TcpStream};
 use weft_certs::tls::{CertStore, TrustBundle};
 use weft_certs::{CaParams, CertificateAuthority, Identity, issue_workload};
 use weft_proxy::balance::Here;
-use weft_proxy::hbone::{HBONE_PORT, Inbound, Pool, serve_inbound};
-use weft_proxy::outbound::{Outbound, serve_explicit};
+use weft_proxy::inbound;
+use weft_proxy::local_app::{self, LocalApp};
+use weft_proxy::outbound::{self, Outbound, serve_explicit};
+use weft_proxy::pool::{CONNECT_TIMEOUT, HBONE_PORT, Pool};
 use weft_proxy::state::Snapshot;
 use weft_proxy::xds::XdsState;
 use weft_xds_proto::mesh;
@@ -57,7 +59,7 @@ async fn server_pod(
     ip: IpAddr,
     name: &'static str,
     identity: &Identity,
-) -> Arc<Inbound> {
+) -> Arc<LocalApp> {
     echo_app(ip, name).await;
     server_sidecar(ca, bundle, ip, identity, None).await
 }
@@ -69,16 +71,23 @@ async fn server_sidecar(
     ip: IpAddr,
     identity: &Identity,
     xds: Option<Arc<XdsState>>,
-) -> Arc<Inbound> {
+) -> Arc<LocalApp> {
     let certs = CertStore::new(&issue_workload(ca, identity, None).unwrap()).unwrap();
-    let mut inbound = Inbound::new(vec![ip]);
-    inbound.xds = xds;
-    inbound.head_timeout = SLOW_HEAD_LIMIT;
-    let inbound = Arc::new(inbound);
+    let config = local_app::Config {
+        addresses: vec![ip],
+        head_timeout: SLOW_HEAD_LIMIT,
+        ..Default::default()
+    };
+    let inbound = Arc::new(LocalApp::new(
+        config,
+        xds,
+        Arc::default(),
+        Default::default(),
+    ));
     let listener = TcpListener::bind(SocketAddr::new(ip, HBONE_PORT))
         .await
         .unwrap();
-    tokio::spawn(serve_inbound(
+    tokio::spawn(inbound::serve(
         listener,
         certs,
         bundle.clone(),
@@ -262,18 +271,24 @@ async fn client_sidecar(passthrough: bool) -> Mesh {
     let bundle = TrustBundle::from_pem(&ca.roots_pem()).unwrap();
     let certs = CertStore::new(&issue_workload(&ca, &id("client"), None).unwrap()).unwrap();
     let xds = Arc::new(XdsState::default());
-    let mut outbound = Outbound::new(
-        xds.clone(),
-        Pool::new(certs, bundle.clone()),
-        Here {
+    let config = outbound::Config {
+        here: Here {
             cluster: "c1".into(),
             region: "eu".into(),
             zone: "a".into(),
         },
-    );
-    outbound.passthrough = passthrough;
-    outbound.head_timeout = SLOW_HEAD_LIMIT;
-    let outbound = Arc::new(outbound);
+        passthrough,
+        head_timeout: SLOW_HEAD_LIMIT,
+        ..Default::default()
+    };
+    let pool = Pool::new(certs, bundle.clone(), CONNECT_TIMEOUT);
+    let outbound = Arc::new(Outbound::new(
+        config,
+        xds.clone(),
+        pool,
+        Arc::default(),
+        Default::default(),
+    ));
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let proxy = listener.local_addr().unwrap();
     tokio::spawn(serve_explicit(listener, outbound.clone()));
@@ -311,7 +326,9 @@ async fn tcp_through_two_sidecars_with_identity_and_locality_failover() {
         assert_eq!(exchange(&mut conn, "hello").await, "c1-echo:hello");
     }
     assert_eq!(
-        local.calls_from("spiffe://cluster.local/ns/demo/sa/client"),
+        local
+            .metrics()
+            .calls_from("spiffe://cluster.local/ns/demo/sa/client"),
         3
     );
     assert_eq!(
@@ -331,7 +348,9 @@ async fn tcp_through_two_sidecars_with_identity_and_locality_failover() {
     let (_, mut conn) = connect(mesh.proxy, "echo.demo:80").await;
     assert_eq!(exchange(&mut conn, "x").await, "c2-echo:x");
     assert_eq!(
-        remote.calls_from("spiffe://cluster.local/ns/demo/sa/client"),
+        remote
+            .metrics()
+            .calls_from("spiffe://cluster.local/ns/demo/sa/client"),
         1
     );
     // ...and comes back when it recovers.
@@ -944,7 +963,7 @@ async fn bad_http_input_is_refused_and_bounded() {
     }
     // Mesh HTTP requests on 15008 without a target, or for another host.
     let certs = CertStore::new(&issue_workload(&mesh.ca, &id("client"), None).unwrap()).unwrap();
-    let pool = Pool::new(certs, mesh.bundle.clone());
+    let pool = Pool::new(certs, mesh.bundle.clone(), CONNECT_TIMEOUT);
     let mut sender = pool
         .sender(SocketAddr::new(pod_ip(15), HBONE_PORT), &id("echo"))
         .await

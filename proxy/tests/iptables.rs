@@ -135,7 +135,6 @@ fn a_connection_to_a_vip_is_captured_and_delivered() {
     use std::os::fd::AsRawFd;
     use std::sync::Arc;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    use weft_proxy::balance::Here;
     use weft_proxy::outbound::{Outbound, serve_transparent};
     use weft_proxy::state::Snapshot;
     use weft_proxy::xds::XdsState;
@@ -290,10 +289,14 @@ fn a_connection_to_a_vip_is_captured_and_delivered() {
             .map_err(|e| e.to_string())?;
             let bundle = weft_certs::tls::TrustBundle::from_pem(&ca.roots_pem())
                 .map_err(|e| e.to_string())?;
+            let pool =
+                weft_proxy::pool::Pool::new(certs, bundle, weft_proxy::pool::CONNECT_TIMEOUT);
             let outbound = Arc::new(Outbound::new(
+                Default::default(),
                 xds,
-                weft_proxy::hbone::Pool::new(certs, bundle),
-                Here::default(),
+                pool,
+                Arc::default(),
+                Default::default(),
             ));
             let capture = tokio::net::TcpListener::bind("0.0.0.0:15001")
                 .await
@@ -387,7 +390,7 @@ fn inbound_plaintext_is_forwarded_when_permissive_and_refused_when_strict() {
     use std::sync::Arc;
     use std::sync::atomic::Ordering;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    use weft_proxy::inbound::{self, Counters, Mode};
+    use weft_proxy::inbound_passthrough::{self as inbound, Counters, Mode};
 
     let tag = std::process::id() % 100_000;
     let (client_ns, pod_ns) = (format!("weft-test-c-{tag}"), format!("weft-test-p-{tag}"));
@@ -526,7 +529,7 @@ fn inbound_plaintext_is_forwarded_when_permissive_and_refused_when_strict() {
                     capture,
                     mode,
                     pod_counters,
-                    std::sync::Arc::new(weft_proxy::hbone::Inbound::new(vec![
+                    std::sync::Arc::new(weft_proxy::local_app::LocalApp::at(vec![
                         "10.250.0.2".parse().unwrap(),
                         "fd00:250::2".parse().unwrap(),
                     ])),

@@ -378,7 +378,7 @@ async fn a_connection_crosses_two_sidecars_configured_by_the_control_plane() {
                 service_account: sa.into(),
                 outbound_addr: "127.0.0.1:0".parse().unwrap(),
                 inbound_capture_addr: "127.0.0.1:0".parse().unwrap(),
-                inbound_mode: weft_proxy::inbound::Mode::Strict,
+                inbound_mode: weft_proxy::inbound_passthrough::Mode::Strict,
                 health_addr: "127.0.0.1:0".parse().unwrap(),
                 app_health_addr: "127.0.0.1:0".parse().unwrap(),
                 app_probes: String::new(),
@@ -386,7 +386,7 @@ async fn a_connection_crosses_two_sidecars_configured_by_the_control_plane() {
                 prometheus_addr: "127.0.0.1:0".parse().unwrap(),
                 passthrough: false,
                 sniff_timeout: Duration::from_millis(100),
-                head_timeout: weft_proxy::outbound::HEAD_TIMEOUT,
+                head_timeout: weft_proxy::http::HEAD_TIMEOUT,
                 outliers: Default::default(),
                 drain_timeout: Duration::from_secs(5),
                 connect_timeout: Duration::from_secs(1),
@@ -449,7 +449,8 @@ async fn a_connection_crosses_two_sidecars_configured_by_the_control_plane() {
     assert_eq!(&echoed, b"across the mesh");
     assert_eq!(
         server_side
-            .inbound
+            .app
+            .metrics()
             .calls_from("spiffe://cluster.local/ns/demo/sa/client"),
         1
     );

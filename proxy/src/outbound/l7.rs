@@ -1,44 +1,36 @@
-//! HTTP through the mesh. On the client side each request is routed on
-//! its own: an endpoint is chosen per request, and the request travels to
-//! the endpoint's sidecar as an HTTP/2 request on a pooled mTLS connection
-//! (HTTP/1.1 included: the far side restores it for the application). A
-//! request that failed before reaching the application (its endpoint's
-//! sidecar could not be reached) is retried on another endpoint, within a
-//! budget; idempotent requests without a body also when the mesh
-//! connection failed under them. Endpoints that fail or answer 5xx feed
-//! outlier detection.
-//!
-//! On the server side the request goes to the application over keep-alive
-//! connections, with the caller's proven SPIFFE ID in `x-weft-peer-identity`.
+//! The outbound side's HTTP: each request from the application is routed
+//! on its own. An endpoint is chosen per request, and the request travels
+//! to the endpoint's sidecar as an HTTP/2 request on a pooled mTLS
+//! connection (HTTP/1.1 included: the far side restores it for the
+//! application). A request that failed before reaching the application
+//! (its endpoint's sidecar could not be reached) is retried on another
+//! endpoint, within a budget; idempotent requests without a body also when
+//! the mesh connection failed under them. Endpoints that fail or answer
+//! 5xx feed outlier detection. An allowed upgrade goes to one endpoint
+//! through a TCP tunnel and is joined on 101 (see `upgrade`).
 
 use std::convert::Infallible;
-use std::net::SocketAddr;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use http::header::{self, HeaderValue};
-use http::request::Parts;
-use http::{Request, Response, StatusCode, Uri, Version};
+use http::{Request, Response, StatusCode, Version};
 use http_body_util::BodyExt;
 use hyper::body::{Body as _, Incoming};
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite};
-use weft_certs::Identity;
 
-use crate::hbone::Inbound;
+use super::{Destination, Outbound};
 use crate::http::{
-    APP_PROTOCOL, Body, NOT_DELIVERED, PEER_IDENTITY, TARGET, error, idempotent, set_peer_identity,
-    strip_hop_by_hop,
+    APP_PROTOCOL, Body, NOT_DELIVERED, PEER_IDENTITY, TARGET, absolute, error, idempotent,
+    outgoing, strip_hop_by_hop,
 };
 use crate::metrics::{Peer, RequestLabels, TrafficLabels};
-use crate::outbound::{Destination, Outbound};
 use crate::resources::Name;
 
 /// Attempts after the first.
 const MAX_RETRIES: usize = 2;
-/// The largest request head accepted from an application (how long it may
-/// take to arrive is `Outbound::head_timeout`).
-const MAX_HEAD: usize = 64 * 1024;
 
 /// Retries may add at most a fifth to the requests in flight (plus a
 /// floor, so that a quiet proxy can still retry): when an outage makes
@@ -85,37 +77,19 @@ pub enum Route {
 
 /// Serves HTTP/1.1 or HTTP/2 (prior knowledge) from an application
 /// connection, routing each request.
-pub async fn serve_outbound<S>(outbound: std::sync::Arc<Outbound>, io: S, route: Route)
+pub(super) async fn serve<S>(outbound: Arc<Outbound>, io: S, route: Route)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let drain = outbound.drain.clone();
-    let head_timeout = outbound.head_timeout;
+    let server = crate::http::server(outbound.config.head_timeout);
     let service = hyper::service::service_fn(move |request| {
         let (outbound, route) = (outbound.clone(), route.clone());
         async move { Ok::<_, Infallible>(forward(&outbound, &route, request).await) }
     });
     drain
-        .serve(server(head_timeout).serve_connection_with_upgrades(TokioIo::new(io), service))
+        .serve(server.serve_connection_with_upgrades(TokioIo::new(io), service))
         .await;
-}
-
-/// An HTTP server for connections from callers: a slow or oversized
-/// request head must not hold a connection or memory for long (slowloris).
-pub(crate) fn server(
-    head_timeout: Duration,
-) -> hyper_util::server::conn::auto::Builder<crate::task::Executor> {
-    let mut builder = hyper_util::server::conn::auto::Builder::new(crate::task::Executor);
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(head_timeout)
-        .max_buf_size(MAX_HEAD);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_header_list_size(MAX_HEAD as u32);
-    builder
 }
 
 fn authority_of(request: &Request<Incoming>) -> Option<String> {
@@ -145,30 +119,6 @@ fn split_host_port(authority: &str) -> Option<(String, u16)> {
     }
 }
 
-/// The request to send on: same method and headers, a new URI and body.
-fn outgoing(parts: &Parts, uri: Uri, version: Version, body: Body) -> Request<Body> {
-    let mut request = Request::new(body);
-    *request.method_mut() = parts.method.clone();
-    *request.uri_mut() = uri;
-    *request.version_mut() = version;
-    *request.headers_mut() = parts.headers.clone();
-    request
-}
-
-fn absolute(authority: &str, parts: &Parts) -> Option<Uri> {
-    let path = parts
-        .uri
-        .path_and_query()
-        .map(|p| p.as_str())
-        .unwrap_or("/");
-    Uri::builder()
-        .scheme("http")
-        .authority(authority)
-        .path_and_query(path)
-        .build()
-        .ok()
-}
-
 fn version_name(version: Version) -> &'static str {
     if version == Version::HTTP_2 {
         "h2"
@@ -194,8 +144,8 @@ pub async fn forward(
         }
     };
     let authority = authority.unwrap_or_else(|| format!("{host}:{port}"));
-    if outbound.upgrades.requested(&request) {
-        return crate::upgrade::forward(outbound, &host, port, &authority, request).await;
+    if outbound.config.upgrades.requested(&request) {
+        return upgrade(outbound, &host, port, &authority, request).await;
     }
     let version = request.version();
     let (mut parts, body) = request.into_parts();
@@ -354,93 +304,48 @@ fn take_body(body: &mut Option<Body>, replayable: bool) -> Option<Body> {
     }
 }
 
-/// A mesh HTTP request arriving on 15008, for the application.
-pub async fn inbound(
-    inbound: &Inbound,
-    peer: &Option<Identity>,
-    request: Request<Incoming>,
-) -> Response<Body> {
-    let target = request
-        .headers()
-        .get(TARGET)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<SocketAddr>().ok());
-    let Some(target) = target else {
-        return error(
-            StatusCode::BAD_REQUEST,
-            "a mesh request needs x-weft-target",
-        );
-    };
-    let http2 = request
-        .headers()
-        .get(APP_PROTOCOL)
-        .is_some_and(|v| v.as_bytes() == b"h2");
-    to_app(inbound, peer, target, http2, request).await
-}
-
-/// A request from `peer` for the application at `target` (a mesh request,
-/// or HTTP inside a tunnel), spoken to it in HTTP/2 or HTTP/1.1.
-pub(crate) async fn to_app(
-    inbound: &Inbound,
-    peer: &Option<Identity>,
-    target: SocketAddr,
-    http2: bool,
+/// Sends an upgrade request to an endpoint of `host:port` and, on 101,
+/// joins the client's connection to the endpoint's.
+async fn upgrade(
+    outbound: &Outbound,
+    host: &str,
+    port: u16,
+    authority: &str,
     request: Request<Incoming>,
 ) -> Response<Body> {
     let start = Instant::now();
-    if !inbound.local_addresses.contains(&target.ip()) {
-        tracing::warn!(%target, caller = ?peer, "refused a request for an address that is not this pod's");
-        return error(StatusCode::FORBIDDEN, "not this pod's address");
-    }
-    let (mut parts, body) = request.into_parts();
-    parts.headers.remove(TARGET);
-    parts.headers.remove(APP_PROTOCOL);
-    strip_hop_by_hop(&mut parts.headers);
-    set_peer_identity(&mut parts.headers, peer.as_ref());
-    let authority = parts
-        .uri
-        .authority()
-        .map(|a| a.as_str().to_string())
-        .unwrap_or_else(|| target.to_string());
-    let Some(uri) = absolute(&authority, &parts) else {
-        return error(
-            StatusCode::BAD_REQUEST,
-            "the request's authority is not valid",
-        );
+    let (pick, stream) = match outbound.connect_tcp(host, port).await {
+        Ok(connected) => connected,
+        Err(err) => return error(StatusCode::SERVICE_UNAVAILABLE, &format!("{err:#}")),
     };
-    let version = if http2 {
-        Version::HTTP_2
-    } else {
-        Version::HTTP_11
-    };
-    let request = outgoing(&parts, uri, version, body.boxed());
-    inbound.count_caller(peer);
-    let caller = crate::hbone::caller(peer);
-    let me = inbound.me();
-    let response = match inbound.app.client(target, http2).request(request).await {
-        Ok(mut response) => {
-            strip_hop_by_hop(response.headers_mut());
+    let (response, joined) = match crate::upgrade::relay(stream, authority, request).await {
+        // weft's own header, for sidecars: not the client's business.
+        Ok((mut response, joined)) => {
             response.headers_mut().remove(NOT_DELIVERED);
-            response.map(|b| b.boxed())
+            (response, joined)
         }
-        Err(err) => {
-            tracing::debug!(%target, "the application did not answer: {err:#}");
-            let mut response = error(StatusCode::BAD_GATEWAY, "the application did not answer");
-            if err.is_connect() {
-                response
-                    .headers_mut()
-                    .insert(NOT_DELIVERED, HeaderValue::from_static("1"));
-            }
-            response
-        }
+        Err(err) => return error(StatusCode::BAD_GATEWAY, &err),
     };
+    let destination = pick.workload.as_deref().map(Peer::of).unwrap_or_default();
     let labels = RequestLabels {
-        traffic: TrafficLabels::new("destination", &caller, &"".into(), &me),
+        traffic: TrafficLabels::new("source", &outbound.me(), &pick.service_name(), &destination),
         response_code: response.status().as_u16(),
     };
-    inbound
+    outbound
         .metrics
-        .request(labels, start.elapsed().as_secs_f64());
+        .request(labels.clone(), start.elapsed().as_secs_f64());
+    if let Some(joined) = joined {
+        let metrics = outbound.metrics.clone();
+        let labels = labels.traffic;
+        metrics.tcp_opened.get_or_create(&labels).inc();
+        crate::task::spawn(async move {
+            // Holds the endpoint's in-flight count while the upgraded
+            // connection lives.
+            let _pick = pick;
+            let (sent, received) = joined.await;
+            metrics.tcp(&labels, sent, received);
+        });
+    }
     response
 }
 

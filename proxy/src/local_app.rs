@@ -1,0 +1,421 @@
+//! The application behind this sidecar, and the one way anything reaches
+//! it: mesh requests and tunnels arriving on 15008 (`inbound`) and
+//! plaintext redirected to 15006 (`inbound_passthrough`) are delivered
+//! here alike. Only this pod's own addresses are delivered to, so the
+//! sidecar cannot be used to reach other hosts. The identity the app is
+//! told of (`x-weft-peer-identity`) is only ever the one a certificate
+//! proved; whatever a caller wrote there is dropped. Every failure is an
+//! `Undelivered`, turned into the caller's answer in one place.
+//!
+//! A connection is relayed byte for byte when the port is declared TCP
+//! or the app speaks first. Otherwise the caller's first bytes are looked
+//! at, and HTTP is served request by request: relayed as bytes, a request
+//! would reach the app with whatever identity header the caller wrote.
+
+use std::convert::Infallible;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::header::HeaderValue;
+use http::{Request, Response, StatusCode, Version};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
+use weft_certs::Identity;
+
+use crate::drain::Drain;
+use crate::http::{
+    APP_PROTOCOL, Body, HEAD_TIMEOUT, NOT_DELIVERED, TARGET, absolute, error, outgoing,
+    set_peer_identity, strip_hop_by_hop,
+};
+use crate::metrics::{Metrics, Peer, RequestLabels, TrafficLabels};
+use crate::pool::CONNECT_TIMEOUT;
+use crate::sniff::{Protocol, Rewind, declared, sniff_within};
+use crate::upgrade::Upgrades;
+use crate::upstream::Upstreams;
+use crate::xds::XdsState;
+
+/// How the app is reached, read once from the sidecar's configuration.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// The pod's own addresses: nothing else is delivered to.
+    pub addresses: Vec<IpAddr>,
+    /// How long a request head from a caller may take to arrive.
+    pub head_timeout: Duration,
+    /// How long connecting to the app may take.
+    pub connect_timeout: Duration,
+    /// Upgrades relayed to the app; others become plain requests.
+    pub upgrades: Upgrades,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            addresses: Vec::new(),
+            head_timeout: HEAD_TIMEOUT,
+            connect_timeout: CONNECT_TIMEOUT,
+            upgrades: Upgrades::default(),
+        }
+    }
+}
+
+/// Why something meant for the app did not reach it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Undelivered {
+    /// The caller named no `ip:port` target.
+    NoTarget,
+    /// The target is not one of this pod's addresses.
+    NotLocal,
+    /// The request's authority cannot be written as a URI.
+    BadAuthority,
+    /// The app could not be connected to: nothing reached it, so the
+    /// caller's sidecar may send the request to another endpoint.
+    Unreachable,
+    /// The app took the request but gave no answer.
+    NoAnswer,
+}
+
+impl Undelivered {
+    /// The caller's answer: weft's own error, with `x-weft-not-delivered`
+    /// when the request may safely go elsewhere.
+    pub fn respond(self) -> Response<Body> {
+        let (code, reason) = match self {
+            Undelivered::NoTarget => (
+                StatusCode::BAD_REQUEST,
+                "a mesh request needs an ip:port target",
+            ),
+            Undelivered::NotLocal => (StatusCode::FORBIDDEN, "not this pod's address"),
+            Undelivered::BadAuthority => (
+                StatusCode::BAD_REQUEST,
+                "the request's authority is not valid",
+            ),
+            Undelivered::Unreachable | Undelivered::NoAnswer => {
+                (StatusCode::BAD_GATEWAY, "the application did not answer")
+            }
+        };
+        let mut response = error(code, reason);
+        if self == Undelivered::Unreachable {
+            response
+                .headers_mut()
+                .insert(NOT_DELIVERED, HeaderValue::from_static("1"));
+        }
+        response
+    }
+}
+
+/// The app behind this sidecar: its configuration, keep-alive clients to
+/// it, the mesh view (to name this pod in metrics and learn declared
+/// protocols), metrics and the drain.
+pub struct LocalApp {
+    config: Config,
+    clients: Upstreams,
+    xds: Option<Arc<XdsState>>,
+    metrics: Arc<Metrics>,
+    drain: Drain,
+}
+
+impl LocalApp {
+    pub fn new(
+        config: Config,
+        xds: Option<Arc<XdsState>>,
+        metrics: Arc<Metrics>,
+        drain: Drain,
+    ) -> Self {
+        LocalApp {
+            clients: Upstreams::new(config.connect_timeout),
+            config,
+            xds,
+            metrics,
+            drain,
+        }
+    }
+
+    /// The app at `addresses`, with defaults for the rest and no mesh
+    /// view (tools and tests).
+    pub fn at(addresses: Vec<IpAddr>) -> Self {
+        let config = Config {
+            addresses,
+            ..Config::default()
+        };
+        LocalApp::new(config, None, Arc::default(), Drain::default())
+    }
+
+    pub fn drain(&self) -> &Drain {
+        &self.drain
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// Whether `ip` is one of this pod's addresses.
+    pub fn is_local(&self, ip: IpAddr) -> bool {
+        self.config.addresses.contains(&ip)
+    }
+
+    /// This pod as a metrics peer.
+    pub fn me(&self) -> Peer {
+        self.xds
+            .as_ref()
+            .and_then(|xds| {
+                let snapshot = xds.snapshot.load();
+                self.config
+                    .addresses
+                    .iter()
+                    .find_map(|ip| snapshot.workload_by_ip(*ip).map(|w| Peer::of(w)))
+            })
+            .unwrap_or_default()
+    }
+
+    /// Refuses a target that is not this pod's, saying so in the log.
+    fn admit(&self, target: SocketAddr, peer: Option<&Identity>) -> Result<(), Undelivered> {
+        if self.is_local(target.ip()) {
+            return Ok(());
+        }
+        tracing::warn!(%target, caller = ?peer, "refused delivery to an address that is not this pod's");
+        Err(Undelivered::NotLocal)
+    }
+
+    /// A connection to the app at `target`, which must be this pod's.
+    pub async fn connect(
+        &self,
+        target: SocketAddr,
+        peer: Option<&Identity>,
+    ) -> Result<TcpStream, Undelivered> {
+        self.admit(target, peer)?;
+        let app = tokio::time::timeout(self.config.connect_timeout, TcpStream::connect(target))
+            .await
+            .map_err(|_| Undelivered::Unreachable)?
+            .map_err(|_| Undelivered::Unreachable)?;
+        let _ = app.set_nodelay(true);
+        Ok(app)
+    }
+
+    /// Delivers one client connection to the app at `target` (already
+    /// connected as `app`): relayed as bytes if the port is declared TCP
+    /// or the app speaks first, else served as HTTP with `peer` as the
+    /// caller the app is told of.
+    pub async fn carry<C>(
+        self: Arc<Self>,
+        peer: Option<Identity>,
+        target: SocketAddr,
+        mut client: C,
+        mut app: TcpStream,
+    ) where
+        C: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let (protocol, seen) = if self.declared_tcp(target) {
+            (Protocol::Tcp, Bytes::new())
+        } else {
+            // The app speaking first settles it: not HTTP. A caller that
+            // stalls inside a request line is cut off, not relayed.
+            let app_speaks = async {
+                let _ = app.readable().await;
+            };
+            match sniff_within(&mut client, app_speaks, Some(self.config.head_timeout)).await {
+                Some(decided) => decided,
+                None => {
+                    tracing::debug!(%target, "a caller stalled inside a request line; closed");
+                    return;
+                }
+            }
+        };
+        let mut client = Rewind::new(seen, client);
+        if protocol == Protocol::Tcp {
+            let labels = self.labels(peer.as_ref());
+            self.metrics.tcp_opened.get_or_create(&labels).inc();
+            let (received, sent) = tokio::io::copy_bidirectional(&mut client, &mut app)
+                .await
+                .unwrap_or((0, 0));
+            // Seen from the server side: "sent" goes to the app.
+            self.metrics.tcp(&labels, received, sent);
+            return;
+        }
+        // HTTP: each request goes to the app as a mesh request does, in
+        // the version the caller speaks.
+        drop(app);
+        let drain = self.drain.clone();
+        let server = crate::http::server(self.config.head_timeout);
+        let service = hyper::service::service_fn(move |request: Request<Incoming>| {
+            let (app, peer) = (self.clone(), peer.clone());
+            async move {
+                let http2 = request.version() == Version::HTTP_2;
+                Ok::<_, Infallible>(app.request(peer.as_ref(), target, http2, request).await)
+            }
+        });
+        drain
+            .serve(server.serve_connection_with_upgrades(TokioIo::new(client), service))
+            .await;
+    }
+
+    /// Whether a service of this pod declares `target`'s port TCP: then
+    /// its bytes are not looked at, whatever they look like.
+    fn declared_tcp(&self, target: SocketAddr) -> bool {
+        let Some(xds) = &self.xds else {
+            return false;
+        };
+        let snapshot = xds.snapshot.load();
+        let Some(workload) = snapshot.workload_by_ip(target.ip()) else {
+            return false;
+        };
+        workload
+            .profile
+            .services
+            .iter()
+            .filter_map(|binding| snapshot.service_by_host(&binding.hostname))
+            .flat_map(|service| service.ports.iter().map(move |port| (service, port)))
+            .filter(|(service, port)| workload.target_port(service, port) == Some(target.port()))
+            .any(|(_, port)| declared(port.app_protocol) == Some(Protocol::Tcp))
+    }
+
+    /// Traffic from `peer` to this pod, as the server side reports it.
+    fn labels(&self, peer: Option<&Identity>) -> TrafficLabels {
+        TrafficLabels::new("destination", &Peer::caller(peer), &"".into(), &self.me())
+    }
+
+    /// A request from `peer` for the app at `target` (a mesh request, or
+    /// HTTP inside a tunnel or from 15006), spoken to it in HTTP/2 or
+    /// HTTP/1.1. Counted in the request metrics whatever the outcome.
+    pub async fn request(
+        &self,
+        peer: Option<&Identity>,
+        target: SocketAddr,
+        http2: bool,
+        request: Request<Incoming>,
+    ) -> Response<Body> {
+        let start = Instant::now();
+        let response = if self.config.upgrades.requested(&request) {
+            self.upgrade(peer, target, request).await
+        } else {
+            self.exchange(peer, target, http2, request).await
+        };
+        let response = response.unwrap_or_else(Undelivered::respond);
+        let labels = RequestLabels {
+            traffic: self.labels(peer),
+            response_code: response.status().as_u16(),
+        };
+        self.metrics.request(labels, start.elapsed().as_secs_f64());
+        response
+    }
+
+    async fn exchange(
+        &self,
+        peer: Option<&Identity>,
+        target: SocketAddr,
+        http2: bool,
+        request: Request<Incoming>,
+    ) -> Result<Response<Body>, Undelivered> {
+        self.admit(target, peer)?;
+        let (mut parts, body) = request.into_parts();
+        parts.headers.remove(TARGET);
+        parts.headers.remove(APP_PROTOCOL);
+        strip_hop_by_hop(&mut parts.headers);
+        set_peer_identity(&mut parts.headers, peer);
+        let authority = parts
+            .uri
+            .authority()
+            .map(|a| a.as_str().to_string())
+            .unwrap_or_else(|| target.to_string());
+        let uri = absolute(&authority, &parts).ok_or(Undelivered::BadAuthority)?;
+        let version = if http2 {
+            Version::HTTP_2
+        } else {
+            Version::HTTP_11
+        };
+        let request = outgoing(&parts, uri, version, body.boxed());
+        match self.clients.client(target, http2).request(request).await {
+            Ok(mut response) => {
+                strip_hop_by_hop(response.headers_mut());
+                response.headers_mut().remove(NOT_DELIVERED);
+                Ok(response.map(|b| b.boxed()))
+            }
+            Err(err) => {
+                tracing::debug!(%target, "the application did not answer: {err:#}");
+                Err(if err.is_connect() {
+                    Undelivered::Unreachable
+                } else {
+                    Undelivered::NoAnswer
+                })
+            }
+        }
+    }
+
+    /// An upgrade (WebSocket): relayed to the app on its own connection
+    /// and joined on 101.
+    async fn upgrade(
+        &self,
+        peer: Option<&Identity>,
+        target: SocketAddr,
+        mut request: Request<Incoming>,
+    ) -> Result<Response<Body>, Undelivered> {
+        for own in [TARGET, APP_PROTOCOL] {
+            request.headers_mut().remove(own);
+        }
+        set_peer_identity(request.headers_mut(), peer);
+        let app = self.connect(target, peer).await?;
+        match crate::upgrade::relay(app, &target.to_string(), request).await {
+            Ok((mut response, joined)) => {
+                response.headers_mut().remove(NOT_DELIVERED);
+                if let Some(joined) = joined {
+                    crate::task::spawn(joined);
+                }
+                Ok(response)
+            }
+            Err(err) => {
+                tracing::debug!(%target, "an upgrade to the application failed: {err}");
+                Err(Undelivered::NoAnswer)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_refusal_has_its_answer_and_only_unreached_may_go_elsewhere() {
+        let table = [
+            (Undelivered::NoTarget, 400, false),
+            (Undelivered::NotLocal, 403, false),
+            (Undelivered::BadAuthority, 400, false),
+            (Undelivered::Unreachable, 502, true),
+            (Undelivered::NoAnswer, 502, false),
+        ];
+        for (refusal, code, elsewhere) in table {
+            let response = refusal.respond();
+            assert_eq!(response.status(), code, "{refusal:?}");
+            assert!(
+                response.headers().contains_key("x-weft-error"),
+                "{refusal:?}"
+            );
+            assert_eq!(
+                response.headers().contains_key(NOT_DELIVERED),
+                elsewhere,
+                "{refusal:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn only_the_pods_own_addresses_are_admitted() {
+        let app = LocalApp::new(
+            Config {
+                addresses: vec!["10.0.0.1".parse().unwrap()],
+                ..Config::default()
+            },
+            None,
+            Arc::default(),
+            Drain::default(),
+        );
+        assert!(app.admit("10.0.0.1:80".parse().unwrap(), None).is_ok());
+        assert_eq!(
+            app.admit("10.0.0.2:80".parse().unwrap(), None),
+            Err(Undelivered::NotLocal)
+        );
+    }
+}
