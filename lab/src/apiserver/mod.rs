@@ -15,13 +15,16 @@
 
 mod admission;
 mod auth;
+mod decode;
 mod http;
 mod patch;
+mod present;
 mod resources;
 mod selector;
 mod semantics;
 mod status;
 mod store;
+mod verbs;
 mod watch;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};

@@ -6,6 +6,7 @@
 use std::collections::BTreeMap;
 
 use super::status::ApiError;
+use super::store::Object;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum Requirement {
@@ -179,6 +180,17 @@ impl FieldSelector {
             (actual == value) != *negated
         })
     }
+}
+
+/// Whether a stored object (`id` is its namespace and name) is selected
+/// by both selectors.
+pub fn matches(
+    id: &(String, String),
+    object: &Object,
+    labels: &LabelSelector,
+    fields: &FieldSelector,
+) -> bool {
+    labels.matches(|k| object.label(k)) && fields.matches(&id.0, &id.1)
 }
 
 #[cfg(test)]

@@ -20,9 +20,9 @@ use tokio::sync::broadcast::error::RecvError;
 use tokio::time::Instant;
 
 use super::Shared;
-use super::http::{Body, json_response, matches, presented_json};
+use super::present::{Body, json_response, presented_json};
 use super::resources::ResourceInfo;
-use super::selector::{FieldSelector, LabelSelector};
+use super::selector::{FieldSelector, LabelSelector, matches};
 use super::status::ApiError;
 use super::store::{Event, EventType, Object, event_line};
 
