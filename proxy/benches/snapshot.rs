@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use prost::Message;
 use weft_proxy::xds::Resources;
 use weft_xds_proto::discovery::{DeltaDiscoveryResponse, Resource};
-use weft_xds_proto::{mesh, type_url};
+use weft_xds_proto::{mesh, testing, type_url};
 
 /// The system allocator, counting live bytes and their high-water mark.
 struct Counting;
@@ -51,24 +51,13 @@ fn workload(n: usize, service: usize) -> mesh::Workload {
             (n / 250 % 250) as u8,
             (1 + n % 250) as u8,
         ]],
-        locality: Some(mesh::Locality {
-            region: "lab".into(),
-            zone: "c1-a".into(),
-            subzone: String::new(),
-        }),
-        identity: Some(mesh::Identity {
-            trust_domain: "cluster.local".into(),
-            namespace: "scale".into(),
-            service_account: "scale".into(),
-        }),
-        services: vec![mesh::ServiceBinding {
-            namespace: "scale".into(),
-            hostname: format!("svc-{service}.scale.svc.cluster.local"),
-            ports: vec![mesh::PortMapping {
-                service_port: 80,
-                target_port: 8080,
-            }],
-        }],
+        locality: Some(testing::locality("lab", "c1-a")),
+        identity: Some(testing::identity("scale", "scale")),
+        services: vec![testing::binding(
+            "scale",
+            &format!("svc-{service}.scale.svc.cluster.local"),
+            &[(80, 8080)],
+        )],
         tunnel_protocol: mesh::TunnelProtocol::Hbone as i32,
         node: "lab-node-c1".into(),
         canonical_name: format!("svc-{service}"),

@@ -423,54 +423,21 @@ pub mod fixtures {
     //! Resources for tests, built the way the control plane sends them.
     use super::*;
 
+    use weft_xds_proto::testing;
+
     pub fn service_message() -> mesh::Service {
-        mesh::Service {
-            name: "echo".into(),
-            namespace: "demo".into(),
-            hostname: "echo.demo.svc.cluster.local".into(),
-            vips: vec![mesh::ClusterVip {
-                cluster_id: "c1".into(),
-                network: "n".into(),
-                address: vec![10, 96, 0, 10],
-            }],
-            ports: vec![mesh::ServicePort {
-                port: 80,
-                name: "http".into(),
-                app_protocol: 2,
-                target_port: 8080,
-            }],
-            cluster_local: false,
-            clusters: vec!["c1".into()],
-        }
+        let http = testing::port(80, "http", mesh::AppProtocol::Http, 8080);
+        testing::service("demo", "echo", [10, 96, 0, 10], vec![http])
     }
 
     pub fn workload_message(uid: &str, ip: [u8; 4]) -> mesh::Workload {
+        let binding = testing::binding("demo", "echo.demo.svc.cluster.local", &[(80, 8080)]);
         mesh::Workload {
-            uid: uid.into(),
-            name: uid.rsplit('/').next().unwrap_or(uid).into(),
+            // Every test workload is in demo, whatever its uid says.
             namespace: "demo".into(),
-            cluster_id: uid.split('/').next().unwrap_or_default().into(),
-            addresses: vec![ip.to_vec()],
-            locality: Some(mesh::Locality {
-                region: "eu".into(),
-                zone: "a".into(),
-                subzone: String::new(),
-            }),
-            identity: Some(mesh::Identity {
-                trust_domain: "cluster.local".into(),
-                namespace: "demo".into(),
-                service_account: "echo".into(),
-            }),
-            tunnel_protocol: mesh::TunnelProtocol::Hbone as i32,
-            services: vec![mesh::ServiceBinding {
-                namespace: "demo".into(),
-                hostname: "echo.demo.svc.cluster.local".into(),
-                ports: vec![mesh::PortMapping {
-                    service_port: 80,
-                    target_port: 8080,
-                }],
-            }],
-            ..Default::default()
+            identity: Some(testing::identity("demo", "echo")),
+            locality: Some(testing::locality("eu", "a")),
+            ..testing::workload(uid, ip.to_vec(), "echo", vec![binding])
         }
     }
 

@@ -19,6 +19,7 @@ use weft_proxy::pool::{CONNECT_TIMEOUT, HBONE_PORT, Pool};
 use weft_proxy::state::Snapshot;
 use weft_proxy::xds::XdsState;
 use weft_xds_proto::mesh;
+use weft_xds_proto::testing::{self, port};
 
 const STEP: Duration = Duration::from_secs(10);
 
@@ -96,35 +97,18 @@ async fn server_sidecar(
     inbound
 }
 
-fn port(port: u32, name: &str, protocol: mesh::AppProtocol, target_port: u32) -> mesh::ServicePort {
-    mesh::ServicePort {
-        port,
-        name: name.into(),
-        app_protocol: protocol as i32,
-        target_port,
-    }
-}
-
 fn service() -> mesh::Service {
+    let ports = vec![
+        port(80, "tcp", mesh::AppProtocol::Tcp, 8080),
+        port(81, "http", mesh::AppProtocol::Http, 8081),
+        // No declared protocol: the client sidecar sniffs.
+        port(82, "web", mesh::AppProtocol::Unspecified, 8081),
+        port(90, "grpc", mesh::AppProtocol::Grpc, 9090),
+        port(83, "quiet", mesh::AppProtocol::Tcp, 8083),
+    ];
     mesh::Service {
-        name: "echo".into(),
-        namespace: "demo".into(),
-        hostname: "echo.demo.svc.cluster.local".into(),
-        vips: vec![mesh::ClusterVip {
-            cluster_id: "c1".into(),
-            network: "n".into(),
-            address: vec![10, 96, 0, 10],
-        }],
-        ports: vec![
-            port(80, "tcp", mesh::AppProtocol::Tcp, 8080),
-            port(81, "http", mesh::AppProtocol::Http, 8081),
-            // No declared protocol: the client sidecar sniffs.
-            port(82, "web", mesh::AppProtocol::Unspecified, 8081),
-            port(90, "grpc", mesh::AppProtocol::Grpc, 9090),
-            port(83, "quiet", mesh::AppProtocol::Tcp, 8083),
-        ],
-        cluster_local: false,
         clusters: vec!["c1".into(), "c2".into()],
+        ..testing::service("demo", "echo", [10, 96, 0, 10], ports)
     }
 }
 
@@ -137,38 +121,18 @@ fn workload(
     healthy: bool,
 ) -> mesh::Workload {
     let IpAddr::V4(v4) = ip else { unreachable!() };
+    let ports = [(80, 8080), (81, 8081), (82, 8081), (90, 9090), (83, 8083)];
+    let binding = testing::binding("demo", "echo.demo.svc.cluster.local", &ports);
+    let status = if healthy {
+        mesh::WorkloadStatus::Healthy
+    } else {
+        mesh::WorkloadStatus::Unhealthy
+    };
     mesh::Workload {
-        uid: uid.into(),
         cluster_id: cluster.into(),
-        addresses: vec![v4.octets().to_vec()],
-        locality: Some(mesh::Locality {
-            region: "eu".into(),
-            zone: zone.into(),
-            subzone: String::new(),
-        }),
-        identity: Some(mesh::Identity {
-            trust_domain: "cluster.local".into(),
-            namespace: "demo".into(),
-            service_account: sa.into(),
-        }),
-        status: if healthy {
-            mesh::WorkloadStatus::Healthy
-        } else {
-            mesh::WorkloadStatus::Unhealthy
-        } as i32,
-        services: vec![mesh::ServiceBinding {
-            namespace: "demo".into(),
-            hostname: "echo.demo.svc.cluster.local".into(),
-            ports: [(80, 8080), (81, 8081), (82, 8081), (90, 9090), (83, 8083)]
-                .into_iter()
-                .map(|(service_port, target_port)| mesh::PortMapping {
-                    service_port,
-                    target_port,
-                })
-                .collect(),
-        }],
-        tunnel_protocol: mesh::TunnelProtocol::Hbone as i32,
-        ..Default::default()
+        locality: Some(testing::locality("eu", zone)),
+        status: status as i32,
+        ..testing::workload(uid, v4.octets().to_vec(), sa, vec![binding])
     }
 }
 
@@ -594,15 +558,8 @@ mod grpc {
 
     #[tonic::async_trait]
     impl AggregatedDiscoveryService for App {
-        type StreamAggregatedResourcesStream = Responses<DiscoveryResponse>;
         type DeltaAggregatedResourcesStream = Responses<DeltaDiscoveryResponse>;
-
-        async fn stream_aggregated_resources(
-            &self,
-            _: Request<Streaming<DiscoveryRequest>>,
-        ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
-            Err(Status::unimplemented("not in this test"))
-        }
+        type StreamAggregatedResourcesStream = Responses<DiscoveryResponse>;
 
         async fn delta_aggregated_resources(
             &self,
@@ -617,6 +574,13 @@ mod grpc {
                 })
             });
             Ok(Response::new(Box::pin(replies)))
+        }
+
+        async fn stream_aggregated_resources(
+            &self,
+            _: Request<Streaming<DiscoveryRequest>>,
+        ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
+            Err(Status::unimplemented("not in this test"))
         }
     }
 

@@ -118,3 +118,6 @@ pub fn from_any<M: prost::Message + prost::Name + Default>(
     }
     M::decode(any.value.as_slice()).map_err(AnyError::Decode)
 }
+
+#[cfg(feature = "testing")]
+pub mod testing;
