@@ -83,51 +83,47 @@ fn mistakes_get_clear_errors_and_nothing_is_overwritten() {
     let dir = tempfile::tempdir().unwrap();
     let root_dir = dir.path().join("root");
 
-    let out = weftctl(&[
+    let intermediate = [
         "certs",
         "intermediate",
         "--cluster",
         "c1",
         "--root-dir",
         path(&root_dir),
-    ]);
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    ];
+    let err = fails(&intermediate);
     assert!(err.contains("weftctl certs root"), "{err}");
 
     ok(weftctl(&["certs", "root", "--out-dir", path(&root_dir)]));
     let before = std::fs::read(root_dir.join("root-key.pem")).unwrap();
-    let out = weftctl(&["certs", "root", "--out-dir", path(&root_dir)]);
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("--force"));
+    let err = fails(&["certs", "root", "--out-dir", path(&root_dir)]);
+    assert!(err.contains("--force"), "{err}");
     assert_eq!(
         std::fs::read(root_dir.join("root-key.pem")).unwrap(),
         before
     );
 
-    let out = weftctl(&[
+    let not_spiffe = "https://example.com/";
+    let err = fails(&[
         "certs",
         "workload",
         "--identity",
-        "https://example.com/",
+        not_spiffe,
         "--ca-dir",
         path(&root_dir),
     ]);
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("not a SPIFFE ID"));
+    assert!(err.contains("not a SPIFFE ID"), "{err}");
 
     std::fs::write(root_dir.join("root-key.pem"), "garbage").unwrap();
-    let out = weftctl(&[
-        "certs",
-        "intermediate",
-        "--cluster",
-        "c1",
-        "--root-dir",
-        path(&root_dir),
-    ]);
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = fails(&intermediate);
     assert!(err.contains("root-key.pem"), "{err}");
+}
+
+/// Runs weftctl expecting it to fail; returns what it said on stderr.
+fn fails(args: &[&str]) -> String {
+    let out = weftctl(args);
+    assert!(!out.status.success(), "weftctl {args:?} succeeded");
+    String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
 async fn weftctl_async(args: Vec<String>) -> Output {
@@ -191,13 +187,7 @@ async fn remote_secret_round_trip_through_a_control_plane() {
     })
     .await
     .unwrap();
-    let kc = kube::config::Kubeconfig::from_yaml(local.kubeconfig()).unwrap();
-    let client = kube::Client::try_from(
-        kube::Config::from_custom_kubeconfig(kc, &Default::default())
-            .await
-            .unwrap(),
-    )
-    .unwrap();
+    let client = local.client().await.unwrap();
     let namespaces: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(client.clone());
     namespaces
         .create(
@@ -310,11 +300,8 @@ fn install_manifests_and_injected_workloads_pass_schema_validation() {
         .args(&files)
         .output()
         .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let said = [out.stdout.as_slice(), out.stderr.as_slice()].concat();
+    let text = String::from_utf8_lossy(&said);
     assert!(out.status.success(), "{text}");
     assert!(!text.contains("ERROR"), "{text}");
     assert!(text.contains("deployment/echo"), "{text}");

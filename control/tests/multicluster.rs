@@ -3,11 +3,9 @@
 //! the CA. Each test builds its own clusters on loopback.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
 use k8s_openapi::api::core::v1::{Namespace, Pod, Secret, Service, ServiceAccount};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
@@ -15,29 +13,13 @@ use prost::Message;
 use serde_json::json;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
+use weft_apiserver::testing::{eventually, token};
+use weft_apiserver::{ApiServer, ApiServerConfig};
 use weft_control::hub::Debounce;
 use weft_control::{Config, ControlPlane};
-use weft_lab::{ApiServer, ApiServerConfig};
 use weft_xds_proto::discovery::DeltaDiscoveryRequest;
 use weft_xds_proto::discovery::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
 use weft_xds_proto::{mesh, type_url};
-
-const WAIT: Duration = Duration::from_secs(20);
-
-async fn eventually<F, Fut>(what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while tokio::time::Instant::now() < deadline {
-        if check().await {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!("timed out waiting for: {what}");
-}
 
 /// A lab cluster: its API server and an admin client.
 struct Lab {
@@ -46,11 +28,7 @@ struct Lab {
 }
 
 async fn client_for(kubeconfig: &str) -> kube::Client {
-    let kubeconfig = kube::config::Kubeconfig::from_yaml(kubeconfig).unwrap();
-    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
-        .await
-        .unwrap();
-    kube::Client::try_from(config).unwrap()
+    weft_apiserver::client_for(kubeconfig).await.unwrap()
 }
 
 impl Lab {
@@ -139,20 +117,9 @@ impl Lab {
         let accounts: Api<ServiceAccount> = Api::namespaced(self.client.clone(), "weft-system");
         let sa = serde_json::from_value(json!({"metadata": {"name": account}})).unwrap();
         let _ = accounts.create(&PostParams::default(), &sa).await;
-        let request = TokenRequest {
-            spec: TokenRequestSpec {
-                expiration_seconds: Some(3600),
-                ..Default::default()
-            },
-            ..Default::default()
-        };
-        let token = accounts
-            .create_token_request(account, &PostParams::default(), &request)
+        let token = token(&self.client, "weft-system", account, None, 3600)
             .await
-            .unwrap()
-            .status
-            .unwrap()
-            .token;
+            .unwrap();
         self.server
             .kubeconfig()
             .replace(self.server.admin_token(), &token)
@@ -801,23 +768,11 @@ async fn ca_signs_only_the_callers_own_identity() {
     // Tokens asked for in the same second are the same text unless their
     // lifetimes differ.
     let token_for = |audience: &'static str, seconds: i64| {
-        let accounts = accounts.clone();
+        let client = c1.client.clone();
         async move {
-            let request = TokenRequest {
-                spec: TokenRequestSpec {
-                    audiences: vec![audience.into()],
-                    expiration_seconds: Some(seconds),
-                    ..Default::default()
-                },
-                ..Default::default()
-            };
-            accounts
-                .create_token_request("echo", &PostParams::default(), &request)
+            token(&client, "demo", "echo", Some(audience), seconds)
                 .await
                 .unwrap()
-                .status
-                .unwrap()
-                .token
         }
     };
     let token = |audience: &'static str| token_for(audience, 3600);
@@ -1118,28 +1073,9 @@ async fn pods_are_injected_through_the_webhook() {
     assert_eq!(containers(&opted_in).0, ["app", "weft-proxy"]);
 
     // A malformed AdmissionReview posted straight to the webhook.
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in weft_certs::pem::certificates("ca", &control.ca.roots_pem()).unwrap() {
-        roots.add(cert).unwrap();
-    }
-    let tls = rustls::ClientConfig::builder_with_provider(weft_certs::tls::provider())
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    let tcp = tokio::net::TcpStream::connect(webhook_addr).await.unwrap();
-    let stream = tokio_rustls::TlsConnector::from(Arc::new(tls))
-        .connect(
-            rustls_pki_types::ServerName::try_from("weft-control.weft-system.svc").unwrap(),
-            tcp,
-        )
-        .await
-        .unwrap();
-    let (mut sender, connection) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-            .await
-            .unwrap();
-    tokio::spawn(connection);
+    let roots = control.ca.roots_pem();
+    let name = "weft-control.weft-system.svc";
+    let mut sender = weft_apiserver::testing::http1_over_tls(webhook_addr, &roots, name).await;
     let response = sender
         .send_request(
             http::Request::post("/inject")

@@ -37,6 +37,20 @@ pub struct LabOptions {
     pub log: String,
 }
 
+impl LabOptions {
+    /// The demo's lab: two clusters, control planes logging at info with
+    /// their clients' chatter left out.
+    pub fn two_clusters(network: Network, dir: PathBuf, binaries: Binaries) -> Self {
+        LabOptions {
+            clusters: 2,
+            network,
+            dir,
+            binaries,
+            log: "info,kube=warn,tower=warn,hyper=warn".into(),
+        }
+    }
+}
+
 pub struct Lab {
     pub root: MeshRoot,
     /// Binaries and volumes for containers that run as other users.

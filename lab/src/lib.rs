@@ -1,12 +1,13 @@
 //! `weft-lab`, a multi-cluster Kubernetes stand-in on one machine.
 //!
 //! It owns what the demo, the end-to-end tests and the benchmarks need to run
-//! several clusters without Docker. Today that is the Kubernetes-API-compatible
-//! API server (`apiserver`); per-pod network namespaces, the pod runner and
-//! the topology that ties clusters together come next. It is a development
-//! tool and never part of a production install.
+//! several clusters without Docker: per-pod network namespaces, the pod
+//! runner, the topology that ties clusters together and the traffic the
+//! demo sends, on the Kubernetes-API-compatible server of `weft-apiserver`
+//! (re-exported as `apiserver`). It is a development tool and never part
+//! of a production install.
 
-pub mod apiserver;
+pub use weft_apiserver as apiserver;
 pub mod apply;
 pub mod endpoints;
 pub mod lab;

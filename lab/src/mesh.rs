@@ -152,9 +152,7 @@ fn free_port(host: IpAddr) -> Result<SocketAddr> {
 }
 
 pub async fn client_for(api: &ApiServer) -> Result<kube::Client> {
-    let kubeconfig = kube::config::Kubeconfig::from_yaml(api.kubeconfig())?;
-    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default()).await?;
-    Ok(kube::Client::try_from(config)?)
+    Ok(api.client().await?)
 }
 
 /// Creates an object; one that already exists is left as it is.

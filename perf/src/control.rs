@@ -40,9 +40,7 @@ pub struct Options {
 pub use crate::apiserver::Outcome;
 
 async fn client_for(server: &ApiServer) -> Result<kube::Client> {
-    let kubeconfig = kube::config::Kubeconfig::from_yaml(server.kubeconfig())?;
-    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default()).await?;
-    Ok(kube::Client::try_from(config)?)
+    Ok(server.client().await?)
 }
 
 fn ip(cluster: usize, n: usize) -> String {
@@ -198,10 +196,7 @@ async fn proxy(
 }
 
 pub fn run(options: &Options, command: &str) -> Result<Outcome> {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
-    runtime.block_on(drive(options, command))
+    report::block_on(drive(options, command))
 }
 
 async fn drive(options: &Options, command: &str) -> Result<Outcome> {
@@ -420,8 +415,8 @@ async fn drive(options: &Options, command: &str) -> Result<Outcome> {
          of the changed Workload at a proxy, debounce included.\n\n\
          ## Change to proxies\n\n\
          | measure | p50 ms | p90 ms | p99 ms | p99.9 ms | max ms | samples |\n|---|---|---|---|---|---|---|\n\
-         | change reaches all {proxies} proxies | {a0:.1} | {a1:.1} | {a2:.1} | {a3:.1} | {a4:.1} | {a5} |\n\
-         | change reaches one proxy | {o0:.1} | {o1:.1} | {o2:.1} | {o3:.1} | {o4:.1} | {o5} |\n\n\
+         | change reaches all {proxies} proxies | {all_cells} |\n\
+         | change reaches one proxy | {one_cells} |\n\n\
          Deliveries missing after 10 s: {missing}.\n\n\
          ## Cost\n\n\
          | measure | value |\n|---|---|\n\
@@ -442,18 +437,9 @@ async fn drive(options: &Options, command: &str) -> Result<Outcome> {
         date = report::today(),
         commit = report::commit(),
         machine = Machine::read().markdown(),
-        a0 = all[0],
-        a1 = all[1],
+        all_cells = report::cells(&all, 1),
+        one_cells = report::cells(&one, 1),
         a2 = all[2],
-        a3 = all[3],
-        a4 = all[4],
-        a5 = all[5],
-        o0 = one[0],
-        o1 = one[1],
-        o2 = one[2],
-        o3 = one[3],
-        o4 = one[4],
-        o5 = one[5],
         res_per = resources / deliveries,
         bytes_per = bytes / deliveries,
         pps = options.pods_per_service,

@@ -220,6 +220,7 @@ mod tests {
             "certs/src",
             "control/src",
             "proxy/src",
+            "apiserver/src",
             "lab/src",
             "cli/src",
             "perf/src",

@@ -7,7 +7,6 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
 use k8s_openapi::api::core::v1::{Namespace, Pod, Secret, ServiceAccount};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{Api, Patch, PatchParams, PostParams};
@@ -15,6 +14,7 @@ use serde_json::json;
 use weft_certs::tls::{CertStore, TrustBundle};
 use weft_certs::{CaParams, CertificateAuthority, Identity};
 use weft_control::{Config, ControlPlane};
+use weft_lab::apiserver::testing::token;
 use weft_lab::{ApiServer, ApiServerConfig};
 use weft_proxy::identity::{self, IdentityConfig};
 use weft_proxy::xds::{self, Backoff, XdsState};
@@ -69,13 +69,7 @@ async fn workload(client: &kube::Client, name: &str, ip: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn proxy_gets_an_identity_syncs_and_survives_a_control_plane_restart() {
     let lab = ApiServer::start(ApiServerConfig::default()).await.unwrap();
-    let kubeconfig = kube::config::Kubeconfig::from_yaml(lab.kubeconfig()).unwrap();
-    let client = kube::Client::try_from(
-        kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
-            .await
-            .unwrap(),
-    )
-    .unwrap();
+    let client = lab.client().await.unwrap();
     let namespaces: Api<Namespace> = Api::all(client.clone());
     for ns in ["weft-system", "demo"] {
         create(&namespaces, json!({"metadata": {"name": ns}})).await;
@@ -121,24 +115,9 @@ async fn proxy_gets_an_identity_syncs_and_survives_a_control_plane_restart() {
     let control = start_control().await;
 
     // The pod's projected token, as the kubelet writes it.
-    let token = accounts
-        .create_token_request(
-            "echo",
-            &PostParams::default(),
-            &TokenRequest {
-                spec: TokenRequestSpec {
-                    audiences: vec!["weft-ca".into()],
-                    expiration_seconds: Some(3600),
-                    ..Default::default()
-                },
-                ..Default::default()
-            },
-        )
+    let token = token(&client, "demo", "echo", Some("weft-ca"), 3600)
         .await
-        .unwrap()
-        .status
-        .unwrap()
-        .token;
+        .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let token_path = dir.path().join("token");
     std::fs::write(&token_path, token).unwrap();
@@ -258,13 +237,7 @@ async fn a_connection_crosses_two_sidecars_configured_by_the_control_plane() {
     let (client_ip, server_ip) = (ip(10), ip(11));
 
     let lab = ApiServer::start(ApiServerConfig::default()).await.unwrap();
-    let kubeconfig = kube::config::Kubeconfig::from_yaml(lab.kubeconfig()).unwrap();
-    let client = kube::Client::try_from(
-        kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
-            .await
-            .unwrap(),
-    )
-    .unwrap();
+    let client = lab.client().await.unwrap();
     let namespaces: Api<Namespace> = Api::all(client.clone());
     for ns in ["weft-system", "demo"] {
         create(&namespaces, json!({"metadata": {"name": ns}})).await;
@@ -334,24 +307,9 @@ async fn a_connection_crosses_two_sidecars_configured_by_the_control_plane() {
         ("client-1", "client", client_ip),
         ("echo-1", "echo", server_ip),
     ] {
-        let token = accounts
-            .create_token_request(
-                sa,
-                &PostParams::default(),
-                &TokenRequest {
-                    spec: TokenRequestSpec {
-                        audiences: vec!["weft-ca".into()],
-                        expiration_seconds: Some(3600),
-                        ..Default::default()
-                    },
-                    ..Default::default()
-                },
-            )
+        let token = token(&client, "demo", sa, Some("weft-ca"), 3600)
             .await
-            .unwrap()
-            .status
-            .unwrap()
-            .token;
+            .unwrap();
         let token_path = dir.path().join(format!("{sa}.token"));
         std::fs::write(&token_path, token).unwrap();
         let levels = log_levels.clone();
@@ -767,15 +725,9 @@ spec:
     }
 
     async fn scenario(binaries: Binaries, network: Network, dir: std::path::PathBuf) {
-        let mut lab = Lab::up(LabOptions {
-            clusters: 2,
-            network,
-            dir: dir.clone(),
-            binaries,
-            log: "info,kube=warn,tower=warn,hyper=warn".into(),
-        })
-        .await
-        .unwrap();
+        let mut lab = Lab::up(LabOptions::two_clusters(network, dir.clone(), binaries))
+            .await
+            .unwrap();
         let common = include_str!("../../examples/lab/demo-common.yaml");
         apply(&lab, "c1", common).await;
         apply(&lab, "c2", common).await;

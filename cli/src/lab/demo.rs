@@ -42,14 +42,7 @@ pub fn run(args: DemoArgs) -> Result<()> {
     let dir = args.dir.canonicalize()?;
     let result = tokio::runtime::Runtime::new()?.block_on(async {
         let started = Instant::now();
-        let mut lab = Lab::up(LabOptions {
-            clusters: 2,
-            network,
-            dir: dir.clone(),
-            binaries,
-            log: "info,kube=warn,tower=warn,hyper=warn".into(),
-        })
-        .await?;
+        let mut lab = Lab::up(LabOptions::two_clusters(network, dir.clone(), binaries)).await?;
         println!(
             "✓ lab up: clusters c1 and c2 with weft-control each, in {:.1} s",
             started.elapsed().as_secs_f64()

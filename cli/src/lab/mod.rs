@@ -199,9 +199,8 @@ async fn client_for(state: &serde_json::Value, cluster: &str) -> Result<kube::Cl
         .and_then(|all| all.iter().find(|c| c["name"] == cluster))
         .with_context(|| format!("no cluster {cluster} in this lab"))?;
     let path = entry["kubeconfig"].as_str().context("no kubeconfig")?;
-    let kubeconfig = kube::config::Kubeconfig::read_from(path)?;
-    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default()).await?;
-    Ok(kube::Client::try_from(config)?)
+    let kubeconfig = std::fs::read_to_string(path).with_context(|| format!("reading {path}"))?;
+    Ok(weft_lab::apiserver::client_for(&kubeconfig).await?)
 }
 
 fn up(args: UpArgs) -> Result<()> {

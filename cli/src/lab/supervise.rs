@@ -28,10 +28,7 @@ pub fn run(args: SuperviseArgs) -> Result<()> {
         let binaries = Binaries::locate()?;
         let lab = Lab::up(LabOptions {
             clusters: args.clusters,
-            network,
-            dir: dir.clone(),
-            binaries,
-            log: "info,kube=warn,tower=warn,hyper=warn".into(),
+            ..LabOptions::two_clusters(network, dir.clone(), binaries)
         })
         .await?;
         let state = serde_json::to_string_pretty(&lab.state())?;

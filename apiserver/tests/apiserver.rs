@@ -2,9 +2,7 @@
 //! flavours, paging, watchers and reflectors through updates, a forced 410 and
 //! a restart), raw HTTP for error codes, and kubectl where it is installed.
 
-use std::future::Future;
 use std::path::Path;
-use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -15,18 +13,15 @@ use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod, Secret, Service, Ser
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::{WatchStreamExt, reflector, watcher};
-use kube::{Client, Config, Resource};
+use kube::{Client, Resource};
 use serde_json::json;
-use weft_lab::{ApiServer, ApiServerConfig};
+use weft_apiserver::testing::eventually;
+use weft_apiserver::{ApiServer, ApiServerConfig};
 
 const WAIT: Duration = Duration::from_secs(20);
 
 async fn client_for(server: &ApiServer) -> Client {
-    let kubeconfig = kube::config::Kubeconfig::from_yaml(server.kubeconfig()).unwrap();
-    let config = Config::from_custom_kubeconfig(kubeconfig, &Default::default())
-        .await
-        .unwrap();
-    Client::try_from(config).unwrap()
+    server.client().await.unwrap()
 }
 
 async fn start() -> (ApiServer, Client) {
@@ -51,22 +46,6 @@ fn service(name: &str, labels: serde_json::Value) -> Service {
         "spec": {"ports": [{"name": "http", "port": 80, "targetPort": 8080}], "selector": {"app": name}},
     }))
     .unwrap()
-}
-
-/// Polls until `check` holds, failing the test after `WAIT`.
-async fn eventually<F, Fut>(what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while tokio::time::Instant::now() < deadline {
-        if check().await {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!("timed out waiting for: {what}");
 }
 
 fn api_error(err: kube::Error) -> (u16, String) {
@@ -748,18 +727,22 @@ async fn service_account_tokens_and_token_review() {
     let token = String::from_utf8(data["token"].0.clone()).unwrap();
     assert!(String::from_utf8_lossy(&data["ca.crt"].0).contains("BEGIN CERTIFICATE"));
     let kubeconfig = server.kubeconfig().replace(server.admin_token(), &token);
-    let sa_client = Client::try_from(
-        Config::from_custom_kubeconfig(
-            kube::config::Kubeconfig::from_yaml(&kubeconfig).unwrap(),
-            &Default::default(),
-        )
-        .await
-        .unwrap(),
-    )
-    .unwrap();
+    let sa_client = weft_apiserver::client_for(&kubeconfig).await.unwrap();
     let listed: Api<Service> = Api::all(sa_client);
     listed.list(&ListParams::default()).await.unwrap();
 }
+
+/// A request the server must refuse: (what, method, path, content type,
+/// body, code, reason).
+type Refusal<'a> = (
+    &'a str,
+    &'a str,
+    &'a str,
+    &'a str,
+    &'a [u8],
+    u16,
+    Option<&'a str>,
+);
 
 /// Raw HTTP, for status codes the typed client hides.
 async fn raw(
@@ -770,29 +753,8 @@ async fn raw(
     content_type: &str,
     body: Vec<u8>,
 ) -> (u16, serde_json::Value) {
-    let ca = weft_certs::pem::certificates("ca", server.ca_pem()).unwrap();
-    let mut roots = rustls::RootCertStore::empty();
-    for c in ca {
-        roots.add(c).unwrap();
-    }
-    let tls = rustls::ClientConfig::builder_with_provider(weft_certs::tls::provider())
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    let tcp = tokio::net::TcpStream::connect(server.addr()).await.unwrap();
-    let stream = tokio_rustls::TlsConnector::from(Arc::new(tls))
-        .connect(
-            rustls_pki_types::ServerName::try_from("localhost").unwrap(),
-            tcp,
-        )
-        .await
-        .unwrap();
-    let (mut sender, connection) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-            .await
-            .unwrap();
-    tokio::spawn(connection);
+    let mut sender =
+        weft_apiserver::testing::http1_over_tls(server.addr(), server.ca_pem(), "localhost").await;
     let mut builder = http::Request::builder()
         .method(method)
         .uri(path)
@@ -841,112 +803,83 @@ async fn errors_are_kubernetes_status_objects_with_the_right_codes() {
     let (code, _) = raw(&server, "GET", "/healthz", None, json, vec![]).await;
     assert_eq!(code, 200);
 
-    let path = "/api/v1/namespaces/default/configmaps";
-    let (code, status) = raw(
-        &server,
-        "POST",
-        path,
-        Some(&token),
-        json,
-        b"{not json".to_vec(),
-    )
-    .await;
-    assert_eq!((code, status["reason"].as_str()), (400, Some("BadRequest")));
-    let (code, _) = raw(
-        &server,
-        "POST",
-        path,
-        Some(&token),
-        json,
-        br#"{"metadata": {"name": "x", "labels": {"a": 1}}}"#.to_vec(),
-    )
-    .await;
-    assert_eq!(code, 400, "mistyped field");
-    let (code, status) = raw(
-        &server,
-        "POST",
-        path,
-        Some(&token),
-        json,
-        br#"{"metadata": {"name": "Not_Valid"}}"#.to_vec(),
-    )
-    .await;
-    assert_eq!((code, status["reason"].as_str()), (422, Some("Invalid")));
-    assert_eq!(status["details"]["causes"][0]["field"], "metadata.name");
-    let (code, _) = raw(
-        &server,
-        "POST",
-        path,
-        Some(&token),
-        json,
-        vec![b' '; 4 * 1024 * 1024],
-    )
-    .await;
-    assert_eq!(code, 413);
-    let (code, status) = raw(
-        &server,
-        "GET",
+    // Each refusal: (what, method, path, content type, body, code, reason).
+    let (p, nope, j) = (
+        "/api/v1/namespaces/default/configmaps",
         "/api/v1/namespaces/default/configmaps/nope",
-        Some(&token),
         json,
-        vec![],
-    )
-    .await;
-    assert_eq!((code, status["reason"].as_str()), (404, Some("NotFound")));
-    let (code, _) = raw(
-        &server,
-        "GET",
-        "/apis/example.com/v1/widgets",
-        Some(&token),
-        json,
-        vec![],
-    )
-    .await;
-    assert_eq!(code, 404);
-    let (code, _) = raw(
-        &server,
-        "POST",
-        path,
-        Some(&token),
-        json,
-        br#"{"kind": "Secret", "metadata": {"name": "x"}}"#.to_vec(),
-    )
-    .await;
-    assert_eq!(code, 400, "wrong kind for the endpoint");
-    let (code, _) = raw(
-        &server,
-        "GET",
-        "/api/v1/configmaps?labelSelector=a%20in%20(b",
-        Some(&token),
-        json,
-        vec![],
-    )
-    .await;
-    assert_eq!(code, 400, "bad selector");
-    let (code, _) = raw(
-        &server,
-        "PATCH",
-        "/api/v1/namespaces/default/configmaps/nope",
-        Some(&token),
-        "text/plain",
-        b"x".to_vec(),
-    )
-    .await;
-    assert_eq!(code, 415);
-    let (code, status) = raw(
-        &server,
-        "POST",
-        path,
-        Some(&token),
-        "application/vnd.kubernetes.protobuf",
-        b"k8s\0".to_vec(),
-    )
-    .await;
-    assert_eq!(code, 415);
-    assert!(
-        status["message"].as_str().unwrap().contains("JSON only"),
-        "{status}"
     );
+    let mistyped = br#"{"metadata": {"name": "x", "labels": {"a": 1}}}"#;
+    let invalid = br#"{"metadata": {"name": "Not_Valid"}}"#;
+    let secret = br#"{"kind": "Secret", "metadata": {"name": "x"}}"#;
+    let large = vec![b' '; 4 * 1024 * 1024];
+    let bad_selector = "/api/v1/configmaps?labelSelector=a%20in%20(b";
+    let protobuf = "application/vnd.kubernetes.protobuf";
+    let cases: [Refusal; 10] = [
+        (
+            "not JSON",
+            "POST",
+            p,
+            j,
+            b"{not json",
+            400,
+            Some("BadRequest"),
+        ),
+        ("mistyped field", "POST", p, j, mistyped, 400, None),
+        ("invalid name", "POST", p, j, invalid, 422, Some("Invalid")),
+        ("too large", "POST", p, j, &large, 413, None),
+        ("no such object", "GET", nope, j, b"", 404, Some("NotFound")),
+        (
+            "no such group",
+            "GET",
+            "/apis/example.com/v1/widgets",
+            j,
+            b"",
+            404,
+            None,
+        ),
+        (
+            "wrong kind for the endpoint",
+            "POST",
+            p,
+            j,
+            secret,
+            400,
+            None,
+        ),
+        ("bad selector", "GET", bad_selector, j, b"", 400, None),
+        (
+            "not a patch type",
+            "PATCH",
+            nope,
+            "text/plain",
+            b"x",
+            415,
+            None,
+        ),
+        ("protobuf", "POST", p, protobuf, b"k8s\0", 415, None),
+    ];
+    for (what, method, path, content_type, body, code, reason) in cases {
+        let (got, status) = raw(
+            &server,
+            method,
+            path,
+            Some(&token),
+            content_type,
+            body.to_vec(),
+        )
+        .await;
+        assert_eq!(got, code, "{what}: {status}");
+        if let Some(reason) = reason {
+            assert_eq!(status["reason"], reason, "{what}");
+        }
+        let message = status["message"].as_str().unwrap_or_default();
+        match what {
+            "invalid name" => assert_eq!(status["details"]["causes"][0]["field"], "metadata.name"),
+            "protobuf" => assert!(message.contains("JSON only"), "{status}"),
+            _ => {}
+        }
+    }
 
     // Discovery answers for kubectl.
     let (code, groups) = raw(&server, "GET", "/apis", Some(&token), json, vec![]).await;

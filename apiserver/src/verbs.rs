@@ -102,6 +102,14 @@ impl Target {
     }
 }
 
+/// What every verb's handler is given.
+struct Call<'a> {
+    shared: &'a Arc<Shared>,
+    user: &'a User,
+    target: &'a Target,
+    query: &'a Query,
+}
+
 /// One request on a resource path, from `user`.
 pub async fn serve(
     shared: &Arc<Shared>,
@@ -119,24 +127,27 @@ pub async fn serve(
         return review(shared, request).await;
     }
     let t = &target;
+    let c = &Call {
+        shared,
+        user,
+        target: t,
+        query: &query,
+    };
     match (&method, &t.name, t.subresource.as_deref()) {
-        (&Method::GET, None, None) => get_collection(shared, t, &query).await,
-        (&Method::POST, None, None) => create(shared, user, t, &query, request).await,
-        (&Method::DELETE, None, None) => delete_collection(shared, t, &query),
+        (&Method::GET, None, None) => get_collection(c).await,
+        (&Method::POST, None, None) => create(c, request).await,
+        (&Method::DELETE, None, None) => delete_collection(c),
         (&Method::GET, Some(name), None | Some("status")) if t.status_only().is_ok() => {
-            get(shared, t, name)
+            get(c, name)
         }
-        (&Method::PUT, Some(name), None | Some("status")) => {
-            replace(shared, t, name, &query, request).await
+        (&Method::PUT | &Method::PATCH, Some(name), None | Some("status")) => {
+            write(c, name, request).await
         }
-        (&Method::PATCH, Some(name), None | Some("status")) => {
-            patch(shared, t, name, &query, request).await
-        }
-        (&Method::DELETE, Some(name), None) => delete(shared, t, name, &query, request).await,
+        (&Method::DELETE, Some(name), None) => delete(c, name, request).await,
         (&Method::POST, Some(name), Some("token"))
             if t.info.key.resource == "serviceaccounts" && t.info.key.group.is_empty() =>
         {
-            token(shared, t, name, request).await
+            token(c, name, request).await
         }
         (method, _, Some(_))
             if !matches!(
@@ -164,11 +175,8 @@ async fn review(
 }
 
 /// GET a collection: a list, or a watch.
-async fn get_collection(
-    shared: &Arc<Shared>,
-    t: &Target,
-    query: &Query,
-) -> Result<Response<Body>, ApiError> {
+async fn get_collection(c: &Call<'_>) -> Result<Response<Body>, ApiError> {
+    let (shared, t, query) = (c.shared, c.target, c.query);
     let labels = LabelSelector::parse(query.get("labelSelector").unwrap_or(""))?;
     let fields = FieldSelector::parse(query.get("fieldSelector").unwrap_or(""))?;
     if query.flag("watch") {
@@ -197,13 +205,8 @@ async fn get_collection(
     list(&state, t, &labels, &fields, query).map(|b| bytes_response(200, b))
 }
 
-async fn create(
-    shared: &Arc<Shared>,
-    user: &User,
-    t: &Target,
-    query: &Query,
-    request: Request<Incoming>,
-) -> Result<Response<Body>, ApiError> {
+async fn create(c: &Call<'_>, request: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+    let (shared, t, query) = (c.shared, c.target, c.query);
     let (content_type, body) = read_body(request).await?;
     let mut object = decode_object(&content_type, &body)?;
     // Mutating admission runs before the object is stored, and outside
@@ -226,7 +229,7 @@ async fn create(
             &t.version,
             t.ns(),
             object,
-            user,
+            c.user,
             query.dry_run(),
         )
         .await?;
@@ -244,11 +247,8 @@ async fn create(
     Ok(object_response(201, &created, &t.info, &t.version))
 }
 
-fn delete_collection(
-    shared: &Arc<Shared>,
-    t: &Target,
-    query: &Query,
-) -> Result<Response<Body>, ApiError> {
+fn delete_collection(c: &Call<'_>) -> Result<Response<Body>, ApiError> {
+    let (shared, t, query) = (c.shared, c.target, c.query);
     let labels = LabelSelector::parse(query.get("labelSelector").unwrap_or(""))?;
     let fields = FieldSelector::parse(query.get("fieldSelector").unwrap_or(""))?;
     let mut state = shared.lock();
@@ -282,7 +282,8 @@ fn delete_collection(
     ))
 }
 
-fn get(shared: &Arc<Shared>, t: &Target, name: &str) -> Result<Response<Body>, ApiError> {
+fn get(c: &Call<'_>, name: &str) -> Result<Response<Body>, ApiError> {
+    let (shared, t) = (c.shared, c.target);
     let state = shared.lock();
     let ns = if t.info.namespaced { t.ns() } else { "" };
     let object = state
@@ -292,58 +293,50 @@ fn get(shared: &Arc<Shared>, t: &Target, name: &str) -> Result<Response<Body>, A
     Ok(object_response(200, &object, &t.info, &t.version))
 }
 
-/// PUT an object or its status.
-async fn replace(
-    shared: &Arc<Shared>,
-    t: &Target,
+/// PUT (replace) or PATCH an object or its status.
+async fn write(
+    c: &Call<'_>,
     name: &str,
-    query: &Query,
     request: Request<Incoming>,
 ) -> Result<Response<Body>, ApiError> {
+    let (shared, t, query) = (c.shared, c.target, c.query);
     let status_only = t.status_only()?;
-    let (content_type, body) = read_body(request).await?;
-    let object = decode_object(&content_type, &body)?;
-    let mut state = shared.lock();
-    let updated = semantics::update(
-        &mut state,
-        &t.info,
-        &t.version,
-        t.ns(),
-        name,
-        object,
-        status_only,
-        query.dry_run(),
-    )?;
-    Ok(object_response(200, &updated, &t.info, &t.version))
-}
-
-async fn patch(
-    shared: &Arc<Shared>,
-    t: &Target,
-    name: &str,
-    query: &Query,
-    request: Request<Incoming>,
-) -> Result<Response<Body>, ApiError> {
-    let status_only = t.status_only()?;
+    let replace = request.method() == Method::PUT;
     let (content_type, body) = read_body(request).await?;
     let mut state = shared.lock();
-    let patch = Patch {
-        content_type: &content_type,
-        body: &body,
-        status_only,
-        query,
+    let (written, code) = if replace {
+        let object = decode_object(&content_type, &body)?;
+        let (info, version) = (&t.info, t.version.as_str());
+        let dry_run = query.dry_run();
+        let updated = semantics::update(
+            &mut state,
+            info,
+            version,
+            t.ns(),
+            name,
+            object,
+            status_only,
+            dry_run,
+        )?;
+        (updated, 200)
+    } else {
+        let patch = Patch {
+            content_type: &content_type,
+            body: &body,
+            status_only,
+            query,
+        };
+        patch_object(&mut state, &shared.ctx(), t, name, patch)?
     };
-    let (patched, code) = patch_object(&mut state, &shared.ctx(), t, name, patch)?;
-    Ok(object_response(code, &patched, &t.info, &t.version))
+    Ok(object_response(code, &written, &t.info, &t.version))
 }
 
 async fn delete(
-    shared: &Arc<Shared>,
-    t: &Target,
+    c: &Call<'_>,
     name: &str,
-    query: &Query,
     request: Request<Incoming>,
 ) -> Result<Response<Body>, ApiError> {
+    let (shared, t, query) = (c.shared, c.target, c.query);
     // DeleteOptions come in the body (client-go, kube-rs, kubectl) or,
     // from simpler clients, as a query parameter.
     let (_, body) = read_body(request).await?;
@@ -358,11 +351,11 @@ async fn delete(
 
 /// POST serviceaccounts/{name}/token (TokenRequest).
 async fn token(
-    shared: &Arc<Shared>,
-    t: &Target,
+    c: &Call<'_>,
     name: &str,
     request: Request<Incoming>,
 ) -> Result<Response<Body>, ApiError> {
+    let (shared, t) = (c.shared, c.target);
     let (content_type, body) = read_body(request).await?;
     let token_request = decode_object(&content_type, &body)?;
     let state = shared.lock();

@@ -1,5 +1,7 @@
-//! An in-memory, Kubernetes-API-compatible server for the lab, the tests and
-//! the benchmarks.
+//! `weft-apiserver`: an in-memory, Kubernetes-API-compatible server for the
+//! lab, the tests and the benchmarks. It sits below the control plane in
+//! the crate graph, so the control plane's own tests run against it, and
+//! `testing` holds the support every crate's tests share.
 //!
 //! Real clients (the `kube` crate, kubectl) talk to it over HTTPS with bearer
 //! tokens, exactly as to kube-apiserver, for everything weft uses: CRUD with
@@ -24,6 +26,7 @@ mod selector;
 mod semantics;
 mod status;
 mod store;
+pub mod testing;
 mod verbs;
 mod watch;
 
@@ -92,6 +95,19 @@ pub enum LabError {
     Tls(#[from] rustls::Error),
     #[error("configuration: {0}")]
     Config(String),
+    #[error("a client for the API server: {0}")]
+    Client(String),
+}
+
+/// A kube client from a kubeconfig (YAML) such as a lab API server writes.
+pub async fn client_for(kubeconfig: &str) -> Result<kube::Client, LabError> {
+    let client = |err: String| LabError::Client(err);
+    let kubeconfig =
+        kube::config::Kubeconfig::from_yaml(kubeconfig).map_err(|e| client(e.to_string()))?;
+    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
+        .await
+        .map_err(|e| client(e.to_string()))?;
+    kube::Client::try_from(config).map_err(|e| client(e.to_string()))
 }
 
 fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> LabError {
@@ -310,6 +326,11 @@ impl ApiServer {
     /// A kubeconfig (YAML) for the admin user.
     pub fn kubeconfig(&self) -> &str {
         &self.kubeconfig
+    }
+
+    /// A kube client for the admin user.
+    pub async fn client(&self) -> Result<kube::Client, LabError> {
+        client_for(&self.kubeconfig).await
     }
 
     pub fn admin_token(&self) -> &str {

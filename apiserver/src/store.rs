@@ -249,7 +249,8 @@ impl Store {
         let rv = self.rv + 1;
         set_rv(&mut object, rv);
         let object = Arc::new(Object::from_value(&object));
-        self.append(rv, key, namespace, name, Some(&object.json))?;
+        let at = At::new(rv, key, namespace, name);
+        self.append(&at, Some(&object.json))?;
         self.rv = rv;
         let id = (namespace.to_string(), name.to_string());
         let previous = self
@@ -262,7 +263,7 @@ impl Store {
         } else {
             EventType::Added
         };
-        self.emit(rv, key, namespace, name, kind, object.clone(), previous);
+        self.emit(&at, kind, object.clone(), previous);
         Ok(object)
     }
 
@@ -279,7 +280,8 @@ impl Store {
             return Ok(None);
         };
         let rv = self.rv + 1;
-        self.append(rv, key, namespace, name, None)?;
+        let at = At::new(rv, key, namespace, name);
+        self.append(&at, None)?;
         self.rv = rv;
         if let Some(objects) = self.objects.get_mut(key) {
             objects.remove(&id);
@@ -287,34 +289,22 @@ impl Store {
         let mut last = existing.value();
         set_rv(&mut last, rv);
         let last = Arc::new(Object::from_value(&last));
-        self.emit(
-            rv,
-            key,
-            namespace,
-            name,
-            EventType::Deleted,
-            last.clone(),
-            None,
-        );
+        self.emit(&at, EventType::Deleted, last.clone(), None);
         Ok(Some(last))
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn emit(
         &mut self,
-        rv: u64,
-        key: &ResourceKey,
-        namespace: &str,
-        name: &str,
+        at: &At<'_>,
         kind: EventType,
         object: Arc<Object>,
         previous: Option<Arc<Object>>,
     ) {
         let event = Arc::new(Event {
-            rv,
-            key: key.clone(),
-            namespace: namespace.to_string(),
-            name: name.to_string(),
+            rv: at.rv,
+            key: at.key.clone(),
+            namespace: at.namespace.to_string(),
+            name: at.name.to_string(),
             kind,
             line: event_line(kind.as_str(), &object.json),
             object,
@@ -330,16 +320,9 @@ impl Store {
         let _ = self.events.send(event);
     }
 
-    fn append(
-        &mut self,
-        rv: u64,
-        key: &ResourceKey,
-        namespace: &str,
-        name: &str,
-        object: Option<&[u8]>,
-    ) -> Result<(), ApiError> {
+    fn append(&mut self, at: &At<'_>, object: Option<&[u8]>) -> Result<(), ApiError> {
         if let Some(log) = &mut self.log {
-            log.append(rv, key, namespace, name, object)
+            log.append(at, object)
                 .map_err(|e| ApiError::internal(format!("persisting the change failed: {e}")))?;
         }
         Ok(())
@@ -404,6 +387,25 @@ struct Log {
     file: BufWriter<File>,
 }
 
+/// Where a change happened: its resourceVersion and the object's place.
+struct At<'a> {
+    rv: u64,
+    key: &'a ResourceKey,
+    namespace: &'a str,
+    name: &'a str,
+}
+
+impl<'a> At<'a> {
+    fn new(rv: u64, key: &'a ResourceKey, namespace: &'a str, name: &'a str) -> Self {
+        At {
+            rv,
+            key,
+            namespace,
+            name,
+        }
+    }
+}
+
 impl Log {
     fn rewrite(
         path: &Path,
@@ -415,19 +417,16 @@ impl Log {
             let mut out = BufWriter::new(File::create(&tmp)?);
             let mut log = Log { file: out };
             // A marker that keeps the version counter even with no objects.
-            log.write_record(
-                rv,
-                &ResourceKey {
-                    group: String::new(),
-                    resource: String::new(),
-                },
-                "",
-                "",
-                None,
-            )?;
+            let none = ResourceKey {
+                group: String::new(),
+                resource: String::new(),
+            };
+            let marker = At::new(rv, &none, "", "");
+            log.write_record(&marker, None)?;
             for (key, objects) in objects {
-                for ((ns, name), object) in objects {
-                    log.write_record(rv, key, ns, name, Some(&object.json))?;
+                for ((namespace, name), object) in objects {
+                    let at = At::new(rv, key, namespace, name);
+                    log.write_record(&at, Some(&object.json))?;
                 }
             }
             out = log.file;
@@ -441,20 +440,13 @@ impl Log {
         })
     }
 
-    fn write_record(
-        &mut self,
-        rv: u64,
-        key: &ResourceKey,
-        namespace: &str,
-        name: &str,
-        object: Option<&[u8]>,
-    ) -> std::io::Result<()> {
+    fn write_record(&mut self, at: &At<'_>, object: Option<&[u8]>) -> std::io::Result<()> {
         let head = json!({
-            "rv": rv,
-            "group": key.group,
-            "resource": key.resource,
-            "namespace": namespace,
-            "name": name,
+            "rv": at.rv,
+            "group": at.key.group,
+            "resource": at.key.resource,
+            "namespace": at.namespace,
+            "name": at.name,
         });
         let head = serde_json::to_vec(&head)?;
         // The object is already JSON: splice it in rather than re-encode it.
@@ -464,15 +456,8 @@ impl Log {
         self.file.write_all(b"}\n")
     }
 
-    fn append(
-        &mut self,
-        rv: u64,
-        key: &ResourceKey,
-        namespace: &str,
-        name: &str,
-        object: Option<&[u8]>,
-    ) -> std::io::Result<()> {
-        self.write_record(rv, key, namespace, name, object)?;
+    fn append(&mut self, at: &At<'_>, object: Option<&[u8]>) -> std::io::Result<()> {
+        self.write_record(at, object)?;
         self.file.flush()
     }
 }
