@@ -200,7 +200,7 @@ impl ControlPlane {
         if let Some(listener) = plain {
             let ads = AggregatedDiscoveryServiceServer::new(xds::AdsServer::new(
                 hub.clone(),
-                config.remote_timeout,
+                xds::Gate::new(config.remote_timeout, &config.debounce),
             ))
             .max_decoding_message_size(XDS_MAX_MESSAGE);
             let incoming =
@@ -220,7 +220,7 @@ impl ControlPlane {
             let tls = weft_certs::tls::server_config_optional_client(&serving.xds, &bundle)?;
             let ads = AggregatedDiscoveryServiceServer::new(xds::AdsServer::for_mesh(
                 hub.clone(),
-                config.remote_timeout,
+                xds::Gate::new(config.remote_timeout, &config.debounce),
                 config.xds_max_stream_age,
             ))
             .max_decoding_message_size(XDS_MAX_MESSAGE);

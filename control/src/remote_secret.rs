@@ -77,27 +77,22 @@ pub async fn create(
     .await?;
     let accounts: Api<ServiceAccount> = Api::namespaced(client.clone(), ns);
     apply(&accounts, READER, json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": READER, "namespace": ns}})).await?;
-    let cluster_roles: Api<ClusterRole> = Api::all(client.clone());
+    let role = json!({
+        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
+        "metadata": {"name": READER},
+        "rules": reader_rules(),
+    });
+    let binding = json!({
+        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+        "metadata": {"name": READER},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": READER},
+        "subjects": [{"kind": "ServiceAccount", "name": READER, "namespace": ns}],
+    });
+    apply(&Api::<ClusterRole>::all(client.clone()), READER, role).await?;
     apply(
-        &cluster_roles,
+        &Api::<ClusterRoleBinding>::all(client.clone()),
         READER,
-        json!({
-            "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
-            "metadata": {"name": READER},
-            "rules": reader_rules(),
-        }),
-    )
-    .await?;
-    let cluster_bindings: Api<ClusterRoleBinding> = Api::all(client.clone());
-    apply(
-        &cluster_bindings,
-        READER,
-        json!({
-            "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
-            "metadata": {"name": READER},
-            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": READER},
-            "subjects": [{"kind": "ServiceAccount", "name": READER, "namespace": ns}],
-        }),
+        binding,
     )
     .await?;
     // Earlier versions let the reader read the mesh namespace's Secrets;

@@ -8,18 +8,21 @@
 //! so "everything since version v" is a range scan. That keeps each proxy's
 //! state down to one number, whatever the size of the mesh.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
-use std::net::IpAddr;
+use std::collections::{BTreeMap, HashSet};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use prost::Message;
-use weft_xds_proto::mesh;
 
-use crate::cluster::{
-    Change, ClusterUpdate, Key, Kind, Locality, NamespaceInfo, Object, PodInfo, ServiceInfo,
-    SliceInfo,
-};
+mod cluster_data;
+mod table;
+mod translate;
+
+use cluster_data::{ClusterData, Touched};
+pub use table::{Entry, Table};
+pub use translate::ip_bytes;
+
+use crate::cluster::{Change, ClusterUpdate, Key, Kind};
 
 #[derive(Clone, Debug)]
 pub struct ModelConfig {
@@ -30,309 +33,6 @@ pub struct ModelConfig {
     pub system_namespace: String,
     /// "ns/name" or "ns/*": services never merged across clusters.
     pub cluster_local: Vec<String>,
-}
-
-/// One resource type's current resources and change log.
-#[derive(Default)]
-pub struct Table {
-    entries: HashMap<String, Entry>,
-    log: BTreeSet<(u64, String)>,
-    tombstones: usize,
-    /// Changes at or below this version may have been forgotten (compacted
-    /// tombstones): a proxy that last saw an older version must resync.
-    floor: u64,
-}
-
-#[derive(Clone, Debug)]
-pub struct Entry {
-    pub version: u64,
-    /// The encoded resource, or `None` once removed.
-    pub body: Option<Bytes>,
-}
-
-/// How many removals to remember for proxies that reconnect or lag.
-const TOMBSTONE_LIMIT: usize = 100_000;
-
-impl Table {
-    /// Records a resource's new body (or removal) at `version`. Returns
-    /// whether anything changed.
-    pub fn upsert(&mut self, name: &str, body: Option<Bytes>, version: u64) -> bool {
-        match self.entries.get(name) {
-            Some(entry) if entry.body == body => return false,
-            None if body.is_none() => return false,
-            _ => {}
-        }
-        if let Some(old) = self.entries.get(name) {
-            self.log.remove(&(old.version, name.to_string()));
-            if old.body.is_none() {
-                self.tombstones -= 1;
-            }
-        }
-        if body.is_none() {
-            self.tombstones += 1;
-        }
-        self.log.insert((version, name.to_string()));
-        self.entries
-            .insert(name.to_string(), Entry { version, body });
-        if self.tombstones > TOMBSTONE_LIMIT {
-            self.compact();
-        }
-        true
-    }
-
-    fn compact(&mut self) {
-        let excess = self.tombstones - TOMBSTONE_LIMIT / 2;
-        let oldest: Vec<(u64, String)> = self
-            .log
-            .iter()
-            .filter(|(_, name)| self.entries.get(name).is_some_and(|e| e.body.is_none()))
-            .take(excess)
-            .cloned()
-            .collect();
-        for (version, name) in oldest {
-            self.log.remove(&(version, name.clone()));
-            self.entries.remove(&name);
-            self.tombstones -= 1;
-            self.floor = self.floor.max(version);
-        }
-    }
-
-    pub fn floor(&self) -> u64 {
-        self.floor
-    }
-
-    /// Every resource or removal with a version above `since`.
-    pub fn changed_since(&self, since: u64) -> impl Iterator<Item = (&String, &Entry)> {
-        self.log
-            .range((since + 1, String::new())..)
-            .filter_map(|(_, name)| self.entries.get_key_value(name))
-    }
-
-    /// Log entries (changes and removals) from `start` on, in version order.
-    pub fn log_from(
-        &self,
-        start: std::ops::Bound<(u64, String)>,
-    ) -> impl Iterator<Item = (u64, &String, &Entry)> {
-        self.log
-            .range((start, std::ops::Bound::Unbounded))
-            .filter_map(|(version, name)| {
-                self.entries
-                    .get_key_value(name)
-                    .map(|(n, e)| (*version, n, e))
-            })
-    }
-
-    /// Every live resource.
-    pub fn live(&self) -> impl Iterator<Item = (&String, &Entry)> {
-        self.entries.iter().filter(|(_, e)| e.body.is_some())
-    }
-
-    pub fn get(&self, name: &str) -> Option<&Entry> {
-        self.entries.get(name)
-    }
-
-    pub fn len(&self) -> usize {
-        self.entries.len() - self.tombstones
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-}
-
-#[derive(Default)]
-struct ClusterData {
-    pods: HashMap<Key, PodInfo>,
-    slices: HashMap<Key, SliceInfo>,
-    services: HashMap<Key, ServiceInfo>,
-    nodes: HashMap<String, Locality>,
-    namespaces: HashMap<String, NamespaceInfo>,
-    /// (ns, pod) → slices naming it.
-    slices_by_pod: HashMap<Key, BTreeSet<String>>,
-    /// (ns, service) → its slices.
-    slices_by_service: HashMap<Key, BTreeSet<String>>,
-    pods_by_node: HashMap<String, BTreeSet<Key>>,
-    synced: BTreeSet<Kind>,
-}
-
-/// What a change touched.
-#[derive(Default)]
-struct Touched {
-    pods: Vec<Key>,
-    services: Vec<Key>,
-    all_pods: bool,
-}
-
-impl ClusterData {
-    fn pods_of_slice(&self, ns: &str, slice: &SliceInfo) -> Vec<Key> {
-        slice
-            .endpoints
-            .iter()
-            .filter_map(|e| e.pod.clone())
-            .map(|p| (ns.to_string(), p))
-            .collect()
-    }
-
-    fn pods_of_service(&self, key: &Key) -> Vec<Key> {
-        self.slices_by_service
-            .get(key)
-            .into_iter()
-            .flatten()
-            .filter_map(|slice| self.slices.get(&(key.0.clone(), slice.clone())))
-            .flat_map(|s| self.pods_of_slice(&key.0, s))
-            .collect()
-    }
-
-    fn apply(&mut self, kind: Kind, key: Key, object: Option<Object>, touched: &mut Touched) {
-        match (kind, object) {
-            (Kind::Pod, object) => {
-                if let Some(old) = self.pods.remove(&key)
-                    && let Some(set) = self.pods_by_node.get_mut(&old.node)
-                {
-                    set.remove(&key);
-                }
-                if let Some(Object::Pod(pod)) = object {
-                    self.pods_by_node
-                        .entry(pod.node.clone())
-                        .or_default()
-                        .insert(key.clone());
-                    self.pods.insert(key.clone(), pod);
-                }
-                touched.pods.push(key);
-            }
-            (Kind::Slice, object) => {
-                let (ns, name) = key.clone();
-                if let Some(old) = self.slices.remove(&key) {
-                    touched.pods.extend(self.pods_of_slice(&ns, &old));
-                    for pod in self.pods_of_slice(&ns, &old) {
-                        if let Some(set) = self.slices_by_pod.get_mut(&pod) {
-                            set.remove(&name);
-                        }
-                    }
-                    if let Some(set) = self
-                        .slices_by_service
-                        .get_mut(&(ns.clone(), old.service.clone()))
-                    {
-                        set.remove(&name);
-                    }
-                }
-                if let Some(Object::Slice(slice)) = object {
-                    for pod in self.pods_of_slice(&ns, &slice) {
-                        self.slices_by_pod
-                            .entry(pod.clone())
-                            .or_default()
-                            .insert(name.clone());
-                        touched.pods.push(pod);
-                    }
-                    self.slices_by_service
-                        .entry((ns.clone(), slice.service.clone()))
-                        .or_default()
-                        .insert(name.clone());
-                    self.slices.insert(key, slice);
-                }
-            }
-            (Kind::Service, object) => {
-                match object {
-                    Some(Object::Service(service)) => {
-                        self.services.insert(key.clone(), service);
-                    }
-                    _ => {
-                        self.services.remove(&key);
-                    }
-                }
-                touched.pods.extend(self.pods_of_service(&key));
-                touched.services.push(key);
-            }
-            (Kind::Node, object) => {
-                let name = key.1;
-                match object {
-                    Some(Object::Node(locality)) => {
-                        if self.nodes.get(&name) == Some(&locality) {
-                            return;
-                        }
-                        self.nodes.insert(name.clone(), locality);
-                    }
-                    _ => {
-                        self.nodes.remove(&name);
-                    }
-                }
-                touched
-                    .pods
-                    .extend(self.pods_by_node.get(&name).into_iter().flatten().cloned());
-            }
-            (Kind::Namespace, object) => {
-                let name = key.1;
-                let info = match object {
-                    Some(Object::Namespace(info)) => Some(info),
-                    _ => None,
-                };
-                if self.namespaces.get(&name) == info.as_ref() {
-                    return;
-                }
-                match info {
-                    Some(info) => self.namespaces.insert(name.clone(), info),
-                    None => self.namespaces.remove(&name),
-                };
-                // Rare: a namespace's mesh settings changed. Network changes
-                // reach every workload; cluster-local only this namespace.
-                touched.all_pods = true;
-                touched
-                    .services
-                    .extend(self.services.keys().filter(|(ns, _)| *ns == name).cloned());
-            }
-        }
-    }
-
-    fn objects(&self, kind: Kind) -> BTreeMap<Key, Object> {
-        match kind {
-            Kind::Pod => self
-                .pods
-                .iter()
-                .map(|(k, v)| (k.clone(), Object::Pod(v.clone())))
-                .collect(),
-            Kind::Slice => self
-                .slices
-                .iter()
-                .map(|(k, v)| (k.clone(), Object::Slice(v.clone())))
-                .collect(),
-            Kind::Service => self
-                .services
-                .iter()
-                .map(|(k, v)| (k.clone(), Object::Service(v.clone())))
-                .collect(),
-            Kind::Node => self
-                .nodes
-                .iter()
-                .map(|(k, v)| ((String::new(), k.clone()), Object::Node(v.clone())))
-                .collect(),
-            Kind::Namespace => self
-                .namespaces
-                .iter()
-                .map(|(k, v)| ((String::new(), k.clone()), Object::Namespace(v.clone())))
-                .collect(),
-        }
-    }
-
-    /// Replaces one kind's whole set, touching only what differs.
-    fn reset(&mut self, kind: Kind, items: Vec<(Key, Object)>, touched: &mut Touched) {
-        let current = self.objects(kind);
-        let fresh: BTreeMap<Key, Object> = items.into_iter().collect();
-        for key in current.keys().filter(|k| !fresh.contains_key(*k)) {
-            self.apply(kind, key.clone(), None, touched);
-        }
-        for (key, object) in fresh {
-            if current.get(&key) != Some(&object) {
-                self.apply(kind, key, Some(object), touched);
-            }
-        }
-        self.synced.insert(kind);
-    }
-
-    fn fully_synced(&self) -> bool {
-        crate::cluster::KINDS
-            .iter()
-            .all(|k| self.synced.contains(k))
-    }
 }
 
 pub struct ClusterState {
@@ -586,169 +286,6 @@ impl Model {
         })
     }
 
-    fn hostname(&self, key: &Key) -> String {
-        format!("{}.{}.svc.{}", key.1, key.0, self.config.domain_suffix)
-    }
-
-    /// A service is cluster-local by flag, or by annotation on the service
-    /// or its namespace in any cluster.
-    fn cluster_local(&self, key: &Key) -> bool {
-        let exact = format!("{}/{}", key.0, key.1);
-        let whole_ns = format!("{}/*", key.0);
-        if self
-            .config
-            .cluster_local
-            .iter()
-            .any(|c| *c == exact || *c == whole_ns)
-        {
-            return true;
-        }
-        self.clusters.values().any(|c| {
-            c.data.services.get(key).is_some_and(|s| s.cluster_local)
-                || c.data
-                    .namespaces
-                    .get(&key.0)
-                    .is_some_and(|n| n.cluster_local)
-        })
-    }
-
-    fn network_of(&self, cluster: &str) -> String {
-        if cluster == self.config.local_cluster {
-            return self.config.network.clone();
-        }
-        self.clusters
-            .get(cluster)
-            .and_then(|c| c.data.namespaces.get(&self.config.system_namespace))
-            .and_then(|n| n.network.clone())
-            .unwrap_or_else(|| self.config.network.clone())
-    }
-
-    fn build_service(&self, key: &Key) -> Option<mesh::Service> {
-        let local_only = self.cluster_local(key);
-        let mut vips = Vec::new();
-        let mut clusters = Vec::new();
-        let mut ports: Option<&Vec<crate::cluster::ServicePortInfo>> = None;
-        for (id, state) in &self.clusters {
-            if local_only && *id != self.config.local_cluster {
-                continue;
-            }
-            let Some(service) = state.data.services.get(key) else {
-                continue;
-            };
-            clusters.push(id.clone());
-            if ports.is_none() || *id == self.config.local_cluster {
-                ports = Some(&service.ports);
-            }
-            if let Some(vip) = service.vip {
-                vips.push(mesh::ClusterVip {
-                    cluster_id: id.clone(),
-                    network: self.network_of(id),
-                    address: ip_bytes(vip),
-                });
-            }
-        }
-        let ports = ports?;
-        Some(mesh::Service {
-            name: key.1.clone(),
-            namespace: key.0.clone(),
-            hostname: self.hostname(key),
-            vips,
-            ports: ports
-                .iter()
-                .map(|p| mesh::ServicePort {
-                    port: p.port,
-                    name: p.name.clone(),
-                    app_protocol: p.protocol as i32,
-                    target_port: p.target_port,
-                })
-                .collect(),
-            cluster_local: local_only,
-            clusters,
-        })
-    }
-
-    fn build_workload(&self, cluster: &str, key: &Key) -> Option<mesh::Workload> {
-        let state = self.clusters.get(cluster)?;
-        let data = &state.data;
-        let pod = data.pods.get(key)?;
-        if pod.ips.is_empty() {
-            return None;
-        }
-        let mut endpoint_ready = None;
-        let mut services = Vec::new();
-        for slice_name in data.slices_by_pod.get(key).into_iter().flatten() {
-            let Some(slice) = data.slices.get(&(key.0.clone(), slice_name.clone())) else {
-                continue;
-            };
-            let service_key = (key.0.clone(), slice.service.clone());
-            if cluster != self.config.local_cluster && self.cluster_local(&service_key) {
-                continue;
-            }
-            let ready = slice
-                .endpoints
-                .iter()
-                .filter(|e| e.pod.as_deref() == Some(key.1.as_str()))
-                .any(|e| e.ready);
-            endpoint_ready = Some(endpoint_ready.unwrap_or(false) || ready);
-            let service_ports = data.services.get(&service_key).map(|s| &s.ports);
-            let ports = slice
-                .ports
-                .iter()
-                .filter_map(|(name, target)| {
-                    let port = service_ports?.iter().find(|p| {
-                        p.name == *name || service_ports.is_some_and(|all| all.len() == 1)
-                    })?;
-                    Some(mesh::PortMapping {
-                        service_port: port.port,
-                        target_port: *target,
-                    })
-                })
-                .collect();
-            services.push(mesh::ServiceBinding {
-                namespace: key.0.clone(),
-                hostname: self.hostname(&service_key),
-                ports,
-            });
-        }
-        services.sort_by(|a, b| a.hostname.cmp(&b.hostname));
-        services.dedup_by(|a, b| a.hostname == b.hostname);
-        let locality = data.nodes.get(&pod.node).cloned().unwrap_or_default();
-        let healthy = pod.ready && endpoint_ready.unwrap_or(true);
-        Some(mesh::Workload {
-            uid: format!("{cluster}/{}/{}", key.0, key.1),
-            name: key.1.clone(),
-            namespace: key.0.clone(),
-            cluster_id: cluster.to_string(),
-            network: self.network_of(cluster),
-            addresses: pod.ips.iter().map(|ip| ip_bytes(*ip)).collect(),
-            locality: Some(mesh::Locality {
-                region: locality.region,
-                zone: locality.zone,
-                subzone: locality.subzone,
-            }),
-            identity: Some(mesh::Identity {
-                trust_domain: self.config.trust_domain.clone(),
-                namespace: key.0.clone(),
-                service_account: pod.service_account.clone(),
-            }),
-            status: if healthy {
-                mesh::WorkloadStatus::Healthy
-            } else {
-                mesh::WorkloadStatus::Unhealthy
-            } as i32,
-            services,
-            tunnel_protocol: if pod.sidecar {
-                mesh::TunnelProtocol::Hbone
-            } else {
-                mesh::TunnelProtocol::None
-            } as i32,
-            node: pod.node.clone(),
-            canonical_name: pod.canonical_name.clone(),
-            canonical_revision: pod.canonical_revision.clone(),
-            stale: state.stale,
-        })
-    }
-
     /// The local cluster has synced, the remote-cluster Secrets have been
     /// listed, and every remote has synced or had `remote_timeout` to do
     /// so: one dead remote never holds readiness.
@@ -795,18 +332,14 @@ impl Model {
     }
 }
 
-pub fn ip_bytes(ip: IpAddr) -> Vec<u8> {
-    match ip {
-        IpAddr::V4(v4) => v4.octets().to_vec(),
-        IpAddr::V6(v6) => v6.octets().to_vec(),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cluster::{EndpointInfo, ServicePortInfo};
-    use weft_xds_proto::mesh::AppProtocol;
+    use crate::cluster::{
+        EndpointInfo, Locality, Object, PodInfo, ServiceInfo, ServicePortInfo, SliceInfo,
+    };
+    use prost::Message;
+    use weft_xds_proto::mesh::{self, AppProtocol};
 
     fn config() -> ModelConfig {
         ModelConfig {
@@ -1063,18 +596,5 @@ mod tests {
         ));
         model.flush();
         assert!(!workload(&model, "c2/demo/echo-c2").unwrap().stale);
-    }
-
-    #[test]
-    fn tables_compact_tombstones_and_raise_the_floor() {
-        let mut table = Table::default();
-        for i in 0..(TOMBSTONE_LIMIT + 10) {
-            let name = format!("w{i}");
-            table.upsert(&name, Some(Bytes::from_static(b"x")), 1);
-            table.upsert(&name, None, 2 + i as u64);
-        }
-        assert!(table.floor() > 0);
-        assert!(table.tombstones <= TOMBSTONE_LIMIT);
-        assert!(table.is_empty());
     }
 }

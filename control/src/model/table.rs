@@ -1,0 +1,135 @@
+//! The versioned table xDS reads: one resource type's current encoded
+//! resources, and a log ordered by the version each last changed at, with
+//! tombstones for removals, so "everything since version v" is a range
+//! scan.
+
+use std::collections::{BTreeSet, HashMap};
+use std::ops::Bound;
+
+use bytes::Bytes;
+
+/// One resource type's current resources and change log.
+#[derive(Default)]
+pub struct Table {
+    entries: HashMap<String, Entry>,
+    log: BTreeSet<(u64, String)>,
+    tombstones: usize,
+    /// Changes at or below this version may have been forgotten (compacted
+    /// tombstones): a proxy that last saw an older version must resync.
+    floor: u64,
+}
+
+#[derive(Clone, Debug)]
+pub struct Entry {
+    pub version: u64,
+    /// The encoded resource, or `None` once removed.
+    pub body: Option<Bytes>,
+}
+
+/// How many removals to remember for proxies that reconnect or lag.
+const TOMBSTONE_LIMIT: usize = 100_000;
+
+impl Table {
+    /// Records a resource's new body (or removal) at `version`. Returns
+    /// whether anything changed.
+    pub fn upsert(&mut self, name: &str, body: Option<Bytes>, version: u64) -> bool {
+        match self.entries.get(name) {
+            Some(entry) if entry.body == body => return false,
+            None if body.is_none() => return false,
+            _ => {}
+        }
+        if let Some(old) = self.entries.get(name) {
+            self.log.remove(&(old.version, name.to_string()));
+            if old.body.is_none() {
+                self.tombstones -= 1;
+            }
+        }
+        if body.is_none() {
+            self.tombstones += 1;
+        }
+        self.log.insert((version, name.to_string()));
+        self.entries
+            .insert(name.to_string(), Entry { version, body });
+        if self.tombstones > TOMBSTONE_LIMIT {
+            self.compact();
+        }
+        true
+    }
+
+    fn compact(&mut self) {
+        let excess = self.tombstones - TOMBSTONE_LIMIT / 2;
+        let oldest: Vec<(u64, String)> = self
+            .log
+            .iter()
+            .filter(|(_, name)| self.entries.get(name).is_some_and(|e| e.body.is_none()))
+            .take(excess)
+            .cloned()
+            .collect();
+        for (version, name) in oldest {
+            self.log.remove(&(version, name.clone()));
+            self.entries.remove(&name);
+            self.tombstones -= 1;
+            self.floor = self.floor.max(version);
+        }
+    }
+
+    pub fn floor(&self) -> u64 {
+        self.floor
+    }
+
+    /// Every resource or removal with a version above `since`.
+    pub fn changed_since(&self, since: u64) -> impl Iterator<Item = (&String, &Entry)> {
+        self.log
+            .range((since + 1, String::new())..)
+            .filter_map(|(_, name)| self.entries.get_key_value(name))
+    }
+
+    /// Log entries (changes and removals) from `start` on, in version order.
+    pub fn log_from(
+        &self,
+        start: Bound<(u64, String)>,
+    ) -> impl Iterator<Item = (u64, &String, &Entry)> {
+        self.log
+            .range((start, Bound::Unbounded))
+            .filter_map(|(version, name)| {
+                self.entries
+                    .get_key_value(name)
+                    .map(|(n, e)| (*version, n, e))
+            })
+    }
+
+    /// Every live resource.
+    pub fn live(&self) -> impl Iterator<Item = (&String, &Entry)> {
+        self.entries.iter().filter(|(_, e)| e.body.is_some())
+    }
+
+    pub fn get(&self, name: &str) -> Option<&Entry> {
+        self.entries.get(name)
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len() - self.tombstones
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tables_compact_tombstones_and_raise_the_floor() {
+        let mut table = Table::default();
+        for i in 0..(TOMBSTONE_LIMIT + 10) {
+            let name = format!("w{i}");
+            table.upsert(&name, Some(Bytes::from_static(b"x")), 1);
+            table.upsert(&name, None, 2 + i as u64);
+        }
+        assert!(table.floor() > 0);
+        assert!(table.tombstones <= TOMBSTONE_LIMIT);
+        assert!(table.is_empty());
+    }
+}

@@ -1,0 +1,182 @@
+//! Translation from the clusters' compact Kubernetes objects to the
+//! `weft.mesh.v1` resources proxies receive: a service merged across
+//! clusters, and a workload per pod.
+
+use std::net::IpAddr;
+
+use weft_xds_proto::mesh;
+
+use super::Model;
+use crate::cluster::Key;
+
+impl Model {
+    pub(super) fn hostname(&self, key: &Key) -> String {
+        format!("{}.{}.svc.{}", key.1, key.0, self.config.domain_suffix)
+    }
+
+    /// A service is cluster-local by flag, or by annotation on the service
+    /// or its namespace in any cluster.
+    pub(super) fn cluster_local(&self, key: &Key) -> bool {
+        let exact = format!("{}/{}", key.0, key.1);
+        let whole_ns = format!("{}/*", key.0);
+        if self
+            .config
+            .cluster_local
+            .iter()
+            .any(|c| *c == exact || *c == whole_ns)
+        {
+            return true;
+        }
+        self.clusters.values().any(|c| {
+            c.data.services.get(key).is_some_and(|s| s.cluster_local)
+                || c.data
+                    .namespaces
+                    .get(&key.0)
+                    .is_some_and(|n| n.cluster_local)
+        })
+    }
+
+    pub(super) fn network_of(&self, cluster: &str) -> String {
+        if cluster == self.config.local_cluster {
+            return self.config.network.clone();
+        }
+        self.clusters
+            .get(cluster)
+            .and_then(|c| c.data.namespaces.get(&self.config.system_namespace))
+            .and_then(|n| n.network.clone())
+            .unwrap_or_else(|| self.config.network.clone())
+    }
+
+    pub(super) fn build_service(&self, key: &Key) -> Option<mesh::Service> {
+        let local_only = self.cluster_local(key);
+        let mut vips = Vec::new();
+        let mut clusters = Vec::new();
+        let mut ports: Option<&Vec<crate::cluster::ServicePortInfo>> = None;
+        for (id, state) in &self.clusters {
+            if local_only && *id != self.config.local_cluster {
+                continue;
+            }
+            let Some(service) = state.data.services.get(key) else {
+                continue;
+            };
+            clusters.push(id.clone());
+            if ports.is_none() || *id == self.config.local_cluster {
+                ports = Some(&service.ports);
+            }
+            if let Some(vip) = service.vip {
+                vips.push(mesh::ClusterVip {
+                    cluster_id: id.clone(),
+                    network: self.network_of(id),
+                    address: ip_bytes(vip),
+                });
+            }
+        }
+        let ports = ports?;
+        Some(mesh::Service {
+            name: key.1.clone(),
+            namespace: key.0.clone(),
+            hostname: self.hostname(key),
+            vips,
+            ports: ports
+                .iter()
+                .map(|p| mesh::ServicePort {
+                    port: p.port,
+                    name: p.name.clone(),
+                    app_protocol: p.protocol as i32,
+                    target_port: p.target_port,
+                })
+                .collect(),
+            cluster_local: local_only,
+            clusters,
+        })
+    }
+
+    pub(super) fn build_workload(&self, cluster: &str, key: &Key) -> Option<mesh::Workload> {
+        let state = self.clusters.get(cluster)?;
+        let data = &state.data;
+        let pod = data.pods.get(key)?;
+        if pod.ips.is_empty() {
+            return None;
+        }
+        let mut endpoint_ready = None;
+        let mut services = Vec::new();
+        for slice_name in data.slices_by_pod.get(key).into_iter().flatten() {
+            let Some(slice) = data.slices.get(&(key.0.clone(), slice_name.clone())) else {
+                continue;
+            };
+            let service_key = (key.0.clone(), slice.service.clone());
+            if cluster != self.config.local_cluster && self.cluster_local(&service_key) {
+                continue;
+            }
+            let ready = slice
+                .endpoints
+                .iter()
+                .filter(|e| e.pod.as_deref() == Some(key.1.as_str()))
+                .any(|e| e.ready);
+            endpoint_ready = Some(endpoint_ready.unwrap_or(false) || ready);
+            let service_ports = data.services.get(&service_key).map(|s| &s.ports);
+            let ports = slice
+                .ports
+                .iter()
+                .filter_map(|(name, target)| {
+                    let port = service_ports?.iter().find(|p| {
+                        p.name == *name || service_ports.is_some_and(|all| all.len() == 1)
+                    })?;
+                    Some(mesh::PortMapping {
+                        service_port: port.port,
+                        target_port: *target,
+                    })
+                })
+                .collect();
+            services.push(mesh::ServiceBinding {
+                namespace: key.0.clone(),
+                hostname: self.hostname(&service_key),
+                ports,
+            });
+        }
+        services.sort_by(|a, b| a.hostname.cmp(&b.hostname));
+        services.dedup_by(|a, b| a.hostname == b.hostname);
+        let locality = data.nodes.get(&pod.node).cloned().unwrap_or_default();
+        let healthy = pod.ready && endpoint_ready.unwrap_or(true);
+        Some(mesh::Workload {
+            uid: format!("{cluster}/{}/{}", key.0, key.1),
+            name: key.1.clone(),
+            namespace: key.0.clone(),
+            cluster_id: cluster.to_string(),
+            network: self.network_of(cluster),
+            addresses: pod.ips.iter().map(|ip| ip_bytes(*ip)).collect(),
+            locality: Some(mesh::Locality {
+                region: locality.region,
+                zone: locality.zone,
+                subzone: locality.subzone,
+            }),
+            identity: Some(mesh::Identity {
+                trust_domain: self.config.trust_domain.clone(),
+                namespace: key.0.clone(),
+                service_account: pod.service_account.clone(),
+            }),
+            status: if healthy {
+                mesh::WorkloadStatus::Healthy
+            } else {
+                mesh::WorkloadStatus::Unhealthy
+            } as i32,
+            services,
+            tunnel_protocol: if pod.sidecar {
+                mesh::TunnelProtocol::Hbone
+            } else {
+                mesh::TunnelProtocol::None
+            } as i32,
+            node: pod.node.clone(),
+            canonical_name: pod.canonical_name.clone(),
+            canonical_revision: pod.canonical_revision.clone(),
+            stale: state.stale,
+        })
+    }
+}
+
+pub fn ip_bytes(ip: IpAddr) -> Vec<u8> {
+    match ip {
+        IpAddr::V4(v4) => v4.octets().to_vec(),
+        IpAddr::V6(v6) => v6.octets().to_vec(),
+    }
+}

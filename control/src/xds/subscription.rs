@@ -1,0 +1,297 @@
+//! What one stream owes a proxy for one resource type, as plain state with
+//! pure methods: a subscription (fresh, or a reconnect that says which
+//! versions it has), the next response, and the proxy's ACK or NACK.
+//!
+//! Changes are walked straight off the table's version log with a cursor,
+//! so a proxy catching up on the whole mesh costs a position, not a list of
+//! names. Only the difference computed for a reconnecting proxy is a list,
+//! and it is released once sent.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::ops::Bound;
+
+use tonic::Status;
+use weft_xds_proto::discovery::{DeltaDiscoveryResponse, Resource};
+
+use super::CHUNK;
+use crate::model::{Entry, Table};
+
+pub struct Subscription {
+    pub type_url: &'static str,
+    /// Every change up to this model version is sent, or is in the pass
+    /// under way.
+    frontier: u64,
+    /// The pass under way: where it continues in the log, and the version
+    /// it goes up to. Later changes are the next pass's.
+    cursor: Option<(Bound<(u64, String)>, u64)>,
+    /// Names to send (current body) or to remove, before the cursor's pass.
+    pending: VecDeque<String>,
+    /// The nonce of the response the proxy has not answered yet.
+    in_flight: Option<String>,
+}
+
+/// A resource's version as proxies see it: a hash of its content, so that
+/// it means the same thing to every control plane process. A counter would
+/// restart with the process, and a proxy reconnecting to the new one could
+/// hold different content under a version that now names something else.
+pub fn resource_version(body: &[u8]) -> String {
+    use std::hash::Hasher;
+    // Fixed keys: the same content hashes the same in every process.
+    let mut hasher = std::hash::DefaultHasher::new();
+    hasher.write(body);
+    format!("{:016x}", hasher.finish())
+}
+
+impl Subscription {
+    /// A subscription at model `version`. `known` is what the proxy says it
+    /// has (name → version): empty for a fresh proxy, which is sent the
+    /// whole log; otherwise it is sent what differs, and removals of what
+    /// it has that is gone.
+    pub fn new(
+        type_url: &'static str,
+        version: u64,
+        table: &Table,
+        known: &HashMap<String, String>,
+    ) -> Self {
+        let mut subscription = Subscription {
+            type_url,
+            frontier: version,
+            cursor: None,
+            pending: VecDeque::new(),
+            in_flight: None,
+        };
+        if known.is_empty() {
+            subscription.cursor = Some((Bound::Included((0, String::new())), version));
+            return subscription;
+        }
+        let mut differing: Vec<&String> = table
+            .live()
+            .filter(|(name, entry)| {
+                entry.body.as_ref().map(|b| resource_version(b)).as_ref() != known.get(*name)
+            })
+            .map(|(name, _)| name)
+            .collect();
+        differing.sort();
+        let mut seen = HashSet::new();
+        let gone = known
+            .keys()
+            .filter(|name| table.get(name).is_none_or(|e| e.body.is_none()));
+        for name in differing.into_iter().chain(gone) {
+            if seen.insert(name) {
+                subscription.pending.push_back(name.clone());
+            }
+        }
+        subscription
+    }
+
+    /// A resubscription replaces this one but keeps its unanswered
+    /// response: the proxy's answer to it is still to come.
+    pub fn replace(&mut self, mut next: Subscription) {
+        next.in_flight = self.in_flight.take();
+        *self = next;
+    }
+
+    /// The proxy answered `nonce`; true if it was the response in flight,
+    /// which frees the way for the next.
+    pub fn answered(&mut self, nonce: &str) -> bool {
+        if self.in_flight.as_deref() == Some(nonce) {
+            self.in_flight = None;
+            return true;
+        }
+        false
+    }
+
+    /// The next response for the table at model `version`, numbered
+    /// `nonce`, of at most `CHUNK` resources and removals; `None` when
+    /// nothing is owed. A proxy whose frontier fell below the table's
+    /// floor (removals forgotten) must resync.
+    pub fn next_response(
+        &mut self,
+        version: u64,
+        table: &Table,
+        nonce: u64,
+    ) -> Result<Option<DeltaDiscoveryResponse>, Status> {
+        if self.in_flight.is_some() {
+            return Ok(None);
+        }
+        if self.pending.is_empty() && self.cursor.is_none() && version > self.frontier {
+            if self.frontier < table.floor() {
+                return Err(Status::aborted(
+                    "this proxy fell behind the removals the server remembers; reconnect to resync",
+                ));
+            }
+            self.cursor = Some((Bound::Included((self.frontier + 1, String::new())), version));
+            self.frontier = version;
+        }
+        if self.pending.is_empty() && self.cursor.is_none() {
+            return Ok(None);
+        }
+        let mut response = DeltaDiscoveryResponse {
+            system_version_info: version.to_string(),
+            type_url: self.type_url.to_string(),
+            nonce: nonce.to_string(),
+            ..Default::default()
+        };
+        while size(&response) < CHUNK {
+            let Some(name) = self.pending.pop_front() else {
+                break;
+            };
+            self.add(&name, table.get(&name), &mut response);
+        }
+        if self.pending.is_empty() && self.pending.capacity() > 0 {
+            self.pending = VecDeque::new();
+        }
+        if let Some((start, upto)) = self.cursor.take() {
+            self.cursor = self.walk(table, start, upto, &mut response);
+        }
+        if size(&response) == 0 {
+            return Ok(None);
+        }
+        self.in_flight = Some(response.nonce.clone());
+        Ok(Some(response))
+    }
+
+    /// Adds the log's changes from `start` up to version `upto` while the
+    /// response has room; returns where the pass continues, if it does.
+    fn walk(
+        &self,
+        table: &Table,
+        start: Bound<(u64, String)>,
+        upto: u64,
+        response: &mut DeltaDiscoveryResponse,
+    ) -> Option<(Bound<(u64, String)>, u64)> {
+        let room = CHUNK.saturating_sub(size(response));
+        let mut next = Some((start.clone(), upto));
+        let mut taken = 0;
+        for (version, name, entry) in table.log_from(start) {
+            if version > upto {
+                return None;
+            }
+            if taken == room {
+                return next;
+            }
+            self.add(name, Some(entry), response);
+            taken += 1;
+            next = Some((Bound::Excluded((version, name.clone())), upto));
+        }
+        // The log ran out: the pass is complete.
+        if taken < room { None } else { next }
+    }
+
+    fn add(&self, name: &str, entry: Option<&Entry>, response: &mut DeltaDiscoveryResponse) {
+        match entry.and_then(|e| e.body.as_ref()) {
+            Some(body) => response.resources.push(Resource {
+                name: name.to_string(),
+                version: resource_version(body),
+                resource: Some(prost_types::Any {
+                    type_url: self.type_url.to_string(),
+                    value: body.to_vec(),
+                }),
+                ..Default::default()
+            }),
+            // Removed, or compacted away meanwhile: gone either way.
+            None => response.removed_resources.push(name.to_string()),
+        }
+    }
+}
+
+fn size(response: &DeltaDiscoveryResponse) -> usize {
+    response.resources.len() + response.removed_resources.len()
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+    use weft_xds_proto::type_url::WORKLOAD;
+
+    use super::*;
+
+    fn table(entries: &[(&str, Option<&'static [u8]>, u64)]) -> Table {
+        let mut table = Table::default();
+        for (name, body, version) in entries {
+            table.upsert(name, body.map(Bytes::from_static), *version);
+        }
+        table
+    }
+
+    fn names(response: &DeltaDiscoveryResponse) -> (Vec<&str>, Vec<&str>) {
+        (
+            response.resources.iter().map(|r| r.name.as_str()).collect(),
+            response
+                .removed_resources
+                .iter()
+                .map(String::as_str)
+                .collect(),
+        )
+    }
+
+    #[test]
+    fn a_fresh_proxy_gets_everything_then_only_what_changed_after_each_ack() {
+        let mut t = table(&[("a", Some(b"1"), 1), ("b", Some(b"2"), 2)]);
+        let mut s = Subscription::new(WORKLOAD, 2, &t, &HashMap::new());
+        let first = s.next_response(2, &t, 1).unwrap().unwrap();
+        assert_eq!(names(&first), (vec!["a", "b"], vec![]));
+        assert!(
+            s.next_response(2, &t, 2).unwrap().is_none(),
+            "one in flight"
+        );
+        assert!(!s.answered("7"), "another nonce frees nothing");
+        assert!(s.answered("1"));
+        assert!(s.next_response(2, &t, 2).unwrap().is_none(), "nothing owed");
+        t.upsert("a", None, 3);
+        t.upsert("c", Some(Bytes::from_static(b"3")), 3);
+        let next = s.next_response(3, &t, 2).unwrap().unwrap();
+        assert_eq!(names(&next), (vec!["c"], vec!["a"]));
+        assert_eq!(next.system_version_info, "3");
+    }
+
+    #[test]
+    fn a_reconnecting_proxy_gets_what_differs_and_removals_of_what_is_gone() {
+        let t = table(&[("a", Some(b"1"), 1), ("b", Some(b"2"), 1), ("c", None, 1)]);
+        let known: HashMap<String, String> = [
+            ("a".to_string(), resource_version(b"1")),
+            ("b".to_string(), "stale".to_string()),
+            ("c".to_string(), "old".to_string()),
+            ("x".to_string(), "old".to_string()),
+        ]
+        .into();
+        let mut s = Subscription::new(WORKLOAD, 1, &t, &known);
+        let response = s.next_response(1, &t, 1).unwrap().unwrap();
+        let (mut removed, sent) = (names(&response).1, names(&response).0);
+        removed.sort();
+        assert_eq!((sent, removed), (vec!["b"], vec!["c", "x"]));
+    }
+
+    #[test]
+    fn a_large_mesh_goes_in_chunks_and_a_resubscription_keeps_the_unanswered() {
+        let mut t = Table::default();
+        for i in 0..(CHUNK + 5) {
+            t.upsert(&format!("w{i:04}"), Some(Bytes::from_static(b"x")), 1);
+        }
+        let mut s = Subscription::new(WORKLOAD, 1, &t, &HashMap::new());
+        let first = s.next_response(1, &t, 1).unwrap().unwrap();
+        assert_eq!(size(&first), CHUNK);
+        s.replace(Subscription::new(WORKLOAD, 1, &t, &HashMap::new()));
+        assert!(s.in_flight.is_some(), "the answer to nonce 1 is still due");
+        assert!(s.answered("1"));
+        let second = s.next_response(1, &t, 2).unwrap().unwrap();
+        assert_eq!(size(&second), CHUNK, "the new subscription starts over");
+    }
+
+    #[test]
+    fn a_proxy_behind_the_forgotten_removals_must_resync() {
+        let mut t = Table::default();
+        // Enough removals that the oldest are compacted and the floor rises.
+        for i in 0..100_010u64 {
+            let name = format!("w{i}");
+            t.upsert(&name, Some(Bytes::from_static(b"x")), 1);
+            t.upsert(&name, None, 2 + i);
+        }
+        let up_to_date = table(&[("a", Some(b"1"), 1)]);
+        let known = [("a".to_string(), resource_version(b"1"))].into();
+        let mut s = Subscription::new(WORKLOAD, 1, &up_to_date, &known);
+        assert!(s.next_response(1, &up_to_date, 1).unwrap().is_none());
+        let err = s.next_response(200_000, &t, 1).unwrap_err();
+        assert_eq!(err.code(), tonic::Code::Aborted);
+    }
+}
