@@ -57,16 +57,14 @@ impl fmt::Debug for TrustBundle {
 impl TrustBundle {
     /// A bundle from PEM text holding one or more root certificates.
     pub fn from_pem(pem_text: &str) -> Result<Self> {
-        Ok(TrustBundle {
-            roots: Arc::new(ArcSwap::from_pointee(root_store(pem_text)?)),
-        })
+        let roots = Arc::new(ArcSwap::from_pointee(root_store(pem_text)?));
+        Ok(TrustBundle { roots })
     }
 
     /// Replaces the roots (root rotation: publish old and new together, then
     /// the new alone once every workload has a certificate from it).
     pub fn replace(&self, pem_text: &str) -> Result<()> {
-        self.roots.store(Arc::new(root_store(pem_text)?));
-        Ok(())
+        root_store(pem_text).map(|roots| self.roots.store(Arc::new(roots)))
     }
 
     pub fn len(&self) -> usize {
@@ -398,6 +396,34 @@ impl fmt::Display for UnexpectedIdentity {
 
 impl std::error::Error for UnexpectedIdentity {}
 
+/// Handshake signatures are checked the same way whichever side is
+/// verified: with the ring provider's algorithms.
+macro_rules! handshake_signatures {
+    () => {
+        fn verify_tls12_signature(
+            &self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, TlsError> {
+            rustls::crypto::verify_tls12_signature(message, cert, dss, &algorithms())
+        }
+
+        fn verify_tls13_signature(
+            &self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, TlsError> {
+            rustls::crypto::verify_tls13_signature(message, cert, dss, &algorithms())
+        }
+
+        fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+            algorithms().supported_schemes()
+        }
+    };
+}
+
 #[derive(Debug)]
 struct SpiffeServerVerifier {
     bundle: TrustBundle,
@@ -431,27 +457,7 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         Ok(ServerCertVerified::assertion())
     }
 
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, TlsError> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &algorithms())
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, TlsError> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &algorithms())
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        algorithms().supported_schemes()
-    }
+    handshake_signatures!();
 }
 
 #[derive(Debug)]
@@ -486,27 +492,7 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         Ok(ClientCertVerified::assertion())
     }
 
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, TlsError> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &algorithms())
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, TlsError> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &algorithms())
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        algorithms().supported_schemes()
-    }
+    handshake_signatures!();
 }
 
 /// `SystemTime` to the time type webpki wants, for tests and tools that check

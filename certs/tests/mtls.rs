@@ -119,6 +119,14 @@ async fn within<T>(f: impl std::future::Future<Output = T>) -> T {
     tokio::time::timeout(STEP, f).await.expect("step timed out")
 }
 
+/// One connection from `client`, expecting the server to be echo, to a
+/// server with `server`'s credentials: what each side saw.
+async fn exchange(client: &Side, server: &Side) -> (Result<Identity, String>, ServerResult) {
+    let (addr, task) = serve_once(server.server()).await;
+    let seen = within(ping(client.client(vec![id("echo")]), addr)).await;
+    (seen, server_result(task).await)
+}
+
 async fn server_result(task: tokio::task::JoinHandle<ServerResult>) -> ServerResult {
     within(task).await.expect("server task panicked")
 }
@@ -129,12 +137,10 @@ async fn workloads_under_two_intermediates_of_one_root_see_each_other() {
     let client = side(&intermediate(&root, "c1"), &root.roots_pem(), &id("client"));
     let server = side(&intermediate(&root, "c2"), &root.roots_pem(), &id("echo"));
 
-    let (addr, task) = serve_once(server.server()).await;
-    let seen_by_client = within(ping(client.client(vec![id("echo")]), addr))
-        .await
-        .unwrap();
+    let (seen, served) = exchange(&client, &server).await;
+    let seen_by_client = seen.unwrap();
     assert_eq!(seen_by_client, id("echo"));
-    assert_eq!(server_result(task).await.unwrap(), Some(id("client")));
+    assert_eq!(served.unwrap(), Some(id("client")));
 }
 
 #[tokio::test]
@@ -143,12 +149,10 @@ async fn a_server_from_another_root_is_refused() {
     let foreign = named_root("foreign");
     let client = side(&trusted, &trusted.roots_pem(), &id("client"));
     let server = side(&foreign, &foreign.roots_pem(), &id("echo"));
-    let (addr, task) = serve_once(server.server()).await;
-    let err = within(ping(client.client(vec![id("echo")]), addr))
-        .await
-        .unwrap_err();
+    let (seen, served) = exchange(&client, &server).await;
+    let err = seen.unwrap_err();
     assert!(err.contains("UnknownIssuer"), "{err}");
-    assert!(server_result(task).await.is_err());
+    assert!(served.is_err());
 }
 
 #[tokio::test]
@@ -211,12 +215,10 @@ async fn an_expired_certificate_is_refused() {
         bundle: TrustBundle::from_pem(&ca.roots_pem()).unwrap(),
     };
     let client = side(&ca, &ca.roots_pem(), &id("client"));
-    let (addr, task) = serve_once(server.server()).await;
-    let err = within(ping(client.client(vec![id("echo")]), addr))
-        .await
-        .unwrap_err();
+    let (seen, served) = exchange(&client, &server).await;
+    let err = seen.unwrap_err();
     assert!(err.contains("Expired"), "{err}");
-    assert!(server_result(task).await.is_err());
+    assert!(served.is_err());
 }
 
 #[tokio::test]

@@ -619,10 +619,7 @@ async fn populate(cluster: &Cluster, services: usize, workloads: usize) -> Resul
 }
 
 pub fn run(options: &Options, command: &str) -> Result<Outcome> {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
-    runtime.block_on(drive(options, command))
+    report::block_on(drive(options, command))
 }
 
 async fn drive(options: &Options, command: &str) -> Result<Outcome> {

@@ -301,48 +301,32 @@ async fn once(
     payload: &Bytes,
 ) -> Result<After, String> {
     let io = |e: &dyn std::fmt::Display| format!("io: {e}");
-    match client {
+    let response = match client {
         Client::Http1(sender) => {
             let mut sender = sender.lock().await;
             sender.ready().await.map_err(|e| io(&e))?;
-            let response = sender
+            // HTTP/1.1 is ready again only once this response is read.
+            sender
                 .send_request(http_request(options, target, payload))
                 .await
-                .map_err(|e| io(&e))?;
-            let status = response.status();
-            let closing = response
-                .headers()
-                .get_all(http::header::CONNECTION)
-                .iter()
-                .any(|value| value.as_bytes().eq_ignore_ascii_case(b"close"));
-            let body = response.into_body().collect().await.map_err(|e| io(&e))?;
-            drop(body);
-            if !status.is_success() {
-                return Err(format!("status {}", status.as_u16()));
-            }
-            Ok(if closing { After::Redial } else { After::Keep })
         }
         Client::Http2(sender) => {
             let mut sender = sender.clone();
             sender.ready().await.map_err(|e| io(&e))?;
-            let response = sender
+            sender
                 .send_request(http_request(options, target, payload))
                 .await
-                .map_err(|e| io(&e))?;
-            let status = response.status();
-            response.into_body().collect().await.map_err(|e| io(&e))?;
-            if !status.is_success() {
-                return Err(format!("status {}", status.as_u16()));
-            }
-            Ok(After::Keep)
         }
-        Client::Grpc(grpc) => grpc
-            .echo(weft_xds_proto::echo::EchoRequest {
+        Client::Grpc(grpc) => {
+            let request = weft_xds_proto::echo::EchoRequest {
                 payload: payload.to_vec(),
-            })
-            .await
-            .map(|_| After::Keep)
-            .map_err(|status| format!("grpc {:?}", status.code())),
+            };
+            return grpc
+                .echo(request)
+                .await
+                .map(|_| After::Keep)
+                .map_err(|status| format!("grpc {:?}", status.code()));
+        }
         Client::Tcp(stream) => {
             let mut stream = stream.lock().await;
             let size = payload.len().max(1);
@@ -354,9 +338,21 @@ async fn once(
             stream.write_all(&data).await.map_err(|e| io(&e))?;
             let mut buf = vec![0u8; size];
             stream.read_exact(&mut buf).await.map_err(|e| io(&e))?;
-            Ok(After::Keep)
+            return Ok(After::Keep);
         }
     }
+    .map_err(|e| io(&e))?;
+    let status = response.status();
+    let closing = response
+        .headers()
+        .get_all(http::header::CONNECTION)
+        .iter()
+        .any(|value| value.as_bytes().eq_ignore_ascii_case(b"close"));
+    response.into_body().collect().await.map_err(|e| io(&e))?;
+    if !status.is_success() {
+        return Err(format!("status {}", status.as_u16()));
+    }
+    Ok(if closing { After::Redial } else { After::Keep })
 }
 
 struct Worker {

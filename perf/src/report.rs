@@ -199,6 +199,21 @@ pub fn percentiles_ms(h: &Histogram<u64>) -> [f64; 6] {
     ]
 }
 
+/// A row of `percentiles_ms` as Markdown cells: the five latencies with
+/// `decimals` decimals, then the sample count.
+pub fn cells(row: &[f64; 6], decimals: usize) -> String {
+    let latencies: Vec<String> = row[..5].iter().map(|v| format!("{v:.decimals$}")).collect();
+    format!("{} | {}", latencies.join(" | "), row[5])
+}
+
+/// Runs a scenario's `drive` on a multi-threaded runtime of its own.
+pub fn block_on<T>(drive: impl Future<Output = anyhow::Result<T>>) -> anyhow::Result<T> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(drive)
+}
+
 pub fn write(dir: &Path, scenario: &str, text: &str) -> anyhow::Result<PathBuf> {
     std::fs::create_dir_all(dir)?;
     let path = dir.join(format!("{}-{scenario}.md", today()));

@@ -23,7 +23,7 @@ use weft_proxy::outbound::{self, Outbound, serve_explicit};
 use weft_proxy::pool::{CONNECT_TIMEOUT, HBONE_PORT, Pool};
 use weft_proxy::state::Snapshot;
 use weft_proxy::xds::XdsState;
-use weft_xds_proto::mesh;
+use weft_xds_proto::{mesh, testing};
 
 use crate::apiserver::Outcome;
 use crate::report::{self, Machine};
@@ -62,10 +62,7 @@ async fn round_trip(conn: &mut TcpStream, payload: &[u8], buf: &mut [u8]) -> Res
 }
 
 pub fn run(options: &Options, command: &str) -> Result<Outcome> {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
-    runtime.block_on(drive(options, command))
+    report::block_on(drive(options, command))
 }
 
 async fn drive(options: &Options, command: &str) -> Result<Outcome> {
@@ -96,37 +93,22 @@ async fn drive(options: &Options, command: &str) -> Result<Outcome> {
     let IpAddr::V4(v4) = server_ip else {
         bail!("IPv4 expected")
     };
-    let workload = mesh::Workload {
-        uid: "c1/bench/server".into(),
-        cluster_id: "c1".into(),
-        addresses: vec![v4.octets().to_vec()],
-        identity: Some(mesh::Identity {
-            trust_domain: "cluster.local".into(),
-            namespace: "bench".into(),
-            service_account: "server".into(),
-        }),
-        services: vec![mesh::ServiceBinding {
-            namespace: "bench".into(),
-            hostname: "echo.bench.svc.cluster.local".into(),
-            ports: vec![mesh::PortMapping {
-                service_port: 80,
-                target_port: 8080,
-            }],
-        }],
-        tunnel_protocol: mesh::TunnelProtocol::Hbone as i32,
-        ..Default::default()
-    };
+    let binding = testing::binding("bench", "echo.bench.svc.cluster.local", &[(80, 8080)]);
+    let workload = testing::workload(
+        "c1/bench/server",
+        v4.octets().to_vec(),
+        "server",
+        vec![binding],
+    );
     let service = mesh::Service {
-        name: "echo".into(),
-        namespace: "bench".into(),
-        hostname: "echo.bench.svc.cluster.local".into(),
-        ports: vec![mesh::ServicePort {
-            port: 80,
-            name: "tcp".into(),
-            app_protocol: mesh::AppProtocol::Tcp as i32,
-            target_port: 8080,
-        }],
-        ..Default::default()
+        vips: Vec::new(),
+        clusters: Vec::new(),
+        ..testing::service(
+            "bench",
+            "echo",
+            [0; 4],
+            vec![testing::port(80, "tcp", mesh::AppProtocol::Tcp, 8080)],
+        )
     };
     let xds = Arc::new(XdsState::default());
     xds.snapshot
@@ -201,8 +183,8 @@ async fn drive(options: &Options, command: &str) -> Result<Outcome> {
          share this process on loopback, so this is the path's latency, not a per-sidecar CPU cost. \
          This is L4; the issue's target is for HTTP/1.1 through L7, which does not exist yet.\n\n\
          | path | p50 ms | p90 ms | p99 ms | p99.9 ms | max ms | samples |\n|---|---|---|---|---|---|---|\n\
-         | direct | {d0:.3} | {d1:.3} | {d2:.3} | {d3:.3} | {d4:.3} | {d5} |\n\
-         | two sidecars, mTLS | {m0:.3} | {m1:.3} | {m2:.3} | {m3:.3} | {m4:.3} | {m5} |\n\
+         | direct | {direct} |\n\
+         | two sidecars, mTLS | {meshed} |\n\
          | added | {a0:.3} | {a1:.3} | {a2:.3} | {a3:.3} | | |\n",
         payload = options.payload,
         rate = options.rate,
@@ -211,18 +193,8 @@ async fn drive(options: &Options, command: &str) -> Result<Outcome> {
         date = report::today(),
         commit = report::commit(),
         machine = Machine::read().markdown(),
-        d0 = d[0],
-        d1 = d[1],
-        d2 = d[2],
-        d3 = d[3],
-        d4 = d[4],
-        d5 = d[5],
-        m0 = m[0],
-        m1 = m[1],
-        m2 = m[2],
-        m3 = m[3],
-        m4 = m[4],
-        m5 = m[5],
+        direct = report::cells(&d, 3),
+        meshed = report::cells(&m, 3),
         a0 = m[0] - d[0],
         a1 = m[1] - d[1],
         a2 = m[2] - d[2],

@@ -54,6 +54,27 @@ fn in_ns(ns: &str, program: &str, args: &[&str]) -> std::process::Output {
         .unwrap()
 }
 
+/// Runs `program` in `ns`, failing the test with what it said if it fails.
+fn in_ns_ok(ns: &str, program: &str, args: &[&str]) {
+    let out = in_ns(ns, program, args);
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{program} {args:?}: {said}");
+}
+
+/// The nat table as `save` (iptables-save or ip6tables-save) prints it.
+fn nat_rules(ns: &str, save: &str) -> String {
+    String::from_utf8_lossy(&in_ns(ns, save, &["-t", "nat"]).stdout).into_owned()
+}
+
+/// The capture rules for the service range only.
+const CAPTURE_SERVICES: [&str; 5] = [
+    "iptables",
+    "--proxy-uid",
+    "4242",
+    "--include-outbound-cidrs",
+    "10.96.0.0/16",
+];
+
 #[test]
 fn rules_install_idempotently_and_clean_up_in_a_namespace() {
     let Some(ns) = namespace(&format!("weft-test-ipt-{}", std::process::id())) else {
@@ -69,15 +90,9 @@ fn rules_install_idempotently_and_clean_up_in_a_namespace() {
     ];
 
     for _ in 0..2 {
-        let out = in_ns(&ns.0, proxy, &args);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        in_ns_ok(&ns.0, proxy, &args);
     }
-    let saved =
-        String::from_utf8_lossy(&in_ns(&ns.0, "iptables-save", &["-t", "nat"]).stdout).into_owned();
+    let saved = nat_rules(&ns.0, "iptables-save");
     assert!(
         saved.contains("-A WEFT_IN_REDIRECT -p tcp -j REDIRECT --to-ports 15006"),
         "{saved}"
@@ -90,8 +105,7 @@ fn rules_install_idempotently_and_clean_up_in_a_namespace() {
         "a second run must not stack rules:\n{saved}"
     );
 
-    let saved6 = String::from_utf8_lossy(&in_ns(&ns.0, "ip6tables-save", &["-t", "nat"]).stdout)
-        .into_owned();
+    let saved6 = nat_rules(&ns.0, "ip6tables-save");
     assert!(
         saved6.contains("-A WEFT_IN_REDIRECT -p tcp -j REDIRECT --to-ports 15006"),
         "IPv6 is captured too:\n{saved6}"
@@ -100,18 +114,11 @@ fn rules_install_idempotently_and_clean_up_in_a_namespace() {
     assert_eq!(saved6.matches("-A OUTPUT -p tcp -j WEFT_OUTPUT").count(), 1);
 
     for _ in 0..2 {
-        let out = in_ns(&ns.0, proxy, &["iptables", "--cleanup"]);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        in_ns_ok(&ns.0, proxy, &["iptables", "--cleanup"]);
     }
-    let saved =
-        String::from_utf8_lossy(&in_ns(&ns.0, "iptables-save", &["-t", "nat"]).stdout).into_owned();
+    let saved = nat_rules(&ns.0, "iptables-save");
     assert!(!saved.contains("WEFT"), "{saved}");
-    let saved6 = String::from_utf8_lossy(&in_ns(&ns.0, "ip6tables-save", &["-t", "nat"]).stdout)
-        .into_owned();
+    let saved6 = nat_rules(&ns.0, "ip6tables-save");
     assert!(!saved6.contains("WEFT"), "{saved6}");
 
     // Bad input is refused before anything is touched.
@@ -158,31 +165,11 @@ fn a_connection_to_a_vip_is_captured_and_delivered() {
             "127.0.0.1",
         ],
     ] {
-        let out = in_ns(&ns.0, args[0], &args[1..]);
-        assert!(
-            out.status.success(),
-            "{args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        in_ns_ok(&ns.0, args[0], &args[1..]);
     }
     // The proxy's UID is not used here: only the service range is
     // captured, and the proxy dials pod addresses outside it.
-    let out = in_ns(
-        &ns.0,
-        env!("CARGO_BIN_EXE_weft-proxy"),
-        &[
-            "iptables",
-            "--proxy-uid",
-            "4242",
-            "--include-outbound-cidrs",
-            "10.96.0.0/16",
-        ],
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    in_ns_ok(&ns.0, env!("CARGO_BIN_EXE_weft-proxy"), &CAPTURE_SERVICES);
 
     let path = format!("/var/run/netns/{}", ns.0);
     let result = std::thread::spawn(move || -> Result<String, String> {
@@ -225,53 +212,23 @@ fn a_connection_to_a_vip_is_captured_and_delivered() {
                 }
             });
             let xds = Arc::new(XdsState::default());
-            let service = mesh::Service {
-                name: "echo".into(),
-                namespace: "demo".into(),
-                hostname: "echo.demo.svc.cluster.local".into(),
-                vips: vec![mesh::ClusterVip {
-                    cluster_id: "c1".into(),
-                    network: "n".into(),
-                    address: vec![10, 96, 0, 10],
-                }],
-                ports: vec![
-                    mesh::ServicePort {
-                        port: 80,
-                        name: "tcp".into(),
-                        app_protocol: 1,
-                        target_port: 8080,
-                    },
-                    // Undeclared: the sidecar sniffs HTTP and routes it.
-                    mesh::ServicePort {
-                        port: 81,
-                        name: "web".into(),
-                        app_protocol: 0,
-                        target_port: 8081,
-                    },
-                ],
-                ..Default::default()
-            };
+            use weft_xds_proto::testing;
+            let ports = vec![
+                testing::port(80, "tcp", mesh::AppProtocol::Tcp, 8080),
+                // Undeclared: the sidecar sniffs HTTP and routes it.
+                testing::port(81, "web", mesh::AppProtocol::Unspecified, 8081),
+            ];
+            let service = testing::service("demo", "echo", [10, 96, 0, 10], ports);
+            let binding = testing::binding(
+                "demo",
+                "echo.demo.svc.cluster.local",
+                &[(80, 8080), (81, 8081)],
+            );
             let workload = mesh::Workload {
-                uid: "c1/demo/echo".into(),
-                cluster_id: "c1".into(),
-                addresses: vec![vec![127, 0, 0, 1]],
-                services: vec![mesh::ServiceBinding {
-                    namespace: "demo".into(),
-                    hostname: "echo.demo.svc.cluster.local".into(),
-                    ports: vec![
-                        mesh::PortMapping {
-                            service_port: 80,
-                            target_port: 8080,
-                        },
-                        mesh::PortMapping {
-                            service_port: 81,
-                            target_port: 8081,
-                        },
-                    ],
-                }],
                 // No sidecar: reached directly.
                 tunnel_protocol: mesh::TunnelProtocol::None as i32,
-                ..Default::default()
+                identity: None,
+                ..testing::workload("c1/demo/echo", vec![127, 0, 0, 1], "echo", vec![binding])
             };
             xds.snapshot.store(Arc::new(
                 Snapshot::from_messages(&[service], &[workload]).map_err(|e| e.to_string())?,
@@ -416,15 +373,10 @@ fn inbound_plaintext_is_forwarded_when_permissive_and_refused_when_strict() {
     }
     // An address on the pod's link that is not the pod's: 15006 must not
     // relay to it.
-    let out = in_ns(
+    in_ns_ok(
         &pod_ns,
         "ip",
         &["addr", "add", "10.250.0.3/24", "dev", &veth_p],
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
     );
     // Dual-stack: IPv6 must be captured as IPv4 is.
     for (ns, dev, addr, addr6) in [
@@ -437,30 +389,10 @@ fn inbound_plaintext_is_forwarded_when_permissive_and_refused_when_strict() {
             vec!["ip", "-6", "addr", "add", addr6, "dev", dev, "nodad"],
             vec!["ip", "link", "set", dev, "up"],
         ] {
-            let out = in_ns(ns, args[0], &args[1..]);
-            assert!(
-                out.status.success(),
-                "{args:?}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
+            in_ns_ok(ns, args[0], &args[1..]);
         }
     }
-    let out = in_ns(
-        &pod_ns,
-        env!("CARGO_BIN_EXE_weft-proxy"),
-        &[
-            "iptables",
-            "--proxy-uid",
-            "4242",
-            "--include-outbound-cidrs",
-            "10.96.0.0/16",
-        ],
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    in_ns_ok(&pod_ns, env!("CARGO_BIN_EXE_weft-proxy"), &CAPTURE_SERVICES);
 
     for mode in [Mode::Permissive, Mode::Strict] {
         let counters = Arc::new(Counters::default());

@@ -5,11 +5,8 @@ use std::net::SocketAddr;
 use clap::Parser;
 
 #[derive(Parser)]
-#[command(
-    name = "weft-echo",
-    version,
-    about = "Echo server that reports who served each call"
-)]
+/// Echo server that reports who served each call.
+#[command(name = "weft-echo", version)]
 struct Args {
     /// HTTP/1.1 and HTTP/2 (cleartext) port; "" to disable.
     #[arg(long, default_value = "0.0.0.0:8080")]
