@@ -19,13 +19,18 @@ const MANAGER: &str = "weft-control";
 
 pub async fn run(client: kube::Client, root_pem: String) {
     use futures::StreamExt;
+    use kube::runtime::WatchStreamExt;
     let mut tick = tokio::time::interval(Duration::from_secs(30));
     // A new namespace gets its ConfigMap at once, not at the next tick: its
     // first pods cannot start without it.
+    // With backoff: a watcher that fails at once (a client whose
+    // connection task is gone, an API server refusing) would otherwise
+    // retry in a loop that never waits, holding a runtime thread.
     let mut namespaces = kube::runtime::watcher(
         Api::<Namespace>::all(client.clone()),
         kube::runtime::watcher::Config::default(),
     )
+    .default_backoff()
     .boxed();
     loop {
         tokio::select! {
