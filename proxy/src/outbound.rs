@@ -542,3 +542,164 @@ pub async fn serve_transparent(listener: TcpListener, outbound: Arc<Outbound>) {
 pub async fn serve(listener: TcpListener, outbound: Arc<Outbound>) {
     accept_loop(listener, outbound, Mode::Both).await
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use weft_certs::tls::{CertStore, TrustBundle};
+    use weft_certs::{CaParams, CertificateAuthority, Identity};
+    use weft_xds_proto::mesh::{self, AppProtocol, TunnelProtocol, WorkloadStatus};
+    use weft_xds_proto::testing;
+
+    use super::*;
+
+    /// A client in c1/eu/a over a snapshot: echo.demo (VIP 10.96.0.10, 80
+    /// TCP and 81 HTTP) backed by a local pod, a pod in c2, and a pod of
+    /// c1 without a sidecar that backs nothing.
+    fn outbound(passthrough: bool, local_healthy: bool) -> Outbound {
+        let ports = vec![
+            testing::port(80, "tcp", AppProtocol::Tcp, 8080),
+            testing::port(81, "http", AppProtocol::Http, 8081),
+        ];
+        let service = testing::service("demo", "echo", [10, 96, 0, 10], ports);
+        let host = "echo.demo.svc.cluster.local";
+        let pod = |uid: &str, ip: [u8; 4], zone: &str| mesh::Workload {
+            locality: Some(testing::locality("eu", zone)),
+            ..testing::workload(
+                uid,
+                ip.to_vec(),
+                "echo",
+                vec![testing::binding("demo", host, &[(80, 8080), (81, 8081)])],
+            )
+        };
+        let local = mesh::Workload {
+            status: if local_healthy {
+                WorkloadStatus::Healthy
+            } else {
+                WorkloadStatus::Unhealthy
+            } as i32,
+            ..pod("c1/demo/local", [10, 1, 0, 1], "a")
+        };
+        let far = mesh::Workload {
+            cluster_id: "c2".into(),
+            ..pod("c2/demo/far", [10, 2, 0, 1], "b")
+        };
+        let plain = mesh::Workload {
+            tunnel_protocol: TunnelProtocol::None as i32,
+            identity: None,
+            ..testing::workload("c1/demo/plain", vec![10, 1, 0, 3], "plain", Vec::new())
+        };
+        let snapshot = Snapshot::from_messages(&[service], &[local, far, plain]).unwrap();
+        let xds = Arc::new(XdsState::default());
+        xds.snapshot.store(Arc::new(snapshot));
+        let ca = CertificateAuthority::generate_root(
+            "cluster.local",
+            &CaParams::valid_for("root", Duration::from_secs(3600)),
+        )
+        .unwrap();
+        let me = Identity::new("cluster.local", "demo", "client").unwrap();
+        let certs = CertStore::new(&weft_certs::issue_workload(&ca, &me, None).unwrap()).unwrap();
+        let bundle = TrustBundle::from_pem(&ca.roots_pem()).unwrap();
+        let config = Config {
+            here: Here::new("c1", "eu", "a"),
+            passthrough,
+            ..Config::default()
+        };
+        let pool = Pool::new(certs, bundle, Duration::from_secs(1));
+        Outbound::new(config, xds, pool, Arc::default(), Drain::default())
+    }
+
+    /// Where a pick sends a connection, as text: `mesh <target> via <peer>`
+    /// or `direct <address>`, with the declared protocol.
+    fn route(outbound: &Outbound, host: &str, port: u16) -> String {
+        match outbound.pick(host, port, &[]) {
+            Ok(pick) => {
+                let to = match pick.destination {
+                    Destination::Mesh { target, peer, .. } => format!("mesh {target} via {peer}"),
+                    Destination::Direct(address) => format!("direct {address}"),
+                };
+                format!("{to} {:?}", pick.protocol)
+            }
+            Err(err) => format!("error: {err:#}"),
+        }
+    }
+
+    #[test]
+    fn endpoint_picking_and_routing_over_a_snapshot() {
+        let open = outbound(true, true);
+        let closed = outbound(false, true);
+        let local_down = outbound(true, false);
+        let local = "mesh 10.1.0.1:8080 via 10.1.0.1:15008 Some(Tcp)";
+        let table: [(&str, &Outbound, &str, u16, &str); 11] = [
+            (
+                "by hostname, local first",
+                &open,
+                "echo.demo.svc.cluster.local",
+                80,
+                local,
+            ),
+            ("by short name", &open, "echo.demo", 80, local),
+            ("by VIP", &open, "10.96.0.10", 80, local),
+            (
+                "an HTTP port",
+                &open,
+                "echo.demo",
+                81,
+                "mesh 10.1.0.1:8081 via 10.1.0.1:15008 Some(Http)",
+            ),
+            (
+                "the local endpoint down",
+                &local_down,
+                "echo.demo",
+                80,
+                "mesh 10.2.0.1:8080 via 10.2.0.1:15008 Some(Tcp)",
+            ),
+            (
+                "a port the service lacks",
+                &open,
+                "echo.demo",
+                99,
+                "error: echo.demo.svc.cluster.local has no port 99",
+            ),
+            (
+                "a workload by address",
+                &open,
+                "10.2.0.1",
+                9000,
+                "mesh 10.2.0.1:9000 via 10.2.0.1:15008 Some(Tcp)",
+            ),
+            (
+                "a workload without a sidecar",
+                &open,
+                "10.1.0.3",
+                80,
+                "direct 10.1.0.3:80 Some(Tcp)",
+            ),
+            (
+                "outside the mesh, passthrough",
+                &open,
+                "192.0.2.1",
+                443,
+                "direct 192.0.2.1:443 Some(Tcp)",
+            ),
+            (
+                "outside the mesh, no passthrough",
+                &closed,
+                "192.0.2.1",
+                443,
+                "error: 192.0.2.1:443 is not in the mesh and passthrough is off",
+            ),
+            (
+                "an unknown name",
+                &open,
+                "nope.demo",
+                80,
+                "error: no mesh service is named \"nope.demo\"",
+            ),
+        ];
+        for (what, outbound, host, port, expected) in table {
+            assert_eq!(route(outbound, host, port), expected, "{what}");
+        }
+    }
+}
