@@ -17,7 +17,8 @@
 //!   (`sniff`), upgrades (`upgrade`), clients to fixed addresses
 //!   (`upstream`), HTTP pieces (`http`), socket facts (`socket`), the
 //!   accept loop (`serve`), graceful drain (`drain`), write coalescing
-//!   (`coalesce`) and task spawning (`task`);
+//!   (`coalesce`), pass-through I/O for stream wrappers (`through`) and
+//!   task spawning (`task`);
 //! - the sidecar's own ports and process: metrics and admin (`metrics`,
 //!   `admin`, `usage`), the app's probes (`app_probe`), memory after
 //!   bursts (`memory`), logs (`logs`), the capture rules for the init
@@ -55,6 +56,7 @@ pub mod sniff;
 pub mod socket;
 pub mod state;
 pub mod task;
+mod through;
 pub mod trust;
 pub mod upgrade;
 pub mod upstream;

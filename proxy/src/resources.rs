@@ -194,6 +194,16 @@ pub struct Interner {
     pruned_at: usize,
 }
 
+/// The one shared copy of `value` in `set`, added if it is new.
+fn shared<T: std::hash::Hash + Eq>(set: &mut HashSet<Arc<T>>, value: T) -> Arc<T> {
+    if let Some(existing) = set.get(&value) {
+        return existing.clone();
+    }
+    let added = Arc::new(value);
+    set.insert(added.clone());
+    added
+}
+
 impl Interner {
     pub fn name(&mut self, text: &str) -> Name {
         if let Some(name) = self.names.get(text) {
@@ -205,21 +215,11 @@ impl Interner {
     }
 
     fn profile(&mut self, profile: Profile) -> Arc<Profile> {
-        if let Some(shared) = self.profiles.get(&profile) {
-            return shared.clone();
-        }
-        let shared = Arc::new(profile);
-        self.profiles.insert(shared.clone());
-        shared
+        shared(&mut self.profiles, profile)
     }
 
     fn identity(&mut self, identity: Identity) -> Arc<Identity> {
-        if let Some(shared) = self.identities.get(&identity) {
-            return shared.clone();
-        }
-        let shared = Arc::new(identity);
-        self.identities.insert(shared.clone());
-        shared
+        shared(&mut self.identities, identity)
     }
 
     pub fn len(&self) -> usize {

@@ -84,6 +84,11 @@ impl SidecarConfig {
                 Err(_) => Ok(default),
             }
         };
+        let address = |name: &str, default: &str| -> Result<SocketAddr> {
+            let text = or(name, default);
+            text.parse()
+                .with_context(|| format!("{name}={text:?} is not an address:port"))
+        };
         let pod_ip: IpAddr = var("POD_IP")?
             .parse()
             .context("POD_IP is not an IP address")?;
@@ -115,29 +120,17 @@ impl SidecarConfig {
             pod_namespace: var("POD_NAMESPACE")?,
             pod_ip,
             service_account: or("SERVICE_ACCOUNT", "default"),
-            outbound_addr: or("WEFT_OUTBOUND_ADDR", "127.0.0.1:15001")
-                .parse()
-                .context("WEFT_OUTBOUND_ADDR")?,
-            inbound_capture_addr: or("WEFT_INBOUND_CAPTURE_ADDR", "0.0.0.0:15006")
-                .parse()
-                .context("WEFT_INBOUND_CAPTURE_ADDR")?,
+            outbound_addr: address("WEFT_OUTBOUND_ADDR", "127.0.0.1:15001")?,
+            inbound_capture_addr: address("WEFT_INBOUND_CAPTURE_ADDR", "0.0.0.0:15006")?,
             inbound_mode: or("WEFT_INBOUND_MODE", "PERMISSIVE")
                 .parse()
                 .map_err(anyhow::Error::msg)
                 .context("WEFT_INBOUND_MODE")?,
-            health_addr: or("WEFT_HEALTH_ADDR", "0.0.0.0:15021")
-                .parse()
-                .context("WEFT_HEALTH_ADDR")?,
-            app_health_addr: or("WEFT_APP_HEALTH_ADDR", "0.0.0.0:15020")
-                .parse()
-                .context("WEFT_APP_HEALTH_ADDR")?,
+            health_addr: address("WEFT_HEALTH_ADDR", "0.0.0.0:15021")?,
+            app_health_addr: address("WEFT_APP_HEALTH_ADDR", "0.0.0.0:15020")?,
             app_probes: or("WEFT_APP_PROBES", ""),
-            admin_addr: or("WEFT_ADMIN_ADDR", "127.0.0.1:15000")
-                .parse()
-                .context("WEFT_ADMIN_ADDR")?,
-            prometheus_addr: or("WEFT_PROMETHEUS_ADDR", "0.0.0.0:15090")
-                .parse()
-                .context("WEFT_PROMETHEUS_ADDR")?,
+            admin_addr: address("WEFT_ADMIN_ADDR", "127.0.0.1:15000")?,
+            prometheus_addr: address("WEFT_PROMETHEUS_ADDR", "0.0.0.0:15090")?,
             passthrough: or("WEFT_PASSTHROUGH", "true") != "false",
             sniff_timeout: Duration::from_millis(number("WEFT_SNIFF_TIMEOUT_MS", 100)?),
             head_timeout: Duration::from_millis(number("WEFT_HEADER_TIMEOUT_MS", 10_000)?),
