@@ -129,11 +129,9 @@ fn value_of(term: &str, value: &str) -> Result<String, ApiError> {
         && value
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
-    if valid {
-        Ok(value.to_string())
-    } else {
-        Err(bad(term, "invalid label value"))
-    }
+    valid
+        .then(|| value.to_string())
+        .ok_or_else(|| bad(term, "invalid label value"))
 }
 
 fn bad(selector: &str, why: &str) -> ApiError {

@@ -39,12 +39,7 @@ impl ApiError {
     }
 
     pub fn not_found(group: &str, resource: &str, name: &str) -> Self {
-        Self::new(
-            404,
-            "NotFound",
-            format!("{} \"{name}\" not found", qualified(group, resource)),
-        )
-        .with_details(json!({"name": name, "group": group, "kind": resource}))
+        Self::about(404, "NotFound", group, resource, name, "not found")
     }
 
     pub fn path_not_found(path: &str) -> Self {
@@ -64,12 +59,28 @@ impl ApiError {
     }
 
     pub fn already_exists(group: &str, resource: &str, name: &str) -> Self {
-        Self::new(
+        Self::about(
             409,
             "AlreadyExists",
-            format!("{} \"{name}\" already exists", qualified(group, resource)),
+            group,
+            resource,
+            name,
+            "already exists",
         )
-        .with_details(json!({"name": name, "group": group, "kind": resource}))
+    }
+
+    /// An error about one named object, with the details clients read.
+    fn about(
+        code: u16,
+        reason: &'static str,
+        group: &str,
+        resource: &str,
+        name: &str,
+        what: &str,
+    ) -> Self {
+        let message = format!("{} \"{name}\" {what}", qualified(group, resource));
+        Self::new(code, reason, message)
+            .with_details(json!({"name": name, "group": group, "kind": resource}))
     }
 
     pub fn conflict(group: &str, resource: &str, name: &str) -> Self {

@@ -82,3 +82,26 @@ pub async fn http1_over_tls(
     tokio::spawn(connection);
     sender
 }
+
+/// One plain HTTP/1.1 request without a body to `addr`, on a connection
+/// of its own; the whole answer as text (status line, headers, body),
+/// within `WAIT`. For the small local ports tests look at (admin,
+/// monitoring).
+pub async fn http1(addr: std::net::SocketAddr, method: &str, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let exchange = async {
+        let mut tcp = tokio::net::TcpStream::connect(addr).await?;
+        let head = format!(
+            "{method} {path} HTTP/1.1\r\nhost: x\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+        );
+        tcp.write_all(head.as_bytes()).await?;
+        let mut answer = String::new();
+        tcp.read_to_string(&mut answer).await?;
+        Ok::<_, std::io::Error>(answer)
+    };
+    match tokio::time::timeout(WAIT, exchange).await {
+        Ok(Ok(answer)) => answer,
+        Ok(Err(err)) => panic!("{method} {path} on {addr}: {err}"),
+        Err(_) => panic!("{method} {path} on {addr}: no answer within {WAIT:?}"),
+    }
+}

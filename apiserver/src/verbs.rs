@@ -102,6 +102,10 @@ impl Target {
     }
 }
 
+/// What a handler answers: a response, or an error the caller turns into
+/// a Kubernetes Status.
+type Answer = Result<Response<Body>, ApiError>;
+
 /// What every verb's handler is given.
 struct Call<'a> {
     shared: &'a Arc<Shared>,
@@ -117,7 +121,7 @@ pub async fn serve(
     target: Target,
     query: Query,
     request: Request<Incoming>,
-) -> Result<Response<Body>, ApiError> {
+) -> Answer {
     let method = request.method().clone();
     tracing::trace!(user = %user.username(), %method, path = %target.path, "request");
     if target.info.create_only {
@@ -163,10 +167,7 @@ pub async fn serve(
 }
 
 /// POST to a create-only resource (TokenReview).
-async fn review(
-    shared: &Arc<Shared>,
-    request: Request<Incoming>,
-) -> Result<Response<Body>, ApiError> {
+async fn review(shared: &Arc<Shared>, request: Request<Incoming>) -> Answer {
     let (content_type, body) = read_body(request).await?;
     let review = decode_object(&content_type, &body)?;
     let state = shared.lock();
@@ -175,7 +176,7 @@ async fn review(
 }
 
 /// GET a collection: a list, or a watch.
-async fn get_collection(c: &Call<'_>) -> Result<Response<Body>, ApiError> {
+async fn get_collection(c: &Call<'_>) -> Answer {
     let (shared, t, query) = (c.shared, c.target, c.query);
     let labels = LabelSelector::parse(query.get("labelSelector").unwrap_or(""))?;
     let fields = FieldSelector::parse(query.get("fieldSelector").unwrap_or(""))?;
@@ -205,7 +206,7 @@ async fn get_collection(c: &Call<'_>) -> Result<Response<Body>, ApiError> {
     list(&state, t, &labels, &fields, query).map(|b| bytes_response(200, b))
 }
 
-async fn create(c: &Call<'_>, request: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+async fn create(c: &Call<'_>, request: Request<Incoming>) -> Answer {
     let (shared, t, query) = (c.shared, c.target, c.query);
     let (content_type, body) = read_body(request).await?;
     let mut object = decode_object(&content_type, &body)?;
@@ -247,7 +248,7 @@ async fn create(c: &Call<'_>, request: Request<Incoming>) -> Result<Response<Bod
     Ok(object_response(201, &created, &t.info, &t.version))
 }
 
-fn delete_collection(c: &Call<'_>) -> Result<Response<Body>, ApiError> {
+fn delete_collection(c: &Call<'_>) -> Answer {
     let (shared, t, query) = (c.shared, c.target, c.query);
     let labels = LabelSelector::parse(query.get("labelSelector").unwrap_or(""))?;
     let fields = FieldSelector::parse(query.get("fieldSelector").unwrap_or(""))?;
@@ -282,7 +283,7 @@ fn delete_collection(c: &Call<'_>) -> Result<Response<Body>, ApiError> {
     ))
 }
 
-fn get(c: &Call<'_>, name: &str) -> Result<Response<Body>, ApiError> {
+fn get(c: &Call<'_>, name: &str) -> Answer {
     let (shared, t) = (c.shared, c.target);
     let state = shared.lock();
     let ns = if t.info.namespaced { t.ns() } else { "" };
@@ -294,11 +295,7 @@ fn get(c: &Call<'_>, name: &str) -> Result<Response<Body>, ApiError> {
 }
 
 /// PUT (replace) or PATCH an object or its status.
-async fn write(
-    c: &Call<'_>,
-    name: &str,
-    request: Request<Incoming>,
-) -> Result<Response<Body>, ApiError> {
+async fn write(c: &Call<'_>, name: &str, request: Request<Incoming>) -> Answer {
     let (shared, t, query) = (c.shared, c.target, c.query);
     let status_only = t.status_only()?;
     let replace = request.method() == Method::PUT;
@@ -331,11 +328,7 @@ async fn write(
     Ok(object_response(code, &written, &t.info, &t.version))
 }
 
-async fn delete(
-    c: &Call<'_>,
-    name: &str,
-    request: Request<Incoming>,
-) -> Result<Response<Body>, ApiError> {
+async fn delete(c: &Call<'_>, name: &str, request: Request<Incoming>) -> Answer {
     let (shared, t, query) = (c.shared, c.target, c.query);
     // DeleteOptions come in the body (client-go, kube-rs, kubectl) or,
     // from simpler clients, as a query parameter.
@@ -350,11 +343,7 @@ async fn delete(
 }
 
 /// POST serviceaccounts/{name}/token (TokenRequest).
-async fn token(
-    c: &Call<'_>,
-    name: &str,
-    request: Request<Incoming>,
-) -> Result<Response<Body>, ApiError> {
+async fn token(c: &Call<'_>, name: &str, request: Request<Incoming>) -> Answer {
     let (shared, t) = (c.shared, c.target);
     let (content_type, body) = read_body(request).await?;
     let token_request = decode_object(&content_type, &body)?;

@@ -665,36 +665,28 @@ async fn service_account_tokens_and_token_review() {
     let token = issued.status.unwrap().token;
 
     let reviews: Api<TokenReview> = Api::all(client.clone());
-    let review = |token: String, audiences: Vec<String>| TokenReview {
-        spec: TokenReviewSpec {
-            token: Some(token),
-            audiences: Some(audiences),
-        },
-        ..Default::default()
+    // What the server says of `token` for `audience`.
+    let review = |token: String, audience: &str| {
+        let review = TokenReview {
+            spec: TokenReviewSpec {
+                token: Some(token),
+                audiences: Some(vec![audience.to_string()]),
+            },
+            ..Default::default()
+        };
+        let reviews = reviews.clone();
+        async move {
+            let answer = reviews.create(&PostParams::default(), &review).await;
+            answer.unwrap().status.unwrap()
+        }
     };
-    let answer = reviews
-        .create(
-            &PostParams::default(),
-            &review(token.clone(), vec!["weft".into()]),
-        )
-        .await
-        .unwrap()
-        .status
-        .unwrap();
+    let answer = review(token.clone(), "weft").await;
     assert_eq!(answer.authenticated, Some(true));
     assert_eq!(
         answer.user.unwrap().username.as_deref(),
         Some("system:serviceaccount:weft-system:weft-control")
     );
-    let wrong_audience = reviews
-        .create(
-            &PostParams::default(),
-            &review(token.clone(), vec!["other".into()]),
-        )
-        .await
-        .unwrap()
-        .status
-        .unwrap();
+    let wrong_audience = review(token.clone(), "other").await;
     assert_eq!(wrong_audience.authenticated, Some(false));
 
     // Deleting the account invalidates its tokens.
@@ -702,12 +694,7 @@ async fn service_account_tokens_and_token_review() {
         .delete("weft-control", &DeleteParams::default())
         .await
         .unwrap();
-    let gone = reviews
-        .create(&PostParams::default(), &review(token, vec!["weft".into()]))
-        .await
-        .unwrap()
-        .status
-        .unwrap();
+    let gone = review(token, "weft").await;
     assert_eq!(gone.authenticated, Some(false));
     assert!(gone.error.unwrap().contains("deleted"));
 

@@ -77,21 +77,23 @@ impl FromStr for Identity {
 
 /// SPIFFE trust domains: lowercase letters, digits, '.', '-', '_'.
 fn valid_trust_domain(td: &str) -> bool {
-    !td.is_empty()
-        && td.len() <= 255
-        && td
+    lowercase_name(td, 255, b"-._")
+}
+
+/// Non-empty, at most `max` bytes, and only lowercase letters, digits and
+/// the bytes in `also`.
+fn lowercase_name(text: &str, max: usize, also: &[u8]) -> bool {
+    !text.is_empty()
+        && text.len() <= max
+        && text
             .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-._".contains(&b))
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || also.contains(&b))
 }
 
 /// Kubernetes namespace and service account names, which are also valid
 /// SPIFFE path segments: DNS-1123 subdomain characters.
 fn valid_segment(segment: &str) -> bool {
-    !segment.is_empty()
-        && segment.len() <= 253
-        && segment
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-.".contains(&b))
+    lowercase_name(segment, 253, b"-.")
         && !segment.starts_with(['-', '.'])
         && !segment.ends_with(['-', '.'])
 }

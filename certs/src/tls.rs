@@ -304,20 +304,9 @@ pub fn client_config(
     bundle: &TrustBundle,
     expected: Vec<Identity>,
 ) -> Result<Arc<ClientConfig>> {
-    let mut config = ClientConfig::builder_with_provider(provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(SpiffeServerVerifier {
-            bundle: bundle.clone(),
-            expected,
-        }))
-        .with_client_cert_resolver(Arc::new(Resolver(certs.clone())));
-    config.alpn_protocols = vec![MESH_ALPN.to_vec()];
-    // The SNI would only leak an address; the identity check replaces it.
-    config.enable_sni = false;
-    // See server_config: every connection verifies the peer in full.
-    config.resumption = rustls::client::Resumption::disabled();
-    Ok(Arc::new(config))
+    let resolver = Arc::new(Resolver(certs.clone()));
+    let config = verifying(bundle, expected)?.with_client_cert_resolver(resolver);
+    Ok(mesh_client(config))
 }
 
 /// A client config with no certificate of its own, for the one call a
@@ -327,18 +316,35 @@ pub fn client_config_without_certificate(
     bundle: &TrustBundle,
     expected: Vec<Identity>,
 ) -> Result<Arc<ClientConfig>> {
-    let mut config = ClientConfig::builder_with_provider(provider())
+    Ok(mesh_client(
+        verifying(bundle, expected)?.with_no_client_auth(),
+    ))
+}
+
+/// TLS 1.3 with a server that must chain to `bundle` and prove one of
+/// the `expected` identities.
+fn verifying(
+    bundle: &TrustBundle,
+    expected: Vec<Identity>,
+) -> Result<rustls::ConfigBuilder<ClientConfig, rustls::client::WantsClientCert>> {
+    let verifier = Arc::new(SpiffeServerVerifier {
+        bundle: bundle.clone(),
+        expected,
+    });
+    Ok(ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .dangerous()
-        .with_custom_certificate_verifier(Arc::new(SpiffeServerVerifier {
-            bundle: bundle.clone(),
-            expected,
-        }))
-        .with_no_client_auth();
+        .with_custom_certificate_verifier(verifier))
+}
+
+/// What every mesh client config says: HTTP/2, no SNI (it would only leak
+/// an address; the identity check replaces it), and no resumption (see
+/// server_config: every connection verifies the peer in full).
+fn mesh_client(mut config: ClientConfig) -> Arc<ClientConfig> {
     config.alpn_protocols = vec![MESH_ALPN.to_vec()];
     config.enable_sni = false;
     config.resumption = rustls::client::Resumption::disabled();
-    Ok(Arc::new(config))
+    Arc::new(config)
 }
 
 /// The SPIFFE identity in a peer's end-entity certificate.
@@ -399,24 +405,20 @@ impl std::error::Error for UnexpectedIdentity {}
 /// Handshake signatures are checked the same way whichever side is
 /// verified: with the ring provider's algorithms.
 macro_rules! handshake_signatures {
+    ($($check:ident),+) => {
+        $(
+            fn $check(
+                &self,
+                message: &[u8],
+                cert: &CertificateDer<'_>,
+                dss: &DigitallySignedStruct,
+            ) -> Result<HandshakeSignatureValid, TlsError> {
+                rustls::crypto::$check(message, cert, dss, &algorithms())
+            }
+        )+
+    };
     () => {
-        fn verify_tls12_signature(
-            &self,
-            message: &[u8],
-            cert: &CertificateDer<'_>,
-            dss: &DigitallySignedStruct,
-        ) -> Result<HandshakeSignatureValid, TlsError> {
-            rustls::crypto::verify_tls12_signature(message, cert, dss, &algorithms())
-        }
-
-        fn verify_tls13_signature(
-            &self,
-            message: &[u8],
-            cert: &CertificateDer<'_>,
-            dss: &DigitallySignedStruct,
-        ) -> Result<HandshakeSignatureValid, TlsError> {
-            rustls::crypto::verify_tls13_signature(message, cert, dss, &algorithms())
-        }
+        handshake_signatures!(verify_tls12_signature, verify_tls13_signature);
 
         fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
             algorithms().supported_schemes()
@@ -439,12 +441,9 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         _ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, TlsError> {
-        self.bundle.verify_chain(
-            end_entity,
-            intermediates,
-            now,
-            webpki::KeyUsage::server_auth(),
-        )?;
+        let usage = webpki::KeyUsage::server_auth();
+        self.bundle
+            .verify_chain(end_entity, intermediates, now, usage)?;
         let presented = identity_of(end_entity)?;
         if !self.expected.contains(&presented) {
             return Err(TlsError::InvalidCertificate(CertificateError::Other(
@@ -482,12 +481,9 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, TlsError> {
-        self.bundle.verify_chain(
-            end_entity,
-            intermediates,
-            now,
-            webpki::KeyUsage::client_auth(),
-        )?;
+        let usage = webpki::KeyUsage::client_auth();
+        self.bundle
+            .verify_chain(end_entity, intermediates, now, usage)?;
         identity_of(end_entity)?;
         Ok(ClientCertVerified::assertion())
     }

@@ -127,6 +127,22 @@ async fn exchange(client: &Side, server: &Side) -> (Result<Identity, String>, Se
     (seen, server_result(task).await)
 }
 
+/// A connection the client refuses, saying `reason`; the server sees it fail.
+async fn refused_by_client(client: &Side, server: &Side, reason: &str) {
+    let (seen, served) = exchange(client, server).await;
+    let err = seen.unwrap_err();
+    assert!(err.contains(reason), "{err}");
+    assert!(served.is_err());
+}
+
+/// A connection the server refuses; returns what the server said.
+async fn refused_by_server(client: &Side, server: &Side) -> String {
+    let (seen, served) = exchange(client, server).await;
+    // In TLS 1.3 the client learns of the refusal only when it reads.
+    assert!(seen.is_err());
+    served.unwrap_err()
+}
+
 async fn server_result(task: tokio::task::JoinHandle<ServerResult>) -> ServerResult {
     within(task).await.expect("server task panicked")
 }
@@ -145,42 +161,24 @@ async fn workloads_under_two_intermediates_of_one_root_see_each_other() {
 
 #[tokio::test]
 async fn a_server_from_another_root_is_refused() {
-    let trusted = named_root("trusted");
-    let foreign = named_root("foreign");
+    let (trusted, foreign) = (named_root("trusted"), named_root("foreign"));
     let client = side(&trusted, &trusted.roots_pem(), &id("client"));
     let server = side(&foreign, &foreign.roots_pem(), &id("echo"));
-    let (seen, served) = exchange(&client, &server).await;
-    let err = seen.unwrap_err();
-    assert!(err.contains("UnknownIssuer"), "{err}");
-    assert!(served.is_err());
+    refused_by_client(&client, &server, "UnknownIssuer").await;
 }
 
 #[tokio::test]
 async fn a_client_from_another_root_is_refused() {
-    let trusted = named_root("trusted");
-    let foreign = named_root("foreign");
+    let (trusted, foreign) = (named_root("trusted"), named_root("foreign"));
     let client = side(&foreign, &trusted.roots_pem(), &id("client"));
     let server = side(&trusted, &trusted.roots_pem(), &id("echo"));
-    let (addr, task) = serve_once(server.server()).await;
-    // In TLS 1.3 the client learns of the refusal only when it reads.
-    assert!(
-        within(ping(client.client(vec![id("echo")]), addr))
-            .await
-            .is_err()
-    );
-    let err = server_result(task).await.unwrap_err();
+    let err = refused_by_server(&client, &server).await;
     assert!(err.contains("UnknownIssuer"), "{err}");
 
     // Two roots with the same name are still told apart by their keys.
     let twin = named_root("trusted");
     let client = side(&twin, &trusted.roots_pem(), &id("client"));
-    let (addr, task) = serve_once(server.server()).await;
-    assert!(
-        within(ping(client.client(vec![id("echo")]), addr))
-            .await
-            .is_err()
-    );
-    let err = server_result(task).await.unwrap_err();
+    let err = refused_by_server(&client, &server).await;
     assert!(untrusted(&err), "{err}");
 }
 
@@ -215,10 +213,7 @@ async fn an_expired_certificate_is_refused() {
         bundle: TrustBundle::from_pem(&ca.roots_pem()).unwrap(),
     };
     let client = side(&ca, &ca.roots_pem(), &id("client"));
-    let (seen, served) = exchange(&client, &server).await;
-    let err = seen.unwrap_err();
-    assert!(err.contains("Expired"), "{err}");
-    assert!(served.is_err());
+    refused_by_client(&client, &server, "Expired").await;
 }
 
 #[tokio::test]

@@ -32,14 +32,7 @@ fn root_intermediate_and_workload_files_hang_together() {
     let dir = tempfile::tempdir().unwrap();
     let root_dir = dir.path().join("root");
     ok(weftctl(&["certs", "root", "--out-dir", path(&root_dir)]));
-    let said = ok(weftctl(&[
-        "certs",
-        "intermediate",
-        "--cluster",
-        "c1",
-        "--root-dir",
-        path(&root_dir),
-    ]));
+    let said = ok(weftctl(&intermediate_c1(&root_dir)));
     assert!(
         said.contains("kubectl create secret generic cacerts"),
         "{said}"
@@ -83,14 +76,7 @@ fn mistakes_get_clear_errors_and_nothing_is_overwritten() {
     let dir = tempfile::tempdir().unwrap();
     let root_dir = dir.path().join("root");
 
-    let intermediate = [
-        "certs",
-        "intermediate",
-        "--cluster",
-        "c1",
-        "--root-dir",
-        path(&root_dir),
-    ];
+    let intermediate = intermediate_c1(&root_dir);
     let err = fails(&intermediate);
     assert!(err.contains("weftctl certs root"), "{err}");
 
@@ -117,6 +103,12 @@ fn mistakes_get_clear_errors_and_nothing_is_overwritten() {
     std::fs::write(root_dir.join("root-key.pem"), "garbage").unwrap();
     let err = fails(&intermediate);
     assert!(err.contains("root-key.pem"), "{err}");
+}
+
+/// `weftctl certs intermediate` for cluster c1 under the root in `root_dir`.
+fn intermediate_c1(root_dir: &std::path::Path) -> [&str; 6] {
+    let args = ["certs", "intermediate", "--cluster", "c1", "--root-dir"];
+    [args[0], args[1], args[2], args[3], args[4], path(root_dir)]
 }
 
 /// Runs weftctl expecting it to fail; returns what it said on stderr.

@@ -163,16 +163,21 @@ async fn remote_secret(lab: &Lab, secret: &str, entries: BTreeMap<&str, Option<S
     }
 }
 
+/// Pushes within a second, so tests do not wait on the default 10 s.
+fn quick_debounce() -> Debounce {
+    Debounce {
+        quiet: Duration::from_millis(50),
+        max_delay: Duration::from_secs(1),
+    }
+}
+
 async fn control_plane(lab: &Lab, id: &str) -> ControlPlane {
     let mut config = Config::new(id);
     config.xds_plain_addr = Some("127.0.0.1:0".parse().unwrap());
     config.xds_tls_addr = Some("127.0.0.1:0".parse().unwrap());
     config.monitoring_addr = Some("127.0.0.1:0".parse().unwrap());
     config.remote_timeout = Duration::from_secs(2);
-    config.debounce = Debounce {
-        quiet: Duration::from_millis(50),
-        max_delay: Duration::from_secs(1),
-    };
+    config.debounce = quick_debounce();
     ControlPlane::start(config, lab.client.clone())
         .await
         .unwrap()
@@ -441,18 +446,12 @@ async fn three_clusters_merge_and_changes_propagate() {
     assert!(clusters.contains("\"id\":\"c3\""), "{clusters}");
 }
 
+/// The body of a GET on a monitoring port.
 async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    tcp.write_all(
-        format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").as_bytes(),
-    )
-    .await
-    .unwrap();
-    let mut out = String::new();
-    tcp.read_to_string(&mut out).await.unwrap();
-    out.split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
+    let answer = weft_apiserver::testing::http1(addr, "GET", path).await;
+    answer
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_string())
         .unwrap_or_default()
 }
 
@@ -1044,32 +1043,19 @@ async fn pods_are_injected_through_the_webhook() {
     assert_eq!(containers(&created).0, ["echo", "weft-proxy"]);
 
     // Opted out, or in a namespace that is not enabled: untouched.
-    let out = make(
-        "demo",
-        "opted-out",
-        json!({}),
+    let (off, on, none) = (
         json!({"sidecar.weft.io/inject": "false"}),
-    )
-    .await;
-    assert_eq!(containers(&out), (vec!["app".into()], vec![]));
-    let label_out = make(
-        "demo",
-        "label-out",
-        json!({"sidecar.weft.io/inject": "false"}),
-        json!({}),
-    )
-    .await;
-    assert_eq!(containers(&label_out).0, ["app"]);
-    let plain = make("plain", "plain", json!({}), json!({})).await;
-    assert_eq!(containers(&plain).0, ["app"]);
-    // A pod that opts itself in, in a namespace that is not enabled.
-    let opted_in = make(
-        "plain",
-        "opted-in",
         json!({"sidecar.weft.io/inject": "true"}),
         json!({}),
-    )
-    .await;
+    );
+    let out = make("demo", "opted-out", none.clone(), off.clone()).await;
+    assert_eq!(containers(&out), (vec!["app".into()], vec![]));
+    let label_out = make("demo", "label-out", off, none.clone()).await;
+    assert_eq!(containers(&label_out).0, ["app"]);
+    let plain = make("plain", "plain", none.clone(), none.clone()).await;
+    assert_eq!(containers(&plain).0, ["app"]);
+    // A pod that opts itself in, in a namespace that is not enabled.
+    let opted_in = make("plain", "opted-in", on, none).await;
     assert_eq!(containers(&opted_in).0, ["app", "weft-proxy"]);
 
     // A malformed AdmissionReview posted straight to the webhook.
@@ -1106,10 +1092,7 @@ async fn xds_needs_a_mesh_certificate_and_streams_outlive_serving_cert_rotations
     config.xds_tls_addr = Some("127.0.0.1:0".parse().unwrap());
     config.webhook_addr = Some("127.0.0.1:0".parse().unwrap());
     config.serving_cert_lifetime = Duration::from_secs(2);
-    config.debounce = Debounce {
-        quiet: Duration::from_millis(50),
-        max_delay: Duration::from_secs(1),
-    };
+    config.debounce = quick_debounce();
     let control = ControlPlane::start(config, c1.client.clone())
         .await
         .unwrap();

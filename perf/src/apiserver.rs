@@ -21,7 +21,7 @@ use serde_json::{Value, json};
 use tokio::sync::mpsc;
 use weft_lab::{ApiServer, ApiServerConfig};
 
-use crate::report::{self, Machine};
+use crate::report;
 
 #[derive(Clone, Debug)]
 pub struct Options {
@@ -167,6 +167,19 @@ fn resource_version(line: &[u8]) -> Option<u64> {
     let digits = &line[start..];
     let end = digits.iter().position(|b| !b.is_ascii_digit())?;
     std::str::from_utf8(&digits[..end]).ok()?.parse().ok()
+}
+
+/// Marks a created pod running and ready at `ip`, as its kubelet would.
+pub async fn mark_running(
+    pods: &kube::Api<k8s_openapi::api::core::v1::Pod>,
+    name: &str,
+    ip: &str,
+) -> Result<()> {
+    let ready = [serde_json::json!({"type": "Ready", "status": "True"})];
+    let status = serde_json::json!({"status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}], "conditions": ready}});
+    let patch = kube::api::Patch::Merge(status);
+    pods.patch_status(name, &Default::default(), &patch).await?;
+    Ok(())
 }
 
 pub fn run(options: &Options, command: &str) -> Result<Outcome> {
@@ -330,7 +343,7 @@ async fn drive(server: &ApiServer, options: &Options, command: &str) -> Result<O
     let passed = missing == 0 && d[2] < options.target_p99_ms;
     let markdown = format!(
         "# Lab API server: {objects} objects, {watchers} watchers\n\n\
-         - Date: {date}\n- Commit: {commit}\n- Command: `{command}`\n{machine}\n\
+         {header}\n\
          The server runs on one runtime thread, the {watchers} watchers and the writer on another, \
          in one process. Each watcher lists all objects, then watches from the list's \
          resourceVersion over its own HTTP/1.1 TLS connection. Updates are JSON merge patches \
@@ -352,9 +365,7 @@ async fn drive(server: &ApiServer, options: &Options, command: &str) -> Result<O
          | {watchers} concurrent full lists, all done | {all_listed:.2} s |\n",
         objects = options.objects,
         watchers = options.watchers,
-        date = report::today(),
-        commit = report::commit(),
-        machine = Machine::read().markdown(),
+        header = report::header(command),
         gap = options.gap.as_millis(),
         warmup = options.warmup,
         one = report::cells(&d, 3),

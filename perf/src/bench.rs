@@ -593,9 +593,7 @@ async fn populate(cluster: &Cluster, services: usize, workloads: usize) -> Resul
                 let name = format!("pod-{n}");
                 create(&pods, json!({"metadata": {"name": name, "labels": {"app": format!("svc-{}", n / per)}, "annotations": {"sidecar.weft.io/status": "{}"}},
                     "spec": {"serviceAccountName": "scale", "nodeName": node, "containers": [{"name": "app", "image": "x"}]}})).await?;
-                let status = json!({"status": {"phase": "Running", "podIP": ip_of(n), "podIPs": [{"ip": ip_of(n)}], "conditions": [{"type": "Ready", "status": "True"}]}});
-                pods.patch_status(&name, &PatchParams::default(), &Patch::Merge(status)).await?;
-                Ok(())
+                crate::apiserver::mark_running(&pods, &name, &ip_of(n)).await
             }
         })
         .buffer_unordered(16)

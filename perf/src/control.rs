@@ -23,7 +23,7 @@ use weft_xds_proto::discovery::DeltaDiscoveryRequest;
 use weft_xds_proto::discovery::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
 use weft_xds_proto::type_url;
 
-use crate::report::{self, Machine};
+use crate::report;
 
 #[derive(Clone, Debug)]
 pub struct Options {
@@ -80,9 +80,7 @@ async fn populate(client: &kube::Client, cluster: usize, options: &Options) -> R
                     "spec": {"serviceAccountName": "bench", "nodeName": "node-1", "containers": [{"name": "app", "image": "bench"}]},
                 });
                 pods.create(&PostParams::default(), &serde_json::from_value(pod)?).await?;
-                let status = json!({"status": {"phase": "Running", "podIP": ip(cluster, n), "podIPs": [{"ip": ip(cluster, n)}], "conditions": [{"type": "Ready", "status": "True"}]}});
-                pods.patch_status(&name, &PatchParams::default(), &Patch::Merge(status)).await?;
-                Ok(())
+                crate::apiserver::mark_running(&pods, &name, &ip(cluster, n)).await
             }
         })
         .buffer_unordered(16)
@@ -406,7 +404,7 @@ async fn drive(options: &Options, command: &str) -> Result<Outcome> {
         missing == 0 && all[2] < options.target_p99_ms && mib(rss_peak) < options.target_rss_mb;
     let markdown = format!(
         "# Control plane: {clusters} clusters × {per} workloads, {proxies} proxies\n\n\
-         - Date: {date}\n- Commit: {commit}\n- Command: `{command}`\n{machine}\n\
+         {header}\n\
          `weft-control` runs as its own process with the default debounce (100 ms quiet, 10 s max). \
          The lab API servers and the {proxies} simulated proxies (delta xDS over plain gRPC, \
          {per_conn} streams per HTTP/2 connection, every response ACKed) share another process. \
@@ -434,9 +432,7 @@ async fn drive(options: &Options, command: &str) -> Result<Outcome> {
         per = options.workloads_per_cluster,
         proxies = options.proxies,
         per_conn = options.proxies_per_connection,
-        date = report::today(),
-        commit = report::commit(),
-        machine = Machine::read().markdown(),
+        header = report::header(command),
         all_cells = report::cells(&all, 1),
         one_cells = report::cells(&one, 1),
         a2 = all[2],

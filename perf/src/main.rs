@@ -254,14 +254,14 @@ fn main() -> Result<()> {
             "control",
             control::run(
                 &control::Options {
+                    target_p99_ms,
+                    target_rss_mb,
                     clusters,
                     workloads_per_cluster: workloads,
                     pods_per_service,
                     proxies,
                     proxies_per_connection,
                     changes,
-                    target_p99_ms,
-                    target_rss_mb,
                 },
                 &command,
             )?,

@@ -199,6 +199,17 @@ pub fn percentiles_ms(h: &Histogram<u64>) -> [f64; 6] {
     ]
 }
 
+/// The lines under a result's title: date, commit, the command that made
+/// it, and the machine.
+pub fn header(command: &str) -> String {
+    let machine = Machine::read().markdown();
+    format!(
+        "- Date: {}\n- Commit: {}\n- Command: `{command}`\n{machine}",
+        today(),
+        commit()
+    )
+}
+
 /// A row of `percentiles_ms` as Markdown cells: the five latencies with
 /// `decimals` decimals, then the sample count.
 pub fn cells(row: &[f64; 6], decimals: usize) -> String {

@@ -26,7 +26,7 @@ use weft_proxy::xds::XdsState;
 use weft_xds_proto::{mesh, testing};
 
 use crate::apiserver::Outcome;
-use crate::report::{self, Machine};
+use crate::report;
 
 #[derive(Clone, Debug)]
 pub struct Options {
@@ -173,9 +173,11 @@ async fn drive(options: &Options, command: &str) -> Result<Outcome> {
     }
     let d = report::percentiles_ms(&direct_h);
     let m = report::percentiles_ms(&mesh_h);
+    let (payload, rate) = (options.payload, options.rate);
+    let (requests, warmup) = (options.requests, options.warmup);
     let markdown = format!(
         "# Sidecar path, TCP: {payload} B echo at {rate}/s\n\n\
-         - Date: {date}\n- Commit: {commit}\n- Command: `{command}`\n{machine}\n\
+         {header}\n\
          One persistent TCP connection each way: directly to the app, and through the client \
          sidecar (explicit CONNECT) → mTLS HTTP/2 CONNECT tunnel → server sidecar → app. A {payload} B \
          write and its {payload} B echo is one round trip; both paths take one each tick, in \
@@ -186,13 +188,7 @@ async fn drive(options: &Options, command: &str) -> Result<Outcome> {
          | direct | {direct} |\n\
          | two sidecars, mTLS | {meshed} |\n\
          | added | {a0:.3} | {a1:.3} | {a2:.3} | {a3:.3} | | |\n",
-        payload = options.payload,
-        rate = options.rate,
-        requests = options.requests,
-        warmup = options.warmup,
-        date = report::today(),
-        commit = report::commit(),
-        machine = Machine::read().markdown(),
+        header = report::header(command),
         direct = report::cells(&d, 3),
         meshed = report::cells(&m, 3),
         a0 = m[0] - d[0],

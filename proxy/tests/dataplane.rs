@@ -558,9 +558,6 @@ mod grpc {
 
     #[tonic::async_trait]
     impl AggregatedDiscoveryService for App {
-        type DeltaAggregatedResourcesStream = Responses<DeltaDiscoveryResponse>;
-        type StreamAggregatedResourcesStream = Responses<DiscoveryResponse>;
-
         async fn delta_aggregated_resources(
             &self,
             request: Request<Streaming<DeltaDiscoveryRequest>>,
@@ -582,6 +579,9 @@ mod grpc {
         ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
             Err(Status::unimplemented("not in this test"))
         }
+
+        type DeltaAggregatedResourcesStream = Responses<DeltaDiscoveryResponse>;
+        type StreamAggregatedResourcesStream = Responses<DiscoveryResponse>;
     }
 
     pub async fn serve(ip: IpAddr, name: &'static str) {
@@ -619,6 +619,14 @@ async fn l7_pods(mesh: &Mesh, first: (u8, &'static str), second: (u8, &'static s
         http_app(ip, name).await;
         grpc::serve(ip, name).await;
     }
+}
+
+/// One healthy endpoint in c1, zone a, at `pod_ip(n)`.
+fn publish_one(mesh: &Mesh, uid: &str, n: u8) {
+    publish(
+        &mesh.xds,
+        vec![workload(uid, pod_ip(n), "c1", "a", "echo", true)],
+    );
 }
 
 type H1 = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
@@ -868,17 +876,7 @@ async fn failing_endpoints_are_retried_and_ejected() {
 async fn bad_http_input_is_refused_and_bounded() {
     let mesh = client_sidecar(false).await;
     l7_pods(&mesh, (15, "echo-a"), (16, "echo-b")).await;
-    publish(
-        &mesh.xds,
-        vec![workload(
-            "c1/demo/echo-a",
-            pod_ip(15),
-            "c1",
-            "a",
-            "echo",
-            true,
-        )],
-    );
+    publish_one(&mesh, "c1/demo/echo-a", 15);
     // Garbage after CONNECT to an HTTP port: a 400, not a crash.
     let (_, mut conn) = connect(mesh.proxy, "echo.demo:81").await;
     conn.write_all(b"\x00\x01garbage\r\n\r\n").await.unwrap();
@@ -950,17 +948,7 @@ async fn bad_http_input_is_refused_and_bounded() {
 async fn upgrades_on_http_ports_cross_the_mesh() {
     let mesh = client_sidecar(false).await;
     l7_pods(&mesh, (19, "echo-a"), (20, "echo-b")).await;
-    publish(
-        &mesh.xds,
-        vec![workload(
-            "c1/demo/echo-a",
-            pod_ip(19),
-            "c1",
-            "a",
-            "echo",
-            true,
-        )],
-    );
+    publish_one(&mesh, "c1/demo/echo-a", 19);
     // The client claims to be someone else: the app must see only what
     // the server sidecar proved, on upgrades as on any HTTP request.
     let head = |upgrade: &str| {
@@ -1016,17 +1004,7 @@ async fn upgrades_on_http_ports_cross_the_mesh() {
 async fn drain_finishes_in_flight_requests_and_refuses_new_connections() {
     let mesh = client_sidecar(false).await;
     l7_pods(&mesh, (17, "echo-a"), (18, "echo-b")).await;
-    publish(
-        &mesh.xds,
-        vec![workload(
-            "c1/demo/echo-a",
-            pod_ip(17),
-            "c1",
-            "a",
-            "echo",
-            true,
-        )],
-    );
+    publish_one(&mesh, "c1/demo/echo-a", 17);
     let mut h1 = http1_via_connect(mesh.proxy, "echo.demo:81").await;
     let in_flight = tokio::spawn(async move {
         tokio::time::timeout(STEP, h1.ready())

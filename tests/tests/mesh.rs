@@ -415,53 +415,21 @@ async fn a_connection_crosses_two_sidecars_configured_by_the_control_plane() {
     drop(conn);
 
     // The admin port shows the configuration and the traffic.
-    let admin = |addr: std::net::SocketAddr, path: &'static str| async move {
-        let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
-        conn.write_all(
-            format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").as_bytes(),
-        )
-        .await
-        .unwrap();
-        let mut out = String::new();
-        tokio::time::timeout(WAIT, conn.read_to_string(&mut out))
-            .await
-            .unwrap()
-            .unwrap();
-        out
-    };
+    let admin = |addr, path| weft_lab::apiserver::testing::http1(addr, "GET", path);
     let dump = admin(client_side.admin_addr, "/config_dump").await;
     assert!(dump.contains("\"uid\": \"c1/demo/echo-1\""), "{dump}");
     let clusters = admin(client_side.admin_addr, "/clusters").await;
     // The log filter changes at run time; bad input is a 400, not a crash.
-    let post = |addr: std::net::SocketAddr, path: &'static str| async move {
-        let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
-        conn.write_all(
-            format!(
-                "POST {path} HTTP/1.1\r\nhost: x\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
-            )
-            .as_bytes(),
-        )
-        .await
-        .unwrap();
-        let mut out = String::new();
-        conn.read_to_string(&mut out).await.unwrap();
-        out
-    };
-    assert!(
-        post(client_side.admin_addr, "/logging?level=weft_proxy=debug")
-            .await
-            .starts_with("HTTP/1.1 200")
-    );
-    assert!(
-        post(client_side.admin_addr, "/logging?level=x!")
-            .await
-            .starts_with("HTTP/1.1 400")
-    );
-    assert!(
-        post(client_side.admin_addr, "/logging")
-            .await
-            .starts_with("HTTP/1.1 400")
-    );
+    let post = |addr, path| weft_lab::apiserver::testing::http1(addr, "POST", path);
+    for (path, code) in [
+        ("/logging?level=weft_proxy=debug", "200"),
+        ("/logging?level=x!", "400"),
+        ("/logging", "400"),
+    ] {
+        let answer = post(client_side.admin_addr, path).await;
+        let status = format!("HTTP/1.1 {code}");
+        assert!(answer.starts_with(&status), "POST {path}: {answer}");
+    }
     assert!(
         admin(client_side.admin_addr, "/logging")
             .await
@@ -696,22 +664,19 @@ spec:
                 .parse()
                 .unwrap()
         };
-        let seen = weft_lab::traffic::identity_seen_by_echo(
-            &outsider,
-            std::net::SocketAddr::new(ip("echo-v1"), 8080),
-        )
-        .await;
+        let seen_by = |pod| {
+            let app = std::net::SocketAddr::new(ip(pod), 8080);
+            let outsider = outsider.clone();
+            async move { weft_lab::traffic::identity_seen_by_echo(&outsider, app).await }
+        };
+        let seen = seen_by("echo-v1").await;
         // The echo server reports "-" for a caller without an identity.
         assert_eq!(
             seen.as_deref(),
             Ok("-"),
             "a forged identity reached the app"
         );
-        let refused = weft_lab::traffic::identity_seen_by_echo(
-            &outsider,
-            std::net::SocketAddr::new(ip("echo-strict"), 8080),
-        )
-        .await;
+        let refused = seen_by("echo-strict").await;
         assert!(
             refused.is_err(),
             "plaintext reached a STRICT pod's app: {refused:?}"
