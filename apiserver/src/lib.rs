@@ -41,6 +41,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde_json::json;
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
+use weft_certs::accept;
 use weft_certs::{CaParams, CertificateAuthority, PluginFiles};
 
 pub use status::ApiError;
@@ -434,9 +435,6 @@ fn kubeconfig(cluster: &str, server: &str, ca_pem: &str, token: &str) -> String 
     )
 }
 
-/// How long a client may take to finish the TLS handshake.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-
 async fn serve(
     listener: TcpListener,
     tls: Arc<rustls::ServerConfig>,
@@ -446,32 +444,18 @@ async fn serve(
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     let mut connections = JoinSet::new();
     loop {
-        let accepted = tokio::select! {
-            accepted = listener.accept() => accepted,
+        let (tcp, peer) = tokio::select! {
+            accepted = accept::next(&listener) => accepted,
             _ = shutdown.changed() => break,
             Some(_) = connections.join_next(), if !connections.is_empty() => continue,
         };
-        let (tcp, peer) = match accepted {
-            Ok(connection) => connection,
-            Err(err) => {
-                // Out of file descriptors and the like: back off, keep serving.
-                tracing::warn!(%err, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let _ = tcp.set_nodelay(true);
         let acceptor = acceptor.clone();
         let shared = shared.clone();
         connections.spawn(async move {
-            let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                Ok(Ok(tls)) => tls,
-                Ok(Err(err)) => {
-                    tracing::debug!(%peer, %err, "TLS handshake failed");
-                    return;
-                }
-                Err(_) => {
-                    tracing::debug!(%peer, "TLS handshake timed out");
+            let tls = match accept::handshake(&acceptor, tcp, accept::HANDSHAKE_TIMEOUT).await {
+                Ok(tls) => tls,
+                Err(err) => {
+                    tracing::debug!(%peer, %err, "TLS handshake refused");
                     return;
                 }
             };

@@ -9,6 +9,7 @@
 //! Only the ring crypto provider is used, and configs are built with it
 //! explicitly.
 
+pub mod accept;
 mod ca;
 mod error;
 mod identity;

@@ -14,6 +14,7 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpListener;
+use weft_certs::accept;
 
 /// Bounds for one HTTP port.
 #[derive(Clone, Copy, Debug)]
@@ -59,11 +60,7 @@ pub async fn serve<F, Fut>(
         let Ok(place) = open.clone().acquire_owned().await else {
             return;
         };
-        let Ok((tcp, peer)) = listener.accept().await else {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            continue;
-        };
-        let _ = tcp.set_nodelay(true);
+        let (tcp, peer) = accept::next(&listener).await;
         let (acceptor, handle) = (acceptor.clone(), handle.clone());
         tokio::spawn(async move {
             let _place = place;
@@ -85,15 +82,14 @@ pub async fn serve<F, Fut>(
                 .keep_alive_interval(Duration::from_secs(30))
                 .keep_alive_timeout(limits.head_timeout);
             let result = match &acceptor {
-                Some(acceptor) => {
-                    match tokio::time::timeout(limits.head_timeout, acceptor.accept(tcp)).await {
-                        Ok(Ok(tls)) => builder.serve_connection(TokioIo::new(tls), service).await,
-                        _ => {
-                            tracing::debug!(%peer, "TLS handshake failed or timed out");
-                            return;
-                        }
+                Some(acceptor) => match accept::handshake(acceptor, tcp, limits.head_timeout).await
+                {
+                    Ok(tls) => builder.serve_connection(TokioIo::new(tls), service).await,
+                    Err(err) => {
+                        tracing::debug!(%peer, %err, "TLS handshake refused");
+                        return;
                     }
-                }
+                },
                 None => builder.serve_connection(TokioIo::new(tcp), service).await,
             };
             if let Err(err) = result {

@@ -20,6 +20,8 @@ use tokio_rustls::server::TlsStream;
 use tokio_stream::wrappers::ReceiverStream;
 use weft_certs::Identity;
 
+use weft_certs::accept::{self, HandshakeError};
+
 use crate::metrics::RejectLabels;
 
 /// Who is on the other end of a TLS connection: the SPIFFE identity of its
@@ -150,8 +152,6 @@ impl AsyncWrite for MeshConn {
     }
 }
 
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-
 /// Accepts TLS connections for tonic's `serve_with_incoming`, within
 /// `limits`; what is refused is counted in `refused` by reason.
 pub fn incoming(
@@ -176,17 +176,9 @@ pub fn incoming(
         loop {
             // When the server stops, its end of the channel is dropped; the
             // listener must go with it so the port is free again.
-            let accepted = tokio::select! {
-                accepted = listener.accept() => accepted,
+            let (tcp, addr) = tokio::select! {
+                accepted = accept::next(&listener) => accepted,
                 _ = tx.closed() => return,
-            };
-            let (tcp, addr) = match accepted {
-                Ok(accepted) => accepted,
-                Err(err) => {
-                    tracing::warn!(%err, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
             };
             let Some(slot) = peers.take(addr.ip(), limits.connections_per_peer) else {
                 refuse("connections_per_peer", addr);
@@ -196,15 +188,14 @@ pub fn incoming(
                 refuse("handshakes_in_progress", addr);
                 continue;
             };
-            let _ = tcp.set_nodelay(true);
             let acceptor = acceptor.clone();
             let tx = tx.clone();
             let refuse = refuse.clone();
             tokio::spawn(async move {
-                let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await;
+                let handshake = accept::handshake(&acceptor, tcp, accept::HANDSHAKE_TIMEOUT).await;
                 drop(permit);
                 match handshake {
-                    Ok(Ok(tls)) => {
+                    Ok(tls) => {
                         let identity =
                             weft_certs::tls::peer_identity(tls.get_ref().1.peer_certificates());
                         let conn = MeshConn {
@@ -214,11 +205,11 @@ pub fn incoming(
                         };
                         let _ = tx.send(Ok(conn)).await;
                     }
-                    Ok(Err(err)) => {
+                    Err(HandshakeError::Failed(err)) => {
                         refuse("handshake_failed", addr);
                         tracing::debug!(%addr, %err, "TLS handshake failed");
                     }
-                    Err(_) => refuse("handshake_timeout", addr),
+                    Err(HandshakeError::TimedOut) => refuse("handshake_timeout", addr),
                 }
             });
         }

@@ -16,6 +16,8 @@ use tokio::net::TcpListener;
 use weft_certs::Identity;
 use weft_certs::tls::{self, CertStore, TrustBundle};
 
+use weft_certs::accept;
+
 use crate::http::{APP_PROTOCOL, Body, TARGET, status};
 use crate::local_app::{LocalApp, Undelivered};
 use crate::pool::HANDSHAKE_TIMEOUT;
@@ -38,13 +40,12 @@ pub async fn serve(
     crate::serve::accept(listener, drain, move |tcp, addr| {
         let (tls, app) = (tls.clone(), app.clone());
         async move {
-            let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.accept(tcp)).await {
-                Ok(Ok(stream)) => stream,
-                Ok(Err(err)) => {
+            let stream = match accept::handshake(&tls, tcp, HANDSHAKE_TIMEOUT).await {
+                Ok(stream) => stream,
+                Err(err) => {
                     tracing::debug!(%addr, %err, "inbound mTLS handshake refused");
                     return;
                 }
-                Err(_) => return,
             };
             let peer = tls::peer_identity(stream.get_ref().1.peer_certificates());
             let drain = app.drain().clone();

@@ -27,8 +27,9 @@ pub const HBONE_PORT: u16 = 15008;
 /// stops answering, and a long timeout would hold every request that
 /// picked it in the moment before the control plane's update arrives.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
-/// How long an mTLS handshake between sidecars may take, either side.
-pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long an mTLS handshake between sidecars may take, either side:
+/// as long as any weft server gives one.
+pub const HANDSHAKE_TIMEOUT: Duration = weft_certs::accept::HANDSHAKE_TIMEOUT;
 
 pub type Sender = hyper::client::conn::http2::SendRequest<Body>;
 
