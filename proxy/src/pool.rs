@@ -53,10 +53,6 @@ impl Pool {
         }
     }
 
-    pub fn connect_timeout(&self) -> Duration {
-        self.connect_timeout
-    }
-
     /// A pooled HTTP/2 connection to the sidecar at `peer`, opened (mTLS,
     /// expecting `identity`) when there is none.
     pub async fn sender(&self, peer: SocketAddr, identity: &Identity) -> Result<Sender> {

@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use tokio::net::TcpStream;
 
 /// The address a redirected connection was originally sent to.
-pub fn original_destination(stream: &TcpStream) -> std::io::Result<SocketAddr> {
+fn original_destination(stream: &TcpStream) -> std::io::Result<SocketAddr> {
     let socket = socket2::SockRef::from(stream);
     // On a dual-stack listener an IPv4 connection shows an IPv4-mapped
     // local address; its original destination is an IPv4 one.
@@ -22,7 +22,7 @@ pub fn original_destination(stream: &TcpStream) -> std::io::Result<SocketAddr> {
 }
 
 /// A connection's local address, IPv4-mapped IPv6 written as IPv4.
-pub fn local_address(stream: &TcpStream) -> std::io::Result<SocketAddr> {
+fn local_address(stream: &TcpStream) -> std::io::Result<SocketAddr> {
     stream.local_addr().map(canonical)
 }
 
