@@ -465,6 +465,12 @@ fn patch_object(
         Some(current) => current.value(),
         None => Value::Null,
     };
+    // The object as the request's version shows it: one stored through
+    // another version of the group (v1beta1, patched as v1) is patched
+    // as this one, as a real API server converts it first.
+    if current.is_some() {
+        merged["apiVersion"] = json!(info.api_version(version));
+    }
     match content_type {
         "application/apply-patch+yaml" | "application/apply-patch+json" => {
             if query.get("fieldManager").is_none_or(str::is_empty) {

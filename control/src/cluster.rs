@@ -10,15 +10,21 @@
 use std::collections::BTreeMap;
 use std::fmt::Debug;
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::api::DynamicObject;
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
 use serde::de::DeserializeOwned;
 use tokio::sync::mpsc;
 use weft_xds_proto::mesh::AppProtocol;
+
+use crate::security::authorization::AuthorizationInfo;
+use crate::security::peer_authentication::PeerAuthenticationInfo;
+use crate::security::{self, authorization, peer_authentication};
 
 /// (namespace, name).
 pub type Key = (String, String);
@@ -32,6 +38,8 @@ pub struct PodInfo {
     pub sidecar: bool,
     pub canonical_name: String,
     pub canonical_revision: String,
+    /// For workload selectors of security policy.
+    pub labels: BTreeMap<String, String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -85,7 +93,21 @@ pub enum Kind {
     Pod,
     Namespace,
     Node,
+    /// Security policy, from the control plane's own cluster only.
+    Authorization,
+    PeerAuthentication,
 }
+
+impl Kind {
+    pub fn is_policy(self) -> bool {
+        POLICY_KINDS.contains(&self)
+    }
+}
+
+/// Watched in the local cluster only. Their errors never make the
+/// cluster's workloads stale; a kind whose CRD is not installed counts as
+/// an empty set.
+pub const POLICY_KINDS: [Kind; 2] = [Kind::Authorization, Kind::PeerAuthentication];
 
 pub const KINDS: [Kind; 5] = [
     Kind::Service,
@@ -102,6 +124,8 @@ pub enum Object {
     Pod(PodInfo),
     Namespace(NamespaceInfo),
     Node(Locality),
+    Authorization(Arc<AuthorizationInfo>),
+    PeerAuthentication(Arc<PeerAuthenticationInfo>),
 }
 
 #[derive(Debug)]
@@ -120,6 +144,19 @@ pub enum Change {
     Unreachable(String),
     /// It answers the liveness probe again.
     Reachable,
+}
+
+impl Change {
+    /// The kind a change is about, if it is about one.
+    pub fn kind(&self) -> Option<Kind> {
+        match self {
+            Change::Object(kind, ..)
+            | Change::Reset(kind, _)
+            | Change::Error(kind, _)
+            | Change::Recovered(kind) => Some(*kind),
+            Change::Unreachable(_) | Change::Reachable => None,
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -177,6 +214,7 @@ pub fn pod_info(pod: &Pod) -> Option<PodInfo> {
             || spec.containers.iter().any(|c| c.name == "weft-proxy"),
         canonical_name: label(&["app.kubernetes.io/name", "app"]),
         canonical_revision: label(&["app.kubernetes.io/version", "version"]),
+        labels: labels.clone(),
     })
 }
 
@@ -336,6 +374,72 @@ pub fn spawn_watchers(
     ]
 }
 
+/// Starts the security policy watchers of the control plane's own
+/// cluster, on its generation-0 client like the other local watchers.
+pub fn spawn_policy_watchers(
+    client: Client,
+    cluster: String,
+    updates: mpsc::UnboundedSender<ClusterUpdate>,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    // Policy watches restart only on their own backoff: the liveness
+    // probe's restarts belong to the cluster's own watchers. The sender
+    // lives as long as the watches (a watch whose sender is gone stops).
+    let (restart, restarts) = tokio::sync::watch::channel(0u64);
+    let restart = Arc::new(restart);
+    let ctx = WatchContext {
+        cluster,
+        generation: 0,
+        updates,
+        restarts,
+    };
+    let dynamic = |resource: &kube::api::ApiResource| {
+        Api::<DynamicObject>::all_with(client.clone(), resource)
+    };
+    let json = |object: &DynamicObject| serde_json::to_value(object).unwrap_or_default();
+    let authorizations = watch(
+        dynamic(&security::authorization_policies()),
+        Kind::Authorization,
+        ctx.clone(),
+        move |o| {
+            Some(Object::Authorization(Arc::new(authorization::read(&json(
+                o,
+            )))))
+        },
+    );
+    let peer_authentications = watch(
+        dynamic(&security::peer_authentications()),
+        Kind::PeerAuthentication,
+        ctx,
+        move |o| {
+            Some(Object::PeerAuthentication(Arc::new(
+                peer_authentication::read(&json(o)),
+            )))
+        },
+    );
+    let kept = restart.clone();
+    vec![
+        tokio::spawn(async move {
+            let _restart = kept;
+            authorizations.await
+        }),
+        tokio::spawn(async move {
+            let _restart = restart;
+            peer_authentications.await
+        }),
+    ]
+}
+
+/// Whether a watch failed because the resource type is not served (its
+/// CRD is not installed): then there is none of it.
+fn type_absent(err: &watcher::Error) -> bool {
+    matches!(
+        err,
+        watcher::Error::InitialListFailed(kube::Error::Api(status))
+            | watcher::Error::WatchStartFailed(kube::Error::Api(status))
+            if status.code == 404
+    )
+}
+
 /// How often each API server is asked for its version, how long it may
 /// take, and how many missed answers in a row make it unreachable: a
 /// server that goes silent without closing its connections (a frozen
@@ -428,6 +532,7 @@ where
     let mut restarts = ctx.restarts.clone();
     let mut relist: Option<BTreeMap<Key, Object>> = None;
     let mut failing = false;
+    let mut absent = false;
     let mut probe = tokio::time::interval(PROBE_EVERY);
     loop {
         let event = tokio::select! {
@@ -456,6 +561,7 @@ where
         };
         if event.is_ok() {
             failing = false;
+            absent = false;
         }
         let sent = match event {
             Ok(watcher::Event::Init) => {
@@ -477,6 +583,13 @@ where
             }
             Ok(watcher::Event::Delete(object)) => {
                 ctx.send(Change::Object(kind, key_of(&object), None))
+            }
+            Err(err) if type_absent(&err) => {
+                if !absent {
+                    tracing::warn!(cluster = %ctx.cluster, ?kind, "the API server does not serve this kind (CRD not installed?): taking it as empty");
+                    absent = true;
+                }
+                ctx.send(Change::Reset(kind, Vec::new()))
             }
             Err(err) => {
                 tracing::debug!(cluster = %ctx.cluster, ?kind, %err, "watch failed; retrying");

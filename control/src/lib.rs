@@ -17,9 +17,11 @@ pub mod inject;
 pub mod kubeconfig;
 pub mod metrics;
 pub mod model;
+pub mod policy_status;
 pub mod publish;
 pub mod remote_secret;
 pub mod remotes;
+pub mod security;
 pub mod serve;
 pub mod serving;
 pub mod tls;
@@ -153,6 +155,12 @@ impl ControlPlane {
             updates_tx.clone(),
         );
         tasks.extend(local_watchers);
+        tasks.extend(cluster::spawn_policy_watchers(
+            local.clone(),
+            config.cluster_id.clone(),
+            updates_tx.clone(),
+        ));
+        tasks.push(tokio::spawn(policy_status::run(hub.clone(), local.clone())));
 
         let remotes =
             remotes::RemoteClusters::new(hub.clone(), updates_tx, config.cluster_id.clone());

@@ -67,6 +67,7 @@ pub mod type_url {
 
     pub const SERVICE: &str = "type.googleapis.com/weft.mesh.v1.Service";
     pub const WORKLOAD: &str = "type.googleapis.com/weft.mesh.v1.Workload";
+    pub const AUTHORIZATION: &str = "type.googleapis.com/weft.mesh.v1.Authorization";
 
     /// The type URL of any generated message, from its full protobuf name.
     pub fn of<M: prost::Name>() -> String {

@@ -39,6 +39,11 @@ fn sample_workload() -> mesh::Workload {
         canonical_name: "echo".into(),
         canonical_revision: "v1".into(),
         stale: false,
+        authorization_policies: vec!["demo/allow-client".into()],
+        inbound_mtls: Some(mesh::InboundMtls {
+            mode: mesh::MtlsMode::Strict as i32,
+            ports: [(9000, mesh::MtlsMode::Permissive as i32)].into(),
+        }),
     }
 }
 
@@ -108,6 +113,10 @@ fn delta_response_round_trips_with_typed_resources() {
 fn type_urls_follow_the_protobuf_names() {
     assert_eq!(type_url::of::<mesh::Service>(), type_url::SERVICE);
     assert_eq!(type_url::of::<mesh::Workload>(), type_url::WORKLOAD);
+    assert_eq!(
+        type_url::of::<mesh::Authorization>(),
+        type_url::AUTHORIZATION
+    );
     assert_eq!(
         type_url::of::<discovery::DeltaDiscoveryRequest>(),
         "type.googleapis.com/envoy.service.discovery.v3.DeltaDiscoveryRequest"

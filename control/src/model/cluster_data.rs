@@ -2,8 +2,11 @@
 //! the indexes that say which pods and services a change touches.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
 
 use crate::cluster::{Key, Kind, Locality, NamespaceInfo, Object, PodInfo, ServiceInfo, SliceInfo};
+use crate::security::authorization::AuthorizationInfo;
+use crate::security::peer_authentication::PeerAuthenticationInfo;
 
 #[derive(Default)]
 pub(super) struct ClusterData {
@@ -17,6 +20,9 @@ pub(super) struct ClusterData {
     /// (ns, service) → its slices.
     pub(super) slices_by_service: HashMap<Key, BTreeSet<String>>,
     pub(super) pods_by_node: HashMap<String, BTreeSet<Key>>,
+    /// Security policy: the local cluster's only.
+    pub(super) authorizations: BTreeMap<Key, Arc<AuthorizationInfo>>,
+    pub(super) peer_authentications: BTreeMap<Key, Arc<PeerAuthenticationInfo>>,
     pub(super) synced: BTreeSet<Kind>,
 }
 
@@ -26,6 +32,7 @@ pub(super) struct Touched {
     pub(super) pods: Vec<Key>,
     pub(super) services: Vec<Key>,
     pub(super) all_pods: bool,
+    pub(super) policies: Vec<(Kind, Key)>,
 }
 
 impl ClusterData {
@@ -56,6 +63,24 @@ impl ClusterData {
         touched: &mut Touched,
     ) {
         match (kind, object) {
+            (Kind::Authorization, object) => {
+                match object {
+                    Some(Object::Authorization(info)) => {
+                        self.authorizations.insert(key.clone(), info)
+                    }
+                    _ => self.authorizations.remove(&key),
+                };
+                touched.policies.push((kind, key));
+            }
+            (Kind::PeerAuthentication, object) => {
+                match object {
+                    Some(Object::PeerAuthentication(info)) => {
+                        self.peer_authentications.insert(key.clone(), info)
+                    }
+                    _ => self.peer_authentications.remove(&key),
+                };
+                touched.policies.push((kind, key));
+            }
             (Kind::Pod, object) => {
                 if let Some(old) = self.pods.remove(&key)
                     && let Some(set) = self.pods_by_node.get_mut(&old.node)
@@ -156,6 +181,16 @@ impl ClusterData {
 
     pub(super) fn objects(&self, kind: Kind) -> BTreeMap<Key, Object> {
         match kind {
+            Kind::Authorization => self
+                .authorizations
+                .iter()
+                .map(|(k, v)| (k.clone(), Object::Authorization(v.clone())))
+                .collect(),
+            Kind::PeerAuthentication => self
+                .peer_authentications
+                .iter()
+                .map(|(k, v)| (k.clone(), Object::PeerAuthentication(v.clone())))
+                .collect(),
             Kind::Pod => self
                 .pods
                 .iter()
@@ -201,6 +236,13 @@ impl ClusterData {
 
     pub(super) fn fully_synced(&self) -> bool {
         crate::cluster::KINDS
+            .iter()
+            .all(|k| self.synced.contains(k))
+    }
+
+    /// Security policy has been listed (or found not installed).
+    pub(super) fn policy_synced(&self) -> bool {
+        crate::cluster::POLICY_KINDS
             .iter()
             .all(|k| self.synced.contains(k))
     }

@@ -15,10 +15,12 @@ use bytes::Bytes;
 use prost::Message;
 
 mod cluster_data;
+mod policy;
 mod table;
 mod translate;
 
 use cluster_data::{ClusterData, Touched};
+pub use policy::PolicyStatus;
 pub use table::{Entry, Table};
 pub use translate::ip_bytes;
 
@@ -69,9 +71,14 @@ pub struct Model {
     clusters: BTreeMap<String, ClusterState>,
     pub services: Table,
     pub workloads: Table,
+    pub authorizations: Table,
     version: u64,
     dirty_pods: HashSet<(String, Key)>,
     dirty_services: HashSet<Key>,
+    dirty_authorizations: HashSet<Key>,
+    /// Why a policy kind's watch fails, while it does: the policy last
+    /// listed stays in force meanwhile.
+    policy_errors: BTreeMap<Kind, String>,
     /// The remote-cluster Secrets have been listed once, so every remote
     /// that exists is known: before that, "all remotes synced" says nothing.
     remotes_listed: bool,
@@ -84,9 +91,12 @@ impl Model {
             clusters: BTreeMap::new(),
             services: Table::default(),
             workloads: Table::default(),
+            authorizations: Table::default(),
             version: 0,
             dirty_pods: HashSet::new(),
             dirty_services: HashSet::new(),
+            dirty_authorizations: HashSet::new(),
+            policy_errors: BTreeMap::new(),
             remotes_listed: false,
         }
     }
@@ -94,7 +104,7 @@ impl Model {
     /// No change is waiting for the next flush: the tables hold everything
     /// the clusters' data says.
     pub fn is_clean(&self) -> bool {
-        self.dirty_pods.is_empty() && self.dirty_services.is_empty()
+        !self.has_pending()
     }
 
     /// Called once the remote-cluster Secrets have been listed.
@@ -155,6 +165,9 @@ impl Model {
     }
 
     pub fn apply(&mut self, update: ClusterUpdate) {
+        if update.change.kind().is_some_and(Kind::is_policy) {
+            return self.apply_policy(update);
+        }
         let Some(state) = self.clusters.get_mut(&update.cluster) else {
             return;
         };
@@ -253,8 +266,47 @@ impl Model {
         self.dirty_services.extend(touched.services);
     }
 
+    /// A change to security policy, from the local cluster's watchers.
+    fn apply_policy(&mut self, update: ClusterUpdate) {
+        if update.cluster != self.config.local_cluster {
+            return;
+        }
+        let Some(state) = self.clusters.get_mut(&update.cluster) else {
+            return;
+        };
+        let mut touched = Touched::default();
+        match update.change {
+            Change::Object(kind, key, object) => {
+                state.data.apply(kind, key, object, &mut touched);
+                self.policy_errors.remove(&kind);
+            }
+            Change::Reset(kind, items) => {
+                state.data.reset(kind, items, &mut touched);
+                self.policy_errors.remove(&kind);
+            }
+            Change::Error(kind, message) => {
+                tracing::warn!(?kind, %message, "watching security policy failed; the policy last listed stays in force");
+                self.policy_errors.insert(kind, message);
+            }
+            Change::Recovered(kind) => {
+                self.policy_errors.remove(&kind);
+            }
+            _ => {}
+        }
+        for (kind, key) in touched.policies {
+            self.touch_policy(kind, key);
+        }
+    }
+
+    /// Why each policy kind's watch fails, while it does.
+    pub fn policy_errors(&self) -> &BTreeMap<Kind, String> {
+        &self.policy_errors
+    }
+
     pub fn has_pending(&self) -> bool {
-        !self.dirty_pods.is_empty() || !self.dirty_services.is_empty()
+        !self.dirty_pods.is_empty()
+            || !self.dirty_services.is_empty()
+            || !self.dirty_authorizations.is_empty()
     }
 
     /// Rebuilds what changed. Returns the new version if any resource did.
@@ -280,21 +332,30 @@ impl Model {
                 .map(|s| Bytes::from(s.encode_to_vec()));
             changed |= self.services.upsert(&name, body, version);
         }
+        let authorizations: Vec<Key> = self.dirty_authorizations.drain().collect();
+        for key in authorizations {
+            let name = format!("{}/{}", key.0, key.1);
+            let body = self
+                .build_authorization(&key)
+                .map(|a| Bytes::from(a.encode_to_vec()));
+            changed |= self.authorizations.upsert(&name, body, version);
+        }
         changed.then(|| {
             self.version = version;
             version
         })
     }
 
-    /// The local cluster has synced, the remote-cluster Secrets have been
-    /// listed, and every remote has synced or had `remote_timeout` to do
-    /// so: one dead remote never holds readiness.
+    /// The local cluster has synced (its security policy too, so that no
+    /// proxy is served a mesh without it), the remote-cluster Secrets have
+    /// been listed, and every remote has synced or had `remote_timeout` to
+    /// do so: one dead remote never holds readiness.
     pub fn ready(&self, remote_timeout: Duration) -> bool {
         self.remotes_listed
             && self.clusters.iter().all(|(id, state)| {
                 let synced = state.last_synced.is_some();
                 if *id == self.config.local_cluster {
-                    synced
+                    synced && state.data.policy_synced()
                 } else {
                     synced || state.added.elapsed() >= remote_timeout
                 }
@@ -373,6 +434,7 @@ mod tests {
             sidecar: true,
             canonical_name: "echo".into(),
             canonical_revision: "v1".into(),
+            labels: [("app".to_string(), "echo".to_string())].into(),
         })
     }
 
@@ -409,6 +471,8 @@ mod tests {
         let items =
             |kind: Kind, items: Vec<(Key, Object)>| update(id, 1, Change::Reset(kind, items));
         model.apply(items(Kind::Namespace, vec![]));
+        model.apply(items(Kind::Authorization, vec![]));
+        model.apply(items(Kind::PeerAuthentication, vec![]));
         model.apply(items(
             Kind::Node,
             vec![(
@@ -596,5 +660,152 @@ mod tests {
         ));
         model.flush();
         assert!(!workload(&model, "c2/demo/echo-c2").unwrap().stale);
+    }
+
+    fn policy(kind: Kind, ns: &str, name: &str, spec: serde_json::Value) -> ClusterUpdate {
+        let object = serde_json::json!({"metadata": {"name": name, "namespace": ns, "generation": 1}, "spec": spec});
+        let object = match kind {
+            Kind::Authorization => Object::Authorization(std::sync::Arc::new(
+                crate::security::authorization::read(&object),
+            )),
+            _ => Object::PeerAuthentication(std::sync::Arc::new(
+                crate::security::peer_authentication::read(&object),
+            )),
+        };
+        update("c1", 1, Change::Object(kind, key(ns, name), Some(object)))
+    }
+
+    fn authorization(model: &Model, name: &str) -> Option<mesh::Authorization> {
+        let body = model.authorizations.get(name)?.body.clone()?;
+        Some(mesh::Authorization::decode(body).unwrap())
+    }
+
+    #[test]
+    fn policy_of_the_local_cluster_attaches_to_its_workloads() {
+        let mut model = Model::new(config());
+        synced_cluster(&mut model, "c1", "10.96.0.10", "10.1.0.5", false);
+        synced_cluster(&mut model, "c2", "10.97.0.10", "10.2.0.5", false);
+        model.set_remotes_listed();
+        assert!(
+            model.ready(Duration::from_secs(30)),
+            "policy kinds listed (empty)"
+        );
+        model.flush();
+        let by_selector =
+            serde_json::json!({"selector": {"matchLabels": {"app": "echo"}}, "rules": [{}]});
+        model.apply(policy(
+            Kind::Authorization,
+            "demo",
+            "by-label",
+            by_selector.clone(),
+        ));
+        model.apply(policy(
+            Kind::Authorization,
+            "demo",
+            "by-service",
+            serde_json::json!({"targetRefs": [{"kind": "Service", "name": "echo"}], "action": "DENY", "rules": [{}]}),
+        ));
+        model.apply(policy(
+            Kind::Authorization,
+            "demo",
+            "whole-ns",
+            serde_json::json!({}),
+        ));
+        model.apply(policy(
+            Kind::Authorization,
+            "weft-system",
+            "mesh",
+            serde_json::json!({"action": "AUDIT"}),
+        ));
+        model.apply(policy(
+            Kind::Authorization,
+            "weft-system",
+            "root-label",
+            by_selector,
+        ));
+        model.apply(policy(
+            Kind::PeerAuthentication,
+            "demo",
+            "strict",
+            serde_json::json!({"mtls": {"mode": "STRICT"}}),
+        ));
+        // Only the local cluster's policy counts: c2's is its own.
+        let mut remote = policy(Kind::Authorization, "demo", "remote", serde_json::json!({}));
+        remote.cluster = "c2".into();
+        model.apply(remote);
+        model.flush().unwrap();
+        let local = workload(&model, "c1/demo/echo-c1").unwrap();
+        assert_eq!(
+            local.authorization_policies,
+            ["demo/by-label", "demo/by-service", "weft-system/root-label"]
+        );
+        assert_eq!(
+            local.inbound_mtls.unwrap().mode,
+            mesh::MtlsMode::Strict as i32
+        );
+        let remote = workload(&model, "c2/demo/echo-c2").unwrap();
+        assert!(remote.authorization_policies.is_empty());
+        assert!(remote.inbound_mtls.is_none());
+        let scope = |name| authorization(&model, name).unwrap().scope;
+        assert_eq!(
+            scope("demo/whole-ns"),
+            mesh::AuthorizationScope::Namespace as i32
+        );
+        assert_eq!(
+            scope("weft-system/mesh"),
+            mesh::AuthorizationScope::Mesh as i32
+        );
+        assert_eq!(
+            scope("demo/by-label"),
+            mesh::AuthorizationScope::Workload as i32
+        );
+        assert!(authorization(&model, "demo/remote").is_none());
+        // A policy weft cannot enforce goes out as a deny-all, and its
+        // status says which field.
+        model.apply(policy(
+            Kind::Authorization,
+            "demo",
+            "by-label",
+            serde_json::json!({"selector": {"matchLabels": {"app": "echo"}}, "action": "CUSTOM"}),
+        ));
+        model.flush().unwrap();
+        let refused = authorization(&model, "demo/by-label").unwrap();
+        assert_eq!(refused.action, mesh::AuthorizationAction::Deny as i32);
+        assert!(refused.refused.contains("spec.action"));
+        let statuses = model.policy_statuses();
+        let status = |name: &str| {
+            statuses
+                .iter()
+                .find(|s| s.key.1 == name)
+                .map(|s| s.wanted.clone())
+                .unwrap()
+        };
+        assert!(!status("by-label").accepted);
+        assert!(status("by-label").message.contains("CUSTOM"));
+        assert!(status("whole-ns").accepted);
+        assert!(status("strict").accepted);
+        // Deleting a policy removes its resource and detaches it.
+        model.apply(update(
+            "c1",
+            1,
+            Change::Object(Kind::Authorization, key("demo", "by-label"), None),
+        ));
+        model.flush().unwrap();
+        assert!(authorization(&model, "demo/by-label").is_none());
+        assert_eq!(
+            workload(&model, "c1/demo/echo-c1")
+                .unwrap()
+                .authorization_policies,
+            ["demo/by-service", "weft-system/root-label"]
+        );
+        // A failing policy watch keeps the policy and the workloads fresh.
+        model.apply(update(
+            "c1",
+            1,
+            Change::Error(Kind::Authorization, "403".into()),
+        ));
+        assert!(model.policy_errors().contains_key(&Kind::Authorization));
+        model.flush();
+        assert!(!workload(&model, "c1/demo/echo-c1").unwrap().stale);
     }
 }

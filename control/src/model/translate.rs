@@ -137,6 +137,11 @@ impl Model {
         services.sort_by(|a, b| a.hostname.cmp(&b.hostname));
         services.dedup_by(|a, b| a.hostname == b.hostname);
         let locality = data.nodes.get(&pod.node).cloned().unwrap_or_default();
+        let (authorization_policies, inbound_mtls) = if cluster == self.config.local_cluster {
+            self.workload_policy(key)
+        } else {
+            (Vec::new(), None)
+        };
         let healthy = pod.ready && endpoint_ready.unwrap_or(true);
         Some(mesh::Workload {
             uid: format!("{cluster}/{}/{}", key.0, key.1),
@@ -170,6 +175,8 @@ impl Model {
             canonical_name: pod.canonical_name.clone(),
             canonical_revision: pod.canonical_revision.clone(),
             stale: state.stale,
+            authorization_policies,
+            inbound_mtls,
         })
     }
 }

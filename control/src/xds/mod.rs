@@ -1,5 +1,5 @@
 //! The delta ADS server (`DeltaAggregatedResources`), Envoy's protocol with
-//! weft's two resource types.
+//! weft's resource types (`Service`, `Workload`, `Authorization`).
 //!
 //! Each stream runs as its own task with one response in flight per type:
 //! the next is sent only after the proxy ACKs or NACKs the last. A slow proxy
@@ -139,17 +139,21 @@ impl AggregatedDiscoveryService for AdsServer {
 }
 
 fn table<'a>(model: &'a Model, type_url: &str) -> &'a Table {
-    if type_url == type_url::SERVICE {
-        &model.services
-    } else {
-        &model.workloads
+    match type_url {
+        type_url::SERVICE => &model.services,
+        type_url::AUTHORIZATION => &model.authorizations,
+        _ => &model.workloads,
     }
 }
 
 fn known_type(url: &str) -> Option<&'static str> {
-    [type_url::SERVICE, type_url::WORKLOAD]
-        .into_iter()
-        .find(|known| *known == url)
+    [
+        type_url::SERVICE,
+        type_url::WORKLOAD,
+        type_url::AUTHORIZATION,
+    ]
+    .into_iter()
+    .find(|known| *known == url)
 }
 
 /// Waits until `gate` opens for this control plane (once open, it stays

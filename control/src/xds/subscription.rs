@@ -28,6 +28,8 @@ pub struct Subscription {
     pending: VecDeque<String>,
     /// The nonce of the response the proxy has not answered yet.
     in_flight: Option<String>,
+    /// A response has been sent on this subscription.
+    answered_once: bool,
 }
 
 /// A resource's version as proxies see it: a hash of its content, so that
@@ -59,6 +61,8 @@ impl Subscription {
             cursor: None,
             pending: VecDeque::new(),
             in_flight: None,
+            // A proxy that names what it holds has had its first answer.
+            answered_once: !known.is_empty(),
         };
         if known.is_empty() {
             subscription.cursor = Some((Bound::Included((0, String::new())), version));
@@ -123,7 +127,7 @@ impl Subscription {
             self.cursor = Some((Bound::Included((self.frontier + 1, String::new())), version));
             self.frontier = version;
         }
-        if self.pending.is_empty() && self.cursor.is_none() {
+        if self.pending.is_empty() && self.cursor.is_none() && self.answered_once {
             return Ok(None);
         }
         let mut response = DeltaDiscoveryResponse {
@@ -144,9 +148,13 @@ impl Subscription {
         if let Some((start, upto)) = self.cursor.take() {
             self.cursor = self.walk(table, start, upto, &mut response);
         }
-        if size(&response) == 0 {
+        // The first response goes out even when empty: it tells the proxy
+        // that it has everything of this type, which for security policy
+        // is "there is none", not "not yet known".
+        if size(&response) == 0 && self.answered_once {
             return Ok(None);
         }
+        self.answered_once = true;
         self.in_flight = Some(response.nonce.clone());
         Ok(Some(response))
     }

@@ -1,0 +1,76 @@
+//! Writes each policy's `Accepted` condition back to its status: what weft
+//! enforces, and, for what it cannot, which field and what it does instead.
+//! A condition is written when it differs from what the object shows, once
+//! per difference: the watch event that follows shows it written.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use kube::api::{DynamicObject, Patch, PatchParams};
+use kube::{Api, Client};
+use serde_json::json;
+
+use crate::cluster::{Key, Kind};
+use crate::hub::Hub;
+use crate::model::PolicyStatus;
+use crate::security::{self, Written};
+
+/// How often conditions are compared when nothing else wakes the writer.
+const EVERY: Duration = Duration::from_secs(2);
+
+pub async fn run(hub: Arc<Hub>, client: Client) {
+    let mut versions = hub.versions();
+    let mut closing = hub.closing();
+    // What was last written per object: a write the watch has not shown
+    // yet is not repeated.
+    let mut sent: HashMap<(Kind, Key), Written> = HashMap::new();
+    loop {
+        let owed: Vec<PolicyStatus> = hub
+            .model()
+            .policy_statuses()
+            .into_iter()
+            .filter(|s| s.seen.as_ref() != Some(&s.wanted))
+            .filter(|s| sent.get(&(s.kind, s.key.clone())) != Some(&s.wanted))
+            .collect();
+        for status in owed {
+            match write(&client, &status).await {
+                Ok(()) => {
+                    sent.insert((status.kind, status.key.clone()), status.wanted);
+                }
+                Err(err) => {
+                    tracing::warn!(kind = ?status.kind, namespace = %status.key.0, name = %status.key.1, %err, "cannot write the policy's status; retrying");
+                }
+            }
+        }
+        tokio::select! {
+            changed = versions.changed() => if changed.is_err() { return },
+            _ = tokio::time::sleep(EVERY) => {}
+            _ = closing.wait_for(|closed| *closed) => return,
+        }
+    }
+}
+
+async fn write(client: &Client, status: &PolicyStatus) -> Result<(), kube::Error> {
+    let resource = match status.kind {
+        Kind::Authorization => security::authorization_policies(),
+        _ => security::peer_authentications(),
+    };
+    let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), &status.key.0, &resource);
+    let wanted = &status.wanted;
+    let patch = json!({"status": {"conditions": [{
+        "type": security::CONDITION,
+        "status": if wanted.accepted { "True" } else { "False" },
+        "reason": wanted.reason,
+        "message": wanted.message,
+        "observedGeneration": wanted.observed_generation,
+        "lastTransitionTime": k8s_openapi::jiff::Timestamp::now().to_string(),
+    }]}});
+    api.patch_status(
+        &status.key.1,
+        &PatchParams::default(),
+        &Patch::Merge(&patch),
+    )
+    .await
+    .map(|_| ())
+}
