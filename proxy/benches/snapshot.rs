@@ -147,11 +147,11 @@ fn main() {
     PEAK.store(before, Ordering::Relaxed);
     let mut resources = Resources::default();
     resources.apply(&service_update).expect("valid services");
-    let mut snapshot = resources.snapshot();
+    let mut snapshot = resources.snapshot(&Default::default());
     for update in &workload_updates {
         resources.apply(update).expect("valid workloads");
         // As the client does: the new snapshot replaces the old one.
-        snapshot = resources.snapshot();
+        snapshot = resources.snapshot(&Default::default());
     }
     let peak = PEAK.load(Ordering::Relaxed) - before;
     let with_snapshot = LIVE.load(Ordering::Relaxed) - before;
@@ -172,7 +172,7 @@ fn main() {
     let started = std::time::Instant::now();
     for _ in 0..rounds {
         resources.apply(&one_pod).expect("valid workload");
-        drop(resources.snapshot());
+        drop(resources.snapshot(&Default::default()));
     }
     let per_update = started.elapsed() / rounds;
 

@@ -13,11 +13,11 @@ use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
-use weft_certs::Identity;
 use weft_certs::tls::{self, CertStore, TrustBundle};
 
 use weft_certs::accept;
 
+use crate::authorize::Caller;
 use crate::http::{APP_PROTOCOL, Body, TARGET, status};
 use crate::local_app::{LocalApp, Undelivered};
 use crate::pool::HANDSHAKE_TIMEOUT;
@@ -47,11 +47,12 @@ pub async fn serve(
                     return;
                 }
             };
-            let peer = tls::peer_identity(stream.get_ref().1.peer_certificates());
+            let identity = tls::peer_identity(stream.get_ref().1.peer_certificates());
+            let caller = Caller::new(identity, addr.ip());
             let drain = app.drain().clone();
             let service = hyper::service::service_fn(move |request| {
-                let (app, peer) = (app.clone(), peer.clone());
-                async move { Ok::<_, Infallible>(serve_request(app, peer, request).await) }
+                let (app, caller) = (app.clone(), caller.clone());
+                async move { Ok::<_, Infallible>(serve_request(app, caller, request).await) }
             });
             let connection = hyper::server::conn::http2::Builder::new(crate::task::Executor)
                 .serve_connection(TokioIo::new(stream), service);
@@ -64,11 +65,11 @@ pub async fn serve(
 /// One request on a mesh connection.
 async fn serve_request(
     app: Arc<LocalApp>,
-    peer: Option<Identity>,
+    caller: Caller,
     request: Request<Incoming>,
 ) -> Response<Body> {
     if request.method() == Method::CONNECT {
-        return tunnel(app, peer, request)
+        return tunnel(app, caller, request)
             .await
             .unwrap_or_else(Undelivered::respond);
     }
@@ -84,7 +85,7 @@ async fn serve_request(
         .headers()
         .get(APP_PROTOCOL)
         .is_some_and(|v| v.as_bytes() == b"h2");
-    app.request(peer.as_ref(), target, http2, request).await
+    app.request(&caller, target, http2, request).await
 }
 
 /// A CONNECT tunnel: the app is connected to before answering, so that
@@ -92,7 +93,7 @@ async fn serve_request(
 /// bytes are delivered once the stream is upgraded.
 async fn tunnel(
     app: Arc<LocalApp>,
-    peer: Option<Identity>,
+    caller: Caller,
     mut request: Request<Incoming>,
 ) -> Result<Response<Body>, Undelivered> {
     let target = request
@@ -100,13 +101,13 @@ async fn tunnel(
         .authority()
         .and_then(|a| a.as_str().parse::<SocketAddr>().ok())
         .ok_or(Undelivered::NoTarget)?;
-    let connected = app.connect(target, peer.as_ref()).await?;
+    let connected = app.connect(target, &caller).await?;
     let guard = app.drain().track();
     crate::task::spawn(async move {
         let _guard = guard;
         match hyper::upgrade::on(&mut request).await {
             Ok(upgraded) => {
-                app.carry(peer, target, TokioIo::new(upgraded), connected)
+                app.carry(caller, target, TokioIo::new(upgraded), connected)
                     .await
             }
             Err(err) => tracing::debug!(%err, "tunnel upgrade failed"),

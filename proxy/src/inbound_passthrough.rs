@@ -3,7 +3,9 @@
 //! that clients outside the mesh keep working while it is rolled out) they
 //! are delivered to the address they were sent to, if it is this pod's; in
 //! STRICT mode they are refused, with a log line and a counter, and only
-//! mTLS on 15008 gets in.
+//! mTLS on 15008 gets in. The mode is the PeerAuthentication's for the
+//! port when one applies (resolved by the control plane), else the pod's
+//! own (`sidecar.weft.io/inboundMode`).
 //!
 //! Delivery is `local_app`'s, as for mesh tunnels, with no proven caller:
 //! HTTP is served request by request with any `x-weft-peer-identity`
@@ -17,6 +19,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use anyhow::{Result, bail};
 use tokio::net::{TcpListener, TcpStream};
 
+use weft_xds_proto::mesh::MtlsMode;
+
+use crate::authorize::Caller;
 use crate::local_app::LocalApp;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -33,6 +38,17 @@ impl std::str::FromStr for Mode {
             "STRICT" => Ok(Mode::Strict),
             other => Err(format!("{other:?}: expected PERMISSIVE or STRICT")),
         }
+    }
+}
+
+/// The mode for one port: a PeerAuthentication's when one applies, else
+/// the sidecar's own setting. DISABLE takes plaintext as PERMISSIVE does;
+/// callers with sidecars still use mTLS, which a server always accepts.
+pub fn effective(own: Mode, policy: MtlsMode) -> Mode {
+    match policy {
+        MtlsMode::Strict => Mode::Strict,
+        MtlsMode::Permissive | MtlsMode::Disable => Mode::Permissive,
+        MtlsMode::MtlsUnset => own,
     }
 }
 
@@ -60,16 +76,17 @@ async fn handle(
         tracing::warn!(peer = ?client.peer_addr().ok(), %original, "plaintext refused: not this pod's address");
         return Ok(());
     }
-    if mode == Mode::Strict {
+    if effective(mode, app.mtls_mode(original)) == Mode::Strict {
         counters.refused_plaintext.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(peer = ?client.peer_addr().ok(), %original, "plaintext refused: inbound mode is STRICT (mTLS on 15008 only)");
         return Ok(());
     }
     counters.forwarded.fetch_add(1, Ordering::Relaxed);
-    let Ok(connected) = app.connect(original, None).await else {
+    let caller = Caller::unproven(client.peer_addr()?.ip());
+    let Ok(connected) = app.connect(original, &caller).await else {
         bail!("the app at {original} did not answer");
     };
-    app.carry(None, original, client, connected).await;
+    app.carry(caller, original, client, connected).await;
     Ok(())
 }
 

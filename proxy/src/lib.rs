@@ -31,6 +31,8 @@
 
 pub mod admin;
 pub mod app_probe;
+pub mod authorization;
+pub mod authorize;
 pub mod balance;
 pub mod channel;
 pub mod coalesce;

@@ -27,6 +27,8 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use weft_certs::Identity;
 
+use crate::authorization::{Decision, HttpAttributes, InboundPolicy, normalize_path};
+use crate::authorize::{self, Caller};
 use crate::drain::Drain;
 use crate::http::{
     APP_PROTOCOL, Body, HEAD_TIMEOUT, NOT_DELIVERED, TARGET, absolute, error, outgoing,
@@ -184,6 +186,14 @@ impl LocalApp {
     pub async fn connect(
         &self,
         target: SocketAddr,
+        caller: &Caller,
+    ) -> Result<TcpStream, Undelivered> {
+        self.dial(target, caller.identity()).await
+    }
+
+    async fn dial(
+        &self,
+        target: SocketAddr,
         peer: Option<&Identity>,
     ) -> Result<TcpStream, Undelivered> {
         self.admit(target, peer)?;
@@ -197,11 +207,12 @@ impl LocalApp {
 
     /// Delivers one client connection to the app at `target` (already
     /// connected as `app`): relayed as bytes if the port is declared TCP
-    /// or the app speaks first, else served as HTTP with `peer` as the
-    /// caller the app is told of.
+    /// or the app speaks first (and authorization allows the connection,
+    /// now and after each policy change), else served as HTTP with
+    /// `caller` as the caller the app is told of.
     pub async fn carry<C>(
         self: Arc<Self>,
-        peer: Option<Identity>,
+        caller: Caller,
         target: SocketAddr,
         mut client: C,
         mut app: TcpStream,
@@ -226,11 +237,35 @@ impl LocalApp {
         };
         let mut client = Rewind::new(seen, client);
         if protocol == Protocol::Tcp {
-            let labels = self.labels(peer.as_ref());
+            if !self.authorize_connection(&caller, target) {
+                return;
+            }
+            let labels = self.labels(caller.identity());
             self.metrics.tcp_opened.get_or_create(&labels).inc();
-            let (received, sent) = tokio::io::copy_bidirectional(&mut client, &mut app)
-                .await
-                .unwrap_or((0, 0));
+            let mut changes = self.xds.as_ref().map(|xds| xds.changes.subscribe());
+            let relay = tokio::io::copy_bidirectional(&mut client, &mut app);
+            tokio::pin!(relay);
+            let (received, sent) = loop {
+                let changed = async {
+                    match changes.as_mut() {
+                        Some(changes) => changes.changed().await.is_ok(),
+                        None => std::future::pending().await,
+                    }
+                };
+                tokio::select! {
+                    done = &mut relay => break done.unwrap_or((0, 0)),
+                    alive = changed => {
+                        if !alive {
+                            changes = None;
+                        } else if !self.authorize_connection(&caller, target) {
+                            // As ztunnel does: a connection the policy now
+                            // denies is closed.
+                            tracing::info!(%target, caller = ?caller.identity(), "closing a connection that a policy change denies");
+                            break (0, 0);
+                        }
+                    }
+                }
+            };
             // Seen from the server side: "sent" goes to the app.
             self.metrics.tcp(&labels, received, sent);
             return;
@@ -241,10 +276,10 @@ impl LocalApp {
         let drain = self.drain.clone();
         let server = crate::http::server(self.config.head_timeout);
         let service = hyper::service::service_fn(move |request: Request<Incoming>| {
-            let (app, peer) = (self.clone(), peer.clone());
+            let (app, caller) = (self.clone(), caller.clone());
             async move {
                 let http2 = request.version() == Version::HTTP_2;
-                Ok::<_, Infallible>(app.request(peer.as_ref(), target, http2, request).await)
+                Ok::<_, Infallible>(app.request(&caller, target, http2, request).await)
             }
         });
         drain
@@ -272,23 +307,120 @@ impl LocalApp {
             .any(|(_, port)| declared(port.app_protocol) == Some(Protocol::Tcp))
     }
 
+    /// The PeerAuthentication mode of this pod's `target` port, as the
+    /// control plane resolved it; `MtlsUnset` when no policy says.
+    pub fn mtls_mode(&self, target: SocketAddr) -> weft_xds_proto::mesh::MtlsMode {
+        self.xds
+            .as_ref()
+            .and_then(|xds| {
+                let snapshot = xds.snapshot.load();
+                snapshot
+                    .workload_by_ip(target.ip())
+                    .map(|w| w.profile.inbound_mtls.on(target.port()))
+            })
+            .unwrap_or_default()
+    }
+
+    /// The inbound policy of this pod's address `target`, if any policy
+    /// applies to it.
+    fn policy(&self, target: SocketAddr) -> Option<Arc<InboundPolicy>> {
+        let snapshot = self.xds.as_ref()?.snapshot.load();
+        snapshot
+            .inbound(target.ip())
+            .filter(|policy| !policy.is_empty())
+            .cloned()
+    }
+
+    /// Whether a TCP connection from `caller` to `target` is allowed.
+    pub fn authorize_connection(&self, caller: &Caller, target: SocketAddr) -> bool {
+        let Some(policy) = self.policy(target) else {
+            return true;
+        };
+        let attributes = caller.attributes(target.port(), None);
+        let decision = authorize::check(&policy, &attributes, target, &self.metrics, || {
+            self.labels(caller.identity())
+        });
+        if !decision.allowed() {
+            tracing::debug!(%target, "connection closed by authorization policy");
+        }
+        decision.allowed()
+    }
+
+    /// Whether an HTTP request is allowed. Under a policy its path is
+    /// normalized first (RFC 3986), and the app is sent that form, so
+    /// that what was authorized is what the app serves.
+    fn authorize_request<B>(
+        &self,
+        caller: &Caller,
+        target: SocketAddr,
+        request: &mut Request<B>,
+    ) -> bool {
+        let Some(policy) = self.policy(target) else {
+            return true;
+        };
+        let raw = request.uri().path();
+        if let std::borrow::Cow::Owned(normal) = normalize_path(raw) {
+            let query = request
+                .uri()
+                .query()
+                .map(|q| format!("?{q}"))
+                .unwrap_or_default();
+            let mut parts = request.uri().clone().into_parts();
+            match format!("{normal}{query}").parse() {
+                Ok(path) => parts.path_and_query = Some(path),
+                Err(_) => return false,
+            }
+            match http::Uri::from_parts(parts) {
+                Ok(uri) => *request.uri_mut() = uri,
+                Err(_) => return false,
+            }
+        }
+        let host = request
+            .uri()
+            .authority()
+            .map(|a| a.as_str())
+            .or_else(|| {
+                request
+                    .headers()
+                    .get(http::header::HOST)
+                    .and_then(|h| h.to_str().ok())
+            })
+            .unwrap_or_default();
+        let http = HttpAttributes {
+            method: request.method().as_str(),
+            host,
+            path: request.uri().path(),
+            headers: request.headers(),
+        };
+        let attributes = caller.attributes(target.port(), Some(http));
+        let decision: Decision =
+            authorize::check(&policy, &attributes, target, &self.metrics, || {
+                self.labels(caller.identity())
+            });
+        decision.allowed()
+    }
+
     /// Traffic from `peer` to this pod, as the server side reports it.
     fn labels(&self, peer: Option<&Identity>) -> TrafficLabels {
         TrafficLabels::new("destination", &Peer::caller(peer), &"".into(), &self.me())
     }
 
-    /// A request from `peer` for the app at `target` (a mesh request, or
+    /// A request from `caller` for the app at `target` (a mesh request, or
     /// HTTP inside a tunnel or from 15006), spoken to it in HTTP/2 or
-    /// HTTP/1.1. Counted in the request metrics whatever the outcome.
+    /// HTTP/1.1, if authorization allows it. Counted in the request
+    /// metrics whatever the outcome.
     pub async fn request(
         &self,
-        peer: Option<&Identity>,
+        caller: &Caller,
         target: SocketAddr,
         http2: bool,
-        request: Request<Incoming>,
+        mut request: Request<Incoming>,
     ) -> Response<Body> {
         let start = Instant::now();
-        let response = if self.config.upgrades.requested(&request) {
+        let peer = caller.identity();
+        let response = if !self.authorize_request(caller, target, &mut request) {
+            Ok(authorize::denied(&request))
+        } else if self.config.upgrades.requested(&request) {
             self.upgrade(peer, target, request).await
         } else {
             self.exchange(peer, target, http2, request).await
@@ -356,7 +488,7 @@ impl LocalApp {
             request.headers_mut().remove(own);
         }
         set_peer_identity(request.headers_mut(), peer);
-        let app = self.connect(target, peer).await?;
+        let app = self.dial(target, peer).await?;
         match crate::upgrade::relay(app, &target.to_string(), request).await {
             Ok((mut response, joined)) => {
                 response.headers_mut().remove(NOT_DELIVERED);

@@ -96,6 +96,17 @@ pub struct RequestLabels {
     pub response_code: u16,
 }
 
+/// One authorization decision: the policy that made it (empty when none
+/// of the workload's policies decided, `-` when no ALLOW matched) and
+/// what it was: allowed, denied, audited, dry_run_denied, dry_run_matched.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AuthorizationLabels {
+    #[prometheus(flatten)]
+    pub traffic: TrafficLabels,
+    pub policy: Name,
+    pub decision: &'static str,
+}
+
 fn duration_histogram() -> Histogram {
     // 0.1 ms to ~13 s, doubling.
     Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
@@ -111,6 +122,7 @@ pub struct Metrics {
     pub tcp_closed: Family<TrafficLabels, Counter>,
     pub tcp_sent_bytes: Family<TrafficLabels, Counter>,
     pub tcp_received_bytes: Family<TrafficLabels, Counter>,
+    pub authorization: Family<AuthorizationLabels, Counter>,
     pub retries: Counter,
     pub upstream_connect_failures: Counter,
     /// Set from the other parts' own counters when scraped.
@@ -142,6 +154,7 @@ impl Default for Metrics {
             tcp_closed: Family::default(),
             tcp_sent_bytes: Family::default(),
             tcp_received_bytes: Family::default(),
+            authorization: Family::default(),
             retries: Counter::default(),
             upstream_connect_failures: Counter::default(),
             outlier_ejections: Counter::default(),
@@ -190,6 +203,11 @@ impl Default for Metrics {
             "tcp_received_bytes",
             "Bytes received from the destination on TCP connections",
             m.tcp_received_bytes.clone(),
+        );
+        r.register(
+            "authorization_decisions",
+            "Connections and requests checked against authorization policy, by policy and decision",
+            m.authorization.clone(),
         );
         r.register(
             "retries",

@@ -111,6 +111,28 @@ pub struct Profile {
     pub canonical_name: Name,
     pub canonical_revision: Name,
     pub services: Box<[ServiceBinding]>,
+    /// Security policy, set for workloads of this proxy's own cluster:
+    /// the Authorizations attached to this workload alone (by selector or
+    /// target), and its PeerAuthentication mode.
+    pub authorization_policies: Box<[Name]>,
+    pub inbound_mtls: Mtls,
+}
+
+/// How a workload takes plaintext, per PeerAuthentication.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Mtls {
+    pub mode: mesh::MtlsMode,
+    /// (workload port, mode), sorted.
+    pub ports: Box<[(u16, mesh::MtlsMode)]>,
+}
+
+impl Mtls {
+    /// The mode on `port`; `MtlsUnset` when no policy says.
+    pub fn on(&self, port: u16) -> mesh::MtlsMode {
+        self.ports
+            .binary_search_by_key(&port, |(p, _)| *p)
+            .map_or(self.mode, |at| self.ports[at].1)
+    }
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -328,6 +350,32 @@ pub fn decode_workload(
         })
         .collect::<Result<_, InvalidResource>>()?;
     let locality = workload.locality.unwrap_or_default();
+    let mtls_mode = |mode: i32| {
+        mesh::MtlsMode::try_from(mode).map_err(|_| InvalidResource::Field {
+            name: name.into(),
+            reason: format!("unknown mTLS mode {mode}"),
+        })
+    };
+    let inbound_mtls = match &workload.inbound_mtls {
+        None => Mtls::default(),
+        Some(mtls) => {
+            let mut ports = mtls
+                .ports
+                .iter()
+                .map(|(port, mode)| Ok((port16(name, "mTLS port", *port)?, mtls_mode(*mode)?)))
+                .collect::<Result<Vec<_>, InvalidResource>>()?;
+            ports.sort();
+            Mtls {
+                mode: mtls_mode(mtls.mode)?,
+                ports: ports.into(),
+            }
+        }
+    };
+    let authorization_policies = workload
+        .authorization_policies
+        .iter()
+        .map(|policy| names.name(policy))
+        .collect();
     let principal = names.name(&identity.as_ref().map(Identity::uri).unwrap_or_default());
     let identity = identity.map(|id| names.identity(id));
     let profile = Profile {
@@ -345,6 +393,8 @@ pub fn decode_workload(
         canonical_name: names.name(&workload.canonical_name),
         canonical_revision: names.name(&workload.canonical_revision),
         services,
+        authorization_policies,
+        inbound_mtls,
     };
     let derivable = workload.uid.rsplit('/').next() == Some(workload.name.as_str());
     let unusual = (!derivable || !more_addresses.is_empty()).then(|| {

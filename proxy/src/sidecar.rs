@@ -293,7 +293,10 @@ pub async fn start_with(
         )),
     ];
 
-    let xds = Arc::new(XdsState::default());
+    let xds = Arc::new(XdsState::for_pod(crate::state::Local {
+        addresses: config.pod_ips.clone(),
+        namespace: config.pod_namespace.clone(),
+    }));
     let node = Node {
         id: format!(
             "sidecar~{}~{}.{}~{}.svc.cluster.local",

@@ -18,9 +18,19 @@ use std::sync::Arc;
 use prost::Message;
 use weft_xds_proto::mesh;
 
+use crate::authorization::{InboundPolicy, Policy, Scope};
 use crate::resources::{
     Interner, InvalidResource, Name, Service, Workload, decode_service, decode_workload,
 };
+
+/// The pod a proxy serves, as far as security policy needs to know it.
+#[derive(Clone, Debug, Default)]
+pub struct Local {
+    pub addresses: Vec<IpAddr>,
+    /// Its namespace, for namespace-wide policy while the mesh does not
+    /// yet show its workload.
+    pub namespace: String,
+}
 
 /// One immutable view of the mesh.
 #[derive(Debug, Default)]
@@ -44,6 +54,11 @@ pub struct Snapshot {
     backends: Box<[Arc<Workload>]>,
     /// Service hostname → its run in `backends` (start, length), sorted.
     by_service: Box<[(Name, u32, u32)]>,
+    /// Every Authorization, sorted by name.
+    pub policies: Box<[Arc<Policy>]>,
+    /// The inbound policy of each of this pod's addresses, compiled
+    /// when the snapshot is built.
+    inbound: Box<[(IpAddr, Arc<InboundPolicy>)]>,
 }
 
 /// A position in `services` or `workloads`. A mesh has far fewer than 2^32.
@@ -139,7 +154,51 @@ impl Snapshot {
             by_service: by_service.into_boxed_slice(),
             services,
             workloads,
+            policies: Box::default(),
+            inbound: Box::default(),
         }
+    }
+
+    /// Adds the Authorizations, and groups those the pod at `local` is
+    /// subject to: mesh-wide ones, its namespace's, and those attached to
+    /// its workload. A policy its workload names but the proxy has not
+    /// received yet denies everything until it arrives (fail closed).
+    pub fn with_policies(
+        mut self,
+        policies: impl IntoIterator<Item = Arc<Policy>>,
+        local: &Local,
+    ) -> Self {
+        let mut policies: Vec<Arc<Policy>> = policies.into_iter().collect();
+        policies.sort_by(|a, b| a.name.cmp(&b.name));
+        let mut inbound = Vec::with_capacity(local.addresses.len());
+        for &ip in &local.addresses {
+            let workload = self.workload_by_ip(ip);
+            let namespace = workload.map_or(local.namespace.as_str(), |w| &*w.profile.namespace);
+            let attached = workload.map_or(&[][..], |w| &w.profile.authorization_policies[..]);
+            let applicable = policies.iter().filter(|p| match p.scope {
+                Scope::Mesh => true,
+                Scope::Namespace => *p.namespace == *namespace,
+                Scope::Workload => attached.contains(&p.name),
+            });
+            let missing = attached
+                .iter()
+                .filter(|name| policies.binary_search_by(|p| p.name.cmp(name)).is_err())
+                .map(|name| Arc::new(Policy::deny_all(name, "attached but not received yet")));
+            let policy = InboundPolicy::new(applicable.cloned().chain(missing));
+            inbound.push((ip, Arc::new(policy)));
+        }
+        self.policies = policies.into();
+        self.inbound = inbound.into();
+        self
+    }
+
+    /// The inbound policy of this pod's address `ip`; none for an
+    /// address that is not this pod's.
+    pub fn inbound(&self, ip: IpAddr) -> Option<&Arc<InboundPolicy>> {
+        self.inbound
+            .iter()
+            .find(|(at, _)| *at == ip)
+            .map(|(_, p)| p)
     }
 
     /// A snapshot from messages as the control plane sends them, checked

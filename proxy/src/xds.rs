@@ -1,4 +1,5 @@
-//! The delta xDS client: subscribes to `Service` and `Workload`, applies
+//! The delta xDS client: subscribes to `Service`, `Workload` and
+//! `Authorization`, applies
 //! each response all-or-nothing, publishes a new snapshot, and ACKs; a
 //! response with any invalid resource is NACKed and changes nothing, so the
 //! proxy keeps serving its last good snapshot. Across reconnects it sends
@@ -18,12 +19,25 @@ use weft_xds_proto::envoy::config::core::v3::Node;
 use weft_xds_proto::google::rpc::Status;
 use weft_xds_proto::type_url;
 
+use crate::authorization::{self, Policy};
 use crate::resources::{self, Interner, InvalidResource, Service, Workload};
-use crate::state::Snapshot;
+use crate::state::{Local, Snapshot};
+
+/// The resource types a proxy subscribes to, in the order it asks.
+pub const TYPES: [&str; 3] = [
+    type_url::SERVICE,
+    type_url::WORKLOAD,
+    type_url::AUTHORIZATION,
+];
 
 /// What the xDS client publishes to the rest of the proxy.
 pub struct XdsState {
     pub snapshot: ArcSwap<Snapshot>,
+    /// The pod this proxy serves: whose inbound policy the snapshot holds.
+    pub local: Local,
+    /// Counts snapshots published, so that long-lived connections can
+    /// look at policy again when it changes.
+    pub changes: tokio::sync::watch::Sender<u64>,
     /// Set once both types have been received at least once.
     pub synced: AtomicBool,
     pub acks: AtomicU64,
@@ -37,6 +51,8 @@ impl Default for XdsState {
     fn default() -> Self {
         XdsState {
             snapshot: ArcSwap::from_pointee(Snapshot::default()),
+            local: Local::default(),
+            changes: tokio::sync::watch::Sender::new(0),
             synced: AtomicBool::new(false),
             acks: AtomicU64::new(0),
             nacks: AtomicU64::new(0),
@@ -46,14 +62,31 @@ impl Default for XdsState {
     }
 }
 
+impl XdsState {
+    /// The state of the proxy of the pod at `addresses` in `namespace`.
+    pub fn for_pod(local: Local) -> Self {
+        XdsState {
+            local,
+            ..XdsState::default()
+        }
+    }
+
+    /// Publishes a new snapshot.
+    pub fn publish(&self, snapshot: Snapshot) {
+        self.snapshot.store(Arc::new(snapshot));
+        self.changes.send_modify(|n| *n += 1);
+    }
+}
+
 /// The resources held, with their versions: kept across streams.
 #[derive(Default)]
 pub struct Resources {
     pub services: Held<Service>,
     pub workloads: Held<Workload>,
+    pub authorizations: Held<Policy>,
     names: Interner,
-    seen_services: bool,
-    seen_workloads: bool,
+    /// The types a complete answer has been received for.
+    seen: [bool; 3],
 }
 
 impl Resources {
@@ -61,24 +94,24 @@ impl Resources {
     /// not at all: everything is decoded before anything changes.
     pub fn apply(&mut self, response: &DeltaDiscoveryResponse) -> Result<(), InvalidResource> {
         match response.type_url.as_str() {
-            type_url::SERVICE => {
-                apply_typed(
-                    &mut self.services,
-                    &mut self.names,
-                    response,
-                    resources::decode_service,
-                )?;
-                self.seen_services = true;
-            }
-            type_url::WORKLOAD => {
-                apply_typed(
-                    &mut self.workloads,
-                    &mut self.names,
-                    response,
-                    resources::decode_workload,
-                )?;
-                self.seen_workloads = true;
-            }
+            type_url::SERVICE => apply_typed(
+                &mut self.services,
+                &mut self.names,
+                response,
+                resources::decode_service,
+            )?,
+            type_url::WORKLOAD => apply_typed(
+                &mut self.workloads,
+                &mut self.names,
+                response,
+                resources::decode_workload,
+            )?,
+            type_url::AUTHORIZATION => apply_typed(
+                &mut self.authorizations,
+                &mut self.names,
+                response,
+                authorization::decode,
+            )?,
             other => {
                 return Err(InvalidResource::Field {
                     name: other.to_string(),
@@ -86,27 +119,35 @@ impl Resources {
                 });
             }
         }
+        if let Some(at) = TYPES.iter().position(|t| *t == response.type_url) {
+            self.seen[at] = true;
+        }
         self.names.prune();
         Ok(())
     }
 
-    pub fn snapshot(&self) -> Snapshot {
+    /// The snapshot of everything held, with the inbound policy of the
+    /// pod at `local`.
+    pub fn snapshot(&self, local: &Local) -> Snapshot {
         Snapshot::build(
             self.services.values().cloned(),
             self.workloads.values().cloned(),
         )
+        .with_policies(self.authorizations.values().cloned(), local)
     }
 
     fn versions(&self, url: &str) -> std::collections::HashMap<String, String> {
-        if url == type_url::SERVICE {
-            self.services.versions()
-        } else {
-            self.workloads.versions()
+        match url {
+            type_url::SERVICE => self.services.versions(),
+            type_url::AUTHORIZATION => self.authorizations.versions(),
+            _ => self.workloads.versions(),
         }
     }
 
+    /// Every type has been answered at least once: the first answer to a
+    /// subscription is sent even when empty.
     fn complete(&self) -> bool {
-        self.seen_services && self.seen_workloads
+        self.seen.iter().all(|seen| *seen)
     }
 }
 
@@ -153,6 +194,12 @@ impl Named for Workload {
 impl Named for Service {
     fn resource_name(&self) -> &str {
         &self.resource_name
+    }
+}
+
+impl Named for Policy {
+    fn resource_name(&self) -> &str {
+        &self.name
     }
 }
 
@@ -360,7 +407,7 @@ async fn session(
     resources: &mut Resources,
 ) -> Result<bool, (bool, anyhow::Error)> {
     let (requests, outbound) = mpsc::channel(8);
-    for url in [type_url::SERVICE, type_url::WORKLOAD] {
+    for url in TYPES {
         let request = DeltaDiscoveryRequest {
             node: Some(node.clone()),
             type_url: url.into(),
@@ -390,7 +437,7 @@ async fn session(
         let error_detail = match verdict {
             Ok(()) => {
                 delivered = true;
-                state.snapshot.store(Arc::new(resources.snapshot()));
+                state.publish(resources.snapshot(&state.local));
                 if response.resources.len() + response.removed_resources.len() >= 50 {
                     // A large update (the initial sync comes in chunks)
                     // leaves the previous snapshots' memory free but held

@@ -1,0 +1,178 @@
+//! Who calls this pod, and whether they may: the caller as the inbound
+//! side knows it (what its certificate proved, where it connects from),
+//! the check of a connection or request against this pod's compiled
+//! policy, and the answer a denied request gets, as Envoy gives it
+//! (`403 RBAC: access denied`, or gRPC PERMISSION_DENIED). Every decision
+//! made under a policy is counted; AUDIT and dry-run matches are logged.
+
+use std::net::{IpAddr, SocketAddr};
+
+use http::header::{CONTENT_TYPE, HeaderValue};
+use http::{Request, Response, StatusCode};
+use weft_certs::Identity;
+
+use crate::authorization::{Action, Attributes, Decision, HttpAttributes, InboundPolicy};
+use crate::http::{Body, full};
+use crate::metrics::{AuthorizationLabels, Metrics, TrafficLabels};
+
+/// The body Envoy's RBAC filter answers with; clients and tests look for it.
+pub const DENIED: &str = "RBAC: access denied";
+
+/// A caller of this pod.
+#[derive(Clone, Debug)]
+pub struct Caller {
+    identity: Option<Identity>,
+    /// `identity` as Istio writes principals (`td/ns/<ns>/sa/<sa>`), made
+    /// once per connection.
+    principal: Option<Box<str>>,
+    pub address: IpAddr,
+}
+
+impl Caller {
+    pub fn new(identity: Option<Identity>, address: IpAddr) -> Self {
+        let principal = identity.as_ref().map(|id| {
+            format!(
+                "{}/ns/{}/sa/{}",
+                id.trust_domain, id.namespace, id.service_account
+            )
+            .into_boxed_str()
+        });
+        Caller {
+            identity,
+            principal,
+            address,
+        }
+    }
+
+    /// A caller without a proven identity (plaintext, tools).
+    pub fn unproven(address: IpAddr) -> Self {
+        Caller::new(None, address)
+    }
+
+    pub fn identity(&self) -> Option<&Identity> {
+        self.identity.as_ref()
+    }
+
+    pub fn attributes<'a>(&'a self, port: u16, http: Option<HttpAttributes<'a>>) -> Attributes<'a> {
+        Attributes {
+            principal: self.principal.as_deref(),
+            namespace: self.identity.as_ref().map(|id| id.namespace.as_str()),
+            source: self.address,
+            port,
+            http,
+        }
+    }
+}
+
+/// Checks a connection or request to `target` against `policy`, and
+/// counts and logs what it decided.
+pub fn check(
+    policy: &InboundPolicy,
+    request: &Attributes,
+    target: SocketAddr,
+    metrics: &Metrics,
+    labels: impl Fn() -> TrafficLabels,
+) -> Decision {
+    let decision = policy.check(request);
+    let what = if request.http.is_some() {
+        "request"
+    } else {
+        "connection"
+    };
+    for report in policy.reports(request) {
+        let outcome = match (report.policy.dry_run, report.policy.action) {
+            (false, _) => "audited",
+            (true, Action::Deny) => "dry_run_denied",
+            (true, _) => "dry_run_matched",
+        };
+        tracing::info!(policy = %report.policy.name, rule = report.rule, outcome, caller = ?request.principal, source = %request.source, %target, "authorization: {what} matched an audit or dry-run policy");
+        count(metrics, &labels, &report.policy.name, outcome);
+    }
+    let outcome = if decision.allowed() {
+        "allowed"
+    } else {
+        tracing::debug!(?decision, caller = ?request.principal, source = %request.source, %target, "authorization: {what} denied");
+        "denied"
+    };
+    count(metrics, &labels, decision.policy(), outcome);
+    decision
+}
+
+fn count(
+    metrics: &Metrics,
+    labels: &impl Fn() -> TrafficLabels,
+    policy: &str,
+    decision: &'static str,
+) {
+    metrics
+        .authorization
+        .get_or_create(&AuthorizationLabels {
+            traffic: labels(),
+            policy: policy.into(),
+            decision,
+        })
+        .inc();
+}
+
+/// The answer to a denied request: gRPC callers get PERMISSION_DENIED in
+/// a trailers-only response, others a 403.
+pub fn denied<B>(request: &Request<B>) -> Response<Body> {
+    let grpc = request
+        .headers()
+        .get(CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+    let mut response = if grpc {
+        let mut response = Response::new(full(""));
+        let headers = response.headers_mut();
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+        headers.insert("grpc-status", HeaderValue::from_static("7"));
+        headers.insert("grpc-message", HeaderValue::from_static(DENIED));
+        response
+    } else {
+        let mut response = Response::new(full(DENIED));
+        *response.status_mut() = StatusCode::FORBIDDEN;
+        response
+            .headers_mut()
+            .insert(CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        response
+    };
+    response.headers_mut().insert(
+        "x-weft-error",
+        HeaderValue::from_static("denied by authorization policy"),
+    );
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_caller_is_named_as_istio_writes_principals() {
+        let id = Identity::new("cluster.local", "demo", "client").unwrap();
+        let caller = Caller::new(Some(id), "10.0.0.1".parse().unwrap());
+        let attributes = caller.attributes(8080, None);
+        assert_eq!(
+            attributes.principal,
+            Some("cluster.local/ns/demo/sa/client")
+        );
+        assert_eq!(attributes.namespace, Some("demo"));
+        let plain = Caller::unproven("10.0.0.2".parse().unwrap());
+        assert_eq!(plain.attributes(80, None).principal, None);
+    }
+
+    #[test]
+    fn denials_answer_as_envoy_does() {
+        let plain = Request::builder().body(()).unwrap();
+        let response = denied(&plain);
+        assert_eq!(response.status(), 403);
+        let grpc = Request::builder()
+            .header(CONTENT_TYPE, "application/grpc+proto")
+            .body(())
+            .unwrap();
+        let response = denied(&grpc);
+        assert_eq!(response.status(), 200);
+        assert_eq!(response.headers()["grpc-status"], "7");
+        assert_eq!(response.headers()["grpc-message"], DENIED);
+    }
+}
