@@ -1,6 +1,6 @@
 //! `kubectl apply` for the lab: each document of a YAML stream is created
 //! if new (through admission, so pods get their sidecar) and server-side
-//! applied if it exists.
+//! applied if it exists. And `kubectl delete -f`.
 
 use anyhow::{Context, Result};
 use kube::api::{Api, DynamicObject, Patch, PatchParams, PostParams};
@@ -30,8 +30,11 @@ pub fn documents(text: &str) -> Result<Vec<serde_json::Value>> {
     Ok(out)
 }
 
-/// Applies one object; returns "created" or "configured".
-pub async fn apply(client: &kube::Client, object: serde_json::Value) -> Result<String> {
+/// The API for one object, its name, and how kubectl names it.
+async fn api_for(
+    client: &kube::Client,
+    object: &serde_json::Value,
+) -> Result<(Api<DynamicObject>, String, String)> {
     let api_version = object["apiVersion"]
         .as_str()
         .context("an object without apiVersion")?
@@ -59,6 +62,12 @@ pub async fn apply(client: &kube::Client, object: serde_json::Value) -> Result<S
         Scope::Cluster => Api::all_with(client.clone(), &resource),
     };
     let label = format!("{}/{name}", kind.to_lowercase());
+    Ok((api, name, label))
+}
+
+/// Applies one object; returns "created" or "configured".
+pub async fn apply(client: &kube::Client, object: serde_json::Value) -> Result<String> {
+    let (api, name, label) = api_for(client, &object).await?;
     if api.get_opt(&name).await?.is_none() {
         let typed: DynamicObject = serde_json::from_value(object)?;
         api.create(&PostParams::default(), &typed)
@@ -74,6 +83,20 @@ pub async fn apply(client: &kube::Client, object: serde_json::Value) -> Result<S
     .await
     .with_context(|| format!("applying {label}"))?;
     Ok(format!("{label} configured"))
+}
+
+/// `kubectl delete -f`: deletes each document's object, if it exists.
+pub async fn delete_all(client: &kube::Client, text: &str) -> Result<Vec<String>> {
+    let mut out = Vec::new();
+    for object in documents(text)? {
+        let (api, name, label) = api_for(client, &object).await?;
+        match api.delete(&name, &Default::default()).await {
+            Ok(_) => out.push(format!("{label} deleted")),
+            Err(kube::Error::Api(status)) if status.code == 404 => {}
+            Err(err) => return Err(err).with_context(|| format!("deleting {label}")),
+        }
+    }
+    Ok(out)
 }
 
 /// Applies every document of `text`, in order.

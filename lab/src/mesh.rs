@@ -230,6 +230,13 @@ impl Cluster {
             webhook,
         )
         .await?;
+        // Istio's security kinds, which weft enforces.
+        crate::apply::apply_all(
+            &client,
+            include_str!("../../examples/install/05-security-crds.yaml"),
+        )
+        .await
+        .context("installing examples/install/05-security-crds.yaml")?;
         let mut cluster = Cluster {
             xds_addr: free_port(options.host)?,
             monitoring_addr: free_port(options.host)?,

@@ -165,27 +165,105 @@ async fn exchange(
     connect: SocketAddr,
     request: String,
 ) -> Result<String, String> {
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    std::thread::spawn(move || {
-        let result = (|| -> Result<String, String> {
-            if let Some(ns) = &netns_name {
-                netns::enter(ns).map_err(|e| format!("{e:#}"))?;
+    let held = Held::open(netns_name, connect).await?;
+    held.send(request, None).await
+}
+
+/// A TCP connection made from inside a lab pod and kept open: its own
+/// thread (which alone enters the pod's network) carries each exchange.
+pub struct Held {
+    requests: std::sync::mpsc::Sender<Exchange>,
+}
+
+/// What to write, how much to read back, and where the answer goes.
+type Exchange = (
+    String,
+    Option<usize>,
+    tokio::sync::oneshot::Sender<Result<String, String>>,
+);
+
+impl Held {
+    /// Connects to `connect` from the pod whose directory is `pod_dir`.
+    pub async fn from_pod(pod_dir: &Path, connect: SocketAddr) -> Result<Held, String> {
+        let netns_name = std::fs::read_to_string(pod_dir.join("netns"))
+            .map_err(|e| format!("{} is not a running lab pod: {e}", pod_dir.display()))?
+            .trim()
+            .to_string();
+        Held::open((!netns_name.is_empty()).then_some(netns_name), connect).await
+    }
+
+    async fn open(netns_name: Option<String>, connect: SocketAddr) -> Result<Held, String> {
+        let (opened, open) = tokio::sync::oneshot::channel();
+        let (requests, queue) = std::sync::mpsc::channel::<Exchange>();
+        std::thread::spawn(move || {
+            let connected = (|| -> Result<std::net::TcpStream, String> {
+                if let Some(ns) = &netns_name {
+                    netns::enter(ns).map_err(|e| format!("{e:#}"))?;
+                }
+                let tcp = std::net::TcpStream::connect_timeout(&connect, Duration::from_secs(3))
+                    .map_err(|e| format!("connect: {e}"))?;
+                tcp.set_read_timeout(Some(Duration::from_secs(5)))
+                    .map_err(|e| e.to_string())?;
+                Ok(tcp)
+            })();
+            let mut tcp = match connected {
+                Ok(tcp) => {
+                    let _ = opened.send(Ok(()));
+                    tcp
+                }
+                Err(err) => {
+                    let _ = opened.send(Err(err));
+                    return;
+                }
+            };
+            // Ends when the `Held` is dropped.
+            while let Ok((request, want, reply)) = queue.recv() {
+                let _ = reply.send(Held::exchange_on(&mut tcp, &request, want));
             }
-            let mut tcp = std::net::TcpStream::connect_timeout(&connect, Duration::from_secs(3))
-                .map_err(|e| format!("connect: {e}"))?;
-            tcp.set_read_timeout(Some(Duration::from_secs(5)))
-                .map_err(|e| e.to_string())?;
-            tcp.write_all(request.as_bytes())
-                .map_err(|e| format!("write: {e}"))?;
-            let mut out = String::new();
-            tcp.read_to_string(&mut out)
-                .map_err(|e| format!("read: {e}"))?;
-            Ok(out)
-        })();
-        let _ = tx.send(result);
-    });
-    rx.await
-        .unwrap_or_else(|_| Err("the request thread died".into()))
+        });
+        open.await
+            .unwrap_or_else(|_| Err("the connection thread died".into()))?;
+        Ok(Held { requests })
+    }
+
+    fn exchange_on(
+        tcp: &mut std::net::TcpStream,
+        request: &str,
+        want: Option<usize>,
+    ) -> Result<String, String> {
+        tcp.write_all(request.as_bytes())
+            .map_err(|e| format!("write: {e}"))?;
+        let mut out = Vec::new();
+        match want {
+            None => {
+                tcp.read_to_end(&mut out)
+                    .map_err(|e| format!("read: {e}"))?;
+            }
+            Some(want) => {
+                let mut buf = [0u8; 4096];
+                while out.len() < want {
+                    let n = tcp.read(&mut buf).map_err(|e| format!("read: {e}"))?;
+                    if n == 0 {
+                        return Err(format!("closed after {} bytes", out.len()));
+                    }
+                    out.extend_from_slice(&buf[..n]);
+                }
+            }
+        }
+        Ok(String::from_utf8_lossy(&out).into_owned())
+    }
+
+    /// Writes `request` and reads `want` bytes back (all until the peer
+    /// closes, when `None`); an error if it closes first.
+    pub async fn send(&self, request: String, want: Option<usize>) -> Result<String, String> {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        self.requests
+            .send((request, want, reply))
+            .map_err(|_| "the connection thread died".to_string())?;
+        answer
+            .await
+            .unwrap_or_else(|_| Err("the connection thread died".into()))
+    }
 }
 
 /// The identity an echo server at `target` reports for a plaintext request
