@@ -1,6 +1,7 @@
 //! `weftctl`, the operator CLI: certificates, remote secrets, injection,
 //! proxy status and the local lab.
 
+mod authz;
 mod certs;
 mod inject;
 mod lab;
@@ -29,6 +30,9 @@ enum Command {
     RemoteClusters(remote::RemoteClustersArgs),
     /// Add weft sidecars to the workloads of a manifest, offline (prints the result).
     KubeInject(inject::KubeInjectArgs),
+    /// Security policy: which policies a workload is under, and what they decide for a caller.
+    #[command(subcommand)]
+    Authz(authz::AuthzCommand),
 }
 
 fn block_on<T>(future: impl std::future::Future<Output = anyhow::Result<T>>) -> anyhow::Result<T> {
@@ -44,6 +48,7 @@ fn main() -> std::process::ExitCode {
             block_on(remote::create_remote_secret(args)).map(|out| print!("{out}"))
         }
         Command::KubeInject(args) => inject::run(args).map(|out| print!("{out}")),
+        Command::Authz(command) => block_on(authz::run(command)).map(|out| print!("{out}")),
         Command::RemoteClusters(args) => {
             block_on(remote::remote_clusters(args)).map(|out| print!("{out}"))
         }

@@ -30,14 +30,24 @@ pub struct CreateRemoteSecretArgs {
     server: Option<String>,
 }
 
-pub async fn create_remote_secret(args: CreateRemoteSecretArgs) -> Result<String> {
-    let kubeconfig = kube::config::Kubeconfig::read_from(&args.kubeconfig)
-        .with_context(|| format!("reading {}", args.kubeconfig.display()))?;
+/// A cluster's client config from a kubeconfig file and context.
+async fn config(kubeconfig: &std::path::Path, context: Option<String>) -> Result<kube::Config> {
+    let file = kube::config::Kubeconfig::read_from(kubeconfig)
+        .with_context(|| format!("reading {}", kubeconfig.display()))?;
     let options = kube::config::KubeConfigOptions {
-        context: args.context.clone(),
+        context,
         ..Default::default()
     };
-    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &options).await?;
+    Ok(kube::Config::from_custom_kubeconfig(file, &options).await?)
+}
+
+/// A client for the cluster of a kubeconfig file and context.
+pub async fn client(kubeconfig: &std::path::Path, context: Option<String>) -> Result<kube::Client> {
+    Ok(kube::Client::try_from(config(kubeconfig, context).await?)?)
+}
+
+pub async fn create_remote_secret(args: CreateRemoteSecretArgs) -> Result<String> {
+    let config = config(&args.kubeconfig, args.context.clone()).await?;
     let server = args
         .server
         .clone()

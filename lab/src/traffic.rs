@@ -70,7 +70,9 @@ impl PodClient {
         let out = exchange(self.netns.clone(), self.connect, self.request.clone()).await?;
         let (head, body) = out.split_once("\r\n\r\n").ok_or("no HTTP response")?;
         if !head.starts_with("HTTP/1.1 200") {
-            return Err(head.lines().next().unwrap_or("").to_string());
+            // The status line and the start of the body, which says why.
+            let why: String = body.trim().chars().take(120).collect();
+            return Err(format!("{}: {why}", head.lines().next().unwrap_or("")));
         }
         Ok(weft_echo::parse_report(body))
     }

@@ -755,7 +755,7 @@ spec:
 "#;
 
     fn forbidden(answer: &weft_lab::traffic::Answer) -> bool {
-        matches!(answer, Err(head) if head.contains(" 403"))
+        matches!(answer, Err(why) if why.contains(" 403") && why.contains("RBAC: access denied"))
     }
 
     async fn delete(lab: &Lab, cluster: &str, text: &str) {

@@ -57,46 +57,39 @@ impl Model {
 
     pub(super) fn build_authorization(&self, key: &Key) -> Option<mesh::Authorization> {
         let info = self.local_data()?.authorizations.get(key)?;
-        let scope = match info.attachment {
-            Attachment::All if key.0 == self.config.system_namespace => {
-                mesh::AuthorizationScope::Mesh
-            }
-            Attachment::All => mesh::AuthorizationScope::Namespace,
-            _ => mesh::AuthorizationScope::Workload,
-        };
+        let scope = security::scope(&key.0, &info.attachment, &self.config.system_namespace);
         Some(authorization::resource(&key.0, &key.1, scope, info))
     }
 
     /// Whether an Authorization with a selector or targets applies to a
-    /// pod of the local cluster.
+    /// pod of the local cluster (those without are the proxy's to match).
     fn attaches(&self, policy: &Key, info: &AuthorizationInfo, pod: &Key) -> bool {
         let Some(data) = self.local_data() else {
             return false;
         };
-        let root = policy.0 == self.config.system_namespace;
-        match &info.attachment {
-            Attachment::All => false,
-            Attachment::Selector(selector) => {
-                (root || policy.0 == pod.0)
-                    && data
-                        .pods
-                        .get(pod)
-                        .is_some_and(|p| security::selects(selector, &p.labels))
-            }
-            Attachment::Services(services) => {
-                policy.0 == pod.0
-                    && data
-                        .slices_by_pod
-                        .get(pod)
-                        .into_iter()
-                        .flatten()
-                        .any(|slice| {
-                            data.slices
-                                .get(&(pod.0.clone(), slice.clone()))
-                                .is_some_and(|s| services.contains(&s.service))
-                        })
-            }
-        }
+        let Some(labels) = data.pods.get(pod).map(|p| &p.labels) else {
+            return false;
+        };
+        let backs = |service: &str| {
+            data.slices_by_pod
+                .get(pod)
+                .into_iter()
+                .flatten()
+                .any(|slice| {
+                    data.slices
+                        .get(&(pod.0.clone(), slice.clone()))
+                        .is_some_and(|s| s.service == service)
+                })
+        };
+        info.attachment != Attachment::All
+            && security::applies(
+                &policy.0,
+                &info.attachment,
+                &self.config.system_namespace,
+                &pod.0,
+                labels,
+                backs,
+            )
     }
 
     /// What a local pod's Workload says of security policy: the

@@ -14,6 +14,7 @@ use std::collections::BTreeMap;
 
 use kube::api::ApiResource;
 use serde_json::Value;
+use weft_xds_proto::mesh;
 
 /// The API group and version weft watches; v1beta1 objects are served
 /// as v1 by the API server (the CRDs in examples/install serve both).
@@ -48,6 +49,43 @@ pub enum Attachment {
     Selector(BTreeMap<String, String>),
     /// Workloads backing these Services (`targetRefs`).
     Services(Vec<String>),
+}
+
+/// Whether a policy in `policy_namespace`, attached as `attachment`,
+/// applies to a workload in `namespace` with `labels` that backs the
+/// Services for which `backs` says so. A root-namespace policy reaches
+/// every namespace; targetRefs reach only the policy's own.
+pub fn applies(
+    policy_namespace: &str,
+    attachment: &Attachment,
+    root: &str,
+    namespace: &str,
+    labels: &BTreeMap<String, String>,
+    backs: impl Fn(&str) -> bool,
+) -> bool {
+    let in_reach = policy_namespace == root || policy_namespace == namespace;
+    match attachment {
+        Attachment::All => in_reach,
+        Attachment::Selector(selector) => in_reach && selects(selector, labels),
+        Attachment::Services(services) => {
+            policy_namespace == namespace && services.iter().any(|s| backs(s))
+        }
+    }
+}
+
+/// The scope an Authorization goes out with: policies without a selector
+/// or target are matched by the proxy itself, so that adding one to a
+/// namespace does not rewrite every workload in it.
+pub fn scope(
+    policy_namespace: &str,
+    attachment: &Attachment,
+    root: &str,
+) -> mesh::AuthorizationScope {
+    match attachment {
+        Attachment::All if policy_namespace == root => mesh::AuthorizationScope::Mesh,
+        Attachment::All => mesh::AuthorizationScope::Namespace,
+        _ => mesh::AuthorizationScope::Workload,
+    }
 }
 
 /// Reads `selector` and `targetRef(s)`.
