@@ -307,25 +307,60 @@ async fn sidecar(
 
 /// Waits until the sidecar at `at` holds at least `workloads` workloads.
 async fn wait_workloads(at: IpAddr, workloads: usize, timeout: Duration) -> Result<()> {
+    wait_gauge(at, "weft_proxy_workloads", workloads, timeout).await
+}
+
+/// Waits until the sidecar at `at` reports `gauge` at `value` (at least,
+/// or exactly when 0).
+async fn wait_gauge(at: IpAddr, gauge: &str, value: usize, timeout: Duration) -> Result<()> {
     let deadline = tokio::time::Instant::now() + timeout;
+    let prefix = format!("{gauge} ");
     loop {
         if let Ok((200, text)) =
             mesh::http_get(SocketAddr::new(at, 15090), "/stats/prometheus").await
         {
             let held = text
                 .lines()
-                .find_map(|l| l.strip_prefix("weft_proxy_workloads "))
+                .find_map(|l| l.strip_prefix(&prefix))
                 .and_then(|v| v.trim().parse::<f64>().ok())
-                .unwrap_or(0.0);
-            if held as usize >= workloads {
+                .unwrap_or(0.0) as usize;
+            if held >= value && (value > 0 || held == 0) {
                 return Ok(());
             }
         }
         if tokio::time::Instant::now() > deadline {
-            bail!("the sidecar at {at} did not receive {workloads} workloads within {timeout:?}");
+            bail!("the sidecar at {at} did not reach {gauge} {value} within {timeout:?}");
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// The scenario with authorization on the server side.
+const AUTHZ_SCENARIO: &str = "weft + 20 authz rules";
+
+/// 20 rules on the echo workload, none of which the bench's traffic
+/// escapes: a DENY of ten rules it matches none of (so all are tried),
+/// and an ALLOW of ten whose last admits it, as a policy that lists
+/// callers one by one would.
+fn authorization_rules() -> String {
+    let mut deny = String::new();
+    let mut allow = String::new();
+    for i in 0..10 {
+        deny += &format!(
+            "  - to: [{{operation: {{paths: [\"/admin{i}*\"], methods: [DELETE, PUT]}}}}]\n    when: [{{key: \"request.headers[x-block-{i}]\", values: [\"*\"]}}]\n"
+        );
+        let principal = if i == 9 {
+            format!("cluster.local/ns/{NS}/sa/client")
+        } else {
+            format!("cluster.local/ns/team-{i}/sa/caller")
+        };
+        allow += &format!(
+            "  - from: [{{source: {{principals: [\"{principal}\"], notIpBlocks: [\"192.0.2.{i}/32\"]}}}}]\n    to: [{{operation: {{methods: [GET, POST], paths: [\"/*\"], ports: [\"8080\"]}}}}]\n"
+        );
+    }
+    format!(
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: bench-deny, namespace: {NS}}}\nspec:\n  selector: {{matchLabels: {{app: echo}}}}\n  action: DENY\n  rules:\n{deny}---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: bench-allow, namespace: {NS}}}\nspec:\n  selector: {{matchLabels: {{app: echo}}}}\n  rules:\n{allow}"
+    )
 }
 
 /// Makes sure nginx, HAProxy and wrk are there: installs them from Debian
@@ -700,6 +735,37 @@ async fn drive(options: &Options, command: &str) -> Result<Outcome> {
     )
     .await?;
 
+    // weft with authorization on the server side: 20 rules, the one that
+    // admits the bench's client last, so every request goes through all.
+    weft_lab::apply::apply_all(&c1.client, &authorization_rules()).await?;
+    wait_gauge(
+        app_ip,
+        "weft_proxy_authorization_policies",
+        2,
+        Duration::from_secs(30),
+    )
+    .await?;
+    run_scenario(
+        options,
+        &Scenario {
+            name: AUTHZ_SCENARIO.into(),
+            target: format!("http://echo.{NS}.svc.cluster.local:80/"),
+            proxy: Some(SocketAddr::new(client_ip, 15001)),
+            grpc_target: None,
+            measured: weft_measured.clone(),
+        },
+        &mut results,
+    )
+    .await?;
+    weft_lab::apply::delete_all(&c1.client, &authorization_rules()).await?;
+    wait_gauge(
+        app_ip,
+        "weft_proxy_authorization_policies",
+        0,
+        Duration::from_secs(30),
+    )
+    .await?;
+
     // weft across clusters: the echo pod and its sidecar in c2.
     let mut c2 = None;
     if options.cross_cluster {
@@ -866,6 +932,43 @@ fn mb(bytes: u64) -> f64 {
 /// difference between the two is the price of being woken for each
 /// request with cold caches; the relay's line is what the kernel alone
 /// costs two proxies that do no work.
+/// What 20 authorization rules cost the server's sidecar, against the
+/// same sidecar without them, in this run (target: within 5%).
+fn authorization_cost(options: &Options, results: &Results) -> String {
+    let server = |run: &Run| {
+        run.proxies
+            .iter()
+            .find(|p| p.label == "weft server")
+            .map(|p| p.cpu.total())
+    };
+    let mut md = String::new();
+    let (Some(plain), Some(authz)) = (results.fixed.get("weft"), results.fixed.get(AUTHZ_SCENARIO))
+    else {
+        return md;
+    };
+    for (i, rate) in options.rates.iter().enumerate() {
+        let (Some(p), Some(a)) = (server(&plain[i]), server(&authz[i])) else {
+            continue;
+        };
+        let (p, a) = (plain[i].vcpu_per_k(p), authz[i].vcpu_per_k(a));
+        md += &format!(
+            "- authorization, 20 rules on the server's sidecar, at {rate} req/s: its CPU per 1,000 req/s {a:.4} vCPU against {p:.4} without policy, ratio {:.3} (target ≤ 1.05).\n",
+            a / p.max(1e-9)
+        );
+    }
+    let per_cpu_s = |run: &Run| server(run).map(|cpu| run.summary.requests as f64 / cpu.max(1e-9));
+    if let (Some(p), Some(a)) = (
+        results.max.get("weft").and_then(per_cpu_s),
+        results.max.get(AUTHZ_SCENARIO).and_then(per_cpu_s),
+    ) {
+        md += &format!(
+            "- authorization, closed loop: the server's sidecar serves {a:.0} requests per CPU-second with 20 rules, {p:.0} without, ratio {:.3}.\n",
+            a / p.max(1e-9)
+        );
+    }
+    md
+}
+
 fn where_cpu_goes(rate: u64, results: &Results) -> String {
     let mut md = format!(
         "\n## Where the CPU goes (busiest proxy, per request)\n\n\
@@ -1039,6 +1142,7 @@ fn render(
             r.p99_ms - d.p99_ms,
         );
     }
+    md += &authorization_cost(options, results);
     for other in ["nginx", "haproxy", "relay"] {
         if let (Some(w), Some(o)) = (per_cpu("weft"), per_cpu(other)) {
             md += &format!(
@@ -1137,6 +1241,19 @@ fn render(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_authorization_scenario_is_20_rules_weft_enforces_as_written() {
+        let docs = weft_lab::apply::documents(&authorization_rules()).unwrap();
+        assert_eq!(docs.len(), 2);
+        let mut rules = 0;
+        for doc in &docs {
+            let info = weft_control::security::authorization::read(doc);
+            assert!(info.problems.is_empty(), "{:?}", info.problems);
+            rules += info.rules.len();
+        }
+        assert_eq!(rules, 20);
+    }
 
     fn run(seconds: f64, rate: f64, proxies: &[(&str, f64, f64, u64)]) -> Run {
         Run {

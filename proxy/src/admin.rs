@@ -91,6 +91,7 @@ impl Admin {
         let snapshot = self.xds.snapshot.load();
         m.services.set(snapshot.services.len() as i64);
         m.workloads.set(snapshot.workloads.len() as i64);
+        m.authorization_policies.set(snapshot.policies.len() as i64);
         if let Some(certs) = &self.certs {
             let expiry = certs
                 .certificate()
@@ -281,7 +282,21 @@ pub fn config_dump(snapshot: &Snapshot) -> Value {
             })
         })
         .collect();
-    json!({ "services": services, "workloads": workloads })
+    let authorizations: Vec<Value> = snapshot
+        .policies
+        .iter()
+        .map(|a| {
+            json!({
+                "name": &*a.name,
+                "scope": format!("{:?}", a.scope),
+                "action": format!("{:?}", a.action),
+                "dry_run": a.dry_run,
+                "rules": a.rules(),
+                "refused": a.refused.as_deref(),
+            })
+        })
+        .collect();
+    json!({ "services": services, "workloads": workloads, "authorizations": authorizations })
 }
 
 /// Serves `routes` on `listener` until draining ends the process.

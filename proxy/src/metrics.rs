@@ -137,6 +137,7 @@ pub struct Metrics {
     pub draining: Gauge,
     pub services: Gauge,
     pub workloads: Gauge,
+    pub authorization_policies: Gauge,
     pub resident_memory: Gauge,
     pub heap_in_use: Gauge,
     pub heap_free: Gauge,
@@ -168,6 +169,7 @@ impl Default for Metrics {
             draining: Gauge::default(),
             services: Gauge::default(),
             workloads: Gauge::default(),
+            authorization_policies: Gauge::default(),
             resident_memory: Gauge::default(),
             heap_in_use: Gauge::default(),
             heap_free: Gauge::default(),
@@ -265,6 +267,11 @@ impl Default for Metrics {
             "workloads",
             "Workloads in the configuration snapshot",
             m.workloads.clone(),
+        );
+        r.register(
+            "authorization_policies",
+            "Authorization policies in the configuration snapshot",
+            m.authorization_policies.clone(),
         );
         r.register(
             "process_resident_memory_bytes",

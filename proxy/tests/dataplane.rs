@@ -1166,3 +1166,81 @@ async fn an_apps_own_identity_header_never_leaves_its_sidecar() {
         "the app's claim went out: {body}"
     );
 }
+
+/// The server's sidecar enforces authorization as Envoy answers it: an
+/// HTTP request gets `403 RBAC: access denied`, a gRPC call
+/// PERMISSION_DENIED, and what no rule denies passes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn denials_are_403_for_http_and_permission_denied_for_grpc() {
+    use weft_proxy::authorization::Policy;
+    use weft_proxy::state::Local;
+
+    let mesh = client_sidecar(false).await;
+    let ip = pod_ip(30);
+    http_app(ip, "echo-z").await;
+    grpc::serve(ip, "echo-z").await;
+    let local = Local {
+        addresses: vec![ip],
+        namespace: "demo".into(),
+    };
+    let server_xds = Arc::new(XdsState::for_pod(local.clone()));
+    server_sidecar(
+        &mesh.ca,
+        &mesh.bundle,
+        ip,
+        &id("echo"),
+        Some(server_xds.clone()),
+    )
+    .await;
+    publish_one(&mesh, "c1/demo/echo-z", 30);
+    let path = |prefix: &str| mesh::Operation {
+        paths: vec![mesh::StringMatch {
+            kind: Some(mesh::string_match::Kind::Prefix(prefix.into())),
+        }],
+        ..Default::default()
+    };
+    let deny = mesh::Authorization {
+        name: "deny".into(),
+        namespace: "demo".into(),
+        scope: mesh::AuthorizationScope::Namespace as i32,
+        action: mesh::AuthorizationAction::Deny as i32,
+        rules: vec![
+            mesh::Rule {
+                to: vec![path("/admin")],
+                ..Default::default()
+            },
+            mesh::Rule {
+                to: vec![path("/weft.ca.v1.CertificateService/")],
+                ..Default::default()
+            },
+        ],
+        ..Default::default()
+    };
+    let workloads = [workload("c1/demo/echo-z", ip, "c1", "a", "echo", true)];
+    let snapshot = Snapshot::from_messages(&[service()], &workloads)
+        .unwrap()
+        .with_policies(
+            [Arc::new(Policy::compile("demo/deny", &deny).unwrap())],
+            &local,
+        );
+    server_xds.publish(snapshot);
+
+    let mut h1 = http1_via_connect(mesh.proxy, "echo.demo:81").await;
+    let (status, body) = send(&mut h1, get("/", "echo.demo:81")).await;
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = send(&mut h1, get("/a/../admin/users", "echo.demo:81")).await;
+    assert_eq!((status, body.as_str()), (403, "RBAC: access denied"));
+
+    let channel = grpc::channel(mesh.proxy, "echo.demo:90").await;
+    let mut ca =
+        weft_xds_proto::ca::certificate_service_client::CertificateServiceClient::new(channel);
+    let refused = ca
+        .create_certificate(weft_xds_proto::ca::CreateCertificateRequest {
+            csr: "ping".into(),
+            validity_seconds: 1,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied);
+    assert_eq!(refused.message(), "RBAC: access denied");
+}
