@@ -897,7 +897,10 @@ async fn custom_resources_are_served_once_their_crd_exists() {
             "group": "example.com",
             "scope": "Namespaced",
             "names": {"plural": "widgets", "singular": "widget", "kind": "Widget"},
-            "versions": [{"name": "v1", "served": true, "storage": true, "schema": {"openAPIV3Schema": {"type": "object"}}}],
+            "versions": [
+                {"name": "v1", "served": true, "storage": true, "schema": {"openAPIV3Schema": {"type": "object"}}},
+                {"name": "v1beta1", "served": true, "storage": false, "schema": {"openAPIV3Schema": {"type": "object"}}},
+            ],
         },
     }))
     .unwrap();
@@ -921,6 +924,37 @@ async fn custom_resources_are_served_once_their_crd_exists() {
         .await
         .unwrap();
     assert_eq!(widgets.get("w1").await.unwrap().data["spec"]["size"], 3);
+    // Written through one version, patched through another: the object is
+    // taken at the version of the request, as a real API server converts.
+    let beta = kube::api::ApiResource {
+        version: "v1beta1".into(),
+        api_version: "example.com/v1beta1".into(),
+        ..resource.clone()
+    };
+    let old_widgets: Api<kube::api::DynamicObject> =
+        Api::namespaced_with(client.clone(), "default", &beta);
+    let old_widget: kube::api::DynamicObject = serde_json::from_value(json!({
+        "apiVersion": "example.com/v1beta1", "kind": "Widget",
+        "metadata": {"name": "w2"}, "spec": {"size": 1},
+    }))
+    .unwrap();
+    old_widgets
+        .create(&PostParams::default(), &old_widget)
+        .await
+        .unwrap();
+    let patched = widgets
+        .patch(
+            "w2",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(json!({"spec": {"size": 2}})),
+        )
+        .await
+        .unwrap();
+    assert_eq!(patched.data["spec"]["size"], 2);
+    assert_eq!(
+        patched.types.map(|t| t.api_version).as_deref(),
+        Some("example.com/v1")
+    );
     crds.delete("widgets.example.com", &DeleteParams::default())
         .await
         .unwrap();

@@ -519,12 +519,13 @@ impl Decision {
         matches!(self, Decision::NoPolicy | Decision::Allowed { .. })
     }
 
-    /// The policy that decided, for metrics and logs.
-    pub fn policy(&self) -> &str {
+    /// The policy that decided, for metrics and logs: empty when no
+    /// ALLOW applies, `-` when none matched. Never allocates.
+    pub fn policy(&self) -> Name {
         match self {
-            Decision::Allowed { policy, .. } | Decision::Denied { policy, .. } => policy,
-            Decision::NoPolicy => "",
-            Decision::NotAllowed => "-",
+            Decision::Allowed { policy, .. } | Decision::Denied { policy, .. } => policy.clone(),
+            Decision::NoPolicy => Name::default(),
+            Decision::NotAllowed => Name::NONE,
         }
     }
 }

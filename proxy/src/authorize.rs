@@ -14,6 +14,7 @@ use weft_certs::Identity;
 use crate::authorization::{Action, Attributes, Decision, HttpAttributes, InboundPolicy};
 use crate::http::{Body, full};
 use crate::metrics::{AuthorizationLabels, Metrics, TrafficLabels};
+use crate::name::Name;
 
 /// The body Envoy's RBAC filter answers with; clients and tests look for it.
 pub const DENIED: &str = "RBAC: access denied";
@@ -86,7 +87,7 @@ pub fn check(
             (true, _) => "dry_run_matched",
         };
         tracing::info!(policy = %report.policy.name, rule = report.rule, outcome, caller = ?request.principal, source = %request.source, %target, "authorization: {what} matched an audit or dry-run policy");
-        count(metrics, &labels, &report.policy.name, outcome);
+        count(metrics, &labels, report.policy.name.clone(), outcome);
     }
     let outcome = if decision.allowed() {
         "allowed"
@@ -101,14 +102,14 @@ pub fn check(
 fn count(
     metrics: &Metrics,
     labels: &impl Fn() -> TrafficLabels,
-    policy: &str,
+    policy: Name,
     decision: &'static str,
 ) {
     metrics
         .authorization
         .get_or_create(&AuthorizationLabels {
             traffic: labels(),
-            policy: policy.into(),
+            policy,
             decision,
         })
         .inc();

@@ -18,6 +18,9 @@ use arcstr::ArcStr;
 pub struct Name(ArcStr);
 
 impl Name {
+    /// `-`, where a label has no name to show; a literal, never allocated.
+    pub const NONE: Name = Name(arcstr::literal!("-"));
+
     /// How many holders share this text: 1 when only the one asking holds
     /// it (the interner's signal that nothing uses it any more).
     pub fn holders(&self) -> usize {
