@@ -13,7 +13,7 @@ use weft_certs::Identity;
 
 use crate::authorization::{Action, Attributes, Decision, HttpAttributes, InboundPolicy};
 use crate::http::{Body, full};
-use crate::metrics::{AuthorizationLabels, Metrics, TrafficLabels};
+use crate::metrics::{AuthorizationLabels, Metrics, Peer, TrafficLabels};
 use crate::name::Name;
 
 /// The body Envoy's RBAC filter answers with; clients and tests look for it.
@@ -26,6 +26,9 @@ pub struct Caller {
     /// `identity` as Istio writes principals (`td/ns/<ns>/sa/<sa>`), made
     /// once per connection.
     principal: Option<Box<str>>,
+    /// The caller as metrics name it, also made once per connection, so
+    /// that counting a request allocates nothing.
+    peer: Peer,
     pub address: IpAddr,
 }
 
@@ -39,10 +42,15 @@ impl Caller {
             .into_boxed_str()
         });
         Caller {
+            peer: Peer::caller(identity.as_ref()),
             identity,
             principal,
             address,
         }
+    }
+
+    pub fn peer(&self) -> &Peer {
+        &self.peer
     }
 
     /// A caller without a proven identity (plaintext, tools).

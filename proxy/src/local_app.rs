@@ -35,6 +35,7 @@ use crate::http::{
     set_peer_identity, strip_hop_by_hop,
 };
 use crate::metrics::{Metrics, Peer, RequestLabels, TrafficLabels};
+use crate::name::Name;
 use crate::pool::CONNECT_TIMEOUT;
 use crate::sniff::{Protocol, Rewind, declared, sniff_within};
 use crate::upgrade::Upgrades;
@@ -240,7 +241,7 @@ impl LocalApp {
             if !self.authorize_connection(&caller, target) {
                 return;
             }
-            let labels = self.labels(caller.identity());
+            let labels = self.labels(&caller);
             self.metrics.tcp_opened.get_or_create(&labels).inc();
             let mut changes = self.xds.as_ref().map(|xds| xds.changes.subscribe());
             let relay = tokio::io::copy_bidirectional(&mut client, &mut app);
@@ -338,7 +339,7 @@ impl LocalApp {
         };
         let attributes = caller.attributes(target.port(), None);
         let decision = authorize::check(&policy, &attributes, target, &self.metrics, || {
-            self.labels(caller.identity())
+            self.labels(caller)
         });
         if !decision.allowed() {
             tracing::debug!(%target, "connection closed by authorization policy");
@@ -395,14 +396,14 @@ impl LocalApp {
         let attributes = caller.attributes(target.port(), Some(http));
         let decision: Decision =
             authorize::check(&policy, &attributes, target, &self.metrics, || {
-                self.labels(caller.identity())
+                self.labels(caller)
             });
         decision.allowed()
     }
 
     /// Traffic from `peer` to this pod, as the server side reports it.
-    fn labels(&self, peer: Option<&Identity>) -> TrafficLabels {
-        TrafficLabels::new("destination", &Peer::caller(peer), &"".into(), &self.me())
+    fn labels(&self, caller: &Caller) -> TrafficLabels {
+        TrafficLabels::new("destination", caller.peer(), &Name::default(), &self.me())
     }
 
     /// A request from `caller` for the app at `target` (a mesh request, or
@@ -427,7 +428,7 @@ impl LocalApp {
         };
         let response = response.unwrap_or_else(Undelivered::respond);
         let labels = RequestLabels {
-            traffic: self.labels(peer),
+            traffic: self.labels(caller),
             response_code: response.status().as_u16(),
         };
         self.metrics.request(labels, start.elapsed().as_secs_f64());

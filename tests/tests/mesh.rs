@@ -705,6 +705,18 @@ spec:
   rules: [{to: [{operation: {paths: ["/admin*"]}}]}]
 "#;
 
+    const DRY_RUN_DENY: &str = r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata:
+  name: trial-deny
+  namespace: demo
+  annotations: {istio.io/dry-run: "true"}
+spec:
+  action: DENY
+  rules: [{}]
+"#;
+
     const DENY_GET: &str = r#"
 apiVersion: security.istio.io/v1
 kind: AuthorizationPolicy
@@ -848,6 +860,14 @@ spec:
         );
         assert!(failed.is_empty(), "{failed:?}");
 
+        // A dry-run DENY of everything is reported, not enforced.
+        apply(lab, "c1", DRY_RUN_DENY).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(
+            caller.batch(5).await.iter().all(|a| a.is_ok()),
+            "a dry-run policy denied"
+        );
+
         // The server's sidecar counts its decisions by policy.
         let echo_ip =
             std::fs::read_to_string(pod_dir(dir, "c1", "demo", "echo-v1").join("ip")).unwrap();
@@ -858,6 +878,7 @@ spec:
             "decision=\"denied\"",
             "decision=\"allowed\"",
             "policy=\"demo/echo-policy\"",
+            "decision=\"dry_run_denied\"",
         ] {
             assert!(
                 metrics.lines().any(
@@ -996,6 +1017,7 @@ spec:
             delete(lab, "c1", include_str!("../../examples/lab/outsider.yaml")).await;
         }
         delete(lab, "c1", &echo_policy("ALLOW", "")).await;
+        delete(lab, "c1", DRY_RUN_DENY).await;
         delete(lab, "c2", include_str!("../../examples/lab/client.yaml")).await;
         delete(lab, "c1", ECHO_ONE).await;
         delete(lab, "c2", ECHO_ONE).await;
