@@ -98,6 +98,9 @@ enum Scenario {
         /// per core with one-worker nginx and HAProxy.
         #[arg(long, default_value_t = 1)]
         proxy_threads: usize,
+        /// Runs with the 20 authorization rules, each between two without.
+        #[arg(long, default_value_t = 3)]
+        authz_pairs: usize,
     },
     /// Added latency of the two-sidecar mTLS path for TCP echo, against direct, in one run.
     Sidecar {
@@ -183,6 +186,7 @@ fn main() -> Result<()> {
             snapshot_services,
             snapshot_workloads,
             proxy_threads,
+            authz_pairs,
         } => (
             "bench",
             bench::run(
@@ -198,6 +202,7 @@ fn main() -> Result<()> {
                     snapshot_services,
                     snapshot_workloads,
                     proxy_threads,
+                    authz_pairs,
                     results: (!cli.no_write).then(|| cli.results.clone()),
                 },
                 &command,
