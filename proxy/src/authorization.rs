@@ -473,6 +473,10 @@ impl Condition {
                 .admits(Some(request.port), |p: &u16, v: u16| *p == v),
             Key::Header(name) => match &request.http {
                 None => without_http(false, deny),
+                // HTTP/2 has no Host header: its host is the authority.
+                Some(http) if name == http::header::HOST => self
+                    .texts
+                    .admits(Some(http.host), |t: &Text, v| t.matches(v, true)),
                 Some(http) => {
                     let values = http.headers.get_all(name);
                     let hit = |list: &[Text]| {
@@ -1035,6 +1039,20 @@ mod tests {
                 },
                 Call {
                     http: Some(("GET", "echo.demo", "/", header("x-env", "prod"))),
+                    ..get("/")
+                },
+            ),
+            (
+                "request.headers[host] is the authority",
+                when(mesh::Condition {
+                    key: condition::Key::RequestHeader as i32,
+                    header: "host".into(),
+                    values: vec![s("echo.*")],
+                    ..Default::default()
+                }),
+                get("/"),
+                Call {
+                    http: Some(("GET", "other.demo", "/", HeaderMap::new())),
                     ..get("/")
                 },
             ),

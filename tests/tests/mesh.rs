@@ -825,6 +825,146 @@ spec:
             .await
             .unwrap();
 
+        // Every rule kind, over real mTLS: an ALLOW that matches this
+        // caller's request admits it, one that does not refuses it.
+        let client_ip = std::fs::read_to_string(pod_dir(dir, "c1", "demo", "client").join("ip"))
+            .unwrap()
+            .trim()
+            .to_string();
+        let from = |source: &str| format!("  rules:\n  - from: [{{source: {{{source}}}}}]\n");
+        let to = |operation: &str| format!("  rules:\n  - to: [{{operation: {{{operation}}}}}]\n");
+        let when = |key: &str, values: &str| {
+            format!("  rules:\n  - when: [{{key: \"{key}\", values: [{values}]}}]\n")
+        };
+        let me = format!("\"{client_ip}/32\"");
+        let elsewhere = "\"192.0.2.0/24\"";
+        let mut kinds: Vec<(&str, String, String)> = vec![
+            (
+                "principals",
+                from("principals: [\"cluster.local/ns/demo/sa/client\"]"),
+                from("principals: [\"cluster.local/ns/demo/sa/other\"]"),
+            ),
+            (
+                "notPrincipals",
+                from("notPrincipals: [\"*/sa/other\"]"),
+                from("notPrincipals: [\"*/sa/client\"]"),
+            ),
+            (
+                "namespaces",
+                from("namespaces: [demo]"),
+                from("namespaces: [prod]"),
+            ),
+            (
+                "notNamespaces",
+                from("notNamespaces: [prod]"),
+                from("notNamespaces: [demo]"),
+            ),
+            (
+                "hosts",
+                to("hosts: [\"echo.demo*\"]"),
+                to("hosts: [\"other.demo*\"]"),
+            ),
+            (
+                "notHosts",
+                to("notHosts: [\"other.demo*\"]"),
+                to("notHosts: [\"echo.demo*\"]"),
+            ),
+            ("ports", to("ports: [\"8080\"]"), to("ports: [\"9999\"]")),
+            (
+                "notPorts",
+                to("notPorts: [\"9999\"]"),
+                to("notPorts: [\"8080\"]"),
+            ),
+            ("methods", to("methods: [GET]"), to("methods: [POST]")),
+            (
+                "notMethods",
+                to("notMethods: [POST]"),
+                to("notMethods: [GET]"),
+            ),
+            ("paths", to("paths: [\"/\"]"), to("paths: [\"/other\"]")),
+            (
+                "notPaths",
+                to("notPaths: [\"/other\"]"),
+                to("notPaths: [\"/\"]"),
+            ),
+            (
+                "request.headers",
+                when("request.headers[host]", "\"echo*\""),
+                when("request.headers[host]", "\"other*\""),
+            ),
+            (
+                "source.principal",
+                when("source.principal", "\"*/sa/client\""),
+                when("source.principal", "\"*/sa/other\""),
+            ),
+            (
+                "source.namespace",
+                when("source.namespace", "demo"),
+                when("source.namespace", "prod"),
+            ),
+            (
+                "destination.port",
+                when("destination.port", "\"8080\""),
+                when("destination.port", "\"9999\""),
+            ),
+        ];
+        if network == Network::Namespaces {
+            // Loopback labs share addresses between pods.
+            kinds.extend([
+                (
+                    "ipBlocks",
+                    from(&format!("ipBlocks: [{me}]")),
+                    from(&format!("ipBlocks: [{elsewhere}]")),
+                ),
+                (
+                    "notIpBlocks",
+                    from(&format!("notIpBlocks: [{elsewhere}]")),
+                    from(&format!("notIpBlocks: [{me}]")),
+                ),
+                (
+                    "remoteIpBlocks",
+                    from(&format!("remoteIpBlocks: [{me}]")),
+                    from(&format!("remoteIpBlocks: [{elsewhere}]")),
+                ),
+                (
+                    "notRemoteIpBlocks",
+                    from(&format!("notRemoteIpBlocks: [{elsewhere}]")),
+                    from(&format!("notRemoteIpBlocks: [{me}]")),
+                ),
+                (
+                    "source.ip",
+                    when("source.ip", &me),
+                    when("source.ip", elsewhere),
+                ),
+                (
+                    "remote.ip",
+                    when("remote.ip", &me),
+                    when("remote.ip", elsewhere),
+                ),
+            ]);
+        }
+        for (kind, admits, refuses) in &kinds {
+            apply(lab, "c1", &echo_policy("ALLOW", admits)).await;
+            caller
+                .until(Duration::from_secs(5), |a| a.is_ok())
+                .await
+                .unwrap_or_else(|e| panic!("{kind}: the matching rule did not admit: {e}"));
+            apply(lab, "c1", &echo_policy("ALLOW", refuses)).await;
+            caller
+                .until(Duration::from_secs(5), forbidden)
+                .await
+                .unwrap_or_else(|e| panic!("{kind}: the other rule did not refuse: {e}"));
+        }
+        println!(
+            "policy: {} rule kinds each admitted and refused a caller",
+            kinds.len()
+        );
+        apply(lab, "c1", &echo_policy("ALLOW", by_principal)).await;
+        caller
+            .until(Duration::from_secs(5), |a| a.is_ok())
+            .await
+            .unwrap();
+
         // Changes that do not concern this caller, under constant
         // traffic: no request fails.
         let steady = caller.clone();

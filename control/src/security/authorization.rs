@@ -205,7 +205,18 @@ fn read_condition(at: &str, entry: &Value, problems: &mut Problems) -> mesh::Con
         .and_then(|rest| rest.strip_suffix(']'))
         .filter(|name| !name.is_empty())
     {
-        condition.header = header.to_ascii_lowercase();
+        // HTTP/2 carries the host as :authority; Envoy treats both alike.
+        let header = match header.to_ascii_lowercase() {
+            name if name == ":authority" => "host".to_string(),
+            name => name,
+        };
+        if http::header::HeaderName::from_bytes(header.as_bytes()).is_err() {
+            problems.add(
+                &format!("{at}.key"),
+                format!("{header:?} is not a header name"),
+            );
+        }
+        condition.header = header;
         condition::Key::RequestHeader
     } else {
         match key {
@@ -417,6 +428,7 @@ mod tests {
                 "to": [{"operation": {"hosts": ["Echo.Demo*"], "ports": ["8080"], "methods": ["GET"], "notPaths": ["*/admin"]}}],
                 "when": [
                     {"key": "request.headers[X-Canary]", "values": ["*"]},
+                    {"key": "request.headers[:authority]", "values": ["echo*"]},
                     {"key": "destination.port", "notValues": ["9000"]},
                     {"key": "source.ip", "values": ["fd00::/8"]},
                 ],
@@ -425,7 +437,8 @@ mod tests {
         assert!(info.problems.is_empty(), "{:?}", info.problems);
         assert_eq!(info.action, mesh::AuthorizationAction::Deny);
         assert_eq!(info.generation, 2);
-        let rule = &info.rules[0];
+        let mut rules = info.rules.clone();
+        let rule = &mut rules[0];
         let source = &rule.from[0];
         assert_eq!(
             source.principals[0].kind,
@@ -451,6 +464,7 @@ mod tests {
             Some(string_match::Kind::Suffix("/admin".into()))
         );
         assert_eq!(rule.when[0].header, "x-canary");
+        assert_eq!(rule.when.remove(1).header, "host");
         assert_eq!(
             rule.when[0].values[0].kind,
             Some(string_match::Kind::Present(true))
@@ -487,6 +501,10 @@ mod tests {
                 "spec.rules[0].from[0].source.ipBlocks[0]",
             ),
             (json!({"actions": "DENY"}), "spec.actions"),
+            (
+                json!({"rules": [{"when": [{"key": "request.headers[bad header]", "values": ["x"]}]}]}),
+                "spec.rules[0].when[0].key",
+            ),
         ];
         for (spec, field) in cases {
             let info = policy(spec.clone());
