@@ -399,6 +399,7 @@ mod tests {
             trust_domain: "cluster.local".into(),
             domain_suffix: "cluster.local".into(),
             system_namespace: "weft-system".into(),
+            root_namespace: "weft-system".into(),
             cluster_local: Vec::new(),
         }));
         CaService::new(Arc::new(ca), client, hub)

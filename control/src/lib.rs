@@ -70,6 +70,9 @@ pub struct Config {
     pub remote_timeout: Duration,
     /// "ns/name" or "ns/*" services that are never merged across clusters.
     pub cluster_local: Vec<String>,
+    /// Where security policy without a selector is mesh-wide (Istio's
+    /// `rootNamespace`); the control plane's namespace by default.
+    pub root_namespace: String,
     /// Lifetime of the control plane's own serving certificates (xDS,
     /// webhook); they are renewed at half of it.
     pub serving_cert_lifetime: Duration,
@@ -97,6 +100,7 @@ impl Config {
             debounce: Debounce::default(),
             remote_timeout: Duration::from_secs(30),
             cluster_local: Vec::new(),
+            root_namespace: "weft-system".into(),
             serving_cert_lifetime: Duration::from_secs(24 * 3600),
             xds_max_stream_age: Duration::from_secs(30 * 60),
             xds_limits: tls::Limits::default(),
@@ -136,6 +140,7 @@ impl ControlPlane {
             trust_domain: config.trust_domain.clone(),
             domain_suffix: config.domain_suffix.clone(),
             system_namespace: config.namespace.clone(),
+            root_namespace: config.root_namespace.clone(),
             cluster_local: config.cluster_local.clone(),
         });
         let (hub, nudges) = Hub::new(model);

@@ -74,6 +74,11 @@ struct Args {
         value_delimiter = ','
     )]
     cluster_local: Vec<String>,
+    /// Where security policy without a selector is mesh-wide (Istio's
+    /// meshConfig rootNamespace); default: --namespace. Set istio-system to
+    /// take mesh-wide policy written for Istio as it is.
+    #[arg(long, env = "WEFT_ROOT_NAMESPACE")]
+    root_namespace: Option<String>,
     /// Lifetime of the control plane's own xDS and webhook certificates,
     /// in seconds; they are renewed at half of it.
     #[arg(long, env = "WEFT_SERVING_CERT_LIFETIME", default_value_t = 86_400)]
@@ -127,6 +132,9 @@ async fn main() -> anyhow::Result<()> {
         webhook_addr: Some(args.webhook_addr),
         injection,
         network: args.network,
+        root_namespace: args
+            .root_namespace
+            .unwrap_or_else(|| args.namespace.clone()),
         namespace: args.namespace,
         trust_domain: args.trust_domain,
         xds_plain_addr: args.xds_plain_addr,

@@ -33,6 +33,8 @@ pub struct ModelConfig {
     pub trust_domain: String,
     pub domain_suffix: String,
     pub system_namespace: String,
+    /// Security policy here without a selector is mesh-wide.
+    pub root_namespace: String,
     /// "ns/name" or "ns/*": services never merged across clusters.
     pub cluster_local: Vec<String>,
 }
@@ -409,6 +411,7 @@ mod tests {
             trust_domain: "cluster.local".into(),
             domain_suffix: "cluster.local".into(),
             system_namespace: "weft-system".into(),
+            root_namespace: "weft-system".into(),
             cluster_local: vec![],
         }
     }
@@ -807,5 +810,36 @@ mod tests {
         assert!(model.policy_errors().contains_key(&Kind::Authorization));
         model.flush();
         assert!(!workload(&model, "c1/demo/echo-c1").unwrap().stale);
+    }
+
+    #[test]
+    fn the_root_namespace_can_be_istios() {
+        let mut model = Model::new(ModelConfig {
+            root_namespace: "istio-system".into(),
+            ..config()
+        });
+        synced_cluster(&mut model, "c1", "10.96.0.10", "10.1.0.5", false);
+        model.apply(policy(
+            Kind::Authorization,
+            "istio-system",
+            "mesh",
+            serde_json::json!({}),
+        ));
+        model.apply(policy(
+            Kind::Authorization,
+            "weft-system",
+            "here",
+            serde_json::json!({}),
+        ));
+        model.flush().unwrap();
+        let scope = |name| authorization(&model, name).unwrap().scope;
+        assert_eq!(
+            scope("istio-system/mesh"),
+            mesh::AuthorizationScope::Mesh as i32
+        );
+        assert_eq!(
+            scope("weft-system/here"),
+            mesh::AuthorizationScope::Namespace as i32
+        );
     }
 }

@@ -24,7 +24,7 @@ pub struct PolicyStatus {
 impl Model {
     /// The root namespace: its policies without a selector are mesh-wide.
     pub fn root_namespace(&self) -> &str {
-        &self.config.system_namespace
+        &self.config.root_namespace
     }
 
     fn local_data(&self) -> Option<&super::cluster_data::ClusterData> {
@@ -39,7 +39,7 @@ impl Model {
         if kind == Kind::Authorization {
             self.dirty_authorizations.insert(key.clone());
         }
-        let root = key.0 == self.config.system_namespace;
+        let root = key.0 == self.config.root_namespace;
         let local = self.config.local_cluster.clone();
         let Some(data) = self.local_data() else {
             return;
@@ -57,7 +57,7 @@ impl Model {
 
     pub(super) fn build_authorization(&self, key: &Key) -> Option<mesh::Authorization> {
         let info = self.local_data()?.authorizations.get(key)?;
-        let scope = security::scope(&key.0, &info.attachment, &self.config.system_namespace);
+        let scope = security::scope(&key.0, &info.attachment, &self.config.root_namespace);
         Some(authorization::resource(&key.0, &key.1, scope, info))
     }
 
@@ -85,7 +85,7 @@ impl Model {
             && security::applies(
                 &policy.0,
                 &info.attachment,
-                &self.config.system_namespace,
+                &self.config.root_namespace,
                 &pod.0,
                 labels,
                 backs,
@@ -110,7 +110,7 @@ impl Model {
         let mtls = peer_authentication::effective(
             &pod.0,
             labels.unwrap_or(&empty),
-            &self.config.system_namespace,
+            &self.config.root_namespace,
             data.peer_authentications.iter().map(|(k, v)| (k, &**v)),
         );
         let set = mtls.mode != mesh::MtlsMode::MtlsUnset as i32 || !mtls.ports.is_empty();
@@ -128,7 +128,7 @@ impl Model {
             wanted: authorization_condition(info),
             seen: info.status.clone(),
         });
-        let root = &self.config.system_namespace;
+        let root = &self.config.root_namespace;
         let peers = data
             .peer_authentications
             .iter()
