@@ -480,9 +480,12 @@ impl Condition {
                 Some(http) => {
                     let values = http.headers.get_all(name);
                     let hit = |list: &[Text]| {
+                        // Any bytes, not only visible ASCII: a value a
+                        // caller writes in obs-text must not slip past a
+                        // DENY. Borrowed, so free, for valid UTF-8.
                         values.iter().any(|v| {
-                            v.to_str()
-                                .is_ok_and(|v| list.iter().any(|t| t.matches(v, false)))
+                            let v = String::from_utf8_lossy(v.as_bytes());
+                            list.iter().any(|t| t.matches(&v, false))
                         })
                     };
                     (self.texts.any.is_empty() || hit(&self.texts.any)) && !hit(&self.texts.none)
@@ -1195,6 +1198,30 @@ mod tests {
         assert!(!tcp().allowed_by(&[allow(vec![header.clone()])]));
         let deny_header = policy("deny", mesh::AuthorizationAction::Deny, vec![header]);
         assert!(!tcp().allowed_by(&[deny_header]));
+    }
+
+    #[test]
+    fn a_header_value_outside_ascii_cannot_slip_past_a_deny() {
+        let deny = policy(
+            "deny",
+            mesh::AuthorizationAction::Deny,
+            vec![when(mesh::Condition {
+                key: condition::Key::RequestHeader as i32,
+                header: "x-block".into(),
+                values: vec![s("*")],
+                ..Default::default()
+            })],
+        );
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            "x-block",
+            http::HeaderValue::from_bytes(&[0xff, b'a']).unwrap(),
+        );
+        let call = Call {
+            http: Some(("GET", "echo.demo", "/", headers)),
+            ..get("/")
+        };
+        assert!(!call.allowed_by(&[deny]));
     }
 
     #[test]
