@@ -340,7 +340,7 @@ pub fn spawn_watchers(
         cluster,
         generation,
         updates,
-        restarts,
+        restarts: Some(restarts),
     };
     vec![
         tokio::spawn(liveness(client.clone(), ctx.clone(), restart)),
@@ -382,50 +382,38 @@ pub fn spawn_policy_watchers(
     updates: mpsc::UnboundedSender<ClusterUpdate>,
 ) -> Vec<tokio::task::JoinHandle<()>> {
     // Policy watches restart only on their own backoff: the liveness
-    // probe's restarts belong to the cluster's own watchers. The sender
-    // lives as long as the watches (a watch whose sender is gone stops).
-    let (restart, restarts) = tokio::sync::watch::channel(0u64);
-    let restart = Arc::new(restart);
+    // probe's restarts belong to the cluster's own watchers.
     let ctx = WatchContext {
         cluster,
         generation: 0,
         updates,
-        restarts,
+        restarts: None,
     };
     let dynamic = |resource: &kube::api::ApiResource| {
         Api::<DynamicObject>::all_with(client.clone(), resource)
     };
     let json = |object: &DynamicObject| serde_json::to_value(object).unwrap_or_default();
-    let authorizations = watch(
-        dynamic(&security::authorization_policies()),
-        Kind::Authorization,
-        ctx.clone(),
-        move |o| {
-            Some(Object::Authorization(Arc::new(authorization::read(&json(
-                o,
-            )))))
-        },
-    );
-    let peer_authentications = watch(
-        dynamic(&security::peer_authentications()),
-        Kind::PeerAuthentication,
-        ctx,
-        move |o| {
-            Some(Object::PeerAuthentication(Arc::new(
-                peer_authentication::read(&json(o)),
-            )))
-        },
-    );
-    let kept = restart.clone();
     vec![
-        tokio::spawn(async move {
-            let _restart = kept;
-            authorizations.await
-        }),
-        tokio::spawn(async move {
-            let _restart = restart;
-            peer_authentications.await
-        }),
+        tokio::spawn(watch(
+            dynamic(&security::authorization_policies()),
+            Kind::Authorization,
+            ctx.clone(),
+            move |o| {
+                Some(Object::Authorization(Arc::new(authorization::read(&json(
+                    o,
+                )))))
+            },
+        )),
+        tokio::spawn(watch(
+            dynamic(&security::peer_authentications()),
+            Kind::PeerAuthentication,
+            ctx,
+            move |o| {
+                Some(Object::PeerAuthentication(Arc::new(
+                    peer_authentication::read(&json(o)),
+                )))
+            },
+        )),
     ]
 }
 
@@ -498,8 +486,9 @@ struct WatchContext {
     cluster: String,
     generation: u64,
     updates: mpsc::UnboundedSender<ClusterUpdate>,
-    /// Changes when the watches must start over.
-    restarts: tokio::sync::watch::Receiver<u64>,
+    /// Changes when the watches must start over; none for watches that
+    /// start over only on their own backoff.
+    restarts: Option<tokio::sync::watch::Receiver<u64>>,
 }
 
 impl WatchContext {
@@ -540,7 +529,12 @@ where
                 Some(event) => event,
                 None => return,
             },
-            changed = restarts.changed() => {
+            changed = async {
+                match restarts.as_mut() {
+                    Some(restarts) => restarts.changed().await,
+                    None => std::future::pending().await,
+                }
+            } => {
                 if changed.is_err() {
                     return;
                 }

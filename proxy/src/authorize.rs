@@ -80,7 +80,7 @@ pub fn check(
     request: &Attributes,
     target: SocketAddr,
     metrics: &Metrics,
-    labels: impl Fn() -> TrafficLabels,
+    labels: &TrafficLabels,
 ) -> Decision {
     let decision = policy.check(request);
     let what = if request.http.is_some() {
@@ -95,7 +95,7 @@ pub fn check(
             (true, _) => "dry_run_matched",
         };
         tracing::info!(policy = %report.policy.name, rule = report.rule, outcome, caller = ?request.principal, source = %request.source, %target, "authorization: {what} matched an audit or dry-run policy");
-        count(metrics, &labels, report.policy.name.clone(), outcome);
+        count(metrics, labels, report.policy.name.clone(), outcome);
     }
     let outcome = if decision.allowed() {
         "allowed"
@@ -103,20 +103,15 @@ pub fn check(
         tracing::debug!(?decision, caller = ?request.principal, source = %request.source, %target, "authorization: {what} denied");
         "denied"
     };
-    count(metrics, &labels, decision.policy(), outcome);
+    count(metrics, labels, decision.policy(), outcome);
     decision
 }
 
-fn count(
-    metrics: &Metrics,
-    labels: &impl Fn() -> TrafficLabels,
-    policy: Name,
-    decision: &'static str,
-) {
+fn count(metrics: &Metrics, labels: &TrafficLabels, policy: Name, decision: &'static str) {
     metrics
         .authorization
         .get_or_create(&AuthorizationLabels {
-            traffic: labels(),
+            traffic: labels.clone(),
             policy,
             decision,
         })

@@ -27,7 +27,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use weft_certs::Identity;
 
-use crate::authorization::{Decision, HttpAttributes, InboundPolicy, normalize_path};
+use crate::authorization::{HttpAttributes, InboundPolicy, normalize_path};
 use crate::authorize::{self, Caller};
 use crate::drain::Drain;
 use crate::http::{
@@ -238,10 +238,10 @@ impl LocalApp {
         };
         let mut client = Rewind::new(seen, client);
         if protocol == Protocol::Tcp {
-            if !self.authorize_connection(&caller, target) {
+            let labels = self.labels(&caller);
+            if !self.authorize_connection(&caller, target, &labels) {
                 return;
             }
-            let labels = self.labels(&caller);
             self.metrics.tcp_opened.get_or_create(&labels).inc();
             let mut changes = self.xds.as_ref().map(|xds| xds.changes.subscribe());
             let relay = tokio::io::copy_bidirectional(&mut client, &mut app);
@@ -258,7 +258,7 @@ impl LocalApp {
                     alive = changed => {
                         if !alive {
                             changes = None;
-                        } else if !self.authorize_connection(&caller, target) {
+                        } else if !self.authorize_connection(&caller, target, &labels) {
                             // As ztunnel does: a connection the policy now
                             // denies is closed.
                             tracing::info!(%target, caller = ?caller.identity(), "closing a connection that a policy change denies");
@@ -333,14 +333,18 @@ impl LocalApp {
     }
 
     /// Whether a TCP connection from `caller` to `target` is allowed.
-    pub fn authorize_connection(&self, caller: &Caller, target: SocketAddr) -> bool {
+    /// `labels`: the connection as metrics name it.
+    pub fn authorize_connection(
+        &self,
+        caller: &Caller,
+        target: SocketAddr,
+        labels: &TrafficLabels,
+    ) -> bool {
         let Some(policy) = self.policy(target) else {
             return true;
         };
         let attributes = caller.attributes(target.port(), None);
-        let decision = authorize::check(&policy, &attributes, target, &self.metrics, || {
-            self.labels(caller)
-        });
+        let decision = authorize::check(&policy, &attributes, target, &self.metrics, labels);
         if !decision.allowed() {
             tracing::debug!(%target, "connection closed by authorization policy");
         }
@@ -355,6 +359,7 @@ impl LocalApp {
         caller: &Caller,
         target: SocketAddr,
         request: &mut Request<B>,
+        labels: &TrafficLabels,
     ) -> bool {
         let Some(policy) = self.policy(target) else {
             return true;
@@ -394,11 +399,7 @@ impl LocalApp {
             headers: request.headers(),
         };
         let attributes = caller.attributes(target.port(), Some(http));
-        let decision: Decision =
-            authorize::check(&policy, &attributes, target, &self.metrics, || {
-                self.labels(caller)
-            });
-        decision.allowed()
+        authorize::check(&policy, &attributes, target, &self.metrics, labels).allowed()
     }
 
     /// Traffic from `peer` to this pod, as the server side reports it.
@@ -419,7 +420,9 @@ impl LocalApp {
     ) -> Response<Body> {
         let start = Instant::now();
         let peer = caller.identity();
-        let response = if !self.authorize_request(caller, target, &mut request) {
+        // Named once: for the authorization count and the request metric.
+        let traffic = self.labels(caller);
+        let response = if !self.authorize_request(caller, target, &mut request, &traffic) {
             Ok(authorize::denied(&request))
         } else if self.config.upgrades.requested(&request) {
             self.upgrade(peer, target, request).await
@@ -428,7 +431,7 @@ impl LocalApp {
         };
         let response = response.unwrap_or_else(Undelivered::respond);
         let labels = RequestLabels {
-            traffic: self.labels(caller),
+            traffic,
             response_code: response.status().as_u16(),
         };
         self.metrics.request(labels, start.elapsed().as_secs_f64());

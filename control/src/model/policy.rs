@@ -22,11 +22,6 @@ pub struct PolicyStatus {
 }
 
 impl Model {
-    /// The root namespace: its policies without a selector are mesh-wide.
-    pub fn root_namespace(&self) -> &str {
-        &self.config.root_namespace
-    }
-
     fn local_data(&self) -> Option<&super::cluster_data::ClusterData> {
         self.clusters
             .get(&self.config.local_cluster)
