@@ -9,6 +9,7 @@ const PROTOS: &[&str] = &[
     "proto/envoy/service/discovery/v3/discovery.proto",
     "proto/envoy/service/discovery/v3/ads.proto",
     "proto/weft/mesh/v1/authorization.proto",
+    "proto/weft/mesh/v1/traffic.proto",
     "proto/weft/mesh/v1/mesh.proto",
     "proto/weft/ca/v1/ca.proto",
     "proto/weft/echo/v1/echo.proto",

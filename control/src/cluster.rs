@@ -25,6 +25,7 @@ use weft_xds_proto::mesh::AppProtocol;
 use crate::security::authorization::AuthorizationInfo;
 use crate::security::peer_authentication::PeerAuthenticationInfo;
 use crate::security::{self, authorization, peer_authentication};
+use crate::traffic::{self, TrafficInfo};
 
 /// (namespace, name).
 pub type Key = (String, String);
@@ -96,18 +97,41 @@ pub enum Kind {
     /// Security policy, from the control plane's own cluster only.
     Authorization,
     PeerAuthentication,
+    /// Traffic policy, from the control plane's own cluster only.
+    VirtualService,
+    DestinationRule,
+    HttpRoute,
+    GrpcRoute,
 }
 
 impl Kind {
     pub fn is_policy(self) -> bool {
         POLICY_KINDS.contains(&self)
     }
+
+    pub fn is_traffic(self) -> bool {
+        TRAFFIC_KINDS.contains(&self)
+    }
 }
+
+pub const TRAFFIC_KINDS: [Kind; 4] = [
+    Kind::VirtualService,
+    Kind::DestinationRule,
+    Kind::HttpRoute,
+    Kind::GrpcRoute,
+];
 
 /// Watched in the local cluster only. Their errors never make the
 /// cluster's workloads stale; a kind whose CRD is not installed counts as
 /// an empty set.
-pub const POLICY_KINDS: [Kind; 2] = [Kind::Authorization, Kind::PeerAuthentication];
+pub const POLICY_KINDS: [Kind; 6] = [
+    Kind::Authorization,
+    Kind::PeerAuthentication,
+    Kind::VirtualService,
+    Kind::DestinationRule,
+    Kind::HttpRoute,
+    Kind::GrpcRoute,
+];
 
 pub const KINDS: [Kind; 5] = [
     Kind::Service,
@@ -126,6 +150,7 @@ pub enum Object {
     Node(Locality),
     Authorization(Arc<AuthorizationInfo>),
     PeerAuthentication(Arc<PeerAuthenticationInfo>),
+    Traffic(Arc<TrafficInfo>),
 }
 
 #[derive(Debug)]
@@ -374,11 +399,13 @@ pub fn spawn_watchers(
     ]
 }
 
-/// Starts the security policy watchers of the control plane's own
-/// cluster, on its generation-0 client like the other local watchers.
+/// Starts the security and traffic policy watchers of the control
+/// plane's own cluster, on its generation-0 client like the other local
+/// watchers.
 pub fn spawn_policy_watchers(
     client: Client,
     cluster: String,
+    domain_suffix: String,
     updates: mpsc::UnboundedSender<ClusterUpdate>,
 ) -> Vec<tokio::task::JoinHandle<()>> {
     // Policy watches restart only on their own backoff: the liveness
@@ -393,7 +420,7 @@ pub fn spawn_policy_watchers(
         Api::<DynamicObject>::all_with(client.clone(), resource)
     };
     let json = |object: &DynamicObject| serde_json::to_value(object).unwrap_or_default();
-    vec![
+    let mut handles = vec![
         tokio::spawn(watch(
             dynamic(&security::authorization_policies()),
             Kind::Authorization,
@@ -407,14 +434,45 @@ pub fn spawn_policy_watchers(
         tokio::spawn(watch(
             dynamic(&security::peer_authentications()),
             Kind::PeerAuthentication,
-            ctx,
+            ctx.clone(),
             move |o| {
                 Some(Object::PeerAuthentication(Arc::new(
                     peer_authentication::read(&json(o)),
                 )))
             },
         )),
-    ]
+    ];
+    let traffic = [
+        (Kind::VirtualService, traffic::virtual_services()),
+        (Kind::DestinationRule, traffic::destination_rules()),
+        (Kind::HttpRoute, traffic::http_routes()),
+        (Kind::GrpcRoute, traffic::grpc_routes()),
+    ];
+    for (kind, resource) in traffic {
+        let suffix = domain_suffix.clone();
+        handles.push(tokio::spawn(watch(
+            dynamic(&resource),
+            kind,
+            ctx.clone(),
+            move |o| {
+                let info = read_traffic(kind, &json(o), &suffix);
+                // Routes for Gateways only are another controller's.
+                (!info.not_for_mesh).then(|| Object::Traffic(Arc::new(info)))
+            },
+        )));
+    }
+    handles
+}
+
+/// Reads a traffic policy object of `kind`.
+pub fn read_traffic(kind: Kind, object: &serde_json::Value, domain_suffix: &str) -> TrafficInfo {
+    use traffic::gateway_route::{self, Flavor};
+    match kind {
+        Kind::VirtualService => traffic::virtual_service::read(object, domain_suffix),
+        Kind::DestinationRule => traffic::destination_rule::read(object, domain_suffix),
+        Kind::GrpcRoute => gateway_route::read(object, Flavor::Grpc, domain_suffix),
+        _ => gateway_route::read(object, Flavor::Http, domain_suffix),
+    }
 }
 
 /// Whether a watch failed because the resource type is not served (its

@@ -25,6 +25,7 @@ pub mod security;
 pub mod serve;
 pub mod serving;
 pub mod tls;
+pub mod traffic;
 pub mod xds;
 
 use std::net::SocketAddr;
@@ -163,6 +164,7 @@ impl ControlPlane {
         tasks.extend(cluster::spawn_policy_watchers(
             local.clone(),
             config.cluster_id.clone(),
+            config.domain_suffix.clone(),
             updates_tx.clone(),
         ));
         tasks.push(tokio::spawn(policy_status::run(hub.clone(), local.clone())));

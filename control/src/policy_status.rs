@@ -15,6 +15,32 @@ use crate::cluster::{Key, Kind};
 use crate::hub::Hub;
 use crate::model::PolicyStatus;
 use crate::security::{self, Written};
+use crate::traffic::{self, gateway_route};
+
+/// The conditions `wanted` stands for, as Kubernetes writes them.
+fn conditions(wanted: &Written) -> Vec<serde_json::Value> {
+    let now = k8s_openapi::jiff::Timestamp::now().to_string();
+    let condition = |kind: &str, ok: bool, reason: &str, message: &str| {
+        json!({
+            "type": kind,
+            "status": if ok { "True" } else { "False" },
+            "reason": reason,
+            "message": message,
+            "observedGeneration": wanted.observed_generation,
+            "lastTransitionTime": now,
+        })
+    };
+    let mut list = vec![condition(
+        security::CONDITION,
+        wanted.accepted,
+        &wanted.reason,
+        &wanted.message,
+    )];
+    if let Some((ok, reason, message)) = &wanted.resolved {
+        list.push(condition(security::RESOLVED_REFS, *ok, reason, message));
+    }
+    list
+}
 
 /// How often conditions are compared when nothing else wakes the writer.
 const EVERY: Duration = Duration::from_secs(2);
@@ -34,7 +60,7 @@ pub async fn run(hub: Arc<Hub>, client: Client) {
             .filter(|s| sent.get(&(s.kind, s.key.clone())) != Some(&s.wanted))
             .collect();
         for status in owed {
-            match write(&client, &status).await {
+            match write(&hub, &client, &status).await {
                 Ok(()) => {
                     sent.insert((status.kind, status.key.clone()), status.wanted);
                 }
@@ -51,21 +77,34 @@ pub async fn run(hub: Arc<Hub>, client: Client) {
     }
 }
 
-async fn write(client: &Client, status: &PolicyStatus) -> Result<(), kube::Error> {
+async fn write(hub: &Hub, client: &Client, status: &PolicyStatus) -> Result<(), kube::Error> {
     let resource = match status.kind {
         Kind::Authorization => security::authorization_policies(),
-        _ => security::peer_authentications(),
+        Kind::PeerAuthentication => security::peer_authentications(),
+        Kind::VirtualService => traffic::virtual_services(),
+        Kind::DestinationRule => traffic::destination_rules(),
+        Kind::GrpcRoute => traffic::grpc_routes(),
+        _ => traffic::http_routes(),
     };
     let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), &status.key.0, &resource);
-    let wanted = &status.wanted;
-    let patch = json!({"status": {"conditions": [{
-        "type": security::CONDITION,
-        "status": if wanted.accepted { "True" } else { "False" },
-        "reason": wanted.reason,
-        "message": wanted.message,
-        "observedGeneration": wanted.observed_generation,
-        "lastTransitionTime": k8s_openapi::jiff::Timestamp::now().to_string(),
-    }]}});
+    let conditions = conditions(&status.wanted);
+    let patch = if matches!(status.kind, Kind::HttpRoute | Kind::GrpcRoute) {
+        // Gateway API: one entry per Service parent this controller serves.
+        let parents = hub.model().route_parents(status.kind, &status.key);
+        let parents: Vec<_> = parents
+            .into_iter()
+            .map(|parent| {
+                json!({
+                    "parentRef": parent,
+                    "controllerName": gateway_route::CONTROLLER,
+                    "conditions": conditions,
+                })
+            })
+            .collect();
+        json!({"status": {"parents": parents}})
+    } else {
+        json!({"status": {"conditions": conditions}})
+    };
     api.patch_status(
         &status.key.1,
         &PatchParams::default(),

@@ -92,6 +92,9 @@ impl Admin {
         m.services.set(snapshot.services.len() as i64);
         m.workloads.set(snapshot.workloads.len() as i64);
         m.authorization_policies.set(snapshot.policies.len() as i64);
+        m.route_sets.set(snapshot.route_sets.len() as i64);
+        m.destination_policies
+            .set(snapshot.destination_policies.len() as i64);
         if let Some(certs) = &self.certs {
             let expiry = certs
                 .certificate()

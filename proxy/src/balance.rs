@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex};
 
 use crate::outlier::Outliers;
 use crate::resources::{Name, Workload};
+use crate::routes::{Locality, Simple};
 
 /// Where this proxy runs.
 #[derive(Clone, Debug, Default)]
@@ -46,10 +47,102 @@ fn tier(here: &Here, workload: &Workload) -> u8 {
     if profile.cluster_id == here.cluster && profile.locality.zone == here.zone {
         0
     } else if !here.region.is_empty() && profile.locality.region == here.region {
-        1
-    } else {
         2
+    } else {
+        4
     }
+}
+
+/// How to choose among endpoints, from the destination's policy.
+#[derive(Clone, Copy, Default)]
+pub struct Choice<'a> {
+    pub simple: Simple,
+    /// A consistent-hash key: the same key picks the same endpoint while
+    /// the set of endpoints stays the same (rendezvous hashing: when one
+    /// goes, only its keys move).
+    pub hash: Option<u64>,
+    pub locality: Option<&'a Locality>,
+    /// The caller's labels, for failoverPriority.
+    pub caller: Option<&'a Workload>,
+}
+
+/// The tier of `workload` under a locality policy: failoverPriority's
+/// labels first (more leading labels shared with the caller is better),
+/// then the usual tiers, with a failover target region just after the
+/// caller's own region.
+fn tier_under(here: &Here, choice: &Choice, workload: &Workload) -> u16 {
+    let Some(locality) = choice.locality else {
+        return tier(here, workload) as u16;
+    };
+    if locality.disabled {
+        return 0;
+    }
+    let mut base = tier(here, workload) as u16;
+    if base == 4
+        && locality
+            .failover
+            .iter()
+            .any(|(from, to)| **from == *here.region && **to == *workload.profile.locality.region)
+    {
+        base = 3;
+    }
+    if locality.failover_priority.is_empty() {
+        return base;
+    }
+    let Some(caller) = choice.caller else {
+        return base;
+    };
+    let shared = locality
+        .failover_priority
+        .iter()
+        .take_while(|key| {
+            let mine = crate::routes::label_of(key, caller);
+            mine.is_some() && mine == crate::routes::label_of(key, workload)
+        })
+        .count();
+    ((locality.failover_priority.len() - shared) as u16) * 8 + base
+}
+
+/// Whether a `distribute` pattern ("region/zone/subzone", "*" for any
+/// part and for what follows) covers a workload's locality.
+fn covers(pattern: &str, workload: &Workload) -> bool {
+    let l = &workload.profile.locality;
+    let mut parts = pattern.split('/');
+    for own in [&*l.region, &*l.zone, &*l.subzone] {
+        match parts.next() {
+            None | Some("*") => return true,
+            Some(p) if p == own => {}
+            Some(_) => return false,
+        }
+    }
+    true
+}
+
+fn here_covered(pattern: &str, here: &Here) -> bool {
+    let mut parts = pattern.split('/');
+    for own in [&*here.region, &*here.zone] {
+        match parts.next() {
+            None | Some("*") => return true,
+            Some(p) if p == own => {}
+            Some(_) => return false,
+        }
+    }
+    true
+}
+
+fn mix(a: u64, b: u64) -> u64 {
+    // SplitMix64's finalizer: a cheap, well-spread hash of two words.
+    let mut z = a ^ b.rotate_left(32) ^ 0x9E37_79B9_7F4A_7C15;
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// A stable 64-bit hash of text (FNV-1a): the same in every proxy.
+pub fn hash_text(text: &[u8]) -> u64 {
+    text.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
 }
 
 /// Outstanding connections per workload, shared by every request path,
@@ -58,6 +151,8 @@ fn tier(here: &Here, workload: &Workload) -> u8 {
 pub struct Load {
     outstanding: Mutex<HashMap<Name, Arc<AtomicUsize>>>,
     pub outliers: Outliers,
+    /// Round-robin position, shared: good enough spread for one sidecar.
+    turn: AtomicUsize,
 }
 
 /// Counts one connection to a workload while it is alive.
@@ -83,6 +178,17 @@ impl Load {
         map.entry(uid.clone()).or_default().clone()
     }
 
+    /// Takes one of `max` places under `key` (a destination's connection
+    /// pool), or none when all are taken.
+    pub fn admit(&self, key: &Name, max: u32) -> Option<InFlight> {
+        let counter = self.counter(&Name::from(format!("pool:{key}")));
+        if counter.fetch_add(1, Ordering::AcqRel) >= max as usize {
+            counter.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        Some(InFlight(counter))
+    }
+
     pub fn outstanding(&self, uid: &str) -> usize {
         let map = self.outstanding.lock().unwrap_or_else(|p| p.into_inner());
         map.get(uid).map_or(0, |c| c.load(Ordering::Relaxed))
@@ -104,8 +210,23 @@ impl Load {
         candidates: impl Iterator<Item = &'a Arc<Workload>>,
         excluded: &[Name],
     ) -> Option<(Arc<Workload>, InFlight)> {
+        self.choose_with(here, candidates, excluded, &Choice::default(), None)
+    }
+
+    /// `choose` under a destination policy; `max_ejected_share` overrides
+    /// the proxy's own outlier setting.
+    pub fn choose_with<'a>(
+        &self,
+        here: &Here,
+        candidates: impl Iterator<Item = &'a Arc<Workload>>,
+        excluded: &[Name],
+        choice: &Choice,
+        max_ejected_share: Option<f64>,
+    ) -> Option<(Arc<Workload>, InFlight)> {
         let mut healthy: Vec<&Arc<Workload>> = candidates.filter(|w| w.healthy).collect();
-        let ejected = self.outliers.ejected_among(healthy.iter().map(|w| &*w.uid));
+        let ejected = self
+            .outliers
+            .ejected_among_with(healthy.iter().map(|w| &*w.uid), max_ejected_share);
         if !ejected.is_empty() || !excluded.is_empty() {
             let usable = |w: &&Arc<Workload>| {
                 !ejected.contains(&&*w.uid) && !excluded.iter().any(|e| *e == w.uid)
@@ -119,12 +240,52 @@ impl Load {
         if healthy.iter().any(|w| !w.stale) {
             healthy.retain(|w| !w.stale);
         }
-        let best_tier = healthy.iter().map(|w| tier(here, w)).min()?;
-        healthy.retain(|w| tier(here, w) == best_tier);
-        let pick = match healthy.len() {
-            0 => return None,
-            1 => healthy[0],
-            n => {
+        if let Some(share) = choice.locality.and_then(|l| {
+            l.distribute
+                .iter()
+                .find(|(from, _)| here_covered(from, here))
+                .map(|(_, to)| to)
+        }) {
+            // Istio's distribute: each locality gets its weight of the
+            // traffic, spread over its endpoints; other tiers do not count.
+            let weight = |w: &Workload| -> u64 {
+                share.iter().find(|(pattern, _)| covers(pattern, w)).map_or(
+                    0,
+                    |(pattern, weight)| {
+                        let members = healthy.iter().filter(|o| covers(pattern, o)).count().max(1);
+                        u64::from(*weight) * 1_000_000 / members as u64
+                    },
+                )
+            };
+            let total: u64 = healthy.iter().map(|w| weight(w)).sum();
+            if total > 0 {
+                let mut at = rand::random_range(0..total);
+                let pick = healthy.iter().copied().find(|w| {
+                    let own = weight(w);
+                    if at < own {
+                        true
+                    } else {
+                        at -= own;
+                        false
+                    }
+                })?;
+                let counter = self.counter(&pick.uid);
+                counter.fetch_add(1, Ordering::Relaxed);
+                return Some((pick.clone(), InFlight(counter)));
+            }
+        }
+        let best_tier = healthy.iter().map(|w| tier_under(here, choice, w)).min()?;
+        healthy.retain(|w| tier_under(here, choice, w) == best_tier);
+        let pick = match (healthy.len(), choice.hash, choice.simple) {
+            (0, ..) => return None,
+            (1, ..) => healthy[0],
+            (_, Some(key), _) => healthy
+                .iter()
+                .copied()
+                .max_by_key(|w| mix(key, hash_text(w.uid.as_bytes())))?,
+            (n, None, Simple::Random) => healthy[rand::random_range(0..n)],
+            (n, None, Simple::RoundRobin) => healthy[self.turn.fetch_add(1, Ordering::Relaxed) % n],
+            (n, None, Simple::LeastRequest) => {
                 let a = healthy[rand::random_range(0..n)];
                 let b = healthy[rand::random_range(0..n)];
                 if self.outstanding(&b.uid) < self.outstanding(&a.uid) {
@@ -242,5 +403,88 @@ mod tests {
         assert_eq!(pick(&load, &both).unwrap(), "remote", "ejected: failover");
         // Alone, an ejected endpoint is still better than nothing.
         assert_eq!(pick(&load, &[local]).unwrap(), "local");
+    }
+
+    #[test]
+    fn a_hash_key_keeps_one_endpoint_and_keys_spread() {
+        let load = Load::default();
+        let set: Vec<Arc<Workload>> = (0..4)
+            .map(|i| w(&format!("e{i}"), "c1", "a", true, false))
+            .collect();
+        let pick = |key: &str| {
+            let choice = Choice {
+                hash: Some(hash_text(key.as_bytes())),
+                ..Choice::default()
+            };
+            load.choose_with(&here(), set.iter(), &[], &choice, None)
+                .map(|(w, _)| w.uid.to_string())
+                .unwrap()
+        };
+        let alice = pick("alice");
+        assert!(
+            (0..50).all(|_| pick("alice") == alice),
+            "one key, one endpoint"
+        );
+        let used: std::collections::BTreeSet<String> =
+            (0..64).map(|i| pick(&format!("user-{i}"))).collect();
+        assert!(used.len() >= 3, "keys spread: {used:?}");
+    }
+
+    #[test]
+    fn locality_failover_prefers_the_named_region_and_can_be_turned_off() {
+        let load = Load::default();
+        let mut us = workload_message("us", [10, 0, 0, 3]);
+        us.cluster_id = "c3".into();
+        us.locality = Some(weft_xds_proto::mesh::Locality {
+            region: "us".into(),
+            ..Default::default()
+        });
+        let mut ap = us.clone();
+        ap.uid = "ap".into();
+        ap.locality = Some(weft_xds_proto::mesh::Locality {
+            region: "ap".into(),
+            ..Default::default()
+        });
+        let names = &mut Interner::default();
+        let us = Arc::new(fixtures::workload(us, names));
+        let ap = Arc::new(fixtures::workload(ap, names));
+        let failover = Locality {
+            failover: Box::new([("eu".into(), "ap".into())]),
+            ..Locality::default()
+        };
+        let choice = Choice {
+            locality: Some(&failover),
+            ..Choice::default()
+        };
+        for _ in 0..20 {
+            let (picked, _) = load
+                .choose_with(&here(), [us.clone(), ap.clone()].iter(), &[], &choice, None)
+                .unwrap();
+            assert_eq!(&*picked.uid, "ap");
+        }
+        let local = w("local", "c1", "a", true, false);
+        let off = Locality {
+            disabled: true,
+            ..Locality::default()
+        };
+        let choice = Choice {
+            locality: Some(&off),
+            ..Choice::default()
+        };
+        let far: usize = (0..200)
+            .filter(|_| {
+                let (picked, _) = load
+                    .choose_with(
+                        &here(),
+                        [local.clone(), us.clone()].iter(),
+                        &[],
+                        &choice,
+                        None,
+                    )
+                    .unwrap();
+                &*picked.uid == "us"
+            })
+            .count();
+        assert!(far > 20, "locality off spreads: {far} of 200 far");
     }
 }

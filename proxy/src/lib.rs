@@ -52,6 +52,7 @@ pub mod outbound;
 pub mod outlier;
 pub mod pool;
 pub mod resources;
+pub mod routes;
 pub mod serve;
 pub mod sidecar;
 pub mod sniff;

@@ -107,6 +107,16 @@ pub struct AuthorizationLabels {
     pub decision: &'static str,
 }
 
+/// A route that decided a request: the object it came from
+/// (`<kind>/<ns>/<name>`) and what it did: forwarded, redirected,
+/// fault_aborted, fault_delayed, mirrored, mirror_skipped (a body too
+/// large to copy), timed_out, overflowed (connection-pool limit).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabels {
+    pub route: Name,
+    pub action: &'static str,
+}
+
 fn duration_histogram() -> Histogram {
     // 0.1 ms to ~13 s, doubling.
     Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
@@ -125,6 +135,8 @@ pub struct Metrics {
     pub authorization: Family<AuthorizationLabels, Counter>,
     pub retries: Counter,
     pub upstream_connect_failures: Counter,
+    pub routed: Family<RouteLabels, Counter>,
+    pub overflows: Counter,
     /// Set from the other parts' own counters when scraped.
     pub outlier_ejections: Counter,
     pub inbound_plaintext_refused: Counter,
@@ -138,6 +150,8 @@ pub struct Metrics {
     pub services: Gauge,
     pub workloads: Gauge,
     pub authorization_policies: Gauge,
+    pub route_sets: Gauge,
+    pub destination_policies: Gauge,
     pub resident_memory: Gauge,
     pub heap_in_use: Gauge,
     pub heap_free: Gauge,
@@ -158,6 +172,8 @@ impl Default for Metrics {
             authorization: Family::default(),
             retries: Counter::default(),
             upstream_connect_failures: Counter::default(),
+            routed: Family::default(),
+            overflows: Counter::default(),
             outlier_ejections: Counter::default(),
             inbound_plaintext_refused: Counter::default(),
             inbound_not_local_refused: Counter::default(),
@@ -170,6 +186,8 @@ impl Default for Metrics {
             services: Gauge::default(),
             workloads: Gauge::default(),
             authorization_policies: Gauge::default(),
+            route_sets: Gauge::default(),
+            destination_policies: Gauge::default(),
             resident_memory: Gauge::default(),
             heap_in_use: Gauge::default(),
             heap_free: Gauge::default(),
@@ -220,6 +238,26 @@ impl Default for Metrics {
             "upstream_connect_failures",
             "Connections to an endpoint or its sidecar that failed",
             m.upstream_connect_failures.clone(),
+        );
+        r.register(
+            "routed",
+            "Requests a route (VirtualService, HTTPRoute, GRPCRoute) decided, by route and action",
+            m.routed.clone(),
+        );
+        r.register(
+            "overflows",
+            "Requests and connections refused because a DestinationRule's connection pool was full",
+            m.overflows.clone(),
+        );
+        r.register(
+            "route_sets",
+            "Route objects (VirtualService, HTTPRoute, GRPCRoute) held",
+            m.route_sets.clone(),
+        );
+        r.register(
+            "destination_policies",
+            "DestinationRules held",
+            m.destination_policies.clone(),
         );
         r.register(
             "outlier_ejections",

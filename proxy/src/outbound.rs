@@ -26,13 +26,14 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use weft_certs::Identity;
 
-use crate::balance::{Here, InFlight, Load};
+use crate::balance::{Choice, Here, InFlight, Load};
 use crate::drain::Drain;
 use crate::http::HEAD_TIMEOUT;
 use crate::metrics::{Metrics, Peer, TrafficLabels};
 use crate::outlier::{Outliers, Policy};
 use crate::pool::{HBONE_PORT, Pool};
 use crate::resources::{Name, Service, Workload};
+use crate::routes;
 use crate::sniff::{Protocol, Rewind, sniff};
 use crate::state::Snapshot;
 use crate::upgrade::Upgrades;
@@ -125,6 +126,27 @@ impl Outbound {
     }
 }
 
+/// Where routing sends a request or a connection: a service (or address)
+/// and port, optionally one subset of its endpoints, and the key a
+/// consistent-hash policy hashes.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Target<'a> {
+    pub host: &'a str,
+    pub port: u16,
+    pub subset: &'a str,
+    pub hash: Option<u64>,
+}
+
+impl<'a> Target<'a> {
+    pub fn new(host: &'a str, port: u16) -> Self {
+        Target {
+            host,
+            port,
+            ..Target::default()
+        }
+    }
+}
+
 /// One routing decision.
 pub struct Pick {
     pub destination: Destination,
@@ -134,6 +156,21 @@ pub struct Pick {
     pub workload: Option<Arc<Workload>>,
     /// The service port's declared protocol; `None`: sniff.
     pub protocol: Option<Protocol>,
+    /// The destination's policy (a DestinationRule), if one applies.
+    pub policy: Option<Arc<routes::Policy>>,
+    /// A place in the destination's connection pool, while held.
+    pub pool_slot: Option<InFlight>,
+}
+
+impl Pick {
+    /// Counts a failure of the chosen endpoint, under its destination's
+    /// outlier policy.
+    pub fn failed(&self, outbound: &Outbound) {
+        if let Some(w) = &self.workload {
+            let policy = self.policy.as_ref().and_then(|p| p.outlier.as_ref());
+            outbound.load.outliers.failure_under(&w.uid, policy);
+        }
+    }
 }
 
 impl Pick {
@@ -170,9 +207,15 @@ impl Outbound {
     /// Chooses a destination for `host:port`, avoiding the endpoints in
     /// `excluded` (already tried) when others are available.
     pub fn pick(&self, host: &str, port: u16, excluded: &[Name]) -> Result<Pick> {
+        self.pick_target(&Target::new(host, port), excluded)
+    }
+
+    /// Chooses a destination for a routed target.
+    pub fn pick_target(&self, target: &Target, excluded: &[Name]) -> Result<Pick> {
+        let (host, port) = (target.host, target.port);
         let snapshot = self.xds.snapshot.load();
         if let Some(service) = snapshot.service(host, port).cloned() {
-            return self.to_service(&snapshot, service, port, excluded);
+            return self.to_service(&snapshot, service, target, excluded);
         }
         let plain = |destination| Pick {
             destination,
@@ -180,6 +223,8 @@ impl Outbound {
             service: None,
             workload: None,
             protocol: Some(Protocol::Tcp),
+            policy: None,
+            pool_slot: None,
         };
         if let Ok(ip) = host.parse::<IpAddr>() {
             if let Some(workload) = snapshot.workload_by_ip(ip) {
@@ -213,29 +258,63 @@ impl Outbound {
         &self,
         snapshot: &Snapshot,
         service: Arc<Service>,
-        port: u16,
+        target: &Target,
         excluded: &[Name],
     ) -> Result<Pick> {
+        let port = target.port;
         let service_port = service
             .port(port)
             .with_context(|| format!("{} has no port {port}", service.hostname))?;
+        let rule = snapshot.destination_for(&service.hostname);
+        let subset = match target.subset {
+            "" => None,
+            name => Some(rule.and_then(|d| d.subset(name)).with_context(|| {
+                format!(
+                    "no DestinationRule defines subset {name:?} of {}",
+                    service.hostname
+                )
+            })?),
+        };
+        let policy = rule.and_then(|d| d.policy(target.subset, port)).cloned();
         let candidates = snapshot
             .endpoints(&service)
             .iter()
-            .filter(|w| w.target_port(&service, service_port).is_some());
+            .filter(|w| w.target_port(&service, service_port).is_some())
+            .filter(|w| subset.is_none_or(|s| s.selects(w)));
         let me = self
             .config
             .pod_ip
             .and_then(|ip| snapshot.workload_by_ip(ip));
         let here = me.map(|me| Here::of(me));
+        let choice = match policy.as_deref() {
+            None => Choice::default(),
+            Some(policy) => Choice {
+                simple: policy.simple,
+                hash: policy.hash.as_ref().and(target.hash),
+                locality: policy.locality.as_ref(),
+                caller: me.map(|w| &**w),
+            },
+        };
+        let share = policy
+            .as_ref()
+            .and_then(|p| p.outlier.as_ref())
+            .map(|o| o.max_ejected_share);
         let (workload, in_flight) = self
             .load
-            .choose(
+            .choose_with(
                 here.as_ref().unwrap_or(&self.config.here),
                 candidates,
                 excluded,
+                &choice,
+                share,
             )
-            .with_context(|| format!("{} has no healthy endpoint", service.hostname))?;
+            .with_context(|| match target.subset {
+                "" => format!("{} has no healthy endpoint", service.hostname),
+                subset => format!(
+                    "subset {subset:?} of {} has no healthy endpoint",
+                    service.hostname
+                ),
+            })?;
         let target_port = workload
             .target_port(&service, service_port)
             .context("the chosen workload does not serve the port")?;
@@ -247,6 +326,8 @@ impl Outbound {
             service: Some(service),
             workload: Some(workload),
             protocol,
+            policy,
+            pool_slot: None,
         })
     }
 
@@ -276,9 +357,48 @@ impl Outbound {
         host: &str,
         port: u16,
     ) -> Result<(Pick, Box<dyn Stream>)> {
+        // A TCP route (VirtualService `tcp`) may send the connection to
+        // another host, port or subset.
+        let routed = {
+            let snapshot = self.xds.snapshot.load();
+            snapshot
+                .service(host, port)
+                .and_then(|s| snapshot.routes_for(&s.hostname))
+                .and_then(|r| r.tcp(port))
+                .and_then(|t| routes::weighted(&t.backends, t.total_weight))
+                .cloned()
+        };
+        let target = match &routed {
+            Some(backend) => Target {
+                host: &backend.host,
+                port: if backend.port == 0 {
+                    port
+                } else {
+                    backend.port
+                },
+                subset: &backend.subset,
+                hash: None,
+            },
+            None => Target::new(host, port),
+        };
         let mut tried = Vec::new();
         loop {
-            let pick = self.pick(host, port, &tried)?;
+            let mut pick = self.pick_target(&target, &tried)?;
+            let limit = pick
+                .policy
+                .as_ref()
+                .and_then(|p| p.pool.as_ref())
+                .map_or(0, |p| p.max_connections);
+            if limit > 0 {
+                let key = pick.service_name();
+                match self.load.admit(&key, limit) {
+                    Some(held) => pick.pool_slot = Some(held),
+                    None => {
+                        self.metrics.overflows.inc();
+                        bail!("{key}: connection pool full ({limit} connections)");
+                    }
+                }
+            }
             match self.connect(&pick.destination).await {
                 Ok(stream) => {
                     if let Some(w) = &pick.workload {
@@ -291,7 +411,7 @@ impl Outbound {
                     let Some(w) = &pick.workload else {
                         return Err(err.context(format!("reaching {:?}", pick.destination)));
                     };
-                    self.load.outliers.failure(&w.uid);
+                    pick.failed(self);
                     tried.push(w.uid.clone());
                     if pick.service.is_none() || tried.len() > MAX_CONNECT_RETRIES {
                         return Err(err.context(format!("reaching {:?}", pick.destination)));

@@ -85,18 +85,23 @@ impl Outliers {
 
     /// Counts a failure; true when it ejected the endpoint.
     pub fn failure(&self, uid: &str) -> bool {
+        self.failure_under(uid, None)
+    }
+
+    /// Counts a failure under a destination's own policy.
+    pub fn failure_under(&self, uid: &str, policy: Option<&Policy>) -> bool {
+        let policy = policy.unwrap_or(&self.policy);
         let now = Instant::now();
         let ejected = self.with(|map| {
             let health = map.entry(uid.to_string()).or_default();
             health.consecutive += 1;
             let already = health.ejected_until.is_some_and(|until| until > now);
-            if already || health.consecutive < self.policy.consecutive_failures {
+            if already || health.consecutive < policy.consecutive_failures {
                 return false;
             }
             health.ejections += 1;
             health.consecutive = 0;
-            let length =
-                (self.policy.base_ejection * health.ejections).min(self.policy.max_ejection);
+            let length = (policy.base_ejection * health.ejections).min(policy.max_ejection);
             health.ejected_until = Some(now + length);
             true
         });
@@ -118,6 +123,15 @@ impl Outliers {
     /// The subset of `members` to leave out of balancing: the ejected ones,
     /// unless that would exceed the allowed share.
     pub fn ejected_among<'a>(&self, members: impl Iterator<Item = &'a str>) -> Vec<&'a str> {
+        self.ejected_among_with(members, None)
+    }
+
+    /// `ejected_among` with a destination's own largest share.
+    pub fn ejected_among_with<'a>(
+        &self,
+        members: impl Iterator<Item = &'a str>,
+        max_ejected_share: Option<f64>,
+    ) -> Vec<&'a str> {
         let now = Instant::now();
         let mut total = 0usize;
         let ejected: Vec<&str> = self.with(|map| {
@@ -133,7 +147,8 @@ impl Outliers {
                 })
                 .collect()
         });
-        if ejected.len() as f64 > self.policy.max_ejected_share * total as f64 {
+        let share = max_ejected_share.unwrap_or(self.policy.max_ejected_share);
+        if ejected.len() as f64 > share * total as f64 {
             Vec::new()
         } else {
             ejected

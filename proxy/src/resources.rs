@@ -116,6 +116,17 @@ pub struct Profile {
     /// target), and its PeerAuthentication mode.
     pub authorization_policies: Box<[Name]>,
     pub inbound_mtls: Mtls,
+    /// The pod's labels, sorted by key, for subsets and sourceLabels.
+    pub labels: Box<[(Name, Name)]>,
+}
+
+impl Profile {
+    pub fn label(&self, key: &str) -> Option<&str> {
+        self.labels
+            .binary_search_by(|(k, _)| (**k).cmp(key))
+            .ok()
+            .map(|at| &*self.labels[at].1)
+    }
 }
 
 /// How a workload takes plaintext, per PeerAuthentication.
@@ -378,6 +389,13 @@ pub fn decode_workload(
         .collect();
     let principal = names.name(&identity.as_ref().map(Identity::uri).unwrap_or_default());
     let identity = identity.map(|id| names.identity(id));
+    let mut labels: Vec<(Name, Name)> = workload
+        .labels
+        .iter()
+        .map(|(k, v)| (names.name(k), names.name(v)))
+        .collect();
+    labels.sort();
+    let labels = labels.into_boxed_slice();
     let profile = Profile {
         namespace: names.name(&workload.namespace),
         cluster_id: names.name(&workload.cluster_id),
@@ -395,6 +413,7 @@ pub fn decode_workload(
         services,
         authorization_policies,
         inbound_mtls,
+        labels,
     };
     let derivable = workload.uid.rsplit('/').next() == Some(workload.name.as_str());
     let unusual = (!derivable || !more_addresses.is_empty()).then(|| {

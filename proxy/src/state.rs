@@ -22,6 +22,7 @@ use crate::authorization::{InboundPolicy, Policy, Scope};
 use crate::resources::{
     Interner, InvalidResource, Name, Service, Workload, decode_service, decode_workload,
 };
+use crate::routes::{Caller, Destination, HostRoutes, RouteSet};
 
 /// The pod a proxy serves, as far as security policy needs to know it.
 #[derive(Clone, Debug, Default)]
@@ -59,6 +60,13 @@ pub struct Snapshot {
     /// The inbound policy of each of this pod's addresses, compiled
     /// when the snapshot is built.
     inbound: Box<[(IpAddr, Arc<InboundPolicy>)]>,
+    /// Every RouteSet and DestinationPolicy, sorted by name.
+    pub route_sets: Box<[Arc<RouteSet>]>,
+    pub destination_policies: Box<[Arc<Destination>]>,
+    /// Per service hostname, the routes and the destination policy this
+    /// pod sees as a caller, sorted by hostname.
+    routes: Box<[(Name, Arc<HostRoutes>)]>,
+    destinations: Box<[(Name, Arc<Destination>)]>,
 }
 
 /// A position in `services` or `workloads`. A mesh has far fewer than 2^32.
@@ -156,7 +164,49 @@ impl Snapshot {
             workloads,
             policies: Box::default(),
             inbound: Box::default(),
+            route_sets: Box::default(),
+            destination_policies: Box::default(),
+            routes: Box::default(),
+            destinations: Box::default(),
         }
+    }
+
+    /// Adds traffic policy, settled for the pod at `local` as the caller
+    /// (its namespace and, once its workload is known, its labels).
+    pub fn with_traffic(
+        mut self,
+        route_sets: impl IntoIterator<Item = Arc<RouteSet>>,
+        destinations: impl IntoIterator<Item = Arc<Destination>>,
+        local: &Local,
+    ) -> Self {
+        let route_sets: Box<[Arc<RouteSet>]> = route_sets.into_iter().collect();
+        let destination_policies: Box<[Arc<Destination>]> = destinations.into_iter().collect();
+        let me = local
+            .addresses
+            .iter()
+            .find_map(|ip| self.workload_by_ip(*ip));
+        let caller = Caller {
+            namespace: me.map_or_else(
+                || Name::from(local.namespace.as_str()),
+                |w| w.profile.namespace.clone(),
+            ),
+            labels: me.map(|w| w.profile.labels.clone()).unwrap_or_default(),
+        };
+        self.routes = crate::routes::host_routes(&route_sets, &caller);
+        self.destinations = crate::routes::destinations(&destination_policies, &caller);
+        self.route_sets = route_sets;
+        self.destination_policies = destination_policies;
+        self
+    }
+
+    /// The routes this pod sees for a service hostname.
+    pub fn routes_for(&self, hostname: &str) -> Option<&Arc<HostRoutes>> {
+        find(&self.routes, |(host, _)| (**host).cmp(hostname)).map(|(_, r)| r)
+    }
+
+    /// The destination policy this pod sees for a service hostname.
+    pub fn destination_for(&self, hostname: &str) -> Option<&Arc<Destination>> {
+        find(&self.destinations, |(host, _)| (**host).cmp(hostname)).map(|(_, d)| d)
     }
 
     /// Adds the Authorizations, and groups those the pod at `local` is

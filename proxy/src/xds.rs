@@ -1,5 +1,5 @@
-//! The delta xDS client: subscribes to `Service`, `Workload` and
-//! `Authorization`, applies
+//! The delta xDS client: subscribes to `Service`, `Workload`,
+//! `Authorization`, `RouteSet` and `DestinationPolicy`, applies
 //! each response all-or-nothing, publishes a new snapshot, and ACKs; a
 //! response with any invalid resource is NACKed and changes nothing, so the
 //! proxy keeps serving its last good snapshot. Across reconnects it sends
@@ -21,13 +21,16 @@ use weft_xds_proto::type_url;
 
 use crate::authorization::{self, Policy};
 use crate::resources::{self, Interner, InvalidResource, Service, Workload};
+use crate::routes::{self, Destination, RouteSet};
 use crate::state::{Local, Snapshot};
 
 /// The resource types a proxy subscribes to, in the order it asks.
-pub const TYPES: [&str; 3] = [
+pub const TYPES: [&str; 5] = [
     type_url::SERVICE,
     type_url::WORKLOAD,
     type_url::AUTHORIZATION,
+    type_url::ROUTE_SET,
+    type_url::DESTINATION_POLICY,
 ];
 
 /// What the xDS client publishes to the rest of the proxy.
@@ -84,9 +87,11 @@ pub struct Resources {
     pub services: Held<Service>,
     pub workloads: Held<Workload>,
     pub authorizations: Held<Policy>,
+    pub route_sets: Held<RouteSet>,
+    pub destinations: Held<Destination>,
     names: Interner,
     /// The types a complete answer has been received for.
-    seen: [bool; 3],
+    seen: [bool; 5],
 }
 
 impl Resources {
@@ -112,6 +117,18 @@ impl Resources {
                 response,
                 authorization::decode,
             )?,
+            type_url::ROUTE_SET => apply_typed(
+                &mut self.route_sets,
+                &mut self.names,
+                response,
+                routes::decode_route_set,
+            )?,
+            type_url::DESTINATION_POLICY => apply_typed(
+                &mut self.destinations,
+                &mut self.names,
+                response,
+                routes::decode_destination,
+            )?,
             other => {
                 return Err(InvalidResource::Field {
                     name: other.to_string(),
@@ -134,12 +151,19 @@ impl Resources {
             self.workloads.values().cloned(),
         )
         .with_policies(self.authorizations.values().cloned(), local)
+        .with_traffic(
+            self.route_sets.values().cloned(),
+            self.destinations.values().cloned(),
+            local,
+        )
     }
 
     fn versions(&self, url: &str) -> std::collections::HashMap<String, String> {
         match url {
             type_url::SERVICE => self.services.versions(),
             type_url::AUTHORIZATION => self.authorizations.versions(),
+            type_url::ROUTE_SET => self.route_sets.versions(),
+            type_url::DESTINATION_POLICY => self.destinations.versions(),
             _ => self.workloads.versions(),
         }
     }
@@ -198,6 +222,18 @@ impl Named for Service {
 }
 
 impl Named for Policy {
+    fn resource_name(&self) -> &str {
+        &self.name
+    }
+}
+
+impl Named for RouteSet {
+    fn resource_name(&self) -> &str {
+        &self.name
+    }
+}
+
+impl Named for Destination {
     fn resource_name(&self) -> &str {
         &self.name
     }

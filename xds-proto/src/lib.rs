@@ -68,6 +68,8 @@ pub mod type_url {
     pub const SERVICE: &str = "type.googleapis.com/weft.mesh.v1.Service";
     pub const WORKLOAD: &str = "type.googleapis.com/weft.mesh.v1.Workload";
     pub const AUTHORIZATION: &str = "type.googleapis.com/weft.mesh.v1.Authorization";
+    pub const ROUTE_SET: &str = "type.googleapis.com/weft.mesh.v1.RouteSet";
+    pub const DESTINATION_POLICY: &str = "type.googleapis.com/weft.mesh.v1.DestinationPolicy";
 
     /// The type URL of any generated message, from its full protobuf name.
     pub fn of<M: prost::Name>() -> String {

@@ -44,6 +44,7 @@ fn sample_workload() -> mesh::Workload {
             mode: mesh::MtlsMode::Strict as i32,
             ports: [(9000, mesh::MtlsMode::Permissive as i32)].into(),
         }),
+        labels: [("app".to_string(), "echo".to_string())].into(),
     }
 }
 
@@ -116,6 +117,11 @@ fn type_urls_follow_the_protobuf_names() {
     assert_eq!(
         type_url::of::<mesh::Authorization>(),
         type_url::AUTHORIZATION
+    );
+    assert_eq!(type_url::of::<mesh::RouteSet>(), type_url::ROUTE_SET);
+    assert_eq!(
+        type_url::of::<mesh::DestinationPolicy>(),
+        type_url::DESTINATION_POLICY
     );
     assert_eq!(
         type_url::of::<discovery::DeltaDiscoveryRequest>(),

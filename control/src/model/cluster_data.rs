@@ -7,6 +7,7 @@ use std::sync::Arc;
 use crate::cluster::{Key, Kind, Locality, NamespaceInfo, Object, PodInfo, ServiceInfo, SliceInfo};
 use crate::security::authorization::AuthorizationInfo;
 use crate::security::peer_authentication::PeerAuthenticationInfo;
+use crate::traffic::TrafficInfo;
 
 #[derive(Default)]
 pub(super) struct ClusterData {
@@ -23,6 +24,8 @@ pub(super) struct ClusterData {
     /// Security policy: the local cluster's only.
     pub(super) authorizations: BTreeMap<Key, Arc<AuthorizationInfo>>,
     pub(super) peer_authentications: BTreeMap<Key, Arc<PeerAuthenticationInfo>>,
+    /// Traffic policy: the local cluster's only, by kind.
+    pub(super) traffic: BTreeMap<(Kind, Key), Arc<TrafficInfo>>,
     pub(super) synced: BTreeSet<Kind>,
 }
 
@@ -78,6 +81,16 @@ impl ClusterData {
                         self.peer_authentications.insert(key.clone(), info)
                     }
                     _ => self.peer_authentications.remove(&key),
+                };
+                touched.policies.push((kind, key));
+            }
+            (
+                Kind::VirtualService | Kind::DestinationRule | Kind::HttpRoute | Kind::GrpcRoute,
+                object,
+            ) => {
+                match object {
+                    Some(Object::Traffic(info)) => self.traffic.insert((kind, key.clone()), info),
+                    _ => self.traffic.remove(&(kind, key.clone())),
                 };
                 touched.policies.push((kind, key));
             }
@@ -191,6 +204,13 @@ impl ClusterData {
                 .iter()
                 .map(|(k, v)| (k.clone(), Object::PeerAuthentication(v.clone())))
                 .collect(),
+            Kind::VirtualService | Kind::DestinationRule | Kind::HttpRoute | Kind::GrpcRoute => {
+                self.traffic
+                    .iter()
+                    .filter(|((k, _), _)| *k == kind)
+                    .map(|((_, key), v)| (key.clone(), Object::Traffic(v.clone())))
+                    .collect()
+            }
             Kind::Pod => self
                 .pods
                 .iter()

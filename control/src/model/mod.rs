@@ -17,6 +17,7 @@ use prost::Message;
 mod cluster_data;
 mod policy;
 mod table;
+pub mod traffic;
 mod translate;
 
 use cluster_data::{ClusterData, Touched};
@@ -74,10 +75,13 @@ pub struct Model {
     pub services: Table,
     pub workloads: Table,
     pub authorizations: Table,
+    pub routes: Table,
+    pub destinations: Table,
     version: u64,
     dirty_pods: HashSet<(String, Key)>,
     dirty_services: HashSet<Key>,
     dirty_authorizations: HashSet<Key>,
+    dirty_traffic: HashSet<(Kind, Key)>,
     /// Why a policy kind's watch fails, while it does: the policy last
     /// listed stays in force meanwhile.
     policy_errors: BTreeMap<Kind, String>,
@@ -94,10 +98,13 @@ impl Model {
             services: Table::default(),
             workloads: Table::default(),
             authorizations: Table::default(),
+            routes: Table::default(),
+            destinations: Table::default(),
             version: 0,
             dirty_pods: HashSet::new(),
             dirty_services: HashSet::new(),
             dirty_authorizations: HashSet::new(),
+            dirty_traffic: HashSet::new(),
             policy_errors: BTreeMap::new(),
             remotes_listed: false,
         }
@@ -309,6 +316,7 @@ impl Model {
         !self.dirty_pods.is_empty()
             || !self.dirty_services.is_empty()
             || !self.dirty_authorizations.is_empty()
+            || !self.dirty_traffic.is_empty()
     }
 
     /// Rebuilds what changed. Returns the new version if any resource did.
@@ -342,6 +350,7 @@ impl Model {
                 .map(|a| Bytes::from(a.encode_to_vec()));
             changed |= self.authorizations.upsert(&name, body, version);
         }
+        changed |= self.flush_traffic(version);
         changed.then(|| {
             self.version = version;
             version
@@ -474,8 +483,9 @@ mod tests {
         let items =
             |kind: Kind, items: Vec<(Key, Object)>| update(id, 1, Change::Reset(kind, items));
         model.apply(items(Kind::Namespace, vec![]));
-        model.apply(items(Kind::Authorization, vec![]));
-        model.apply(items(Kind::PeerAuthentication, vec![]));
+        for kind in crate::cluster::POLICY_KINDS {
+            model.apply(items(kind, vec![]));
+        }
         model.apply(items(
             Kind::Node,
             vec![(

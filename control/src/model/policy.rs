@@ -22,7 +22,7 @@ pub struct PolicyStatus {
 }
 
 impl Model {
-    fn local_data(&self) -> Option<&super::cluster_data::ClusterData> {
+    pub(super) fn local_data(&self) -> Option<&super::cluster_data::ClusterData> {
         self.clusters
             .get(&self.config.local_cluster)
             .map(|state| &state.data)
@@ -31,6 +31,9 @@ impl Model {
     /// A policy in `namespace` changed: the workloads it may attach to
     /// are rebuilt (those whose resource is unchanged push nothing).
     pub(super) fn touch_policy(&mut self, kind: Kind, key: Key) {
+        if kind.is_traffic() {
+            return self.touch_traffic(kind, key);
+        }
         if kind == Kind::Authorization {
             self.dirty_authorizations.insert(key.clone());
         }
@@ -136,7 +139,9 @@ impl Model {
                 ),
                 seen: info.status.clone(),
             });
-        authorizations.chain(peers).collect()
+        let mut all: Vec<PolicyStatus> = authorizations.chain(peers).collect();
+        all.extend(self.traffic_statuses());
+        all
     }
 }
 
@@ -146,6 +151,7 @@ fn condition(generation: i64, accepted: bool, reason: &str, message: String) -> 
         accepted,
         reason: reason.into(),
         message,
+        resolved: None,
     }
 }
 

@@ -177,6 +177,7 @@ impl Model {
             stale: state.stale,
             authorization_policies,
             inbound_mtls,
+            labels: pod.labels.clone().into_iter().collect(),
         })
     }
 }

@@ -186,23 +186,30 @@ pub struct Written {
     pub accepted: bool,
     pub reason: String,
     pub message: String,
+    /// Traffic policy's `ResolvedRefs` (status, reason, message); none for
+    /// security policy.
+    pub resolved: Option<(bool, String, String)>,
 }
 
 pub const CONDITION: &str = "Accepted";
+pub const RESOLVED_REFS: &str = "ResolvedRefs";
 
 /// The `Accepted` condition an object's status holds now.
 pub fn written(object: &Value) -> Option<Written> {
-    let condition = object["status"]["conditions"]
-        .as_array()?
-        .iter()
-        .find(|c| c["type"] == CONDITION)?;
+    written_in(&object["status"]["conditions"])
+}
+
+/// The `Accepted` (and `ResolvedRefs`) conditions of a list.
+pub fn written_in(conditions: &Value) -> Option<Written> {
+    let find = |kind: &str| conditions.as_array()?.iter().find(|c| c["type"] == kind);
+    let text = |c: &Value, field: &str| c[field].as_str().unwrap_or_default().to_string();
+    let condition = find(CONDITION)?;
     Some(Written {
         observed_generation: condition["observedGeneration"].as_i64().unwrap_or(0),
         accepted: condition["status"] == "True",
-        reason: condition["reason"].as_str().unwrap_or_default().to_string(),
-        message: condition["message"]
-            .as_str()
-            .unwrap_or_default()
-            .to_string(),
+        reason: text(condition, "reason"),
+        message: text(condition, "message"),
+        resolved: find(RESOLVED_REFS)
+            .map(|c| (c["status"] == "True", text(c, "reason"), text(c, "message"))),
     })
 }

@@ -142,6 +142,8 @@ fn table<'a>(model: &'a Model, type_url: &str) -> &'a Table {
     match type_url {
         type_url::SERVICE => &model.services,
         type_url::AUTHORIZATION => &model.authorizations,
+        type_url::ROUTE_SET => &model.routes,
+        type_url::DESTINATION_POLICY => &model.destinations,
         _ => &model.workloads,
     }
 }
@@ -151,6 +153,8 @@ fn known_type(url: &str) -> Option<&'static str> {
         type_url::SERVICE,
         type_url::WORKLOAD,
         type_url::AUTHORIZATION,
+        type_url::ROUTE_SET,
+        type_url::DESTINATION_POLICY,
     ]
     .into_iter()
     .find(|known| *known == url)

@@ -21,16 +21,14 @@ use hyper::body::{Body as _, Incoming};
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use super::{Destination, Outbound};
+use super::{Destination, Outbound, Target};
 use crate::http::{
     APP_PROTOCOL, Body, NOT_DELIVERED, PEER_IDENTITY, TARGET, absolute, error, idempotent,
     outgoing, strip_hop_by_hop,
 };
-use crate::metrics::{Peer, RequestLabels, TrafficLabels};
+use crate::metrics::{Peer, RequestLabels, RouteLabels, TrafficLabels};
 use crate::resources::Name;
-
-/// Attempts after the first.
-const MAX_RETRIES: usize = 2;
+use crate::routes::{Entry, Redirect, RequestView, Retry};
 
 /// Retries may add at most a fifth to the requests in flight (plus a
 /// floor, so that a quiet proxy can still retry): when an outage makes
@@ -127,9 +125,11 @@ fn version_name(version: Version) -> &'static str {
     }
 }
 
-/// Routes one request from the application.
+/// Routes one request from the application: its service's routes (a
+/// VirtualService, HTTPRoute or GRPCRoute) decide where it goes and what
+/// happens on the way; without one, it goes to the service it names.
 pub async fn forward(
-    outbound: &Outbound,
+    outbound: &Arc<Outbound>,
     route: &Route,
     request: Request<Incoming>,
 ) -> Response<Body> {
@@ -157,71 +157,501 @@ pub async fn forward(
     for own in [TARGET, APP_PROTOCOL, PEER_IDENTITY] {
         parts.headers.remove(own);
     }
-    let Some(uri) = absolute(&authority, &parts) else {
+    let entry = {
+        let snapshot = outbound.xds.snapshot.load();
+        snapshot
+            .service(&host, port)
+            .and_then(|s| snapshot.routes_for(&s.hostname))
+            .and_then(|routes| routes.route(&view(&parts, &authority, port)))
+            .cloned()
+    };
+    let Some(entry) = entry else {
+        let plan = Plan {
+            target: Target::new(&host, port),
+            retry: &DEFAULT_RETRY,
+            per_try: None,
+        };
+        return send(outbound, &plan, &authority, version, parts, body, start).await;
+    };
+    routed(
+        outbound, entry, port, authority, version, parts, body, start,
+    )
+    .await
+}
+
+static DEFAULT_RETRY: std::sync::LazyLock<Retry> = std::sync::LazyLock::new(|| {
+    let mut retry = Retry::default();
+    // weft has always retried an idempotent request without a body when
+    // the mesh connection failed under it.
+    retry.on |= crate::routes::retry_on::RESET;
+    retry
+});
+
+/// What `routes` matches a request on.
+fn view<'a>(parts: &'a http::request::Parts, authority: &'a str, port: u16) -> RequestView<'a> {
+    RequestView {
+        method: parts.method.as_str(),
+        authority,
+        scheme: parts.uri.scheme_str().unwrap_or("http"),
+        path: parts.uri.path(),
+        query: parts.uri.query(),
+        headers: &parts.headers,
+        port,
+    }
+}
+
+/// Applies a matched route: faults, redirect, header edits and rewrite,
+/// a weighted backend, mirrors, timeout and retries.
+#[allow(clippy::too_many_arguments)]
+async fn routed(
+    outbound: &Arc<Outbound>,
+    entry: Entry,
+    port: u16,
+    mut authority: String,
+    version: Version,
+    mut parts: http::request::Parts,
+    body: Incoming,
+    start: Instant,
+) -> Response<Body> {
+    let rule = &entry.rule;
+    let count = |action: &'static str| {
+        outbound
+            .metrics
+            .routed
+            .get_or_create(&RouteLabels {
+                route: entry.from.clone(),
+                action,
+            })
+            .inc();
+    };
+    if let Some(fault) = &rule.fault {
+        if let Some((delay, share)) = fault.delay
+            && crate::routes::chance(share)
+        {
+            count("fault_delayed");
+            tokio::time::sleep(delay).await;
+        }
+        if let Some((status, grpc, share)) = fault.abort
+            && crate::routes::chance(share)
+        {
+            count("fault_aborted");
+            return aborted(status, grpc);
+        }
+    }
+    let matched_prefix = rule
+        .matched_prefix(&view(&parts, &authority, port))
+        .map(str::to_string);
+    if let Some(redirect) = &rule.redirect {
+        count("redirected");
+        return redirected(redirect, &parts, &authority, matched_prefix.as_deref());
+    }
+    if let Some(edits) = &rule.request_headers {
+        edits.apply(&mut parts.headers);
+    }
+    if let Some(rewrite) = &rule.rewrite {
+        if let Some(path) = &rewrite.path {
+            let new_path = path.apply(parts.uri.path(), matched_prefix.as_deref());
+            let with_query = match parts.uri.query() {
+                Some(query) => format!("{new_path}?{query}"),
+                None => new_path,
+            };
+            match with_query.parse::<http::uri::PathAndQuery>() {
+                Ok(path) => {
+                    let mut uri = parts.uri.clone().into_parts();
+                    uri.path_and_query = Some(path);
+                    if let Ok(uri) = http::Uri::from_parts(uri) {
+                        parts.uri = uri;
+                    }
+                }
+                Err(_) => {
+                    return error(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        "the rewritten path is not valid",
+                    );
+                }
+            }
+        }
+        if let Some(new) = &rewrite.authority {
+            authority = new.to_string();
+        }
+    }
+    let Some(backend) = crate::routes::weighted(&rule.backends, rule.total_weight) else {
+        // Gateway API: a rule whose backends all weigh 0 answers 500.
+        return error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "the route has no backend with weight",
+        );
+    };
+    let backend_port = if backend.port == 0 {
+        port
+    } else {
+        backend.port
+    };
+    let hash = hash_key(
+        outbound,
+        &backend.host,
+        &backend.subset,
+        backend_port,
+        &parts,
+    );
+    let limit = {
+        let snapshot = outbound.xds.snapshot.load();
+        snapshot
+            .destination_for(&backend.host)
+            .and_then(|d| d.policy(&backend.subset, backend_port))
+            .and_then(|p| p.pool.as_ref())
+            .map_or(0, |p| p.max_requests)
+    };
+    let _slot = if limit > 0 {
+        match outbound.load.admit(&backend.host, limit) {
+            Some(slot) => Some(slot),
+            None => {
+                count("overflowed");
+                outbound.metrics.overflows.inc();
+                let mut response = error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "upstream connection pool overflow",
+                );
+                response
+                    .headers_mut()
+                    .insert("x-envoy-overloaded", HeaderValue::from_static("true"));
+                return response;
+            }
+        }
+    } else {
+        None
+    };
+    for mirror in rule.mirrors.iter() {
+        if crate::routes::chance(mirror.per_million) {
+            if body.is_end_stream() {
+                count("mirrored");
+                shadow(outbound, mirror, port, &authority, version, &parts);
+            } else {
+                // Bodies stream through once; copying one for a mirror
+                // would mean holding it whole.
+                count("mirror_skipped");
+            }
+        }
+    }
+    count("forwarded");
+    let plan = Plan {
+        target: Target {
+            host: &backend.host,
+            port: backend_port,
+            subset: &backend.subset,
+            hash,
+        },
+        retry: &rule.retries,
+        per_try: rule.retries.per_try,
+    };
+    let sent = send(outbound, &plan, &authority, version, parts, body, start);
+    let mut response = match rule.timeout {
+        None => sent.await,
+        Some(limit) => match tokio::time::timeout(limit, sent).await {
+            Ok(response) => response,
+            Err(_) => {
+                count("timed_out");
+                error(StatusCode::GATEWAY_TIMEOUT, "upstream request timeout")
+            }
+        },
+    };
+    if let Some(edits) = &rule.response_headers {
+        edits.apply(response.headers_mut());
+    }
+    response
+}
+
+/// A fault's abort: an HTTP status, or for gRPC an HTTP 200 whose
+/// grpc-status says the code.
+fn aborted(status: u16, grpc: Option<u32>) -> Response<Body> {
+    if let Some(code) = grpc {
+        let mut response = Response::new(crate::http::empty());
+        let headers = response.headers_mut();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/grpc"),
+        );
+        headers.insert("grpc-status", HeaderValue::from(code));
+        headers.insert(
+            "grpc-message",
+            HeaderValue::from_static("fault%20filter%20abort"),
+        );
+        return response;
+    }
+    let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    error(status, "fault filter abort")
+}
+
+fn redirected(
+    redirect: &Redirect,
+    parts: &http::request::Parts,
+    authority: &str,
+    matched_prefix: Option<&str>,
+) -> Response<Body> {
+    let scheme = redirect.scheme.as_deref().unwrap_or("http");
+    let (own_host, own_port) = split_host_port(authority).unwrap_or_default();
+    let host = redirect.host.as_deref().unwrap_or(&own_host);
+    let port = match (
+        redirect.port,
+        redirect.host.is_some() || redirect.scheme.is_some(),
+    ) {
+        (0, true) => None,
+        (0, false) => authority.contains(':').then_some(own_port),
+        (p, _) => Some(p),
+    };
+    let path = match &redirect.path {
+        Some(edit) => edit.apply(parts.uri.path(), matched_prefix),
+        None => parts.uri.path().to_string(),
+    };
+    let query = parts
+        .uri
+        .query()
+        .map(|q| format!("?{q}"))
+        .unwrap_or_default();
+    let location = match port {
+        Some(port) => format!("{scheme}://{host}:{port}{path}{query}"),
+        None => format!("{scheme}://{host}{path}{query}"),
+    };
+    let mut response = Response::new(crate::http::empty());
+    *response.status_mut() = redirect.status;
+    if let Ok(value) = HeaderValue::from_str(&location) {
+        response.headers_mut().insert(header::LOCATION, value);
+    }
+    response
+}
+
+/// The consistent-hash key a destination's policy asks for, if any.
+fn hash_key(
+    outbound: &Outbound,
+    host: &str,
+    subset: &str,
+    port: u16,
+    parts: &http::request::Parts,
+) -> Option<u64> {
+    use crate::balance::hash_text;
+    use crate::routes::HashKey;
+    let snapshot = outbound.xds.snapshot.load();
+    let policy = snapshot
+        .destination_for(host)?
+        .policy(subset, port)?
+        .clone();
+    match policy.hash.as_ref()? {
+        HashKey::Header(name) => parts.headers.get(name).map(|v| hash_text(v.as_bytes())),
+        HashKey::Cookie(name) => parts
+            .headers
+            .get_all(header::COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(';'))
+            .find_map(|pair| {
+                let (key, value) = pair.trim().split_once('=')?;
+                (key == &**name).then(|| hash_text(value.as_bytes()))
+            }),
+        HashKey::QueryParam(name) => parts.uri.query().and_then(|q| {
+            q.split('&').find_map(|pair| {
+                let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+                (key == &**name).then(|| hash_text(value.as_bytes()))
+            })
+        }),
+        HashKey::SourceIp => outbound
+            .config
+            .pod_ip
+            .map(|ip| hash_text(ip.to_string().as_bytes())),
+    }
+}
+
+/// Sends a copy of a bodyless request to a mirror and forgets the
+/// answer. Envoy's convention: the copy's authority ends in "-shadow".
+fn shadow(
+    outbound: &Arc<Outbound>,
+    mirror: &crate::routes::Mirror,
+    port: u16,
+    authority: &str,
+    version: Version,
+    parts: &http::request::Parts,
+) {
+    let mut copy = Request::new(());
+    *copy.method_mut() = parts.method.clone();
+    *copy.uri_mut() = parts.uri.clone();
+    *copy.headers_mut() = parts.headers.clone();
+    let (copy, ()) = copy.into_parts();
+    let host = mirror.backend.host.clone();
+    let subset = mirror.backend.subset.clone();
+    let port = if mirror.backend.port == 0 {
+        port
+    } else {
+        mirror.backend.port
+    };
+    let authority = match split_host_port(authority) {
+        Some((h, p)) if authority.contains(':') => format!("{h}-shadow:{p}"),
+        _ => format!("{authority}-shadow"),
+    };
+    let outbound = outbound.clone();
+    crate::task::spawn(async move {
+        let plan = Plan {
+            target: Target {
+                host: &host,
+                port,
+                subset: &subset,
+                hash: None,
+            },
+            retry: &NO_RETRY,
+            per_try: None,
+        };
+        let body = crate::http::empty();
+        let _ = send_body(
+            &outbound,
+            &plan,
+            &authority,
+            version,
+            copy,
+            body,
+            true,
+            Instant::now(),
+        )
+        .await;
+    });
+}
+
+static NO_RETRY: std::sync::LazyLock<Retry> = std::sync::LazyLock::new(|| Retry {
+    attempts: 0,
+    on: 0,
+    ..Retry::default()
+});
+
+/// Where one request goes and how it is retried.
+struct Plan<'a> {
+    target: Target<'a>,
+    retry: &'a Retry,
+    per_try: Option<std::time::Duration>,
+}
+
+/// The gRPC status of a trailers-only answer, if it is one.
+fn grpc_status(response: &Response<Incoming>) -> Option<u32> {
+    response
+        .headers()
+        .get("grpc-status")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+}
+
+async fn send(
+    outbound: &Outbound,
+    plan: &Plan<'_>,
+    authority: &str,
+    version: Version,
+    parts: http::request::Parts,
+    body: Incoming,
+    start: Instant,
+) -> Response<Body> {
+    let empty = body.is_end_stream();
+    send_body(
+        outbound,
+        plan,
+        authority,
+        version,
+        parts,
+        body.boxed(),
+        empty,
+        start,
+    )
+    .await
+}
+
+/// Sends one request to an endpoint of the plan's target, retrying as
+/// its policy says: a request that never left goes to another endpoint;
+/// one that was answered is sent again only when it has no body (bodies
+/// stream through and cannot be replayed).
+#[allow(clippy::too_many_arguments)]
+async fn send_body(
+    outbound: &Outbound,
+    plan: &Plan<'_>,
+    authority: &str,
+    version: Version,
+    parts: http::request::Parts,
+    body: Body,
+    empty: bool,
+    start: Instant,
+) -> Response<Body> {
+    let Some(uri) = absolute(authority, &parts) else {
         return error(
             StatusCode::BAD_REQUEST,
             "the request's authority is not valid",
         );
     };
-    let replayable = idempotent(&parts.method) && body.is_end_stream();
-    let mut body = Some(body.boxed());
+    let replayable = idempotent(&parts.method) && empty;
+    let mut body = Some(body);
     let mut tried: Vec<Name> = Vec::new();
+    let mut attempts = 0u32;
     let mut _retry = None;
     let me = outbound.me();
     loop {
-        let pick = match outbound.pick(&host, port, &tried) {
+        attempts += 1;
+        let pick = match outbound.pick_target(&plan.target, &tried) {
             Ok(pick) => pick,
             Err(err) => return error(StatusCode::SERVICE_UNAVAILABLE, &format!("{err:#}")),
         };
         let service = pick.service_name();
         let destination_peer = pick.workload.as_deref().map(Peer::of).unwrap_or_default();
         let uid = pick.workload.as_ref().map(|w| w.uid.clone());
-        let result = match &pick.destination {
-            Destination::Mesh {
-                peer,
-                identity,
-                target,
-                ..
-            } => match outbound.pool.sender(*peer, identity).await {
-                // Not sent: the body is still here for another endpoint.
-                Err(err) => Err((err, false)),
-                Ok(mut sender) => {
-                    let Some(send_body) = take_body(&mut body, replayable) else {
-                        return error(StatusCode::BAD_GATEWAY, "the request body was already sent");
-                    };
-                    let mut request = outgoing(&parts, uri.clone(), Version::HTTP_2, send_body);
-                    let headers = request.headers_mut();
-                    if let Ok(value) = HeaderValue::from_str(&target.to_string()) {
-                        headers.insert(TARGET, value);
+        let attempt = async {
+            match &pick.destination {
+                Destination::Mesh {
+                    peer,
+                    identity,
+                    target,
+                    ..
+                } => match outbound.pool.sender(*peer, identity).await {
+                    // Not sent: the body is still here for another endpoint.
+                    Err(err) => Err((err, false)),
+                    Ok(mut sender) => {
+                        let Some(send_body) = take_body(&mut body, empty) else {
+                            return Err((
+                                anyhow::anyhow!("the request body was already sent"),
+                                true,
+                            ));
+                        };
+                        let mut request = outgoing(&parts, uri.clone(), Version::HTTP_2, send_body);
+                        let headers = request.headers_mut();
+                        if let Ok(value) = HeaderValue::from_str(&target.to_string()) {
+                            headers.insert(TARGET, value);
+                        }
+                        headers.insert(
+                            APP_PROTOCOL,
+                            HeaderValue::from_static(version_name(version)),
+                        );
+                        sender
+                            .send_request(request)
+                            .await
+                            .map_err(|err| (anyhow::Error::from(err), true))
                     }
-                    headers.insert(
-                        APP_PROTOCOL,
-                        HeaderValue::from_static(version_name(version)),
-                    );
-                    sender
-                        .send_request(request)
-                        .await
-                        .map_err(|err| (anyhow::Error::from(err), true))
+                },
+                Destination::Direct(address) => {
+                    let Some(send_body) = take_body(&mut body, empty) else {
+                        return Err((anyhow::anyhow!("the request body was already sent"), true));
+                    };
+                    let http2 = version == Version::HTTP_2;
+                    let client = outbound.upstreams.client(*address, http2);
+                    let version = if http2 {
+                        Version::HTTP_2
+                    } else {
+                        Version::HTTP_11
+                    };
+                    let request = outgoing(&parts, uri.clone(), version, send_body);
+                    client.request(request).await.map_err(|err| {
+                        // The client took the body even when it could not connect.
+                        let sent = !err.is_connect();
+                        (anyhow::Error::from(err), sent)
+                    })
                 }
-            },
-            Destination::Direct(address) => {
-                let Some(send_body) = take_body(&mut body, replayable) else {
-                    return error(StatusCode::BAD_GATEWAY, "the request body was already sent");
-                };
-                let http2 = version == Version::HTTP_2;
-                let client = outbound.upstreams.client(*address, http2);
-                let version = if http2 {
-                    Version::HTTP_2
-                } else {
-                    Version::HTTP_11
-                };
-                let request = outgoing(&parts, uri.clone(), version, send_body);
-                client.request(request).await.map_err(|err| {
-                    // The client took the body even when it could not connect.
-                    let sent = !err.is_connect();
-                    (anyhow::Error::from(err), sent)
-                })
             }
+        };
+        let result = match plan.per_try {
+            None => attempt.await,
+            Some(limit) => match tokio::time::timeout(limit, attempt).await {
+                Ok(result) => result,
+                Err(_) => Err((anyhow::anyhow!("per-try timeout after {limit:?}"), true)),
+            },
         };
         // The endpoint's sidecar could not reach its app (the pod is going
         // away): the request never left, so it may go elsewhere.
@@ -232,24 +662,40 @@ pub async fn forward(
             {
                 Err((
                     anyhow::anyhow!("the endpoint's sidecar could not reach its app"),
-                    true,
+                    false,
                 ))
             }
             other => other,
         };
+        let may_retry = attempts <= plan.retry.attempts;
         match result {
             Ok(mut response) => {
-                if let Some(uid) = &uid {
+                let status = response.status().as_u16();
+                if uid.is_some() {
                     if response.status().is_server_error() {
-                        outbound.load.outliers.failure(uid);
-                    } else {
+                        pick.failed(outbound);
+                    } else if let Some(uid) = &uid {
                         outbound.load.outliers.success(uid);
                     }
+                }
+                if may_retry
+                    && empty
+                    && plan.retry.retries_answer(status, grpc_status(&response))
+                    && let Some(retry) = outbound.retry_budget.retry()
+                {
+                    tracing::debug!(%service, status, "retrying an answer the route retries");
+                    outbound.metrics.retries.inc();
+                    _retry = Some(retry);
+                    if let Some(uid) = &uid {
+                        tried.push(uid.clone());
+                    }
+                    backoff(plan.retry, attempts).await;
+                    continue;
                 }
                 strip_hop_by_hop(response.headers_mut());
                 let labels = RequestLabels {
                     traffic: TrafficLabels::new("source", &me, &service, &destination_peer),
-                    response_code: response.status().as_u16(),
+                    response_code: status,
                 };
                 outbound
                     .metrics
@@ -257,22 +703,32 @@ pub async fn forward(
                 return response.map(|b| b.boxed());
             }
             Err((err, sent)) => {
+                if uid.is_some() {
+                    pick.failed(outbound);
+                }
                 if let Some(uid) = &uid {
-                    outbound.load.outliers.failure(uid);
                     tried.push(uid.clone());
                 }
                 if !sent {
                     outbound.metrics.upstream_connect_failures.inc();
                 }
                 // A body already handed over cannot be sent again.
-                let again = replayable || body.is_some();
+                let again = if sent {
+                    replayable
+                } else {
+                    body.is_some() || empty
+                };
                 if again
-                    && tried.len() <= MAX_RETRIES
+                    && may_retry
+                    && plan.retry.retries_failure(sent)
                     && let Some(retry) = outbound.retry_budget.retry()
                 {
                     tracing::debug!(%service, "retrying on another endpoint: {err:#}");
                     outbound.metrics.retries.inc();
                     _retry = Some(retry);
+                    if sent {
+                        backoff(plan.retry, attempts).await;
+                    }
                     continue;
                 }
                 tracing::debug!(%service, "request failed: {err:#}");
@@ -294,10 +750,20 @@ pub async fn forward(
     }
 }
 
-/// The body for one attempt: an empty one for replayable requests (they
-/// have none), else the request's own, once.
-fn take_body(body: &mut Option<Body>, replayable: bool) -> Option<Body> {
-    if replayable {
+/// Waits before a retry: the policy's base, doubled per attempt, with
+/// jitter (Envoy's scheme), capped at ten times the base.
+async fn backoff(retry: &Retry, attempt: u32) {
+    let base = retry.backoff.as_millis() as u64;
+    let cap = base * 10;
+    let upper = (base << attempt.saturating_sub(1).min(8)).min(cap).max(1);
+    let wait = rand::random_range(0..=upper);
+    tokio::time::sleep(std::time::Duration::from_millis(wait)).await;
+}
+
+/// The body for one attempt: an empty one for requests without one, else
+/// the request's own, once.
+fn take_body(body: &mut Option<Body>, empty: bool) -> Option<Body> {
+    if empty {
         Some(crate::http::empty())
     } else {
         body.take()
@@ -307,7 +773,7 @@ fn take_body(body: &mut Option<Body>, replayable: bool) -> Option<Body> {
 /// Sends an upgrade request to an endpoint of `host:port` and, on 101,
 /// joins the client's connection to the endpoint's.
 async fn upgrade(
-    outbound: &Outbound,
+    outbound: &Arc<Outbound>,
     host: &str,
     port: u16,
     authority: &str,
