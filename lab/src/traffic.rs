@@ -22,7 +22,10 @@ pub type Answer = Result<BTreeMap<String, String>, String>;
 pub struct PodClient {
     netns: Option<String>,
     connect: SocketAddr,
-    request: String,
+    host: String,
+    /// A loopback lab: requests go to the pod's sidecar as an explicit
+    /// proxy, in absolute form.
+    explicit: bool,
 }
 
 impl PodClient {
@@ -46,9 +49,8 @@ impl PodClient {
             return Ok(PodClient {
                 netns: None,
                 connect: format!("{ip}:15001").parse()?,
-                request: format!(
-                    "GET http://{host}/ HTTP/1.1\r\nhost: {host}\r\nconnection: close\r\n\r\n"
-                ),
+                host,
+                explicit: true,
             });
         }
         let vip = Api::<Service>::namespaced(client.clone(), namespace)
@@ -60,14 +62,33 @@ impl PodClient {
         Ok(PodClient {
             netns: Some(netns_name),
             connect: format!("{vip}:80").parse()?,
-            request: format!("GET / HTTP/1.1\r\nhost: {host}\r\nconnection: close\r\n\r\n"),
+            host,
+            explicit: false,
         })
     }
 
     /// One request on a new connection, on a thread of its own (which
     /// alone enters the pod's network).
     pub async fn once(&self) -> Answer {
-        let out = exchange(self.netns.clone(), self.connect, self.request.clone()).await?;
+        self.get("/", &[]).await
+    }
+
+    /// A GET of `path` with extra `headers`, as [`PodClient::once`]. A
+    /// status other than 200 is an error that starts with the status line.
+    pub async fn get(&self, path: &str, headers: &[(&str, &str)]) -> Answer {
+        let host = &self.host;
+        let target = if self.explicit {
+            format!("http://{host}{path}")
+        } else {
+            path.to_string()
+        };
+        let extra: String = headers
+            .iter()
+            .map(|(name, value)| format!("{name}: {value}\r\n"))
+            .collect();
+        let request =
+            format!("GET {target} HTTP/1.1\r\nhost: {host}\r\n{extra}connection: close\r\n\r\n");
+        let out = exchange(self.netns.clone(), self.connect, request).await?;
         let (head, body) = out.split_once("\r\n\r\n").ok_or("no HTTP response")?;
         if !head.starts_with("HTTP/1.1 200") {
             // The status line and the start of the body, which says why.
@@ -75,6 +96,32 @@ impl PodClient {
             return Err(format!("{}: {why}", head.lines().next().unwrap_or("")));
         }
         Ok(weft_echo::parse_report(body))
+    }
+
+    /// Where the service port's gRPC calls land from this pod: a unary
+    /// `Echo` or a one-message `Stream`, answered with the serving
+    /// cluster and version ("c1/v1"). Needs the pod's own network (the
+    /// ClusterIP is captured there): `None` on a loopback lab.
+    pub async fn grpc(&self, port: u16, streaming: bool) -> Option<Result<String, String>> {
+        let netns_name = self.netns.clone()?;
+        let target = SocketAddr::new(self.connect.ip(), port);
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        std::thread::spawn(move || {
+            let result = (|| -> Result<String, String> {
+                netns::enter(&netns_name).map_err(|e| format!("{e:#}"))?;
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .map_err(|e| e.to_string())?;
+                runtime.block_on(grpc_call(target, streaming))
+            })();
+            let _ = reply.send(result);
+        });
+        Some(
+            answer
+                .await
+                .unwrap_or_else(|_| Err("the gRPC thread died".into())),
+        )
     }
 
     pub async fn batch(&self, n: usize) -> Vec<Answer> {
@@ -133,6 +180,43 @@ impl PodClient {
             after: streak_began.duration_since(started),
         })
     }
+}
+
+async fn grpc_call(target: SocketAddr, streaming: bool) -> Result<String, String> {
+    use weft_xds_proto::echo::EchoRequest;
+    use weft_xds_proto::echo::echo_client::EchoClient;
+    let call = async {
+        let mut client = EchoClient::connect(format!("http://{target}"))
+            .await
+            .map_err(|e| format!("connect: {e}"))?;
+        let reply = if streaming {
+            let request = tokio_stream::iter([EchoRequest {
+                payload: b"hi".to_vec(),
+            }]);
+            let mut replies = client
+                .stream(request)
+                .await
+                .map_err(|e| format!("{}: {}", e.code(), e.message()))?
+                .into_inner();
+            replies
+                .message()
+                .await
+                .map_err(|e| format!("{}: {}", e.code(), e.message()))?
+                .ok_or("no reply")?
+        } else {
+            client
+                .echo(EchoRequest {
+                    payload: b"hi".to_vec(),
+                })
+                .await
+                .map_err(|e| format!("{}: {}", e.code(), e.message()))?
+                .into_inner()
+        };
+        Ok(format!("{}/{}", reply.cluster, reply.version))
+    };
+    tokio::time::timeout(Duration::from_secs(5), call)
+        .await
+        .map_err(|_| "timed out".to_string())?
 }
 
 /// How traffic settled on a cluster.

@@ -508,6 +508,8 @@ mod lab {
     use weft_lab::runner::{Network, pod_dir};
     use weft_lab::traffic::{Held, PodClient, by_cluster};
 
+    mod traffic;
+
     const CLIENT: &str = "spiffe://cluster.local/ns/demo/sa/client";
 
     async fn wait_ready(client: &kube::Client, names: &[&str]) {
@@ -1197,6 +1199,7 @@ spec:
 
         probes_keep_the_serving_port_captured(&lab, &dir, network).await;
         security_policy_is_enforced(&lab, &dir, network, &caller).await;
+        traffic::traffic_policy_is_applied(&lab, &dir, network, &caller).await;
 
         // Failover: c1's echo is deleted as Kubernetes deletes a pod (a
         // grace period, its endpoint terminating, SIGTERM): no request fails

@@ -424,8 +424,13 @@ fn backend_ref(
 fn http_match(at: &str, m: &Value, problems: &mut Problems) -> mesh::RouteMatch {
     problems.unknown_fields(at, m, &["path", "headers", "queryParams", "method"]);
     let path = &m["path"];
+    // Gateway API: a match without a path matches the prefix "/", and
+    // ranks as one.
     let path = if path.is_null() {
-        None
+        Some(mesh::ValueMatch {
+            kind: Some(value_match::Kind::Prefix("/".into())),
+            invert: false,
+        })
     } else {
         let value = path["value"].as_str().unwrap_or("/").to_string();
         let kind = match path["type"].as_str().unwrap_or("PathPrefix") {

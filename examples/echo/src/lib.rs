@@ -23,6 +23,8 @@ use weft_xds_proto::echo::echo_server::{Echo, EchoServer};
 use weft_xds_proto::echo::{EchoReply, EchoRequest};
 
 pub const PEER_HEADER: &str = "x-weft-peer-identity";
+/// A request header the report repeats as `tag=`.
+pub const TAG_HEADER: &str = "x-echo-tag";
 
 /// Who this server is, as it reports itself.
 #[derive(Clone, Debug, Default)]
@@ -69,6 +71,8 @@ pub fn parse_report(line: &str) -> std::collections::BTreeMap<String, String> {
         .collect()
 }
 
+static FLAKY: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 async fn http(
     identity: Identity,
     request: Request<Incoming>,
@@ -81,6 +85,26 @@ async fn http(
         .to_string();
     let protocol = format!("{:?}", request.version());
     let path = request.uri().path().to_string();
+    let tag = request
+        .headers()
+        .get(TAG_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .filter(|t| !t.is_empty() && !t.contains(char::is_whitespace))
+        .map(str::to_string);
+    // Test paths for traffic policy: `/flaky` fails every other call
+    // (a retry on the same endpoint succeeds), `/delay/<ms>` answers late.
+    if path == "/flaky" && FLAKY.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % 2 == 0 {
+        let mut response =
+            Response::new(Full::new(Bytes::from_static(b"flaky: failing this one\n")));
+        *response.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+        return Ok(response);
+    }
+    if let Some(ms) = path
+        .strip_prefix("/delay/")
+        .and_then(|ms| ms.parse::<u64>().ok())
+    {
+        tokio::time::sleep(std::time::Duration::from_millis(ms.min(30_000))).await;
+    }
     let has_body = request.method() == http::Method::POST || request.method() == http::Method::PUT;
     let body = if path == "/healthz" {
         Bytes::from_static(b"ok\n")
@@ -94,7 +118,13 @@ async fn http(
             }
         }
     } else {
-        Bytes::from(report(&identity, &peer, &protocol, &path))
+        let mut line = report(&identity, &peer, &protocol, &path);
+        // A tag the mesh's routes may set, so a client can tell which
+        // route served it.
+        if let Some(tag) = tag {
+            line.insert_str(line.len() - 1, &format!(" tag={tag}"));
+        }
+        Bytes::from(line)
     };
     let mut response = Response::new(Full::new(body));
     let headers = response.headers_mut();
