@@ -93,7 +93,11 @@ async fn http(
         .map(str::to_string);
     // Test paths for traffic policy: `/flaky` fails every other call
     // (a retry on the same endpoint succeeds), `/delay/<ms>` answers late.
-    if path == "/flaky" && FLAKY.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % 2 == 0 {
+    if path == "/flaky"
+        && FLAKY
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            .is_multiple_of(2)
+    {
         let mut response =
             Response::new(Full::new(Bytes::from_static(b"flaky: failing this one\n")));
         *response.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
