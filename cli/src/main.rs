@@ -1,6 +1,7 @@
 //! `weftctl`, the operator CLI: certificates, remote secrets, injection,
 //! proxy status and the local lab.
 
+mod analyze;
 mod authz;
 mod certs;
 mod inject;
@@ -33,6 +34,8 @@ enum Command {
     /// Security policy: which policies a workload is under, and what they decide for a caller.
     #[command(subcommand)]
     Authz(authz::AuthzCommand),
+    /// Traffic policy: fields weft refuses or ignores, references that resolve to nothing, routes not in force.
+    Analyze(analyze::AnalyzeArgs),
 }
 
 fn block_on<T>(future: impl std::future::Future<Output = anyhow::Result<T>>) -> anyhow::Result<T> {
@@ -49,6 +52,7 @@ fn main() -> std::process::ExitCode {
         }
         Command::KubeInject(args) => inject::run(args).map(|out| print!("{out}")),
         Command::Authz(command) => block_on(authz::run(command)).map(|out| print!("{out}")),
+        Command::Analyze(args) => block_on(analyze::run(args)),
         Command::RemoteClusters(args) => {
             block_on(remote::remote_clusters(args)).map(|out| print!("{out}"))
         }

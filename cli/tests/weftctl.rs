@@ -574,3 +574,101 @@ spec: {mtls: {mode: STRICT}}
         "{tcp}"
     );
 }
+
+#[tokio::test]
+async fn analyze_names_refused_fields_dangling_references_and_routes_not_in_force() {
+    use weft_lab::{ApiServer, ApiServerConfig};
+
+    let dir = tempfile::tempdir().unwrap();
+    let server = ApiServer::start(ApiServerConfig {
+        cluster_name: "c1".into(),
+        dir: Some(dir.path().join("c1")),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let kubeconfig = dir.path().join("c1").join("kubeconfig");
+    let client = server.client().await.unwrap();
+    let manifests = [
+        include_str!("../../lab/crds/traffic.yaml"),
+        r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: demo}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: echo, namespace: demo}
+spec: {selector: {app: echo}, ports: [{port: 80}]}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: echo, namespace: demo}
+spec:
+  host: echo
+  trafficPolicy: {connectionPool: {tcp: {tcpKeepalive: {time: 7200s}}}}
+  subsets: [{name: v1, labels: {version: v1}}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: echo, namespace: demo}
+spec:
+  hosts: [echo]
+  http: [{route: [{destination: {host: echo, subset: v9}}]}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: echo-too, namespace: demo}
+spec:
+  hosts: [echo]
+  http: [{route: [{destination: {host: echo, subset: v1}}]}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: delegating, namespace: demo}
+spec:
+  hosts: [other]
+  http: [{delegate: {name: x}}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: to-nowhere, namespace: demo}
+spec:
+  parentRefs: [{group: "", kind: Service, name: echo}]
+  rules: [{backendRefs: [{name: nope, port: 80}]}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: ingress, namespace: demo}
+spec:
+  parentRefs: [{kind: Gateway, name: public}]
+  rules: [{backendRefs: [{name: echo, port: 80}]}]
+"#,
+    ];
+    for manifest in manifests {
+        weft_lab::apply::apply_all(&client, manifest).await.unwrap();
+    }
+    let out = weftctl_async(vec![
+        "analyze".into(),
+        "--kubeconfig".into(),
+        kubeconfig.to_str().unwrap().into(),
+    ])
+    .await;
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(!out.status.success(), "errors fail the command:\n{text}");
+    for expected in [
+        "VirtualService demo/delegating",
+        "spec.http[0].delegate: not supported by weft (the object is not applied)",
+        "no DestinationRule defines subset \"v9\" of echo.demo.svc.cluster.local",
+        "spec.trafficPolicy.connectionPool.tcp.tcpKeepalive: ignored",
+        "HTTPRoute demo/to-nowhere",
+        "no Service nope.demo.svc.cluster.local",
+        "HTTPRoute demo/ingress",
+        "for gateways only",
+        // The HTTPRoute for echo takes precedence over both VirtualServices.
+        "not in force for echo.demo.svc.cluster.local: routed by HTTPRoute demo/to-nowhere",
+        "6 traffic objects: 4 errors, 3 warnings",
+    ] {
+        assert!(text.contains(expected), "missing {expected:?} in:\n{text}");
+    }
+}
