@@ -189,6 +189,8 @@ struct Seen {
     workloads: BTreeMap<String, (String, mesh::Workload)>,
     services: BTreeMap<String, (String, mesh::Service)>,
     authorizations: BTreeMap<String, mesh::Authorization>,
+    route_sets: BTreeMap<String, mesh::RouteSet>,
+    destinations: BTreeMap<String, mesh::DestinationPolicy>,
     /// Every removal ever received, in order.
     removed: Vec<String>,
     responses: Vec<(String, usize, usize)>,
@@ -224,6 +226,8 @@ impl XdsClient {
             type_url::SERVICE,
             type_url::WORKLOAD,
             type_url::AUTHORIZATION,
+            type_url::ROUTE_SET,
+            type_url::DESTINATION_POLICY,
         ] {
             requests
                 .send(DeltaDiscoveryRequest {
@@ -272,6 +276,12 @@ impl XdsClient {
                         } else if response.type_url == type_url::AUTHORIZATION {
                             let a = mesh::Authorization::decode(body).unwrap();
                             seen.authorizations.insert(resource.name.clone(), a);
+                        } else if response.type_url == type_url::ROUTE_SET {
+                            let r = mesh::RouteSet::decode(body).unwrap();
+                            seen.route_sets.insert(resource.name.clone(), r);
+                        } else if response.type_url == type_url::DESTINATION_POLICY {
+                            let d = mesh::DestinationPolicy::decode(body).unwrap();
+                            seen.destinations.insert(resource.name.clone(), d);
                         } else {
                             let s = mesh::Service::decode(body).unwrap();
                             seen.services
@@ -282,6 +292,8 @@ impl XdsClient {
                         seen.workloads.remove(name);
                         seen.services.remove(name);
                         seen.authorizations.remove(name);
+                        seen.route_sets.remove(name);
+                        seen.destinations.remove(name);
                         seen.removed.push(name.clone());
                     }
                 }
@@ -328,6 +340,14 @@ impl XdsClient {
 
     fn authorization(&self, name: &str) -> Option<mesh::Authorization> {
         self.seen.lock().unwrap().authorizations.get(name).cloned()
+    }
+
+    fn route_set(&self, name: &str) -> Option<mesh::RouteSet> {
+        self.seen.lock().unwrap().route_sets.get(name).cloned()
+    }
+
+    fn destination(&self, name: &str) -> Option<mesh::DestinationPolicy> {
+        self.seen.lock().unwrap().destinations.get(name).cloned()
     }
 
     fn service(&self, name: &str) -> Option<mesh::Service> {
@@ -1565,25 +1585,38 @@ async fn a_silent_remote_is_stale_within_15_s_and_recovers() {
 
 /// The `Accepted` condition on a policy's status: (status, message).
 async fn accepted(lab: &Lab, plural: &str, name: &str) -> Option<(String, String, i64)> {
-    use kube::api::{ApiResource, DynamicObject};
-    let kind = if plural == "authorizationpolicies" {
-        "AuthorizationPolicy"
-    } else {
-        "PeerAuthentication"
-    };
-    let resource = ApiResource {
-        group: "security.istio.io".into(),
-        version: "v1".into(),
-        api_version: "security.istio.io/v1".into(),
-        kind: kind.into(),
-        plural: plural.into(),
+    condition(lab, plural, name, "Accepted").await
+}
+
+/// A condition of a policy object in `demo`: (status, message,
+/// observedGeneration). Gateway API routes keep theirs per parent.
+async fn condition(
+    lab: &Lab,
+    plural: &str,
+    name: &str,
+    kind: &str,
+) -> Option<(String, String, i64)> {
+    use kube::api::{Api, DynamicObject};
+    use weft_control::{security, traffic};
+    let resource = match plural {
+        "authorizationpolicies" => security::authorization_policies(),
+        "peerauthentications" => security::peer_authentications(),
+        "virtualservices" => traffic::virtual_services(),
+        "destinationrules" => traffic::destination_rules(),
+        "grpcroutes" => traffic::grpc_routes(),
+        _ => traffic::http_routes(),
     };
     let api: Api<DynamicObject> = Api::namespaced_with(lab.client.clone(), "demo", &resource);
     let object = api.get(name).await.ok()?;
-    let condition = object.data["status"]["conditions"]
+    let conditions = if object.data["status"]["parents"].is_array() {
+        &object.data["status"]["parents"][0]["conditions"]
+    } else {
+        &object.data["status"]["conditions"]
+    };
+    let condition = conditions
         .as_array()?
         .iter()
-        .find(|c| c["type"] == "Accepted")?
+        .find(|c| c["type"] == kind)?
         .clone();
     Some((
         condition["status"].as_str()?.to_string(),
@@ -1690,4 +1723,107 @@ spec:
         !metrics.contains("weft_control_xds_nacks_total 1"),
         "{metrics}"
     );
+}
+
+/// Traffic policy from the control plane's own cluster reaches proxies as
+/// one resource per object; what weft refuses is not sent and its status
+/// names the field; a route whose backend is missing says so.
+#[tokio::test]
+async fn traffic_policy_reaches_proxies_and_its_status_says_what_was_refused() {
+    let c1 = Lab::start("c1").await;
+    apply_yaml(&c1, include_str!("../../lab/crds/traffic.yaml")).await;
+    c1.service("echo", false).await;
+    c1.workload("echo", "a1", "10.1.0.5").await;
+    let control = control_plane(&c1, "c1").await;
+    let client = XdsClient::connect(control.xds_plain_addr.unwrap(), BTreeMap::new()).await;
+    eventually("initial state", || async {
+        client.workload("c1/demo/a1").is_some()
+    })
+    .await;
+    let objects = r#"
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: echo, namespace: demo}
+spec:
+  host: echo
+  trafficPolicy: {connectionPool: {tcp: {tcpKeepalive: {time: 7200s}}}}
+  subsets: [{name: v1, labels: {version: v1}}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: echo, namespace: demo}
+spec:
+  hosts: [echo]
+  http:
+  - route: [{destination: {host: echo, subset: v1}}]
+    corsPolicy: {allowOrigins: [{exact: "*"}]}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: echo, namespace: demo}
+spec:
+  parentRefs: [{group: "", kind: Service, name: echo}]
+  rules: [{backendRefs: [{name: echo, port: 80}, {name: missing, port: 80}]}]
+"#;
+    let started = std::time::Instant::now();
+    apply_yaml(&c1, objects).await;
+    eventually("routes and destination policy over xDS", || async {
+        client.route_set("httproute/demo/echo").is_some()
+            && client.destination("demo/echo").is_some()
+    })
+    .await;
+    println!(
+        "traffic policy over xDS {:.0} ms after it was applied",
+        started.elapsed().as_secs_f64() * 1000.0
+    );
+    let route = client.route_set("httproute/demo/echo").unwrap();
+    assert_eq!(route.hosts, ["echo.demo.svc.cluster.local"]);
+    assert_eq!(route.http[0].backends.len(), 2);
+    let rule = client.destination("demo/echo").unwrap();
+    assert_eq!(rule.subsets[0].name, "v1");
+    assert!(
+        client.route_set("virtualservice/demo/echo").is_none(),
+        "a refused VirtualService is not sent"
+    );
+    eventually("statuses written", || async {
+        let vs = condition(&c1, "virtualservices", "echo", "Accepted").await;
+        let dr = condition(&c1, "destinationrules", "echo", "Accepted").await;
+        let route = condition(&c1, "httproutes", "echo", "Accepted").await;
+        let refs = condition(&c1, "httproutes", "echo", "ResolvedRefs").await;
+        vs.is_some_and(|(status, message, _)| {
+            status == "False" && message.contains("spec.http[0].corsPolicy")
+        }) && dr.is_some_and(|(status, message, _)| {
+            status == "True" && message.contains("tcpKeepalive")
+        }) && route.is_some_and(|(status, ..)| status == "True")
+            && refs.is_some_and(|(status, message, _)| {
+                status == "False" && message.contains("missing.demo.svc.cluster.local")
+            })
+    })
+    .await;
+
+    // Fixed, the VirtualService is accepted at its new generation and sent.
+    apply_yaml(
+        &c1,
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: echo, namespace: demo}\nspec:\n  hosts: [echo]\n  http: [{route: [{destination: {host: echo, subset: v1}}], timeout: 2s}]\n",
+    )
+    .await;
+    eventually("fixed route accepted and sent", || async {
+        let status = accepted(&c1, "virtualservices", "echo").await;
+        status.is_some_and(|(status, _, generation)| status == "True" && generation == 2)
+            && client
+                .route_set("virtualservice/demo/echo")
+                .is_some_and(|r| r.http[0].timeout_ms == 2000)
+    })
+    .await;
+    // Deleted, it is removed from proxies.
+    let api: Api<kube::api::DynamicObject> = Api::namespaced_with(
+        c1.client.clone(),
+        "demo",
+        &weft_control::traffic::virtual_services(),
+    );
+    api.delete("echo", &DeleteParams::default()).await.unwrap();
+    eventually("deleted route removed", || async {
+        client.route_set("virtualservice/demo/echo").is_none()
+    })
+    .await;
 }
