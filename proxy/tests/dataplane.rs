@@ -1244,3 +1244,300 @@ async fn denials_are_403_for_http_and_permission_denied_for_grpc() {
     assert_eq!(refused.code(), tonic::Code::PermissionDenied);
     assert_eq!(refused.message(), "RBAC: access denied");
 }
+
+/// Sends `request`, returning the status, the response headers and the
+/// body.
+async fn send_full(
+    sender: &mut H1,
+    request: http::Request<Full<Bytes>>,
+) -> (u16, http::HeaderMap, String) {
+    tokio::time::timeout(STEP, sender.ready())
+        .await
+        .unwrap()
+        .unwrap();
+    let response = tokio::time::timeout(STEP, sender.send_request(request))
+        .await
+        .unwrap()
+        .unwrap();
+    let (parts, body) = response.into_parts();
+    let body = body.collect().await.unwrap().to_bytes();
+    (
+        parts.status.as_u16(),
+        parts.headers,
+        String::from_utf8_lossy(&body).into_owned(),
+    )
+}
+
+/// A VirtualService and a DestinationRule compiled into the client
+/// sidecar's snapshot, with real sidecars and apps behind it: redirects,
+/// rewrites and response headers, a fault delay, a TCP route, a cookie
+/// hash, locality distribution, a connection-pool limit and outlier
+/// detection with the rule's own thresholds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routes_and_destination_policy_through_two_sidecars() {
+    use weft_proxy::routes::{decode_destination, decode_route_set};
+    use weft_proxy::state::Local;
+    use weft_xds_proto::mesh::{path_rewrite, value_match};
+
+    let mesh = client_sidecar(false).await;
+    l7_pods(&mesh, (50, "echo-a"), (51, "echo-b")).await;
+    let labelled = |uid: &str, n: u8, zone: &str, version: &str| mesh::Workload {
+        labels: [("version".to_string(), version.to_string())].into(),
+        ..workload(uid, pod_ip(n), "c1", zone, "echo", true)
+    };
+    let workloads = [
+        labelled("c1/demo/echo-a", 50, "a", "a"),
+        labelled("c1/demo/echo-b", 51, "b", "b"),
+    ];
+    let prefix = |p: &str| mesh::RouteMatch {
+        path: Some(mesh::ValueMatch {
+            kind: Some(value_match::Kind::Prefix(p.into())),
+            invert: false,
+        }),
+        ..Default::default()
+    };
+    let to = |subset: &str| mesh::Backend {
+        host: "echo.demo.svc.cluster.local".into(),
+        subset: subset.into(),
+        weight: 100,
+        ..Default::default()
+    };
+    let rule = |path: &str, subset: &str| mesh::HttpRoute {
+        matches: vec![prefix(path)],
+        backends: vec![to(subset)],
+        ..Default::default()
+    };
+    let routes = mesh::RouteSet {
+        name: "virtualservice/demo/echo".into(),
+        namespace: "demo".into(),
+        hosts: vec!["echo.demo.svc.cluster.local".into()],
+        export_to: vec!["*".into()],
+        http: vec![
+            mesh::HttpRoute {
+                redirect: Some(mesh::Redirect {
+                    path: Some(mesh::PathRewrite {
+                        kind: Some(path_rewrite::Kind::Full("/new".into())),
+                    }),
+                    status: 301,
+                    ..Default::default()
+                }),
+                backends: vec![],
+                ..rule("/old", "")
+            },
+            mesh::HttpRoute {
+                rewrite: Some(mesh::Rewrite {
+                    path: Some(mesh::PathRewrite {
+                        kind: Some(path_rewrite::Kind::Prefix("/fail".into())),
+                    }),
+                    authority: String::new(),
+                }),
+                response_headers: Some(mesh::HeaderEdits {
+                    set: vec![mesh::HeaderValue {
+                        name: "x-route".into(),
+                        value: "api".into(),
+                    }],
+                    ..Default::default()
+                }),
+                retries: Some(mesh::RetryPolicy {
+                    set: true,
+                    ..Default::default()
+                }),
+                ..rule("/api", "a")
+            },
+            rule("/slow", "a"),
+            mesh::HttpRoute {
+                fault: Some(mesh::Fault {
+                    delay_ms: 200,
+                    delay_per_million: 1_000_000,
+                    ..Default::default()
+                }),
+                ..rule("/delayed", "b")
+            },
+            rule("/sticky", "sticky"),
+            rule("/", "spread"),
+        ],
+        tcp: vec![mesh::TcpRoute {
+            port: 80,
+            backends: vec![to("b")],
+        }],
+        ..Default::default()
+    };
+    let subset = |name: &str, labels: &[(&str, &str)], policy: mesh::TrafficPolicy| mesh::Subset {
+        name: name.into(),
+        labels: labels
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        policy: Some(policy),
+        ports: vec![],
+    };
+    let rules = mesh::DestinationPolicy {
+        name: "demo/echo".into(),
+        namespace: "demo".into(),
+        host: "echo.demo.svc.cluster.local".into(),
+        export_to: vec!["*".into()],
+        subsets: vec![
+            subset(
+                "a",
+                &[("version", "a")],
+                mesh::TrafficPolicy {
+                    pool: Some(mesh::ConnectionPool {
+                        max_requests: 1,
+                        ..Default::default()
+                    }),
+                    has_pool: true,
+                    outlier: Some(mesh::OutlierPolicy {
+                        consecutive_5xx: 2,
+                        base_ejection_ms: 60_000,
+                        max_ejection_percent: 100,
+                        ..Default::default()
+                    }),
+                    has_outlier: true,
+                    ..Default::default()
+                },
+            ),
+            subset("b", &[("version", "b")], mesh::TrafficPolicy::default()),
+            subset(
+                "sticky",
+                &[],
+                mesh::TrafficPolicy {
+                    has_lb: true,
+                    hash: Some(mesh::ConsistentHash {
+                        key: Some(mesh::consistent_hash::Key::Cookie("session".into())),
+                    }),
+                    ..Default::default()
+                },
+            ),
+            subset(
+                "spread",
+                &[],
+                mesh::TrafficPolicy {
+                    has_locality: true,
+                    locality: Some(mesh::LocalityPolicy {
+                        distribute: vec![mesh::LocalityDistribute {
+                            from: "eu/a/*".into(),
+                            to: [("eu/a/*".to_string(), 20), ("eu/b/*".to_string(), 80)].into(),
+                        }],
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                },
+            ),
+        ],
+        ..Default::default()
+    };
+    let names = &mut weft_proxy::resources::Interner::default();
+    let route_set = Arc::new(
+        decode_route_set(
+            "virtualservice/demo/echo",
+            &prost::Message::encode_to_vec(&routes),
+            names,
+        )
+        .unwrap(),
+    );
+    let destination = Arc::new(
+        decode_destination("demo/echo", &prost::Message::encode_to_vec(&rules), names).unwrap(),
+    );
+    let snapshot = Snapshot::from_messages(&[service()], &workloads)
+        .unwrap()
+        .with_traffic([route_set], [destination], &Local::default());
+    mesh.xds.publish(snapshot);
+
+    let mut h1 = http1_via_connect(mesh.proxy, "echo.demo:81").await;
+    // A redirect is answered by the caller's sidecar.
+    let (status, headers, _) = send_full(&mut h1, get("/old/page?x=1", "echo.demo:81")).await;
+    assert_eq!(status, 301);
+    assert_eq!(headers["location"], "http://echo.demo:81/new?x=1");
+    // A fault delay holds the request.
+    let started = std::time::Instant::now();
+    let (status, _, body) = send_full(&mut h1, get("/delayed", "echo.demo:81")).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.starts_with("echo-b"), "{body}");
+    assert!(
+        started.elapsed() >= Duration::from_millis(200),
+        "{:?}",
+        started.elapsed()
+    );
+
+    // One cookie, one endpoint.
+    let sticky = |session: &'static str| {
+        http::Request::get("/sticky")
+            .header("host", "echo.demo:81")
+            .header("cookie", format!("theme=dark; session={session}"))
+            .body(Full::default())
+            .unwrap()
+    };
+    for session in ["alpha", "beta", "gamma"] {
+        let mut seen = std::collections::BTreeSet::new();
+        for _ in 0..10 {
+            let (_, _, body) = send_full(&mut h1, sticky(session)).await;
+            seen.insert(body.split(' ').next().unwrap_or("").to_string());
+        }
+        assert_eq!(seen.len(), 1, "{session}: {seen:?}");
+    }
+
+    // Locality distribution: from eu/a, 80% to eu/b.
+    let mut to_b = 0;
+    for _ in 0..200 {
+        let (_, _, body) = send_full(&mut h1, get("/", "echo.demo:81")).await;
+        to_b += usize::from(body.starts_with("echo-b"));
+    }
+    assert!(
+        (130..=190).contains(&to_b),
+        "{to_b} of 200 to eu/b, 80% wanted"
+    );
+
+    // /api/echo-a is rewritten to /fail/echo-a, which echo-a fails: the
+    // rewrite reached the app; the response header is the route's.
+    let (status, headers, body) = send_full(&mut h1, get("/api/echo-a", "echo.demo:81")).await;
+    assert_eq!(
+        (status, headers["x-route"].to_str().unwrap()),
+        (500, "api"),
+        "{body}"
+    );
+    // That was echo-a's first 5xx; the rule's outlier detection ejects it
+    // at the second (the proxy's own default is five).
+    assert_eq!(
+        mesh.outbound
+            .load
+            .outliers
+            .ejections_total
+            .load(std::sync::atomic::Ordering::Relaxed),
+        0
+    );
+    let _ = send_full(&mut h1, get("/api/echo-a", "echo.demo:81")).await;
+    assert_eq!(
+        mesh.outbound
+            .load
+            .outliers
+            .ejections_total
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+
+    // The connection pool of subset a holds one request: a second one at
+    // the same time overflows.
+    let mut other = http1_via_connect(mesh.proxy, "echo.demo:81").await;
+    let slow =
+        tokio::spawn(async move { send_full(&mut other, get("/slow", "echo.demo:81")).await });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let (status, headers, _) = send_full(&mut h1, get("/slow", "echo.demo:81")).await;
+    assert_eq!(
+        (
+            status,
+            headers
+                .get("x-envoy-overloaded")
+                .map(|v| v.to_str().unwrap())
+        ),
+        (503, Some("true"))
+    );
+    assert_eq!(slow.await.unwrap().0, 200);
+    assert_eq!(mesh.outbound.metrics.overflows.get(), 1);
+
+    // A TCP route: port 80 goes to subset b.
+    for _ in 0..5 {
+        let (code, mut conn) = connect(mesh.proxy, "echo.demo:80").await;
+        assert_eq!(code, 200);
+        assert!(exchange(&mut conn, "hi").await.starts_with("echo-b:"));
+    }
+}
