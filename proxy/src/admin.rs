@@ -299,7 +299,54 @@ pub fn config_dump(snapshot: &Snapshot) -> Value {
             })
         })
         .collect();
-    json!({ "services": services, "workloads": workloads, "authorizations": authorizations })
+    let route_sets: Vec<Value> = snapshot
+        .route_sets
+        .iter()
+        .map(|r| {
+            json!({
+                "name": &*r.name,
+                "source": format!("{:?}", r.source),
+                "hosts": r.hosts.iter().map(|h| &**h).collect::<Vec<_>>(),
+                "http_rules": r.http.iter().map(|h| &*h.name).collect::<Vec<_>>(),
+                "tcp_rules": r.tcp.len(),
+            })
+        })
+        .collect();
+    // What this pod's requests meet, per host, in the order tried.
+    let in_force: serde_json::Map<String, Value> = snapshot
+        .host_routes()
+        .iter()
+        .map(|(host, routes)| {
+            let entries: Vec<Value> = routes
+                .http
+                .iter()
+                .map(|e| json!({"from": &*e.from, "rule": &*e.rule.name, "match": e.matcher}))
+                .collect();
+            (host.to_string(), Value::Array(entries))
+        })
+        .collect();
+    let destination_policies: Vec<Value> = snapshot
+        .destination_policies
+        .iter()
+        .map(|d| {
+            json!({
+                "name": &*d.name,
+                "host": &*d.host,
+                "subsets": d.subsets.iter().map(|s| json!({
+                    "name": &*s.name,
+                    "labels": s.labels.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>(),
+                })).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    json!({
+        "services": services,
+        "workloads": workloads,
+        "authorizations": authorizations,
+        "route_sets": route_sets,
+        "routes_in_force": in_force,
+        "destination_policies": destination_policies,
+    })
 }
 
 /// Serves `routes` on `listener` until draining ends the process.

@@ -199,6 +199,11 @@ impl Snapshot {
         self
     }
 
+    /// Every host's routes as this pod sees them.
+    pub fn host_routes(&self) -> &[(Name, Arc<HostRoutes>)] {
+        &self.routes
+    }
+
     /// The routes this pod sees for a service hostname.
     pub fn routes_for(&self, hostname: &str) -> Option<&Arc<HostRoutes>> {
         find(&self.routes, |(host, _)| (**host).cmp(hostname)).map(|(_, r)| r)

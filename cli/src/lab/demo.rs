@@ -129,6 +129,7 @@ async fn story(lab: &mut Lab, dir: &std::path::Path) -> Result<()> {
 
     let c1 = lab.cluster("c1")?.client.clone();
     authorization(&c1, &caller).await?;
+    canary(&c1, &caller).await?;
     Api::<Pod>::namespaced(c1.clone(), "demo")
         .delete("echo-v1", &DeleteParams::default())
         .await?;
@@ -189,6 +190,42 @@ async fn authorization(c1: &kube::Client, caller: &PodClient) -> Result<()> {
     );
     weft_lab::apply::delete_all(c1, policy).await?;
     caller.until(Duration::from_secs(5), |a| a.is_ok()).await?;
+    Ok(())
+}
+
+/// A VirtualService canary: 10% of echo's traffic to v2 in c2, and the
+/// requests that ask for it by header.
+async fn canary(c1: &kube::Client, caller: &PodClient) -> Result<()> {
+    let routes = include_str!("../../../examples/lab/traffic.yaml");
+    let started = Instant::now();
+    weft_lab::apply::apply_all(c1, routes).await?;
+    let is_v2 =
+        |a: &Answer| matches!(a, Ok(f) if f.get("version").map(String::as_str) == Some("v2"));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !is_v2(&caller.get("/", &[("x-canary", "yes")]).await) {
+        if Instant::now() > deadline {
+            bail!("the VirtualService did not take effect");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let took = started.elapsed();
+    let answers = caller.batch(200).await;
+    let v2 = answers.iter().filter(|a| is_v2(a)).count();
+    let failed = answers.iter().filter(|a| a.is_err()).count();
+    if failed > 0 {
+        bail!("{failed} of 200 requests failed under the canary");
+    }
+    println!(
+        "✓ VirtualService canary 90/10 (examples/lab/traffic.yaml), in force {:.0} ms after it was applied: {v2} of 200 requests to v2 in c2, the rest to v1 in c1",
+        took.as_secs_f64() * 1000.0
+    );
+    let pinned = caller.get("/", &[("x-canary", "yes")]).await;
+    if !is_v2(&pinned) {
+        bail!("x-canary: yes did not reach v2: {pinned:?}");
+    }
+    println!("✓ a request with x-canary: yes goes to v2 (header match)");
+    weft_lab::apply::delete_all(c1, routes).await?;
+    caller.until_stable("c1", Duration::from_secs(10)).await?;
     Ok(())
 }
 
