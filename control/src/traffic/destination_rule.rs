@@ -270,11 +270,18 @@ fn settings(
                 "maxConcurrentStreams",
             ],
         );
+        // weft's pool keeps its own connect timeout; it queues nothing,
+        // and its retry budget is proxy-wide.
         for (part, value, tuning) in [
             (
                 "tcp",
                 tcp,
-                &["tcpKeepalive", "maxConnectionDuration", "idleTimeout"][..],
+                &[
+                    "tcpKeepalive",
+                    "maxConnectionDuration",
+                    "idleTimeout",
+                    "connectTimeout",
+                ][..],
             ),
             (
                 "http",
@@ -285,6 +292,8 @@ fn settings(
                     "h2UpgradePolicy",
                     "useClientProtocol",
                     "maxConcurrentStreams",
+                    "http1MaxPendingRequests",
+                    "maxRetries",
                 ][..],
             ),
         ] {
@@ -325,10 +334,13 @@ fn settings(
                 "minHealthPercent",
             ],
         );
+        // weft ejects at the failure that crosses the threshold, not on a
+        // timer: `interval` has nothing to set.
         for tuning in [
             "splitExternalLocalOriginErrors",
             "consecutiveLocalOriginFailures",
             "minHealthPercent",
+            "interval",
         ] {
             if !outlier[tuning].is_null() {
                 ignored.push(format!("{at}.{tuning}"));
@@ -509,7 +521,8 @@ mod tests {
             info.ignored,
             [
                 "spec.trafficPolicy.loadBalancer.consistentHash.minimumRingSize",
-                "spec.trafficPolicy.connectionPool.tcp.tcpKeepalive"
+                "spec.trafficPolicy.connectionPool.tcp.tcpKeepalive",
+                "spec.trafficPolicy.outlierDetection.interval"
             ]
         );
         let Resource::Destination(d) = &info.resource else {
