@@ -92,9 +92,9 @@ impl Admin {
         m.services.set(snapshot.services.len() as i64);
         m.workloads.set(snapshot.workloads.len() as i64);
         m.authorization_policies.set(snapshot.policies.len() as i64);
-        m.route_sets.set(snapshot.route_sets.len() as i64);
+        m.route_sets.set(snapshot.traffic.route_sets.len() as i64);
         m.destination_policies
-            .set(snapshot.destination_policies.len() as i64);
+            .set(snapshot.traffic.destination_policies.len() as i64);
         if let Some(certs) = &self.certs {
             let expiry = certs
                 .certificate()
@@ -300,6 +300,7 @@ pub fn config_dump(snapshot: &Snapshot) -> Value {
         })
         .collect();
     let route_sets: Vec<Value> = snapshot
+        .traffic
         .route_sets
         .iter()
         .map(|r| {
@@ -326,6 +327,7 @@ pub fn config_dump(snapshot: &Snapshot) -> Value {
         })
         .collect();
     let destination_policies: Vec<Value> = snapshot
+        .traffic
         .destination_policies
         .iter()
         .map(|d| {

@@ -60,13 +60,41 @@ pub struct Snapshot {
     /// The inbound policy of each of this pod's addresses, compiled
     /// when the snapshot is built.
     inbound: Box<[(IpAddr, Arc<InboundPolicy>)]>,
+    /// Traffic policy, shared with the next snapshot while it is
+    /// unchanged.
+    pub traffic: Arc<Traffic>,
+}
+
+/// Traffic policy as this pod sees it as a caller.
+#[derive(Debug, Default)]
+pub struct Traffic {
     /// Every RouteSet and DestinationPolicy, sorted by name.
     pub route_sets: Box<[Arc<RouteSet>]>,
     pub destination_policies: Box<[Arc<Destination>]>,
     /// Per service hostname, the routes and the destination policy this
-    /// pod sees as a caller, sorted by hostname.
+    /// pod sees, sorted by hostname.
     routes: Box<[(Name, Arc<HostRoutes>)]>,
     destinations: Box<[(Name, Arc<Destination>)]>,
+    /// Who they were settled for.
+    pub caller: Caller,
+}
+
+impl Traffic {
+    pub fn new(
+        route_sets: impl IntoIterator<Item = Arc<RouteSet>>,
+        destinations: impl IntoIterator<Item = Arc<Destination>>,
+        caller: Caller,
+    ) -> Traffic {
+        let route_sets: Box<[Arc<RouteSet>]> = route_sets.into_iter().collect();
+        let destination_policies: Box<[Arc<Destination>]> = destinations.into_iter().collect();
+        Traffic {
+            routes: crate::routes::host_routes(&route_sets, &caller),
+            destinations: crate::routes::destinations(&destination_policies, &caller),
+            route_sets,
+            destination_policies,
+            caller,
+        }
+    }
 }
 
 /// A position in `services` or `workloads`. A mesh has far fewer than 2^32.
@@ -164,54 +192,59 @@ impl Snapshot {
             workloads,
             policies: Box::default(),
             inbound: Box::default(),
-            route_sets: Box::default(),
-            destination_policies: Box::default(),
-            routes: Box::default(),
-            destinations: Box::default(),
+            traffic: Arc::default(),
         }
     }
 
-    /// Adds traffic policy, settled for the pod at `local` as the caller
-    /// (its namespace and, once its workload is known, its labels).
-    pub fn with_traffic(
-        mut self,
-        route_sets: impl IntoIterator<Item = Arc<RouteSet>>,
-        destinations: impl IntoIterator<Item = Arc<Destination>>,
-        local: &Local,
-    ) -> Self {
-        let route_sets: Box<[Arc<RouteSet>]> = route_sets.into_iter().collect();
-        let destination_policies: Box<[Arc<Destination>]> = destinations.into_iter().collect();
+    /// This pod as a caller: its namespace and, once its workload is
+    /// known, its labels.
+    pub fn caller(&self, local: &Local) -> Caller {
         let me = local
             .addresses
             .iter()
             .find_map(|ip| self.workload_by_ip(*ip));
-        let caller = Caller {
+        Caller {
             namespace: me.map_or_else(
                 || Name::from(local.namespace.as_str()),
                 |w| w.profile.namespace.clone(),
             ),
             labels: me.map(|w| w.profile.labels.clone()).unwrap_or_default(),
-        };
-        self.routes = crate::routes::host_routes(&route_sets, &caller);
-        self.destinations = crate::routes::destinations(&destination_policies, &caller);
-        self.route_sets = route_sets;
-        self.destination_policies = destination_policies;
+        }
+    }
+
+    /// Adds traffic policy, settled for the pod at `local` as the caller.
+    pub fn with_traffic(
+        self,
+        route_sets: impl IntoIterator<Item = Arc<RouteSet>>,
+        destinations: impl IntoIterator<Item = Arc<Destination>>,
+        local: &Local,
+    ) -> Self {
+        let caller = self.caller(local);
+        self.with_settled_traffic(Arc::new(Traffic::new(route_sets, destinations, caller)))
+    }
+
+    /// Adds traffic policy already settled (for this snapshot's caller).
+    pub fn with_settled_traffic(mut self, traffic: Arc<Traffic>) -> Self {
+        self.traffic = traffic;
         self
     }
 
     /// Every host's routes as this pod sees them.
     pub fn host_routes(&self) -> &[(Name, Arc<HostRoutes>)] {
-        &self.routes
+        &self.traffic.routes
     }
 
     /// The routes this pod sees for a service hostname.
     pub fn routes_for(&self, hostname: &str) -> Option<&Arc<HostRoutes>> {
-        find(&self.routes, |(host, _)| (**host).cmp(hostname)).map(|(_, r)| r)
+        find(&self.traffic.routes, |(host, _)| (**host).cmp(hostname)).map(|(_, r)| r)
     }
 
     /// The destination policy this pod sees for a service hostname.
     pub fn destination_for(&self, hostname: &str) -> Option<&Arc<Destination>> {
-        find(&self.destinations, |(host, _)| (**host).cmp(hostname)).map(|(_, d)| d)
+        find(&self.traffic.destinations, |(host, _)| {
+            (**host).cmp(hostname)
+        })
+        .map(|(_, d)| d)
     }
 
     /// Adds the Authorizations, and groups those the pod at `local` is

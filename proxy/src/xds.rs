@@ -22,7 +22,7 @@ use weft_xds_proto::type_url;
 use crate::authorization::{self, Policy};
 use crate::resources::{self, Interner, InvalidResource, Service, Workload};
 use crate::routes::{self, Destination, RouteSet};
-use crate::state::{Local, Snapshot};
+use crate::state::{Local, Snapshot, Traffic};
 
 /// The resource types a proxy subscribes to, in the order it asks.
 pub const TYPES: [&str; 5] = [
@@ -90,6 +90,10 @@ pub struct Resources {
     pub route_sets: Held<RouteSet>,
     pub destinations: Held<Destination>,
     names: Interner,
+    /// Traffic policy as last settled: reused while neither the policy
+    /// nor the caller changes, so a pod update does not recompile every
+    /// host's routes.
+    traffic: std::sync::Mutex<Option<Arc<Traffic>>>,
     /// The types a complete answer has been received for.
     seen: [bool; 5],
 }
@@ -117,18 +121,10 @@ impl Resources {
                 response,
                 authorization::decode,
             )?,
-            type_url::ROUTE_SET => apply_typed(
-                &mut self.route_sets,
-                &mut self.names,
-                response,
-                routes::decode_route_set,
-            )?,
-            type_url::DESTINATION_POLICY => apply_typed(
-                &mut self.destinations,
-                &mut self.names,
-                response,
-                routes::decode_destination,
-            )?,
+            type_url::ROUTE_SET | type_url::DESTINATION_POLICY => {
+                self.traffic = Default::default();
+                self.apply_traffic(response)?
+            }
             other => {
                 return Err(InvalidResource::Field {
                     name: other.to_string(),
@@ -143,19 +139,47 @@ impl Resources {
         Ok(())
     }
 
+    fn apply_traffic(&mut self, response: &DeltaDiscoveryResponse) -> Result<(), InvalidResource> {
+        match response.type_url.as_str() {
+            type_url::ROUTE_SET => apply_typed(
+                &mut self.route_sets,
+                &mut self.names,
+                response,
+                routes::decode_route_set,
+            )?,
+            _ => apply_typed(
+                &mut self.destinations,
+                &mut self.names,
+                response,
+                routes::decode_destination,
+            )?,
+        }
+        Ok(())
+    }
+
     /// The snapshot of everything held, with the inbound policy of the
     /// pod at `local`.
     pub fn snapshot(&self, local: &Local) -> Snapshot {
-        Snapshot::build(
+        let snapshot = Snapshot::build(
             self.services.values().cloned(),
             self.workloads.values().cloned(),
         )
-        .with_policies(self.authorizations.values().cloned(), local)
-        .with_traffic(
-            self.route_sets.values().cloned(),
-            self.destinations.values().cloned(),
-            local,
-        )
+        .with_policies(self.authorizations.values().cloned(), local);
+        let caller = snapshot.caller(local);
+        let mut cached = self.traffic.lock().unwrap_or_else(|p| p.into_inner());
+        let traffic = match cached.as_ref() {
+            Some(traffic) if traffic.caller == caller => traffic.clone(),
+            _ => {
+                let traffic = Arc::new(Traffic::new(
+                    self.route_sets.values().cloned(),
+                    self.destinations.values().cloned(),
+                    caller,
+                ));
+                *cached = Some(traffic.clone());
+                traffic
+            }
+        };
+        snapshot.with_settled_traffic(traffic)
     }
 
     fn versions(&self, url: &str) -> std::collections::HashMap<String, String> {
