@@ -64,6 +64,8 @@ pub struct Options {
     pub proxy_threads: usize,
     /// Alternating runs with and without the 20 authorization rules.
     pub authz_pairs: usize,
+    /// Alternating runs with and without 10 routes and a DestinationRule.
+    pub route_pairs: usize,
     /// Where plots go (next to the report); `None`: nowhere (`--no-write`).
     pub results: Option<PathBuf>,
 }
@@ -352,6 +354,50 @@ fn plain_name(pair: usize) -> String {
     } else {
         format!("weft, rules removed #{pair}")
     }
+}
+
+/// The gauge that says how many route objects a sidecar holds.
+const ROUTE_SETS: &str = "weft_proxy_route_sets";
+
+/// The runs with traffic policy on the client side, and plain weft again
+/// after each (the first plain run is the last of the authorization
+/// pairs', or the `weft` scenario's).
+fn routes_name(pair: usize) -> String {
+    format!("weft + 10 routes and a DestinationRule #{pair}")
+}
+
+fn routes_plain_name(options: &Options, pair: usize) -> String {
+    if pair == 0 {
+        plain_name(options.authz_pairs)
+    } else {
+        format!("weft, routes removed #{pair}")
+    }
+}
+
+/// 10 routes on echo for the client's sidecar, the one the bench's
+/// traffic takes last, so every request is matched against all: nine
+/// that look at headers, paths, query parameters and the method, then a
+/// route to a subset with a retry policy and a timeout; and a
+/// DestinationRule whose subset, balancing, outlier detection and
+/// connection-pool limit every request goes through.
+fn traffic_rules() -> String {
+    let mut rules = String::new();
+    for i in 0..9 {
+        let matched = match i % 3 {
+            0 => format!("{{headers: {{x-bench-route-{i}: {{exact: \"yes\"}}}}}}"),
+            1 => format!("{{uri: {{prefix: /api/v{i}/}}, method: {{exact: POST}}}}"),
+            _ => format!(
+                "{{queryParams: {{variant: {{exact: \"{i}\"}}}}, uri: {{regex: \"/items/[0-9]+\"}}}}"
+            ),
+        };
+        rules += &format!(
+            "  - match: [{matched}]\n    route: [{{destination: {{host: echo, subset: all}}}}]\n"
+        );
+    }
+    rules += "  - route: [{destination: {host: echo, subset: all}}]\n    retries: {attempts: 2, retryOn: \"connect-failure,refused-stream,503\"}\n    timeout: 10s\n";
+    format!(
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: bench-routes, namespace: {NS}}}\nspec:\n  hosts: [echo]\n  http:\n{rules}---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: bench-echo, namespace: {NS}}}\nspec:\n  host: echo\n  trafficPolicy:\n    loadBalancer: {{simple: LEAST_REQUEST}}\n    connectionPool: {{http: {{http2MaxRequests: 100000}}}}\n    outlierDetection: {{consecutive5xxErrors: 5, baseEjectionTime: 30s, maxEjectionPercent: 50}}\n  subsets:\n  - {{name: all, labels: {{app: echo}}}}\n"
+    )
 }
 
 /// 20 rules on the echo workload, none of which the bench's traffic
@@ -771,6 +817,21 @@ async fn drive(options: &Options, command: &str) -> Result<Outcome> {
         run_scenario(options, &weft_scenario(plain_name(pair)), &mut results).await?;
     }
 
+    // weft with traffic policy on the client side, alternating likewise.
+    for pair in 1..=options.route_pairs {
+        weft_lab::apply::apply_all(&c1.client, &traffic_rules()).await?;
+        wait_gauge(client_ip, ROUTE_SETS, 1, Duration::from_secs(30)).await?;
+        run_scenario(options, &weft_scenario(routes_name(pair)), &mut results).await?;
+        weft_lab::apply::delete_all(&c1.client, &traffic_rules()).await?;
+        wait_gauge(client_ip, ROUTE_SETS, 0, Duration::from_secs(30)).await?;
+        run_scenario(
+            options,
+            &weft_scenario(routes_plain_name(options, pair)),
+            &mut results,
+        )
+        .await?;
+    }
+
     // weft across clusters: the echo pod and its sidecar in c2.
     let mut c2 = None;
     if options.cross_cluster {
@@ -980,6 +1041,50 @@ fn authorization_cost(options: &Options, results: &Results) -> String {
     md
 }
 
+/// What 10 routes and a DestinationRule cost the client's sidecar,
+/// against the same sidecar without them, in this run (target: within
+/// 5%).
+fn routing_cost(options: &Options, results: &Results) -> String {
+    let client = |run: &Run| {
+        run.proxies
+            .iter()
+            .find(|p| p.label == "weft client")
+            .map(|p| run.vcpu_per_k(p.cpu.total()))
+    };
+    let mut md = String::new();
+    for (i, rate) in options.rates.iter().enumerate() {
+        let at = |name: String| results.fixed.get(&name).and_then(|runs| client(&runs[i]));
+        let mut ratios = Vec::new();
+        let mut rows = Vec::new();
+        for pair in 1..=options.route_pairs {
+            let (Some(before), Some(routed), Some(after)) = (
+                at(routes_plain_name(options, pair - 1)),
+                at(routes_name(pair)),
+                at(routes_plain_name(options, pair)),
+            ) else {
+                continue;
+            };
+            let ratio = routed / ((before + after) / 2.0).max(1e-9);
+            ratios.push(ratio);
+            rows.push(format!(
+                "{routed:.4} against {before:.4} and {after:.4} ({ratio:.3})"
+            ));
+        }
+        if ratios.is_empty() {
+            continue;
+        }
+        ratios.sort_by(f64::total_cmp);
+        let median = ratios[ratios.len() / 2];
+        md += &format!(
+            "- traffic policy, 10 routes and a DestinationRule on the client's sidecar, at {rate} req/s: its CPU per 1,000 req/s with them against the plain runs before and after, in vCPU: {}; median ratio {median:.3}, range {:.3} to {:.3} (target ≤ 1.05).\n",
+            rows.join("; "),
+            ratios[0],
+            ratios[ratios.len() - 1]
+        );
+    }
+    md
+}
+
 fn where_cpu_goes(rate: u64, results: &Results) -> String {
     let mut md = format!(
         "\n## Where the CPU goes (busiest proxy, per request)\n\n\
@@ -1154,6 +1259,7 @@ fn render(
         );
     }
     md += &authorization_cost(options, results);
+    md += &routing_cost(options, results);
     for other in ["nginx", "haproxy", "relay"] {
         if let (Some(w), Some(o)) = (per_cpu("weft"), per_cpu(other)) {
             md += &format!(
@@ -1264,6 +1370,30 @@ mod tests {
             rules += info.rules.len();
         }
         assert_eq!(rules, 20);
+    }
+
+    #[test]
+    fn the_routing_scenario_is_10_routes_and_a_rule_weft_applies_as_written() {
+        use weft_control::cluster::{Kind, read_traffic};
+        use weft_control::traffic::Resource;
+        let docs = weft_lab::apply::documents(&traffic_rules()).unwrap();
+        assert_eq!(docs.len(), 2);
+        let routes = read_traffic(Kind::VirtualService, &docs[0], "cluster.local");
+        assert!(
+            routes.problems.is_empty() && routes.ignored.is_empty(),
+            "{:?}",
+            routes.problems
+        );
+        let Resource::Routes(set) = &routes.resource else {
+            panic!("not routes")
+        };
+        assert_eq!(set.http.len(), 10);
+        let rule = read_traffic(Kind::DestinationRule, &docs[1], "cluster.local");
+        assert!(
+            rule.problems.is_empty() && rule.ignored.is_empty(),
+            "{:?}",
+            rule.problems
+        );
     }
 
     fn run(seconds: f64, rate: f64, proxies: &[(&str, f64, f64, u64)]) -> Run {

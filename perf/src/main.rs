@@ -101,6 +101,9 @@ enum Scenario {
         /// Runs with the 20 authorization rules, each between two without.
         #[arg(long, default_value_t = 3)]
         authz_pairs: usize,
+        /// Runs with 10 routes and a DestinationRule, each between two without.
+        #[arg(long, default_value_t = 3)]
+        route_pairs: usize,
     },
     /// Added latency of the two-sidecar mTLS path for TCP echo, against direct, in one run.
     Sidecar {
@@ -187,6 +190,7 @@ fn main() -> Result<()> {
             snapshot_workloads,
             proxy_threads,
             authz_pairs,
+            route_pairs,
         } => (
             "bench",
             bench::run(
@@ -203,6 +207,7 @@ fn main() -> Result<()> {
                     snapshot_workloads,
                     proxy_threads,
                     authz_pairs,
+                    route_pairs,
                     results: (!cli.no_write).then(|| cli.results.clone()),
                 },
                 &command,
