@@ -1181,3 +1181,64 @@ async fn mutating_webhook_failure_policy_and_selectors() {
         .await
         .unwrap();
 }
+
+/// The traffic kinds weft reads (Istio's and the Gateway API's) are served
+/// once their CRDs are applied, and kubectl applies and lists them by
+/// their short names, as users do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_applies_istio_and_gateway_api_routes() {
+    if !kubectl_available() {
+        eprintln!("SKIPPED kubectl_applies_istio_and_gateway_api_routes: kubectl is not installed");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let _server = ApiServer::start(ApiServerConfig {
+        dir: Some(dir.path().to_path_buf()),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let kubeconfig = dir.path().join("kubeconfig");
+    let crds = dir.path().join("crds.yaml");
+    std::fs::write(&crds, include_str!("../../lab/crds/traffic.yaml")).unwrap();
+    let routes = dir.path().join("routes.yaml");
+    std::fs::write(
+        &routes,
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: demo}\n---\n\
+         apiVersion: networking.istio.io/v1beta1\nkind: VirtualService\nmetadata: {name: echo, namespace: demo}\n\
+         spec:\n  hosts: [echo]\n  http: [{route: [{destination: {host: echo, subset: v1}}]}]\n---\n\
+         apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: echo, namespace: demo}\n\
+         spec:\n  host: echo\n  subsets: [{name: v1, labels: {version: v1}}]\n---\n\
+         apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: echo, namespace: demo}\n\
+         spec:\n  parentRefs: [{group: \"\", kind: Service, name: echo}]\n  rules: [{backendRefs: [{name: echo, port: 80}]}]\n",
+    )
+    .unwrap();
+    let kc = kubeconfig.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        ok(kubectl(&kc, &["apply", "-f", crds.to_str().unwrap()]));
+        let applied = ok(kubectl(&kc, &["apply", "-f", routes.to_str().unwrap()]));
+        let listed = ok(kubectl(
+            &kc,
+            &["get", "vs,dr,httproutes", "-n", "demo", "-o", "name"],
+        ));
+        (applied, listed)
+    })
+    .await
+    .unwrap();
+    let (applied, listed) = out;
+    assert!(
+        applied.contains("virtualservice.networking.istio.io/echo created"),
+        "{applied}"
+    );
+    assert!(
+        applied.contains("httproute.gateway.networking.k8s.io/echo created"),
+        "{applied}"
+    );
+    for name in [
+        "virtualservice.networking.istio.io/echo",
+        "destinationrule.networking.istio.io/echo",
+        "httproute.gateway.networking.k8s.io/echo",
+    ] {
+        assert!(listed.contains(name), "{name} not in {listed}");
+    }
+}
