@@ -122,11 +122,16 @@ pub struct Profile {
 
 impl Profile {
     pub fn label(&self, key: &str) -> Option<&str> {
-        self.labels
-            .binary_search_by(|(k, _)| (**k).cmp(key))
-            .ok()
-            .map(|at| &*self.labels[at].1)
+        label_in(&self.labels, key)
     }
+}
+
+/// The value of `key` in labels sorted by key.
+pub fn label_in<'a>(labels: &'a [(Name, Name)], key: &str) -> Option<&'a str> {
+    labels
+        .binary_search_by(|(k, _)| (**k).cmp(key))
+        .ok()
+        .map(|at| &*labels[at].1)
 }
 
 /// How a workload takes plaintext, per PeerAuthentication.

@@ -687,10 +687,7 @@ pub struct Caller {
 
 impl Caller {
     pub fn label(&self, key: &str) -> Option<&str> {
-        self.labels
-            .binary_search_by(|(k, _)| (**k).cmp(key))
-            .ok()
-            .map(|at| &*self.labels[at].1)
+        crate::resources::label_in(&self.labels, key)
     }
 }
 

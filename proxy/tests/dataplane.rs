@@ -643,18 +643,8 @@ async fn http1_via_connect(proxy: SocketAddr, authority: &str) -> H1 {
 }
 
 async fn send(sender: &mut H1, request: http::Request<Full<Bytes>>) -> (u16, String) {
-    // The previous exchange on this keep-alive connection must be over.
-    tokio::time::timeout(STEP, sender.ready())
-        .await
-        .unwrap()
-        .unwrap();
-    let response = tokio::time::timeout(STEP, sender.send_request(request))
-        .await
-        .unwrap()
-        .unwrap();
-    let status = response.status().as_u16();
-    let body = response.into_body().collect().await.unwrap().to_bytes();
-    (status, String::from_utf8_lossy(&body).into_owned())
+    let (status, _, body) = send_full(sender, request).await;
+    (status, body)
 }
 
 fn get(path: &str, host: &str) -> http::Request<Full<Bytes>> {
@@ -1245,7 +1235,8 @@ async fn denials_are_403_for_http_and_permission_denied_for_grpc() {
     assert_eq!(refused.message(), "RBAC: access denied");
 }
 
-/// Sends `request`, returning the status, the response headers and the
+/// Sends `request` once the previous exchange on this keep-alive
+/// connection is over, returning the status, the response headers and the
 /// body.
 async fn send_full(
     sender: &mut H1,

@@ -29,11 +29,8 @@ const POLICY: &[&str] = &[
 ];
 
 pub fn read(object: &Value, domain_suffix: &str) -> TrafficInfo {
-    let namespace = object["metadata"]["namespace"].as_str().unwrap_or_default();
-    let ctx = Context {
-        namespace,
-        domain_suffix,
-    };
+    let ctx = Context::of(object, domain_suffix);
+    let namespace = ctx.namespace;
     let spec = &object["spec"];
     let (generation, created, status) = meta(object);
     let mut problems = Problems::default();

@@ -41,11 +41,8 @@ fn is_service(parent: &Value) -> bool {
 }
 
 pub fn read(object: &Value, flavor: Flavor, domain_suffix: &str) -> TrafficInfo {
-    let namespace = object["metadata"]["namespace"].as_str().unwrap_or_default();
-    let ctx = Context {
-        namespace,
-        domain_suffix,
-    };
+    let ctx = Context::of(object, domain_suffix);
+    let namespace = ctx.namespace;
     let spec = &object["spec"];
     let (generation, created, status) = meta(object);
     let mut problems = Problems::default();

@@ -94,7 +94,15 @@ pub struct Context<'a> {
     pub domain_suffix: &'a str,
 }
 
-impl Context<'_> {
+impl<'a> Context<'a> {
+    /// The context of an object: its namespace.
+    pub fn of(object: &'a Value, domain_suffix: &'a str) -> Context<'a> {
+        Context {
+            namespace: object["metadata"]["namespace"].as_str().unwrap_or_default(),
+            domain_suffix,
+        }
+    }
+
     /// A service host as Istio reads it: `name` is in the object's own
     /// namespace, `name.ns` and `name.ns.svc` are completed, anything with
     /// the suffix (or outside the cluster's names) is taken as written.

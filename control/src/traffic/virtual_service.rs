@@ -57,11 +57,8 @@ fn for_mesh(gateways: &Value) -> bool {
 }
 
 pub fn read(object: &Value, domain_suffix: &str) -> TrafficInfo {
-    let namespace = object["metadata"]["namespace"].as_str().unwrap_or_default();
-    let ctx = Context {
-        namespace,
-        domain_suffix,
-    };
+    let ctx = Context::of(object, domain_suffix);
+    let namespace = ctx.namespace;
     let spec = &object["spec"];
     let (generation, created, status) = meta(object);
     let mut problems = Problems::default();
@@ -210,29 +207,13 @@ fn http_route(
     for (j, route) in rule["route"].as_array().into_iter().flatten().enumerate() {
         let at = format!("{at}.route[{j}]");
         problems.unknown_fields(&at, route, &["destination", "weight", "headers"]);
-        let weight = route["weight"]
-            .as_u64()
-            .map_or(1, |w| w.min(u32::MAX as u64) as u32);
-        // A single destination without a weight takes everything.
-        let weight = if route["weight"].is_null() {
-            100
-        } else {
-            weight
-        };
         if !route["headers"].is_null() {
             problems.add(
                 &format!("{at}.headers"),
                 "per-destination headers are not supported; set them on the rule",
             );
         }
-        backends.push(destination(
-            ctx,
-            &format!("{at}.destination"),
-            &route["destination"],
-            weight,
-            problems,
-            references,
-        ));
+        backends.push(weighted(ctx, &at, route, problems, references));
     }
     let redirect = (!rule["redirect"].is_null())
         .then(|| redirect(&format!("{at}.redirect"), &rule["redirect"], problems));
@@ -638,6 +619,29 @@ fn fault(at: &str, value: &Value, problems: &mut Problems) -> mesh::Fault {
     fault
 }
 
+/// A `route` entry's destination with its weight: a destination without
+/// one takes everything (Istio's single-destination form).
+fn weighted(
+    ctx: &Context,
+    at: &str,
+    route: &Value,
+    problems: &mut Problems,
+    references: &mut Vec<Reference>,
+) -> mesh::Backend {
+    let weight = match route["weight"].as_u64() {
+        None => 100,
+        Some(w) => w.min(u32::MAX as u64) as u32,
+    };
+    destination(
+        ctx,
+        &format!("{at}.destination"),
+        &route["destination"],
+        weight,
+        problems,
+        references,
+    )
+}
+
 fn tcp_routes(
     ctx: &Context,
     at: &str,
@@ -650,19 +654,7 @@ fn tcp_routes(
     for (j, route) in rule["route"].as_array().into_iter().flatten().enumerate() {
         let at = format!("{at}.route[{j}]");
         problems.unknown_fields(&at, route, &["destination", "weight"]);
-        let weight = if route["weight"].is_null() {
-            100
-        } else {
-            route["weight"].as_u64().unwrap_or(0) as u32
-        };
-        backends.push(destination(
-            ctx,
-            &format!("{at}.destination"),
-            &route["destination"],
-            weight,
-            problems,
-            references,
-        ));
+        backends.push(weighted(ctx, &at, route, problems, references));
     }
     let mut ports = Vec::new();
     for (j, m) in rule["match"].as_array().into_iter().flatten().enumerate() {
