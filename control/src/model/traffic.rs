@@ -80,14 +80,20 @@ impl Model {
         info.problems.is_empty().then(|| info.resource.clone())
     }
 
+    /// Whether any cluster has the Service a hostname
+    /// (`name.ns.svc.<suffix>`) names.
     fn service_exists(&self, hostname: &str) -> bool {
-        self.clusters.values().any(|state| {
-            state
-                .data
-                .services
-                .keys()
-                .any(|key| self.hostname(key) == hostname)
-        })
+        let suffix = format!(".svc.{}", self.config.domain_suffix);
+        let Some((name, namespace)) = hostname
+            .strip_suffix(&suffix)
+            .and_then(|short| short.split_once('.'))
+        else {
+            return false;
+        };
+        let key = (namespace.to_string(), name.to_string());
+        self.clusters
+            .values()
+            .any(|state| state.data.services.contains_key(&key))
     }
 
     fn subsets_of(&self, host: &str) -> Vec<&str> {
