@@ -149,7 +149,10 @@ pub fn hash_text(text: &[u8]) -> u64 {
 /// and the outlier state that takes failing endpoints out of rotation.
 #[derive(Default)]
 pub struct Load {
-    outstanding: Mutex<HashMap<Name, Arc<AtomicUsize>>>,
+    outstanding: Counters,
+    /// Requests or connections in flight per destination host, for
+    /// DestinationRule connection-pool limits.
+    pools: Counters,
     pub outliers: Outliers,
     /// Round-robin position, shared: good enough spread for one sidecar.
     turn: AtomicUsize,
@@ -164,24 +167,31 @@ impl Drop for InFlight {
     }
 }
 
+type Counters = Mutex<HashMap<Name, Arc<AtomicUsize>>>;
+
+/// The counter of `key`, made on first use.
+fn counter_in(counters: &Counters, key: &Name) -> Arc<AtomicUsize> {
+    let mut map = counters.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(counter) = map.get(key) {
+        return counter.clone();
+    }
+    // Endpoints and destinations come and go: forget idle counters of old
+    // ones before the map outgrows the mesh.
+    if map.len() >= 4096 {
+        map.retain(|_, c| Arc::strong_count(c) > 1);
+    }
+    map.entry(key.clone()).or_default().clone()
+}
+
 impl Load {
     fn counter(&self, uid: &Name) -> Arc<AtomicUsize> {
-        let mut map = self.outstanding.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(counter) = map.get(uid) {
-            return counter.clone();
-        }
-        // Endpoints come and go: forget idle counters of old ones before
-        // the map outgrows the mesh.
-        if map.len() >= 4096 {
-            map.retain(|_, c| Arc::strong_count(c) > 1);
-        }
-        map.entry(uid.clone()).or_default().clone()
+        counter_in(&self.outstanding, uid)
     }
 
     /// Takes one of `max` places under `key` (a destination's connection
     /// pool), or none when all are taken.
     pub fn admit(&self, key: &Name, max: u32) -> Option<InFlight> {
-        let counter = self.counter(&Name::from(format!("pool:{key}")));
+        let counter = counter_in(&self.pools, key);
         if counter.fetch_add(1, Ordering::AcqRel) >= max as usize {
             counter.fetch_sub(1, Ordering::AcqRel);
             return None;
