@@ -172,11 +172,15 @@ impl RequestMatch {
     }
 
     pub fn matches(&self, request: &RequestView) -> bool {
+        // Cheap conditions first: a path pattern is tried only when
+        // everything else already holds.
+        let path = |regex: bool| {
+            self.path.as_ref().is_none_or(|p| {
+                matches!(p.text, Text::Regex(_)) != regex || p.matches(Some(request.path))
+            })
+        };
         (self.port == 0 || self.port == request.port)
-            && self
-                .path
-                .as_ref()
-                .is_none_or(|p| p.matches(Some(request.path)))
+            && path(false)
             && self
                 .headers
                 .iter()
@@ -185,6 +189,7 @@ impl RequestMatch {
                 .query
                 .iter()
                 .all(|(n, m)| m.matches(request.query_param(n)))
+            && path(true)
     }
 
     /// Whether this pod, as a caller, is one the match is for.
