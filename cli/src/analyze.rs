@@ -49,22 +49,9 @@ pub enum Level {
     Info,
 }
 
-fn kind_name(kind: Kind) -> &'static str {
-    match kind {
-        Kind::VirtualService => "VirtualService",
-        Kind::DestinationRule => "DestinationRule",
-        Kind::GrpcRoute => "GRPCRoute",
-        _ => "HTTPRoute",
-    }
-}
-
 fn resource(kind: Kind) -> ApiResource {
-    match kind {
-        Kind::VirtualService => traffic::virtual_services(),
-        Kind::DestinationRule => traffic::destination_rules(),
-        Kind::GrpcRoute => traffic::grpc_routes(),
-        _ => traffic::http_routes(),
-    }
+    // Only traffic kinds are analyzed: each has a resource.
+    weft_control::cluster::policy_resource(kind).unwrap_or_else(traffic::http_routes)
 }
 
 /// An object as read: its kind, namespace/name and what weft makes of it.
@@ -78,7 +65,7 @@ pub struct Read {
 /// The findings for `objects`, given the cluster's service hostnames.
 pub fn analyze(objects: &[Read], services: &BTreeSet<String>) -> Vec<Finding> {
     let mut findings = Vec::new();
-    let name = |r: &Read| format!("{} {}/{}", kind_name(r.kind), r.key.0, r.key.1);
+    let name = |r: &Read| format!("{} {}/{}", resource(r.kind).kind, r.key.0, r.key.1);
     let mut subsets: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
     for r in objects.iter().filter(|r| r.info.problems.is_empty()) {
         if let Resource::Destination(d) = &r.info.resource {

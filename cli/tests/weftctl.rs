@@ -449,23 +449,32 @@ fn lab_up_exec_crash_down_and_the_demo() {
     assert!(lab_namespaces().is_empty());
 }
 
+/// A lab API server for cluster c1 under `dir` with `manifests`
+/// applied; its kubeconfig.
+async fn api_server_with(
+    dir: &std::path::Path,
+    manifests: &[&str],
+) -> (weft_lab::ApiServer, std::path::PathBuf) {
+    let server = weft_lab::ApiServer::start(weft_lab::ApiServerConfig {
+        cluster_name: "c1".into(),
+        dir: Some(dir.join("c1")),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let client = server.client().await.unwrap();
+    for manifest in manifests {
+        weft_lab::apply::apply_all(&client, manifest).await.unwrap();
+    }
+    (server, dir.join("c1").join("kubeconfig"))
+}
+
 /// `weftctl authz check` lists what applies to a pod, in evaluation
 /// order, with refused policies named, and decides for a described caller
 /// with the sidecar's evaluator.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn authz_check_shows_the_policies_of_a_pod_and_the_rule_that_decides() {
-    use weft_lab::{ApiServer, ApiServerConfig};
-
     let dir = tempfile::tempdir().unwrap();
-    let server = ApiServer::start(ApiServerConfig {
-        cluster_name: "c1".into(),
-        dir: Some(dir.path().join("c1")),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    let kubeconfig = dir.path().join("c1").join("kubeconfig");
-    let client = server.client().await.unwrap();
     let manifests = [
         include_str!("../../examples/install/05-security-crds.yaml"),
         r#"
@@ -512,9 +521,7 @@ metadata: {name: strict, namespace: demo}
 spec: {mtls: {mode: STRICT}}
 "#,
     ];
-    for manifest in manifests {
-        weft_lab::apply::apply_all(&client, manifest).await.unwrap();
-    }
+    let (server, kubeconfig) = api_server_with(dir.path(), &manifests).await;
     let check = |extra: &[&str]| {
         let mut args: Vec<String> = ["authz", "check", "echo", "-n", "demo", "--kubeconfig"]
             .iter()
@@ -565,6 +572,7 @@ spec: {mtls: {mode: STRICT}}
     let tcp = ok(check(&[&client_get[..], &["--tcp"]].concat()).await);
     assert!(tcp.contains("DENIED by demo/deny-admin"), "{tcp}");
     // ...and without it, the ALLOW rule that needs a method never matches.
+    let client = server.client().await.unwrap();
     weft_lab::apply::delete_all(&client, manifests[1].split("---").nth(4).unwrap())
         .await
         .unwrap();
@@ -577,18 +585,7 @@ spec: {mtls: {mode: STRICT}}
 
 #[tokio::test]
 async fn analyze_names_refused_fields_dangling_references_and_routes_not_in_force() {
-    use weft_lab::{ApiServer, ApiServerConfig};
-
     let dir = tempfile::tempdir().unwrap();
-    let server = ApiServer::start(ApiServerConfig {
-        cluster_name: "c1".into(),
-        dir: Some(dir.path().join("c1")),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    let kubeconfig = dir.path().join("c1").join("kubeconfig");
-    let client = server.client().await.unwrap();
     let manifests = [
         include_str!("../../lab/crds/traffic.yaml"),
         r#"
@@ -645,9 +642,7 @@ spec:
   rules: [{backendRefs: [{name: echo, port: 80}]}]
 "#,
     ];
-    for manifest in manifests {
-        weft_lab::apply::apply_all(&client, manifest).await.unwrap();
-    }
+    let (_server, kubeconfig) = api_server_with(dir.path(), &manifests).await;
     let out = weftctl_async(vec![
         "analyze".into(),
         "--kubeconfig".into(),

@@ -464,6 +464,20 @@ pub fn spawn_policy_watchers(
     handles
 }
 
+/// The API resource of a policy kind (security or traffic); none for
+/// the core kinds.
+pub fn policy_resource(kind: Kind) -> Option<kube::api::ApiResource> {
+    Some(match kind {
+        Kind::Authorization => security::authorization_policies(),
+        Kind::PeerAuthentication => security::peer_authentications(),
+        Kind::VirtualService => traffic::virtual_services(),
+        Kind::DestinationRule => traffic::destination_rules(),
+        Kind::HttpRoute => traffic::http_routes(),
+        Kind::GrpcRoute => traffic::grpc_routes(),
+        Kind::Service | Kind::Slice | Kind::Pod | Kind::Namespace | Kind::Node => return None,
+    })
+}
+
 /// Reads a traffic policy object of `kind`.
 pub fn read_traffic(kind: Kind, object: &serde_json::Value, domain_suffix: &str) -> TrafficInfo {
     use traffic::gateway_route::{self, Flavor};

@@ -15,7 +15,7 @@ use crate::cluster::{Key, Kind};
 use crate::hub::Hub;
 use crate::model::PolicyStatus;
 use crate::security::{self, Written};
-use crate::traffic::{self, gateway_route};
+use crate::traffic::gateway_route;
 
 /// The conditions `wanted` stands for, as Kubernetes writes them.
 fn conditions(wanted: &Written) -> Vec<serde_json::Value> {
@@ -78,13 +78,8 @@ pub async fn run(hub: Arc<Hub>, client: Client) {
 }
 
 async fn write(hub: &Hub, client: &Client, status: &PolicyStatus) -> Result<(), kube::Error> {
-    let resource = match status.kind {
-        Kind::Authorization => security::authorization_policies(),
-        Kind::PeerAuthentication => security::peer_authentications(),
-        Kind::VirtualService => traffic::virtual_services(),
-        Kind::DestinationRule => traffic::destination_rules(),
-        Kind::GrpcRoute => traffic::grpc_routes(),
-        _ => traffic::http_routes(),
+    let Some(resource) = crate::cluster::policy_resource(status.kind) else {
+        return Ok(());
     };
     let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), &status.key.0, &resource);
     let conditions = conditions(&status.wanted);

@@ -603,14 +603,6 @@ impl HttpRule {
             fault: fault.map(Box::new),
         })
     }
-
-    /// The prefix the matching match matched on, for prefix rewrites.
-    pub fn matched_prefix(&self, request: &RequestView) -> Option<&str> {
-        self.matches
-            .iter()
-            .find(|m| m.matches(request))
-            .and_then(|m| m.path.as_ref()?.prefix())
-    }
 }
 
 #[derive(Debug, Clone)]
@@ -711,6 +703,13 @@ pub struct Entry {
     pub ports: Arc<[u16]>,
     /// The object it came from, for metrics and `/config_dump`.
     pub from: Name,
+}
+
+impl Entry {
+    /// The prefix its match matched on, for prefix rewrites.
+    pub fn matched_prefix(&self) -> Option<&str> {
+        self.rule.matches[self.matcher?].path.as_ref()?.prefix()
+    }
 }
 
 /// A service host's routes as this caller sees them, in the order tried.
@@ -1171,21 +1170,6 @@ impl Destination {
     }
 }
 
-impl Default for Destination {
-    fn default() -> Self {
-        Destination {
-            name: Name::from(""),
-            namespace: Name::from(""),
-            host: Name::from(""),
-            created: 0,
-            export_to: Box::new([]),
-            caller_labels: BTreeMap::new(),
-            subsets: Box::new([]),
-            compiled: Box::new([]),
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1444,6 +1428,41 @@ mod tests {
         };
         assert_eq!(route_for("client"), ["consumer"]);
         assert_eq!(route_for("other"), ["producer"]);
+    }
+
+    #[test]
+    fn garbage_and_patterns_that_do_not_build_are_refused_on_arrival() {
+        let names = &mut Interner::default();
+        assert!(decode_route_set("x", b"\xff\xff\xff garbage", names).is_err());
+        assert!(decode_destination("x", b"\x0a\xff", names).is_err());
+        let with_regex = |pattern: String| mesh::RouteSet {
+            http: vec![rule(
+                "r",
+                vec![path(Some(mesh::ValueMatch {
+                    kind: Some(value_match::Kind::Regex(pattern)),
+                    invert: false,
+                }))],
+            )],
+            ..Default::default()
+        };
+        for pattern in ["([".to_string(), "(a{1000}){1000}".to_string()] {
+            let sent = with_regex(pattern.clone()).encode_to_vec();
+            assert!(decode_route_set("x", &sent, names).is_err(), "{pattern}");
+        }
+        let bad_header = mesh::RouteSet {
+            http: vec![mesh::HttpRoute {
+                request_headers: Some(mesh::HeaderEdits {
+                    set: vec![mesh::HeaderValue {
+                        name: "bad name".into(),
+                        value: "v".into(),
+                    }],
+                    ..Default::default()
+                }),
+                ..rule("r", vec![])
+            }],
+            ..Default::default()
+        };
+        assert!(decode_route_set("x", &bad_header.encode_to_vec(), names).is_err());
     }
 
     #[test]

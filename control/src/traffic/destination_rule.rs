@@ -177,7 +177,7 @@ fn settings(
     ignored: &mut Vec<String>,
 ) -> mesh::TrafficPolicy {
     let mut policy = mesh::TrafficPolicy::default();
-    tls(&format!("{at}.tls"), &value["tls"], problems);
+    tls(&format!("{at}.tls"), &value["tls"], problems, ignored);
     let lb = &value["loadBalancer"];
     if !lb.is_null() {
         let at = format!("{at}.loadBalancer");
@@ -345,12 +345,18 @@ fn settings(
         }
         policy.has_outlier = true;
         let count = |v: &Value| v.as_u64().map(|n| n.min(u32::MAX as u64) as u32);
+        let consecutive_5xx = count(&outlier["consecutive5xxErrors"])
+            .or(count(&outlier["consecutiveErrors"]))
+            .unwrap_or(5);
+        // weft counts every 5xx and connect failure alike: a gateway-error
+        // threshold counts only where the 5xx one is off (0).
+        if consecutive_5xx > 0 && !outlier["consecutiveGatewayErrors"].is_null() {
+            ignored.push(format!("{at}.consecutiveGatewayErrors"));
+        }
         policy.outlier = Some(mesh::OutlierPolicy {
             // Istio's default: 5 consecutive 5xx (consecutiveErrors is the
             // deprecated spelling of the same).
-            consecutive_5xx: count(&outlier["consecutive5xxErrors"])
-                .or(count(&outlier["consecutiveErrors"]))
-                .unwrap_or(5),
+            consecutive_5xx,
             consecutive_gateway_errors: count(&outlier["consecutiveGatewayErrors"]).unwrap_or(0),
             interval_ms: duration_ms(&format!("{at}.interval"), &outlier["interval"], problems),
             base_ejection_ms: duration_ms(
@@ -364,9 +370,18 @@ fn settings(
     policy
 }
 
-fn tls(at: &str, value: &Value, problems: &mut Problems) {
+fn tls(at: &str, value: &Value, problems: &mut Problems, ignored: &mut Vec<String>) {
     if value.is_null() {
         return;
+    }
+    // Certificates, SNI and SANs are the mesh's own under ISTIO_MUTUAL.
+    if let Some(fields) = value.as_object() {
+        ignored.extend(
+            fields
+                .keys()
+                .filter(|k| *k != "mode")
+                .map(|k| format!("{at}.{k}")),
+        );
     }
     // Between sidecars weft always speaks its own mTLS, which is what
     // ISTIO_MUTUAL asks for; anything else would change the transport.
@@ -547,6 +562,34 @@ mod tests {
         assert_eq!(
             d.subsets[1].policy.as_ref().unwrap().simple,
             mesh::LoadBalancerSimple::Random as i32
+        );
+    }
+
+    #[test]
+    fn tls_details_and_shadowed_thresholds_are_named_as_ignored() {
+        let info = read_spec(json!({
+            "host": "echo",
+            "trafficPolicy": {
+                "tls": {"mode": "ISTIO_MUTUAL", "sni": "echo.example"},
+                "outlierDetection": {"consecutiveGatewayErrors": 2}
+            }
+        }));
+        assert!(info.problems.is_empty(), "{:?}", info.problems);
+        assert_eq!(
+            info.ignored,
+            [
+                "spec.trafficPolicy.tls.sni",
+                "spec.trafficPolicy.outlierDetection.consecutiveGatewayErrors"
+            ]
+        );
+        let only_gateway = read_spec(json!({
+            "host": "echo",
+            "trafficPolicy": {"outlierDetection": {"consecutive5xxErrors": 0, "consecutiveGatewayErrors": 2}}
+        }));
+        assert!(
+            only_gateway.ignored.is_empty(),
+            "{:?}",
+            only_gateway.ignored
         );
     }
 

@@ -112,22 +112,7 @@ pub fn read(object: &Value, domain_suffix: &str) -> TrafficInfo {
         tcp,
         export_to: export_to(spec, namespace),
     };
-    // Stat prefixes name Envoy's stats; weft's metrics have their own.
-    let ignored = spec["http"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .enumerate()
-        .flat_map(|(i, rule)| {
-            rule["match"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .enumerate()
-                .filter(|(_, m)| !m["statPrefix"].is_null())
-                .map(move |(j, _)| format!("spec.http[{i}].match[{j}].statPrefix"))
-        })
-        .collect();
+    let ignored = ignored_fields(spec);
     TrafficInfo {
         generation,
         resource: Resource::Routes(routes),
@@ -138,6 +123,26 @@ pub fn read(object: &Value, domain_suffix: &str) -> TrafficInfo {
         not_for_mesh: !for_mesh(&spec["gateways"]),
         status,
     }
+}
+
+/// Fields weft applies a VirtualService without, by path: stat prefixes
+/// name Envoy's stats (weft's metrics have their own), and weft's retries
+/// already prefer endpoints not yet tried, in any locality.
+fn ignored_fields(spec: &Value) -> Vec<String> {
+    let mut ignored = Vec::new();
+    for (i, rule) in spec["http"].as_array().into_iter().flatten().enumerate() {
+        for (j, m) in rule["match"].as_array().into_iter().flatten().enumerate() {
+            if !m["statPrefix"].is_null() {
+                ignored.push(format!("spec.http[{i}].match[{j}].statPrefix"));
+            }
+        }
+        for field in ["retryRemoteLocalities", "retryIgnorePreviousHosts"] {
+            if !rule["retries"][field].is_null() {
+                ignored.push(format!("spec.http[{i}].retries.{field}"));
+            }
+        }
+    }
+    ignored
 }
 
 fn destination(
@@ -592,6 +597,9 @@ fn fault(at: &str, value: &Value, problems: &mut Problems) -> mesh::Fault {
             abort,
             &["httpStatus", "grpcStatus", "http2Error", "percentage"],
         );
+        if !abort["http2Error"].is_null() {
+            problems.add(&format!("{at}.http2Error"), "not supported by weft");
+        }
         if let Some(code) = abort["httpStatus"].as_u64() {
             if !(200..600).contains(&code) {
                 problems.add(
@@ -811,6 +819,30 @@ mod tests {
                 info.problems
             );
         }
+    }
+
+    #[test]
+    fn fields_weft_does_without_are_named_as_ignored() {
+        let info = read_spec(json!({"hosts": ["echo"], "http": [{
+            "match": [{"uri": {"prefix": "/"}, "statPrefix": "echo"}],
+            "route": [{"destination": {"host": "echo"}}],
+            "retries": {"attempts": 1, "retryRemoteLocalities": true},
+            "fault": {"abort": {"http2Error": "REFUSED_STREAM", "percentage": {"value": 1}}}
+        }]}));
+        assert_eq!(
+            info.ignored,
+            [
+                "spec.http[0].match[0].statPrefix",
+                "spec.http[0].retries.retryRemoteLocalities"
+            ]
+        );
+        assert!(
+            info.problems
+                .iter()
+                .any(|p| p.starts_with("spec.http[0].fault.abort.http2Error")),
+            "{:?}",
+            info.problems
+        );
     }
 
     #[test]

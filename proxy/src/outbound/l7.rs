@@ -238,19 +238,17 @@ async fn routed(
             return aborted(status, grpc);
         }
     }
-    let matched_prefix = rule
-        .matched_prefix(&view(&parts, &authority, port))
-        .map(str::to_string);
+    let matched_prefix = entry.matched_prefix();
     if let Some(redirect) = &rule.redirect {
         count("redirected");
-        return redirected(redirect, &parts, &authority, matched_prefix.as_deref());
+        return redirected(redirect, &parts, &authority, matched_prefix);
     }
     if let Some(edits) = &rule.request_headers {
         edits.apply(&mut parts.headers);
     }
     if let Some(rewrite) = &rule.rewrite {
         if let Some(path) = &rewrite.path {
-            let new_path = path.apply(parts.uri.path(), matched_prefix.as_deref());
+            let new_path = path.apply(parts.uri.path(), matched_prefix);
             let with_query = match parts.uri.query() {
                 Some(query) => format!("{new_path}?{query}"),
                 None => new_path,
@@ -287,21 +285,22 @@ async fn routed(
     } else {
         backend.port
     };
-    let hash = hash_key(
-        outbound,
-        &backend.host,
-        &backend.subset,
-        backend_port,
-        &parts,
-    );
-    let limit = {
+    // The destination's policy, looked up once for the hash key and the
+    // pool limit (the pick finds it again for balancing).
+    let policy = {
         let snapshot = outbound.xds.snapshot.load();
         snapshot
             .destination_for(&backend.host)
             .and_then(|d| d.policy(&backend.subset, backend_port))
-            .and_then(|p| p.pool.as_ref())
-            .map_or(0, |p| p.max_requests)
+            .cloned()
     };
+    let hash = policy
+        .as_deref()
+        .and_then(|p| hash_key(outbound, p, &parts));
+    let limit = policy
+        .as_ref()
+        .and_then(|p| p.pool.as_ref())
+        .map_or(0, |p| p.max_requests);
     let _slot = if limit > 0 {
         match outbound.load.admit(&backend.host, limit) {
             Some(slot) => Some(slot),
@@ -423,18 +422,11 @@ fn redirected(
 /// The consistent-hash key a destination's policy asks for, if any.
 fn hash_key(
     outbound: &Outbound,
-    host: &str,
-    subset: &str,
-    port: u16,
+    policy: &crate::routes::Policy,
     parts: &http::request::Parts,
 ) -> Option<u64> {
     use crate::balance::hash_text;
     use crate::routes::HashKey;
-    let snapshot = outbound.xds.snapshot.load();
-    let policy = snapshot
-        .destination_for(host)?
-        .policy(subset, port)?
-        .clone();
     match policy.hash.as_ref()? {
         HashKey::Header(name) => parts.headers.get(name).map(|v| hash_text(v.as_bytes())),
         HashKey::Cookie(name) => parts
