@@ -63,30 +63,38 @@ pub struct RemoteClustersArgs {
     monitoring: std::net::SocketAddr,
 }
 
-pub async fn remote_clusters(args: RemoteClustersArgs) -> Result<String> {
+/// GETs a debug path of the control plane's monitoring port as JSON.
+async fn debug_json(monitoring: std::net::SocketAddr, path: &str) -> Result<serde_json::Value> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut tcp = tokio::time::timeout(
         Duration::from_secs(5),
-        tokio::net::TcpStream::connect(args.monitoring),
+        tokio::net::TcpStream::connect(monitoring),
     )
     .await
     .context("connecting to the control plane timed out")?
-    .with_context(|| format!("connecting to the control plane at {}", args.monitoring))?;
+    .with_context(|| format!("connecting to the control plane at {monitoring}"))?;
     tcp.write_all(
-        b"GET /debug/clusters HTTP/1.1\r\nhost: weft-control\r\nconnection: close\r\n\r\n",
+        format!("GET {path} HTTP/1.1\r\nhost: weft-control\r\nconnection: close\r\n\r\n")
+            .as_bytes(),
     )
     .await?;
     let mut response = String::new();
-    tcp.read_to_string(&mut response).await?;
+    tokio::time::timeout(Duration::from_secs(5), tcp.read_to_string(&mut response))
+        .await
+        .context("the control plane did not answer in time")??;
     let body = response
         .split_once("\r\n\r\n")
         .map(|(_, b)| b)
         .context("the control plane sent no HTTP body")?;
-    let parsed: serde_json::Value =
-        serde_json::from_str(body).context("the control plane's answer is not JSON")?;
+    serde_json::from_str(body)
+        .with_context(|| format!("the control plane's answer to {path} is not JSON"))
+}
+
+pub async fn remote_clusters(args: RemoteClustersArgs) -> Result<String> {
+    let parsed = debug_json(args.monitoring, "/debug/clusters").await?;
     let mut out = format!(
-        "{:<20} {:<6} {:<7} {:<6} {:>9} {:>6} {:>9}  {}\n",
-        "CLUSTER", "LOCAL", "SYNCED", "STALE", "SERVICES", "PODS", "ROTATING", "ERRORS"
+        "{:<20} {:<6} {:<12} {:<7} {:<6} {:>9} {:>6} {:>9}  {}\n",
+        "CLUSTER", "LOCAL", "NETWORK", "SYNCED", "STALE", "SERVICES", "PODS", "ROTATING", "ERRORS"
     );
     for c in parsed["clusters"].as_array().into_iter().flatten() {
         let errors: Vec<String> = c["errors"]
@@ -97,16 +105,59 @@ pub async fn remote_clusters(args: RemoteClustersArgs) -> Result<String> {
                     .collect()
             })
             .unwrap_or_default();
+        // JSON values ignore widths: each is made text first.
+        let text = |key: &str| c[key].to_string();
         out.push_str(&format!(
-            "{:<20} {:<6} {:<7} {:<6} {:>9} {:>6} {:>9}  {}\n",
+            "{:<20} {:<6} {:<12} {:<7} {:<6} {:>9} {:>6} {:>9}  {}\n",
             c["id"].as_str().unwrap_or("?"),
-            c["local"],
-            c["synced"],
-            c["stale"],
-            c["services"],
-            c["pods"],
-            c["rotating"],
+            text("local"),
+            c["network"].as_str().unwrap_or("?"),
+            text("synced"),
+            text("stale"),
+            text("services"),
+            text("pods"),
+            text("rotating"),
             errors.join("; ")
+        ));
+    }
+    // Older control planes have no gateway view: the cluster table stands.
+    let Ok(gateways) = debug_json(args.monitoring, "/debug/gateways").await else {
+        return Ok(out);
+    };
+    let list = gateways["gateways"].as_array().cloned().unwrap_or_default();
+    if list.is_empty() {
+        return Ok(out);
+    }
+    out.push_str(&format!(
+        "\n{:<44} {:<12} {:<24} {:<12}  {}\n",
+        "EAST-WEST GATEWAY", "NETWORK", "ADDRESS", "HEALTH", "LAST PROBE"
+    ));
+    for g in list {
+        let mut address: Vec<String> = g["addresses"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|a| a.as_str().map(String::from))
+            .collect();
+        if let Some(host) = g["hostname"].as_str().filter(|h| !h.is_empty()) {
+            address.push(host.to_string());
+        }
+        let address = match address.is_empty() {
+            true => "(none yet)".to_string(),
+            false => format!("{}:{}", address.join(","), g["port"]),
+        };
+        let health = match (g["published"].as_bool(), g["problem"].as_str()) {
+            (_, Some(problem)) => format!("unusable: {problem}"),
+            (Some(false), None) => "this network".to_string(),
+            _ => g["health"].as_str().unwrap_or("?").to_string(),
+        };
+        out.push_str(&format!(
+            "{:<44} {:<12} {:<24} {:<12}  {}\n",
+            g["name"].as_str().unwrap_or("?"),
+            g["network"].as_str().unwrap_or("?"),
+            address,
+            health,
+            g["probe"].as_str().unwrap_or("")
         ));
     }
     Ok(out)

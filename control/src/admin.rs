@@ -55,6 +55,15 @@ fn respond<B>(hub: &Hub, request: &Request<B>, remote_timeout: Duration) -> Resp
                 json!({"clusters": clusters}).to_string(),
             )
         }
+        "/debug/gateways" => {
+            let gateways = hub.model().gateways();
+            let network = hub.model().local_network();
+            text(
+                200,
+                "application/json",
+                json!({"network": network, "gateways": gateways}).to_string(),
+            )
+        }
         "/debug/resources" => {
             let model = hub.model();
             let list = |table: &crate::model::Table| {
@@ -67,13 +76,15 @@ fn respond<B>(hub: &Hub, request: &Request<B>, remote_timeout: Duration) -> Resp
                 "version": model.version(),
                 "services": list(&model.services),
                 "workloads": list(&model.workloads),
+                "gateways": list(&model.gateways),
             });
             text(200, "application/json", body.to_string())
         }
         _ => text(
             404,
             "text/plain",
-            "not found; try /metrics, /ready, /debug/clusters, /debug/resources\n".into(),
+            "not found; try /metrics, /ready, /debug/clusters, /debug/gateways, /debug/resources\n"
+                .into(),
         ),
     }
 }

@@ -71,6 +71,25 @@ pub struct ServiceInfo {
     pub vip: Option<IpAddr>,
     pub ports: Vec<ServicePortInfo>,
     pub cluster_local: bool,
+    /// Set when the Service is its network's east-west gateway.
+    pub gateway: Option<GatewayInfo>,
+}
+
+/// A Service labelled `topology.weft.io/network`: the way into that
+/// network for proxies on others.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GatewayInfo {
+    pub network: String,
+    /// From `status.loadBalancer.ingress` and `spec.externalIPs`.
+    pub addresses: Vec<IpAddr>,
+    /// A load balancer known only by name (`ingress[].hostname`).
+    pub hostname: String,
+    /// The Service port that carries mesh connections.
+    pub port: u32,
+    /// Who its pods run as; it must prove this identity.
+    pub service_account: String,
+    /// Why it cannot be used, when it cannot (shown, never sent).
+    pub problem: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -193,6 +212,11 @@ pub struct ClusterUpdate {
 
 pub const ANNOTATION_CLUSTER_LOCAL: &str = "weft.io/cluster-local";
 pub const LABEL_NETWORK: &str = "topology.weft.io/network";
+/// Which Service port of a gateway carries mesh connections, when it is
+/// not the one numbered or named for 15008.
+pub const ANNOTATION_GATEWAY_PORT: &str = "weft.io/gateway-port";
+/// Who a gateway's pods run as, when not the Service's own name.
+pub const ANNOTATION_GATEWAY_SERVICE_ACCOUNT: &str = "weft.io/gateway-service-account";
 
 fn parse_ips<'a>(ips: impl Iterator<Item = &'a String>) -> Vec<IpAddr> {
     ips.filter_map(|ip| ip.parse().ok()).collect()
@@ -297,7 +321,7 @@ pub fn service_info(service: &Service) -> Option<ServiceInfo> {
         .as_deref()
         .filter(|ip| *ip != "None")
         .and_then(|ip| ip.parse().ok());
-    let ports = spec
+    let ports: Vec<ServicePortInfo> = spec
         .ports
         .iter()
         .flatten()
@@ -315,6 +339,7 @@ pub fn service_info(service: &Service) -> Option<ServiceInfo> {
             })
         })
         .collect();
+    let gateway = gateway_info(service, spec, &ports);
     Some(ServiceInfo {
         vip,
         ports,
@@ -322,6 +347,62 @@ pub fn service_info(service: &Service) -> Option<ServiceInfo> {
             .annotations()
             .get(ANNOTATION_CLUSTER_LOCAL)
             .is_some_and(|v| v == "true"),
+        gateway,
+    })
+}
+
+/// The gateway a Service labelled with its network stands for. One
+/// without a reachable address yet (its load balancer not provisioned)
+/// still counts, so that `weftctl` can say what it waits for.
+fn gateway_info(
+    service: &Service,
+    spec: &k8s_openapi::api::core::v1::ServiceSpec,
+    ports: &[ServicePortInfo],
+) -> Option<GatewayInfo> {
+    let network = service.labels().get(LABEL_NETWORK)?.clone();
+    let ingress = service
+        .status
+        .as_ref()
+        .and_then(|s| s.load_balancer.as_ref())
+        .and_then(|lb| lb.ingress.as_ref());
+    let mut addresses = parse_ips(ingress.into_iter().flatten().filter_map(|i| i.ip.as_ref()));
+    addresses.extend(parse_ips(spec.external_ips.iter().flatten()));
+    let hostname = ingress
+        .into_iter()
+        .flatten()
+        .find_map(|i| i.hostname.clone())
+        .unwrap_or_default();
+    let annotations = service.annotations();
+    let named = ports
+        .iter()
+        .find(|p| p.port == 15008 || p.name == "mesh" || p.name == "tls-hbone")
+        .or(ports.first())
+        .map(|p| p.port);
+    let (port, problem) = match annotations.get(ANNOTATION_GATEWAY_PORT) {
+        Some(text) => match text.parse::<u16>() {
+            Ok(port) if port > 0 => (u32::from(port), None),
+            _ => (
+                0,
+                Some(format!(
+                    "{ANNOTATION_GATEWAY_PORT}: {text:?} is not a port number"
+                )),
+            ),
+        },
+        None => match named {
+            Some(port) => (port, None),
+            None => (0, Some("the Service has no port".to_string())),
+        },
+    };
+    Some(GatewayInfo {
+        problem,
+        network,
+        addresses,
+        hostname,
+        port,
+        service_account: annotations
+            .get(ANNOTATION_GATEWAY_SERVICE_ACCOUNT)
+            .cloned()
+            .unwrap_or_else(|| service.name_any()),
     })
 }
 

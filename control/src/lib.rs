@@ -5,13 +5,15 @@
 //! registered through a kubeconfig Secret (`cluster`, `remotes`,
 //! `kubeconfig`), the merged mesh model built from them (`model`, `hub`), the
 //! delta xDS server that pushes `Service` and `Workload` resources to proxies
-//! (`xds`), the CA service that signs workload certificates (`ca`), and the
+//! (`xds`), the probe of other networks' east-west gateways
+//! (`gateway_probe`), the CA service that signs workload certificates (`ca`), and the
 //! monitoring endpoints (`admin`, `metrics`). It never depends on the proxy
 //! crate; the two meet only on the wire protocols of `weft-xds-proto`.
 
 pub mod admin;
 pub mod ca;
 pub mod cluster;
+pub mod gateway_probe;
 pub mod hub;
 pub mod inject;
 pub mod kubeconfig;
@@ -82,6 +84,8 @@ pub struct Config {
     pub xds_max_stream_age: Duration,
     /// Bounds on the xDS/CA port's connections.
     pub xds_limits: tls::Limits,
+    /// How the east-west gateways of other networks are probed.
+    pub gateway_probe: gateway_probe::ProbeConfig,
 }
 
 impl Config {
@@ -105,6 +109,7 @@ impl Config {
             serving_cert_lifetime: Duration::from_secs(24 * 3600),
             xds_max_stream_age: Duration::from_secs(30 * 60),
             xds_limits: tls::Limits::default(),
+            gateway_probe: gateway_probe::ProbeConfig::default(),
         }
     }
 }
@@ -168,6 +173,10 @@ impl ControlPlane {
             updates_tx.clone(),
         ));
         tasks.push(tokio::spawn(policy_status::run(hub.clone(), local.clone())));
+        tasks.push(tokio::spawn(gateway_probe::run(
+            hub.clone(),
+            config.gateway_probe,
+        )));
 
         let remotes =
             remotes::RemoteClusters::new(hub.clone(), updates_tx, config.cluster_id.clone());

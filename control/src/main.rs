@@ -19,7 +19,9 @@ struct Args {
     /// This cluster's id, as other clusters' remote secrets name it.
     #[arg(long, env = "WEFT_CLUSTER_ID")]
     cluster_id: String,
-    /// The network this cluster's pods are on (pods on one network reach each other directly).
+    /// The network this cluster's pods are on (pods on one network reach
+    /// each other directly), when the label topology.weft.io/network on
+    /// --namespace does not say.
     #[arg(long, env = "WEFT_NETWORK", default_value = "default")]
     network: String,
     /// Kubeconfig of the local cluster; in-cluster configuration when absent.
@@ -90,6 +92,23 @@ struct Args {
     /// Open connections one IP address may hold on the xDS/CA port.
     #[arg(long, env = "WEFT_XDS_CONNECTIONS_PER_PEER", default_value_t = 64)]
     xds_connections_per_peer: usize,
+    /// Seconds between probes of another network's east-west gateway.
+    #[arg(long, env = "WEFT_GATEWAY_PROBE_PERIOD", default_value_t = 3.0)]
+    gateway_probe_period: f64,
+    /// Seconds a gateway probe may take.
+    #[arg(long, env = "WEFT_GATEWAY_PROBE_TIMEOUT", default_value_t = 1.0)]
+    gateway_probe_timeout: f64,
+    /// Failed probes in a row that take a gateway out.
+    #[arg(long, env = "WEFT_GATEWAY_PROBE_FAILURES", default_value_t = 3)]
+    gateway_probe_failures: u32,
+}
+
+/// Seconds from a flag, refused when not a positive finite number.
+fn seconds(flag: &str, value: f64) -> anyhow::Result<Duration> {
+    Duration::try_from_secs_f64(value)
+        .ok()
+        .filter(|d| !d.is_zero())
+        .with_context(|| format!("--{flag} {value}: not a positive number of seconds"))
 }
 
 async fn local_client(kubeconfig: Option<&PathBuf>) -> anyhow::Result<kube::Client> {
@@ -151,6 +170,11 @@ async fn main() -> anyhow::Result<()> {
         xds_limits: weft_control::tls::Limits {
             connections_per_peer: args.xds_connections_per_peer.max(1),
             ..Default::default()
+        },
+        gateway_probe: weft_control::gateway_probe::ProbeConfig {
+            period: seconds("gateway-probe-period", args.gateway_probe_period)?,
+            timeout: seconds("gateway-probe-timeout", args.gateway_probe_timeout)?,
+            failures: args.gateway_probe_failures.max(1),
         },
         ..Config::new(args.cluster_id)
     };

@@ -13,6 +13,12 @@ pub struct ClusterLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct GatewayLabels {
+    pub gateway: String,
+    pub network: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RejectLabels {
     pub reason: String,
 }
@@ -38,6 +44,10 @@ pub struct Metrics {
     pub connections_refused: Family<RejectLabels, Counter>,
     /// When the control plane's own serving certificates were last issued.
     pub serving_cert_rotations: Counter,
+    /// 1 while an east-west gateway passes its probe, 0 once it failed
+    /// as often in a row as the threshold.
+    pub gateway_up: Family<GatewayLabels, Gauge>,
+    pub gateway_probe_failures: Family<GatewayLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -61,6 +71,8 @@ impl Default for Metrics {
             xds_refused: Counter::default(),
             connections_refused: Family::default(),
             serving_cert_rotations: Counter::default(),
+            gateway_up: Family::default(),
+            gateway_probe_failures: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -134,6 +146,16 @@ impl Default for Metrics {
             "serving_cert_rotations",
             "Serving certificates (xDS, webhook) issued to the control plane itself",
             m.serving_cert_rotations.clone(),
+        );
+        registry.register(
+            "gateway_up",
+            "Whether an east-west gateway of another network passes its probe (1) or is taken out (0)",
+            m.gateway_up.clone(),
+        );
+        registry.register(
+            "gateway_probe_failures",
+            "Probes of an east-west gateway that failed",
+            m.gateway_probe_failures.clone(),
         );
         Metrics { registry, ..m }
     }

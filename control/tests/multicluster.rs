@@ -191,6 +191,7 @@ struct Seen {
     authorizations: BTreeMap<String, mesh::Authorization>,
     route_sets: BTreeMap<String, mesh::RouteSet>,
     destinations: BTreeMap<String, mesh::DestinationPolicy>,
+    gateways: BTreeMap<String, mesh::NetworkGateway>,
     /// Every removal ever received, in order.
     removed: Vec<String>,
     responses: Vec<(String, usize, usize)>,
@@ -228,6 +229,7 @@ impl XdsClient {
             type_url::AUTHORIZATION,
             type_url::ROUTE_SET,
             type_url::DESTINATION_POLICY,
+            type_url::NETWORK_GATEWAY,
         ] {
             requests
                 .send(DeltaDiscoveryRequest {
@@ -282,6 +284,9 @@ impl XdsClient {
                         } else if response.type_url == type_url::DESTINATION_POLICY {
                             let d = mesh::DestinationPolicy::decode(body).unwrap();
                             seen.destinations.insert(resource.name.clone(), d);
+                        } else if response.type_url == type_url::NETWORK_GATEWAY {
+                            let g = mesh::NetworkGateway::decode(body).unwrap();
+                            seen.gateways.insert(resource.name.clone(), g);
                         } else {
                             let s = mesh::Service::decode(body).unwrap();
                             seen.services
@@ -294,6 +299,7 @@ impl XdsClient {
                         seen.authorizations.remove(name);
                         seen.route_sets.remove(name);
                         seen.destinations.remove(name);
+                        seen.gateways.remove(name);
                         seen.removed.push(name.clone());
                     }
                 }
@@ -348,6 +354,10 @@ impl XdsClient {
 
     fn destination(&self, name: &str) -> Option<mesh::DestinationPolicy> {
         self.seen.lock().unwrap().destinations.get(name).cloned()
+    }
+
+    fn gateway(&self, name: &str) -> Option<mesh::NetworkGateway> {
+        self.seen.lock().unwrap().gateways.get(name).cloned()
     }
 
     fn service(&self, name: &str) -> Option<mesh::Service> {
@@ -1824,6 +1834,217 @@ spec:
     api.delete("echo", &DeleteParams::default()).await.unwrap();
     eventually("deleted route removed", || async {
         client.route_set("virtualservice/demo/echo").is_none()
+    })
+    .await;
+}
+
+impl Lab {
+    /// Puts the cluster on `network` (the label on its system namespace).
+    async fn network(&self, network: &str) {
+        let api: Api<Namespace> = Api::all(self.client.clone());
+        api.patch(
+            "weft-system",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"labels": {"topology.weft.io/network": network}}})),
+        )
+        .await
+        .unwrap();
+    }
+
+    /// An east-west gateway Service into `network`, its load balancer at
+    /// `ingress` (`{"ip": ...}` or `{"hostname": ...}`).
+    async fn gateway(
+        &self,
+        name: &str,
+        network: &str,
+        port: u16,
+        ingress: serde_json::Value,
+        annotations: serde_json::Value,
+    ) {
+        let api: Api<Service> = Api::namespaced(self.client.clone(), "weft-system");
+        let svc = serde_json::from_value(json!({
+            "metadata": {"name": name, "labels": {"topology.weft.io/network": network}, "annotations": annotations},
+            "spec": {"type": "LoadBalancer", "selector": {"app": name}, "ports": [{"name": "mesh", "port": port, "targetPort": 15008}]},
+        }))
+        .unwrap();
+        api.create(&PostParams::default(), &svc).await.unwrap();
+        api.patch_status(
+            name,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"status": {"loadBalancer": {"ingress": [ingress]}}})),
+        )
+        .await
+        .unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateways_of_other_networks_are_sent_probed_and_taken_out() {
+    let (c1, c2) = two_clusters_with_echo().await;
+    c1.network("n1").await;
+    c2.network("n2").await;
+    // c2's gateway answers on a loopback port; c1's own is on c1's network.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    c2.gateway(
+        "weft-eastwest-gateway",
+        "n2",
+        port,
+        json!({"ip": "127.0.0.1"}),
+        json!({}),
+    )
+    .await;
+    c2.gateway(
+        "by-name",
+        "n2",
+        port,
+        json!({"hostname": "localhost"}),
+        json!({"weft.io/gateway-service-account": "edge"}),
+    )
+    .await;
+    c2.gateway(
+        "broken",
+        "n2",
+        port,
+        json!({"ip": "127.0.0.1"}),
+        json!({"weft.io/gateway-port": "mesh"}),
+    )
+    .await;
+    c1.gateway(
+        "weft-eastwest-gateway",
+        "n1",
+        port,
+        json!({"ip": "127.0.0.1"}),
+        json!({}),
+    )
+    .await;
+
+    let mut config = Config::new("c1");
+    config.xds_plain_addr = Some("127.0.0.1:0".parse().unwrap());
+    config.monitoring_addr = Some("127.0.0.1:0".parse().unwrap());
+    config.remote_timeout = Duration::from_secs(2);
+    config.debounce = quick_debounce();
+    config.gateway_probe = weft_control::gateway_probe::ProbeConfig {
+        period: Duration::from_millis(200),
+        timeout: Duration::from_millis(200),
+        failures: 2,
+    };
+    let detection = config.gateway_probe.detection_time();
+    let control = ControlPlane::start(config, c1.client.clone())
+        .await
+        .unwrap();
+    let reader = c2.reader_kubeconfig("reader").await;
+    remote_secret(&c1, "remote-c2", BTreeMap::from([("c2", Some(reader))])).await;
+    let client = XdsClient::connect(control.xds_plain_addr.unwrap(), BTreeMap::new()).await;
+
+    const GATEWAY: &str = "c2/weft-system/weft-eastwest-gateway";
+    let healthy = mesh::GatewayHealth::GatewayHealthy as i32;
+    eventually("c2's gateway sent, probed healthy", || async {
+        client.gateway(GATEWAY).is_some_and(|g| g.health == healthy)
+    })
+    .await;
+    let gateway = client.gateway(GATEWAY).unwrap();
+    assert_eq!(gateway.network, "n2");
+    assert_eq!(gateway.cluster_id, "c2");
+    assert_eq!(gateway.addresses, vec![vec![127, 0, 0, 1]]);
+    assert_eq!(gateway.port, u32::from(port));
+    assert_eq!(
+        gateway.identities,
+        vec![mesh::Identity {
+            trust_domain: "cluster.local".into(),
+            namespace: "weft-system".into(),
+            service_account: "weft-eastwest-gateway".into(),
+        }]
+    );
+    let by_name = client.gateway("c2/weft-system/by-name").unwrap();
+    assert_eq!(
+        (by_name.hostname.as_str(), by_name.addresses.len()),
+        ("localhost", 0)
+    );
+    assert_eq!(by_name.identities[0].service_account, "edge");
+    // Workloads carry the network their cluster's label names.
+    assert_eq!(client.workload("c2/demo/b1").unwrap().network, "n2");
+    assert_eq!(client.workload("c1/demo/a1").unwrap().network, "n1");
+    // c1's own gateway and the broken one are shown, never sent.
+    assert!(
+        client
+            .gateway("c1/weft-system/weft-eastwest-gateway")
+            .is_none()
+    );
+    assert!(client.gateway("c2/weft-system/broken").is_none());
+    let monitoring = control.monitoring_addr.unwrap();
+    let debug: serde_json::Value =
+        serde_json::from_str(&http_get(monitoring, "/debug/gateways").await).unwrap();
+    assert_eq!(debug["network"], "n1");
+    let shown = |name: &str| {
+        debug["gateways"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|g| g["name"] == name)
+            .cloned()
+            .unwrap()
+    };
+    assert_eq!(
+        shown("c1/weft-system/weft-eastwest-gateway")["published"],
+        false
+    );
+    assert!(
+        shown("c2/weft-system/broken")["problem"]
+            .as_str()
+            .unwrap()
+            .contains("weft.io/gateway-port")
+    );
+    assert!(
+        shown(GATEWAY)["probe"]
+            .as_str()
+            .unwrap()
+            .starts_with("answered in")
+    );
+
+    // The gateway dies (its cluster destroyed, say; its Service stays):
+    // taken out within the detection time, and counted.
+    drop(listener);
+    let start = std::time::Instant::now();
+    let unhealthy = mesh::GatewayHealth::GatewayUnhealthy as i32;
+    eventually("c2's gateway taken out", || async {
+        client
+            .gateway(GATEWAY)
+            .is_some_and(|g| g.health == unhealthy)
+    })
+    .await;
+    let took = start.elapsed();
+    assert!(
+        took < detection + Duration::from_secs(1),
+        "taken out after {took:?}; detection time {detection:?}"
+    );
+    let metrics = http_get(monitoring, "/metrics").await;
+    assert!(
+        metrics.contains(&format!(
+            "weft_control_gateway_up{{gateway=\"{GATEWAY}\",network=\"n2\"}} 0"
+        )),
+        "{metrics}"
+    );
+    assert!(metrics.contains(
+        "weft_control_gateway_probe_failures_total{gateway=\"c2/weft-system/weft-eastwest-gateway\""
+    ));
+
+    // It comes back on the same address: in again after one probe.
+    let _listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+        .await
+        .unwrap();
+    eventually("c2's gateway back", || async {
+        client.gateway(GATEWAY).is_some_and(|g| g.health == healthy)
+    })
+    .await;
+
+    // Its Service deleted: withdrawn.
+    let api: Api<Service> = Api::namespaced(c2.client.clone(), "weft-system");
+    api.delete("weft-eastwest-gateway", &DeleteParams::default())
+        .await
+        .unwrap();
+    eventually("c2's gateway withdrawn", || async {
+        client.gateway(GATEWAY).is_none()
     })
     .await;
 }

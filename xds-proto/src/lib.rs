@@ -70,6 +70,7 @@ pub mod type_url {
     pub const AUTHORIZATION: &str = "type.googleapis.com/weft.mesh.v1.Authorization";
     pub const ROUTE_SET: &str = "type.googleapis.com/weft.mesh.v1.RouteSet";
     pub const DESTINATION_POLICY: &str = "type.googleapis.com/weft.mesh.v1.DestinationPolicy";
+    pub const NETWORK_GATEWAY: &str = "type.googleapis.com/weft.mesh.v1.NetworkGateway";
 
     /// The type URL of any generated message, from its full protobuf name.
     pub fn of<M: prost::Name>() -> String {

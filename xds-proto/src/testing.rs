@@ -100,3 +100,18 @@ pub fn workload(
         ..Default::default()
     }
 }
+
+/// A healthy east-west gateway of `cluster` into `network` at `address`,
+/// port 15008, running as `weft-system/weft-eastwest-gateway`.
+pub fn gateway(cluster_id: &str, network: &str, address: [u8; 4]) -> mesh::NetworkGateway {
+    mesh::NetworkGateway {
+        name: format!("{cluster_id}/weft-system/weft-eastwest-gateway"),
+        cluster_id: cluster_id.into(),
+        network: network.into(),
+        addresses: vec![address.to_vec()],
+        hostname: String::new(),
+        port: 15008,
+        identities: vec![identity("weft-system", "weft-eastwest-gateway")],
+        health: mesh::GatewayHealth::GatewayHealthy as i32,
+    }
+}

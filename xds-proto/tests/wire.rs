@@ -124,6 +124,10 @@ fn type_urls_follow_the_protobuf_names() {
         type_url::DESTINATION_POLICY
     );
     assert_eq!(
+        type_url::of::<mesh::NetworkGateway>(),
+        type_url::NETWORK_GATEWAY
+    );
+    assert_eq!(
         type_url::of::<discovery::DeltaDiscoveryRequest>(),
         "type.googleapis.com/envoy.service.discovery.v3.DeltaDiscoveryRequest"
     );

@@ -15,12 +15,14 @@ use bytes::Bytes;
 use prost::Message;
 
 mod cluster_data;
+mod network;
 mod policy;
 mod table;
 pub mod traffic;
 mod translate;
 
 use cluster_data::{ClusterData, Touched};
+pub use network::{GatewayView, health_name};
 pub use policy::PolicyStatus;
 pub use table::{Entry, Table};
 pub use translate::ip_bytes;
@@ -58,6 +60,7 @@ pub struct ClusterState {
 pub struct ClusterStatus {
     pub id: String,
     pub local: bool,
+    pub network: String,
     pub synced: bool,
     pub stale: bool,
     pub generation: u64,
@@ -77,6 +80,15 @@ pub struct Model {
     pub authorizations: Table,
     pub routes: Table,
     pub destinations: Table,
+    pub gateways: Table,
+    /// (cluster, service) of every Service labelled as a network's
+    /// gateway.
+    gateway_services: std::collections::BTreeSet<(String, Key)>,
+    /// What each gateway's probe last concluded, by gateway name.
+    gateway_health: BTreeMap<String, weft_xds_proto::mesh::GatewayHealth>,
+    /// What each gateway's last probe saw, for operators.
+    gateway_probes: BTreeMap<String, String>,
+    gateways_dirty: bool,
     version: u64,
     dirty_pods: HashSet<(String, Key)>,
     dirty_services: HashSet<Key>,
@@ -100,6 +112,11 @@ impl Model {
             authorizations: Table::default(),
             routes: Table::default(),
             destinations: Table::default(),
+            gateways: Table::default(),
+            gateway_services: Default::default(),
+            gateway_health: BTreeMap::new(),
+            gateway_probes: BTreeMap::new(),
+            gateways_dirty: false,
             version: 0,
             dirty_pods: HashSet::new(),
             dirty_services: HashSet::new(),
@@ -263,6 +280,10 @@ impl Model {
             }
             return;
         }
+        if touched.all_pods {
+            // A network label changed: which gateways are sent may too.
+            self.gateways_dirty = true;
+        }
         if stale_changed || touched.all_pods {
             let keys: Vec<Key> = state.data.pods.keys().cloned().collect();
             for key in keys {
@@ -317,6 +338,7 @@ impl Model {
             || !self.dirty_services.is_empty()
             || !self.dirty_authorizations.is_empty()
             || !self.dirty_traffic.is_empty()
+            || self.gateways_dirty
     }
 
     /// Rebuilds what changed. Returns the new version if any resource did.
@@ -336,6 +358,7 @@ impl Model {
         }
         let services: Vec<Key> = self.dirty_services.drain().collect();
         for key in services {
+            self.note_gateway(&key);
             let name = format!("{}/{}", key.0, self.hostname(&key));
             let body = self
                 .build_service(&key)
@@ -351,6 +374,7 @@ impl Model {
             changed |= self.authorizations.upsert(&name, body, version);
         }
         changed |= self.flush_traffic(version);
+        changed |= self.flush_gateways(version);
         changed.then(|| {
             self.version = version;
             version
@@ -380,6 +404,7 @@ impl Model {
             .map(|(id, state)| ClusterStatus {
                 id: id.clone(),
                 local: *id == self.config.local_cluster,
+                network: self.network_of(id),
                 synced: state.last_synced.is_some(),
                 stale: state.stale,
                 generation: state.generation,
@@ -460,6 +485,7 @@ mod tests {
                 target_port: 8080,
             }],
             cluster_local,
+            gateway: None,
         })
     }
 

@@ -36,10 +36,10 @@ impl Model {
         })
     }
 
+    /// A cluster's network: the label on its system namespace, else this
+    /// control plane's `--network` (for a remote, a flat network is the
+    /// one guess that needs no gateway).
     pub(super) fn network_of(&self, cluster: &str) -> String {
-        if cluster == self.config.local_cluster {
-            return self.config.network.clone();
-        }
         self.clusters
             .get(cluster)
             .and_then(|c| c.data.namespaces.get(&self.config.system_namespace))

@@ -144,6 +144,7 @@ fn table<'a>(model: &'a Model, type_url: &str) -> &'a Table {
         type_url::AUTHORIZATION => &model.authorizations,
         type_url::ROUTE_SET => &model.routes,
         type_url::DESTINATION_POLICY => &model.destinations,
+        type_url::NETWORK_GATEWAY => &model.gateways,
         _ => &model.workloads,
     }
 }
@@ -155,6 +156,7 @@ fn known_type(url: &str) -> Option<&'static str> {
         type_url::AUTHORIZATION,
         type_url::ROUTE_SET,
         type_url::DESTINATION_POLICY,
+        type_url::NETWORK_GATEWAY,
     ]
     .into_iter()
     .find(|known| *known == url)
