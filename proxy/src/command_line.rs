@@ -12,6 +12,8 @@ use crate::iptables::{self, Capture};
 #[derive(Debug, PartialEq, Eq)]
 pub enum Command {
     Sidecar,
+    /// An east-west gateway (`proxy gateway`).
+    Gateway,
     Iptables(Iptables),
     /// Print this text and exit successfully (`--help`, `--version`).
     Print(String),
@@ -33,6 +35,8 @@ weft's sidecar proxy
 Usage:
   weft-proxy proxy sidecar      run the sidecar, configured from WEFT_* and
                                 the Downward API environment (docs/proxy.md)
+  weft-proxy proxy gateway      run an east-west gateway, configured the same
+                                way (docs/multi-network.md)
   weft-proxy iptables [FLAGS]   install the traffic capture rules in this
                                 network namespace (the init container)
   weft-proxy --version
@@ -64,14 +68,17 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command> {
             env!("CARGO_PKG_VERSION")
         ))),
         "proxy" => match args.next().as_deref() {
-            Some("sidecar") => match args.next() {
-                None => Ok(Command::Sidecar),
+            Some(mode @ ("sidecar" | "gateway")) => match args.next() {
+                None if mode == "sidecar" => Ok(Command::Sidecar),
+                None => Ok(Command::Gateway),
                 Some(extra) => bail!(
-                    "`proxy sidecar` takes no arguments (it reads its environment), got {extra:?}"
+                    "`proxy {mode}` takes no arguments (it reads its environment), got {extra:?}"
                 ),
             },
             Some("-h" | "--help") => Ok(Command::Print(USAGE.to_string())),
-            other => bail!("unknown proxy mode {other:?}: the mode is `sidecar`\n\n{USAGE}"),
+            other => {
+                bail!("unknown proxy mode {other:?}: the mode is `sidecar` or `gateway`\n\n{USAGE}")
+            }
         },
         "iptables" => iptables_flags(args),
         other => bail!("unknown command {other:?}\n\n{USAGE}"),
@@ -141,6 +148,7 @@ mod tests {
     #[test]
     fn the_sidecar_and_the_defaults() {
         assert_eq!(parse_words("proxy sidecar").unwrap(), Command::Sidecar);
+        assert_eq!(parse_words("proxy gateway").unwrap(), Command::Gateway);
         assert_eq!(
             parse_words("iptables").unwrap(),
             Command::Iptables(Iptables {

@@ -10,10 +10,11 @@
 //! - one module per traffic direction, none importing another:
 //!   `outbound` (15001 and explicit mode, its HTTP in `outbound::l7`),
 //!   `inbound` (15008, from the mesh) and `inbound_passthrough` (15006,
-//!   captured plaintext);
+//!   captured plaintext), and in gateway mode `gateway` (15008 of an
+//!   east-west gateway, forwarding to its network's sidecars);
 //! - the leaves they share: delivery to the app behind this sidecar
 //!   (`local_app`), the mesh connection pool (`pool`, the client half of
-//!   15008), endpoint choice (`balance`, `outlier`), protocol detection
+//!   15008), networks and their gateways (`network`), endpoint choice (`balance`, `outlier`), protocol detection
 //!   (`sniff`), upgrades (`upgrade`), clients to fixed addresses
 //!   (`upstream`), HTTP pieces (`http`), socket facts (`socket`), the
 //!   accept loop (`serve`), graceful drain (`drain`), write coalescing
@@ -38,6 +39,7 @@ pub mod channel;
 pub mod coalesce;
 pub mod command_line;
 pub mod drain;
+pub mod gateway;
 pub mod http;
 pub mod identity;
 pub mod inbound;
@@ -48,6 +50,7 @@ pub mod logs;
 pub mod memory;
 pub mod metrics;
 pub mod name;
+pub mod network;
 pub mod outbound;
 pub mod outlier;
 pub mod pool;

@@ -1,12 +1,12 @@
 //! `weft-proxy`: `proxy sidecar` runs the sidecar (configured from the
-//! environment the injector sets); `iptables` is the init container's
-//! command.
+//! environment the injector sets), `proxy gateway` an east-west gateway;
+//! `iptables` is the init container's command.
 
 use anyhow::{Context, Result};
 use weft_proxy::command_line::{self, Command};
 use weft_proxy::iptables;
 
-fn sidecar() -> Result<()> {
+fn sidecar(mode: weft_proxy::sidecar::Mode) -> Result<()> {
     use tracing_subscriber::prelude::*;
     let from_env = std::env::var("RUST_LOG").ok().map(|text| {
         let parsed = weft_proxy::logs::parse(&text);
@@ -29,7 +29,10 @@ fn sidecar() -> Result<()> {
         handle.reload(filter)?;
         Ok(())
     });
-    let config = weft_proxy::sidecar::SidecarConfig::from_env()?;
+    let config = weft_proxy::sidecar::SidecarConfig {
+        mode,
+        ..weft_proxy::sidecar::SidecarConfig::from_env()?
+    };
     let deadline = config.drain_timeout;
     // A sidecar shares its pod's CPU limit. One thread by default: measured
     // with `weft-perf bench --proxy-threads 1|2`, two threads cost 20-45%
@@ -73,7 +76,8 @@ fn sidecar() -> Result<()> {
 fn main() -> std::process::ExitCode {
     let result: Result<()> =
         command_line::parse(std::env::args().skip(1)).and_then(|command| match command {
-            Command::Sidecar => sidecar(),
+            Command::Sidecar => sidecar(weft_proxy::sidecar::Mode::Sidecar),
+            Command::Gateway => sidecar(weft_proxy::sidecar::Mode::Gateway),
             Command::Print(text) => {
                 print!("{text}");
                 Ok(())

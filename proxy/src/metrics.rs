@@ -59,6 +59,11 @@ impl Peer {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TrafficLabels {
     pub reporter: &'static str,
     pub source_workload: Name,
@@ -135,6 +140,11 @@ pub struct Metrics {
     pub authorization: Family<AuthorizationLabels, Counter>,
     pub retries: Counter,
     pub upstream_connect_failures: Counter,
+    /// East-west gateways this proxy failed to reach (each then left out
+    /// for a while).
+    pub gateway_failures: Counter,
+    /// Gateway mode: tunnels from other networks, by outcome.
+    pub gateway_tunnels: Family<OutcomeLabels, Counter>,
     pub routed: Family<RouteLabels, Counter>,
     pub overflows: Counter,
     /// Set from the other parts' own counters when scraped.
@@ -172,6 +182,8 @@ impl Default for Metrics {
             authorization: Family::default(),
             retries: Counter::default(),
             upstream_connect_failures: Counter::default(),
+            gateway_failures: Counter::default(),
+            gateway_tunnels: Family::default(),
             routed: Family::default(),
             overflows: Counter::default(),
             outlier_ejections: Counter::default(),
@@ -238,6 +250,16 @@ impl Default for Metrics {
             "upstream_connect_failures",
             "Connections to an endpoint or its sidecar that failed",
             m.upstream_connect_failures.clone(),
+        );
+        r.register(
+            "gateway_failures",
+            "East-west gateways into other networks this proxy failed to reach",
+            m.gateway_failures.clone(),
+        );
+        r.register(
+            "gateway_tunnels",
+            "Gateway mode: tunnels from other networks, by outcome (forwarded, or why refused)",
+            m.gateway_tunnels.clone(),
         );
         r.register(
             "routed",

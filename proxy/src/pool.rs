@@ -3,6 +3,12 @@
 //! CONNECT stream whose authority is the target `ip:port`. One connection
 //! per peer sidecar is kept and shared by every request and tunnel to it.
 //! The server half is `inbound`.
+//!
+//! A peer on another network is reached through its network's east-west
+//! gateway (double HBONE): an outer mTLS connection to the gateway, pooled
+//! like any other, carries a CONNECT to the peer's 15008, and the mTLS
+//! connection to the peer runs inside that tunnel. The gateway relays
+//! bytes it cannot read; the peer sees this pod's own certificate.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -19,6 +25,7 @@ use weft_certs::tls::{self, CertStore, TrustBundle};
 
 use crate::coalesce::Coalesce;
 use crate::http::Body;
+use crate::network::{Gateway, Resolver};
 
 /// The port sidecars accept mesh connections on.
 pub const HBONE_PORT: u16 = 15008;
@@ -41,6 +48,73 @@ pub struct Pool {
     bundle: TrustBundle,
     /// One connection per peer sidecar, with the identity it proved.
     connections: Mutex<HashMap<SocketAddr, (Identity, Sender)>>,
+    /// Addresses of gateways known by hostname.
+    pub resolver: Resolver,
+}
+
+/// Marks an error as the gateway's, not the peer's: the caller steps
+/// around the gateway rather than the endpoint.
+#[derive(Debug)]
+pub struct GatewayUnreachable(pub crate::name::Name);
+
+impl std::fmt::Display for GatewayUnreachable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "the east-west gateway {} could not be reached", self.0)
+    }
+}
+
+/// What the mesh mTLS of one peer connection runs over: a TCP connection
+/// of its own, or a tunnel through a gateway. One type, so the TLS and
+/// HTTP/2 client code exists once in the binary.
+enum Carrier {
+    Tcp(TcpStream),
+    Gateway(TokioIo<Upgraded>),
+}
+
+impl tokio::io::AsyncRead for Carrier {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Carrier::Tcp(s) => std::pin::Pin::new(s).poll_read(cx, buf),
+            Carrier::Gateway(s) => std::pin::Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for Carrier {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Carrier::Tcp(s) => std::pin::Pin::new(s).poll_write(cx, buf),
+            Carrier::Gateway(s) => std::pin::Pin::new(s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Carrier::Tcp(s) => std::pin::Pin::new(s).poll_flush(cx),
+            Carrier::Gateway(s) => std::pin::Pin::new(s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Carrier::Tcp(s) => std::pin::Pin::new(s).poll_shutdown(cx),
+            Carrier::Gateway(s) => std::pin::Pin::new(s).poll_shutdown(cx),
+        }
+    }
 }
 
 impl Pool {
@@ -50,12 +124,19 @@ impl Pool {
             certs,
             bundle,
             connections: Mutex::new(HashMap::new()),
+            resolver: Resolver::default(),
         }
     }
 
     /// A pooled HTTP/2 connection to the sidecar at `peer`, opened (mTLS,
-    /// expecting `identity`) when there is none.
-    pub async fn sender(&self, peer: SocketAddr, identity: &Identity) -> Result<Sender> {
+    /// expecting `identity`) when there is none: directly, or through
+    /// the gateway `via` when the peer is on another network.
+    pub async fn sender(
+        &self,
+        peer: SocketAddr,
+        identity: &Identity,
+        via: Option<&Gateway>,
+    ) -> Result<Sender> {
         if let Some((proven, sender)) = self
             .connections
             .lock()
@@ -67,15 +148,19 @@ impl Pool {
         {
             return Ok(sender.clone());
         }
+        let carrier = match via {
+            None => Carrier::Tcp(self.connect(peer).await?),
+            Some(gateway) => Carrier::Gateway(
+                Box::pin(self.through_gateway(gateway, peer))
+                    .await
+                    .context(GatewayUnreachable(gateway.name.clone()))?,
+            ),
+        };
         let config = tls::client_config(&self.certs, &self.bundle, vec![identity.clone()])?;
-        let tcp = tokio::time::timeout(self.connect_timeout, TcpStream::connect(peer))
-            .await
-            .context("connecting to the peer sidecar timed out")??;
-        tcp.set_nodelay(true)?;
         let stream = tokio::time::timeout(
             HANDSHAKE_TIMEOUT,
             tokio_rustls::TlsConnector::from(config)
-                .connect(tls::mesh_server_name(peer.ip()), Coalesce::new(tcp)),
+                .connect(tls::mesh_server_name(peer.ip()), Coalesce::new(carrier)),
         )
         .await
         .context("the mTLS handshake timed out")?
@@ -91,15 +176,48 @@ impl Pool {
         Ok(sender)
     }
 
+    async fn connect(&self, peer: SocketAddr) -> Result<TcpStream> {
+        let tcp = tokio::time::timeout(self.connect_timeout, TcpStream::connect(peer))
+            .await
+            .context("connecting to the peer sidecar timed out")??;
+        tcp.set_nodelay(true)?;
+        Ok(tcp)
+    }
+
+    /// The outer tunnel: a CONNECT to `peer`'s mesh port on a pooled
+    /// connection to `gateway`, which must prove one of its identities.
+    async fn through_gateway(
+        &self,
+        gateway: &Gateway,
+        peer: SocketAddr,
+    ) -> Result<TokioIo<Upgraded>> {
+        let addresses = self
+            .resolver
+            .addresses(gateway)
+            .await
+            .with_context(|| format!("resolving {}", gateway.hostname))?;
+        let mut last = None;
+        for address in addresses {
+            for identity in gateway.identities.iter() {
+                match self.tunnel(address, identity, peer, None).await {
+                    Ok(tunnel) => return Ok(tunnel),
+                    Err(err) => last = Some(err),
+                }
+            }
+        }
+        Err(last.unwrap_or_else(|| anyhow::anyhow!("the gateway has no address")))
+    }
+
     /// A tunnel to `target` through the sidecar at `peer`, which must prove
-    /// to be `identity`.
+    /// to be `identity`; `via`: through that gateway first.
     pub async fn tunnel(
         &self,
         peer: SocketAddr,
         identity: &Identity,
         target: SocketAddr,
+        via: Option<&Gateway>,
     ) -> Result<TokioIo<Upgraded>> {
-        let mut sender = self.sender(peer, identity).await?;
+        let mut sender = self.sender(peer, identity, via).await?;
         let request = Request::builder()
             .method(Method::CONNECT)
             .uri(target.to_string())

@@ -295,31 +295,45 @@ fn port16(name: &str, what: &str, port: u32) -> Result<u16, InvalidResource> {
 
 /// Decodes and checks a Workload; refusing here is what makes a bad push a
 /// NACK instead of a broken proxy.
-pub fn decode_workload(
+/// Decodes a resource and checks that it carries the name it was sent
+/// under (`own` reads it).
+pub fn decode_named<M: Message + Default>(
     name: &str,
     bytes: &[u8],
-    names: &mut Interner,
-) -> Result<Workload, InvalidResource> {
-    let workload = mesh::Workload::decode(bytes).map_err(|e| InvalidResource::Decode {
+    own: impl Fn(&M) -> &str,
+) -> Result<M, InvalidResource> {
+    let resource = M::decode(bytes).map_err(|e| InvalidResource::Decode {
         name: name.into(),
         reason: e.to_string(),
     })?;
-    if workload.uid != name {
+    if own(&resource) != name {
         return Err(InvalidResource::Name {
             name: name.into(),
-            expected: workload.uid,
+            expected: own(&resource).to_string(),
         });
     }
-    let addresses = workload
-        .addresses
-        .iter()
+    Ok(resource)
+}
+
+/// A resource's addresses; one of a length no address has refuses it.
+pub fn addresses_of(name: &str, raw: &[Vec<u8>]) -> Result<Vec<IpAddr>, InvalidResource> {
+    raw.iter()
         .map(|a| {
             ip_from_bytes(a).ok_or_else(|| InvalidResource::Address {
                 name: name.into(),
                 len: a.len(),
             })
         })
-        .collect::<Result<Vec<IpAddr>, _>>()?;
+        .collect()
+}
+
+pub fn decode_workload(
+    name: &str,
+    bytes: &[u8],
+    names: &mut Interner,
+) -> Result<Workload, InvalidResource> {
+    let workload: mesh::Workload = decode_named(name, bytes, |w: &mesh::Workload| &w.uid)?;
+    let addresses = addresses_of(name, &workload.addresses)?;
     let Some((&address, more_addresses)) = addresses.split_first() else {
         return Err(InvalidResource::Field {
             name: name.into(),

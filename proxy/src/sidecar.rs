@@ -1,5 +1,7 @@
 //! The sidecar assembled: identity, xDS, the inbound mesh port, the
 //! outbound listener and readiness, from one configuration read at start.
+//! In gateway mode the same parts run, but the mesh port forwards to other
+//! sidecars (`gateway`) and nothing is captured or sent out.
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -26,6 +28,11 @@ pub struct SidecarConfig {
     /// host:port of the control plane's TLS port.
     pub control_plane: String,
     pub cluster_id: String,
+    /// This pod's network, until its workload in the mesh says
+    /// (`WEFT_NETWORK`).
+    pub network: String,
+    /// A sidecar, or an east-west gateway (`proxy gateway`).
+    pub mode: Mode,
     pub trust_domain: String,
     pub control_plane_namespace: String,
     pub token_path: PathBuf,
@@ -109,6 +116,8 @@ impl SidecarConfig {
             pod_ips,
             control_plane: var("WEFT_CONTROL_PLANE")?,
             cluster_id: var("WEFT_CLUSTER_ID")?,
+            network: or("WEFT_NETWORK", ""),
+            mode: Mode::Sidecar,
             trust_domain: or("WEFT_TRUST_DOMAIN", "cluster.local"),
             control_plane_namespace: or("WEFT_CONTROL_PLANE_NAMESPACE", "weft-system"),
             token_path: or("WEFT_TOKEN_PATH", "/var/run/secrets/weft/tokens/token").into(),
@@ -155,6 +164,16 @@ impl SidecarConfig {
             )),
         })
     }
+}
+
+/// What the proxy is for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// Next to an app: its mesh port delivers to the app.
+    Sidecar,
+    /// An east-west gateway: its mesh port forwards tunnels from other
+    /// networks to the sidecars of its own (`gateway`).
+    Gateway,
 }
 
 /// A running sidecar.
@@ -296,6 +315,7 @@ pub async fn start_with(
     let xds = Arc::new(XdsState::for_pod(crate::state::Local {
         addresses: config.pod_ips.clone(),
         namespace: config.pod_namespace.clone(),
+        network: config.network.clone(),
     }));
     let node = Node {
         id: format!(
@@ -333,12 +353,28 @@ pub async fn start_with(
     let hbone = tokio::net::TcpListener::bind(SocketAddr::new(config.pod_ip, HBONE_PORT))
         .await
         .with_context(|| format!("binding {}:{HBONE_PORT}", config.pod_ip))?;
-    tasks.push(crate::task::spawn(crate::inbound::serve(
-        hbone,
-        certs.clone(),
-        bundle.clone(),
-        app.clone(),
-    )));
+    let gateway = config.mode == Mode::Gateway;
+    if gateway {
+        let forwarder = Arc::new(crate::gateway::Forwarder {
+            xds: xds.clone(),
+            metrics: metrics.clone(),
+            drain: drain.clone(),
+            connect_timeout: config.connect_timeout,
+        });
+        tasks.push(crate::task::spawn(crate::gateway::serve(
+            hbone,
+            certs.clone(),
+            bundle.clone(),
+            forwarder,
+        )));
+    } else {
+        tasks.push(crate::task::spawn(crate::inbound::serve(
+            hbone,
+            certs.clone(),
+            bundle.clone(),
+            app.clone(),
+        )));
+    }
 
     let outbound = Arc::new(Outbound::new(
         outbound::Config {
@@ -356,41 +392,46 @@ pub async fn start_with(
         metrics.clone(),
         drain.clone(),
     ));
-    let listener = tokio::net::TcpListener::bind(config.outbound_addr)
-        .await
-        .with_context(|| format!("binding the outbound listener {}", config.outbound_addr))?;
-    let outbound_addr = listener.local_addr()?;
-    tasks.push(crate::task::spawn(crate::outbound::serve(
-        listener,
-        outbound.clone(),
+    let inbound_capture = Arc::new(crate::inbound_passthrough::Counters::default());
+    tasks.push(crate::task::spawn(crate::memory::release_after_bursts(
+        drain.clone(),
     )));
-    // ip6tables redirects the app's IPv6 connections to [::1]:15001.
-    if let Some(listener) = ipv6_twin(outbound_addr).await {
+    // A gateway has no app: nothing to capture, nothing to send out.
+    let (outbound_addr, inbound_capture_addr) = if gateway {
+        (config.outbound_addr, config.inbound_capture_addr)
+    } else {
+        let listener = tokio::net::TcpListener::bind(config.outbound_addr)
+            .await
+            .with_context(|| format!("binding the outbound listener {}", config.outbound_addr))?;
+        let outbound_addr = listener.local_addr()?;
         tasks.push(crate::task::spawn(crate::outbound::serve(
             listener,
             outbound.clone(),
         )));
-    }
-
-    let inbound_capture = Arc::new(crate::inbound_passthrough::Counters::default());
-    let capture = bind_dual_stack(config.inbound_capture_addr)
-        .await
-        .with_context(|| {
-            format!(
-                "binding the inbound capture port {}",
-                config.inbound_capture_addr
-            )
-        })?;
-    let inbound_capture_addr = capture.local_addr()?;
-    tasks.push(crate::task::spawn(crate::memory::release_after_bursts(
-        drain.clone(),
-    )));
-    tasks.push(crate::task::spawn(crate::inbound_passthrough::serve(
-        capture,
-        config.inbound_mode,
-        inbound_capture.clone(),
-        app.clone(),
-    )));
+        // ip6tables redirects the app's IPv6 connections to [::1]:15001.
+        if let Some(listener) = ipv6_twin(outbound_addr).await {
+            tasks.push(crate::task::spawn(crate::outbound::serve(
+                listener,
+                outbound.clone(),
+            )));
+        }
+        let capture = bind_dual_stack(config.inbound_capture_addr)
+            .await
+            .with_context(|| {
+                format!(
+                    "binding the inbound capture port {}",
+                    config.inbound_capture_addr
+                )
+            })?;
+        let inbound_capture_addr = capture.local_addr()?;
+        tasks.push(crate::task::spawn(crate::inbound_passthrough::serve(
+            capture,
+            config.inbound_mode,
+            inbound_capture.clone(),
+            app.clone(),
+        )));
+        (outbound_addr, inbound_capture_addr)
+    };
 
     let admin = Arc::new(Admin {
         xds: xds.clone(),
@@ -425,7 +466,7 @@ pub async fn start_with(
     tasks.push(crate::task::spawn(crate::app_probe::serve(
         app_health, app_probes,
     )));
-    tracing::info!(identity = %cert.identity(), %outbound_addr, %health_addr, %admin_addr, "sidecar started");
+    tracing::info!(identity = %cert.identity(), mode = ?config.mode, %outbound_addr, %health_addr, %admin_addr, "proxy started");
     Ok(Sidecar {
         xds,
         inbound_capture,

@@ -31,6 +31,9 @@ pub struct Local {
     /// Its namespace, for namespace-wide policy while the mesh does not
     /// yet show its workload.
     pub namespace: String,
+    /// Its network, while the mesh does not yet show its workload (which
+    /// says, from the cluster's label).
+    pub network: String,
 }
 
 /// One immutable view of the mesh.
@@ -63,6 +66,11 @@ pub struct Snapshot {
     /// Traffic policy, shared with the next snapshot while it is
     /// unchanged.
     pub traffic: Arc<Traffic>,
+    /// The network this pod is on: workloads elsewhere are reached
+    /// through `gateways`.
+    pub network: Name,
+    /// East-west gateways into other networks, sorted by name.
+    pub gateways: Box<[Arc<crate::network::Gateway>]>,
 }
 
 /// Traffic policy as this pod sees it as a caller.
@@ -193,6 +201,8 @@ impl Snapshot {
             policies: Box::default(),
             inbound: Box::default(),
             traffic: Arc::default(),
+            network: Name::from(""),
+            gateways: Box::default(),
         }
     }
 
@@ -210,6 +220,38 @@ impl Snapshot {
             ),
             labels: me.map(|w| w.profile.labels.clone()).unwrap_or_default(),
         }
+    }
+
+    /// Adds the gateways into other networks, and which network the pod at
+    /// `local` is on.
+    pub fn with_gateways(
+        mut self,
+        gateways: impl IntoIterator<Item = Arc<crate::network::Gateway>>,
+        local: &Local,
+    ) -> Self {
+        let me = local
+            .addresses
+            .iter()
+            .find_map(|ip| self.workload_by_ip(*ip));
+        self.network = me.map_or_else(
+            || Name::from(local.network.as_str()),
+            |w| w.profile.network.clone(),
+        );
+        let mut gateways: Vec<_> = gateways.into_iter().collect();
+        gateways.sort_by(|a, b| a.name.cmp(&b.name));
+        self.gateways = gateways.into_boxed_slice();
+        self
+    }
+
+    /// Where `workload` is reached from this pod: directly, through a
+    /// gateway, or (on a network without a usable one) not at all.
+    pub fn reach<'a>(
+        &'a self,
+        workload: &Workload,
+        ejected: &crate::network::Ejections,
+        excluded: &[Name],
+    ) -> crate::network::Reach<'a> {
+        crate::network::reach(&self.network, &self.gateways, workload, ejected, excluded)
     }
 
     /// Adds traffic policy, settled for the pod at `local` as the caller.

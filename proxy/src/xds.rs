@@ -1,5 +1,6 @@
 //! The delta xDS client: subscribes to `Service`, `Workload`,
-//! `Authorization`, `RouteSet` and `DestinationPolicy`, applies
+//! `Authorization`, `RouteSet`, `DestinationPolicy` and `NetworkGateway`,
+//! applies
 //! each response all-or-nothing, publishes a new snapshot, and ACKs; a
 //! response with any invalid resource is NACKed and changes nothing, so the
 //! proxy keeps serving its last good snapshot. Across reconnects it sends
@@ -20,17 +21,19 @@ use weft_xds_proto::google::rpc::Status;
 use weft_xds_proto::type_url;
 
 use crate::authorization::{self, Policy};
+use crate::network::{self, Gateway};
 use crate::resources::{self, Interner, InvalidResource, Service, Workload};
 use crate::routes::{self, Destination, RouteSet};
 use crate::state::{Local, Snapshot, Traffic};
 
 /// The resource types a proxy subscribes to, in the order it asks.
-pub const TYPES: [&str; 5] = [
+pub const TYPES: [&str; 6] = [
     type_url::SERVICE,
     type_url::WORKLOAD,
     type_url::AUTHORIZATION,
     type_url::ROUTE_SET,
     type_url::DESTINATION_POLICY,
+    type_url::NETWORK_GATEWAY,
 ];
 
 /// What the xDS client publishes to the rest of the proxy.
@@ -89,13 +92,14 @@ pub struct Resources {
     pub authorizations: Held<Policy>,
     pub route_sets: Held<RouteSet>,
     pub destinations: Held<Destination>,
+    pub gateways: Held<Gateway>,
     names: Interner,
     /// Traffic policy as last settled: reused while neither the policy
     /// nor the caller changes, so a pod update does not recompile every
     /// host's routes.
     traffic: std::sync::Mutex<Option<Arc<Traffic>>>,
     /// The types a complete answer has been received for.
-    seen: [bool; 5],
+    seen: [bool; 6],
 }
 
 impl Resources {
@@ -125,6 +129,12 @@ impl Resources {
                 self.traffic = Default::default();
                 self.apply_traffic(response)?
             }
+            type_url::NETWORK_GATEWAY => apply_typed(
+                &mut self.gateways,
+                &mut self.names,
+                response,
+                network::decode_gateway,
+            )?,
             other => {
                 return Err(InvalidResource::Field {
                     name: other.to_string(),
@@ -179,7 +189,9 @@ impl Resources {
                 traffic
             }
         };
-        snapshot.with_settled_traffic(traffic)
+        snapshot
+            .with_settled_traffic(traffic)
+            .with_gateways(self.gateways.values().cloned(), local)
     }
 
     fn versions(&self, url: &str) -> std::collections::HashMap<String, String> {
@@ -188,6 +200,7 @@ impl Resources {
             type_url::AUTHORIZATION => self.authorizations.versions(),
             type_url::ROUTE_SET => self.route_sets.versions(),
             type_url::DESTINATION_POLICY => self.destinations.versions(),
+            type_url::NETWORK_GATEWAY => self.gateways.versions(),
             _ => self.workloads.versions(),
         }
     }
@@ -246,6 +259,12 @@ impl Named for Service {
 }
 
 impl Named for Policy {
+    fn resource_name(&self) -> &str {
+        &self.name
+    }
+}
+
+impl Named for Gateway {
     fn resource_name(&self) -> &str {
         &self.name
     }

@@ -360,6 +360,7 @@ async fn refusals_are_clean() {
             SocketAddr::new(ip, HBONE_PORT),
             &id("echo"),
             "127.0.0.1:22".parse().unwrap(),
+            None,
         )
         .await;
     assert!(result.unwrap_err().to_string().contains("403"));
@@ -917,7 +918,7 @@ async fn bad_http_input_is_refused_and_bounded() {
     let certs = CertStore::new(&issue_workload(&mesh.ca, &id("client"), None).unwrap()).unwrap();
     let pool = Pool::new(certs, mesh.bundle.clone(), CONNECT_TIMEOUT);
     let mut sender = pool
-        .sender(SocketAddr::new(pod_ip(15), HBONE_PORT), &id("echo"))
+        .sender(SocketAddr::new(pod_ip(15), HBONE_PORT), &id("echo"), None)
         .await
         .unwrap();
     let bare = http::Request::get("http://echo.demo/")
@@ -1059,7 +1060,7 @@ async fn tunnels_carry_tcp_as_declared_and_prove_http_callers() {
     let tunnel = |port: u16| {
         mesh.outbound
             .pool
-            .tunnel(sidecar, &echo, SocketAddr::new(ip, port))
+            .tunnel(sidecar, &echo, SocketAddr::new(ip, port), None)
     };
 
     let started = std::time::Instant::now();
@@ -1172,6 +1173,7 @@ async fn denials_are_403_for_http_and_permission_denied_for_grpc() {
     let local = Local {
         addresses: vec![ip],
         namespace: "demo".into(),
+        network: String::new(),
     };
     let server_xds = Arc::new(XdsState::for_pod(local.clone()));
     server_sidecar(
@@ -1531,4 +1533,288 @@ async fn routes_and_destination_policy_through_two_sidecars() {
         assert_eq!(code, 200);
         assert!(exchange(&mut conn, "hi").await.starts_with("echo-b:"));
     }
+}
+
+/// Counts the gateway's tunnels with `outcome`.
+fn tunnels(metrics: &weft_proxy::metrics::Metrics, outcome: &'static str) -> u64 {
+    metrics
+        .gateway_tunnels
+        .get_or_create(&weft_proxy::metrics::OutcomeLabels { outcome })
+        .get()
+}
+
+/// A snapshot for a proxy on `network`, with `gateways`.
+fn publish_on(
+    xds: &XdsState,
+    network: &str,
+    me: Option<IpAddr>,
+    workloads: Vec<mesh::Workload>,
+    gateways: Vec<mesh::NetworkGateway>,
+) {
+    let mut names = weft_proxy::resources::Interner::default();
+    let gateways: Vec<_> = gateways
+        .iter()
+        .map(|g| {
+            let bytes = prost::Message::encode_to_vec(g);
+            Arc::new(weft_proxy::network::decode_gateway(&g.name, &bytes, &mut names).unwrap())
+        })
+        .collect();
+    let local = weft_proxy::state::Local {
+        addresses: me.into_iter().collect(),
+        namespace: "demo".into(),
+        network: network.into(),
+    };
+    let snapshot = Snapshot::from_messages(&[service()], &workloads)
+        .expect("valid resources")
+        .with_gateways(gateways, &local);
+    xds.snapshot.store(Arc::new(snapshot));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn across_networks_through_an_east_west_gateway() {
+    let mesh = client_sidecar(false).await;
+    let (server_ip, gateway_ip, near_ip, other_ip) =
+        (pod_ip(20), pod_ip(21), pod_ip(22), pod_ip(23));
+    let on = |network: &str, w: mesh::Workload| mesh::Workload {
+        network: network.into(),
+        ..w
+    };
+    let far = on(
+        "n2",
+        workload("c2/demo/echo-1", server_ip, "c2", "b", "echo", true),
+    );
+    let server = server_pod(&mesh.ca, &mesh.bundle, server_ip, "c2-echo", &id("echo")).await;
+
+    // The gateway of n2: it knows the server, and a workload of n3.
+    let gateway_id =
+        Identity::new("cluster.local", "weft-system", "weft-eastwest-gateway").unwrap();
+    let gateway_xds = Arc::new(XdsState::default());
+    let stranger = on(
+        "n3",
+        workload("c3/demo/echo-9", other_ip, "c3", "c", "echo", true),
+    );
+    let plain = mesh::Workload {
+        tunnel_protocol: mesh::TunnelProtocol::None as i32,
+        identity: None,
+        ..on(
+            "n2",
+            workload("c2/demo/plain", near_ip, "c2", "b", "echo", true),
+        )
+    };
+    publish_on(
+        &gateway_xds,
+        "n2",
+        None,
+        vec![far.clone(), stranger, plain],
+        vec![],
+    );
+    let forwarder = Arc::new(weft_proxy::gateway::Forwarder {
+        xds: gateway_xds,
+        metrics: Arc::default(),
+        drain: Default::default(),
+        connect_timeout: CONNECT_TIMEOUT,
+    });
+    let gateway_certs =
+        CertStore::new(&issue_workload(&mesh.ca, &gateway_id, None).unwrap()).unwrap();
+    let listener = TcpListener::bind(SocketAddr::new(gateway_ip, HBONE_PORT))
+        .await
+        .unwrap();
+    let gateway_task = tokio::spawn(weft_proxy::gateway::serve(
+        listener,
+        gateway_certs,
+        mesh.bundle.clone(),
+        forwarder.clone(),
+    ));
+    let IpAddr::V4(gw4) = gateway_ip else {
+        unreachable!()
+    };
+    let gateway = testing::gateway("c2", "n2", gw4.octets());
+    publish_on(
+        &mesh.xds,
+        "n1",
+        None,
+        vec![far.clone()],
+        vec![gateway.clone()],
+    );
+
+    // Double HBONE: the server's sidecar sees the client, not the gateway.
+    for message in ["one", "two"] {
+        let (code, mut conn) = connect(mesh.proxy, "echo.demo:80").await;
+        assert_eq!(code, 200);
+        assert_eq!(
+            exchange(&mut conn, message).await,
+            format!("c2-echo:{message}")
+        );
+    }
+    assert_eq!(
+        server
+            .metrics()
+            .calls_from("spiffe://cluster.local/ns/demo/sa/client"),
+        2
+    );
+    assert_eq!(
+        server
+            .metrics()
+            .calls_from("spiffe://cluster.local/ns/weft-system/sa/weft-eastwest-gateway"),
+        0
+    );
+    assert_eq!(
+        tunnels(&forwarder.metrics, "forwarded"),
+        1,
+        "one inner connection, pooled"
+    );
+
+    // What the gateway refuses, from a caller with a mesh identity: only
+    // the mesh port of a sidecar on its own network is forwarded to.
+    let mut sender = mesh
+        .outbound
+        .pool
+        .sender(SocketAddr::new(gateway_ip, HBONE_PORT), &gateway_id, None)
+        .await
+        .unwrap();
+    for (target, status, outcome) in [
+        (
+            SocketAddr::new(server_ip, 8080),
+            403,
+            "refused_not_mesh_port",
+        ),
+        (
+            SocketAddr::new(other_ip, HBONE_PORT),
+            403,
+            "refused_other_network",
+        ),
+        (
+            SocketAddr::new(near_ip, HBONE_PORT),
+            403,
+            "refused_no_sidecar",
+        ),
+        (
+            SocketAddr::new(pod_ip(99), HBONE_PORT),
+            403,
+            "refused_unknown_workload",
+        ),
+    ] {
+        let request = http::Request::builder()
+            .method(http::Method::CONNECT)
+            .uri(target.to_string())
+            .body(weft_proxy::http::empty())
+            .unwrap();
+        let response = sender.send_request(request).await.unwrap();
+        assert_eq!(response.status().as_u16(), status, "{target}");
+        assert_eq!(tunnels(&forwarder.metrics, outcome), 1, "{outcome}");
+    }
+    let request = http::Request::builder()
+        .uri(format!("http://{server_ip}:8080/"))
+        .body(weft_proxy::http::empty())
+        .unwrap();
+    assert_eq!(
+        sender
+            .send_request(request)
+            .await
+            .unwrap()
+            .status()
+            .as_u16(),
+        405
+    );
+
+    // Plaintext, and a certificate of another CA, never get past the
+    // handshake.
+    let mut raw = TcpStream::connect(SocketAddr::new(gateway_ip, HBONE_PORT))
+        .await
+        .unwrap();
+    raw.write_all(format!("CONNECT {server_ip}:15008 HTTP/1.1\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut buf = [0u8; 64];
+    let read = tokio::time::timeout(STEP, raw.read(&mut buf))
+        .await
+        .unwrap();
+    assert!(
+        matches!(read, Ok(0) | Err(_)) || !buf.starts_with(b"HTTP"),
+        "plaintext got an answer"
+    );
+    let foreign_ca = CertificateAuthority::generate_root(
+        "cluster.local",
+        &CaParams::valid_for("root", Duration::from_secs(3600)),
+    )
+    .unwrap();
+    let foreign = Pool::new(
+        CertStore::new(&issue_workload(&foreign_ca, &id("client"), None).unwrap()).unwrap(),
+        mesh.bundle.clone(),
+        CONNECT_TIMEOUT,
+    );
+    // TLS 1.3 tells the client its certificate was refused only when it
+    // next reads: the handshake or the first request fails.
+    let refused = match foreign
+        .sender(SocketAddr::new(gateway_ip, HBONE_PORT), &gateway_id, None)
+        .await
+    {
+        Err(_) => true,
+        Ok(mut sender) => {
+            let request = http::Request::builder()
+                .method(http::Method::CONNECT)
+                .uri(format!("{server_ip}:15008"))
+                .body(weft_proxy::http::empty())
+                .unwrap();
+            sender.send_request(request).await.is_err()
+        }
+    };
+    assert!(refused, "another CA's certificate is refused");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(
+        tunnels(&forwarder.metrics, "refused_handshake"),
+        2,
+        "plaintext and the other CA"
+    );
+    assert_eq!(
+        tunnels(&forwarder.metrics, "forwarded"),
+        1,
+        "nothing else got through"
+    );
+
+    // The gateway dies: the client steps around it at once, to an
+    // endpoint on its own network, and counts the failure.
+    gateway_task.abort();
+    drop(sender);
+    // A fresh client (of a mesh of its own), so that no pooled
+    // connection through the old gateway outlives it.
+    let fresh = client_sidecar(false).await;
+    let near = server_pod(&fresh.ca, &fresh.bundle, near_ip, "c3-echo", &id("echo")).await;
+    let near_workload = on(
+        "n1",
+        workload("c3/demo/echo-2", near_ip, "c3", "c", "echo", true),
+    );
+    publish_on(
+        &fresh.xds,
+        "n1",
+        None,
+        vec![far, near_workload],
+        vec![gateway],
+    );
+    assert!(listener_gone(gateway_ip).await);
+    for i in 0..10 {
+        let (code, mut conn) = connect(fresh.proxy, "echo.demo:80").await;
+        assert_eq!(code, 200, "connection {i}");
+        assert_eq!(exchange(&mut conn, "x").await, "c3-echo:x");
+    }
+    assert!(fresh.outbound.metrics.gateway_failures.get() >= 1);
+    assert!(
+        near.metrics()
+            .calls_from("spiffe://cluster.local/ns/demo/sa/client")
+            == 10
+    );
+}
+
+/// Waits until nothing listens on the gateway's port any more.
+async fn listener_gone(ip: IpAddr) -> bool {
+    for _ in 0..50 {
+        if TcpStream::connect(SocketAddr::new(ip, HBONE_PORT))
+            .await
+            .is_err()
+        {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    false
 }

@@ -592,8 +592,9 @@ async fn send_body(
                     peer,
                     identity,
                     target,
+                    via,
                     ..
-                } => match outbound.pool.sender(*peer, identity).await {
+                } => match outbound.pool.sender(*peer, identity, via.as_deref()).await {
                     // Not sent: the body is still here for another endpoint.
                     Err(err) => Err((err, false)),
                     Ok(mut sender) => {
@@ -696,10 +697,7 @@ async fn send_body(
             }
             Err((err, sent)) => {
                 if uid.is_some() {
-                    pick.failed(outbound);
-                }
-                if let Some(uid) = &uid {
-                    tried.push(uid.clone());
+                    pick.unreachable(outbound, &err, &mut tried);
                 }
                 if !sent {
                     outbound.metrics.upstream_connect_failures.inc();
