@@ -1,6 +1,7 @@
 //! A whole lab: N clusters sharing one mesh root, registered with each
-//! other (a flat network), each with its pod runner and EndpointSlice
-//! controller. `weftctl lab` and the end-to-end tests drive it.
+//! other, each with its pod runner, EndpointSlice controller and load
+//! balancers; on one flat network, or (`multi_network`) each on its own,
+//! joined by east-west gateways. `weftctl lab` and the end-to-end tests drive it.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -35,6 +36,9 @@ pub struct LabOptions {
     pub binaries: Binaries,
     /// `RUST_LOG` for the control planes.
     pub log: String,
+    /// Each cluster on a network of its own (`n1`, `n2`, ...), with no
+    /// route between pod networks, joined by east-west gateways.
+    pub multi_network: bool,
 }
 
 impl LabOptions {
@@ -47,6 +51,7 @@ impl LabOptions {
             dir,
             binaries,
             log: "info,kube=warn,tower=warn,hyper=warn".into(),
+            multi_network: false,
         }
     }
 }
@@ -57,6 +62,7 @@ pub struct Lab {
     pub run_dir: PathBuf,
     pub clusters: Vec<Cluster>,
     pub network: Network,
+    pub multi_network: bool,
     pub dir: PathBuf,
     runners: Vec<(watch::Sender<bool>, tokio::task::JoinHandle<()>)>,
     controllers: Vec<tokio::task::JoinHandle<()>>,
@@ -69,6 +75,14 @@ impl Lab {
     pub async fn up(options: LabOptions) -> Result<Lab> {
         if options.clusters == 0 || options.clusters > 9 {
             bail!("--clusters must be between 1 and 9");
+        }
+        if options.multi_network && options.network != Network::Namespaces {
+            bail!(
+                "a multi-network lab needs a network namespace per pod (root and iptables): loopback addresses cannot be kept apart"
+            );
+        }
+        if options.multi_network {
+            netns::isolate(options.clusters).context("isolating the clusters' pod networks")?;
         }
         std::fs::create_dir_all(&options.dir)?;
         let run_dir = run_dir(&options.dir)?;
@@ -96,6 +110,11 @@ impl Lab {
                 Network::Loopback => std::net::IpAddr::from([127, 0, 0, 1]),
             };
             let cluster_options = ClusterOptions {
+                network: if options.multi_network {
+                    format!("n{c}")
+                } else {
+                    "lab".into()
+                },
                 host,
                 region: "lab".into(),
                 zone: format!("{name}-a"),
@@ -135,12 +154,29 @@ impl Lab {
             };
             runners.push((stop, tokio::spawn(runner::run(config, stopped))));
             controllers.push(tokio::spawn(crate::endpoints::run(cluster.client.clone())));
+            if options.network == Network::Namespaces {
+                controllers.push(tokio::spawn(crate::load_balancer::run(
+                    cluster.client.clone(),
+                    (i + 1) as u8,
+                )));
+            }
+        }
+        if options.multi_network {
+            for cluster in &clusters {
+                let manifest = include_str!("../../examples/lab/eastwest-gateway.yaml")
+                    .replace("{{cluster}}", cluster.name())
+                    .replace("{{network}}", &cluster.options.network);
+                crate::apply::apply_all(&cluster.client, &manifest)
+                    .await
+                    .with_context(|| format!("deploying {}'s east-west gateway", cluster.name()))?;
+            }
         }
         Ok(Lab {
             root,
             run_dir,
             clusters,
             network: options.network,
+            multi_network: options.multi_network,
             dir: options.dir,
             runners,
             controllers,
@@ -167,6 +203,7 @@ impl Lab {
             "pid": std::process::id(),
             "network": match self.network { Network::Namespaces => "namespaces", Network::Loopback => "loopback" },
             "router": if self.network == Network::Namespaces { netns::ROUTER } else { "" },
+            "networks": if self.multi_network { "multi" } else { "flat" },
             "clusters": self.clusters.iter().map(|c| json!({
                 "name": c.name(),
                 "kubeconfig": c.kubeconfig,
@@ -174,6 +211,7 @@ impl Lab {
                 "xds": c.xds_addr,
                 "monitoring": c.monitoring_addr,
                 "control_pid": c.control_pid(),
+                "network": c.options.network,
             })).collect::<Vec<_>>(),
         })
     }

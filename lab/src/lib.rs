@@ -11,6 +11,7 @@ pub use weft_apiserver as apiserver;
 pub mod apply;
 pub mod endpoints;
 pub mod lab;
+pub mod load_balancer;
 pub mod mesh;
 pub mod netns;
 pub mod runner;

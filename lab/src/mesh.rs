@@ -193,13 +193,12 @@ impl Cluster {
         let client = client_for(&api).await?;
         let kubeconfig = options.dir.join(format!("{}.kubeconfig", options.name));
         std::fs::write(&kubeconfig, api.kubeconfig())?;
-        for ns in ["weft-system"] {
-            create(
-                &Api::<Namespace>::all(client.clone()),
-                json!({"metadata": {"name": ns}}),
-            )
-            .await?;
-        }
+        // The cluster's network is the label on its system namespace.
+        create(
+            &Api::<Namespace>::all(client.clone()),
+            json!({"metadata": {"name": "weft-system", "labels": {"topology.weft.io/network": options.network}}}),
+        )
+        .await?;
         create(
             &Api::<ServiceAccount>::namespaced(client.clone(), "weft-system"),
             json!({"metadata": {"name": "weft-control"}}),
@@ -286,6 +285,15 @@ impl Cluster {
             .args(["--monitoring-addr", &self.monitoring_addr.to_string()])
             .args(["--webhook-addr", &self.webhook_addr.to_string()])
             .args(["--remote-sync-timeout", "5"])
+            // Gateways of other networks: taken out 1.5 s after they stop
+            // answering at most (two failed probes a second apart).
+            .args([
+                "--gateway-probe-period",
+                "1",
+                "--gateway-probe-timeout",
+                "0.5",
+            ])
+            .args(["--gateway-probe-failures", "2"])
             // The lab has no cluster DNS: sidecars dial the address itself.
             .args(["--proxy-control-plane", &self.xds_addr.to_string()])
             .env("RUST_LOG", &self.options.log)

@@ -87,6 +87,23 @@ pub fn create_router(clusters: u8) -> Result<()> {
             "net.ipv4.ip_forward=1",
         ],
     )?;
+    // The load balancers' range (`load_balancer`): local here, so that a
+    // DNAT rule sends a connection on to its pod, and without one (no
+    // ready endpoint) the connection is refused at once, from pods and
+    // from the lab's own processes alike.
+    let _ = run(
+        "ip",
+        &[
+            "-n",
+            ROUTER,
+            "route",
+            "add",
+            "local",
+            "10.100.0.0/16",
+            "dev",
+            "lo",
+        ],
+    );
     for c in 1..=clusters {
         let bridge = format!("wlb{c}");
         let _ = run(
@@ -106,6 +123,54 @@ pub fn create_router(clusters: u8) -> Result<()> {
             ],
         );
         run("ip", &["-n", ROUTER, "link", "set", &bridge, "up"])?;
+    }
+    Ok(())
+}
+
+/// Makes each cluster's pod network its own (a multi-network lab): the
+/// router drops traffic between clusters' bridges, except connections a
+/// load balancer's DNAT sent there and their replies. Called in the router
+/// namespace; the rules go with it.
+pub fn isolate(clusters: u8) -> Result<()> {
+    let rule = |args: &[&str]| -> Result<()> {
+        let mut full = vec!["-w", "5"];
+        full.extend_from_slice(args);
+        run("iptables", &full)
+    };
+    rule(&["-F", "FORWARD"])?;
+    rule(&[
+        "-A",
+        "FORWARD",
+        "-m",
+        "conntrack",
+        "--ctstate",
+        "ESTABLISHED,RELATED",
+        "-j",
+        "ACCEPT",
+    ])?;
+    rule(&[
+        "-A",
+        "FORWARD",
+        "-m",
+        "conntrack",
+        "--ctstate",
+        "DNAT",
+        "-j",
+        "ACCEPT",
+    ])?;
+    for a in 1..=clusters {
+        for b in (1..=clusters).filter(|b| *b != a) {
+            rule(&[
+                "-A",
+                "FORWARD",
+                "-i",
+                &format!("wlb{a}"),
+                "-o",
+                &format!("wlb{b}"),
+                "-j",
+                "DROP",
+            ])?;
+        }
     }
     Ok(())
 }

@@ -324,6 +324,8 @@ async fn a_connection_crosses_two_sidecars_configured_by_the_control_plane() {
             SidecarConfig {
                 control_plane: xds_addr.to_string(),
                 cluster_id: "c1".into(),
+                network: String::new(),
+                mode: sidecar::Mode::Sidecar,
                 trust_domain: "cluster.local".into(),
                 control_plane_namespace: "weft-system".into(),
                 token_path,
@@ -508,6 +510,7 @@ mod lab {
     use weft_lab::runner::{Network, pod_dir};
     use weft_lab::traffic::{Held, PodClient, by_cluster};
 
+    mod networks;
     mod traffic;
 
     const CLIENT: &str = "spiffe://cluster.local/ns/demo/sa/client";
@@ -535,6 +538,19 @@ mod lab {
         }
     }
 
+    /// The client pod of c1 calling echo, once its first call is answered.
+    async fn echo_caller(lab: &Lab, dir: &std::path::Path) -> PodClient {
+        let c1 = &lab.cluster("c1").unwrap().client;
+        let caller = PodClient::new(c1, &pod_dir(dir, "c1", "demo", "client"), "demo", "echo")
+            .await
+            .unwrap();
+        caller
+            .until(Duration::from_secs(60), |a| a.is_ok())
+            .await
+            .unwrap();
+        caller
+    }
+
     async fn apply(lab: &Lab, cluster: &str, text: &str) {
         weft_lab::apply::apply_all(&lab.cluster(cluster).unwrap().client, text)
             .await
@@ -542,7 +558,7 @@ mod lab {
     }
 
     #[test]
-    fn two_clusters_locality_failover_secrets_and_restarts() {
+    fn two_clusters_locality_failover_secrets_and_restarts_then_three_networks() {
         let binaries = match Binaries::locate() {
             Ok(b) => b,
             Err(err) => {
@@ -559,12 +575,29 @@ mod lab {
                 Network::Loopback
             }
         };
+        if network == Network::Namespaces && netns::exists(netns::ROUTER) {
+            println!("SKIP: a lab is running on this machine (weftctl lab down)");
+            return;
+        }
+        let flat = binaries.clone();
+        in_lab(network, 2, move |dir| scenario(flat, network, dir));
+        match network {
+            Network::Namespaces => in_lab(network, 3, move |dir| networks::scenario(binaries, dir)),
+            Network::Loopback => println!(
+                "SKIP the multi-network lab: loopback addresses cannot be kept apart (needs root and iptables)"
+            ),
+        }
+    }
+
+    /// Runs `scenario` in a lab of `clusters` routers' worth, then checks
+    /// that nothing the lab made outlived it, also after a failure.
+    fn in_lab<F, Fut>(network: Network, clusters: u8, scenario: F)
+    where
+        F: FnOnce(std::path::PathBuf) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()>,
+    {
         if network == Network::Namespaces {
-            if netns::exists(netns::ROUTER) {
-                println!("SKIP: a lab is running on this machine (weftctl lab down)");
-                return;
-            }
-            netns::create_router(2).unwrap();
+            netns::create_router(clusters).unwrap();
         }
         let dir = tempfile::tempdir().unwrap();
         let dir_path = dir.path().to_path_buf();
@@ -579,11 +612,11 @@ mod lab {
                 .enable_all()
                 .build()
                 .unwrap()
-                .block_on(scenario(binaries, network, dir_path))
+                .block_on(scenario(dir_path))
         })
         .join();
         let left = netns::sweep();
-        if network == Network::Namespaces {
+        if network == Network::Namespaces && result.is_ok() {
             // Only the pods still running when the lab stopped are swept here:
             // the router itself, and nothing else, must be left by `down`.
             assert!(netns::list().is_empty(), "namespaces left after the sweep");
@@ -1182,13 +1215,7 @@ spec:
         let c1 = lab.cluster("c1").unwrap().client.clone();
         wait_ready(&c1, &["echo-v1", "client"]).await;
         wait_ready(&lab.cluster("c2").unwrap().client, &["echo-v2"]).await;
-        let caller = PodClient::new(&c1, &pod_dir(&dir, "c1", "demo", "client"), "demo", "echo")
-            .await
-            .unwrap();
-        caller
-            .until(Duration::from_secs(60), |a| a.is_ok())
-            .await
-            .unwrap();
+        let caller = echo_caller(&lab, &dir).await;
 
         // Local first, with the caller's identity at the server.
         let answers = caller.batch(20).await;

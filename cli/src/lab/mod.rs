@@ -72,6 +72,8 @@ pub struct SuperviseArgs {
     clusters: u8,
     #[arg(long)]
     loopback: bool,
+    #[arg(long)]
+    multi_network: bool,
     #[command(flatten)]
     dir: DirArgs,
 }
@@ -107,6 +109,10 @@ pub struct DemoArgs {
     /// Use loopback addresses and explicit-proxy mode even as root.
     #[arg(long)]
     loopback: bool,
+    /// `multi`: each cluster on a network of its own, joined only by
+    /// east-west gateways (needs root and iptables).
+    #[arg(long, value_enum, default_value = "flat")]
+    network: NetworkKind,
     /// Leave the lab running at the end (stop it with Ctrl-C).
     #[arg(long)]
     keep: bool,
@@ -204,11 +210,6 @@ async fn client_for(state: &serde_json::Value, cluster: &str) -> Result<kube::Cl
 }
 
 fn up(args: UpArgs) -> Result<()> {
-    if args.network == NetworkKind::Multi {
-        bail!(
-            "--network multi needs east-west gateways, which weft does not have yet; use --network flat"
-        );
-    }
     let dir = &args.dir.dir;
     if dir.join("state.json").exists() {
         bail!(
@@ -220,6 +221,11 @@ fn up(args: UpArgs) -> Result<()> {
     std::fs::create_dir_all(dir)?;
     let dir = dir.canonicalize()?;
     let (network, reason) = choose_network(args.loopback);
+    if args.network == NetworkKind::Multi
+        && let Some(reason) = &reason
+    {
+        bail!("--network multi needs a network namespace per pod, and {reason}");
+    }
     if let Some(reason) = &reason {
         println!(
             "network: loopback addresses, explicit proxy mode ({reason}); run as root with iptables for per-pod namespaces and transparent capture"
@@ -241,6 +247,9 @@ fn up(args: UpArgs) -> Result<()> {
         .stderr(log);
     if network == Network::Loopback {
         command.arg("--loopback");
+    }
+    if args.network == NetworkKind::Multi {
+        command.arg("--multi-network");
     }
     // Its own session: the supervisor outlives this command and the terminal.
     use std::os::unix::process::CommandExt;

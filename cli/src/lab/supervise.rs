@@ -28,6 +28,7 @@ pub fn run(args: SuperviseArgs) -> Result<()> {
         let binaries = Binaries::locate()?;
         let lab = Lab::up(LabOptions {
             clusters: args.clusters,
+            multi_network: args.multi_network,
             ..LabOptions::two_clusters(network, dir.clone(), binaries)
         })
         .await?;

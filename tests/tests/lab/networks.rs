@@ -1,0 +1,181 @@
+//! Three lab clusters, each on a network of its own with no route between
+//! pod networks, joined by east-west gateways: a client in c1 (network
+//! n1), echo twice in c2 (n2) and once in c3 (n3). Calls cross through the
+//! gateways with the client's identity end to end, split by endpoint
+//! count, and fail over when a gateway dies.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, DeleteParams};
+use weft_lab::lab::{Lab, LabOptions};
+use weft_lab::mesh::Binaries;
+use weft_lab::runner::{Network, pod_dir};
+use weft_lab::traffic::{Held, by_cluster};
+
+use super::{CLIENT, apply, echo_caller, wait_ready};
+
+/// The lab's probe: a second apart, taken out after two failures, the
+/// last one by a 0.5 s timeout at worst.
+const DETECTION: Duration = Duration::from_millis(1500);
+
+fn echo(name: &str, cluster: &str) -> String {
+    include_str!("../../../examples/lab/echo-c2.yaml")
+        .replace("name: echo-v2", &format!("name: {name}"))
+        .replace("value: c2", &format!("value: {cluster}"))
+}
+
+/// What c1's control plane says of `gateway`: its health.
+async fn gateway_health(lab: &Lab, gateway: &str) -> String {
+    let monitoring = lab.cluster("c1").unwrap().monitoring_addr;
+    let Ok((200, body)) = weft_lab::mesh::http_get(monitoring, "/debug/gateways").await else {
+        return String::new();
+    };
+    let parsed: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+    parsed["gateways"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|g| g["name"] == gateway)
+        .and_then(|g| g["health"].as_str())
+        .unwrap_or_default()
+        .to_string()
+}
+
+pub async fn scenario(binaries: Binaries, dir: PathBuf) {
+    let lab = Lab::up(LabOptions {
+        clusters: 3,
+        multi_network: true,
+        ..LabOptions::two_clusters(Network::Namespaces, dir.clone(), binaries)
+    })
+    .await
+    .unwrap();
+    let common = include_str!("../../../examples/lab/demo-common.yaml");
+    for cluster in ["c1", "c2", "c3"] {
+        apply(&lab, cluster, common).await;
+    }
+    apply(
+        &lab,
+        "c1",
+        include_str!("../../../examples/lab/client.yaml"),
+    )
+    .await;
+    apply(
+        &lab,
+        "c1",
+        include_str!("../../../examples/lab/outsider.yaml"),
+    )
+    .await;
+    apply(&lab, "c2", &echo("echo-a", "c2")).await;
+    apply(&lab, "c2", &echo("echo-b", "c2")).await;
+    apply(&lab, "c3", &echo("echo-c", "c3")).await;
+    let c1 = lab.cluster("c1").unwrap().client.clone();
+    wait_ready(&c1, &["client", "outsider"]).await;
+    wait_ready(&lab.cluster("c2").unwrap().client, &["echo-a", "echo-b"]).await;
+    wait_ready(&lab.cluster("c3").unwrap().client, &["echo-c"]).await;
+    for gateway in ["c2", "c3"] {
+        let name = format!("{gateway}/weft-system/weft-eastwest-gateway");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while gateway_health(&lab, &name).await != "healthy" {
+            assert!(Instant::now() < deadline, "{name} never probed healthy");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    let caller = echo_caller(&lab, &dir).await;
+
+    // Through the gateways, with the caller's own identity at the server,
+    // split by the endpoints behind each gateway: 2 to 1.
+    let answers = caller.batch(300).await;
+    let counts = by_cluster(&answers);
+    let failed = answers.iter().filter(|a| a.is_err()).count();
+    assert_eq!(failed, 0, "{counts:?}");
+    for answer in &answers {
+        assert_eq!(answer.as_ref().unwrap()["peer"], CLIENT);
+    }
+    let share = *counts.get("c2").unwrap_or(&0) as f64 / 300.0;
+    println!("across networks: {counts:?} (c2's share {share:.3}, expected 0.667)");
+    assert!(
+        (0.58..0.75).contains(&share),
+        "c2 has two endpoints to c3's one: {counts:?}"
+    );
+
+    // Isolation: a pod without a sidecar cannot reach another network's
+    // pods, only its gateways' load balancers.
+    let outsider = pod_dir(&dir, "c1", "demo", "outsider");
+    let echo_c: std::net::IpAddr =
+        std::fs::read_to_string(pod_dir(&dir, "c3", "demo", "echo-c").join("ip"))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+    let direct = Held::from_pod(&outsider, std::net::SocketAddr::new(echo_c, 8080)).await;
+    assert!(direct.is_err(), "a pod of n1 reached a pod of n3 directly");
+    let lb = std::net::SocketAddr::from((weft_lab::load_balancer::address(3, 1), 15008));
+    assert!(
+        Held::from_pod(&outsider, lb).await.is_ok(),
+        "c3's gateway is reachable from n1"
+    );
+
+    // c2's gateway dies (its pod gone at once): traffic moves to c3
+    // within the probe's detection time and a second, counting what
+    // failed on the way.
+    let gateways: Api<Pod> =
+        Api::namespaced(lab.cluster("c2").unwrap().client.clone(), "weft-system");
+    let killed = Instant::now();
+    gateways
+        .delete(
+            "weft-eastwest-gateway",
+            &DeleteParams::default().grace_period(0),
+        )
+        .await
+        .unwrap();
+    let settled = caller
+        .until_stable("c3", Duration::from_secs(30))
+        .await
+        .unwrap();
+    println!(
+        "c2's gateway killed: traffic on c3 after {:.2} s, {} failed requests (probe detection time {:.1} s)",
+        settled.after.as_secs_f64(),
+        settled.errors,
+        DETECTION.as_secs_f64()
+    );
+    assert!(
+        settled.after < DETECTION + Duration::from_secs(1),
+        "failover took {:?}",
+        settled.after
+    );
+    let name = "c2/weft-system/weft-eastwest-gateway";
+    while gateway_health(&lab, name).await != "unhealthy" {
+        assert!(
+            killed.elapsed() < DETECTION + Duration::from_secs(2),
+            "c1's control plane did not take c2's gateway out"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    println!(
+        "c2's gateway taken out by c1's probe {:.2} s after it died",
+        killed.elapsed().as_secs_f64()
+    );
+    let answers = caller.batch(20).await;
+    assert_eq!(by_cluster(&answers).get("c3"), Some(&20), "{answers:?}");
+
+    // It comes back: traffic returns to c2.
+    let manifest = include_str!("../../../examples/lab/eastwest-gateway.yaml")
+        .replace("{{cluster}}", "c2")
+        .replace("{{network}}", "n2");
+    let restored = Instant::now();
+    apply(&lab, "c2", &manifest).await;
+    caller
+        .until(Duration::from_secs(60), |a| {
+            a.as_ref()
+                .is_ok_and(|f| f.get("cluster").map(String::as_str) == Some("c2"))
+        })
+        .await
+        .unwrap();
+    println!(
+        "c2's gateway restored: traffic back on c2 {:.2} s after it was re-applied",
+        restored.elapsed().as_secs_f64()
+    );
+    lab.down().await;
+}
