@@ -83,6 +83,15 @@ impl MeshRoot {
         self.root.roots_pem()
     }
 
+    /// A workload certificate straight from the root, for benchmarks that
+    /// drive the proxy's connection pool themselves.
+    pub fn issue_workload(
+        &self,
+        identity: &weft_certs::Identity,
+    ) -> Result<weft_certs::WorkloadCert> {
+        Ok(weft_certs::issue_workload(&self.root, identity, None)?)
+    }
+
     /// The `cacerts` Secret's data for one cluster's intermediate.
     pub fn cacerts(&self, cluster: &str) -> Result<BTreeMap<String, String>> {
         let intermediate = self.root.generate_intermediate(
@@ -422,6 +431,8 @@ pub struct SidecarSpec {
     /// network namespace, so 127.0.0.1:15001 would collide).
     pub listen_on_pod_ip: bool,
     pub env: Vec<(String, String)>,
+    /// `weft-proxy proxy gateway` instead of a sidecar.
+    pub gateway: bool,
 }
 
 /// The sidecar's listeners and their ports: bound on the pod's own address
@@ -452,7 +463,7 @@ pub async fn spawn_sidecar(cluster: &Cluster, root_pem: &str, spec: &SidecarSpec
     let log = std::fs::File::create(dir.join("proxy.log"))?;
     let mut command = Command::new(&cluster.binaries.proxy);
     command
-        .args(["proxy", "sidecar"])
+        .args(["proxy", if spec.gateway { "gateway" } else { "sidecar" }])
         .env("WEFT_CONTROL_PLANE", cluster.xds_addr.to_string())
         .env("WEFT_CLUSTER_ID", cluster.name())
         .env("WEFT_TOKEN_PATH", dir.join("token"))

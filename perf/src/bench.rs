@@ -8,6 +8,9 @@
 //!   configured by a real `weft-control` from a lab API server.
 //! - `weft cross-cluster`: the same with the echo server and its sidecar
 //!   in a second lab cluster, found through a remote secret.
+//! - `weft cross-network`: the same in a third cluster on a network of its
+//!   own, through its east-west gateway (`networks`), with the cost of new
+//!   and reused mesh connections each way.
 //! - `nginx`, `HAProxy`: the same shape, two processes each (client side
 //!   and server side), TLS 1.3 with client certificates between them,
 //!   keep-alive upstream connections. Installed from Debian when missing
@@ -44,6 +47,7 @@ use weft_lab::mesh::{self, Binaries, Cluster, ClusterOptions, MeshRoot, SidecarS
 
 use crate::apiserver::Outcome;
 use crate::load::{self, Protocol, Summary};
+use crate::networks;
 use crate::report::{self, Machine, Resident};
 
 #[derive(Clone, Debug)]
@@ -297,6 +301,7 @@ async fn sidecar(
         pod_ip: at,
         listen_on_pod_ip: true,
         env: vec![("WEFT_WORKER_THREADS".into(), threads.to_string())],
+        gateway: false,
     };
     let child = mesh::spawn_sidecar(cluster, &root.root_pem(), &spec).await?;
     mesh::wait_http_ok(
@@ -834,6 +839,8 @@ async fn drive(options: &Options, command: &str) -> Result<Outcome> {
 
     // weft across clusters: the echo pod and its sidecar in c2.
     let mut c2 = None;
+    let mut c3 = None;
+    let mut setup = None;
     if options.cross_cluster {
         let cluster = Cluster::start(
             ClusterOptions {
@@ -869,7 +876,7 @@ async fn drive(options: &Options, command: &str) -> Result<Outcome> {
         run_scenario(
             options,
             &Scenario {
-                name: "weft cross-cluster".into(),
+                name: CROSS_CLUSTER.into(),
                 target: format!("http://far-echo.{NS}.svc.cluster.local:80/"),
                 proxy: Some(SocketAddr::new(client_ip, 15001)),
                 grpc_target: None,
@@ -880,6 +887,87 @@ async fn drive(options: &Options, command: &str) -> Result<Outcome> {
         .await?;
         children.push(far_sidecar);
         c2 = Some(cluster);
+
+        // weft across networks: a third cluster on a network of its own,
+        // its echo reached only through its east-west gateway.
+        let cluster = Cluster::start(
+            ClusterOptions {
+                log: "warn".into(),
+                zone: "c3-a".into(),
+                network: "n3".into(),
+                ..ClusterOptions::new("c3", &dir)
+            },
+            &root,
+            &binaries,
+        )
+        .await?;
+        let (net_ip, gateway_ip) = (ip([2, 3]), ip([2, 4]));
+        children.push(spawn_echo(&binaries, &dir, net_ip, "c3", "net-echo-1").await?);
+        deploy(&c1, "net-echo", None).await?;
+        deploy(&cluster, "net-echo", Some(("net-echo-1", "echo", net_ip))).await?;
+        // The gateway's own pod, so that it knows its network.
+        add_pod(
+            &cluster,
+            "gateway-1",
+            "weft-eastwest-gateway",
+            "weft-eastwest-gateway",
+            gateway_ip,
+        )
+        .await?;
+        networks::announce_gateway(&cluster, NS, "n3", gateway_ip).await?;
+        c1.add_remote(&cluster).await?;
+        cluster.add_remote(&c1).await?;
+        let net_sidecar = sidecar(
+            &cluster,
+            &root,
+            ("net-echo-1", "echo", net_ip),
+            options.proxy_threads,
+        )
+        .await?;
+        let gateway = networks::spawn_gateway(&cluster, &root, NS, gateway_ip).await?;
+        networks::wait_gateway(client_ip, Duration::from_secs(30)).await?;
+        let measured = vec![
+            weft_measured[0].clone(),
+            Measured {
+                label: "weft gateway (c3)".into(),
+                pid: gateway.id().context("pid")?,
+            },
+            Measured {
+                label: "weft server (c3)".into(),
+                pid: net_sidecar.id().context("pid")?,
+            },
+        ];
+        run_scenario(
+            options,
+            &Scenario {
+                name: CROSS_NETWORK.into(),
+                target: format!("http://net-echo.{NS}.svc.cluster.local:80/"),
+                proxy: Some(SocketAddr::new(client_ip, 15001)),
+                grpc_target: None,
+                measured,
+            },
+            &mut results,
+        )
+        .await?;
+        eprintln!("== mesh connections: new and reused, same network and through the gateway");
+        let echo = weft_certs::Identity::new("cluster.local", NS, "echo")?;
+        let direct = networks::Peer {
+            sidecar: SocketAddr::new(far_ip, weft_proxy::pool::HBONE_PORT),
+            identity: echo.clone(),
+            target: SocketAddr::new(far_ip, 9000),
+            via: None,
+        };
+        let through = networks::Peer {
+            sidecar: SocketAddr::new(net_ip, weft_proxy::pool::HBONE_PORT),
+            identity: echo,
+            target: SocketAddr::new(net_ip, 9000),
+            via: Some(networks::gateway_at(gateway_ip, NS)?),
+        };
+        let client = weft_certs::Identity::new("cluster.local", NS, "client")?;
+        setup = Some(networks::measure_setup(&root, &client, &direct, &through, 300, 2000).await?);
+        children.push(gateway);
+        children.push(net_sidecar);
+        c3 = Some(cluster);
     }
 
     // Baselines.
@@ -946,15 +1034,22 @@ async fn drive(options: &Options, command: &str) -> Result<Outcome> {
         synced_in,
     };
 
-    let markdown = render(options, command, &results, wrk_text.as_deref(), &memory)?;
+    let markdown = render(
+        options,
+        command,
+        &results,
+        wrk_text.as_deref(),
+        &memory,
+        setup.as_ref(),
+    )?;
 
     drop(client_sidecar);
     drop(server_sidecar);
     for child in children {
         mesh::stop(child, Duration::from_secs(2)).await;
     }
-    if let Some(c2) = c2 {
-        c2.stop().await;
+    for cluster in [c2, c3].into_iter().flatten() {
+        cluster.stop().await;
     }
     c1.stop_control().await;
     c1.stop().await;
@@ -1085,6 +1180,43 @@ fn routing_cost(options: &Options, results: &Results) -> String {
     md
 }
 
+const CROSS_CLUSTER: &str = "weft cross-cluster";
+const CROSS_NETWORK: &str = "weft cross-network";
+
+/// The gateway hop under load: the cross-network scenario against the
+/// cross-cluster one (the same path on one network), from the same run.
+fn gateway_cost(options: &Options, results: &Results) -> String {
+    let (Some(flat), Some(across)) = (
+        results.fixed.get(CROSS_CLUSTER),
+        results.fixed.get(CROSS_NETWORK),
+    ) else {
+        return String::new();
+    };
+    let mut md = String::new();
+    for (i, rate) in options.rates.iter().enumerate() {
+        let (f, a) = (&flat[i], &across[i]);
+        let gateway = a
+            .proxies
+            .iter()
+            .find(|p| p.label.starts_with("weft gateway"))
+            .map_or(0.0, |p| a.vcpu_per_k(p.cpu.total()));
+        let client = |run: &Run| {
+            run.proxies
+                .iter()
+                .find(|p| p.label == "weft client")
+                .map_or(0.0, |p| run.vcpu_per_k(p.cpu.total()))
+        };
+        md += &format!(
+            "- across networks at {rate} req/s, on reused connections: the gateway hop adds p50 {:+.3} ms, p99 {:+.3} ms to the cross-cluster path on one network; the gateway spends {gateway:.4} vCPU per 1,000 req/s, and the client's sidecar {:.4} against {:.4} (the second mTLS layer).\n",
+            a.summary.p50_ms - f.summary.p50_ms,
+            a.summary.p99_ms - f.summary.p99_ms,
+            client(a),
+            client(f),
+        );
+    }
+    md
+}
+
 fn where_cpu_goes(rate: u64, results: &Results) -> String {
     let mut md = format!(
         "\n## Where the CPU goes (busiest proxy, per request)\n\n\
@@ -1131,6 +1263,7 @@ fn render(
     results: &Results,
     wrk_text: Option<&str>,
     memory: &Memory,
+    setup: Option<&networks::Setup>,
 ) -> Result<String> {
     let mut md = format!(
         "# Data-path benchmark: weft against direct, nginx, HAProxy and a plain TCP relay\n\n\
@@ -1260,6 +1393,7 @@ fn render(
     }
     md += &authorization_cost(options, results);
     md += &routing_cost(options, results);
+    md += &gateway_cost(options, results);
     for other in ["nginx", "haproxy", "relay"] {
         if let (Some(w), Some(o)) = (per_cpu("weft"), per_cpu(other)) {
             md += &format!(
@@ -1277,6 +1411,9 @@ fn render(
                 o[0].summary.p99_ms - direct[0].summary.p99_ms
             );
         }
+    }
+    if let Some(setup) = setup {
+        md += &setup.markdown();
     }
     md += &where_cpu_goes(options.rates[0], results);
     if !results.grpc.is_empty() {

@@ -10,6 +10,7 @@ pub mod apiserver;
 pub mod bench;
 pub mod control;
 pub mod load;
+pub mod networks;
 pub mod report;
 pub mod sidecar;
 pub mod svg;
