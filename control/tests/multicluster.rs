@@ -2047,4 +2047,12 @@ async fn gateways_of_other_networks_are_sent_probed_and_taken_out() {
         client.gateway(GATEWAY).is_none()
     })
     .await;
+
+    // c2 removed from the mesh: its other gateway goes with it.
+    assert!(client.gateway("c2/weft-system/by-name").is_some());
+    remote_secret(&c1, "remote-c2", BTreeMap::from([("c2", None)])).await;
+    eventually("c2's gateways withdrawn with c2", || async {
+        client.gateway("c2/weft-system/by-name").is_none()
+    })
+    .await;
 }

@@ -161,17 +161,7 @@ impl Lab {
                 )));
             }
         }
-        if options.multi_network {
-            for cluster in &clusters {
-                let manifest = include_str!("../../examples/lab/eastwest-gateway.yaml")
-                    .replace("{{cluster}}", cluster.name())
-                    .replace("{{network}}", &cluster.options.network);
-                crate::apply::apply_all(&cluster.client, &manifest)
-                    .await
-                    .with_context(|| format!("deploying {}'s east-west gateway", cluster.name()))?;
-            }
-        }
-        Ok(Lab {
+        let lab = Lab {
             root,
             run_dir,
             clusters,
@@ -180,7 +170,13 @@ impl Lab {
             dir: options.dir,
             runners,
             controllers,
-        })
+        };
+        if lab.multi_network {
+            for cluster in &lab.clusters {
+                lab.deploy_gateway(cluster.name()).await?;
+            }
+        }
+        Ok(lab)
     }
 
     pub fn cluster(&self, name: &str) -> Result<&Cluster> {
@@ -195,6 +191,59 @@ impl Lab {
             .iter_mut()
             .find(|c| c.name() == name)
             .with_context(|| format!("no cluster {name} in this lab"))
+    }
+
+    /// What `from`'s control plane says of the gateway of cluster `of`:
+    /// `healthy`, `unhealthy`, `unknown`, or empty while it knows none.
+    pub async fn gateway_health(&self, from: &str, of: &str) -> String {
+        let Ok(cluster) = self.cluster(from) else {
+            return String::new();
+        };
+        let name = format!("{of}/weft-system/weft-eastwest-gateway");
+        let Ok((200, body)) =
+            crate::mesh::http_get(cluster.monitoring_addr, "/debug/gateways").await
+        else {
+            return String::new();
+        };
+        let parsed: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+        parsed["gateways"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|g| g["name"] == name.as_str())
+            .and_then(|g| g["health"].as_str())
+            .unwrap_or_default()
+            .to_string()
+    }
+
+    /// Waits until `from`'s control plane finds `of`'s gateway `health`.
+    pub async fn wait_gateway(
+        &self,
+        from: &str,
+        of: &str,
+        health: &str,
+        timeout: Duration,
+    ) -> Result<Duration> {
+        let started = std::time::Instant::now();
+        while self.gateway_health(from, of).await != health {
+            if started.elapsed() > timeout {
+                bail!("{from} did not find {of}'s east-west gateway {health} within {timeout:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok(started.elapsed())
+    }
+
+    /// Deploys cluster `name`'s east-west gateway (again).
+    pub async fn deploy_gateway(&self, name: &str) -> Result<()> {
+        let cluster = self.cluster(name)?;
+        let manifest = include_str!("../../examples/lab/eastwest-gateway.yaml")
+            .replace("{{cluster}}", cluster.name())
+            .replace("{{network}}", &cluster.options.network);
+        crate::apply::apply_all(&cluster.client, &manifest)
+            .await
+            .with_context(|| format!("deploying {name}'s east-west gateway"))?;
+        Ok(())
     }
 
     /// What `lab status` and `lab down` read back.

@@ -341,13 +341,52 @@ pub fn config_dump(snapshot: &Snapshot) -> Value {
             })
         })
         .collect();
+    let gateways: Vec<Value> = snapshot
+        .gateways
+        .iter()
+        .map(|g| {
+            json!({
+                "name": &*g.name,
+                "cluster": &*g.cluster_id,
+                "network": &*g.network,
+                "addresses": g.addresses.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
+                "hostname": &*g.hostname,
+                "port": g.port,
+                "identities": g.identities.iter().map(|i| i.to_string()).collect::<Vec<_>>(),
+                "healthy": g.healthy,
+            })
+        })
+        .collect();
+    // What each gateway weighs for each service reached through one: its
+    // healthy endpoints there, every locality counted.
+    let gateway_weights: serde_json::Map<String, Value> = snapshot
+        .services
+        .iter()
+        .filter_map(|service| {
+            let weights = crate::network::gateway_weights(
+                &snapshot.network,
+                &snapshot.gateways,
+                snapshot.endpoints(service),
+            );
+            (!weights.is_empty()).then(|| {
+                let by_gateway: serde_json::Map<String, Value> = weights
+                    .into_iter()
+                    .map(|(name, weight)| (name.to_string(), json!(weight)))
+                    .collect();
+                (service.hostname.to_string(), Value::Object(by_gateway))
+            })
+        })
+        .collect();
     json!({
+        "network": &*snapshot.network,
         "services": services,
         "workloads": workloads,
         "authorizations": authorizations,
         "route_sets": route_sets,
         "routes_in_force": in_force,
         "destination_policies": destination_policies,
+        "gateways": gateways,
+        "gateway_weights": gateway_weights,
     })
 }
 

@@ -1637,6 +1637,17 @@ async fn across_networks_through_an_east_west_gateway() {
         vec![gateway.clone()],
     );
 
+    // What the client's admin port shows: its network, the gateway, and
+    // what the gateway weighs for echo.
+    let dump = weft_proxy::admin::config_dump(&mesh.xds.snapshot.load());
+    assert_eq!(dump["network"], "n1");
+    assert_eq!(dump["gateways"][0]["name"], gateway.name.as_str());
+    assert_eq!(dump["gateways"][0]["healthy"], true);
+    assert_eq!(
+        dump["gateway_weights"]["echo.demo.svc.cluster.local"][&gateway.name],
+        1
+    );
+
     // Double HBONE: the server's sidecar sees the client, not the gateway.
     for message in ["one", "two"] {
         let (code, mut conn) = connect(mesh.proxy, "echo.demo:80").await;

@@ -2,7 +2,9 @@
 //! in c1, all injected by the webhook; traffic stays in c1 while it can,
 //! fails over to c2 when c1's echo goes away, and comes back when it
 //! returns. On the way, an AuthorizationPolicy refuses and then admits
-//! the client. Every step checks what it shows; the exit code says
+//! the client. With `--network multi` each cluster is on a network of its
+//! own: the failover crosses c2's east-west gateway, and that gateway dies
+//! and comes back. Every step checks what it shows; the exit code says
 //! whether all behaved.
 
 use std::collections::BTreeMap;
@@ -17,7 +19,7 @@ use weft_lab::netns;
 use weft_lab::runner::Network;
 use weft_lab::traffic::{Answer, PodClient};
 
-use super::{DemoArgs, choose_network, ensure_binaries, find_pod};
+use super::{DemoArgs, NetworkKind, choose_network, ensure_binaries, find_pod};
 
 const CLIENT_ID: &str = "spiffe://cluster.local/ns/demo/sa/client";
 
@@ -32,6 +34,10 @@ pub fn run(args: DemoArgs) -> Result<()> {
             "network: loopback addresses, apps use their sidecar as an explicit proxy ({reason})"
         ),
     }
+    let multi = args.network == NetworkKind::Multi;
+    if multi && let Some(reason) = &reason {
+        bail!("--network multi needs a network namespace per pod, and {reason}");
+    }
     if network == Network::Namespaces {
         if netns::exists(netns::ROUTER) {
             bail!("a lab is already running on this machine (weftctl lab down --dir <its dir>)");
@@ -43,11 +49,26 @@ pub fn run(args: DemoArgs) -> Result<()> {
     let dir = args.dir.canonicalize()?;
     let result = tokio::runtime::Runtime::new()?.block_on(async {
         let started = Instant::now();
-        let mut lab = Lab::up(LabOptions::two_clusters(network, dir.clone(), binaries)).await?;
+        let mut lab = Lab::up(LabOptions {
+            multi_network: multi,
+            ..LabOptions::two_clusters(network, dir.clone(), binaries)
+        })
+        .await?;
         println!(
             "✓ lab up: clusters c1 and c2 with weft-control each, in {:.1} s",
             started.elapsed().as_secs_f64()
         );
+        if multi {
+            for (from, of) in [("c1", "c2"), ("c2", "c1")] {
+                lab.wait_gateway(from, of, "healthy", Duration::from_secs(60))
+                    .await?;
+            }
+            println!(
+                "✓ networks: c1 on n1, c2 on n2, no route between their pods; each reached through its east-west gateway ({}:15008 and {}:15008), probed healthy by the other's control plane",
+                weft_lab::load_balancer::address(1, 1),
+                weft_lab::load_balancer::address(2, 1)
+            );
+        }
         let outcome = story(&mut lab, &dir).await;
         if args.keep && outcome.is_ok() {
             println!(
@@ -135,7 +156,12 @@ async fn story(lab: &mut Lab, dir: &std::path::Path) -> Result<()> {
         .await?;
     let failover = caller.until_stable("c2", Duration::from_secs(60)).await?;
     println!(
-        "✓ echo-v1 deleted in c1 (gracefully, as the kubelet does): traffic failed over to c2 in {:.2} s with {} failed requests",
+        "✓ echo-v1 deleted in c1 (gracefully, as the kubelet does): traffic failed over to c2{} in {:.2} s with {} failed requests",
+        if lab.multi_network {
+            " through c2's east-west gateway"
+        } else {
+            ""
+        },
         failover.after.as_secs_f64(),
         failover.errors
     );
@@ -148,6 +174,9 @@ async fn story(lab: &mut Lab, dir: &std::path::Path) -> Result<()> {
     let answers = caller.batch(10).await;
     report("traffic (c1's echo gone)", &answers);
     check_all(&answers, "c2")?;
+    if lab.multi_network {
+        gateway_outage(lab, &caller).await?;
+    }
 
     weft_lab::apply::apply_all(&c1, include_str!("../../../examples/lab/echo-c1.yaml")).await?;
     wait_ready(&c1, &["echo-v1"], Duration::from_secs(120)).await?;
@@ -229,6 +258,69 @@ async fn canary(c1: &kube::Client, caller: &PodClient) -> Result<()> {
     Ok(())
 }
 
+/// A pod of n1 without a sidecar cannot reach a pod of n2: only the
+/// gateway's load balancer is reachable across networks.
+async fn networks_are_apart(dir: &std::path::Path) -> Result<()> {
+    let outsider = find_pod(dir, Some("c1"), "demo", "outsider")?;
+    let echo_v2: std::net::IpAddr =
+        std::fs::read_to_string(find_pod(dir, Some("c2"), "demo", "echo-v2")?.join("ip"))?
+            .trim()
+            .parse()?;
+    let direct = std::net::SocketAddr::new(echo_v2, 8080);
+    if weft_lab::traffic::Held::from_pod(&outsider, direct)
+        .await
+        .is_ok()
+    {
+        bail!("a pod of n1 reached {direct} in n2 directly");
+    }
+    let gateway = std::net::SocketAddr::from((weft_lab::load_balancer::address(2, 1), 15008));
+    if let Err(err) = weft_lab::traffic::Held::from_pod(&outsider, gateway).await {
+        bail!("c2's gateway {gateway} is not reachable from n1: {err}");
+    }
+    println!(
+        "✓ from n1, echo-v2's pod {direct} cannot be reached at all; c2's gateway {gateway} can (and takes only mTLS from mesh identities)"
+    );
+    Ok(())
+}
+
+/// With echo only in c2, c2's gateway dies: c1's control plane takes it
+/// out, requests fail (nothing else serves echo), and it comes back.
+async fn gateway_outage(lab: &Lab, caller: &PodClient) -> Result<()> {
+    let gateways = Api::<Pod>::namespaced(lab.cluster("c2")?.client.clone(), "weft-system");
+    gateways
+        .delete(
+            "weft-eastwest-gateway",
+            &DeleteParams::default().grace_period(0),
+        )
+        .await?;
+    let out = lab
+        .wait_gateway("c1", "c2", "unhealthy", Duration::from_secs(10))
+        .await?;
+    // Its push reaches the client's sidecar a debounce later; tunnels the
+    // dying gateway still carried end with its drain.
+    caller
+        .until(Duration::from_secs(10), |a| a.is_err())
+        .await?;
+    let answers = caller.batch(5).await;
+    let failed = answers.iter().filter(|a| a.is_err()).count();
+    println!(
+        "✓ c2's east-west gateway killed: c1's control plane took it out {:.2} s later (probe every 1 s, 2 failures); with echo only in c2, {failed} of 5 requests fail, as they must",
+        out.as_secs_f64()
+    );
+    if failed != 5 {
+        bail!("requests reached c2 without its gateway: {answers:?}");
+    }
+    let restored = Instant::now();
+    lab.deploy_gateway("c2").await?;
+    let back = caller.until_stable("c2", Duration::from_secs(60)).await?;
+    println!(
+        "✓ c2's gateway redeployed: traffic back through it {:.2} s later, {} requests failed meanwhile",
+        restored.elapsed().as_secs_f64(),
+        back.errors
+    );
+    Ok(())
+}
+
 /// A pod without a sidecar sends echo-v1 plaintext claiming to be an
 /// admin: the serving port is captured (its probe goes to the sidecar), so
 /// the claim is dropped and echo sees no identity.
@@ -236,6 +328,9 @@ async fn outsider_cannot_forge_an_identity(lab: &Lab, dir: &std::path::Path) -> 
     let c1 = lab.cluster("c1")?.client.clone();
     weft_lab::apply::apply_all(&c1, include_str!("../../../examples/lab/outsider.yaml")).await?;
     wait_ready(&c1, &["outsider"], Duration::from_secs(60)).await?;
+    if lab.multi_network {
+        networks_are_apart(dir).await?;
+    }
     let echo_ip: std::net::IpAddr =
         std::fs::read_to_string(find_pod(dir, Some("c1"), "demo", "echo-v1")?.join("ip"))?
             .trim()

@@ -26,23 +26,6 @@ fn echo(name: &str, cluster: &str) -> String {
         .replace("value: c2", &format!("value: {cluster}"))
 }
 
-/// What c1's control plane says of `gateway`: its health.
-async fn gateway_health(lab: &Lab, gateway: &str) -> String {
-    let monitoring = lab.cluster("c1").unwrap().monitoring_addr;
-    let Ok((200, body)) = weft_lab::mesh::http_get(monitoring, "/debug/gateways").await else {
-        return String::new();
-    };
-    let parsed: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
-    parsed["gateways"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .find(|g| g["name"] == gateway)
-        .and_then(|g| g["health"].as_str())
-        .unwrap_or_default()
-        .to_string()
-}
-
 pub async fn scenario(binaries: Binaries, dir: PathBuf) {
     let lab = Lab::up(LabOptions {
         clusters: 3,
@@ -75,12 +58,9 @@ pub async fn scenario(binaries: Binaries, dir: PathBuf) {
     wait_ready(&lab.cluster("c2").unwrap().client, &["echo-a", "echo-b"]).await;
     wait_ready(&lab.cluster("c3").unwrap().client, &["echo-c"]).await;
     for gateway in ["c2", "c3"] {
-        let name = format!("{gateway}/weft-system/weft-eastwest-gateway");
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while gateway_health(&lab, &name).await != "healthy" {
-            assert!(Instant::now() < deadline, "{name} never probed healthy");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        lab.wait_gateway("c1", gateway, "healthy", Duration::from_secs(60))
+            .await
+            .unwrap();
     }
     let caller = echo_caller(&lab, &dir).await;
 
@@ -145,14 +125,10 @@ pub async fn scenario(binaries: Binaries, dir: PathBuf) {
         "failover took {:?}",
         settled.after
     );
-    let name = "c2/weft-system/weft-eastwest-gateway";
-    while gateway_health(&lab, name).await != "unhealthy" {
-        assert!(
-            killed.elapsed() < DETECTION + Duration::from_secs(2),
-            "c1's control plane did not take c2's gateway out"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let left = (DETECTION + Duration::from_secs(2)).saturating_sub(killed.elapsed());
+    lab.wait_gateway("c1", "c2", "unhealthy", left)
+        .await
+        .unwrap();
     println!(
         "c2's gateway taken out by c1's probe {:.2} s after it died",
         killed.elapsed().as_secs_f64()
@@ -161,11 +137,8 @@ pub async fn scenario(binaries: Binaries, dir: PathBuf) {
     assert_eq!(by_cluster(&answers).get("c3"), Some(&20), "{answers:?}");
 
     // It comes back: traffic returns to c2.
-    let manifest = include_str!("../../../examples/lab/eastwest-gateway.yaml")
-        .replace("{{cluster}}", "c2")
-        .replace("{{network}}", "n2");
     let restored = Instant::now();
-    apply(&lab, "c2", &manifest).await;
+    lab.deploy_gateway("c2").await.unwrap();
     caller
         .until(Duration::from_secs(60), |a| {
             a.as_ref()
