@@ -214,7 +214,11 @@ async fn remote_secret_round_trip_through_a_control_plane() {
         let c2 = out.lines().find(|l| l.starts_with("c2 "));
         // CLUSTER LOCAL NETWORK SYNCED ...
         if c2.is_some_and(|l| l.split_whitespace().nth(3) == Some("true")) {
-            assert_eq!(c2.and_then(|l| l.split_whitespace().nth(2)), Some("default"), "{out}");
+            assert_eq!(
+                c2.and_then(|l| l.split_whitespace().nth(2)),
+                Some("default"),
+                "{out}"
+            );
             assert!(out.lines().any(|l| l.starts_with("c1 ")), "{out}");
             break;
         }
