@@ -91,7 +91,14 @@ async fn debug_json(monitoring: std::net::SocketAddr, path: &str) -> Result<serd
 }
 
 pub async fn remote_clusters(args: RemoteClustersArgs) -> Result<String> {
-    let parsed = debug_json(args.monitoring, "/debug/clusters").await?;
+    let clusters = debug_json(args.monitoring, "/debug/clusters").await?;
+    // Older control planes have no gateway view: the cluster table stands.
+    let gateways = debug_json(args.monitoring, "/debug/gateways").await.ok();
+    Ok(render(&clusters, gateways.as_ref()))
+}
+
+/// The cluster table, then the gateway table when there are gateways.
+fn render(parsed: &serde_json::Value, gateways: Option<&serde_json::Value>) -> String {
     let mut out = format!(
         "{:<20} {:<6} {:<12} {:<7} {:<6} {:>9} {:>6} {:>9}  {}\n",
         "CLUSTER", "LOCAL", "NETWORK", "SYNCED", "STALE", "SERVICES", "PODS", "ROTATING", "ERRORS"
@@ -120,13 +127,11 @@ pub async fn remote_clusters(args: RemoteClustersArgs) -> Result<String> {
             errors.join("; ")
         ));
     }
-    // Older control planes have no gateway view: the cluster table stands.
-    let Ok(gateways) = debug_json(args.monitoring, "/debug/gateways").await else {
-        return Ok(out);
-    };
-    let list = gateways["gateways"].as_array().cloned().unwrap_or_default();
+    let list = gateways
+        .and_then(|g| g["gateways"].as_array().cloned())
+        .unwrap_or_default();
     if list.is_empty() {
-        return Ok(out);
+        return out;
     }
     out.push_str(&format!(
         "\n{:<44} {:<12} {:<24} {:<12}  {}\n",
@@ -160,5 +165,51 @@ pub async fn remote_clusters(args: RemoteClustersArgs) -> Result<String> {
             g["probe"].as_str().unwrap_or("")
         ));
     }
-    Ok(out)
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    #[test]
+    fn the_tables_show_networks_and_each_gateways_health() {
+        let clusters = json!({"clusters": [
+            {"id": "c1", "local": true, "network": "n1", "synced": true, "stale": false, "services": 3, "pods": 4, "rotating": false, "errors": {}},
+            {"id": "c2", "local": false, "network": "n2", "synced": true, "stale": false, "services": 3, "pods": 2, "rotating": false, "errors": {}},
+        ]});
+        let gateways = json!({"network": "n1", "gateways": [
+            {"name": "c1/weft-system/gw", "network": "n1", "addresses": ["10.100.1.1"], "hostname": "", "port": 15008, "health": "unknown", "published": false, "problem": null, "probe": ""},
+            {"name": "c2/weft-system/gw", "network": "n2", "addresses": [], "hostname": "gw.example.com", "port": 15008, "health": "unhealthy", "published": true, "problem": null, "probe": "3 failed in a row: refused"},
+            {"name": "c2/weft-system/bad", "network": "n2", "addresses": [], "hostname": "", "port": 0, "health": "unknown", "published": false, "problem": "weft.io/gateway-port: \"x\" is not a port number", "probe": ""},
+        ]});
+        let out = super::render(&clusters, Some(&gateways));
+        let line = |start: &str| {
+            out.lines()
+                .find(|l| l.starts_with(start))
+                .unwrap_or_default()
+                .to_string()
+        };
+        let words = |start: &str| {
+            line(start)
+                .split_whitespace()
+                .map(String::from)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(words("c2 ")[..4], ["c2", "false", "n2", "true"], "{out}");
+        assert!(line("c1/weft-system/gw").contains("this network"), "{out}");
+        let dead = line("c2/weft-system/gw");
+        assert!(
+            dead.contains("gw.example.com:15008")
+                && dead.contains("unhealthy")
+                && dead.contains("3 failed in a row"),
+            "{out}"
+        );
+        assert!(
+            line("c2/weft-system/bad").contains("unusable: weft.io/gateway-port"),
+            "{out}"
+        );
+        // No gateways: the cluster table alone.
+        assert!(!super::render(&clusters, None).contains("EAST-WEST"));
+    }
 }
