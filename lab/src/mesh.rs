@@ -446,6 +446,24 @@ pub const SIDECAR_LISTENERS: [(&str, u16); 6] = [
     ("WEFT_PROMETHEUS_ADDR", 15090),
 ];
 
+/// [`spawn_sidecar`] for a proxy listening on its pod's address, returned
+/// once it reports ready.
+pub async fn spawn_ready_sidecar(
+    cluster: &Cluster,
+    root_pem: &str,
+    spec: &SidecarSpec,
+) -> Result<Child> {
+    let child = spawn_sidecar(cluster, root_pem, spec).await?;
+    wait_http_ok(
+        SocketAddr::new(spec.pod_ip, 15021),
+        "/healthz/ready",
+        Duration::from_secs(30),
+    )
+    .await
+    .with_context(|| format!("the proxy of {}", spec.pod_name))?;
+    Ok(child)
+}
+
 /// Starts `weft-proxy proxy sidecar` for a pod of `cluster`, configured as
 /// the injector configures it: token file, root certificate, Downward API
 /// variables.

@@ -138,26 +138,19 @@ pub fn isolate(clusters: u8) -> Result<()> {
         run("iptables", &full)
     };
     rule(&["-F", "FORWARD"])?;
-    rule(&[
-        "-A",
-        "FORWARD",
-        "-m",
-        "conntrack",
-        "--ctstate",
-        "ESTABLISHED,RELATED",
-        "-j",
-        "ACCEPT",
-    ])?;
-    rule(&[
-        "-A",
-        "FORWARD",
-        "-m",
-        "conntrack",
-        "--ctstate",
-        "DNAT",
-        "-j",
-        "ACCEPT",
-    ])?;
+    // Replies, and what a load balancer's DNAT sent on.
+    for state in ["ESTABLISHED,RELATED", "DNAT"] {
+        rule(&[
+            "-A",
+            "FORWARD",
+            "-m",
+            "conntrack",
+            "--ctstate",
+            state,
+            "-j",
+            "ACCEPT",
+        ])?;
+    }
     for a in 1..=clusters {
         for b in (1..=clusters).filter(|b| *b != a) {
             rule(&[

@@ -303,15 +303,7 @@ async fn sidecar(
         env: vec![("WEFT_WORKER_THREADS".into(), threads.to_string())],
         gateway: false,
     };
-    let child = mesh::spawn_sidecar(cluster, &root.root_pem(), &spec).await?;
-    mesh::wait_http_ok(
-        SocketAddr::new(at, 15021),
-        "/healthz/ready",
-        Duration::from_secs(30),
-    )
-    .await
-    .with_context(|| format!("sidecar of {name}"))?;
-    Ok(child)
+    mesh::spawn_ready_sidecar(cluster, &root.root_pem(), &spec).await
 }
 
 /// Waits until the sidecar at `at` holds at least `workloads` workloads.

@@ -11,7 +11,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use hdrhistogram::Histogram;
 use k8s_openapi::api::core::v1::Service;
 use kube::Api;
@@ -65,15 +65,7 @@ pub async fn spawn_gateway(
         env: Vec::new(),
         gateway: true,
     };
-    let child = mesh::spawn_sidecar(cluster, &root.root_pem(), &spec).await?;
-    mesh::wait_http_ok(
-        SocketAddr::new(at, 15021),
-        "/healthz/ready",
-        Duration::from_secs(30),
-    )
-    .await
-    .context("the east-west gateway")?;
-    Ok(child)
+    mesh::spawn_ready_sidecar(cluster, &root.root_pem(), &spec).await
 }
 
 /// Waits until the sidecar whose admin port is on `at` holds a healthy
