@@ -453,6 +453,36 @@ fn lab_up_exec_crash_down_and_the_demo() {
         "{demo}"
     );
     assert!(lab_namespaces().is_empty());
+
+    // Its story across networks, which needs a namespace per pod.
+    let refused = weftctl(&["lab", "up", "--network", "multi", "--loopback", "--dir", d]);
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("needs a network namespace per pod"),
+        "{refused:?}"
+    );
+    if let Some(reason) = weft_lab::netns::unavailable() {
+        println!("SKIP lab demo --network multi: {reason}");
+        return;
+    }
+    let demo = ok(weftctl(&[
+        "lab",
+        "demo",
+        "--network",
+        "multi",
+        "--dir",
+        path(&tmp.path().join("demo-multi")),
+    ]));
+    for step in [
+        "the demo behaved at every step",
+        "cannot be reached at all",
+        "traffic failed over to c2 through c2's east-west gateway",
+        "5 of 5 requests fail, as they must",
+        "c2's gateway redeployed: traffic back through it",
+    ] {
+        assert!(demo.contains(step), "{step}:\n{demo}");
+    }
+    assert!(lab_namespaces().is_empty());
 }
 
 /// A lab API server for cluster c1 under `dir` with `manifests`
