@@ -4,6 +4,7 @@
 mod analyze;
 mod authz;
 mod certs;
+mod cluster;
 mod inject;
 mod lab;
 mod remote;
@@ -29,6 +30,9 @@ enum Command {
     CreateRemoteSecret(remote::CreateRemoteSecretArgs),
     /// List the clusters a running control plane watches, with sync state and staleness.
     RemoteClusters(remote::RemoteClustersArgs),
+    /// Drain a cluster (traffic moves away, nothing is deleted), or undrain it.
+    #[command(subcommand)]
+    Cluster(cluster::ClusterCommand),
     /// Add weft sidecars to the workloads of a manifest, offline (prints the result).
     KubeInject(inject::KubeInjectArgs),
     /// Security policy: which policies a workload is under, and what they decide for a caller.
@@ -53,6 +57,7 @@ fn main() -> std::process::ExitCode {
         Command::KubeInject(args) => inject::run(args).map(|out| print!("{out}")),
         Command::Authz(command) => block_on(authz::run(command)).map(|out| print!("{out}")),
         Command::Analyze(args) => block_on(analyze::run(args)),
+        Command::Cluster(command) => cluster::run(command),
         Command::RemoteClusters(args) => {
             block_on(remote::remote_clusters(args)).map(|out| print!("{out}"))
         }

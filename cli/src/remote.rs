@@ -100,8 +100,17 @@ pub async fn remote_clusters(args: RemoteClustersArgs) -> Result<String> {
 /// The cluster table, then the gateway table when there are gateways.
 fn render(parsed: &serde_json::Value, gateways: Option<&serde_json::Value>) -> String {
     let mut out = format!(
-        "{:<20} {:<6} {:<12} {:<7} {:<6} {:>9} {:>6} {:>9}  {}\n",
-        "CLUSTER", "LOCAL", "NETWORK", "SYNCED", "STALE", "SERVICES", "PODS", "ROTATING", "ERRORS"
+        "{:<20} {:<6} {:<12} {:<7} {:<6} {:>9} {:>6} {:>9} {:>9}  {}\n",
+        "CLUSTER",
+        "LOCAL",
+        "NETWORK",
+        "SYNCED",
+        "STALE",
+        "SERVICES",
+        "PODS",
+        "ROTATING",
+        "DRAINING",
+        "ERRORS"
     );
     for c in parsed["clusters"].as_array().into_iter().flatten() {
         let errors: Vec<String> = c["errors"]
@@ -115,7 +124,7 @@ fn render(parsed: &serde_json::Value, gateways: Option<&serde_json::Value>) -> S
         // JSON values ignore widths: each is made text first.
         let text = |key: &str| c[key].to_string();
         out.push_str(&format!(
-            "{:<20} {:<6} {:<12} {:<7} {:<6} {:>9} {:>6} {:>9}  {}\n",
+            "{:<20} {:<6} {:<12} {:<7} {:<6} {:>9} {:>6} {:>9} {:>9}  {}\n",
             c["id"].as_str().unwrap_or("?"),
             text("local"),
             c["network"].as_str().unwrap_or("?"),
@@ -124,6 +133,10 @@ fn render(parsed: &serde_json::Value, gateways: Option<&serde_json::Value>) -> S
             text("services"),
             text("pods"),
             text("rotating"),
+            // Older control planes do not say.
+            c["draining"]
+                .as_bool()
+                .map_or("-".to_string(), |d| d.to_string()),
             errors.join("; ")
         ));
     }
@@ -176,7 +189,7 @@ mod tests {
     fn the_tables_show_networks_and_each_gateways_health() {
         let clusters = json!({"clusters": [
             {"id": "c1", "local": true, "network": "n1", "synced": true, "stale": false, "services": 3, "pods": 4, "rotating": false, "errors": {}},
-            {"id": "c2", "local": false, "network": "n2", "synced": true, "stale": false, "services": 3, "pods": 2, "rotating": false, "errors": {}},
+            {"id": "c2", "local": false, "network": "n2", "synced": true, "stale": false, "services": 3, "pods": 2, "rotating": false, "draining": true, "errors": {}},
         ]});
         let gateways = json!({"network": "n1", "gateways": [
             {"name": "c1/weft-system/gw", "network": "n1", "addresses": ["10.100.1.1"], "hostname": "", "port": 15008, "health": "unknown", "published": false, "problem": null, "probe": ""},
@@ -197,6 +210,8 @@ mod tests {
                 .collect::<Vec<_>>()
         };
         assert_eq!(words("c2 ")[..4], ["c2", "false", "n2", "true"], "{out}");
+        assert_eq!(words("c2 ")[8], "true", "DRAINING: {out}");
+        assert_eq!(words("c1 ")[8], "-", "an older control plane: {out}");
         assert!(line("c1/weft-system/gw").contains("this network"), "{out}");
         let dead = line("c2/weft-system/gw");
         assert!(

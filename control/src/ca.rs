@@ -401,6 +401,7 @@ mod tests {
             system_namespace: "weft-system".into(),
             root_namespace: "weft-system".into(),
             cluster_local: Vec::new(),
+            default_global: true,
         }));
         CaService::new(Arc::new(ca), client, hub)
     }

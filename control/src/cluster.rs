@@ -20,7 +20,7 @@ use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
 use serde::de::DeserializeOwned;
 use tokio::sync::mpsc;
-use weft_xds_proto::mesh::AppProtocol;
+use weft_xds_proto::mesh::{Affinity, AppProtocol};
 
 use crate::security::authorization::AuthorizationInfo;
 use crate::security::peer_authentication::PeerAuthenticationInfo;
@@ -71,6 +71,17 @@ pub struct ServiceInfo {
     pub vip: Option<IpAddr>,
     pub ports: Vec<ServicePortInfo>,
     pub cluster_local: bool,
+    /// `weft.io/global` (or `weft.io/cluster-local: "true"`, which is
+    /// `global: "false"`); `None`: the namespace's or the mesh's default.
+    pub global: Option<bool>,
+    /// `weft.io/shared: "false"`: this cluster's endpoints are kept from
+    /// other clusters.
+    pub shared: bool,
+    /// `weft.io/affinity`.
+    pub affinity: Option<Affinity>,
+    /// Scope annotations whose values mean nothing, said where they are
+    /// ignored.
+    pub scope_problems: Vec<String>,
     /// Set when the Service is its network's east-west gateway.
     pub gateway: Option<GatewayInfo>,
 }
@@ -103,6 +114,9 @@ pub struct Locality {
 pub struct NamespaceInfo {
     pub cluster_local: bool,
     pub network: Option<String>,
+    /// On a cluster's system namespace, `weft.io/draining`: the cluster id
+    /// being drained (its own, to count).
+    pub draining: Option<String>,
 }
 
 /// The kinds of object a cluster is watched for.
@@ -211,6 +225,13 @@ pub struct ClusterUpdate {
 }
 
 pub const ANNOTATION_CLUSTER_LOCAL: &str = "weft.io/cluster-local";
+/// Cilium's service scope, per cluster's Service.
+pub const ANNOTATION_GLOBAL: &str = "weft.io/global";
+pub const ANNOTATION_SHARED: &str = "weft.io/shared";
+pub const ANNOTATION_AFFINITY: &str = "weft.io/affinity";
+/// A cluster being drained: on remote secrets, the ids drained
+/// (comma-separated); on a cluster's own system namespace, its id.
+pub const ANNOTATION_DRAINING: &str = "weft.io/draining";
 pub const LABEL_NETWORK: &str = "topology.weft.io/network";
 /// Which Service port of a gateway carries mesh connections, when it is
 /// not the one numbered or named for 15008.
@@ -340,13 +361,50 @@ pub fn service_info(service: &Service) -> Option<ServiceInfo> {
         })
         .collect();
     let gateway = gateway_info(service, spec, &ports);
+    let annotations = service.annotations();
+    let cluster_local = annotations
+        .get(ANNOTATION_CLUSTER_LOCAL)
+        .is_some_and(|v| v == "true");
+    let mut scope_problems = Vec::new();
+    let mut flag = |key: &str| -> Option<bool> {
+        match annotations.get(key).map(String::as_str) {
+            None => None,
+            Some("true") => Some(true),
+            Some("false") => Some(false),
+            Some(other) => {
+                scope_problems.push(format!(
+                    "{key}: {other:?} is neither \"true\" nor \"false\""
+                ));
+                None
+            }
+        }
+    };
+    let global = if cluster_local {
+        Some(false)
+    } else {
+        flag(ANNOTATION_GLOBAL)
+    };
+    let shared = flag(ANNOTATION_SHARED).unwrap_or(true);
+    let affinity = match annotations.get(ANNOTATION_AFFINITY).map(String::as_str) {
+        None => None,
+        Some("local") => Some(Affinity::Local),
+        Some("remote") => Some(Affinity::Remote),
+        Some("none") => Some(Affinity::None),
+        Some(other) => {
+            scope_problems.push(format!(
+                "{ANNOTATION_AFFINITY}: {other:?} is not local, remote or none"
+            ));
+            None
+        }
+    };
     Some(ServiceInfo {
         vip,
         ports,
-        cluster_local: service
-            .annotations()
-            .get(ANNOTATION_CLUSTER_LOCAL)
-            .is_some_and(|v| v == "true"),
+        cluster_local,
+        global,
+        shared,
+        affinity,
+        scope_problems,
         gateway,
     })
 }
@@ -423,6 +481,7 @@ pub fn namespace_info(namespace: &Namespace) -> NamespaceInfo {
             .get(ANNOTATION_CLUSTER_LOCAL)
             .is_some_and(|v| v == "true"),
         network: namespace.labels().get(LABEL_NETWORK).cloned(),
+        draining: namespace.annotations().get(ANNOTATION_DRAINING).cloned(),
     }
 }
 

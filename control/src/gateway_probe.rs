@@ -39,10 +39,11 @@ impl Default for ProbeConfig {
 }
 
 impl ProbeConfig {
-    /// The longest a dead gateway stays in: every probe of the threshold
-    /// failing, the last one by timing out.
+    /// The longest a dead gateway stays in: it died just after a probe
+    /// passed, so the threshold's probes come a period apart from the next
+    /// one on, the last of them failing by timing out.
     pub fn detection_time(&self) -> Duration {
-        self.period * self.failures.saturating_sub(1) + self.timeout
+        self.period * self.failures.max(1) + self.timeout
     }
 }
 
@@ -192,7 +193,7 @@ mod tests {
             timeout: Duration::from_millis(500),
             failures: 2,
         };
-        assert_eq!(config.detection_time(), Duration::from_millis(1500));
+        assert_eq!(config.detection_time(), Duration::from_millis(2500));
     }
 
     #[tokio::test]

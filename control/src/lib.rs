@@ -13,6 +13,7 @@
 pub mod admin;
 pub mod ca;
 pub mod cluster;
+pub mod drain;
 pub mod gateway_probe;
 pub mod hub;
 pub mod inject;
@@ -73,6 +74,9 @@ pub struct Config {
     pub remote_timeout: Duration,
     /// "ns/name" or "ns/*" services that are never merged across clusters.
     pub cluster_local: Vec<String>,
+    /// Whether Services without a scope annotation are merged across
+    /// clusters (`--default-scope global`) or kept local.
+    pub default_global: bool,
     /// Where security policy without a selector is mesh-wide (Istio's
     /// `rootNamespace`); the control plane's namespace by default.
     pub root_namespace: String,
@@ -105,6 +109,7 @@ impl Config {
             debounce: Debounce::default(),
             remote_timeout: Duration::from_secs(30),
             cluster_local: Vec::new(),
+            default_global: true,
             root_namespace: "weft-system".into(),
             serving_cert_lifetime: Duration::from_secs(24 * 3600),
             xds_max_stream_age: Duration::from_secs(30 * 60),
@@ -148,6 +153,7 @@ impl ControlPlane {
             system_namespace: config.namespace.clone(),
             root_namespace: config.root_namespace.clone(),
             cluster_local: config.cluster_local.clone(),
+            default_global: config.default_global,
         });
         let (hub, nudges) = Hub::new(model);
         let (updates_tx, updates) = mpsc::unbounded_channel();

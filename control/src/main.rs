@@ -9,6 +9,12 @@ use clap::Parser;
 use weft_control::hub::Debounce;
 use weft_control::{Config, ControlPlane};
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Scope {
+    Global,
+    Local,
+}
+
 #[derive(Parser)]
 #[command(
     name = "weft-control",
@@ -76,6 +82,10 @@ struct Args {
         value_delimiter = ','
     )]
     cluster_local: Vec<String>,
+    /// Services without a weft.io/global annotation: merged across
+    /// clusters (global) or kept in their own (local).
+    #[arg(long, env = "WEFT_DEFAULT_SCOPE", value_enum, default_value = "global")]
+    default_scope: Scope,
     /// Where security policy without a selector is mesh-wide (Istio's
     /// meshConfig rootNamespace); default: --namespace. Set istio-system to
     /// take mesh-wide policy written for Istio as it is.
@@ -165,6 +175,7 @@ async fn main() -> anyhow::Result<()> {
         },
         remote_timeout: Duration::from_secs(args.remote_sync_timeout),
         cluster_local: args.cluster_local,
+        default_global: args.default_scope == Scope::Global,
         serving_cert_lifetime: Duration::from_secs(args.serving_cert_lifetime.max(2)),
         xds_max_stream_age: Duration::from_secs(args.xds_max_stream_age.max(1)),
         xds_limits: weft_control::tls::Limits {

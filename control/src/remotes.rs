@@ -294,6 +294,22 @@ fn entries(secret: &Secret) -> BTreeMap<String, Option<String>> {
         .collect()
 }
 
+/// The cluster ids a secret marks as draining (`weft.io/draining`,
+/// comma-separated).
+fn draining(secret: &Secret) -> BTreeSet<String> {
+    secret
+        .annotations()
+        .get(crate::cluster::ANNOTATION_DRAINING)
+        .map(|ids| {
+            ids.split(',')
+                .map(str::trim)
+                .filter(|id| !id.is_empty())
+                .map(String::from)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// Watches the remote-cluster Secrets and keeps the clusters in line.
 pub async fn run(mut remotes: RemoteClusters, client: kube::Client, namespace: String) {
     let api: Api<Secret> = Api::namespaced(client, &namespace);
@@ -302,6 +318,9 @@ pub async fn run(mut remotes: RemoteClusters, client: kube::Client, namespace: S
     futures::pin_mut!(stream);
     let mut secrets: BTreeMap<String, BTreeMap<String, Option<String>>> = BTreeMap::new();
     let mut relist: Option<BTreeMap<String, BTreeMap<String, Option<String>>>> = None;
+    // Secret name → the clusters it drains.
+    let mut drains: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    let mut relisted_drains: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     let mut listed = false;
     loop {
@@ -309,14 +328,28 @@ pub async fn run(mut remotes: RemoteClusters, client: kube::Client, namespace: S
             event = stream.next() => {
                 let Some(event) = event else { break };
                 let changed = match event {
-                    Ok(watcher::Event::Init) => { relist = Some(BTreeMap::new()); false }
+                    Ok(watcher::Event::Init) => { relist = Some(BTreeMap::new()); relisted_drains.clear(); false }
                     Ok(watcher::Event::InitApply(secret)) => {
                         if let Some(set) = relist.as_mut() { set.insert(secret.name_any(), entries(&secret)); }
+                        relisted_drains.insert(secret.name_any(), draining(&secret));
                         false
                     }
-                    Ok(watcher::Event::InitDone) => { secrets = relist.take().unwrap_or_default(); listed = true; true }
-                    Ok(watcher::Event::Apply(secret)) => { secrets.insert(secret.name_any(), entries(&secret)); true }
-                    Ok(watcher::Event::Delete(secret)) => { secrets.remove(&secret.name_any()); true }
+                    Ok(watcher::Event::InitDone) => {
+                        secrets = relist.take().unwrap_or_default();
+                        drains = std::mem::take(&mut relisted_drains);
+                        listed = true;
+                        true
+                    }
+                    Ok(watcher::Event::Apply(secret)) => {
+                        secrets.insert(secret.name_any(), entries(&secret));
+                        drains.insert(secret.name_any(), draining(&secret));
+                        true
+                    }
+                    Ok(watcher::Event::Delete(secret)) => {
+                        secrets.remove(&secret.name_any());
+                        drains.remove(&secret.name_any());
+                        true
+                    }
                     Err(err) => {
                         tracing::warn!(%err, namespace = %namespace, "watching remote-cluster Secrets failed; retrying");
                         false
@@ -324,6 +357,9 @@ pub async fn run(mut remotes: RemoteClusters, client: kube::Client, namespace: S
                 };
                 if changed {
                     remotes.reconcile(&secrets).await;
+                    let drained: BTreeSet<String> = drains.values().flatten().cloned().collect();
+                    remotes.hub.model().set_drained_by_secrets(drained);
+                    remotes.hub.nudge();
                     if listed {
                         remotes.hub.model().set_remotes_listed();
                     }

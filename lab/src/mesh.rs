@@ -294,8 +294,9 @@ impl Cluster {
             .args(["--monitoring-addr", &self.monitoring_addr.to_string()])
             .args(["--webhook-addr", &self.webhook_addr.to_string()])
             .args(["--remote-sync-timeout", "5"])
-            // Gateways of other networks: taken out 1.5 s after they stop
-            // answering at most (two failed probes a second apart).
+            // Gateways of other networks: taken out at most 2.5 s after
+            // they stop answering (two failed probes a second apart, the
+            // last timing out after 0.5 s).
             .args([
                 "--gateway-probe-period",
                 "1",

@@ -1,8 +1,11 @@
 //! Choosing an endpoint for a service: locality first, then load.
 //!
-//! Tiers, tried in order: same cluster and zone, same region, anywhere. A
-//! tier is used when it has a healthy, fresh endpoint; workloads of a stale
-//! (unreachable) cluster are used only when nothing fresh is healthy.
+//! Tiers, tried in order: same cluster and zone, same region, anywhere
+//! (the service's affinity may put every cluster in one tier, or other
+//! clusters first). A tier is used when it has a healthy, fresh endpoint;
+//! workloads of a stale (unreachable) cluster are used only when nothing
+//! fresh is healthy, and those of a draining cluster only when nothing
+//! else is.
 //! Within a tier, the power of two choices on outstanding connections:
 //! two picked at random, the less busy one wins.
 
@@ -13,6 +16,7 @@ use std::sync::{Arc, Mutex};
 use crate::outlier::Outliers;
 use crate::resources::{Name, Workload};
 use crate::routes::{Locality, Simple};
+pub use weft_xds_proto::mesh::Affinity;
 
 /// Where this proxy runs.
 #[derive(Clone, Debug, Default)]
@@ -64,6 +68,9 @@ pub struct Choice<'a> {
     pub locality: Option<&'a Locality>,
     /// The caller's labels, for failoverPriority.
     pub caller: Option<&'a Workload>,
+    /// The service's affinity (`weft.io/affinity`), when no locality
+    /// policy says otherwise.
+    pub affinity: Affinity,
 }
 
 /// The tier of `workload` under a locality policy: failoverPriority's
@@ -72,7 +79,16 @@ pub struct Choice<'a> {
 /// caller's own region.
 fn tier_under(here: &Here, choice: &Choice, workload: &Workload) -> u16 {
     let Some(locality) = choice.locality else {
-        return tier(here, workload) as u16;
+        return match choice.affinity {
+            Affinity::Local => tier(here, workload) as u16,
+            // Every cluster alike: one tier, in proportion to endpoints.
+            Affinity::None => 0,
+            // Other clusters first, by locality among them; this one last.
+            Affinity::Remote => {
+                let own = workload.profile.cluster_id == here.cluster;
+                tier(here, workload) as u16 + if own { 8 } else { 0 }
+            }
+        };
     };
     if locality.disabled {
         return 0;
@@ -246,9 +262,13 @@ impl Load {
                 healthy = keep;
             }
         }
-        // Stale clusters only when nothing fresh is healthy.
+        // Stale clusters only when nothing fresh is healthy; draining
+        // ones only when nothing else is.
         if healthy.iter().any(|w| !w.stale) {
             healthy.retain(|w| !w.stale);
+        }
+        if healthy.iter().any(|w| !w.draining) {
+            healthy.retain(|w| !w.draining);
         }
         if let Some(share) = choice.locality.and_then(|l| {
             l.distribute
@@ -373,6 +393,73 @@ mod tests {
             "fresh"
         );
         assert_eq!(pick(&load, &[stale_local]).unwrap(), "stale");
+    }
+
+    #[test]
+    fn a_draining_cluster_only_when_nothing_else_is_healthy() {
+        let load = Load::default();
+        let mut m = workload_message("draining", [10, 0, 0, 1]);
+        m.cluster_id = "c1".into();
+        m.draining = true;
+        let draining = Arc::new(fixtures::workload(m, &mut Interner::default()));
+        let far = w("far", "c2", "b", true, false);
+        for _ in 0..20 {
+            assert_eq!(
+                pick(&load, &[draining.clone(), far.clone()]).unwrap(),
+                "far"
+            );
+        }
+        // Nothing fails for it: with no other endpoint it is still used.
+        assert_eq!(pick(&load, &[draining.clone()]).unwrap(), "draining");
+        let down = w("far", "c2", "b", false, false);
+        assert_eq!(pick(&load, &[draining, down]).unwrap(), "draining");
+    }
+
+    #[test]
+    fn affinity_none_spreads_by_endpoint_count_and_remote_prefers_other_clusters() {
+        let load = Load::default();
+        // Two endpoints here, one in each of two other clusters (2:1:1).
+        let set = [
+            w("c1-a", "c1", "a", true, false),
+            w("c1-b", "c1", "a", true, false),
+            w("c2-a", "c2", "b", true, false),
+            w("c3-a", "c3", "c", true, false),
+        ];
+        let count = |affinity: Affinity, n: usize| {
+            let choice = Choice {
+                affinity,
+                ..Choice::default()
+            };
+            let mut by_cluster = std::collections::BTreeMap::<String, usize>::new();
+            for _ in 0..n {
+                let (w, _) = load
+                    .choose_with(&here(), set.iter(), &[], &choice, None)
+                    .unwrap();
+                *by_cluster
+                    .entry(w.profile.cluster_id.to_string())
+                    .or_default() += 1;
+            }
+            by_cluster
+        };
+        let local = count(Affinity::Local, 100);
+        assert_eq!(local.get("c1"), Some(&100), "{local:?}");
+        let none = count(Affinity::None, 4000);
+        let share = |c: &str| *none.get(c).unwrap_or(&0) as f64 / 4000.0;
+        assert!((share("c1") - 0.5).abs() < 0.04, "{none:?}");
+        assert!((share("c2") - 0.25).abs() < 0.04, "{none:?}");
+        assert!((share("c3") - 0.25).abs() < 0.04, "{none:?}");
+        let remote = count(Affinity::Remote, 200);
+        assert_eq!(remote.get("c1"), None, "{remote:?}");
+        // Only this cluster's left: used rather than failing.
+        let only_here = [set[0].clone()];
+        let choice = Choice {
+            affinity: Affinity::Remote,
+            ..Choice::default()
+        };
+        assert!(
+            load.choose_with(&here(), only_here.iter(), &[], &choice, None)
+                .is_some()
+        );
     }
 
     #[test]

@@ -328,12 +328,16 @@ impl Outbound {
             .and_then(|ip| snapshot.workload_by_ip(ip));
         let here = me.map(|me| Here::of(me));
         let choice = match policy.as_deref() {
-            None => Choice::default(),
+            None => Choice {
+                affinity: service.affinity,
+                ..Choice::default()
+            },
             Some(policy) => Choice {
                 simple: policy.simple,
                 hash: policy.hash.as_ref().and(target.hash),
                 locality: policy.locality.as_ref(),
                 caller: me.map(|w| &**w),
+                affinity: service.affinity,
             },
         };
         let share = policy

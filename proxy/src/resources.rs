@@ -77,6 +77,8 @@ pub struct Service {
     pub ports: Box<[ServicePort]>,
     pub cluster_local: bool,
     pub clusters: Box<[Name]>,
+    /// Which clusters' endpoints callers prefer.
+    pub affinity: mesh::Affinity,
 }
 
 impl Service {
@@ -159,6 +161,8 @@ pub struct Workload {
     pub address: IpAddr,
     pub healthy: bool,
     pub stale: bool,
+    /// Its cluster is being drained: used only when nothing else is.
+    pub draining: bool,
     /// What few pods have, out of line: one pointer, usually null, instead
     /// of 32 bytes in every workload (a tenth of what one costs).
     unusual: Option<Box<Unusual>>,
@@ -447,6 +451,7 @@ pub fn decode_workload(
         address,
         healthy: workload.status == mesh::WorkloadStatus::Healthy as i32,
         stale: workload.stale,
+        draining: workload.draining,
         unusual,
         profile: names.profile(profile),
     })
@@ -503,6 +508,8 @@ pub fn decode_service(
         ports,
         cluster_local: service.cluster_local,
         clusters: service.clusters.iter().map(|c| names.name(c)).collect(),
+        // A value this proxy does not know is today's default.
+        affinity: mesh::Affinity::try_from(service.affinity).unwrap_or(mesh::Affinity::Local),
     })
 }
 

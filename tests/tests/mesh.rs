@@ -511,6 +511,7 @@ mod lab {
     use weft_lab::traffic::{Held, PodClient, by_cluster};
 
     mod networks;
+    mod scope;
     mod traffic;
 
     const CLIENT: &str = "spiffe://cluster.local/ns/demo/sa/client";
@@ -1227,6 +1228,8 @@ spec:
         probes_keep_the_serving_port_captured(&lab, &dir, network).await;
         security_policy_is_enforced(&lab, &dir, network, &caller).await;
         traffic::traffic_policy_is_applied(&lab, &dir, network, &caller).await;
+        scope::draining_moves_traffic_and_fails_nothing(&lab, &caller).await;
+        scope::scope_annotations_decide_which_clusters_serve(&lab, &caller).await;
 
         // Failover: c1's echo is deleted as Kubernetes deletes a pod (a
         // grace period, its endpoint terminating, SIGTERM): no request fails

@@ -73,6 +73,7 @@ pub fn service(
         ports,
         cluster_local: false,
         clusters: vec!["c1".into()],
+        affinity: mesh::Affinity::Local as i32,
     }
 }
 

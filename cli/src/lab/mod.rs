@@ -190,6 +190,19 @@ pub fn read_state(dir: &Path) -> Result<serde_json::Value> {
     Ok(serde_json::from_str(&text)?)
 }
 
+/// The kubeconfigs of a running lab's clusters, with this process moved
+/// into the lab's network (before any thread starts) so they answer.
+pub fn lab_kubeconfigs(dir: &Path) -> Result<Vec<PathBuf>> {
+    let state = read_state(dir)?;
+    enter_lab_network(&state)?;
+    Ok(state["clusters"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|c| c["kubeconfig"].as_str().map(PathBuf::from))
+        .collect())
+}
+
 /// Enters the lab's router namespace when the lab uses namespaces; must
 /// run before any thread starts.
 fn enter_lab_network(state: &serde_json::Value) -> Result<()> {

@@ -40,6 +40,9 @@ pub struct ModelConfig {
     pub root_namespace: String,
     /// "ns/name" or "ns/*": services never merged across clusters.
     pub cluster_local: Vec<String>,
+    /// Whether a Service without a scope annotation is merged across
+    /// clusters (`--default-scope global`).
+    pub default_global: bool,
 }
 
 pub struct ClusterState {
@@ -61,6 +64,7 @@ pub struct ClusterStatus {
     pub id: String,
     pub local: bool,
     pub network: String,
+    pub draining: bool,
     pub synced: bool,
     pub stale: bool,
     pub generation: u64,
@@ -89,6 +93,8 @@ pub struct Model {
     /// What each gateway's last probe saw, for operators.
     gateway_probes: BTreeMap<String, String>,
     gateways_dirty: bool,
+    /// Clusters the remote secrets here mark as draining.
+    drained_by_secrets: std::collections::BTreeSet<String>,
     version: u64,
     dirty_pods: HashSet<(String, Key)>,
     dirty_services: HashSet<Key>,
@@ -117,6 +123,7 @@ impl Model {
             gateway_health: BTreeMap::new(),
             gateway_probes: BTreeMap::new(),
             gateways_dirty: false,
+            drained_by_secrets: Default::default(),
             version: 0,
             dirty_pods: HashSet::new(),
             dirty_services: HashSet::new(),
@@ -293,7 +300,43 @@ impl Model {
         for key in touched.pods {
             self.dirty_pods.insert((cluster.clone(), key));
         }
+        // A Service's scope in one cluster decides which clusters'
+        // endpoints the others' workloads are bound to.
+        let elsewhere: Vec<(String, Key)> = self
+            .clusters
+            .iter()
+            .filter(|(id, _)| **id != cluster)
+            .flat_map(|(id, state)| {
+                touched
+                    .services
+                    .iter()
+                    .flat_map(|key| state.data.pods_of_service(key))
+                    .map(|pod| (id.clone(), pod))
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        self.dirty_pods.extend(elsewhere);
         self.dirty_services.extend(touched.services);
+    }
+
+    /// The clusters the remote secrets here mark as draining; their
+    /// workloads are rebuilt when that changes.
+    pub fn set_drained_by_secrets(&mut self, ids: std::collections::BTreeSet<String>) {
+        if ids == self.drained_by_secrets {
+            return;
+        }
+        let changed: Vec<String> = ids
+            .symmetric_difference(&self.drained_by_secrets)
+            .cloned()
+            .collect();
+        self.drained_by_secrets = ids;
+        for id in changed {
+            if let Some(state) = self.clusters.get(&id) {
+                let pods: Vec<Key> = state.data.pods.keys().cloned().collect();
+                self.dirty_pods
+                    .extend(pods.into_iter().map(|pod| (id.clone(), pod)));
+            }
+        }
     }
 
     /// A change to security policy, from the local cluster's watchers.
@@ -405,6 +448,7 @@ impl Model {
                 id: id.clone(),
                 local: *id == self.config.local_cluster,
                 network: self.network_of(id),
+                draining: self.draining(id),
                 synced: state.last_synced.is_some(),
                 stale: state.stale,
                 generation: state.generation,
@@ -447,6 +491,7 @@ mod tests {
             system_namespace: "weft-system".into(),
             root_namespace: "weft-system".into(),
             cluster_local: vec![],
+            default_global: true,
         }
     }
 
@@ -476,6 +521,16 @@ mod tests {
     }
 
     fn service(vip: &str, cluster_local: bool) -> Object {
+        scoped(vip, cluster_local.then_some(false), true, None)
+    }
+
+    /// A Service with scope annotations: global, shared, affinity.
+    fn scoped(
+        vip: &str,
+        global: Option<bool>,
+        shared: bool,
+        affinity: Option<mesh::Affinity>,
+    ) -> Object {
         Object::Service(ServiceInfo {
             vip: Some(vip.parse().unwrap()),
             ports: vec![ServicePortInfo {
@@ -484,7 +539,11 @@ mod tests {
                 protocol: AppProtocol::Http,
                 target_port: 8080,
             }],
-            cluster_local,
+            cluster_local: global == Some(false),
+            global,
+            shared,
+            affinity,
+            scope_problems: Vec::new(),
             gateway: None,
         })
     }
@@ -609,6 +668,163 @@ mod tests {
             workload(&model, "c1/demo/echo-c1").unwrap().services.len(),
             1
         );
+    }
+
+    /// c1 (this control plane's) and c2 each with echo as `c1_scope` and
+    /// `c2_scope`, under `default_global`: the clusters of echo's
+    /// resource, whether c2's pod is bound to it, and its affinity.
+    fn scope_outcome(
+        default_global: bool,
+        c1_scope: Option<Object>,
+        c2_scope: Object,
+    ) -> (Vec<String>, bool, i32) {
+        let mut model = Model::new(ModelConfig {
+            default_global,
+            ..config()
+        });
+        synced_cluster(&mut model, "c1", "10.96.0.10", "10.1.0.5", false);
+        synced_cluster(&mut model, "c2", "10.97.0.10", "10.2.0.5", false);
+        let set = |model: &mut Model, cluster: &str, object: Option<Object>| {
+            model.apply(update(
+                cluster,
+                1,
+                Change::Object(Kind::Service, key("demo", "echo"), object),
+            ));
+        };
+        set(&mut model, "c1", c1_scope);
+        set(&mut model, "c2", Some(c2_scope));
+        model.flush();
+        let bound = !workload(&model, "c2/demo/echo-c2")
+            .unwrap()
+            .services
+            .is_empty();
+        let svc = service_resource(&model);
+        (svc.clusters, bound, svc.affinity)
+    }
+
+    #[test]
+    fn service_scope_follows_cilium_with_annotations_over_the_mesh_default() {
+        use mesh::Affinity;
+        let plain = || scoped("10.96.0.10", None, true, None);
+        let both = vec!["c1".to_string(), "c2".to_string()];
+        let here = vec!["c1".to_string()];
+        let cases = [
+            (
+                "defaults: merged",
+                true,
+                Some(plain()),
+                plain(),
+                both.clone(),
+                true,
+            ),
+            (
+                "mesh default local",
+                false,
+                Some(plain()),
+                plain(),
+                here.clone(),
+                false,
+            ),
+            (
+                "annotations beat a local default",
+                false,
+                Some(scoped("10.96.0.10", Some(true), true, None)),
+                scoped("10.97.0.10", Some(true), true, None),
+                both.clone(),
+                true,
+            ),
+            (
+                "global: false here keeps it here",
+                true,
+                Some(scoped("10.96.0.10", Some(false), true, None)),
+                plain(),
+                here.clone(),
+                false,
+            ),
+            (
+                "global: false there keeps c2's endpoints there",
+                true,
+                Some(plain()),
+                scoped("10.97.0.10", Some(false), true, None),
+                here.clone(),
+                false,
+            ),
+            (
+                "shared: false there hides c2's endpoints",
+                true,
+                Some(plain()),
+                scoped("10.97.0.10", None, false, None),
+                here.clone(),
+                false,
+            ),
+            (
+                "a remote-only global service",
+                true,
+                None,
+                plain(),
+                vec!["c2".to_string()],
+                true,
+            ),
+        ];
+        for (what, default_global, c1, c2, clusters, bound) in cases {
+            let (got, got_bound, _) = scope_outcome(default_global, c1, c2);
+            assert_eq!((got, got_bound), (clusters, bound), "{what}");
+        }
+        // Affinity is the caller's cluster's, else the offering cluster's.
+        let (_, _, affinity) = scope_outcome(
+            true,
+            Some(scoped("10.96.0.10", None, true, Some(Affinity::None))),
+            scoped("10.97.0.10", None, true, Some(Affinity::Remote)),
+        );
+        assert_eq!(affinity, Affinity::None as i32);
+        let (_, _, affinity) = scope_outcome(
+            true,
+            None,
+            scoped("10.97.0.10", None, true, Some(Affinity::Remote)),
+        );
+        assert_eq!(affinity, Affinity::Remote as i32);
+    }
+
+    #[test]
+    fn a_drained_cluster_s_workloads_say_so_until_undrained() {
+        let mut model = Model::new(config());
+        synced_cluster(&mut model, "c1", "10.96.0.10", "10.1.0.5", false);
+        synced_cluster(&mut model, "c2", "10.97.0.10", "10.2.0.5", false);
+        model.flush();
+        let draining = |model: &Model, uid: &str| workload(model, uid).unwrap().draining;
+        assert!(!draining(&model, "c2/demo/echo-c2"));
+        // By the remote secret here.
+        model.set_drained_by_secrets(["c2".to_string()].into());
+        model.flush();
+        assert!(draining(&model, "c2/demo/echo-c2"));
+        assert!(!draining(&model, "c1/demo/echo-c1"));
+        model.set_drained_by_secrets(Default::default());
+        model.flush();
+        assert!(!draining(&model, "c2/demo/echo-c2"));
+        // By the cluster's own system namespace, naming itself; another
+        // cluster's id there counts for nothing.
+        let annotate = |model: &mut Model, cluster: &str, named: &str| {
+            let info = crate::cluster::NamespaceInfo {
+                draining: Some(named.to_string()),
+                ..Default::default()
+            };
+            model.apply(update(
+                cluster,
+                1,
+                Change::Object(
+                    Kind::Namespace,
+                    key("", "weft-system"),
+                    Some(Object::Namespace(info)),
+                ),
+            ));
+        };
+        annotate(&mut model, "c1", "c1");
+        annotate(&mut model, "c2", "c9");
+        model.flush();
+        assert!(draining(&model, "c1/demo/echo-c1"));
+        assert!(!draining(&model, "c2/demo/echo-c2"));
+        let status = model.cluster_status();
+        assert!(status.iter().find(|c| c.id == "c1").unwrap().draining);
     }
 
     #[test]

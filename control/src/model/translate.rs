@@ -14,9 +14,26 @@ impl Model {
         format!("{}.{}.svc.{}", key.1, key.0, self.config.domain_suffix)
     }
 
-    /// A service is cluster-local by flag, or by annotation on the service
-    /// or its namespace in any cluster.
-    pub(super) fn cluster_local(&self, key: &Key) -> bool {
+    /// Whether cluster `id`'s Service `key` is global (merged across
+    /// clusters). Precedence, most specific first: the Service's
+    /// `weft.io/global` (or `weft.io/cluster-local`), its namespace's
+    /// `weft.io/cluster-local`, the `--cluster-local` list, then the mesh
+    /// default (`--default-scope`).
+    pub(super) fn global_in(&self, id: &str, key: &Key) -> bool {
+        let Some(state) = self.clusters.get(id) else {
+            return false;
+        };
+        if let Some(global) = state.data.services.get(key).and_then(|s| s.global) {
+            return global;
+        }
+        if state
+            .data
+            .namespaces
+            .get(&key.0)
+            .is_some_and(|n| n.cluster_local)
+        {
+            return false;
+        }
         let exact = format!("{}/{}", key.0, key.1);
         let whole_ns = format!("{}/*", key.0);
         if self
@@ -25,15 +42,43 @@ impl Model {
             .iter()
             .any(|c| *c == exact || *c == whole_ns)
         {
+            return false;
+        }
+        self.config.default_global
+    }
+
+    /// Whether this control plane's callers see cluster `id`'s endpoints
+    /// of `key`: always their own cluster's; another's when its Service
+    /// is global and shared, and their own Service (where there is one)
+    /// is global too.
+    pub(super) fn offered(&self, id: &str, key: &Key) -> bool {
+        let local = &self.config.local_cluster;
+        if id == local {
             return true;
         }
-        self.clusters.values().any(|c| {
-            c.data.services.get(key).is_some_and(|s| s.cluster_local)
-                || c.data
-                    .namespaces
-                    .get(&key.0)
-                    .is_some_and(|n| n.cluster_local)
-        })
+        let Some(service) = self.clusters.get(id).and_then(|c| c.data.services.get(key)) else {
+            return false;
+        };
+        if !service.shared || !self.global_in(id, key) {
+            return false;
+        }
+        let has_local = self
+            .clusters
+            .get(local)
+            .is_some_and(|c| c.data.services.contains_key(key));
+        !has_local || self.global_in(local, key)
+    }
+
+    /// Whether cluster `id` is being drained: its remote secret says so in
+    /// this cluster, or its own system namespace does.
+    pub(super) fn draining(&self, id: &str) -> bool {
+        self.drained_by_secrets.contains(id)
+            || self
+                .clusters
+                .get(id)
+                .and_then(|c| c.data.namespaces.get(&self.config.system_namespace))
+                .and_then(|n| n.draining.as_deref())
+                .is_some_and(|named| named == id)
     }
 
     /// A cluster's network: the label on its system namespace, else this
@@ -48,20 +93,31 @@ impl Model {
     }
 
     pub(super) fn build_service(&self, key: &Key) -> Option<mesh::Service> {
-        let local_only = self.cluster_local(key);
+        let local = &self.config.local_cluster;
+        let local_service = self
+            .clusters
+            .get(local)
+            .and_then(|c| c.data.services.get(key));
+        let local_only = local_service.is_some() && !self.global_in(local, key);
         let mut vips = Vec::new();
         let mut clusters = Vec::new();
         let mut ports: Option<&Vec<crate::cluster::ServicePortInfo>> = None;
+        // The caller's own Service decides the affinity; without one, the
+        // first cluster that offers it.
+        let mut affinity = local_service.and_then(|s| s.affinity);
         for (id, state) in &self.clusters {
-            if local_only && *id != self.config.local_cluster {
-                continue;
-            }
             let Some(service) = state.data.services.get(key) else {
                 continue;
             };
+            if !self.offered(id, key) {
+                continue;
+            }
             clusters.push(id.clone());
-            if ports.is_none() || *id == self.config.local_cluster {
+            if ports.is_none() || id == local {
                 ports = Some(&service.ports);
+            }
+            if local_service.is_none() && affinity.is_none() {
+                affinity = service.affinity;
             }
             if let Some(vip) = service.vip {
                 vips.push(mesh::ClusterVip {
@@ -88,6 +144,7 @@ impl Model {
                 .collect(),
             cluster_local: local_only,
             clusters,
+            affinity: affinity.unwrap_or(mesh::Affinity::Local) as i32,
         })
     }
 
@@ -105,7 +162,7 @@ impl Model {
                 continue;
             };
             let service_key = (key.0.clone(), slice.service.clone());
-            if cluster != self.config.local_cluster && self.cluster_local(&service_key) {
+            if !self.offered(cluster, &service_key) {
                 continue;
             }
             let ready = slice
@@ -175,6 +232,7 @@ impl Model {
             canonical_name: pod.canonical_name.clone(),
             canonical_revision: pod.canonical_revision.clone(),
             stale: state.stale,
+            draining: self.draining(cluster),
             authorization_policies,
             inbound_mtls,
             labels: pod.labels.clone().into_iter().collect(),

@@ -16,9 +16,10 @@ use weft_lab::traffic::{Held, by_cluster};
 
 use super::{CLIENT, apply, echo_caller, wait_ready};
 
-/// The lab's probe: a second apart, taken out after two failures, the
-/// last one by a 0.5 s timeout at worst.
-const DETECTION: Duration = Duration::from_millis(1500);
+/// The lab's probe (`ProbeConfig::detection_time` of its flags): a second
+/// apart, taken out after two failures, the first a period after the
+/// death at worst, the last by a 0.5 s timeout at worst.
+const DETECTION: Duration = Duration::from_millis(2500);
 
 fn echo(name: &str, cluster: &str) -> String {
     include_str!("../../../examples/lab/echo-c2.yaml")
@@ -126,7 +127,7 @@ pub async fn scenario(binaries: Binaries, dir: PathBuf) {
         "failover took {:?}",
         settled.after
     );
-    let left = (DETECTION + Duration::from_secs(2)).saturating_sub(killed.elapsed());
+    let left = (DETECTION + Duration::from_secs(1)).saturating_sub(killed.elapsed());
     lab.wait_gateway("c1", "c2", "unhealthy", left)
         .await
         .unwrap();
