@@ -82,8 +82,9 @@ pub struct ServiceInfo {
     /// Scope annotations whose values mean nothing, said where they are
     /// ignored.
     pub scope_problems: Vec<String>,
-    /// Set when the Service is its network's east-west gateway.
-    pub gateway: Option<GatewayInfo>,
+    /// Set when the Service is its network's east-west gateway (rare:
+    /// boxed, so that every other Service stays small).
+    pub gateway: Option<Box<GatewayInfo>>,
 }
 
 /// A Service labelled `topology.weft.io/network`: the way into that
@@ -360,7 +361,7 @@ pub fn service_info(service: &Service) -> Option<ServiceInfo> {
             })
         })
         .collect();
-    let gateway = gateway_info(service, spec, &ports);
+    let gateway = gateway_info(service, spec, &ports).map(Box::new);
     let annotations = service.annotations();
     let cluster_local = annotations
         .get(ANNOTATION_CLUSTER_LOCAL)

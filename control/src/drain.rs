@@ -57,7 +57,7 @@ pub async fn mark(client: &kube::Client, namespace: &str, id: &str, drain: bool)
             if drain {
                 format!("annotated {DRAINING}={id}")
             } else {
-                format!("no longer draining")
+                "no longer draining".to_string()
             }
         ));
     }

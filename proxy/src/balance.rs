@@ -410,7 +410,10 @@ mod tests {
             );
         }
         // Nothing fails for it: with no other endpoint it is still used.
-        assert_eq!(pick(&load, &[draining.clone()]).unwrap(), "draining");
+        assert_eq!(
+            pick(&load, std::slice::from_ref(&draining)).unwrap(),
+            "draining"
+        );
         let down = w("far", "c2", "b", false, false);
         assert_eq!(pick(&load, &[draining, down]).unwrap(), "draining");
     }

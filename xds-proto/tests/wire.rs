@@ -39,6 +39,7 @@ fn sample_workload() -> mesh::Workload {
         canonical_name: "echo".into(),
         canonical_revision: "v1".into(),
         stale: false,
+        draining: true,
         authorization_policies: vec!["demo/allow-client".into()],
         inbound_mtls: Some(mesh::InboundMtls {
             mode: mesh::MtlsMode::Strict as i32,
@@ -73,6 +74,7 @@ fn sample_service() -> mesh::Service {
         }],
         cluster_local: false,
         clusters: vec!["c1".into(), "c2".into()],
+        affinity: mesh::Affinity::None as i32,
     }
 }
 

@@ -79,7 +79,7 @@ impl Model {
             .services
             .get(key)?
             .gateway
-            .as_ref()
+            .as_deref()
     }
 
     /// What the probe last concluded about gateway `name`.
