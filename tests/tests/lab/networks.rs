@@ -152,5 +152,103 @@ pub async fn scenario(binaries: Binaries, dir: PathBuf) {
         "c2's gateway restored: traffic back on c2 {:.2} s after it was re-applied",
         restored.elapsed().as_secs_f64()
     );
+
+    affinity_none_follows_the_karmada_division(&lab, &caller).await;
     lab.down().await;
+}
+
+/// The replicas per cluster Karmada gives examples/karmada/echo.yaml's
+/// Deployment: divided by its static weights (Karmada's `Divided`,
+/// `Weighted`, the remainder to the heaviest).
+fn karmada_division() -> Vec<(String, usize)> {
+    let docs =
+        weft_lab::apply::documents(include_str!("../../../examples/karmada/echo.yaml")).unwrap();
+    let find = |kind: &str| docs.iter().find(|d| d["kind"] == kind).unwrap().clone();
+    let replicas = find("Deployment")["spec"]["replicas"].as_u64().unwrap() as usize;
+    let policy = find("PropagationPolicy");
+    let weights: Vec<(String, usize)> =
+        policy["spec"]["placement"]["replicaScheduling"]["weightPreference"]["staticWeightList"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|w| {
+                (
+                    w["targetCluster"]["clusterNames"][0]
+                        .as_str()
+                        .unwrap()
+                        .to_string(),
+                    w["weight"].as_u64().unwrap() as usize,
+                )
+            })
+            .collect();
+    let total: usize = weights.iter().map(|(_, w)| w).sum();
+    let mut division: Vec<(String, usize)> = weights
+        .iter()
+        .map(|(c, w)| (c.clone(), replicas * w / total))
+        .collect();
+    let given: usize = division.iter().map(|(_, n)| n).sum();
+    if let Some(heaviest) = division.iter_mut().max_by_key(|(_, n)| *n) {
+        heaviest.1 += replicas - given;
+    }
+    assert_eq!(
+        find("Service")["metadata"]["annotations"]["weft.io/affinity"],
+        "none"
+    );
+    division
+}
+
+/// `weft.io/affinity: none` with replicas divided 2:1:1 across three
+/// clusters (the Karmada case): 2,000 requests split in proportion, each
+/// cluster within 5 points of its share.
+async fn affinity_none_follows_the_karmada_division(
+    lab: &Lab,
+    caller: &weft_lab::traffic::PodClient,
+) {
+    let division = karmada_division();
+    assert_eq!(
+        division,
+        [
+            ("c1".to_string(), 2),
+            ("c2".to_string(), 1),
+            ("c3".to_string(), 1)
+        ]
+    );
+    // c2 has echo-a and echo-b, c3 echo-c: c2 gives one up, c1 gets two.
+    let pods: Api<Pod> = Api::namespaced(lab.cluster("c2").unwrap().client.clone(), "demo");
+    pods.delete("echo-b", &DeleteParams::default())
+        .await
+        .unwrap();
+    apply(lab, "c1", &echo("echo-x", "c1")).await;
+    apply(lab, "c1", &echo("echo-y", "c1")).await;
+    let c1 = lab.cluster("c1").unwrap().client.clone();
+    wait_ready(&c1, &["echo-x", "echo-y"]).await;
+    super::scope::annotate_echo(lab, "c1", &[("weft.io/affinity", Some("none"))]).await;
+    // In force once c2 and c3 answer again next to c1.
+    for cluster in ["c2", "c3"] {
+        caller
+            .until(Duration::from_secs(30), |a| {
+                a.as_ref()
+                    .is_ok_and(|f| f.get("cluster").map(String::as_str) == Some(cluster))
+            })
+            .await
+            .unwrap();
+    }
+    // echo-b's endpoint leaves c1's view through c2's control plane.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let n = 2000;
+    let answers = caller.batch(n).await;
+    let counts = by_cluster(&answers);
+    let failed = answers.iter().filter(|a| a.is_err()).count();
+    println!(
+        "affinity none, replicas 2:1:1 (examples/karmada/echo.yaml): {counts:?} over {n}, {failed} failed"
+    );
+    assert_eq!(failed, 0);
+    for (cluster, replicas) in division {
+        let share = *counts.get(&cluster).unwrap_or(&0) as f64 / n as f64;
+        let expected = replicas as f64 / 4.0;
+        assert!(
+            (share - expected).abs() <= 0.05,
+            "{cluster}: {share:.3} of the requests, expected {expected:.2}: {counts:?}"
+        );
+    }
 }
