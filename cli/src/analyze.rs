@@ -4,7 +4,9 @@
 //! object is then not applied) or ignores, each reference that resolves to
 //! nothing (a Service that does not exist, a subset no DestinationRule
 //! defines: Istio's "add the subset before the route that uses it"), and
-//! which of several routes for one host is in force.
+//! which of several routes for one host is in force. It also names the
+//! Service scope annotations (`weft.io/global`, `shared`, `affinity`)
+//! whose values mean nothing.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write;
@@ -150,6 +152,31 @@ pub fn analyze(objects: &[Read], services: &BTreeSet<String>) -> Vec<Finding> {
     findings
 }
 
+/// Scope annotations on Services (docs/services.md) whose values mean
+/// nothing: each is ignored, and said so here.
+fn scope_findings(services: &[Service], namespace: Option<&str>) -> Vec<Finding> {
+    services
+        .iter()
+        .filter(|s| namespace.is_none_or(|ns| s.metadata.namespace.as_deref() == Some(ns)))
+        .flat_map(|s| {
+            let object = format!(
+                "Service {}/{}",
+                s.metadata.namespace.as_deref().unwrap_or_default(),
+                s.metadata.name.as_deref().unwrap_or_default()
+            );
+            weft_control::cluster::service_info(s)
+                .map(|info| info.scope_problems)
+                .unwrap_or_default()
+                .into_iter()
+                .map(move |problem| Finding {
+                    level: Level::Warning,
+                    object: object.clone(),
+                    message: format!("{problem}: ignored"),
+                })
+        })
+        .collect()
+}
+
 pub async fn run(args: AnalyzeArgs) -> Result<()> {
     let client = crate::remote::client(&args.kubeconfig, args.context.clone()).await?;
     let mut objects = Vec::new();
@@ -180,10 +207,11 @@ pub async fn run(args: AnalyzeArgs) -> Result<()> {
             });
         }
     }
-    let services: BTreeSet<String> = Api::<Service>::all(client)
+    let listed = Api::<Service>::all(client)
         .list(&ListParams::default())
         .await?
-        .items
+        .items;
+    let services: BTreeSet<String> = listed
         .iter()
         .map(|s| {
             format!(
@@ -194,7 +222,9 @@ pub async fn run(args: AnalyzeArgs) -> Result<()> {
             )
         })
         .collect();
-    let findings = analyze(&objects, &services);
+    let mut findings = analyze(&objects, &services);
+    findings.extend(scope_findings(&listed, args.namespace.as_deref()));
+    findings.sort();
     let mut out = String::new();
     for f in &findings {
         let level = match f.level {
@@ -211,8 +241,9 @@ pub async fn run(args: AnalyzeArgs) -> Result<()> {
         .count();
     let _ = writeln!(
         out,
-        "{} traffic objects: {errors} errors, {warnings} warnings{}",
+        "{} traffic objects, {} Services: {errors} errors, {warnings} warnings{}",
         objects.len(),
+        listed.len(),
         if findings.is_empty() {
             " (no issues found)"
         } else {

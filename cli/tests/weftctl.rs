@@ -634,6 +634,14 @@ kind: Service
 metadata: {name: echo, namespace: demo}
 spec: {selector: {app: echo}, ports: [{port: 80}]}
 ---
+apiVersion: v1
+kind: Service
+metadata:
+  name: scoped
+  namespace: demo
+  annotations: {weft.io/global: "yes", weft.io/affinity: nearest, weft.io/shared: "false"}
+spec: {selector: {app: scoped}, ports: [{port: 80}]}
+---
 apiVersion: networking.istio.io/v1
 kind: DestinationRule
 metadata: {name: echo, namespace: demo}
@@ -698,7 +706,10 @@ spec:
         "for gateways only",
         // The HTTPRoute for echo takes precedence over both VirtualServices.
         "not in force for echo.demo.svc.cluster.local: routed by HTTPRoute demo/to-nowhere",
-        "6 traffic objects: 4 errors, 3 warnings",
+        "Service demo/scoped",
+        "weft.io/global: \"yes\" is neither \"true\" nor \"false\": ignored",
+        "weft.io/affinity: \"nearest\" is not local, remote or none: ignored",
+        "6 traffic objects, 2 Services: 4 errors, 5 warnings",
     ] {
         assert!(text.contains(expected), "missing {expected:?} in:\n{text}");
     }
