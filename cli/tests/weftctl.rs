@@ -452,6 +452,7 @@ fn lab_up_exec_crash_down_and_the_demo() {
         demo.contains("the client gets 403 (RBAC: access denied)"),
         "{demo}"
     );
+    assert!(demo.contains("cluster c1 drained"), "{demo}");
     assert!(lab_namespaces().is_empty());
 
     // Its story across networks, which needs a namespace per pod.

@@ -2,7 +2,8 @@
 //! in c1, all injected by the webhook; traffic stays in c1 while it can,
 //! fails over to c2 when c1's echo goes away, and comes back when it
 //! returns. On the way, an AuthorizationPolicy refuses and then admits
-//! the client. With `--network multi` each cluster is on a network of its
+//! the client and a canary sends a tenth to v2; at the end c1 is drained
+//! and undrained under traffic. With `--network multi` each cluster is on a network of its
 //! own: the failover crosses c2's east-west gateway, and that gateway dies
 //! and comes back. Every step checks what it shows; the exit code says
 //! whether all behaved.
@@ -189,6 +190,7 @@ async fn story(lab: &mut Lab, dir: &std::path::Path) -> Result<()> {
     let answers = caller.batch(10).await;
     report("traffic (restored)", &answers);
     check_all(&answers, "c1")?;
+    drain(lab, &caller).await?;
     Ok(())
 }
 
@@ -219,6 +221,32 @@ async fn authorization(c1: &kube::Client, caller: &PodClient) -> Result<()> {
     );
     weft_lab::apply::delete_all(c1, policy).await?;
     caller.until(Duration::from_secs(5), |a| a.is_ok()).await?;
+    Ok(())
+}
+
+/// `weftctl cluster drain c1` under the client's traffic: it moves to c2
+/// with nothing failing, and comes back on `undrain`.
+async fn drain(lab: &Lab, caller: &PodClient) -> Result<()> {
+    let mark = |drain: bool| async move {
+        for cluster in &lab.clusters {
+            weft_control::drain::mark(&cluster.client, "weft-system", "c1", drain).await?;
+        }
+        anyhow::Ok(())
+    };
+    mark(true).await?;
+    let moved = caller.until_stable("c2", Duration::from_secs(30)).await?;
+    mark(false).await?;
+    let back = caller.until_stable("c1", Duration::from_secs(30)).await?;
+    println!(
+        "✓ cluster c1 drained (weftctl cluster drain c1): traffic on c2 in {:.2} s, {} failed; undrained: back on c1 in {:.2} s, {} failed",
+        moved.after.as_secs_f64(),
+        moved.errors,
+        back.after.as_secs_f64(),
+        back.errors
+    );
+    if moved.errors + back.errors > 0 {
+        bail!("requests failed while c1 was drained or undrained");
+    }
     Ok(())
 }
 
