@@ -139,6 +139,20 @@ impl Lab {
         }
         let mut runners = Vec::new();
         let mut controllers = Vec::new();
+        // The lab's resolver, for names outside the mesh: on each cluster's
+        // router address (port 53, as root), or on loopback.
+        let mut upstreams = Vec::new();
+        for c in 1..=options.clusters {
+            let addr = match options.network {
+                Network::Namespaces => std::net::SocketAddr::from((netns::gateway(c), 53)),
+                Network::Loopback => "127.0.0.1:0".parse()?,
+            };
+            let socket = tokio::net::UdpSocket::bind(addr)
+                .await
+                .with_context(|| format!("binding the lab resolver {addr}"))?;
+            upstreams.push(socket.local_addr()?);
+            controllers.push(tokio::spawn(crate::dns::serve_upstream(socket)));
+        }
         for (i, cluster) in clusters.iter().enumerate() {
             let (stop, stopped) = watch::channel(false);
             let config = RunnerConfig {
@@ -151,6 +165,7 @@ impl Lab {
                 run_dir: run_dir.clone(),
                 network: options.network,
                 control_plane: cluster.xds_addr,
+                dns_upstream: upstreams.get(i).copied(),
             };
             runners.push((stop, tokio::spawn(runner::run(config, stopped))));
             controllers.push(tokio::spawn(crate::endpoints::run(cluster.client.clone())));

@@ -9,6 +9,7 @@
 
 pub use weft_apiserver as apiserver;
 pub mod apply;
+pub mod dns;
 pub mod endpoints;
 pub mod lab;
 pub mod load_balancer;

@@ -438,7 +438,8 @@ pub struct SidecarSpec {
 
 /// The sidecar's listeners and their ports: bound on the pod's own address
 /// when pods share loopback instead of having network namespaces.
-pub const SIDECAR_LISTENERS: [(&str, u16); 6] = [
+pub const SIDECAR_LISTENERS: [(&str, u16); 7] = [
+    ("WEFT_DNS_ADDR", 15053),
     ("WEFT_OUTBOUND_ADDR", 15001),
     ("WEFT_INBOUND_CAPTURE_ADDR", 15006),
     ("WEFT_APP_HEALTH_ADDR", 15020),

@@ -58,6 +58,9 @@ pub struct RunnerConfig {
     /// The address pods reach the control plane at, replacing the
     /// in-cluster DNS name the injector writes.
     pub control_plane: SocketAddr,
+    /// The resolver sidecars forward names outside the mesh to (the lab's,
+    /// `dns`), in place of the machine's.
+    pub dns_upstream: Option<SocketAddr>,
 }
 
 /// Where a pod's files, logs and network name are kept.
@@ -598,6 +601,9 @@ fn environment(
             if name == "WEFT_CONTROL_PLANE" {
                 *value = config.control_plane.to_string();
             }
+        }
+        if let Some(upstream) = config.dns_upstream {
+            env.push(("WEFT_DNS_UPSTREAM".into(), upstream.to_string()));
         }
         if config.network == Network::Loopback {
             for (var, port) in crate::mesh::SIDECAR_LISTENERS {

@@ -51,6 +51,7 @@ iptables flags (a value as `--flag value` or `--flag=value`):
   --include-outbound-cidrs <cidrs>  comma-separated IPv4 CIDRs to capture
                                     outbound (default: all)
   --exclude-outbound-cidrs <cidrs>  comma-separated IPv4 CIDRs never captured
+  --dns-capture-port <port>         the app's DNS goes here; 0: left alone [15053]
   --dry-run                         print the rules instead of installing them
   --cleanup                         remove weft's rules instead (idempotent)
 ";
@@ -119,6 +120,7 @@ fn iptables_flags(mut args: impl Iterator<Item = String>) -> Result<Command> {
             "--exclude-outbound-cidrs" => {
                 capture.exclude_outbound_cidrs = iptables::parse_cidrs(&value()?)?
             }
+            "--dns-capture-port" => capture.dns_capture_port = number(&flag, &value()?)?,
             "--dry-run" | "--cleanup" if inline.is_some() => {
                 bail!("{flag} takes no value")
             }

@@ -3,7 +3,8 @@
 //!
 //! Outbound TCP is redirected to 15001 and inbound TCP to 15006, except the
 //! proxy's own traffic (its UID), loopback, the proxy's own ports and the
-//! excluded ports and ranges. Everything lives in `WEFT_*` chains of the nat
+//! excluded ports and ranges; the app's DNS (UDP and TCP 53) to the
+//! sidecar's DNS proxy on 15053. Everything lives in `WEFT_*` chains of the nat
 //! table, applied in one `iptables-restore --noflush` transaction so a pod
 //! never runs with half the rules; `--cleanup` removes exactly those chains
 //! and the jumps to them, and is safe to run twice.
@@ -18,7 +19,16 @@ use std::process::{Command, Stdio};
 use anyhow::{Context, Result, bail};
 
 /// The ports of the proxy itself, never captured inbound.
-pub const PROXY_PORTS: &[u16] = &[15000, 15001, 15006, 15008, 15020, 15021, 15090];
+pub const PROXY_PORTS: &[u16] = &[15000, 15001, 15006, 15008, 15020, 15021, 15053, 15090];
+
+/// weft's chains in the nat table.
+const CHAINS: [&str; 5] = [
+    "WEFT_INBOUND",
+    "WEFT_IN_REDIRECT",
+    "WEFT_OUTPUT",
+    "WEFT_REDIRECT",
+    "WEFT_DNS",
+];
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Capture {
@@ -30,6 +40,9 @@ pub struct Capture {
     /// Outbound destinations to capture; empty means all.
     pub include_outbound_cidrs: Vec<String>,
     pub exclude_outbound_cidrs: Vec<String>,
+    /// Where the app's DNS (UDP and TCP port 53) is redirected: the
+    /// sidecar's DNS proxy; 0 leaves DNS alone.
+    pub dns_capture_port: u16,
 }
 
 impl Default for Capture {
@@ -42,6 +55,7 @@ impl Default for Capture {
             exclude_outbound_ports: Vec::new(),
             include_outbound_cidrs: Vec::new(),
             exclude_outbound_cidrs: Vec::new(),
+            dns_capture_port: 15053,
         }
     }
 }
@@ -126,12 +140,7 @@ impl Capture {
     /// The rules for one family; CIDRs of the other family are left out.
     pub fn rules_for(&self, family: Family) -> String {
         let mut r = String::from("*nat\n");
-        for chain in [
-            "WEFT_INBOUND",
-            "WEFT_IN_REDIRECT",
-            "WEFT_OUTPUT",
-            "WEFT_REDIRECT",
-        ] {
+        for chain in CHAINS {
             r.push_str(&format!(":{chain} - [0:0]\n"));
         }
         r.push_str(&format!(
@@ -155,6 +164,22 @@ impl Capture {
             ));
         }
         r.push_str("-A WEFT_INBOUND -p tcp -j WEFT_IN_REDIRECT\n");
+
+        // DNS: the app's queries (to any server, loopback included) go to
+        // the sidecar's DNS proxy; the proxy's own go where they were sent.
+        if self.dns_capture_port != 0 {
+            r.push_str(&format!(
+                "-A WEFT_DNS -m owner --uid-owner {} -j RETURN\n",
+                self.proxy_uid
+            ));
+            for protocol in ["udp", "tcp"] {
+                r.push_str(&format!("-A OUTPUT -p {protocol} --dport 53 -j WEFT_DNS\n"));
+                r.push_str(&format!(
+                    "-A WEFT_DNS -p {protocol} -j REDIRECT --to-ports {}\n",
+                    self.dns_capture_port
+                ));
+            }
+        }
 
         // Outbound: the app's connections, never the proxy's own.
         r.push_str("-A OUTPUT -p tcp -j WEFT_OUTPUT\n");
@@ -248,23 +273,25 @@ pub fn cleanup() -> Result<()> {
 fn cleanup_family(family: Family) -> Result<()> {
     let tool = family.tool();
     let run = |args: &[&str]| Command::new(tool).args(args).output();
-    for (hook, chain) in [("PREROUTING", "WEFT_INBOUND"), ("OUTPUT", "WEFT_OUTPUT")] {
+    let jumps: [(&str, &[&str]); 4] = [
+        ("PREROUTING", &["-p", "tcp", "-j", "WEFT_INBOUND"]),
+        ("OUTPUT", &["-p", "tcp", "-j", "WEFT_OUTPUT"]),
+        ("OUTPUT", &["-p", "udp", "--dport", "53", "-j", "WEFT_DNS"]),
+        ("OUTPUT", &["-p", "tcp", "--dport", "53", "-j", "WEFT_DNS"]),
+    ];
+    for (hook, rule) in jumps {
         // -D removes one jump per call; repeat until there is none.
         for _ in 0..16 {
-            let out = run(&["-t", "nat", "-D", hook, "-p", "tcp", "-j", chain])
-                .with_context(|| format!("running {tool} (is it installed?)"))?;
+            let mut args = vec!["-t", "nat", "-D", hook];
+            args.extend_from_slice(rule);
+            let out = run(&args).with_context(|| format!("running {tool} (is it installed?)"))?;
             if !out.status.success() {
                 break;
             }
         }
     }
     for flag in ["-F", "-X"] {
-        for chain in [
-            "WEFT_INBOUND",
-            "WEFT_IN_REDIRECT",
-            "WEFT_OUTPUT",
-            "WEFT_REDIRECT",
-        ] {
+        for chain in CHAINS {
             let _ = run(&["-t", "nat", flag, chain]);
         }
     }

@@ -10,7 +10,8 @@
 //! - one module per traffic direction, none importing another:
 //!   `outbound` (15001 and explicit mode, its HTTP in `outbound::l7`),
 //!   `inbound` (15008, from the mesh) and `inbound_passthrough` (15006,
-//!   captured plaintext), and in gateway mode `gateway` (15008 of an
+//!   captured plaintext), `dns` (15053, the app's DNS), and in gateway
+//!   mode `gateway` (15008 of an
 //!   east-west gateway, forwarding to its network's sidecars);
 //! - the leaves they share: delivery to the app behind this sidecar
 //!   (`local_app`), the mesh connection pool (`pool`, the client half of
@@ -38,6 +39,7 @@ pub mod balance;
 pub mod channel;
 pub mod coalesce;
 pub mod command_line;
+pub mod dns;
 pub mod drain;
 pub mod gateway;
 pub mod http;

@@ -145,6 +145,9 @@ pub struct Metrics {
     pub gateway_failures: Counter,
     /// Gateway mode: tunnels from other networks, by outcome.
     pub gateway_tunnels: Family<OutcomeLabels, Counter>,
+    /// The DNS proxy's queries: answered here (`mesh`), `forwarded`,
+    /// `failed` upstream, or `dropped`.
+    pub dns_queries: Family<OutcomeLabels, Counter>,
     pub routed: Family<RouteLabels, Counter>,
     pub overflows: Counter,
     /// Set from the other parts' own counters when scraped.
@@ -184,6 +187,7 @@ impl Default for Metrics {
             upstream_connect_failures: Counter::default(),
             gateway_failures: Counter::default(),
             gateway_tunnels: Family::default(),
+            dns_queries: Family::default(),
             routed: Family::default(),
             overflows: Counter::default(),
             outlier_ejections: Counter::default(),
@@ -260,6 +264,11 @@ impl Default for Metrics {
             "gateway_tunnels",
             "Gateway mode: tunnels from other networks, by outcome (forwarded, or why refused)",
             m.gateway_tunnels.clone(),
+        );
+        r.register(
+            "dns_queries",
+            "Queries to the sidecar's DNS proxy, by outcome (mesh, forwarded, failed, dropped)",
+            m.dns_queries.clone(),
         );
         r.register(
             "routed",

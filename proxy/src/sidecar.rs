@@ -75,6 +75,13 @@ pub struct SidecarConfig {
     /// HTTP/1.1 upgrades relayed (`WEFT_ALLOWED_UPGRADES`, default
     /// `websocket`; never h2c).
     pub upgrades: crate::upgrade::Upgrades,
+    /// The DNS proxy (UDP and TCP, `WEFT_DNS_ADDR`; `off`: none).
+    pub dns_addr: Option<SocketAddr>,
+    /// Where names outside the mesh are resolved (`WEFT_DNS_UPSTREAM`,
+    /// else the first nameserver of /etc/resolv.conf).
+    pub dns_upstream: Option<SocketAddr>,
+    /// The cluster's DNS suffix (`WEFT_DOMAIN_SUFFIX`).
+    pub domain_suffix: String,
 }
 
 impl SidecarConfig {
@@ -162,6 +169,21 @@ impl SidecarConfig {
                 "WEFT_ALLOWED_UPGRADES",
                 "websocket",
             )),
+            dns_addr: match or("WEFT_DNS_ADDR", "127.0.0.1:15053").as_str() {
+                "off" => None,
+                _ => Some(address("WEFT_DNS_ADDR", "127.0.0.1:15053")?),
+            },
+            dns_upstream: match std::env::var("WEFT_DNS_UPSTREAM") {
+                Ok(text) => Some(
+                    text.parse::<SocketAddr>()
+                        .or_else(|_| text.parse::<IpAddr>().map(|ip| SocketAddr::new(ip, 53)))
+                        .with_context(|| format!("WEFT_DNS_UPSTREAM={text:?} is not an address"))?,
+                ),
+                Err(_) => std::fs::read_to_string("/etc/resolv.conf")
+                    .ok()
+                    .and_then(|text| crate::dns::upstream_of(&text)),
+            },
+            domain_suffix: or("WEFT_DOMAIN_SUFFIX", "cluster.local"),
         })
     }
 }
@@ -430,6 +452,23 @@ pub async fn start_with(
             inbound_capture.clone(),
             app.clone(),
         )));
+        if let Some(addr) = config.dns_addr {
+            let dns = Arc::new(crate::dns::Dns::new(
+                xds.clone(),
+                &config.cluster_id,
+                &config.domain_suffix,
+                config.dns_upstream,
+                metrics.clone(),
+            ));
+            let udp = tokio::net::UdpSocket::bind(addr)
+                .await
+                .with_context(|| format!("binding the DNS proxy {addr} (UDP)"))?;
+            let tcp = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding the DNS proxy {addr} (TCP)"))?;
+            tasks.push(crate::task::spawn(crate::dns::serve_udp(udp, dns.clone())));
+            tasks.push(crate::task::spawn(crate::dns::serve_tcp(tcp, dns)));
+        }
         (outbound_addr, inbound_capture_addr)
     };
 

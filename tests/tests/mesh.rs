@@ -351,6 +351,9 @@ async fn a_connection_crosses_two_sidecars_configured_by_the_control_plane() {
                 drain_timeout: Duration::from_secs(5),
                 connect_timeout: Duration::from_secs(1),
                 upgrades: Default::default(),
+                dns_addr: Some("127.0.0.1:0".parse().unwrap()),
+                dns_upstream: None,
+                domain_suffix: "cluster.local".into(),
             },
             Some(set_log_level),
         )
@@ -1230,6 +1233,7 @@ spec:
         traffic::traffic_policy_is_applied(&lab, &dir, network, &caller).await;
         scope::draining_moves_traffic_and_fails_nothing(&lab, &caller).await;
         scope::scope_annotations_decide_which_clusters_serve(&lab, &caller).await;
+        scope::names_resolve_in_the_sidecar(&lab, &dir, network).await;
 
         // Failover: c1's echo is deleted as Kubernetes deletes a pod (a
         // grace period, its endpoint terminating, SIGTERM): no request fails

@@ -95,6 +95,9 @@ pub struct Model {
     gateways_dirty: bool,
     /// Clusters the remote secrets here mark as draining.
     drained_by_secrets: std::collections::BTreeSet<String>,
+    /// VIPs of services with no Service in this cluster, and those in use.
+    allocated_vips: BTreeMap<Key, std::net::IpAddr>,
+    vips_in_use: std::collections::BTreeSet<std::net::IpAddr>,
     version: u64,
     dirty_pods: HashSet<(String, Key)>,
     dirty_services: HashSet<Key>,
@@ -124,6 +127,8 @@ impl Model {
             gateway_probes: BTreeMap::new(),
             gateways_dirty: false,
             drained_by_secrets: Default::default(),
+            allocated_vips: BTreeMap::new(),
+            vips_in_use: Default::default(),
             version: 0,
             dirty_pods: HashSet::new(),
             dirty_services: HashSet::new(),
@@ -403,8 +408,9 @@ impl Model {
         for key in services {
             self.note_gateway(&key);
             let name = format!("{}/{}", key.0, self.hostname(&key));
+            let allocated = self.allocated_vip(&key);
             let body = self
-                .build_service(&key)
+                .build_service(&key, allocated)
                 .map(|s| Bytes::from(s.encode_to_vec()));
             changed |= self.services.upsert(&name, body, version);
         }
@@ -783,6 +789,58 @@ mod tests {
             scoped("10.97.0.10", None, true, Some(Affinity::Remote)),
         );
         assert_eq!(affinity, Affinity::Remote as i32);
+    }
+
+    #[test]
+    fn a_remote_only_service_gets_a_vip_here_kept_while_it_lasts() {
+        let mut model = Model::new(config());
+        synced_cluster(&mut model, "c1", "10.96.0.10", "10.1.0.5", false);
+        synced_cluster(&mut model, "c2", "10.97.0.10", "10.2.0.5", false);
+        model.flush();
+        let vips = |model: &Model| -> Vec<(String, Vec<u8>)> {
+            service_resource(model)
+                .vips
+                .into_iter()
+                .map(|v| (v.cluster_id, v.address))
+                .collect()
+        };
+        assert_eq!(vips(&model).len(), 2, "echo is in both: no allocation");
+        // c1's Service goes: c1's callers know echo by an allocated VIP.
+        model.apply(update(
+            "c1",
+            1,
+            Change::Object(Kind::Service, key("demo", "echo"), None),
+        ));
+        model.flush();
+        let allocated = vips(&model);
+        let local: Vec<&(String, Vec<u8>)> = allocated.iter().filter(|(c, _)| c == "c1").collect();
+        assert_eq!(local.len(), 1, "{allocated:?}");
+        assert_eq!(local[0].1[..2], [240, 240]);
+        // Stable across rebuilds.
+        model.apply(update(
+            "c2",
+            1,
+            Change::Object(
+                Kind::Service,
+                key("demo", "echo"),
+                Some(scoped("10.97.0.11", None, true, None)),
+            ),
+        ));
+        model.flush();
+        assert!(vips(&model).contains(local[0]));
+        // Back in c1: its own VIP, the allocation freed.
+        model.apply(update(
+            "c1",
+            1,
+            Change::Object(
+                Kind::Service,
+                key("demo", "echo"),
+                Some(service("10.96.0.10", false)),
+            ),
+        ));
+        model.flush();
+        assert!(!vips(&model).iter().any(|(_, a)| a[..2] == [240, 240]));
+        assert!(model.allocated_vips.is_empty() && model.vips_in_use.is_empty());
     }
 
     #[test]

@@ -92,7 +92,49 @@ impl Model {
             .unwrap_or_else(|| self.config.network.clone())
     }
 
-    pub(super) fn build_service(&self, key: &Key) -> Option<mesh::Service> {
+    /// The VIP this cluster's callers know a service by when it has no
+    /// Service here (it exists only in other clusters): allocated from
+    /// 240.240.0.0/16 (which no network routes, as Istio's auto-allocation),
+    /// first where a hash of its name says so that a restarted control
+    /// plane usually gives the same, kept while the service lasts.
+    pub(super) fn allocated_vip(&mut self, key: &Key) -> Option<IpAddr> {
+        let local = &self.config.local_cluster;
+        let has_local = self
+            .clusters
+            .get(local)
+            .is_some_and(|c| c.data.services.contains_key(key));
+        let elsewhere = !has_local && self.clusters.keys().any(|id| self.offered(id, key));
+        if !elsewhere {
+            if let Some(ip) = self.allocated_vips.remove(key) {
+                self.vips_in_use.remove(&ip);
+            }
+            return None;
+        }
+        if let Some(ip) = self.allocated_vips.get(key) {
+            return Some(*ip);
+        }
+        // FNV-1a: the same in every process and release.
+        let mut hash: u32 = 0x811c_9dc5;
+        for byte in format!("{}/{}", key.0, key.1).bytes() {
+            hash = (hash ^ u32::from(byte)).wrapping_mul(0x0100_0193);
+        }
+        for probe in 0..65_534u32 {
+            let n = (hash.wrapping_add(probe) % 65_534) + 1;
+            let ip = IpAddr::from([240, 240, (n >> 8) as u8, n as u8]);
+            if self.vips_in_use.insert(ip) {
+                self.allocated_vips.insert(key.clone(), ip);
+                return Some(ip);
+            }
+        }
+        tracing::warn!(service = %format!("{}/{}", key.0, key.1), "no VIP left to allocate in 240.240.0.0/16");
+        None
+    }
+
+    pub(super) fn build_service(
+        &self,
+        key: &Key,
+        allocated: Option<IpAddr>,
+    ) -> Option<mesh::Service> {
         let local = &self.config.local_cluster;
         let local_service = self
             .clusters
@@ -128,6 +170,13 @@ impl Model {
             }
         }
         let ports = ports?;
+        if let Some(address) = allocated {
+            vips.push(mesh::ClusterVip {
+                cluster_id: local.clone(),
+                network: self.network_of(local),
+                address: ip_bytes(address),
+            });
+        }
         Some(mesh::Service {
             name: key.1.clone(),
             namespace: key.0.clone(),

@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use weft_lab::lab::Lab;
+use weft_lab::runner::{Network, pod_dir};
 use weft_lab::traffic::{PodClient, by_cluster};
 
 /// Marks `id` draining (or not) in every lab cluster, as `weftctl cluster
@@ -144,4 +145,98 @@ pub async fn scope_annotations_decide_which_clusters_serve(lab: &Lab, caller: &P
     )
     .await;
     settle("c1").await;
+}
+
+/// Names, as the client pod's applications ask for them (a query to any
+/// address on port 53 is captured into its sidecar; on a loopback lab,
+/// the sidecar's own DNS address): a mesh name is its VIP here, a name
+/// outside the mesh goes to the lab's resolver, and a service that exists
+/// only in c2 resolves to a VIP c1 allocated and is reached by it.
+pub async fn names_resolve_in_the_sidecar(lab: &Lab, dir: &std::path::Path, network: Network) {
+    use k8s_openapi::api::core::v1::Service;
+    use kube::api::{Api, DeleteParams};
+    let client_dir = pod_dir(dir, "c1", "demo", "client");
+    let server: std::net::SocketAddr = match network {
+        Network::Namespaces => "10.96.0.53:53".parse().unwrap(),
+        Network::Loopback => {
+            let ip = std::fs::read_to_string(client_dir.join("ip")).unwrap();
+            format!("{}:15053", ip.trim()).parse().unwrap()
+        }
+    };
+    let resolve = |name: &'static str| {
+        let client_dir = client_dir.clone();
+        async move { weft_lab::dns::resolve_from_pod(&client_dir, server, name).await }
+    };
+    let c1 = lab.cluster("c1").unwrap().client.clone();
+    let echo_vip: std::net::Ipv4Addr = Api::<Service>::namespaced(c1, "demo")
+        .get("echo")
+        .await
+        .unwrap()
+        .spec
+        .and_then(|s| s.cluster_ip)
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!(
+        resolve("echo.demo.svc.cluster.local").await,
+        Ok(vec![echo_vip])
+    );
+    assert_eq!(
+        resolve("echo.demo.svc.clusterset.local").await,
+        Ok(vec![echo_vip])
+    );
+    assert_eq!(
+        resolve("www.example.lab").await,
+        Ok(vec![weft_lab::dns::ZONE_ADDRESS]),
+        "a name outside the mesh, from the upstream resolver"
+    );
+    assert_eq!(
+        resolve("nope.example.com").await,
+        Err("NameError".to_string())
+    );
+
+    // A service only c2 has.
+    lab_apply(
+        lab,
+        "c2",
+        "apiVersion: v1\nkind: Service\nmetadata: {name: far, namespace: demo}\nspec:\n  selector: {app: echo, version: v2}\n  ports: [{name: http, port: 80, targetPort: 8080}]\n",
+    )
+    .await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let far = loop {
+        if let Ok(found) = resolve("far.demo.svc.cluster.local").await
+            && let Some(ip) = found.first()
+        {
+            break *ip;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "far never resolved in c1"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(far.octets()[..2], [240, 240], "{far}");
+    if network == Network::Namespaces {
+        let answer = weft_lab::traffic::send_from_pod(
+            &client_dir,
+            std::net::SocketAddr::from((far, 80)),
+            "GET / HTTP/1.1\r\nhost: far.demo.svc.cluster.local\r\nconnection: close\r\n\r\n",
+        )
+        .await
+        .unwrap();
+        assert!(answer.contains("cluster=c2"), "{answer}");
+    }
+    println!(
+        "names: echo.demo.svc.cluster.local is {echo_vip}, www.example.lab came from upstream, far (only in c2) is {far} here"
+    );
+    Api::<Service>::namespaced(lab.cluster("c2").unwrap().client.clone(), "demo")
+        .delete("far", &DeleteParams::default())
+        .await
+        .unwrap();
+}
+
+async fn lab_apply(lab: &Lab, cluster: &str, text: &str) {
+    weft_lab::apply::apply_all(&lab.cluster(cluster).unwrap().client, text)
+        .await
+        .unwrap();
 }
