@@ -453,6 +453,9 @@ fn lab_up_exec_crash_down_and_the_demo() {
         "{demo}"
     );
     assert!(demo.contains("cluster c1 drained"), "{demo}");
+    if weft_lab::netns::unavailable().is_none() {
+        assert!(demo.contains("names in the client pod"), "{demo}");
+    }
     assert!(lab_namespaces().is_empty());
 
     // Its story across networks, which needs a namespace per pod.

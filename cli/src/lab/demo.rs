@@ -140,6 +140,9 @@ async fn story(lab: &mut Lab, dir: &std::path::Path) -> Result<()> {
     }
 
     let pod = find_pod(dir, Some("c1"), "demo", "client")?;
+    if lab.network == Network::Namespaces {
+        names(&pod).await?;
+    }
     let caller = PodClient::new(&lab.cluster("c1")?.client, &pod, "demo", "echo").await?;
     // The client's sidecar learns of c2's endpoint through c1's control
     // plane watching c2: wait until the first answer comes back.
@@ -283,6 +286,27 @@ async fn canary(c1: &kube::Client, caller: &PodClient) -> Result<()> {
     println!("✓ a request with x-canary: yes goes to v2 (header match)");
     weft_lab::apply::delete_all(c1, routes).await?;
     caller.until_stable("c1", Duration::from_secs(10)).await?;
+    Ok(())
+}
+
+/// The client's names are answered by its sidecar: echo's is its VIP, a
+/// name outside the mesh comes from the lab's resolver.
+async fn names(client: &std::path::Path) -> Result<()> {
+    // Any address on port 53: the capture rules send it to the sidecar.
+    let server: std::net::SocketAddr = "10.96.0.53:53".parse()?;
+    let echo = weft_lab::dns::resolve_from_pod(client, server, "echo.demo.svc.cluster.local")
+        .await
+        .map_err(anyhow::Error::msg)?;
+    let outside = weft_lab::dns::resolve_from_pod(client, server, "www.example.lab")
+        .await
+        .map_err(anyhow::Error::msg)?;
+    if echo.is_empty() || outside != [weft_lab::dns::ZONE_ADDRESS] {
+        bail!("names did not resolve: echo {echo:?}, www.example.lab {outside:?}");
+    }
+    println!(
+        "✓ names in the client pod: echo.demo.svc.cluster.local is {} (answered by its sidecar's DNS), www.example.lab {} (forwarded to the lab's resolver)",
+        echo[0], outside[0]
+    );
     Ok(())
 }
 
