@@ -446,13 +446,15 @@ async fn three_clusters_merge_and_changes_propagate() {
     assert_eq!(w.tunnel_protocol, mesh::TunnelProtocol::Hbone as i32);
     assert_eq!(w.services[0].hostname, "echo.demo.svc.cluster.local");
 
-    // c2 marks local-only as cluster-local: it is never merged, and c2's pod
-    // does not back it for c1's proxies.
+    // c2 marks local-only as cluster-local (global: false): c2 keeps its
+    // endpoints to itself, so c2's pod does not back it for c1's proxies;
+    // c1 and c3, global by default, still merge theirs (Cilium's
+    // per-cluster semantics, docs/services.md).
     let local = client
         .service("demo/local-only.demo.svc.cluster.local")
         .unwrap();
-    assert_eq!(local.clusters, ["c1"]);
-    assert!(local.cluster_local);
+    assert_eq!(local.clusters, ["c1", "c3"]);
+    assert!(!local.cluster_local);
     eventually("c2's local-only pod without the binding", || async {
         client
             .workload("c2/demo/lo-c2")
