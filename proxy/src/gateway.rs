@@ -30,12 +30,20 @@ use crate::network::same_network;
 use crate::pool::{HANDSHAKE_TIMEOUT, HBONE_PORT};
 use crate::xds::XdsState;
 
+/// Connections a gateway takes at once before they have proven a mesh
+/// identity: its port faces whatever reaches the load balancer, so a flood
+/// of connections that never finish a handshake must not hold its memory.
+pub const MAX_HANDSHAKES: usize = 1024;
+
 /// What the gateway needs to decide and forward.
 pub struct Forwarder {
     pub xds: Arc<XdsState>,
     pub metrics: Arc<Metrics>,
     pub drain: Drain,
     pub connect_timeout: Duration,
+    /// Room for connections still in their handshake (`MAX_HANDSHAKES`);
+    /// one over it is closed at once and counted `refused_busy`.
+    pub handshakes: Arc<tokio::sync::Semaphore>,
 }
 
 /// Why a tunnel was refused, as counted and answered.
@@ -200,6 +208,10 @@ pub async fn serve(
     crate::serve::accept(listener, drain, move |tcp, addr| {
         let (tls, forwarder) = (tls.clone(), forwarder.clone());
         async move {
+            let Ok(handshaking) = forwarder.handshakes.clone().try_acquire_owned() else {
+                forwarder.count("refused_busy");
+                return;
+            };
             // A connection closed before its first byte is a probe (the
             // control plane's, a load balancer's) or a scan, not a refused
             // caller: counted apart.
@@ -208,7 +220,9 @@ pub async fn serve(
                 forwarder.count("closed_before_handshake");
                 return;
             }
-            let stream = match accept::handshake(&tls, tcp, HANDSHAKE_TIMEOUT).await {
+            let handshake = accept::handshake(&tls, tcp, HANDSHAKE_TIMEOUT).await;
+            drop(handshaking);
+            let stream = match handshake {
                 Ok(stream) => stream,
                 Err(err) => {
                     forwarder.count("refused_handshake");

@@ -382,6 +382,7 @@ pub async fn start_with(
             metrics: metrics.clone(),
             drain: drain.clone(),
             connect_timeout: config.connect_timeout,
+            handshakes: Arc::new(tokio::sync::Semaphore::new(crate::gateway::MAX_HANDSHAKES)),
         });
         tasks.push(crate::task::spawn(crate::gateway::serve(
             hbone,

@@ -1608,11 +1608,14 @@ async fn across_networks_through_an_east_west_gateway() {
         vec![far.clone(), stranger, plain],
         vec![],
     );
+    // Room for two connections in their handshake: enough for the test's
+    // callers one at a time, and small enough to fill.
     let forwarder = Arc::new(weft_proxy::gateway::Forwarder {
         xds: gateway_xds,
         metrics: Arc::default(),
         drain: Default::default(),
         connect_timeout: CONNECT_TIMEOUT,
+        handshakes: Arc::new(tokio::sync::Semaphore::new(2)),
     });
     let gateway_certs =
         CertStore::new(&issue_workload(&mesh.ca, &gateway_id, None).unwrap()).unwrap();
@@ -1782,6 +1785,26 @@ async fn across_networks_through_an_east_west_gateway() {
         1,
         "nothing else got through"
     );
+
+    // Connections that never finish a handshake hold only the room made
+    // for them: a third is closed at once, and counted.
+    let gateway_addr = SocketAddr::new(gateway_ip, HBONE_PORT);
+    let stalled = vec![
+        TcpStream::connect(gateway_addr).await.unwrap(),
+        TcpStream::connect(gateway_addr).await.unwrap(),
+    ];
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut third = TcpStream::connect(gateway_addr).await.unwrap();
+    let mut byte = [0u8; 1];
+    let closed = tokio::time::timeout(STEP, third.read(&mut byte))
+        .await
+        .unwrap();
+    assert!(
+        matches!(closed, Ok(0) | Err(_)),
+        "a third handshake was taken"
+    );
+    assert_eq!(tunnels(&forwarder.metrics, "refused_busy"), 1);
+    drop(stalled);
 
     // The gateway dies: the client steps around it at once, to an
     // endpoint on its own network, and counts the failure.
