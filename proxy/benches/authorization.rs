@@ -6,10 +6,9 @@
 //!
 //! `cargo bench -p weft-proxy --bench authorization`
 
-use std::alloc::{GlobalAlloc, Layout, System};
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use http::HeaderMap;
@@ -18,25 +17,9 @@ use weft_proxy::authorize::{self, Caller};
 use weft_proxy::metrics::{Metrics, Peer, TrafficLabels};
 use weft_xds_proto::mesh::{self, condition, string_match};
 
-/// The system allocator, counting allocations.
-struct Counting;
-
-static ALLOCATIONS: AtomicUsize = AtomicUsize::new(0);
-
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
-        // SAFETY: forwarded as received.
-        unsafe { System.alloc(layout) }
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        // SAFETY: forwarded as received.
-        unsafe { System.dealloc(ptr, layout) }
-    }
-}
-
-#[global_allocator]
-static ALLOCATOR: Counting = Counting;
+#[path = "support/counting.rs"]
+mod counting;
+use counting::ALLOCATIONS;
 
 fn text(kind: string_match::Kind) -> mesh::StringMatch {
     mesh::StringMatch { kind: Some(kind) }
