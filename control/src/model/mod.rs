@@ -841,6 +841,16 @@ mod tests {
         model.flush();
         assert!(!vips(&model).iter().any(|(_, a)| a[..2] == [240, 240]));
         assert!(model.allocated_vips.is_empty() && model.vips_in_use.is_empty());
+        // Gone from every cluster: nothing is allocated for it.
+        for cluster in ["c1", "c2"] {
+            model.apply(update(
+                cluster,
+                1,
+                Change::Object(Kind::Service, key("demo", "echo"), None),
+            ));
+        }
+        model.flush();
+        assert!(model.allocated_vips.is_empty() && model.vips_in_use.is_empty());
     }
 
     #[test]

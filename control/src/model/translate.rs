@@ -103,7 +103,12 @@ impl Model {
             .clusters
             .get(local)
             .is_some_and(|c| c.data.services.contains_key(key));
-        let elsewhere = !has_local && self.clusters.keys().any(|id| self.offered(id, key));
+        // Offered by another cluster: `offered` holds for this one always.
+        let elsewhere = !has_local
+            && self
+                .clusters
+                .keys()
+                .any(|id| id != local && self.offered(id, key));
         if !elsewhere {
             if let Some(ip) = self.allocated_vips.remove(key) {
                 self.vips_in_use.remove(&ip);
