@@ -6,7 +6,6 @@
 //! other cluster.
 
 use std::path::PathBuf;
-use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::Args;
@@ -65,28 +64,13 @@ pub struct RemoteClustersArgs {
 
 /// GETs a debug path of the control plane's monitoring port as JSON.
 async fn debug_json(monitoring: std::net::SocketAddr, path: &str) -> Result<serde_json::Value> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut tcp = tokio::time::timeout(
-        Duration::from_secs(5),
-        tokio::net::TcpStream::connect(monitoring),
-    )
-    .await
-    .context("connecting to the control plane timed out")?
-    .with_context(|| format!("connecting to the control plane at {monitoring}"))?;
-    tcp.write_all(
-        format!("GET {path} HTTP/1.1\r\nhost: weft-control\r\nconnection: close\r\n\r\n")
-            .as_bytes(),
-    )
-    .await?;
-    let mut response = String::new();
-    tokio::time::timeout(Duration::from_secs(5), tcp.read_to_string(&mut response))
+    let (status, body) = weft_lab::mesh::http_get(monitoring, path)
         .await
-        .context("the control plane did not answer in time")??;
-    let body = response
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b)
-        .context("the control plane sent no HTTP body")?;
-    serde_json::from_str(body)
+        .with_context(|| format!("connecting to the control plane at {monitoring}"))?;
+    if status != 200 {
+        anyhow::bail!("the control plane answered {status} to {path}");
+    }
+    serde_json::from_str(&body)
         .with_context(|| format!("the control plane's answer to {path} is not JSON"))
 }
 

@@ -208,19 +208,32 @@ impl Lab {
             .with_context(|| format!("no cluster {name} in this lab"))
     }
 
+    /// A debug view of cluster `of`'s control plane (`/debug/clusters`,
+    /// `/debug/gateways`); null while it does not answer.
+    pub async fn control_debug(&self, of: &str, path: &str) -> serde_json::Value {
+        let Ok(cluster) = self.cluster(of) else {
+            return serde_json::Value::Null;
+        };
+        match crate::mesh::http_get(cluster.monitoring_addr, path).await {
+            Ok((200, body)) => serde_json::from_str(&body).unwrap_or_default(),
+            _ => serde_json::Value::Null,
+        }
+    }
+
+    /// Marks cluster `id` draining (or not) in every lab cluster, as
+    /// `weftctl cluster drain|undrain` does.
+    pub async fn drain(&self, id: &str, drain: bool) -> Result<()> {
+        for cluster in &self.clusters {
+            weft_control::drain::mark(&cluster.client, "weft-system", id, drain).await?;
+        }
+        Ok(())
+    }
+
     /// What `from`'s control plane says of the gateway of cluster `of`:
     /// `healthy`, `unhealthy`, `unknown`, or empty while it knows none.
     pub async fn gateway_health(&self, from: &str, of: &str) -> String {
-        let Ok(cluster) = self.cluster(from) else {
-            return String::new();
-        };
         let name = format!("{of}/weft-system/weft-eastwest-gateway");
-        let Ok((200, body)) =
-            crate::mesh::http_get(cluster.monitoring_addr, "/debug/gateways").await
-        else {
-            return String::new();
-        };
-        let parsed: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+        let parsed = self.control_debug(from, "/debug/gateways").await;
         parsed["gateways"]
             .as_array()
             .into_iter()

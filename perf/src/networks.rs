@@ -91,24 +91,14 @@ pub async fn wait_gateway(at: IpAddr, timeout: Duration) -> Result<()> {
 /// The gateway at `at` as a proxy would hold it, running as
 /// `<namespace>/weft-eastwest-gateway`.
 pub fn gateway_at(at: IpAddr, namespace: &str) -> Result<Arc<Gateway>> {
-    use weft_xds_proto::mesh;
-    let message = mesh::NetworkGateway {
-        name: format!("c3/{namespace}/weft-eastwest-gateway"),
-        cluster_id: "c3".into(),
-        network: "n3".into(),
-        addresses: vec![match at {
-            IpAddr::V4(v4) => v4.octets().to_vec(),
-            IpAddr::V6(v6) => v6.octets().to_vec(),
-        }],
-        port: u32::from(HBONE_PORT),
-        identities: vec![mesh::Identity {
-            trust_domain: "cluster.local".into(),
-            namespace: namespace.into(),
-            service_account: "weft-eastwest-gateway".into(),
-        }],
-        health: mesh::GatewayHealth::GatewayHealthy as i32,
-        ..Default::default()
+    let IpAddr::V4(v4) = at else {
+        anyhow::bail!("the bench's gateway has an IPv4 address");
     };
+    let mut message = weft_xds_proto::testing::gateway("c3", "n3", v4.octets());
+    message.identities = vec![weft_xds_proto::testing::identity(
+        namespace,
+        "weft-eastwest-gateway",
+    )];
     let bytes = prost::Message::encode_to_vec(&message);
     let gateway = weft_proxy::network::decode_gateway(
         &message.name,

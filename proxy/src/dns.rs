@@ -49,7 +49,8 @@ pub struct Dns {
     pub xds: Arc<XdsState>,
     /// This cluster: its VIPs are answered first.
     pub cluster: String,
-    pub domain_suffix: String,
+    /// `.svc.<domain suffix>`: what a mesh name ends with.
+    svc_suffix: String,
     /// The pod's resolver; `None`: non-mesh names fail (SERVFAIL).
     pub upstream: Option<SocketAddr>,
     pub metrics: Arc<Metrics>,
@@ -67,7 +68,10 @@ impl Dns {
         Dns {
             xds,
             cluster: cluster.into(),
-            domain_suffix: domain_suffix.trim_matches('.').to_ascii_lowercase(),
+            svc_suffix: format!(
+                ".svc.{}",
+                domain_suffix.trim_matches('.').to_ascii_lowercase()
+            ),
             upstream,
             metrics,
             forwards: Semaphore::new(MAX_FORWARDS),
@@ -87,7 +91,7 @@ impl Dns {
             let mut labels = rest.split('.');
             matches!((labels.next(), labels.next(), labels.next()), (Some(s), Some(n), None) if !s.is_empty() && !n.is_empty())
         };
-        if let Some(rest) = name.strip_suffix(&format!(".svc.{}", self.domain_suffix))
+        if let Some(rest) = name.strip_suffix(&self.svc_suffix)
             && service_part(rest)
         {
             return Some(name.to_string());
@@ -95,7 +99,7 @@ impl Dns {
         if let Some(rest) = name.strip_suffix(".svc.clusterset.local")
             && service_part(rest)
         {
-            return Some(format!("{rest}.svc.{}", self.domain_suffix));
+            return Some(format!("{rest}{}", self.svc_suffix));
         }
         None
     }

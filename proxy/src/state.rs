@@ -206,13 +206,18 @@ impl Snapshot {
         }
     }
 
+    /// The workload of the pod at `local`, once the mesh shows it.
+    fn own_workload(&self, local: &Local) -> Option<&Arc<Workload>> {
+        local
+            .addresses
+            .iter()
+            .find_map(|ip| self.workload_by_ip(*ip))
+    }
+
     /// This pod as a caller: its namespace and, once its workload is
     /// known, its labels.
     pub fn caller(&self, local: &Local) -> Caller {
-        let me = local
-            .addresses
-            .iter()
-            .find_map(|ip| self.workload_by_ip(*ip));
+        let me = self.own_workload(local);
         Caller {
             namespace: me.map_or_else(
                 || Name::from(local.namespace.as_str()),
@@ -229,10 +234,7 @@ impl Snapshot {
         gateways: impl IntoIterator<Item = Arc<crate::network::Gateway>>,
         local: &Local,
     ) -> Self {
-        let me = local
-            .addresses
-            .iter()
-            .find_map(|ip| self.workload_by_ip(*ip));
+        let me = self.own_workload(local);
         self.network = me.map_or_else(
             || Name::from(local.network.as_str()),
             |w| w.profile.network.clone(),

@@ -230,15 +230,9 @@ async fn authorization(c1: &kube::Client, caller: &PodClient) -> Result<()> {
 /// `weftctl cluster drain c1` under the client's traffic: it moves to c2
 /// with nothing failing, and comes back on `undrain`.
 async fn drain(lab: &Lab, caller: &PodClient) -> Result<()> {
-    let mark = |drain: bool| async move {
-        for cluster in &lab.clusters {
-            weft_control::drain::mark(&cluster.client, "weft-system", "c1", drain).await?;
-        }
-        anyhow::Ok(())
-    };
-    mark(true).await?;
+    lab.drain("c1", true).await?;
     let moved = caller.until_stable("c2", Duration::from_secs(30)).await?;
-    mark(false).await?;
+    lab.drain("c1", false).await?;
     let back = caller.until_stable("c1", Duration::from_secs(30)).await?;
     println!(
         "✓ cluster c1 drained (weftctl cluster drain c1): traffic on c2 in {:.2} s, {} failed; undrained: back on c1 in {:.2} s, {} failed",

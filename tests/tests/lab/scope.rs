@@ -8,23 +8,9 @@ use weft_lab::lab::Lab;
 use weft_lab::runner::{Network, pod_dir};
 use weft_lab::traffic::{PodClient, by_cluster};
 
-/// Marks `id` draining (or not) in every lab cluster, as `weftctl cluster
-/// drain` does.
-async fn mark(lab: &Lab, id: &str, drain: bool) {
-    for cluster in &lab.clusters {
-        weft_control::drain::mark(&cluster.client, "weft-system", id, drain)
-            .await
-            .unwrap();
-    }
-}
-
 /// What c1's control plane says of cluster `id`: draining or not.
 async fn draining_seen(lab: &Lab, id: &str) -> bool {
-    let monitoring = lab.cluster("c1").unwrap().monitoring_addr;
-    let Ok((200, body)) = weft_lab::mesh::http_get(monitoring, "/debug/clusters").await else {
-        return false;
-    };
-    let parsed: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+    let parsed = lab.control_debug("c1", "/debug/clusters").await;
     parsed["clusters"]
         .as_array()
         .into_iter()
@@ -40,7 +26,7 @@ pub async fn draining_moves_traffic_and_fails_nothing(lab: &Lab, caller: &PodCli
         .until_stable("c1", Duration::from_secs(10))
         .await
         .unwrap();
-    mark(lab, "c1", true).await;
+    lab.drain("c1", true).await.unwrap();
     let moved = caller
         .until_stable("c2", Duration::from_secs(30))
         .await
@@ -55,7 +41,7 @@ pub async fn draining_moves_traffic_and_fails_nothing(lab: &Lab, caller: &PodCli
         draining_seen(lab, "c1").await,
         "c1's control plane does not show the drain"
     );
-    mark(lab, "c1", false).await;
+    lab.drain("c1", false).await.unwrap();
     let back = caller
         .until_stable("c1", Duration::from_secs(30))
         .await
