@@ -402,6 +402,7 @@ mod tests {
             root_namespace: "weft-system".into(),
             cluster_local: Vec::new(),
             default_global: true,
+            mcs_cluster_local: false,
         }));
         CaService::new(Arc::new(ca), client, hub)
     }

@@ -22,6 +22,7 @@ use serde::de::DeserializeOwned;
 use tokio::sync::mpsc;
 use weft_xds_proto::mesh::{Affinity, AppProtocol};
 
+use crate::mcs::{self, ExportInfo};
 use crate::security::authorization::AuthorizationInfo;
 use crate::security::peer_authentication::PeerAuthenticationInfo;
 use crate::security::{self, authorization, peer_authentication};
@@ -128,6 +129,11 @@ pub enum Kind {
     Pod,
     Namespace,
     Node,
+    /// MCS exports, from every cluster. Optional like policy (a cluster
+    /// without the CRD, or a reader not allowed to list them, has none),
+    /// but listed before a cluster counts as synced, so that a credential
+    /// rotation never drops an exported service.
+    ServiceExport,
     /// Security policy, from the control plane's own cluster only.
     Authorization,
     PeerAuthentication,
@@ -167,12 +173,13 @@ pub const POLICY_KINDS: [Kind; 6] = [
     Kind::GrpcRoute,
 ];
 
-pub const KINDS: [Kind; 5] = [
+pub const KINDS: [Kind; 6] = [
     Kind::Service,
     Kind::Slice,
     Kind::Pod,
     Kind::Namespace,
     Kind::Node,
+    Kind::ServiceExport,
 ];
 
 #[derive(Clone, Debug, PartialEq)]
@@ -182,6 +189,7 @@ pub enum Object {
     Pod(PodInfo),
     Namespace(NamespaceInfo),
     Node(Locality),
+    Export(ExportInfo),
     Authorization(Arc<AuthorizationInfo>),
     PeerAuthentication(Arc<PeerAuthenticationInfo>),
     Traffic(Arc<TrafficInfo>),
@@ -493,7 +501,7 @@ fn key_of<K: Resource>(object: &K) -> Key {
     )
 }
 
-/// Starts the five watchers of one cluster. They run until the returned
+/// Starts the six watchers of one cluster. They run until the returned
 /// handles are aborted, retrying with backoff on their own.
 pub fn spawn_watchers(
     client: Client,
@@ -507,6 +515,13 @@ pub fn spawn_watchers(
         generation,
         updates,
         restarts: Some(restarts),
+        forbidden_is_empty: false,
+    };
+    // A remote secret made before weft read exports may not allow
+    // listing them: that cluster then exports nothing, and says why.
+    let exports = WatchContext {
+        forbidden_is_empty: true,
+        ..ctx.clone()
     };
     vec![
         tokio::spawn(liveness(client.clone(), ctx.clone(), restart)),
@@ -534,9 +549,22 @@ pub fn spawn_watchers(
             ctx.clone(),
             |n| Some(Object::Namespace(namespace_info(n))),
         )),
-        tokio::spawn(watch::<Node, _>(Api::all(client), Kind::Node, ctx, |n| {
-            Some(Object::Node(node_locality(n)))
-        })),
+        tokio::spawn(watch::<Node, _>(
+            Api::all(client.clone()),
+            Kind::Node,
+            ctx,
+            |n| Some(Object::Node(node_locality(n))),
+        )),
+        tokio::spawn(watch(
+            Api::<DynamicObject>::all_with(client, &mcs::service_exports()),
+            Kind::ServiceExport,
+            exports,
+            |o| {
+                Some(Object::Export(mcs::read_export(
+                    &serde_json::to_value(o).unwrap_or_default(),
+                )))
+            },
+        )),
     ]
 }
 
@@ -556,6 +584,7 @@ pub fn spawn_policy_watchers(
         generation: 0,
         updates,
         restarts: None,
+        forbidden_is_empty: false,
     };
     let dynamic = |resource: &kube::api::ApiResource| {
         Api::<DynamicObject>::all_with(client.clone(), resource)
@@ -615,7 +644,12 @@ pub fn policy_resource(kind: Kind) -> Option<kube::api::ApiResource> {
         Kind::DestinationRule => traffic::destination_rules(),
         Kind::HttpRoute => traffic::http_routes(),
         Kind::GrpcRoute => traffic::grpc_routes(),
-        Kind::Service | Kind::Slice | Kind::Pod | Kind::Namespace | Kind::Node => return None,
+        Kind::Service
+        | Kind::Slice
+        | Kind::Pod
+        | Kind::Namespace
+        | Kind::Node
+        | Kind::ServiceExport => return None,
     })
 }
 
@@ -631,13 +665,14 @@ pub fn read_traffic(kind: Kind, object: &serde_json::Value, domain_suffix: &str)
 }
 
 /// Whether a watch failed because the resource type is not served (its
-/// CRD is not installed): then there is none of it.
-fn type_absent(err: &watcher::Error) -> bool {
+/// CRD is not installed), or, where `forbidden_is_empty`, may not be
+/// read: then there is none of it.
+fn type_absent(err: &watcher::Error, forbidden_is_empty: bool) -> bool {
     matches!(
         err,
         watcher::Error::InitialListFailed(kube::Error::Api(status))
             | watcher::Error::WatchStartFailed(kube::Error::Api(status))
-            if status.code == 404
+            if status.code == 404 || (forbidden_is_empty && status.code == 403)
     )
 }
 
@@ -702,6 +737,8 @@ struct WatchContext {
     /// Changes when the watches must start over; none for watches that
     /// start over only on their own backoff.
     restarts: Option<tokio::sync::watch::Receiver<u64>>,
+    /// A 403 means none of this kind (said once), not a failing watch.
+    forbidden_is_empty: bool,
 }
 
 impl WatchContext {
@@ -791,9 +828,9 @@ where
             Ok(watcher::Event::Delete(object)) => {
                 ctx.send(Change::Object(kind, key_of(&object), None))
             }
-            Err(err) if type_absent(&err) => {
+            Err(err) if type_absent(&err, ctx.forbidden_is_empty) => {
                 if !absent {
-                    tracing::warn!(cluster = %ctx.cluster, ?kind, "the API server does not serve this kind (CRD not installed?): taking it as empty");
+                    tracing::warn!(cluster = %ctx.cluster, ?kind, %err, "this kind is not served (CRD not installed?) or may not be read (a remote secret from an older weftctl?): taking it as empty");
                     absent = true;
                 }
                 ctx.send(Change::Reset(kind, Vec::new()))
@@ -808,5 +845,29 @@ where
             // The model is gone: the control plane is shutting down.
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn failed(code: u16) -> watcher::Error {
+        let status: kube::core::Status = serde_json::from_value(
+            serde_json::json!({"code": code, "message": "m", "reason": "r"}),
+        )
+        .expect("a Status");
+        watcher::Error::InitialListFailed(kube::Error::Api(Box::new(status)))
+    }
+
+    /// A kind not installed is none of it; one not allowed is none of it
+    /// only where the watch says so (exports from a remote whose secret
+    /// predates them), never for policy, where "none" would drop denials.
+    #[test]
+    fn absent_and_forbidden_kinds_are_empty_only_where_allowed() {
+        assert!(type_absent(&failed(404), false));
+        assert!(!type_absent(&failed(403), false));
+        assert!(type_absent(&failed(403), true));
+        assert!(!type_absent(&failed(500), true));
     }
 }

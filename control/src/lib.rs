@@ -18,6 +18,7 @@ pub mod gateway_probe;
 pub mod hub;
 pub mod inject;
 pub mod kubeconfig;
+pub mod mcs;
 pub mod metrics;
 pub mod model;
 pub mod policy_status;
@@ -26,6 +27,7 @@ pub mod remote_secret;
 pub mod remotes;
 pub mod security;
 pub mod serve;
+pub mod service_import;
 pub mod serving;
 pub mod tls;
 pub mod traffic;
@@ -77,6 +79,10 @@ pub struct Config {
     /// Whether Services without a scope annotation are merged across
     /// clusters (`--default-scope global`) or kept local.
     pub default_global: bool,
+    /// `cluster.local` names stay in their own cluster; only
+    /// `clusterset.local` names of exported services cross clusters
+    /// (`--mcs-cluster-local`, Istio's `ENABLE_MCS_CLUSTER_LOCAL`).
+    pub mcs_cluster_local: bool,
     /// Where security policy without a selector is mesh-wide (Istio's
     /// `rootNamespace`); the control plane's namespace by default.
     pub root_namespace: String,
@@ -110,6 +116,7 @@ impl Config {
             remote_timeout: Duration::from_secs(30),
             cluster_local: Vec::new(),
             default_global: true,
+            mcs_cluster_local: false,
             root_namespace: "weft-system".into(),
             serving_cert_lifetime: Duration::from_secs(24 * 3600),
             xds_max_stream_age: Duration::from_secs(30 * 60),
@@ -154,6 +161,7 @@ impl ControlPlane {
             root_namespace: config.root_namespace.clone(),
             cluster_local: config.cluster_local.clone(),
             default_global: config.default_global,
+            mcs_cluster_local: config.mcs_cluster_local,
         });
         let (hub, nudges) = Hub::new(model);
         let (updates_tx, updates) = mpsc::unbounded_channel();
@@ -179,6 +187,10 @@ impl ControlPlane {
             updates_tx.clone(),
         ));
         tasks.push(tokio::spawn(policy_status::run(hub.clone(), local.clone())));
+        tasks.push(tokio::spawn(service_import::run(
+            hub.clone(),
+            local.clone(),
+        )));
         tasks.push(tokio::spawn(gateway_probe::run(
             hub.clone(),
             config.gateway_probe,

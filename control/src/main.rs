@@ -86,6 +86,11 @@ struct Args {
     /// clusters (global) or kept in their own (local).
     #[arg(long, env = "WEFT_DEFAULT_SCOPE", value_enum, default_value = "global")]
     default_scope: Scope,
+    /// `cluster.local` names stay in their own cluster; only the
+    /// `clusterset.local` names of exported services (MCS ServiceExport)
+    /// cross clusters. Istio's ENABLE_MCS_CLUSTER_LOCAL.
+    #[arg(long, env = "WEFT_MCS_CLUSTER_LOCAL")]
+    mcs_cluster_local: bool,
     /// Where security policy without a selector is mesh-wide (Istio's
     /// meshConfig rootNamespace); default: --namespace. Set istio-system to
     /// take mesh-wide policy written for Istio as it is.
@@ -176,6 +181,7 @@ async fn main() -> anyhow::Result<()> {
         remote_timeout: Duration::from_secs(args.remote_sync_timeout),
         cluster_local: args.cluster_local,
         default_global: args.default_scope == Scope::Global,
+        mcs_cluster_local: args.mcs_cluster_local,
         serving_cert_lifetime: Duration::from_secs(args.serving_cert_lifetime.max(2)),
         xds_max_stream_age: Duration::from_secs(args.xds_max_stream_age.max(1)),
         xds_limits: weft_control::tls::Limits {

@@ -1,7 +1,7 @@
 //! The remote secret: what lets other clusters' control planes read this
 //! one. A dedicated ServiceAccount that may get, list and watch exactly
 //! what the watchers read (services, pods, namespaces, nodes,
-//! EndpointSlices) and nothing else: no Secrets, since the mesh namespace
+//! EndpointSlices, MCS ServiceExports) and nothing else: no Secrets, since the mesh namespace
 //! holds the CA key and every other cluster's credentials, and no
 //! TokenReviews. A kubeconfig with its token is returned as a Secret
 //! manifest to apply in every other cluster. `weftctl
@@ -24,6 +24,7 @@ pub fn reader_rules() -> serde_json::Value {
     json!([
         {"apiGroups": [""], "resources": ["services", "pods", "namespaces", "nodes"], "verbs": read},
         {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": read},
+        {"apiGroups": ["multicluster.x-k8s.io"], "resources": ["serviceexports"], "verbs": read},
     ])
 }
 const MANAGER: &str = "weftctl";

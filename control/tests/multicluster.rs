@@ -2058,3 +2058,189 @@ async fn gateways_of_other_networks_are_sent_probed_and_taken_out() {
     })
     .await;
 }
+
+/// The MCS API between two clusters, with `--mcs-cluster-local`: c2
+/// exports echo first, c1 a second later with a port that disagrees. c1's
+/// proxies get echo.demo.svc.clusterset.local served by both (oldest
+/// export first) at a 240.241/16 VIP, while echo.demo.svc.cluster.local
+/// stays c1's; c1 holds a ServiceImport with the union of ports, that VIP
+/// and both clusters; c1's export says it conflicts and that c2's port
+/// won. A ServiceImport weft does not manage is left alone; with the
+/// exports gone, weft's is deleted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn service_exports_make_clusterset_services_imports_and_conflicts() {
+    use kube::api::DynamicObject;
+    use weft_control::mcs;
+
+    let (c1, c2) = two_clusters_with_echo().await;
+    for lab in [&c1, &c2] {
+        apply_yaml(lab, include_str!("../../lab/crds/mcs.yaml")).await;
+    }
+    // c2's echo also serves gRPC on 9090 and calls its port 80 "web".
+    let services: Api<Service> = Api::namespaced(c2.client.clone(), "demo");
+    services
+        .patch(
+            "echo",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"ports": [
+                {"name": "web", "port": 80, "targetPort": 8080},
+                {"name": "grpc", "port": 9090, "targetPort": 9090},
+            ]}})),
+        )
+        .await
+        .unwrap();
+    let exports = |lab: &Lab| {
+        Api::<DynamicObject>::namespaced_with(lab.client.clone(), "demo", &mcs::service_exports())
+    };
+    let export = |lab: &Lab| {
+        let api = exports(lab);
+        async move {
+            let object: DynamicObject = serde_json::from_value(json!({
+                "apiVersion": "multicluster.x-k8s.io/v1alpha1", "kind": "ServiceExport",
+                "metadata": {"name": "echo", "namespace": "demo"},
+            }))
+            .unwrap();
+            api.create(&PostParams::default(), &object).await.unwrap();
+        }
+    };
+    export(&c2).await;
+    // Creation times have whole seconds: c1's is later for sure.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    export(&c1).await;
+    let imports =
+        Api::<DynamicObject>::namespaced_with(c1.client.clone(), "demo", &mcs::service_imports());
+    let foreign: DynamicObject = serde_json::from_value(json!({
+        "apiVersion": "multicluster.x-k8s.io/v1alpha1", "kind": "ServiceImport",
+        "metadata": {"name": "someone-elses", "namespace": "demo"},
+        "spec": {"type": "ClusterSetIP", "ports": [{"port": 1, "protocol": "TCP"}]},
+    }))
+    .unwrap();
+    imports
+        .create(&PostParams::default(), &foreign)
+        .await
+        .unwrap();
+
+    let mut config = Config::new("c1");
+    config.xds_plain_addr = Some("127.0.0.1:0".parse().unwrap());
+    config.remote_timeout = Duration::from_secs(2);
+    config.debounce = quick_debounce();
+    config.mcs_cluster_local = true;
+    let control = ControlPlane::start(config, c1.client.clone())
+        .await
+        .unwrap();
+    remote_secret(
+        &c1,
+        "remote-c2",
+        BTreeMap::from([("c2", Some(c2.reader_kubeconfig("reader").await))]),
+    )
+    .await;
+    let client = XdsClient::connect(control.xds_plain_addr.unwrap(), BTreeMap::new()).await;
+    const CLUSTERSET: &str = "demo/echo.demo.svc.clusterset.local";
+    eventually("the clusterset service of both exports", || async {
+        client
+            .service(CLUSTERSET)
+            .is_some_and(|s| s.clusters == ["c2", "c1"])
+    })
+    .await;
+    let clusterset = client.service(CLUSTERSET).unwrap();
+    let vip = clusterset.vips[0].address.clone();
+    assert_eq!(vip[..2], [240, 241]);
+    let ports: Vec<(u32, String)> = clusterset
+        .ports
+        .iter()
+        .map(|p| (p.port, p.name.clone()))
+        .collect();
+    assert_eq!(ports, [(80, "web".into()), (9090, "grpc".into())]);
+    assert_eq!(client.service(ECHO).unwrap().clusters, ["c1"]);
+    let b1 = client.workload("c2/demo/b1").unwrap();
+    assert_eq!(
+        b1.services
+            .iter()
+            .map(|b| b.hostname.as_str())
+            .collect::<Vec<_>>(),
+        ["echo.demo.svc.clusterset.local"],
+        "c2's pod backs the clusterset name only"
+    );
+    // c1's http lost to c2's web on port 80, yet c1's pod still serves 80.
+    let a1 = client.workload("c1/demo/a1").unwrap();
+    let binding = a1
+        .services
+        .iter()
+        .find(|b| b.hostname == "echo.demo.svc.clusterset.local")
+        .unwrap();
+    let mapped: Vec<(u32, u32)> = binding
+        .ports
+        .iter()
+        .map(|p| (p.service_port, p.target_port))
+        .collect();
+    assert_eq!(mapped, [(80, 8080)]);
+
+    let vip_text = std::net::Ipv4Addr::new(vip[0], vip[1], vip[2], vip[3]).to_string();
+    eventually("c1's ServiceImport", || async {
+        imports
+            .get_opt("echo")
+            .await
+            .ok()
+            .flatten()
+            .is_some_and(|i| {
+                i.data["spec"]["ips"] == json!([vip_text])
+                    && i.data["status"]["clusters"] == json!([{"cluster": "c2"}, {"cluster": "c1"}])
+            })
+    })
+    .await;
+    let import = imports.get("echo").await.unwrap();
+    assert_eq!(import.data["spec"]["type"], "ClusterSetIP");
+    assert_eq!(
+        import.data["spec"]["ports"],
+        json!([
+            {"name": "web", "port": 80, "protocol": "TCP"},
+            {"name": "grpc", "port": 9090, "protocol": "TCP", "appProtocol": "grpc"},
+        ])
+    );
+
+    let condition = |kind: &'static str| {
+        let api = exports(&c1);
+        async move {
+            let object = api.get("echo").await.ok()?;
+            object.data["status"]["conditions"]
+                .as_array()?
+                .iter()
+                .find(|c| c["type"] == kind)
+                .cloned()
+        }
+    };
+    eventually("c1's export reports the conflict", || async {
+        condition(mcs::CONDITION_CONFLICT)
+            .await
+            .is_some_and(|c| c["status"] == "True")
+    })
+    .await;
+    let conflict = condition(mcs::CONDITION_CONFLICT).await.unwrap();
+    assert_eq!(conflict["reason"], "PortConflict");
+    let message = conflict["message"].as_str().unwrap();
+    assert!(
+        message.contains("port http: c1 has http 80 (http) where c2, the oldest export, has web 80 (unspecified); c2's is used"),
+        "{message}"
+    );
+    assert_eq!(
+        condition(mcs::CONDITION_VALID).await.unwrap()["status"],
+        "True"
+    );
+
+    // The exports go: the clusterset name and weft's import with them.
+    for lab in [&c1, &c2] {
+        exports(lab)
+            .delete("echo", &DeleteParams::default())
+            .await
+            .unwrap();
+    }
+    eventually("the clusterset service removed", || async {
+        client.service(CLUSTERSET).is_none()
+    })
+    .await;
+    eventually("weft's ServiceImport deleted", || async {
+        imports.get_opt("echo").await.ok().flatten().is_none()
+    })
+    .await;
+    assert!(imports.get_opt("someone-elses").await.unwrap().is_some());
+}

@@ -5,6 +5,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
 use crate::cluster::{Key, Kind, Locality, NamespaceInfo, Object, PodInfo, ServiceInfo, SliceInfo};
+use crate::mcs::ExportInfo;
 use crate::security::authorization::AuthorizationInfo;
 use crate::security::peer_authentication::PeerAuthenticationInfo;
 use crate::traffic::TrafficInfo;
@@ -16,6 +17,8 @@ pub(super) struct ClusterData {
     pub(super) services: HashMap<Key, ServiceInfo>,
     pub(super) nodes: HashMap<String, Locality>,
     pub(super) namespaces: HashMap<String, NamespaceInfo>,
+    /// MCS ServiceExports, by the Service they export.
+    pub(super) exports: BTreeMap<Key, ExportInfo>,
     /// (ns, pod) → slices naming it.
     pub(super) slices_by_pod: HashMap<Key, BTreeSet<String>>,
     /// (ns, service) → its slices.
@@ -152,6 +155,26 @@ impl ClusterData {
                 touched.pods.extend(self.pods_of_service(&key));
                 touched.services.push(key);
             }
+            (Kind::ServiceExport, object) => {
+                let export = match object {
+                    Some(Object::Export(export)) => Some(export),
+                    _ => None,
+                };
+                let old = match export {
+                    Some(export) => self.exports.insert(key.clone(), export),
+                    None => self.exports.remove(&key),
+                };
+                // Its status being written changes nothing the mesh uses.
+                let same = match (&old, self.exports.get(&key)) {
+                    (Some(old), Some(new)) => old.same_export(new),
+                    (None, None) => true,
+                    _ => false,
+                };
+                if !same {
+                    touched.pods.extend(self.pods_of_service(&key));
+                    touched.services.push(key);
+                }
+            }
             (Kind::Node, object) => {
                 let name = key.1;
                 match object {
@@ -225,6 +248,11 @@ impl ClusterData {
                 .services
                 .iter()
                 .map(|(k, v)| (k.clone(), Object::Service(v.clone())))
+                .collect(),
+            Kind::ServiceExport => self
+                .exports
+                .iter()
+                .map(|(k, v)| (k.clone(), Object::Export(v.clone())))
                 .collect(),
             Kind::Node => self
                 .nodes

@@ -15,17 +15,21 @@ use bytes::Bytes;
 use prost::Message;
 
 mod cluster_data;
+mod clusterset;
 mod network;
 mod policy;
 mod table;
 pub mod traffic;
 mod translate;
+mod vips;
 
 use cluster_data::{ClusterData, Touched};
+pub use clusterset::{ExportStatus, ServiceImportView};
 pub use network::{GatewayView, health_name};
 pub use policy::PolicyStatus;
 pub use table::{Entry, Table};
 pub use translate::ip_bytes;
+use vips::VipPool;
 
 use crate::cluster::{Change, ClusterUpdate, Key, Kind};
 
@@ -43,6 +47,8 @@ pub struct ModelConfig {
     /// Whether a Service without a scope annotation is merged across
     /// clusters (`--default-scope global`).
     pub default_global: bool,
+    /// `--mcs-cluster-local`: `cluster.local` names never cross clusters.
+    pub mcs_cluster_local: bool,
 }
 
 pub struct ClusterState {
@@ -95,9 +101,10 @@ pub struct Model {
     gateways_dirty: bool,
     /// Clusters the remote secrets here mark as draining.
     drained_by_secrets: std::collections::BTreeSet<String>,
-    /// VIPs of services with no Service in this cluster, and those in use.
-    allocated_vips: BTreeMap<Key, std::net::IpAddr>,
-    vips_in_use: std::collections::BTreeSet<std::net::IpAddr>,
+    /// VIPs of services with no Service in this cluster.
+    allocated_vips: VipPool,
+    /// Clusterset VIPs of exported services (MCS).
+    clusterset_vips: VipPool,
     version: u64,
     dirty_pods: HashSet<(String, Key)>,
     dirty_services: HashSet<Key>,
@@ -127,8 +134,8 @@ impl Model {
             gateway_probes: BTreeMap::new(),
             gateways_dirty: false,
             drained_by_secrets: Default::default(),
-            allocated_vips: BTreeMap::new(),
-            vips_in_use: Default::default(),
+            allocated_vips: VipPool::new([240, 240]),
+            clusterset_vips: VipPool::new([240, 241]),
             version: 0,
             dirty_pods: HashSet::new(),
             dirty_services: HashSet::new(),
@@ -413,6 +420,12 @@ impl Model {
                 .build_service(&key, allocated)
                 .map(|s| Bytes::from(s.encode_to_vec()));
             changed |= self.services.upsert(&name, body, version);
+            let name = format!("{}/{}", key.0, Self::clusterset_hostname(&key));
+            let vip = self.clusterset_vip(&key);
+            let body = self
+                .build_clusterset_service(&key, vip)
+                .map(|s| Bytes::from(s.encode_to_vec()));
+            changed |= self.services.upsert(&name, body, version);
         }
         let authorizations: Vec<Key> = self.dirty_authorizations.drain().collect();
         for key in authorizations {
@@ -445,6 +458,13 @@ impl Model {
                 }
             })
             && self.clusters.contains_key(&self.config.local_cluster)
+    }
+
+    /// Every cluster known has synced at least once and the remote
+    /// secrets have been listed: what the model lacks now is gone, not
+    /// yet to come (a dead remote's last known objects still count).
+    pub fn all_synced(&self) -> bool {
+        self.remotes_listed && self.clusters.values().all(|c| c.last_synced.is_some())
     }
 
     pub fn cluster_status(&self) -> Vec<ClusterStatus> {
@@ -498,6 +518,7 @@ mod tests {
             root_namespace: "weft-system".into(),
             cluster_local: vec![],
             default_global: true,
+            mcs_cluster_local: false,
         }
     }
 
@@ -574,6 +595,7 @@ mod tests {
         let items =
             |kind: Kind, items: Vec<(Key, Object)>| update(id, 1, Change::Reset(kind, items));
         model.apply(items(Kind::Namespace, vec![]));
+        model.apply(items(Kind::ServiceExport, vec![]));
         for kind in crate::cluster::POLICY_KINDS {
             model.apply(items(kind, vec![]));
         }
@@ -840,7 +862,7 @@ mod tests {
         ));
         model.flush();
         assert!(!vips(&model).iter().any(|(_, a)| a[..2] == [240, 240]));
-        assert!(model.allocated_vips.is_empty() && model.vips_in_use.is_empty());
+        assert!(model.allocated_vips.is_empty());
         // Gone from every cluster: nothing is allocated for it.
         for cluster in ["c1", "c2"] {
             model.apply(update(
@@ -850,7 +872,7 @@ mod tests {
             ));
         }
         model.flush();
-        assert!(model.allocated_vips.is_empty() && model.vips_in_use.is_empty());
+        assert!(model.allocated_vips.is_empty());
     }
 
     #[test]
@@ -949,6 +971,8 @@ mod tests {
             };
             model.apply(update("c2", 2, Change::Reset(kind, items)));
         }
+        assert_eq!(model.active_generation("c2"), Some(1));
+        model.apply(update("c2", 2, Change::Reset(Kind::ServiceExport, vec![])));
         // Swapped: the new client's view (no pods) now rules.
         assert_eq!(model.active_generation("c2"), Some(2));
         model.flush();
@@ -1161,5 +1185,257 @@ mod tests {
             scope("weft-system/here"),
             mesh::AuthorizationScope::Namespace as i32
         );
+    }
+
+    fn export(created: &str) -> Object {
+        Object::Export(crate::mcs::ExportInfo {
+            created: created.into(),
+            generation: 1,
+            seen: Vec::new(),
+        })
+    }
+
+    fn clusterset_resource(model: &Model) -> Option<mesh::Service> {
+        let body = model
+            .services
+            .get("demo/echo.demo.svc.clusterset.local")?
+            .body
+            .clone()?;
+        Some(mesh::Service::decode(body).unwrap())
+    }
+
+    fn bound_hosts(model: &Model, uid: &str) -> Vec<(String, Vec<(u32, u32)>)> {
+        workload(model, uid)
+            .unwrap()
+            .services
+            .into_iter()
+            .map(|b| {
+                let ports = b
+                    .ports
+                    .iter()
+                    .map(|p| (p.service_port, p.target_port))
+                    .collect();
+                (b.hostname, ports)
+            })
+            .collect()
+    }
+
+    /// Under `--default-scope local`: no export, no clusterset name. c2
+    /// exports echo: its endpoints serve echo.demo.svc.clusterset.local
+    /// (a 240.241/16 VIP), and c1's cluster.local name stays c1's (its
+    /// own Service is local). c1 exports too, older, with a port that
+    /// disagrees: the union of ports, c1's port wins, and c1's export is
+    /// told of the conflict. A ServiceImport is wanted in c1's demo
+    /// namespace. With the exports gone, so is the name and its VIP.
+    #[test]
+    fn exports_make_a_clusterset_service_with_the_union_of_ports_and_the_oldest_wins() {
+        let mut model = Model::new(ModelConfig {
+            default_global: false,
+            ..config()
+        });
+        synced_cluster(&mut model, "c1", "10.96.0.10", "10.1.0.5", false);
+        synced_cluster(&mut model, "c2", "10.97.0.10", "10.2.0.5", false);
+        model.apply(update(
+            "c1",
+            1,
+            Change::Object(
+                Kind::Namespace,
+                key("", "demo"),
+                Some(Object::Namespace(Default::default())),
+            ),
+        ));
+        let Object::Service(mut c2_echo) = service("10.97.0.10", false) else {
+            unreachable!()
+        };
+        c2_echo.ports = vec![
+            ServicePortInfo {
+                port: 80,
+                name: "http".into(),
+                protocol: AppProtocol::Grpc,
+                target_port: 8080,
+            },
+            ServicePortInfo {
+                port: 9090,
+                name: "metrics".into(),
+                protocol: AppProtocol::Tcp,
+                target_port: 9090,
+            },
+        ];
+        let set = |model: &mut Model, cluster: &str, kind: Kind, object: Option<Object>| {
+            model.apply(update(
+                cluster,
+                1,
+                Change::Object(kind, key("demo", "echo"), object),
+            ));
+            model.flush();
+        };
+        set(
+            &mut model,
+            "c2",
+            Kind::Service,
+            Some(Object::Service(c2_echo)),
+        );
+        assert!(clusterset_resource(&model).is_none());
+        assert!(model.service_imports().is_empty());
+
+        set(
+            &mut model,
+            "c2",
+            Kind::ServiceExport,
+            Some(export("2026-12-01T06:05:00Z")),
+        );
+        let clusterset = clusterset_resource(&model).unwrap();
+        assert_eq!(clusterset.clusters, ["c2"]);
+        assert_eq!(clusterset.vips.len(), 1);
+        assert_eq!(clusterset.vips[0].cluster_id, "c1");
+        assert_eq!(clusterset.vips[0].address[..2], [240, 241]);
+        assert_eq!(
+            bound_hosts(&model, "c2/demo/echo-c2"),
+            [(
+                "echo.demo.svc.clusterset.local".to_string(),
+                vec![(80, 8080)]
+            )],
+            "c2's pod serves the clusterset name only: c1's echo is local"
+        );
+        assert_eq!(service_resource(&model).clusters, ["c1"]);
+        assert_eq!(
+            bound_hosts(&model, "c1/demo/echo-c1"),
+            [("echo.demo.svc.cluster.local".to_string(), vec![(80, 8080)])]
+        );
+
+        set(
+            &mut model,
+            "c1",
+            Kind::ServiceExport,
+            Some(export("2026-12-01T06:00:00Z")),
+        );
+        let clusterset = clusterset_resource(&model).unwrap();
+        assert_eq!(clusterset.clusters, ["c1", "c2"], "oldest export first");
+        let ports: Vec<(u32, &str, i32)> = clusterset
+            .ports
+            .iter()
+            .map(|p| (p.port, p.name.as_str(), p.app_protocol))
+            .collect();
+        assert_eq!(
+            ports,
+            [
+                (80, "http", AppProtocol::Http as i32),
+                (9090, "metrics", AppProtocol::Tcp as i32)
+            ]
+        );
+        assert_eq!(
+            bound_hosts(&model, "c1/demo/echo-c1")[1].0,
+            "echo.demo.svc.clusterset.local"
+        );
+        let statuses = model.export_statuses();
+        assert_eq!(statuses.len(), 1, "c1's own exports only");
+        let conditions: Vec<(&str, bool, &str)> = statuses[0]
+            .wanted
+            .iter()
+            .map(|c| (c.kind.as_str(), c.status, c.reason.as_str()))
+            .collect();
+        assert_eq!(
+            conditions,
+            [
+                ("Valid", true, "Exported"),
+                ("Conflict", true, "PortConflict")
+            ]
+        );
+        let message = &statuses[0].wanted[1].message;
+        assert!(
+            message.contains("port http: c2 has http 80 (grpc) where c1, the oldest export, has http 80 (http); c1's is used"),
+            "{message}"
+        );
+        let imports = model.service_imports();
+        assert_eq!(imports.len(), 1);
+        assert_eq!(imports[0].clusters, ["c1", "c2"]);
+        assert_eq!(
+            imports[0].vip.map(translate::ip_bytes),
+            Some(clusterset.vips[0].address.clone())
+        );
+        let (spec, status) = imports[0].spec_and_status();
+        assert_eq!(spec["type"], "ClusterSetIP");
+        assert_eq!(spec["ports"].as_array().unwrap().len(), 2);
+        assert_eq!(status["clusters"][1]["cluster"], "c2");
+
+        // Exported without a Service: not valid, and no clusterset name.
+        model.apply(update(
+            "c1",
+            1,
+            Change::Object(
+                Kind::ServiceExport,
+                key("demo", "ghost"),
+                Some(export("2026-12-01T06:00:00Z")),
+            ),
+        ));
+        let ghost = model
+            .export_statuses()
+            .into_iter()
+            .find(|s| s.key.1 == "ghost")
+            .unwrap();
+        assert_eq!(
+            (ghost.wanted[0].status, ghost.wanted[0].reason.as_str()),
+            (false, "NoService")
+        );
+        assert_eq!(model.service_imports().len(), 1);
+
+        set(&mut model, "c1", Kind::ServiceExport, None);
+        set(&mut model, "c2", Kind::ServiceExport, None);
+        assert!(
+            model
+                .services
+                .get("demo/echo.demo.svc.clusterset.local")
+                .unwrap()
+                .body
+                .is_none()
+        );
+        assert!(model.clusterset_vips.get(&key("demo", "echo")).is_none());
+    }
+
+    /// `--mcs-cluster-local`: echo global everywhere, yet its
+    /// cluster.local name is c1's alone; the clusterset name of the
+    /// exporting clusters crosses.
+    #[test]
+    fn with_mcs_cluster_local_only_clusterset_names_cross_clusters() {
+        let mut model = Model::new(ModelConfig {
+            mcs_cluster_local: true,
+            ..config()
+        });
+        synced_cluster(&mut model, "c1", "10.96.0.10", "10.1.0.5", false);
+        synced_cluster(&mut model, "c2", "10.97.0.10", "10.2.0.5", false);
+        model.flush();
+        assert_eq!(service_resource(&model).clusters, ["c1"]);
+        assert!(service_resource(&model).cluster_local);
+        assert!(bound_hosts(&model, "c2/demo/echo-c2").is_empty());
+        for cluster in ["c1", "c2"] {
+            model.apply(update(
+                cluster,
+                1,
+                Change::Object(
+                    Kind::ServiceExport,
+                    key("demo", "echo"),
+                    Some(export("2026-12-01T06:00:00Z")),
+                ),
+            ));
+        }
+        model.flush();
+        assert_eq!(service_resource(&model).clusters, ["c1"]);
+        assert_eq!(clusterset_resource(&model).unwrap().clusters, ["c1", "c2"]);
+        assert_eq!(
+            bound_hosts(&model, "c2/demo/echo-c2"),
+            [(
+                "echo.demo.svc.clusterset.local".to_string(),
+                vec![(80, 8080)]
+            )]
+        );
+        // A service only c2 has gets no cluster.local VIP here.
+        model.apply(update(
+            "c1",
+            1,
+            Change::Object(Kind::Service, key("demo", "echo"), None),
+        ));
+        model.flush();
+        assert!(model.allocated_vips.get(&key("demo", "echo")).is_none());
+        assert_eq!(clusterset_resource(&model).unwrap().clusters, ["c2"]);
     }
 }

@@ -16,7 +16,8 @@ impl Model {
 
     /// Whether cluster `id`'s Service `key` is global (merged across
     /// clusters). Precedence, most specific first: the Service's
-    /// `weft.io/global` (or `weft.io/cluster-local`), its namespace's
+    /// `weft.io/global` (or `weft.io/cluster-local`), a ServiceExport of
+    /// it (global), its namespace's
     /// `weft.io/cluster-local`, the `--cluster-local` list, then the mesh
     /// default (`--default-scope`).
     pub(super) fn global_in(&self, id: &str, key: &Key) -> bool {
@@ -25,6 +26,10 @@ impl Model {
         };
         if let Some(global) = state.data.services.get(key).and_then(|s| s.global) {
             return global;
+        }
+        // An MCS export asks for exactly this.
+        if state.data.exports.contains_key(key) {
+            return true;
         }
         if state
             .data
@@ -55,6 +60,9 @@ impl Model {
         let local = &self.config.local_cluster;
         if id == local {
             return true;
+        }
+        if self.config.mcs_cluster_local {
+            return false;
         }
         let Some(service) = self.clusters.get(id).and_then(|c| c.data.services.get(key)) else {
             return false;
@@ -95,8 +103,7 @@ impl Model {
     /// The VIP this cluster's callers know a service by when it has no
     /// Service here (it exists only in other clusters): allocated from
     /// 240.240.0.0/16 (which no network routes, as Istio's auto-allocation),
-    /// first where a hash of its name says so that a restarted control
-    /// plane usually gives the same, kept while the service lasts.
+    /// kept while the service lasts.
     pub(super) fn allocated_vip(&mut self, key: &Key) -> Option<IpAddr> {
         let local = &self.config.local_cluster;
         let has_local = self
@@ -110,29 +117,10 @@ impl Model {
                 .keys()
                 .any(|id| id != local && self.offered(id, key));
         if !elsewhere {
-            if let Some(ip) = self.allocated_vips.remove(key) {
-                self.vips_in_use.remove(&ip);
-            }
+            self.allocated_vips.release(key);
             return None;
         }
-        if let Some(ip) = self.allocated_vips.get(key) {
-            return Some(*ip);
-        }
-        // FNV-1a: the same in every process and release.
-        let mut hash: u32 = 0x811c_9dc5;
-        for byte in format!("{}/{}", key.0, key.1).bytes() {
-            hash = (hash ^ u32::from(byte)).wrapping_mul(0x0100_0193);
-        }
-        for probe in 0..65_534u32 {
-            let n = (hash.wrapping_add(probe) % 65_534) + 1;
-            let ip = IpAddr::from([240, 240, (n >> 8) as u8, n as u8]);
-            if self.vips_in_use.insert(ip) {
-                self.allocated_vips.insert(key.clone(), ip);
-                return Some(ip);
-            }
-        }
-        tracing::warn!(service = %format!("{}/{}", key.0, key.1), "no VIP left to allocate in 240.240.0.0/16");
-        None
+        self.allocated_vips.allocate(key)
     }
 
     pub(super) fn build_service(
@@ -145,7 +133,8 @@ impl Model {
             .clusters
             .get(local)
             .and_then(|c| c.data.services.get(key));
-        let local_only = local_service.is_some() && !self.global_in(local, key);
+        let local_only = local_service.is_some()
+            && (self.config.mcs_cluster_local || !self.global_in(local, key));
         let mut vips = Vec::new();
         let mut clusters = Vec::new();
         let mut ports: Option<&Vec<crate::cluster::ServicePortInfo>> = None;
@@ -187,15 +176,7 @@ impl Model {
             namespace: key.0.clone(),
             hostname: self.hostname(key),
             vips,
-            ports: ports
-                .iter()
-                .map(|p| mesh::ServicePort {
-                    port: p.port,
-                    name: p.name.clone(),
-                    app_protocol: p.protocol as i32,
-                    target_port: p.target_port,
-                })
-                .collect(),
+            ports: service_ports(ports),
             cluster_local: local_only,
             clusters,
             affinity: affinity.unwrap_or(mesh::Affinity::Local) as i32,
@@ -216,7 +197,12 @@ impl Model {
                 continue;
             };
             let service_key = (key.0.clone(), slice.service.clone());
-            if !self.offered(cluster, &service_key) {
+            let offered = self.offered(cluster, &service_key);
+            // Behind the clusterset name too, when its cluster exports it.
+            let clusterset = self
+                .clusterset(&service_key)
+                .filter(|set| set.exporters.iter().any(|c| c == cluster));
+            if !offered && clusterset.is_none() {
                 continue;
             }
             let ready = slice
@@ -225,25 +211,27 @@ impl Model {
                 .filter(|e| e.pod.as_deref() == Some(key.1.as_str()))
                 .any(|e| e.ready);
             endpoint_ready = Some(endpoint_ready.unwrap_or(false) || ready);
-            let service_ports = data.services.get(&service_key).map(|s| &s.ports);
-            let ports = slice
-                .ports
-                .iter()
-                .filter_map(|(name, target)| {
-                    let port = service_ports?.iter().find(|p| {
-                        p.name == *name || service_ports.is_some_and(|all| all.len() == 1)
-                    })?;
-                    Some(mesh::PortMapping {
-                        service_port: port.port,
-                        target_port: *target,
-                    })
-                })
-                .collect();
-            services.push(mesh::ServiceBinding {
-                namespace: key.0.clone(),
-                hostname: self.hostname(&service_key),
-                ports,
-            });
+            let own_ports = data.services.get(&service_key).map(|s| &s.ports);
+            let own = port_mappings(own_ports, slice);
+            if let Some(set) = clusterset {
+                let ports = onto_union(&own, own_ports, &set.ports);
+                // An empty list would mean every port: serving none of
+                // the union's, it is not bound at all.
+                if own.is_empty() || !ports.is_empty() {
+                    services.push(mesh::ServiceBinding {
+                        namespace: key.0.clone(),
+                        hostname: Self::clusterset_hostname(&service_key),
+                        ports,
+                    });
+                }
+            }
+            if offered {
+                services.push(mesh::ServiceBinding {
+                    namespace: key.0.clone(),
+                    hostname: self.hostname(&service_key),
+                    ports: own,
+                });
+            }
         }
         services.sort_by(|a, b| a.hostname.cmp(&b.hostname));
         services.dedup_by(|a, b| a.hostname == b.hostname);
@@ -294,9 +282,108 @@ impl Model {
     }
 }
 
+/// A Service's ports as proxies receive them.
+pub(super) fn service_ports(ports: &[crate::cluster::ServicePortInfo]) -> Vec<mesh::ServicePort> {
+    ports
+        .iter()
+        .map(|p| mesh::ServicePort {
+            port: p.port,
+            name: p.name.clone(),
+            app_protocol: p.protocol as i32,
+            target_port: p.target_port,
+        })
+        .collect()
+}
+
+/// Which service port reaches which target port of a slice's endpoints:
+/// by port name, or the one port when the service has one.
+fn port_mappings(
+    service_ports: Option<&Vec<crate::cluster::ServicePortInfo>>,
+    slice: &crate::cluster::SliceInfo,
+) -> Vec<mesh::PortMapping> {
+    slice
+        .ports
+        .iter()
+        .filter_map(|(name, target)| {
+            let all = service_ports?;
+            let port = all.iter().find(|p| p.name == *name || all.len() == 1)?;
+            Some(mesh::PortMapping {
+                service_port: port.port,
+                target_port: *target,
+            })
+        })
+        .collect()
+}
+
+/// A cluster's own port mappings, onto the clusterset's union of ports:
+/// by port number where the union has it (a conflict over a name or a
+/// protocol still leaves the port served), else by port name (where the
+/// number lost, the winner's number reaches it).
+fn onto_union(
+    own: &[mesh::PortMapping],
+    own_ports: Option<&Vec<crate::cluster::ServicePortInfo>>,
+    union: &[crate::cluster::ServicePortInfo],
+) -> Vec<mesh::PortMapping> {
+    own.iter()
+        .filter_map(|m| {
+            if union.iter().any(|u| u.port == m.service_port) {
+                return Some(*m);
+            }
+            let name = &own_ports?.iter().find(|p| p.port == m.service_port)?.name;
+            let port = union.iter().find(|u| !name.is_empty() && u.name == *name)?;
+            Some(mesh::PortMapping {
+                service_port: port.port,
+                target_port: m.target_port,
+            })
+        })
+        .collect()
+}
+
 pub fn ip_bytes(ip: IpAddr) -> Vec<u8> {
     match ip {
         IpAddr::V4(v4) => v4.octets().to_vec(),
         IpAddr::V6(v6) => v6.octets().to_vec(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cluster::ServicePortInfo;
+    use weft_xds_proto::mesh::AppProtocol;
+
+    fn port(name: &str, port: u32) -> ServicePortInfo {
+        ServicePortInfo {
+            port,
+            name: name.into(),
+            protocol: AppProtocol::Http,
+            target_port: 0,
+        }
+    }
+
+    fn mapping(service_port: u32, target_port: u32) -> mesh::PortMapping {
+        mesh::PortMapping {
+            service_port,
+            target_port,
+        }
+    }
+
+    /// A cluster whose `http` is 8080 where the older export's is 80, and
+    /// whose `admin` 9000 is nobody else's: 80 reaches its http, 9000
+    /// stays, and a port the union lacks by number and name is dropped.
+    #[test]
+    fn a_cluster_s_ports_map_onto_the_union_by_number_then_by_name() {
+        let own_ports = vec![port("http", 8080), port("admin", 9000), port("", 7000)];
+        let own = vec![
+            mapping(8080, 18080),
+            mapping(9000, 19000),
+            mapping(7000, 17000),
+        ];
+        let union = vec![port("http", 80), port("admin", 9000)];
+        assert_eq!(
+            onto_union(&own, Some(&own_ports), &union),
+            [mapping(80, 18080), mapping(9000, 19000)]
+        );
+        assert!(onto_union(&own, Some(&own_ports), &[port("other", 1)]).is_empty());
     }
 }
