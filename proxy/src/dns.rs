@@ -1,6 +1,7 @@
 //! The sidecar's DNS proxy (15053, UDP and TCP): the capture rules send
 //! the app's DNS here, never the proxy's own. Mesh names,
-//! `<svc>.<ns>.svc.<domain suffix>` and `<svc>.<ns>.svc.clusterset.local`,
+//! `<svc>.<ns>.svc.<domain suffix>` and, for a service exported with
+//! MCS, `<svc>.<ns>.svc.clusterset.local` (its clusterset VIP),
 //! are answered from the snapshot with the service's VIP in this cluster,
 //! which for a service that exists only in other clusters is the one the
 //! control plane allocated: so a remote-only service resolves and is
@@ -96,10 +97,11 @@ impl Dns {
         {
             return Some(name.to_string());
         }
-        if let Some(rest) = name.strip_suffix(".svc.clusterset.local")
+        // A service exported with MCS has a clusterset service of its own.
+        if let Some(rest) = name.strip_suffix(crate::state::CLUSTERSET_SUFFIX)
             && service_part(rest)
         {
-            return Some(format!("{rest}{}", self.svc_suffix));
+            return Some(name.to_string());
         }
         None
     }
@@ -354,9 +356,12 @@ mod tests {
         let mut service = testing::service("demo", "echo", [10, 96, 0, 10], ports.clone());
         service.vips.push(testing::vip("c2", "n", [10, 97, 0, 10]));
         // Only in c2: c1's control plane allocated it a VIP of c1's.
-        let mut far = testing::service("demo", "far", [240, 240, 0, 7], ports);
+        let mut far = testing::service("demo", "far", [240, 240, 0, 7], ports.clone());
         far.clusters = vec!["c2".into()];
-        let snapshot = Snapshot::from_messages(&[service, far], &[]).unwrap();
+        // echo is exported (MCS): its clusterset service has a VIP of its own.
+        let mut clusterset = testing::service("demo", "echo", [240, 241, 0, 9], ports);
+        clusterset.hostname = "echo.demo.svc.clusterset.local".into();
+        let snapshot = Snapshot::from_messages(&[service, far, clusterset], &[]).unwrap();
         let xds = Arc::new(XdsState::default());
         xds.snapshot.store(Arc::new(snapshot));
         Dns::new(xds, "c1", "cluster.local", upstream, Arc::default())
@@ -396,7 +401,7 @@ mod tests {
         let a = |name: &str| addresses(dns.answer(&query(name, TYPE::A)));
         assert_eq!(a("echo.demo.svc.cluster.local"), ["10.96.0.10"]);
         assert_eq!(a("ECHO.demo.svc.cluster.local."), ["10.96.0.10"]);
-        assert_eq!(a("echo.demo.svc.clusterset.local"), ["10.96.0.10"]);
+        assert_eq!(a("echo.demo.svc.clusterset.local"), ["240.241.0.9"]);
         assert_eq!(
             a("far.demo.svc.cluster.local"),
             ["240.240.0.7"],
@@ -409,6 +414,8 @@ mod tests {
         for other in [
             "example.com",
             "nope.demo.svc.cluster.local",
+            // Not exported: no clusterset name.
+            "far.demo.svc.clusterset.local",
             "a.b.echo.demo.svc.cluster.local",
             "svc.cluster.local",
         ] {

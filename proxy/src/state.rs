@@ -114,6 +114,9 @@ fn position(at: usize) -> u32 {
 /// (the sort is stable): what a map filled in the same order would hold.
 /// Two entries may claim one key for a moment (a pod IP reused before the
 /// old pod's removal arrived).
+/// What the hostnames of MCS clusterset services end with.
+pub const CLUSTERSET_SUFFIX: &str = ".svc.clusterset.local";
+
 fn sorted_last_wins<T, K: Ord>(mut entries: Vec<T>, key: impl Fn(&T) -> K) -> Box<[T]> {
     entries.sort_by_key(&key);
     let mut kept: Vec<T> = Vec::with_capacity(entries.len());
@@ -154,7 +157,14 @@ impl Snapshot {
         let by_vip = sorted_last_wins(vips, |&(ip, port, _)| (ip, port));
         let all = || (0..services.len()).map(position).collect::<Vec<u32>>();
         let by_hostname = sorted_last_wins(all(), |&at| &*services[at as usize].hostname);
-        let by_short_name = sorted_last_wins(all(), |&at| {
+        // Short names are the pod's search path expanding into this
+        // cluster's domain: never an MCS clusterset service, which shares
+        // its name and namespace.
+        let short_named: Vec<u32> = all()
+            .into_iter()
+            .filter(|&at| !services[at as usize].hostname.ends_with(CLUSTERSET_SUFFIX))
+            .collect();
+        let by_short_name = sorted_last_wins(short_named, |&at| {
             let service = &services[at as usize];
             (&*service.name, &*service.namespace)
         });
@@ -415,6 +425,35 @@ mod tests {
     use super::*;
     use crate::resources::Interner;
     use crate::resources::fixtures::*;
+
+    #[test]
+    fn short_names_mean_this_cluster_s_service_not_the_clusterset_one() {
+        use weft_xds_proto::testing;
+        let ports = vec![testing::port(
+            80,
+            "http",
+            weft_xds_proto::mesh::AppProtocol::Http,
+            8080,
+        )];
+        let local = testing::service("demo", "echo", [10, 96, 0, 10], ports.clone());
+        let mut clusterset = testing::service("demo", "echo", [240, 241, 0, 9], ports);
+        clusterset.hostname = "echo.demo.svc.clusterset.local".into();
+        let snapshot = Snapshot::from_messages(&[clusterset, local], &[]).unwrap();
+        for host in ["echo.demo", "echo.demo.svc", "echo.demo.svc.cluster.local"] {
+            assert_eq!(
+                &*snapshot.service_by_host(host).unwrap().hostname,
+                "echo.demo.svc.cluster.local",
+                "{host}"
+            );
+        }
+        assert_eq!(
+            &*snapshot
+                .service_by_host("echo.demo.svc.clusterset.local")
+                .unwrap()
+                .hostname,
+            "echo.demo.svc.clusterset.local"
+        );
+    }
 
     #[test]
     fn indexes_find_services_and_workloads() {
