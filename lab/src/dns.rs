@@ -125,6 +125,33 @@ pub async fn resolve_from_pod(
     addresses(&answer)
 }
 
+/// The first address `name` resolves to from the pod, asked again
+/// every 100 ms until it resolves (a name the mesh has just learned) or
+/// `timeout` passes.
+pub async fn resolve_until(
+    pod_dir: &std::path::Path,
+    server: SocketAddr,
+    name: &str,
+    timeout: Duration,
+) -> Result<Ipv4Addr, String> {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        let last = resolve_from_pod(pod_dir, server, name).await;
+        if let Ok(found) = &last
+            && let Some(ip) = found.first()
+        {
+            return Ok(*ip);
+        }
+        if std::time::Instant::now() >= deadline {
+            return Err(format!(
+                "{name} did not resolve within {} s: {last:?}",
+                timeout.as_secs()
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -245,11 +245,14 @@ impl Cluster {
         )
         .await
         .context("installing examples/install/05-security-crds.yaml")?;
-        // The traffic kinds weft applies; upstream projects ship their
-        // CRDs, which a lab has no way to fetch.
+        // The traffic and MCS kinds weft reads; upstream projects ship
+        // their CRDs, which a lab has no way to fetch.
         crate::apply::apply_all(&client, include_str!("../crds/traffic.yaml"))
             .await
             .context("installing lab/crds/traffic.yaml")?;
+        crate::apply::apply_all(&client, include_str!("../crds/mcs.yaml"))
+            .await
+            .context("installing lab/crds/mcs.yaml")?;
         let mut cluster = Cluster {
             xds_addr: free_port(options.host)?,
             monitoring_addr: free_port(options.host)?,

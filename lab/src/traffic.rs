@@ -244,6 +244,28 @@ pub async fn send_from_pod(
     exchange(netns_name, connect, request.to_string()).await
 }
 
+/// An HTTP GET of `host`'s `/` sent to `connect` from the pod, again every
+/// 100 ms until it is answered 200 (a service the mesh has just learned:
+/// its endpoints may arrive a moment after its name) or `timeout` passes.
+/// The last answer, either way.
+pub async fn get_from_pod_until_ok(
+    pod_dir: &Path,
+    connect: SocketAddr,
+    host: &str,
+    timeout: Duration,
+) -> Result<String, String> {
+    let request = format!("GET / HTTP/1.1\r\nhost: {host}\r\nconnection: close\r\n\r\n");
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        let answer = send_from_pod(pod_dir, connect, &request).await;
+        let ok = answer.as_ref().is_ok_and(|a| a.starts_with("HTTP/1.1 200"));
+        if ok || std::time::Instant::now() >= deadline {
+            return answer;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// One request and its whole answer, on a thread of its own that alone
 /// enters `netns_name`.
 async fn exchange(

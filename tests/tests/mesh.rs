@@ -1234,6 +1234,7 @@ spec:
         scope::draining_moves_traffic_and_fails_nothing(&lab, &caller).await;
         scope::scope_annotations_decide_which_clusters_serve(&lab, &caller).await;
         scope::names_resolve_in_the_sidecar(&lab, &dir, network).await;
+        scope::service_exports_serve_clusterset_names(&lab, &dir, network, &caller).await;
 
         // Failover: c1's echo is deleted as Kubernetes deletes a pod (a
         // grace period, its endpoint terminating, SIGTERM): no request fails

@@ -142,6 +142,7 @@ async fn story(lab: &mut Lab, dir: &std::path::Path) -> Result<()> {
     let pod = find_pod(dir, Some("c1"), "demo", "client")?;
     if lab.network == Network::Namespaces {
         names(&pod).await?;
+        clusterset(lab, &pod).await?;
     }
     let caller = PodClient::new(&lab.cluster("c1")?.client, &pod, "demo", "echo").await?;
     // The client's sidecar learns of c2's endpoint through c1's control
@@ -301,6 +302,60 @@ async fn names(client: &std::path::Path) -> Result<()> {
         "✓ names in the client pod: echo.demo.svc.cluster.local is {} (answered by its sidecar's DNS), www.example.lab {} (forwarded to the lab's resolver)",
         echo[0], outside[0]
     );
+    Ok(())
+}
+
+/// The MCS API: c2 exports echo (examples/lab/service-export.yaml), and
+/// the client in c1 reaches c2's echo by its clusterset name, at the
+/// clusterset VIP c1 keeps in its ServiceImport. The export is removed
+/// again.
+async fn clusterset(lab: &Lab, client: &std::path::Path) -> Result<()> {
+    let export = include_str!("../../../examples/lab/service-export.yaml");
+    let c2 = &lab.cluster("c2")?.client;
+    weft_lab::apply::apply_all(c2, export).await?;
+    let name = "echo.demo.svc.clusterset.local";
+    let vip = weft_lab::dns::resolve_until(
+        client,
+        "10.96.0.53:53".parse()?,
+        name,
+        Duration::from_secs(30),
+    )
+    .await
+    .map_err(anyhow::Error::msg)?;
+    let answer = weft_lab::traffic::get_from_pod_until_ok(
+        client,
+        std::net::SocketAddr::from((vip, 80)),
+        name,
+        Duration::from_secs(10),
+    )
+    .await
+    .map_err(anyhow::Error::msg)?;
+    if !answer.contains("cluster=c2") {
+        bail!("{name} did not reach c2, its one exporter: {answer}");
+    }
+    let imports = Api::<kube::api::DynamicObject>::namespaced_with(
+        lab.cluster("c1")?.client.clone(),
+        "demo",
+        &weft_control::mcs::service_imports(),
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let import = imports.get_opt("echo").await?;
+        if import
+            .as_ref()
+            .is_some_and(|i| i.data["spec"]["ips"][0] == vip.to_string())
+        {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("c1's ServiceImport demo/echo does not hold {vip}: {import:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    println!(
+        "✓ ServiceExport echo in c2 (MCS): the client in c1 reaches c2's echo as {name}, the clusterset VIP {vip} of c1's ServiceImport demo/echo"
+    );
+    weft_lab::apply::delete_all(c2, export).await?;
     Ok(())
 }
 

@@ -141,14 +141,7 @@ pub async fn scope_annotations_decide_which_clusters_serve(lab: &Lab, caller: &P
 pub async fn names_resolve_in_the_sidecar(lab: &Lab, dir: &std::path::Path, network: Network) {
     use k8s_openapi::api::core::v1::Service;
     use kube::api::{Api, DeleteParams};
-    let client_dir = pod_dir(dir, "c1", "demo", "client");
-    let server: std::net::SocketAddr = match network {
-        Network::Namespaces => "10.96.0.53:53".parse().unwrap(),
-        Network::Loopback => {
-            let ip = std::fs::read_to_string(client_dir.join("ip")).unwrap();
-            format!("{}:15053", ip.trim()).parse().unwrap()
-        }
-    };
+    let (client_dir, server) = client_resolver(dir, network);
     let resolve = |name: &'static str| {
         let client_dir = client_dir.clone();
         async move { weft_lab::dns::resolve_from_pod(&client_dir, server, name).await }
@@ -169,7 +162,8 @@ pub async fn names_resolve_in_the_sidecar(lab: &Lab, dir: &std::path::Path, netw
     );
     assert_eq!(
         resolve("echo.demo.svc.clusterset.local").await,
-        Ok(vec![echo_vip])
+        Err("NameError".to_string()),
+        "not exported: no clusterset name (its lab resolver knows none)"
     );
     assert_eq!(
         resolve("www.example.lab").await,
@@ -188,25 +182,21 @@ pub async fn names_resolve_in_the_sidecar(lab: &Lab, dir: &std::path::Path, netw
         "apiVersion: v1\nkind: Service\nmetadata: {name: far, namespace: demo}\nspec:\n  selector: {app: echo, version: v2}\n  ports: [{name: http, port: 80, targetPort: 8080}]\n",
     )
     .await;
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    let far = loop {
-        if let Ok(found) = resolve("far.demo.svc.cluster.local").await
-            && let Some(ip) = found.first()
-        {
-            break *ip;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "far never resolved in c1"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let far = weft_lab::dns::resolve_until(
+        &client_dir,
+        server,
+        "far.demo.svc.cluster.local",
+        Duration::from_secs(20),
+    )
+    .await
+    .unwrap();
     assert_eq!(far.octets()[..2], [240, 240], "{far}");
     if network == Network::Namespaces {
-        let answer = weft_lab::traffic::send_from_pod(
+        let answer = weft_lab::traffic::get_from_pod_until_ok(
             &client_dir,
             std::net::SocketAddr::from((far, 80)),
-            "GET / HTTP/1.1\r\nhost: far.demo.svc.cluster.local\r\nconnection: close\r\n\r\n",
+            "far.demo.svc.cluster.local",
+            Duration::from_secs(10),
         )
         .await
         .unwrap();
@@ -219,6 +209,161 @@ pub async fn names_resolve_in_the_sidecar(lab: &Lab, dir: &std::path::Path, netw
         .delete("far", &DeleteParams::default())
         .await
         .unwrap();
+}
+
+/// The client pod's directory, and where its DNS queries go: any
+/// address on port 53 is captured into its sidecar; on a loopback lab,
+/// the sidecar's own DNS address.
+fn client_resolver(
+    dir: &std::path::Path,
+    network: Network,
+) -> (std::path::PathBuf, std::net::SocketAddr) {
+    let client_dir = pod_dir(dir, "c1", "demo", "client");
+    let server = match network {
+        Network::Namespaces => "10.96.0.53:53".parse().unwrap(),
+        Network::Loopback => {
+            let ip = std::fs::read_to_string(client_dir.join("ip")).unwrap();
+            format!("{}:15053", ip.trim()).parse().unwrap()
+        }
+    };
+    (client_dir, server)
+}
+
+/// The MCS API in the lab. c2 exports echo, c1 does not: from c1,
+/// echo.demo.svc.clusterset.local resolves to a clusterset VIP (240.241/16)
+/// that reaches only c2, while echo.demo.svc.cluster.local stays c1's
+/// (local first); c1 holds a ServiceImport naming c2. Then `conflicted`,
+/// exported from both clusters with port 80 as HTTP in one and gRPC in the
+/// other: both exports say Conflict, each written by its own cluster's
+/// control plane. With the exports deleted the import goes.
+pub async fn service_exports_serve_clusterset_names(
+    lab: &Lab,
+    dir: &std::path::Path,
+    network: Network,
+    caller: &PodClient,
+) {
+    use kube::api::{Api, DeleteParams, DynamicObject};
+    use weft_control::mcs;
+    let (client_dir, server) = client_resolver(dir, network);
+    let exports = |cluster: &str| {
+        Api::<DynamicObject>::namespaced_with(
+            lab.cluster(cluster).unwrap().client.clone(),
+            "demo",
+            &mcs::service_exports(),
+        )
+    };
+    let export = |name: &str| {
+        format!(
+            "apiVersion: multicluster.x-k8s.io/v1alpha1\nkind: ServiceExport\nmetadata: {{name: {name}, namespace: demo}}\n"
+        )
+    };
+    lab_apply(
+        lab,
+        "c2",
+        include_str!("../../../examples/lab/service-export.yaml"),
+    )
+    .await;
+    let vip = weft_lab::dns::resolve_until(
+        &client_dir,
+        server,
+        "echo.demo.svc.clusterset.local",
+        Duration::from_secs(20),
+    )
+    .await
+    .unwrap();
+    assert_eq!(vip.octets()[..2], [240, 241], "{vip}");
+    if network == Network::Namespaces {
+        for _ in 0..10 {
+            let answer = weft_lab::traffic::get_from_pod_until_ok(
+                &client_dir,
+                std::net::SocketAddr::from((vip, 80)),
+                "echo.demo.svc.clusterset.local",
+                Duration::from_secs(10),
+            )
+            .await
+            .unwrap();
+            assert!(answer.contains("cluster=c2"), "only c2 exports: {answer}");
+        }
+    }
+    let local = caller.batch(10).await;
+    assert_eq!(
+        by_cluster(&local).get("c1"),
+        Some(&10),
+        "cluster.local: {local:?}"
+    );
+    let imports = Api::<DynamicObject>::namespaced_with(
+        lab.cluster("c1").unwrap().client.clone(),
+        "demo",
+        &mcs::service_imports(),
+    );
+    let import = imports.get("echo").await.unwrap();
+    assert_eq!(
+        import.data["spec"]["ips"],
+        serde_json::json!([vip.to_string()])
+    );
+    assert_eq!(
+        import.data["status"]["clusters"],
+        serde_json::json!([{"cluster": "c2"}])
+    );
+
+    for (cluster, protocol) in [("c1", "http"), ("c2", "grpc")] {
+        lab_apply(
+            lab,
+            cluster,
+            &format!("apiVersion: v1\nkind: Service\nmetadata: {{name: conflicted, namespace: demo}}\nspec:\n  selector: {{app: nothing}}\n  ports: [{{name: api, port: 80, appProtocol: {protocol}}}]\n---\n{}", export("conflicted")),
+        )
+        .await;
+    }
+    for cluster in ["c1", "c2"] {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        let conflict = loop {
+            let found = exports(cluster).get("conflicted").await.ok().and_then(|e| {
+                e.data["status"]["conditions"]
+                    .as_array()?
+                    .iter()
+                    .find(|c| c["type"] == "Conflict" && c["status"] == "True")
+                    .cloned()
+            });
+            if let Some(found) = found {
+                break found;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{cluster}'s export never said Conflict"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        println!(
+            "mcs: {cluster}'s export of conflicted: {}",
+            conflict["message"]
+        );
+        assert_eq!(conflict["reason"], "PortConflict");
+    }
+    println!("mcs: echo.demo.svc.clusterset.local is {vip} in c1 and reaches c2, the one exporter");
+
+    for (cluster, name) in [("c2", "echo"), ("c1", "conflicted"), ("c2", "conflicted")] {
+        exports(cluster)
+            .delete(name, &DeleteParams::default())
+            .await
+            .unwrap();
+    }
+    for cluster in ["c1", "c2"] {
+        Api::<k8s_openapi::api::core::v1::Service>::namespaced(
+            lab.cluster(cluster).unwrap().client.clone(),
+            "demo",
+        )
+        .delete("conflicted", &DeleteParams::default())
+        .await
+        .unwrap();
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while imports.get_opt("echo").await.unwrap().is_some() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "c1's ServiceImport outlived the export"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 async fn lab_apply(lab: &Lab, cluster: &str, text: &str) {
