@@ -6,7 +6,9 @@
 //! defines: Istio's "add the subset before the route that uses it"), and
 //! which of several routes for one host is in force. It also names the
 //! Service scope annotations (`weft.io/global`, `shared`, `affinity`)
-//! whose values mean nothing.
+//! whose values mean nothing, and the MCS ServiceExports whose status
+//! (written by weft-control, which sees every cluster) says they are not
+//! valid or conflict with another cluster's.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write;
@@ -177,6 +179,44 @@ fn scope_findings(services: &[Service], namespace: Option<&str>) -> Vec<Finding>
         .collect()
 }
 
+/// ServiceExports (as JSON) whose conditions say they are not exported
+/// or disagree with another cluster's export.
+fn export_findings(exports: &[serde_json::Value]) -> Vec<Finding> {
+    use weft_control::mcs::{CONDITION_CONFLICT, CONDITION_VALID};
+    let mut findings = Vec::new();
+    for export in exports {
+        let object = format!(
+            "ServiceExport {}/{}",
+            export["metadata"]["namespace"].as_str().unwrap_or_default(),
+            export["metadata"]["name"].as_str().unwrap_or_default()
+        );
+        let conditions = export["status"]["conditions"].as_array();
+        let condition = |kind: &str| conditions.into_iter().flatten().find(|c| c["type"] == kind);
+        let message = |c: &serde_json::Value| c["message"].as_str().unwrap_or_default().to_string();
+        match condition(CONDITION_VALID) {
+            None => findings.push(Finding {
+                level: Level::Info,
+                object: object.clone(),
+                message: "no Valid condition yet (is weft-control running here?)".into(),
+            }),
+            Some(c) if c["status"] != "True" => findings.push(Finding {
+                level: Level::Error,
+                object: object.clone(),
+                message: format!("not exported: {}", message(c)),
+            }),
+            Some(_) => {}
+        }
+        if let Some(c) = condition(CONDITION_CONFLICT).filter(|c| c["status"] == "True") {
+            findings.push(Finding {
+                level: Level::Warning,
+                object,
+                message: format!("conflicts with another cluster's export: {}", message(c)),
+            });
+        }
+    }
+    findings
+}
+
 pub async fn run(args: AnalyzeArgs) -> Result<()> {
     let client = crate::remote::client(&args.kubeconfig, args.context.clone()).await?;
     let mut objects = Vec::new();
@@ -207,7 +247,7 @@ pub async fn run(args: AnalyzeArgs) -> Result<()> {
             });
         }
     }
-    let listed = Api::<Service>::all(client)
+    let listed = Api::<Service>::all(client.clone())
         .list(&ListParams::default())
         .await?
         .items;
@@ -224,6 +264,23 @@ pub async fn run(args: AnalyzeArgs) -> Result<()> {
         .collect();
     let mut findings = analyze(&objects, &services);
     findings.extend(scope_findings(&listed, args.namespace.as_deref()));
+    let exports: Api<DynamicObject> = match &args.namespace {
+        Some(ns) => Api::namespaced_with(client.clone(), ns, &weft_control::mcs::service_exports()),
+        None => Api::all_with(client.clone(), &weft_control::mcs::service_exports()),
+    };
+    match exports.list(&ListParams::default()).await {
+        Ok(list) => {
+            let exports: Vec<serde_json::Value> = list
+                .items
+                .iter()
+                .map(serde_json::to_value)
+                .collect::<Result<_, _>>()?;
+            findings.extend(export_findings(&exports));
+        }
+        // The MCS API is not installed: there are no exports.
+        Err(kube::Error::Api(status)) if status.code == 404 => {}
+        Err(err) => return Err(err.into()),
+    }
     findings.sort();
     let mut out = String::new();
     for f in &findings {
@@ -255,4 +312,58 @@ pub async fn run(args: AnalyzeArgs) -> Result<()> {
         anyhow::bail!("{errors} objects or references weft cannot apply as written");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exports_not_valid_or_in_conflict_are_named() {
+        let export = |name: &str, conditions: serde_json::Value| {
+            serde_json::json!({
+                "metadata": {"name": name, "namespace": "demo"},
+                "status": {"conditions": conditions},
+            })
+        };
+        let findings = export_findings(&[
+            export(
+                "fine",
+                serde_json::json!([{"type": "Valid", "status": "True"}, {"type": "Conflict", "status": "False"}]),
+            ),
+            export(
+                "ghost",
+                serde_json::json!([{"type": "Valid", "status": "False", "message": "there is no Service demo/ghost in this cluster to export"}]),
+            ),
+            export(
+                "split",
+                serde_json::json!([{"type": "Valid", "status": "True"}, {"type": "Conflict", "status": "True", "message": "port http: c2 has ..."}]),
+            ),
+            serde_json::json!({"metadata": {"name": "new", "namespace": "demo"}}),
+        ]);
+        let seen: Vec<(Level, &str, &str)> = findings
+            .iter()
+            .map(|f| (f.level, f.object.as_str(), f.message.as_str()))
+            .collect();
+        assert_eq!(
+            seen,
+            [
+                (
+                    Level::Error,
+                    "ServiceExport demo/ghost",
+                    "not exported: there is no Service demo/ghost in this cluster to export"
+                ),
+                (
+                    Level::Warning,
+                    "ServiceExport demo/split",
+                    "conflicts with another cluster's export: port http: c2 has ..."
+                ),
+                (
+                    Level::Info,
+                    "ServiceExport demo/new",
+                    "no Valid condition yet (is weft-control running here?)"
+                ),
+            ]
+        );
+    }
 }
