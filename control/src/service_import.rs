@@ -72,6 +72,8 @@ pub async fn run(hub: Arc<Hub>, client: Client) {
                 held = None;
             }
         }
+        // What was written for an export since deleted is forgotten.
+        sent.retain(|key, _| statuses.iter().any(|s| s.key == *key));
         for status in statuses {
             if status.seen == status.wanted || sent.get(&status.key) == Some(&status.wanted) {
                 continue;
