@@ -267,7 +267,9 @@ fn install_manifests_and_injected_workloads_pass_schema_validation() {
         .unwrap()
         .map(|e| e.unwrap().path())
         .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .filter(|p| !p.ends_with("kustomization.yaml"))
         .collect();
+    files.push(install.join("eastwest-gateway/eastwest-gateway.yaml"));
     files.sort();
     assert!(files.len() >= 5, "{files:?}");
 
@@ -717,4 +719,280 @@ spec:
     ] {
         assert!(text.contains(expected), "missing {expected:?} in:\n{text}");
     }
+}
+
+/// `kubectl kustomize dir` as documents; `None`, said, without kubectl.
+fn kustomize(dir: &Path) -> Option<Vec<serde_json::Value>> {
+    let out = match Command::new("kubectl").arg("kustomize").arg(dir).output() {
+        Ok(out) => out,
+        Err(err) => {
+            eprintln!("SKIPPED: kubectl is not installed ({err}); .ci/run installs it");
+            return None;
+        }
+    };
+    assert!(
+        out.status.success(),
+        "kubectl kustomize {}: {}",
+        dir.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Some(serde_saphyr::from_multiple(&String::from_utf8_lossy(&out.stdout)).unwrap())
+}
+
+/// Every leaf of the objects, as "Kind/namespace/name path" → value; the
+/// items of lists that have names are keyed by them, so that a list's
+/// order or length elsewhere does not count as a difference.
+fn leaves(docs: &[serde_json::Value]) -> std::collections::BTreeMap<String, String> {
+    fn walk(
+        at: String,
+        value: &serde_json::Value,
+        out: &mut std::collections::BTreeMap<String, String>,
+    ) {
+        match value {
+            serde_json::Value::Object(map) => {
+                for (key, inner) in map {
+                    walk(format!("{at}.{key}"), inner, out);
+                }
+            }
+            serde_json::Value::Array(items) => {
+                for (i, inner) in items.iter().enumerate() {
+                    let key = inner["name"].as_str().map_or(i.to_string(), str::to_string);
+                    walk(format!("{at}[{key}]"), inner, out);
+                }
+            }
+            leaf => {
+                out.insert(at, leaf.to_string());
+            }
+        }
+    }
+    let mut out = std::collections::BTreeMap::new();
+    for doc in docs {
+        let object = format!(
+            "{}/{}/{}",
+            doc["kind"].as_str().unwrap_or_default(),
+            doc["metadata"]["namespace"].as_str().unwrap_or_default(),
+            doc["metadata"]["name"].as_str().unwrap_or_default()
+        );
+        walk(object, doc, &mut out);
+    }
+    out
+}
+
+/// Where the example clusters' installs may differ: what cluster-settings
+/// writes, the cluster's ConfigMap, and which remote secrets it expects.
+fn differs_where_it_should(leaf: &str) -> bool {
+    let env = |deployment: &str, container: &str| {
+        ["WEFT_CLUSTER_ID", "WEFT_NETWORK"].iter().any(|var| {
+            leaf == format!("Deployment/weft-system/{deployment}.spec.template.spec.containers[{container}].env[{var}].value")
+        })
+    };
+    leaf.starts_with("ConfigMap/weft-system/weft-cluster.data.")
+        || leaf.starts_with("ExternalSecret/weft-system/weft-remote-")
+        || leaf == "ExternalSecret/weft-system/cacerts.spec.dataFrom[0].extract.key"
+        || env("weft-control", "weft-control")
+        || env("weft-eastwest-gateway", "gateway")
+        || leaf
+            == "Deployment/weft-system/weft-control.spec.template.metadata.labels.topology.kubernetes.io/region"
+        || leaf == "Namespace//weft-system.metadata.labels.topology.weft.io/network"
+        || leaf == "Namespace//weft-system.metadata.labels.topology.kubernetes.io/region"
+        || leaf
+            == "Service/weft-system/weft-eastwest-gateway.metadata.labels.topology.weft.io/network"
+}
+
+/// The GitOps layout: each example cluster's overlay renders with
+/// kubectl kustomize, is valid against the Kubernetes 1.33 schemas (where
+/// kubernetes-validate is installed), says its own cluster id, network and
+/// region where weft reads them and expects the other clusters' remote
+/// secrets, and differs from the others nowhere else.
+#[test]
+fn gitops_overlays_render_validate_and_differ_only_where_they_should() {
+    let gitops = workspace_root().join("examples/gitops/clusters");
+    let mut clusters: Vec<String> = std::fs::read_dir(&gitops)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    clusters.sort();
+    assert_eq!(clusters, ["c1", "c2", "c3"]);
+    let validate = Command::new("kubernetes-validate")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !validate {
+        eprintln!("SKIPPED (schemas only): kubernetes-validate is not installed");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut rendered = Vec::new();
+    for cluster in &clusters {
+        let Some(docs) = kustomize(&gitops.join(cluster)) else {
+            return;
+        };
+        let find = |kind: &str, name: &str| {
+            docs.iter()
+                .find(|d| d["kind"] == kind && d["metadata"]["name"] == name)
+                .unwrap_or_else(|| panic!("{cluster}: no {kind} {name}"))
+                .clone()
+        };
+        let settings = find("ConfigMap", "weft-cluster")["data"].clone();
+        assert_eq!(settings["clusterId"], cluster.as_str());
+        let network = settings["network"].as_str().unwrap();
+        let env = |deployment: &str, var: &str| {
+            find("Deployment", deployment)["spec"]["template"]["spec"]["containers"][0]["env"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|e| e["name"] == var)
+                .map(|e| e["value"].clone())
+                .unwrap()
+        };
+        for deployment in ["weft-control", "weft-eastwest-gateway"] {
+            assert_eq!(env(deployment, "WEFT_CLUSTER_ID"), cluster.as_str());
+            assert_eq!(env(deployment, "WEFT_NETWORK"), network);
+        }
+        let namespace = find("Namespace", "weft-system");
+        assert_eq!(
+            namespace["metadata"]["labels"]["topology.weft.io/network"],
+            network
+        );
+        assert_eq!(
+            namespace["metadata"]["labels"]["topology.kubernetes.io/region"],
+            settings["region"]
+        );
+        assert_eq!(
+            find("Service", "weft-eastwest-gateway")["metadata"]["labels"]["topology.weft.io/network"],
+            network
+        );
+        assert_eq!(
+            find("ExternalSecret", "cacerts")["spec"]["dataFrom"][0]["extract"]["key"],
+            format!("weft/{cluster}/cacerts")
+        );
+        for other in clusters.iter().filter(|c| *c != cluster) {
+            let remote = find("ExternalSecret", &format!("weft-remote-{other}"));
+            assert_eq!(
+                remote["spec"]["target"]["template"]["metadata"]["labels"]["weft.io/multicluster"],
+                "true"
+            );
+            assert_eq!(remote["spec"]["data"][0]["secretKey"], other.as_str());
+        }
+        if validate {
+            let file = dir.path().join(format!("{cluster}.yaml"));
+            let text: Vec<String> = docs
+                .iter()
+                .map(|d| serde_json::to_string(d).unwrap())
+                .collect();
+            std::fs::write(&file, text.join("\n---\n")).unwrap();
+            let out = Command::new("kubernetes-validate")
+                .args(["--strict", "-k", "1.33.0"])
+                .arg(&file)
+                .output()
+                .unwrap();
+            let said = String::from_utf8_lossy(&[out.stdout, out.stderr].concat()).into_owned();
+            assert!(
+                out.status.success() && !said.contains("ERROR"),
+                "{cluster}: {said}"
+            );
+        }
+        rendered.push(leaves(&docs));
+    }
+    let first = &rendered[0];
+    for (cluster, other) in clusters.iter().zip(&rendered).skip(1) {
+        let differing: Vec<&String> = first
+            .keys()
+            .chain(other.keys())
+            .filter(|k| first.get(*k) != other.get(*k))
+            .collect();
+        let unexpected: Vec<&&String> = differing
+            .iter()
+            .filter(|k| !differs_where_it_should(k))
+            .collect();
+        assert!(
+            unexpected.is_empty(),
+            "c1 and {cluster} differ where they should not: {unexpected:?}"
+        );
+        assert!(differing.len() >= 6, "{differing:?}");
+    }
+}
+
+/// The release is one setting: changing the registry and tag in
+/// examples/gitops/release moves weft-control's image, the gateway's and
+/// the sidecar image weft-control injects.
+#[test]
+fn one_release_setting_moves_every_image() {
+    let root = workspace_root();
+    let copy = tempfile::tempdir().unwrap();
+    let copied = |from: &str| {
+        let out = Command::new("cp")
+            .arg("-r")
+            .arg(root.join("examples").join(from))
+            .arg(copy.path().join(from))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+    };
+    copied("install");
+    copied("gitops");
+    let release = copy.path().join("gitops/release/kustomization.yaml");
+    let text = std::fs::read_to_string(&release)
+        .unwrap()
+        .replace(
+            "newName: ghcr.io/weft-mesh/",
+            "newName: registry.example.com/team/",
+        )
+        .replace("newTag: 0.1.0", "newTag: 9.9.9");
+    std::fs::write(&release, text).unwrap();
+    let Some(docs) = kustomize(&copy.path().join("gitops/clusters/c2")) else {
+        return;
+    };
+    let text = serde_json::to_string(&docs).unwrap();
+    for image in ["weft-control", "weft-proxy"] {
+        assert!(
+            text.contains(&format!("registry.example.com/team/{image}:9.9.9")),
+            "{image} did not follow"
+        );
+    }
+    assert!(!text.contains("ghcr.io"), "an image kept the old registry");
+    assert!(
+        text.contains(
+            r#""name":"WEFT_PROXY_IMAGE","value":"registry.example.com/team/weft-proxy:9.9.9""#
+        ),
+        "the injected sidecar image did not follow"
+    );
+}
+
+/// Every path the ApplicationSet's template can produce is an overlay:
+/// the cluster generator's selector lists the cluster ids it takes.
+#[test]
+fn the_applicationset_points_only_at_overlays_that_exist() {
+    let root = workspace_root();
+    let set: serde_json::Value = serde_saphyr::from_str(
+        &std::fs::read_to_string(root.join("examples/gitops/applicationset.yaml")).unwrap(),
+    )
+    .unwrap();
+    let expression = &set["spec"]["generators"][0]["clusters"]["selector"]["matchExpressions"][0];
+    assert_eq!(expression["operator"], "In");
+    let label = expression["key"].as_str().unwrap();
+    let path = set["spec"]["template"]["spec"]["source"]["path"]
+        .as_str()
+        .unwrap();
+    let placeholder = format!(r#"{{{{ index .metadata.labels "{label}" }}}}"#);
+    assert!(path.contains(&placeholder), "{path}");
+    assert_eq!(path.matches("{{").count(), 1, "{path}: one placeholder");
+    let ids: Vec<&str> = expression["values"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    assert!(!ids.is_empty());
+    for id in &ids {
+        let overlay = root.join(path.replace(&placeholder, id));
+        assert!(
+            overlay.join("kustomization.yaml").is_file(),
+            "{} does not exist",
+            overlay.display()
+        );
+    }
+    let overlays = std::fs::read_dir(root.join("examples/gitops/clusters"))
+        .unwrap()
+        .count();
+    assert_eq!(overlays, ids.len(), "an overlay no Application points at");
 }

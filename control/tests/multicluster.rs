@@ -937,14 +937,15 @@ async fn pods_are_injected_through_the_webhook() {
     })
     .await;
 
-    // kubectl apply -f examples/install/
+    // kubectl apply -k examples/install/: the base has no patches, so
+    // its resources as they are.
     let install = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/install");
-    let mut files: Vec<_> = std::fs::read_dir(&install)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .collect();
-    files.sort();
-    for file in files {
+    let base: serde_json::Value = serde_saphyr::from_str(
+        &std::fs::read_to_string(install.join("kustomization.yaml")).unwrap(),
+    )
+    .unwrap();
+    for file in base["resources"].as_array().unwrap() {
+        let file = install.join(file.as_str().unwrap());
         apply_yaml(&lab, &std::fs::read_to_string(&file).unwrap()).await;
     }
 
