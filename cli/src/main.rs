@@ -7,6 +7,7 @@ mod certs;
 mod cluster;
 mod inject;
 mod lab;
+mod proxy;
 mod remote;
 
 use clap::{Parser, Subcommand};
@@ -30,6 +31,10 @@ enum Command {
     CreateRemoteSecret(remote::CreateRemoteSecretArgs),
     /// List the clusters a running control plane watches, with sync state and staleness.
     RemoteClusters(remote::RemoteClustersArgs),
+    /// Every proxy connected to a control plane, and whether it holds what the control plane has.
+    ProxyStatus(proxy::ProxyStatusArgs),
+    /// What one sidecar was told: workloads, services, routes, certs or policies.
+    ProxyConfig(proxy::ProxyConfigArgs),
     /// Drain a cluster (traffic moves away, nothing is deleted), or undrain it.
     #[command(subcommand)]
     Cluster(cluster::ClusterCommand),
@@ -60,6 +65,12 @@ fn main() -> std::process::ExitCode {
         Command::Cluster(command) => cluster::run(command),
         Command::RemoteClusters(args) => {
             block_on(remote::remote_clusters(args)).map(|out| print!("{out}"))
+        }
+        Command::ProxyStatus(args) => {
+            block_on(proxy::proxy_status(args)).map(|out| print!("{out}"))
+        }
+        Command::ProxyConfig(args) => {
+            block_on(proxy::proxy_config(args)).map(|out| print!("{out}"))
         }
     };
     match result {

@@ -55,6 +55,16 @@ fn respond<B>(hub: &Hub, request: &Request<B>, remote_timeout: Duration) -> Resp
                 json!({"clusters": clusters}).to_string(),
             )
         }
+        "/debug/proxies" => {
+            let version = hub.model().version();
+            text(
+                200,
+                "application/json",
+                hub.proxies
+                    .view(version, &crate::xds::KNOWN_TYPES)
+                    .to_string(),
+            )
+        }
         "/debug/gateways" => {
             let gateways = hub.model().gateways();
             let network = hub.model().local_network();

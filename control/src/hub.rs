@@ -2,6 +2,7 @@
 //! carrying each new model version, and the metrics. Also the loop that
 //! applies cluster changes and debounces them into versions.
 
+use crate::proxy_status::ProxyRegistry;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -24,6 +25,8 @@ pub struct Hub {
     /// Set once the model has been complete and flushed: from then on,
     /// xDS streams are answered at once.
     pub serving: std::sync::atomic::AtomicBool,
+    /// What each connected proxy was sent and acknowledged.
+    pub proxies: ProxyRegistry,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -53,6 +56,7 @@ impl Hub {
             nudge,
             closing: watch::Sender::new(false),
             serving: std::sync::atomic::AtomicBool::new(false),
+            proxies: ProxyRegistry::default(),
         };
         (Arc::new(hub), nudges)
     }

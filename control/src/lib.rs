@@ -22,6 +22,7 @@ pub mod mcs;
 pub mod metrics;
 pub mod model;
 pub mod policy_status;
+pub mod proxy_status;
 pub mod publish;
 pub mod remote_secret;
 pub mod remotes;

@@ -223,14 +223,7 @@ impl XdsClient {
         initial: BTreeMap<&'static str, BTreeMap<String, String>>,
     ) -> XdsClient {
         let (requests, outbound) = mpsc::channel(16);
-        for url in [
-            type_url::SERVICE,
-            type_url::WORKLOAD,
-            type_url::AUTHORIZATION,
-            type_url::ROUTE_SET,
-            type_url::DESTINATION_POLICY,
-            type_url::NETWORK_GATEWAY,
-        ] {
+        for url in type_url::ALL {
             requests
                 .send(DeltaDiscoveryRequest {
                     node: Some(weft_xds_proto::envoy::config::core::v3::Node {
@@ -2244,4 +2237,115 @@ async fn service_exports_make_clusterset_services_imports_and_conflicts() {
     })
     .await;
     assert!(imports.get_opt("someone-elses").await.unwrap().is_some());
+}
+
+/// `/debug/proxies` (what `weftctl proxy-status` shows): a connected
+/// proxy is SYNCED in every type; while its stream is cut (a relay that
+/// stops passing bytes, the connection still open) a change leaves the
+/// changed type STALE with the push unanswered; once the stream flows
+/// again it is SYNCED again. A proxy that goes away is DISCONNECTED.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_status_shows_a_cut_stream_stale_and_then_synced() {
+    let (c1, _c2) = two_clusters_with_echo().await;
+    let mut config = Config::new("c1");
+    config.xds_plain_addr = Some("127.0.0.1:0".parse().unwrap());
+    config.monitoring_addr = Some("127.0.0.1:0".parse().unwrap());
+    config.debounce = quick_debounce();
+    let control = ControlPlane::start(config, c1.client.clone())
+        .await
+        .unwrap();
+    let monitoring = control.monitoring_addr.unwrap();
+    let (relay, frozen) = freezable(control.xds_plain_addr.unwrap()).await;
+    let client = XdsClient::connect(relay, BTreeMap::new()).await;
+    let states = || async {
+        let view: serde_json::Value =
+            serde_json::from_str(&http_get(monitoring, "/debug/proxies").await).unwrap();
+        view["proxies"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| {
+                p["types"]
+                    .as_object()
+                    .unwrap()
+                    .iter()
+                    .map(|(name, t)| (name.clone(), t["state"].as_str().unwrap().to_string()))
+                    .collect::<BTreeMap<String, String>>()
+            })
+            .collect::<Vec<_>>()
+    };
+    let all = |wanted: &'static str| {
+        move |proxies: &Vec<BTreeMap<String, String>>| {
+            proxies.len() == 1 && proxies[0].len() == 6 && proxies[0].values().all(|s| s == wanted)
+        }
+    };
+    eventually("the proxy SYNCED in every type", || async {
+        all("SYNCED")(&states().await)
+    })
+    .await;
+    assert!(client.service(ECHO).is_some());
+
+    frozen.send_replace(true);
+    c1.service("added", false).await;
+    eventually("Service STALE while the stream is cut", || async {
+        states()
+            .await
+            .first()
+            .is_some_and(|p| p["Service"] == "STALE")
+    })
+    .await;
+    let view = http_get(monitoring, "/debug/proxies").await;
+    assert!(
+        view.contains("\"node\":\"sidecar~10.0.0.1~test.demo~demo.svc.cluster.local\""),
+        "{view}"
+    );
+    frozen.send_replace(false);
+    eventually("SYNCED again once the stream flows", || async {
+        all("SYNCED")(&states().await)
+    })
+    .await;
+    assert!(
+        client
+            .service("demo/added.demo.svc.cluster.local")
+            .is_some()
+    );
+    // A second proxy subscribes, then goes away.
+    let channel = tonic::transport::Endpoint::from_shared(format!(
+        "http://{}",
+        control.xds_plain_addr.unwrap()
+    ))
+    .unwrap()
+    .connect()
+    .await
+    .unwrap();
+    let (requests, outbound) = mpsc::channel(1);
+    requests
+        .send(DeltaDiscoveryRequest {
+            type_url: type_url::SERVICE.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let responses = AggregatedDiscoveryServiceClient::new(channel)
+        .delta_aggregated_resources(ReceiverStream::new(outbound))
+        .await
+        .unwrap()
+        .into_inner();
+    eventually("the second proxy listed", || async {
+        states().await.len() == 2
+    })
+    .await;
+    drop((requests, responses));
+    eventually("DISCONNECTED once it is gone", || async {
+        states()
+            .await
+            .iter()
+            .any(|p| p["Service"] == "DISCONNECTED" && p["Workload"] == "DISCONNECTED")
+    })
+    .await;
+    assert!(
+        all("SYNCED")(&states().await[..1].to_vec()),
+        "the first is still SYNCED"
+    );
+    drop(client);
 }

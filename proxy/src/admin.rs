@@ -1,6 +1,6 @@
 //! The admin endpoints, Envoy-style so operators know where to look:
 //! 15000 (loopback only: it shows the whole mesh view) serves
-//! `/config_dump`, `/clusters`, `/stats/prometheus`, `/logging` and
+//! `/config_dump`, `/clusters`, `/certs`, `/stats/prometheus`, `/logging` and
 //! `/healthz/ready`; 15090 serves `/stats/prometheus` for scrapers; 15021
 //! serves `/healthz/ready` for the kubelet.
 
@@ -106,6 +106,24 @@ impl Admin {
         m.encode()
     }
 
+    /// `/certs`: the workload certificate this proxy presents, and when
+    /// it is renewed (never the key).
+    pub fn certs(&self) -> Value {
+        let Some(certs) = &self.certs else {
+            return json!({"certificates": []});
+        };
+        let cert = certs.certificate();
+        let seconds =
+            |t: std::time::SystemTime| t.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
+        json!({"certificates": [{
+            "identity": cert.identity().to_string(),
+            "not_before": seconds(cert.not_before()),
+            "not_after": seconds(cert.not_after()),
+            "rotate_at": seconds(cert.rotate_at()),
+            "chain_length": cert.full_chain().len(),
+        }]})
+    }
+
     /// `/clusters`: each service's endpoints as this proxy sees them.
     pub fn clusters(&self) -> Value {
         let snapshot = self.xds.snapshot.load();
@@ -186,6 +204,9 @@ impl Admin {
                 "application/json",
                 pretty(&config_dump(&self.xds.snapshot.load())),
             ),
+            (Routes::Admin, "/certs") => {
+                (StatusCode::OK, "application/json", pretty(&self.certs()))
+            }
             (Routes::Admin, "/clusters") => {
                 (StatusCode::OK, "application/json", pretty(&self.clusters()))
             }
@@ -201,7 +222,7 @@ impl Admin {
             (Routes::Admin, _) => (
                 StatusCode::NOT_FOUND,
                 "text/plain",
-                "/config_dump /clusters /stats/prometheus /logging /healthz/ready\n".into(),
+                "/config_dump /clusters /certs /stats/prometheus /logging /healthz/ready\n".into(),
             ),
             (Routes::Prometheus, _) => (
                 StatusCode::NOT_FOUND,

@@ -27,14 +27,7 @@ use crate::routes::{self, Destination, RouteSet};
 use crate::state::{Local, Snapshot, Traffic};
 
 /// The resource types a proxy subscribes to, in the order it asks.
-pub const TYPES: [&str; 6] = [
-    type_url::SERVICE,
-    type_url::WORKLOAD,
-    type_url::AUTHORIZATION,
-    type_url::ROUTE_SET,
-    type_url::DESTINATION_POLICY,
-    type_url::NETWORK_GATEWAY,
-];
+pub const TYPES: [&str; 6] = type_url::ALL;
 
 /// What the xDS client publishes to the rest of the proxy.
 pub struct XdsState {

@@ -72,6 +72,16 @@ pub mod type_url {
     pub const DESTINATION_POLICY: &str = "type.googleapis.com/weft.mesh.v1.DestinationPolicy";
     pub const NETWORK_GATEWAY: &str = "type.googleapis.com/weft.mesh.v1.NetworkGateway";
 
+    /// Every weft resource type, in the order proxies subscribe.
+    pub const ALL: [&str; 6] = [
+        SERVICE,
+        WORKLOAD,
+        AUTHORIZATION,
+        ROUTE_SET,
+        DESTINATION_POLICY,
+        NETWORK_GATEWAY,
+    ];
+
     /// The type URL of any generated message, from its full protobuf name.
     pub fn of<M: prost::Name>() -> String {
         format!("{PREFIX}{}", M::full_name())

@@ -149,17 +149,11 @@ fn table<'a>(model: &'a Model, type_url: &str) -> &'a Table {
     }
 }
 
+/// Every resource type served, in the order `weftctl proxy-status` shows.
+pub const KNOWN_TYPES: [&str; 6] = type_url::ALL;
+
 fn known_type(url: &str) -> Option<&'static str> {
-    [
-        type_url::SERVICE,
-        type_url::WORKLOAD,
-        type_url::AUTHORIZATION,
-        type_url::ROUTE_SET,
-        type_url::DESTINATION_POLICY,
-        type_url::NETWORK_GATEWAY,
-    ]
-    .into_iter()
-    .find(|known| *known == url)
+    KNOWN_TYPES.into_iter().find(|known| *known == url)
 }
 
 /// Waits until `gate` opens for this control plane (once open, it stays
@@ -235,6 +229,7 @@ fn take_request(
     subscriptions: &mut Vec<Subscription>,
     node: &mut String,
     peer: &Option<PeerIdentity>,
+    stream: u64,
 ) {
     if let Some(n) = request.node.as_ref().filter(|n| !n.id.is_empty()) {
         *node = n.id.clone();
@@ -248,8 +243,9 @@ fn take_request(
         let Some(subscription) = existing.map(|i| &mut subscriptions[i]) else {
             return;
         };
-        subscription.answered(&request.response_nonce);
+        subscription.answered(&request.response_nonce, request.error_detail.is_none());
         if let Some(error) = &request.error_detail {
+            hub.proxies.nack(stream, url, &error.message);
             // The proxy keeps its last good config; it is told again only
             // when the resources change again.
             hub.metrics.nacks.inc();
@@ -279,6 +275,48 @@ fn take_request(
     tracing::debug!(%node, identity = ?peer, type_url = url, "proxy subscribed");
 }
 
+/// A stream's place in the proxy registry, marked gone however the
+/// stream ends.
+struct Registered<'a> {
+    hub: &'a Hub,
+    id: u64,
+}
+
+impl<'a> Registered<'a> {
+    fn new(hub: &'a Hub, identity: Option<String>) -> Self {
+        Registered {
+            hub,
+            id: hub.proxies.connect(identity),
+        }
+    }
+
+    fn record(&self, node: &str, subscriptions: &[Subscription]) {
+        self.hub.proxies.record(
+            self.id,
+            node,
+            subscriptions.iter().map(|s| {
+                let (sent, acked) = s.sent_and_acked();
+                (
+                    s.type_url,
+                    crate::proxy_status::TypeStatus {
+                        settled: s.settled(),
+                        sent,
+                        acked,
+                        last_push: s.last_push(),
+                        ..Default::default()
+                    },
+                )
+            }),
+        );
+    }
+}
+
+impl Drop for Registered<'_> {
+    fn drop(&mut self) {
+        self.hub.proxies.disconnect(self.id);
+    }
+}
+
 async fn serve_stream(
     hub: &Hub,
     gate: Gate,
@@ -292,14 +330,24 @@ async fn serve_stream(
     let mut node = String::from("unknown");
     let mut nonces = 0u64;
     wait_for_gate(hub, gate).await?;
+    let stream = Registered::new(
+        hub,
+        peer.as_ref().map(|p| {
+            p.identity
+                .as_ref()
+                .map_or_else(|| p.addr.to_string(), |i| i.to_string())
+        }),
+    );
     loop {
         if !send_owed(hub, &mut subscriptions, &mut nonces, tx).await? {
             return Ok(()); // The proxy went away.
         }
+        stream.record(&node, &subscriptions);
         tokio::select! {
             message = inbound.message() => match message {
                 Ok(Some(request)) => {
-                    take_request(hub, request, &mut subscriptions, &mut node, &peer);
+                    take_request(hub, request, &mut subscriptions, &mut node, &peer, stream.id);
+                    stream.record(&node, &subscriptions);
                 }
                 Ok(None) => return Ok(()),
                 Err(status) => {

@@ -26,8 +26,15 @@ pub struct Subscription {
     cursor: Option<(Bound<(u64, String)>, u64)>,
     /// Names to send (current body) or to remove, before the cursor's pass.
     pending: VecDeque<String>,
-    /// The nonce of the response the proxy has not answered yet.
-    in_flight: Option<String>,
+    /// The nonce of the response the proxy has not answered yet, and the
+    /// model version it brings the proxy to.
+    in_flight: Option<(String, u64)>,
+    /// The model version of the last response the proxy acknowledged
+    /// (for `weftctl proxy-status`).
+    acked: u64,
+    /// The model version of the last response sent, and when.
+    sent: u64,
+    pushed_at: Option<std::time::Instant>,
     /// A response has been sent on this subscription.
     answered_once: bool,
 }
@@ -61,6 +68,9 @@ impl Subscription {
             cursor: None,
             pending: VecDeque::new(),
             in_flight: None,
+            acked: 0,
+            sent: 0,
+            pushed_at: None,
             // A proxy that names what it holds has had its first answer.
             answered_once: !known.is_empty(),
         };
@@ -92,17 +102,44 @@ impl Subscription {
     /// response: the proxy's answer to it is still to come.
     pub fn replace(&mut self, mut next: Subscription) {
         next.in_flight = self.in_flight.take();
+        (next.sent, next.acked, next.pushed_at) = (self.sent, self.acked, self.pushed_at);
         *self = next;
     }
 
-    /// The proxy answered `nonce`; true if it was the response in flight,
-    /// which frees the way for the next.
-    pub fn answered(&mut self, nonce: &str) -> bool {
-        if self.in_flight.as_deref() == Some(nonce) {
-            self.in_flight = None;
-            return true;
+    /// The proxy answered `nonce` (`accepted`: an ACK, else a NACK); true
+    /// if it was the response in flight, which frees the way for the next.
+    pub fn answered(&mut self, nonce: &str, accepted: bool) -> bool {
+        match self.in_flight.take() {
+            Some((sent, version)) if sent == nonce => {
+                if accepted {
+                    self.acked = version;
+                }
+                true
+            }
+            other => {
+                self.in_flight = other;
+                false
+            }
         }
-        false
+    }
+
+    /// The model version the proxy holds everything of this type up to,
+    /// when nothing is in flight or still owed; `None` while a response
+    /// is unanswered or a pass is under way.
+    pub fn settled(&self) -> Option<u64> {
+        (self.in_flight.is_none() && self.pending.is_empty() && self.cursor.is_none())
+            .then_some(self.frontier)
+    }
+
+    /// When the last response was sent.
+    pub fn last_push(&self) -> Option<std::time::Instant> {
+        self.pushed_at
+    }
+
+    /// The model versions of the last response sent and of the last one
+    /// acknowledged.
+    pub fn sent_and_acked(&self) -> (u64, u64) {
+        (self.sent, self.acked)
     }
 
     /// The next response for the table at model `version`, numbered
@@ -155,7 +192,9 @@ impl Subscription {
             return Ok(None);
         }
         self.answered_once = true;
-        self.in_flight = Some(response.nonce.clone());
+        self.in_flight = Some((response.nonce.clone(), version));
+        self.sent = version;
+        self.pushed_at = Some(std::time::Instant::now());
         Ok(Some(response))
     }
 
@@ -243,8 +282,8 @@ mod tests {
             s.next_response(2, &t, 2).unwrap().is_none(),
             "one in flight"
         );
-        assert!(!s.answered("7"), "another nonce frees nothing");
-        assert!(s.answered("1"));
+        assert!(!s.answered("7", true), "another nonce frees nothing");
+        assert!(s.answered("1", true));
         assert!(s.next_response(2, &t, 2).unwrap().is_none(), "nothing owed");
         t.upsert("a", None, 3);
         t.upsert("c", Some(Bytes::from_static(b"3")), 3);
@@ -281,7 +320,7 @@ mod tests {
         assert_eq!(size(&first), CHUNK);
         s.replace(Subscription::new(WORKLOAD, 1, &t, &HashMap::new()));
         assert!(s.in_flight.is_some(), "the answer to nonce 1 is still due");
-        assert!(s.answered("1"));
+        assert!(s.answered("1", true));
         let second = s.next_response(1, &t, 2).unwrap().unwrap();
         assert_eq!(size(&second), CHUNK, "the new subscription starts over");
     }
