@@ -21,6 +21,10 @@ pub struct KubeInjectArgs {
     namespace: String,
     #[arg(long, default_value = "default")]
     network: String,
+    /// Sidecars write JSON access logs unless their pod says otherwise
+    /// (annotation sidecar.weft.io/accessLog).
+    #[arg(long)]
+    access_log: bool,
     #[arg(long)]
     proxy_image: Option<String>,
 }
@@ -95,6 +99,7 @@ pub fn run(args: KubeInjectArgs) -> Result<String> {
     };
     let mut values = Values::new(&args.cluster_id, &args.namespace);
     values.network = args.network;
+    values.access_log = args.access_log;
     if let Some(image) = args.proxy_image {
         values.proxy_image = image;
     }

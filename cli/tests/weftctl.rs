@@ -392,6 +392,69 @@ fn lab_up_exec_crash_down_and_the_demo() {
         );
         std::thread::sleep(std::time::Duration::from_millis(500));
     }
+    // What the client's sidecar was told, from both ends.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let status = loop {
+        // The control plane may still be starting: asked again until then.
+        let out = weftctl(&["proxy-status", "--dir", d, "--cluster", "c1"]);
+        let status = String::from_utf8_lossy(&[out.stdout, out.stderr].concat()).into_owned();
+        let row = status
+            .lines()
+            .find(|l| l.contains("ns/demo/sa/client"))
+            .map(str::to_string);
+        if let Some(row) = row.filter(|r| r.matches("SYNCED").count() == 6) {
+            break row;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the client's proxy never SYNCED:\n{status}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(300));
+    };
+    println!("proxy-status: {status}");
+    let workloads = ok(weftctl(&[
+        "proxy-config",
+        "client",
+        "workloads",
+        "-n",
+        "demo",
+        "--dir",
+        d,
+    ]));
+    assert!(workloads.starts_with("NAME"), "{workloads}");
+    assert!(workloads.contains("c1/demo/client"), "{workloads}");
+    let certs = ok(weftctl(&[
+        "proxy-config",
+        "client",
+        "certs",
+        "-n",
+        "demo",
+        "--dir",
+        d,
+    ]));
+    assert!(
+        certs.contains("spiffe://cluster.local/ns/demo/sa/client"),
+        "{certs}"
+    );
+    let services: serde_json::Value = serde_json::from_str(&ok(weftctl(&[
+        "proxy-config",
+        "client",
+        "services",
+        "-n",
+        "demo",
+        "--dir",
+        d,
+        "-o",
+        "json",
+    ])))
+    .unwrap();
+    assert!(services.as_array().is_some(), "{services}");
+    assert!(
+        !weftctl(&["proxy-config", "nope", "routes", "-n", "demo", "--dir", d])
+            .status
+            .success()
+    );
+
     let exec = ok(weftctl(&[
         "lab",
         "exec",
@@ -995,4 +1058,90 @@ fn the_applicationset_points_only_at_overlays_that_exist() {
         .unwrap()
         .count();
     assert_eq!(overlays, ids.len(), "an overlay no Application points at");
+}
+
+/// images/build makes the proxy's OCI image without a daemon; unpacked,
+/// its binary runs (`--version`), as do the init container's
+/// iptables-restore and ip6tables-restore (in a chroot of the image's root,
+/// so from the image's own files); it runs as 1337 with weft-proxy as its
+/// entrypoint, and is small. Needs root, buildah and umoci (.ci/run
+/// installs them).
+#[test]
+fn the_proxy_image_builds_unpacks_and_runs() {
+    let missing: Vec<&str> = ["buildah", "umoci"]
+        .into_iter()
+        .filter(|tool| {
+            !Command::new(tool)
+                .arg("--version")
+                .output()
+                .is_ok_and(|o| o.status.success())
+        })
+        .collect();
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    if !missing.is_empty() || !root {
+        eprintln!("SKIPPED: building images needs root and {missing:?} (.ci/run installs them)");
+        return;
+    }
+    let workspace = workspace_root();
+    let out = tempfile::tempdir().unwrap();
+    let started = std::time::Instant::now();
+    let built = Command::new(workspace.join("images/build"))
+        .arg("weft-proxy")
+        .env("OUT", out.path())
+        .env("WEFT_TAG", "test")
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&[built.stdout, built.stderr].concat()).into_owned();
+    assert!(built.status.success(), "{said}");
+    println!("{said}built in {:.0} s", started.elapsed().as_secs_f64());
+    let bundle = out.path().join("bundle");
+    let unpacked = Command::new("umoci")
+        .arg("unpack")
+        .arg("--image")
+        .arg(format!("{}:test", out.path().join("weft-proxy").display()))
+        .arg(&bundle)
+        .output()
+        .unwrap();
+    assert!(unpacked.status.success(), "{unpacked:?}");
+    let rootfs = bundle.join("rootfs");
+    let version = ok(Command::new(rootfs.join("usr/local/bin/weft-proxy"))
+        .arg("--version")
+        .output()
+        .unwrap());
+    assert_eq!(
+        version.trim(),
+        format!("weft-proxy {}", env!("CARGO_PKG_VERSION"))
+    );
+    for tool in ["/usr/sbin/iptables-restore", "/usr/sbin/ip6tables-restore"] {
+        let out = Command::new("chroot")
+            .arg(&rootfs)
+            .arg(tool)
+            .arg("--version")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{tool} in the image: {out:?}");
+    }
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(bundle.join("config.json")).unwrap())
+            .unwrap();
+    assert_eq!(config["process"]["user"]["uid"], 1337);
+    assert_eq!(config["process"]["user"]["gid"], 1337);
+    assert_eq!(
+        config["process"]["args"],
+        serde_json::json!(["/usr/local/bin/weft-proxy"])
+    );
+    let size = |dir: &Path| {
+        let out = Command::new("du").arg("-sk").arg(dir).output().unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .next()
+            .and_then(|k| k.parse::<u64>().ok())
+            .unwrap()
+    };
+    let (layout, unpacked) = (size(&out.path().join("weft-proxy")), size(&rootfs));
+    println!(
+        "weft-proxy image: {layout} KiB as an OCI layout (compressed), {unpacked} KiB unpacked"
+    );
+    assert!(layout < 20 * 1024, "the image grew to {layout} KiB");
 }

@@ -54,6 +54,10 @@ struct Args {
     /// Image of the injected sidecar and init container.
     #[arg(long, env = "WEFT_PROXY_IMAGE")]
     proxy_image: Option<String>,
+    /// Injected sidecars write JSON access logs to standard output, unless
+    /// their pod says otherwise (annotation sidecar.weft.io/accessLog).
+    #[arg(long, env = "WEFT_INJECT_ACCESS_LOG")]
+    access_log: bool,
     /// Injected sidecar resources, as Kubernetes quantities.
     #[arg(long, env = "WEFT_PROXY_CPU_REQUEST", default_value = "10m")]
     proxy_cpu_request: String,
@@ -158,6 +162,7 @@ async fn main() -> anyhow::Result<()> {
         injection.control_plane = address;
     }
     injection.network = args.network.clone();
+    injection.access_log = args.access_log;
     injection.proxy_cpu_request = args.proxy_cpu_request;
     injection.proxy_memory_request = args.proxy_memory_request;
     injection.proxy_cpu_limit = args.proxy_cpu_limit;

@@ -165,7 +165,12 @@ impl PodClient {
                     streak += 1
                 }
                 Ok(_) => streak = 0,
-                Err(_) => {
+                Err(why) => {
+                    // Said, so that a failure can be told from another.
+                    println!(
+                        "request {:.3} s after the start failed: {why}",
+                        sent.duration_since(started).as_secs_f64()
+                    );
                     errors += 1;
                     streak = 0;
                 }
@@ -264,6 +269,18 @@ pub async fn get_from_pod_until_ok(
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// Sends `request` to `connect` from inside the network namespace
+/// `netns_name` (none: this process's own network) and returns all the
+/// peer sent back until it closed: how tools reach what listens inside
+/// the lab (its control planes live in the router's namespace).
+pub async fn send_from_netns(
+    netns_name: Option<String>,
+    connect: SocketAddr,
+    request: &str,
+) -> Result<String, String> {
+    exchange(netns_name, connect, request.to_string()).await
 }
 
 /// One request and its whole answer, on a thread of its own that alone

@@ -31,6 +31,7 @@
 //! wire protocols of `weft-xds-proto`. docs/proxy.md describes it for
 //! operators.
 
+pub mod access_log;
 pub mod admin;
 pub mod app_probe;
 pub mod authorization;
@@ -65,6 +66,7 @@ pub mod socket;
 pub mod state;
 pub mod task;
 mod through;
+pub mod trace_context;
 pub mod trust;
 pub mod upgrade;
 pub mod upstream;

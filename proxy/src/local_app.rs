@@ -53,6 +53,8 @@ pub struct Config {
     pub connect_timeout: Duration,
     /// Upgrades relayed to the app; others become plain requests.
     pub upgrades: Upgrades,
+    /// Where each request is logged, when it is.
+    pub access_log: Option<Arc<crate::access_log::AccessLog>>,
 }
 
 impl Default for Config {
@@ -62,6 +64,7 @@ impl Default for Config {
             head_timeout: HEAD_TIMEOUT,
             connect_timeout: CONNECT_TIMEOUT,
             upgrades: Upgrades::default(),
+            access_log: None,
         }
     }
 }
@@ -419,6 +422,19 @@ impl LocalApp {
         mut request: Request<Incoming>,
     ) -> Response<Body> {
         let start = Instant::now();
+        // This sidecar's span of the request's trace.
+        let trace = crate::trace_context::on_request(request.headers_mut());
+        let logged = self.config.access_log.as_ref().map(|log| {
+            let me = self.me().principal.to_string();
+            let entry = crate::access_log::Entry::of(
+                "inbound",
+                &request,
+                trace,
+                caller.identity().map(|i| i.to_string()),
+                Some(me).filter(|p| !p.is_empty()),
+            );
+            (log, entry, std::time::SystemTime::now())
+        });
         let peer = caller.identity();
         // Named once: for the authorization count and the request metric.
         let traffic = self.labels(caller);
@@ -429,13 +445,26 @@ impl LocalApp {
         } else {
             self.exchange(peer, target, http2, request).await
         };
-        let response = response.unwrap_or_else(Undelivered::respond);
+        let mut response = response.unwrap_or_else(Undelivered::respond);
         let labels = RequestLabels {
             traffic,
             response_code: response.status().as_u16(),
         };
         self.metrics.request(labels, start.elapsed().as_secs_f64());
-        response
+        match logged {
+            None => response,
+            Some((log, entry, at)) => {
+                response
+                    .extensions_mut()
+                    .insert(crate::access_log::Upstream {
+                        cluster: format!("inbound|{}||", target.port()),
+                        host: target.to_string(),
+                        workload: None,
+                        identity: None,
+                    });
+                crate::access_log::log_when_done(log, entry, (at, start), response)
+            }
+        }
     }
 
     async fn exchange(

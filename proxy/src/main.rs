@@ -19,7 +19,8 @@ fn sidecar(mode: weft_proxy::sidecar::Mode) -> Result<()> {
     let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
     tracing_subscriber::registry()
         .with(filter)
-        .with(tracing_subscriber::fmt::layer())
+        // Standard error: standard output carries the access log.
+        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
         .init();
     if let Some((text, Err(err))) = &from_env {
         tracing::warn!("RUST_LOG={text:?} is not a log filter ({err:#}); logging at info");

@@ -140,6 +140,8 @@ pub struct Metrics {
     pub authorization: Family<AuthorizationLabels, Counter>,
     pub retries: Counter,
     pub upstream_connect_failures: Counter,
+    /// Access-log lines dropped because the writer fell behind.
+    pub access_log_dropped: Counter,
     /// East-west gateways this proxy failed to reach (each then left out
     /// for a while).
     pub gateway_failures: Counter,
@@ -185,6 +187,7 @@ impl Default for Metrics {
             authorization: Family::default(),
             retries: Counter::default(),
             upstream_connect_failures: Counter::default(),
+            access_log_dropped: Counter::default(),
             gateway_failures: Counter::default(),
             gateway_tunnels: Family::default(),
             dns_queries: Family::default(),
@@ -254,6 +257,11 @@ impl Default for Metrics {
             "upstream_connect_failures",
             "Connections to an endpoint or its sidecar that failed",
             m.upstream_connect_failures.clone(),
+        );
+        r.register(
+            "access_log_dropped",
+            "Access-log lines dropped because standard output fell behind",
+            m.access_log_dropped.clone(),
         );
         r.register(
             "gateway_failures",

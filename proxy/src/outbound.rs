@@ -75,6 +75,8 @@ pub struct Config {
     pub upgrades: Upgrades,
     /// When an endpoint is ejected for failing.
     pub outliers: Policy,
+    /// Where each request is logged, when it is.
+    pub access_log: Option<std::sync::Arc<crate::access_log::AccessLog>>,
 }
 
 impl Default for Config {
@@ -88,6 +90,7 @@ impl Default for Config {
             connect_timeout: crate::pool::CONNECT_TIMEOUT,
             upgrades: Upgrades::default(),
             outliers: Policy::default(),
+            access_log: None,
         }
     }
 }

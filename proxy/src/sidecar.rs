@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use weft_certs::Identity;
 use weft_certs::tls::{CertStore, TrustBundle};
 use weft_xds_proto::envoy::config::core::v3::Node;
@@ -82,6 +82,9 @@ pub struct SidecarConfig {
     pub dns_upstream: Option<SocketAddr>,
     /// The cluster's DNS suffix (`WEFT_DOMAIN_SUFFIX`).
     pub domain_suffix: String,
+    /// JSON access logs on standard output (`WEFT_ACCESS_LOG`: `json`
+    /// or `off`, the default).
+    pub access_log: bool,
 }
 
 impl SidecarConfig {
@@ -184,6 +187,11 @@ impl SidecarConfig {
                     .and_then(|text| crate::dns::upstream_of(&text)),
             },
             domain_suffix: or("WEFT_DOMAIN_SUFFIX", "cluster.local"),
+            access_log: match or("WEFT_ACCESS_LOG", "off").as_str() {
+                "json" | "on" | "true" => true,
+                "off" | "false" | "" => false,
+                other => bail!("WEFT_ACCESS_LOG={other:?} is neither json nor off"),
+            },
         })
     }
 }
@@ -361,12 +369,16 @@ pub async fn start_with(
 
     let metrics = Arc::new(Metrics::default());
     let drain = Drain::default();
+    let access_log = config
+        .access_log
+        .then(|| crate::access_log::AccessLog::to_stdout(metrics.access_log_dropped.clone()));
     let app = Arc::new(LocalApp::new(
         local_app::Config {
             addresses: config.pod_ips.clone(),
             head_timeout: config.head_timeout,
             connect_timeout: config.connect_timeout,
             upgrades: config.upgrades.clone(),
+            access_log: access_log.clone(),
         },
         Some(xds.clone()),
         metrics.clone(),
@@ -409,6 +421,7 @@ pub async fn start_with(
             connect_timeout: config.connect_timeout,
             upgrades: config.upgrades.clone(),
             outliers: config.outliers.clone(),
+            access_log,
         },
         xds.clone(),
         Pool::new(certs.clone(), bundle, config.connect_timeout),

@@ -354,6 +354,7 @@ async fn a_connection_crosses_two_sidecars_configured_by_the_control_plane() {
                 dns_addr: Some("127.0.0.1:0".parse().unwrap()),
                 dns_upstream: None,
                 domain_suffix: "cluster.local".into(),
+                access_log: false,
             },
             Some(set_log_level),
         )
@@ -514,6 +515,7 @@ mod lab {
     use weft_lab::traffic::{Held, PodClient, by_cluster};
 
     mod networks;
+    mod observe;
     mod scope;
     mod traffic;
 
@@ -1227,6 +1229,7 @@ spec:
         for answer in &answers {
             assert_eq!(answer.as_ref().unwrap()["peer"], CLIENT);
         }
+        observe::access_logs_and_traces_follow_a_request(&dir, &caller, CLIENT).await;
 
         probes_keep_the_serving_port_captured(&lab, &dir, network).await;
         security_policy_is_enforced(&lab, &dir, network, &caller).await;

@@ -21,6 +21,9 @@ pub const PROXY_IMAGE: &str = "sidecar.weft.io/proxyImage";
 /// PERMISSIVE (default) or STRICT: whether the sidecar lets plaintext
 /// through to the app. Per pod until mesh-wide peer authentication exists.
 pub const INBOUND_MODE: &str = "sidecar.weft.io/inboundMode";
+/// "true" or "false": this pod's sidecar writes JSON access logs, whatever
+/// the mesh-wide setting (`--access-log`) says.
+pub const ACCESS_LOG: &str = "sidecar.weft.io/accessLog";
 
 /// The values a template is rendered with, besides the pod's own.
 #[derive(Clone, Debug)]
@@ -34,6 +37,8 @@ pub struct Values {
     pub proxy_memory_request: String,
     pub proxy_cpu_limit: String,
     pub proxy_memory_limit: String,
+    /// Sidecars write JSON access logs unless their pod says otherwise.
+    pub access_log: bool,
 }
 
 impl Values {
@@ -48,6 +53,7 @@ impl Values {
             proxy_memory_request: "16Mi".into(),
             proxy_cpu_limit: "1".into(),
             proxy_memory_limit: "128Mi".into(),
+            access_log: false,
         }
     }
 }
@@ -257,6 +263,16 @@ pub fn addition(metadata: &Value, spec: &Value, values: &Values) -> Result<Addit
             }
         },
     };
+    let access_log = match annotations[ACCESS_LOG].as_str() {
+        None => values.access_log,
+        Some("true") => true,
+        Some("false") => false,
+        Some(other) => {
+            return Err(InjectError::Annotation(format!(
+                "{ACCESS_LOG}: {other:?} is neither \"true\" nor \"false\""
+            )));
+        }
+    };
     let (probes, checks) = move_probes(spec);
     let rendered = render(
         values,
@@ -265,6 +281,7 @@ pub fn addition(metadata: &Value, spec: &Value, values: &Values) -> Result<Addit
             ("exclude_inbound_ports", &inbound.join(",")),
             ("exclude_outbound_ports", &outbound),
             ("inbound_mode", &inbound_mode),
+            ("access_log", if access_log { "json" } else { "off" }),
             ("app_probes", &Value::Object(checks).to_string()),
         ],
     )?;
@@ -552,6 +569,38 @@ mod tests {
         let mut spec = p["spec"].clone();
         assert!(inject_in_place(&mut metadata, &mut spec, &values()).unwrap());
         assert_eq!(spec, injected["spec"]);
+    }
+
+    #[test]
+    fn access_logs_follow_the_mesh_setting_unless_the_pod_says_otherwise() {
+        let log = |values: &Values, annotation: Option<&str>| {
+            let mut p = pod();
+            if let Some(on) = annotation {
+                p["metadata"]["annotations"] = json!({ACCESS_LOG: on});
+            }
+            addition(&p["metadata"], &p["spec"], values).map(|add| {
+                let proxy = add
+                    .containers
+                    .iter()
+                    .find(|c| c["name"] == "weft-proxy")
+                    .unwrap();
+                env(proxy, "WEFT_ACCESS_LOG").to_string()
+            })
+        };
+        let off = values();
+        let on = Values {
+            access_log: true,
+            ..values()
+        };
+        assert_eq!(log(&off, None).unwrap(), "off");
+        assert_eq!(log(&on, None).unwrap(), "json");
+        assert_eq!(log(&off, Some("true")).unwrap(), "json");
+        assert_eq!(log(&on, Some("false")).unwrap(), "off");
+        let err = log(&off, Some("yes")).unwrap_err();
+        assert!(
+            matches!(err, InjectError::Annotation(ref m) if m.contains("yes")),
+            "{err}"
+        );
     }
 
     #[test]

@@ -85,6 +85,16 @@ async fn http(
         .to_string();
     let protocol = format!("{:?}", request.version());
     let path = request.uri().path().to_string();
+    let traceparent = request
+        .headers()
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            let mut parts = v.split('-').skip(1);
+            let (trace, parent) = (parts.next()?, parts.next()?);
+            let hex = |s: &str| s.bytes().all(|b| b.is_ascii_hexdigit());
+            (hex(trace) && hex(parent)).then(|| (trace.to_string(), parent.to_string()))
+        });
     let tag = request
         .headers()
         .get(TAG_HEADER)
@@ -127,6 +137,11 @@ async fn http(
         // route served it.
         if let Some(tag) = tag {
             line.insert_str(line.len() - 1, &format!(" tag={tag}"));
+        }
+        // The trace this request arrived in, and the span it came from
+        // (the last sidecar's), so that a client can follow its trace.
+        if let Some((trace, parent)) = traceparent {
+            line.insert_str(line.len() - 1, &format!(" trace={trace} parent={parent}"));
         }
         Bytes::from(line)
     };

@@ -22,6 +22,7 @@ use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::{Destination, Outbound, Target};
+use crate::access_log;
 use crate::http::{
     APP_PROTOCOL, Body, NOT_DELIVERED, PEER_IDENTITY, TARGET, absolute, error, idempotent,
     outgoing, strip_hop_by_hop,
@@ -125,10 +126,34 @@ fn version_name(version: Version) -> &'static str {
     }
 }
 
+/// Routes one request from the application, as this sidecar's span of
+/// its trace, and logs it where access logs are on.
+pub async fn forward(
+    outbound: &Arc<Outbound>,
+    route: &Route,
+    mut request: Request<Incoming>,
+) -> Response<Body> {
+    let trace = crate::trace_context::on_request(request.headers_mut());
+    let Some(log) = &outbound.config.access_log else {
+        return forward_request(outbound, route, request).await;
+    };
+    let me = outbound.me();
+    let entry = access_log::Entry::of(
+        "outbound",
+        &request,
+        trace,
+        Some(me.principal.to_string()).filter(|p| !p.is_empty()),
+        None,
+    );
+    let started = (std::time::SystemTime::now(), Instant::now());
+    let response = forward_request(outbound, route, request).await;
+    access_log::log_when_done(log, entry, started, response)
+}
+
 /// Routes one request from the application: its service's routes (a
 /// VirtualService, HTTPRoute or GRPCRoute) decide where it goes and what
 /// happens on the way; without one, it goes to the service it names.
-pub async fn forward(
+async fn forward_request(
     outbound: &Arc<Outbound>,
     route: &Route,
     request: Request<Incoming>,
@@ -686,6 +711,18 @@ async fn send_body(
                     continue;
                 }
                 strip_hop_by_hop(response.headers_mut());
+                if outbound.config.access_log.is_some() {
+                    response.extensions_mut().insert(access_log::Upstream {
+                        cluster: format!("outbound|{}||{service}", plan.target.port),
+                        host: match &pick.destination {
+                            Destination::Mesh { target, .. } => target.to_string(),
+                            Destination::Direct(address) => address.to_string(),
+                        },
+                        workload: uid.as_ref().map(|u| u.to_string()),
+                        identity: Some(destination_peer.principal.to_string())
+                            .filter(|p| !p.is_empty()),
+                    });
+                }
                 let labels = RequestLabels {
                     traffic: TrafficLabels::new("source", &me, &service, &destination_peer),
                     response_code: status,

@@ -1,0 +1,118 @@
+//! What the mesh shows of one request: both sidecars' JSON access-log
+//! lines, and the trace both hops continue.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use weft_lab::runner::pod_dir;
+use weft_lab::traffic::PodClient;
+
+/// The JSON line of `pod`'s sidecar log that `wanted` picks, once written.
+async fn logged(
+    dir: &Path,
+    pod: &str,
+    wanted: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let file = pod_dir(dir, "c1", "demo", pod).join("weft-proxy.log");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = std::fs::read_to_string(&file).unwrap_or_default();
+        let found = text
+            .lines()
+            .filter(|l| l.starts_with('{'))
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .find(|l| wanted(l));
+        if let Some(line) = found {
+            return line;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no access log line in {}",
+            file.display()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The client sends a request with a `traceparent` and an
+/// `x-request-id`: echo receives the same trace id, from the span of its
+/// own sidecar, whose parent is the client sidecar's span, whose parent
+/// is the client's. Each sidecar (both pods have access logs on by
+/// annotation) wrote one JSON line for it with Envoy's field names, the
+/// workload that served, both identities and the trace ids.
+pub async fn access_logs_and_traces_follow_a_request(dir: &Path, caller: &PodClient, client: &str) {
+    let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let from_app = "00f067aa0ba902b7";
+    let request_id = format!("lab-{}", std::process::id());
+    let answer = caller
+        .get(
+            "/observed?q=1",
+            &[
+                ("traceparent", &format!("00-{trace}-{from_app}-01")),
+                ("x-request-id", &request_id),
+            ],
+        )
+        .await
+        .unwrap();
+    assert_eq!(answer["trace"], trace, "{answer:?}");
+    let ours = |direction: &'static str| {
+        let request_id = request_id.clone();
+        move |l: &serde_json::Value| {
+            l["request_id"] == request_id.as_str() && l["direction"] == direction
+        }
+    };
+    let out = logged(dir, "client", ours("outbound")).await;
+    let inn = logged(dir, "echo-v1", ours("inbound")).await;
+    println!("access log, client's sidecar: {out}");
+    println!("access log, echo's sidecar: {inn}");
+    for line in [&out, &inn] {
+        for field in [
+            "start_time",
+            "duration",
+            "method",
+            "authority",
+            "path",
+            "protocol",
+            "response_code",
+            "bytes_sent",
+            "upstream_cluster",
+            "upstream_host",
+            "source_identity",
+            "destination_identity",
+            "request_id",
+            "trace_id",
+            "span_id",
+        ] {
+            assert!(!line[field].is_null(), "{field} missing: {line}");
+        }
+        assert_eq!(line["method"], "GET");
+        assert_eq!(line["path"], "/observed?q=1");
+        assert_eq!(line["response_code"], 200);
+        assert_eq!(line["trace_id"], trace);
+        assert!(line["bytes_sent"].as_u64().unwrap() > 0, "{line}");
+        assert_eq!(line["source_identity"], client);
+        assert_eq!(
+            line["destination_identity"],
+            "spiffe://cluster.local/ns/demo/sa/echo"
+        );
+    }
+    assert_eq!(out["upstream_workload"], "c1/demo/echo-v1");
+    assert!(
+        out["upstream_cluster"]
+            .as_str()
+            .unwrap()
+            .starts_with("outbound|"),
+        "{out}"
+    );
+    assert!(
+        inn["upstream_cluster"]
+            .as_str()
+            .unwrap()
+            .starts_with("inbound|8080"),
+        "{inn}"
+    );
+    // The chain of spans: the app's, the client sidecar's, echo's sidecar's.
+    assert_eq!(out["parent_span_id"], from_app);
+    assert_eq!(inn["parent_span_id"], out["span_id"]);
+    assert_eq!(answer["parent"], inn["span_id"].as_str().unwrap());
+}
