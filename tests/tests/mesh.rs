@@ -1233,6 +1233,7 @@ spec:
 
         probes_keep_the_serving_port_captured(&lab, &dir, network).await;
         security_policy_is_enforced(&lab, &dir, network, &caller).await;
+        observe::the_dashboard_and_the_reference_match_what_is_exported(&lab, &dir).await;
         traffic::traffic_policy_is_applied(&lab, &dir, network, &caller).await;
         scope::draining_moves_traffic_and_fails_nothing(&lab, &caller).await;
         scope::scope_annotations_decide_which_clusters_serve(&lab, &caller).await;

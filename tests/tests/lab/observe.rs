@@ -116,3 +116,114 @@ pub async fn access_logs_and_traces_follow_a_request(dir: &Path, caller: &PodCli
     assert_eq!(inn["parent_span_id"], out["span_id"]);
     assert_eq!(answer["parent"], inn["span_id"].as_str().unwrap());
 }
+
+/// The metric names a Prometheus text exposition has samples of.
+fn sample_names(exposition: &str) -> std::collections::BTreeSet<String> {
+    exposition
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .filter_map(|l| l.split(['{', ' ']).next())
+        .map(str::to_string)
+        .collect()
+}
+
+/// A sidecar's `/stats/prometheus`, asked from inside its pod's network
+/// (or at its address on a loopback lab).
+async fn scrape_sidecar(dir: &Path, pod: &str) -> String {
+    let pod_dir = pod_dir(dir, "c1", "demo", pod);
+    let netns = std::fs::read_to_string(pod_dir.join("netns")).unwrap_or_default();
+    let addr = if netns.trim().is_empty() {
+        let ip: std::net::IpAddr = std::fs::read_to_string(pod_dir.join("ip"))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        std::net::SocketAddr::new(ip, 15090)
+    } else {
+        "127.0.0.1:15090".parse().unwrap()
+    };
+    let answer = weft_lab::traffic::send_from_pod(
+        &pod_dir,
+        addr,
+        "GET /stats/prometheus HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    answer.split_once("\r\n\r\n").unwrap().1.to_string()
+}
+
+/// Every metric the Grafana dashboard (examples/grafana/weft-mesh.json)
+/// queries is exported by the running client and echo sidecars or c1's
+/// control plane, and every metric they export is in docs/metrics.md.
+pub async fn the_dashboard_and_the_reference_match_what_is_exported(
+    lab: &weft_lab::lab::Lab,
+    dir: &Path,
+) {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let mut exported = std::collections::BTreeSet::new();
+    for pod in ["client", "echo-v1"] {
+        exported.extend(sample_names(&scrape_sidecar(dir, pod).await));
+    }
+    let monitoring = lab.cluster("c1").unwrap().monitoring_addr;
+    let (status, control) = weft_lab::mesh::http_get(monitoring, "/metrics")
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+    exported.extend(sample_names(&control));
+    assert!(
+        exported.contains("weft_proxy_requests_total"),
+        "{exported:?}"
+    );
+    assert!(
+        exported.contains("weft_control_connected_proxies"),
+        "{exported:?}"
+    );
+
+    let dashboard: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(root.join("examples/grafana/weft-mesh.json")).unwrap(),
+    )
+    .unwrap();
+    let mut queried = std::collections::BTreeSet::new();
+    for panel in dashboard["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().unwrap() {
+            let expr = target["expr"].as_str().unwrap();
+            let mut rest = expr;
+            while let Some(at) = rest.find("weft_") {
+                let name: String = rest[at..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                    .collect();
+                rest = &rest[at + name.len()..];
+                queried.insert(name);
+            }
+        }
+    }
+    assert!(queried.len() >= 10, "{queried:?}");
+    let missing: Vec<&String> = queried.iter().filter(|q| !exported.contains(*q)).collect();
+    assert!(
+        missing.is_empty(),
+        "the dashboard queries metrics nothing exports: {missing:?}"
+    );
+
+    let reference = std::fs::read_to_string(root.join("docs/metrics.md")).unwrap();
+    let undocumented: Vec<&String> = exported
+        .iter()
+        .filter(|name| {
+            let family = ["_bucket", "_sum", "_count", "_created"]
+                .iter()
+                .find_map(|suffix| name.strip_suffix(suffix))
+                .unwrap_or(name);
+            !reference.contains(&format!("`{family}`"))
+                && !reference.contains(&format!("`{family}`,"))
+        })
+        .collect();
+    assert!(
+        undocumented.is_empty(),
+        "exported but not in docs/metrics.md: {undocumented:?}"
+    );
+    println!(
+        "dashboard: {} metrics queried, all exported; {} exported, all documented",
+        queried.len(),
+        exported.len()
+    );
+}
