@@ -518,6 +518,10 @@ fn lab_up_exec_crash_down_and_the_demo() {
         "{demo}"
     );
     assert!(demo.contains("cluster c1 drained"), "{demo}");
+    assert!(
+        demo.contains("the client's sidecar is SYNCED in 6 of 6 resource types"),
+        "{demo}"
+    );
     if weft_lab::netns::unavailable().is_none() {
         assert!(demo.contains("names in the client pod"), "{demo}");
     }

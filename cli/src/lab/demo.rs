@@ -152,6 +152,7 @@ async fn story(lab: &mut Lab, dir: &std::path::Path) -> Result<()> {
     report("traffic (local first)", &answers);
     check_all(&answers, "c1")?;
     println!("✓ 20 of 20 answered by c1 (same cluster and zone first), peer identity {CLIENT_ID}");
+    observed(lab, &pod).await?;
 
     let c1 = lab.cluster("c1")?.client.clone();
     authorization(&c1, &caller).await?;
@@ -195,6 +196,56 @@ async fn story(lab: &mut Lab, dir: &std::path::Path) -> Result<()> {
     report("traffic (restored)", &answers);
     check_all(&answers, "c1")?;
     drain(lab, &caller).await?;
+    Ok(())
+}
+
+/// What an operator sees of that traffic: the client's sidecar in
+/// `weftctl proxy-status` (c1's control plane) and one of its access-log
+/// lines (examples/lab/client.yaml turns them on).
+async fn observed(lab: &Lab, client: &std::path::Path) -> Result<()> {
+    let view = lab.control_debug("c1", "/debug/proxies").await;
+    let proxy = view["proxies"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|p| p["identity"] == CLIENT_ID)
+        .cloned()
+        .unwrap_or_default();
+    let synced = proxy["types"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .filter(|(_, t)| t["state"] == "SYNCED")
+        .count();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let line = loop {
+        let text = std::fs::read_to_string(client.join("weft-proxy.log")).unwrap_or_default();
+        let found = text
+            .lines()
+            .rev()
+            .filter(|l| l.starts_with('{'))
+            .find_map(|l| serde_json::from_str::<serde_json::Value>(l).ok());
+        if let Some(line) = found {
+            break line;
+        }
+        if Instant::now() > deadline {
+            bail!("the client's sidecar wrote no access-log line");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    println!(
+        "✓ weftctl proxy-status: the client's sidecar is SYNCED in {synced} of 6 resource types; its access log: {} {}{} → {} from {} in {} ms, trace {}",
+        line["method"].as_str().unwrap_or("?"),
+        line["authority"].as_str().unwrap_or("?"),
+        line["path"].as_str().unwrap_or("?"),
+        line["response_code"],
+        line["upstream_workload"].as_str().unwrap_or("?"),
+        line["duration"],
+        line["trace_id"].as_str().unwrap_or("?"),
+    );
+    if synced != 6 {
+        bail!("the client's sidecar is not SYNCED in every type: {proxy}");
+    }
     Ok(())
 }
 
