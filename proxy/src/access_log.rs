@@ -180,10 +180,10 @@ impl Entry {
             "source_identity": self.source_identity,
             "destination_identity": destination_identity,
             "user_agent": self.user_agent,
-            "request_id": self.trace.request_id,
-            "trace_id": self.trace.trace_id,
-            "span_id": self.trace.span_id,
-            "parent_span_id": self.trace.parent_id,
+            "request_id": self.trace.request_id(),
+            "trace_id": self.trace.trace_id(),
+            "span_id": self.trace.span_id(),
+            "parent_span_id": self.trace.parent_id(),
         })
         .to_string()
     }
@@ -333,11 +333,19 @@ mod tests {
             authority: "echo.demo.svc.cluster.local".into(),
             path: "/".into(),
             protocol: "HTTP/1.1",
-            trace: TraceIds {
-                trace_id: "4bf92f3577b34da6a3ce929d0e0e4736".into(),
-                span_id: "00f067aa0ba902b7".into(),
-                parent_id: None,
-                request_id: "r-1".into(),
+            trace: {
+                let mut headers = http::HeaderMap::new();
+                headers.insert(
+                    crate::trace_context::TRACEPARENT,
+                    http::HeaderValue::from_static(
+                        "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+                    ),
+                );
+                headers.insert(
+                    crate::trace_context::REQUEST_ID,
+                    http::HeaderValue::from_static("r-1"),
+                );
+                crate::trace_context::on_request(&mut headers)
             },
             source_identity: Some("spiffe://cluster.local/ns/demo/sa/client".into()),
             ..Default::default()

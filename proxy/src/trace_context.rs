@@ -16,109 +16,154 @@ pub const REQUEST_ID: &str = "x-request-id";
 /// The longest `x-request-id` kept as it came.
 const MAX_REQUEST_ID: usize = 128;
 
-/// This hop's place in the trace, for the access log.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+/// This hop's place in the trace, for the access log: ids kept as the
+/// hex they travel as, in place (a request pays no allocation for them).
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TraceIds {
-    pub trace_id: String,
-    pub span_id: String,
+    trace: [u8; 32],
+    span: [u8; 16],
     /// The caller's span, when the request came with one.
-    pub parent_id: Option<String>,
-    pub request_id: String,
+    parent: Option<[u8; 16]>,
+    request_id: HeaderValue,
 }
 
-/// A random trace id (16 bytes) or span id (8), as lowercase hex; never
-/// all zeros, which W3C reserves.
-fn random_hex(bytes: usize) -> String {
-    loop {
-        let value: u128 = rand::random();
-        let value = if bytes == 16 {
-            value
-        } else {
-            value & u128::from(u64::MAX)
-        };
-        if value != 0 {
-            return format!("{value:0width$x}", width = bytes * 2);
+impl Default for TraceIds {
+    fn default() -> Self {
+        TraceIds {
+            trace: [b'0'; 32],
+            span: [b'0'; 16],
+            parent: None,
+            request_id: HeaderValue::from_static(""),
         }
     }
 }
 
-fn is_hex(text: &str, len: usize) -> bool {
+fn text(hex: &[u8]) -> &str {
+    // Only ever lowercase hex digits, written here or checked on the way in.
+    std::str::from_utf8(hex).unwrap_or("")
+}
+
+impl TraceIds {
+    pub fn trace_id(&self) -> &str {
+        text(&self.trace)
+    }
+
+    pub fn span_id(&self) -> &str {
+        text(&self.span)
+    }
+
+    pub fn parent_id(&self) -> Option<&str> {
+        self.parent.as_ref().map(|p| text(p))
+    }
+
+    pub fn request_id(&self) -> &str {
+        self.request_id.to_str().unwrap_or("")
+    }
+}
+
+const HEX: &[u8; 16] = b"0123456789abcdef";
+
+/// Writes `value`'s low `out.len() * 4` bits as lowercase hex.
+fn write_hex(mut value: u128, out: &mut [u8]) {
+    for slot in out.iter_mut().rev() {
+        *slot = HEX[(value & 0xf) as usize];
+        value >>= 4;
+    }
+}
+
+/// A random id as hex into `out` (32 digits for a trace, 16 for a span);
+/// never all zeros, which W3C reserves.
+fn random_id(out: &mut [u8]) {
+    let bits = out.len() as u32 * 4;
+    loop {
+        let value: u128 = rand::random::<u128>() >> (128 - bits);
+        if value != 0 {
+            write_hex(value, out);
+            return;
+        }
+    }
+}
+
+fn is_hex(text: &[u8], len: usize) -> bool {
     text.len() == len
         && text
-            .bytes()
-            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-        && text.bytes().any(|b| b != b'0')
+            .iter()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(b))
+        && text.iter().any(|b| *b != b'0')
 }
 
 /// (trace id, parent span id, flags) of a valid version-00 `traceparent`.
-fn parse(value: &str) -> Option<(&str, &str, &str)> {
-    let mut parts = value.split('-');
-    let (version, trace, parent, flags) =
-        (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
-    if parts.next().is_some() || version != "00" || !is_hex(trace, 32) || !is_hex(parent, 16) {
+fn parse(value: &[u8]) -> Option<([u8; 32], [u8; 16], [u8; 2])> {
+    // 00-<32 hex>-<16 hex>-<2 hex>: 55 bytes exactly.
+    if value.len() != 55 || &value[..3] != b"00-" || value[35] != b'-' || value[52] != b'-' {
         return None;
     }
-    (flags.len() == 2 && flags.bytes().all(|b| b.is_ascii_hexdigit()))
-        .then_some((trace, parent, flags))
+    let (trace, parent, flags) = (&value[3..35], &value[36..52], &value[53..55]);
+    if !is_hex(trace, 32) || !is_hex(parent, 16) || !flags.iter().all(u8::is_ascii_hexdigit) {
+        return None;
+    }
+    Some((
+        trace.try_into().ok()?,
+        parent.try_into().ok()?,
+        flags.try_into().ok()?,
+    ))
 }
 
 /// A UUID v4, as Envoy makes `x-request-id`.
-fn uuid() -> String {
-    let mut bytes: [u8; 16] = rand::random();
-    bytes[6] = (bytes[6] & 0x0f) | 0x40;
-    bytes[8] = (bytes[8] & 0x3f) | 0x80;
-    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-    format!(
-        "{}-{}-{}-{}-{}",
-        &hex[0..8],
-        &hex[8..12],
-        &hex[12..16],
-        &hex[16..20],
-        &hex[20..32]
-    )
+fn uuid() -> HeaderValue {
+    let mut bits: u128 = rand::random();
+    // Version 4, variant 10.
+    bits = (bits & !(0xf << 76)) | (0x4 << 76);
+    bits = (bits & !(0x3 << 62)) | (0x2 << 62);
+    let mut hex = [0u8; 32];
+    write_hex(bits, &mut hex);
+    let mut out = [b'-'; 36];
+    out[..8].copy_from_slice(&hex[..8]);
+    out[9..13].copy_from_slice(&hex[8..12]);
+    out[14..18].copy_from_slice(&hex[12..16]);
+    out[19..23].copy_from_slice(&hex[16..20]);
+    out[24..].copy_from_slice(&hex[20..]);
+    HeaderValue::from_bytes(&out).unwrap_or_else(|_| HeaderValue::from_static(""))
 }
 
-fn usable_request_id(value: &HeaderValue) -> Option<&str> {
-    let text = value.to_str().ok()?;
-    (!text.is_empty() && text.len() <= MAX_REQUEST_ID && text.bytes().all(|b| b.is_ascii_graphic()))
-        .then_some(text)
+fn usable_request_id(value: &HeaderValue) -> bool {
+    let bytes = value.as_bytes();
+    !bytes.is_empty() && bytes.len() <= MAX_REQUEST_ID && bytes.iter().all(u8::is_ascii_graphic)
 }
 
 /// Makes this hop a span of the request's trace (starting one where it
 /// has none) and gives it a request id where it has none; returns the ids.
 pub fn on_request(headers: &mut HeaderMap) -> TraceIds {
-    let span_id = random_hex(8);
-    let (trace_id, parent_id, flags) = match headers
-        .get(TRACEPARENT)
-        .and_then(|v| v.to_str().ok())
-        .and_then(parse)
-    {
-        Some((trace, parent, flags)) => (
-            trace.to_string(),
-            Some(parent.to_string()),
-            flags.to_string(),
-        ),
-        None => (random_hex(16), None, "00".to_string()),
+    let mut ids = TraceIds::default();
+    random_id(&mut ids.span);
+    let flags = match headers.get(TRACEPARENT).and_then(|v| parse(v.as_bytes())) {
+        Some((trace, parent, flags)) => {
+            ids.trace = trace;
+            ids.parent = Some(parent);
+            flags
+        }
+        None => {
+            random_id(&mut ids.trace);
+            *b"00"
+        }
     };
-    if let Ok(value) = HeaderValue::from_str(&format!("00-{trace_id}-{span_id}-{flags}")) {
+    let mut sent = [b'-'; 55];
+    sent[..2].copy_from_slice(b"00");
+    sent[3..35].copy_from_slice(&ids.trace);
+    sent[36..52].copy_from_slice(&ids.span);
+    sent[53..].copy_from_slice(&flags);
+    if let Ok(value) = HeaderValue::from_bytes(&sent) {
         headers.insert(TRACEPARENT, value);
     }
-    let request_id = match headers.get(REQUEST_ID).and_then(usable_request_id) {
-        Some(id) => id.to_string(),
+    ids.request_id = match headers.get(REQUEST_ID).filter(|v| usable_request_id(v)) {
+        Some(id) => id.clone(),
         None => {
             let id = uuid();
-            if let Ok(value) = HeaderValue::from_str(&id) {
-                headers.insert(REQUEST_ID, value);
-            }
+            headers.insert(REQUEST_ID, id.clone());
             id
         }
     };
-    TraceIds {
-        trace_id,
-        span_id,
-        parent_id,
-        request_id,
-    }
+    ids
 }
 
 #[cfg(test)]
@@ -135,21 +180,21 @@ mod tests {
         headers.insert("tracestate", HeaderValue::from_static("vendor=x"));
         headers.insert(REQUEST_ID, HeaderValue::from_static("abc-123"));
         let ids = on_request(&mut headers);
-        assert_eq!(ids.trace_id, "4bf92f3577b34da6a3ce929d0e0e4736");
-        assert_eq!(ids.parent_id.as_deref(), Some("00f067aa0ba902b7"));
-        assert_eq!(ids.request_id, "abc-123");
+        assert_eq!(ids.trace_id(), "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_eq!(ids.parent_id(), Some("00f067aa0ba902b7"));
+        assert_eq!(ids.request_id(), "abc-123");
         let sent = headers[TRACEPARENT].to_str().unwrap();
         assert_eq!(
             sent,
-            format!("00-4bf92f3577b34da6a3ce929d0e0e4736-{}-01", ids.span_id)
+            format!("00-4bf92f3577b34da6a3ce929d0e0e4736-{}-01", ids.span_id())
         );
-        assert_ne!(ids.span_id, "00f067aa0ba902b7");
+        assert_ne!(ids.span_id(), "00f067aa0ba902b7");
         assert_eq!(headers["tracestate"], "vendor=x");
 
         // The next hop continues it, under this hop's span.
         let next = on_request(&mut headers);
-        assert_eq!(next.trace_id, ids.trace_id);
-        assert_eq!(next.parent_id.as_deref(), Some(ids.span_id.as_str()));
+        assert_eq!(next.trace_id(), ids.trace_id());
+        assert_eq!(next.parent_id(), Some(ids.span_id()));
     }
 
     #[test]
@@ -169,18 +214,19 @@ mod tests {
             }
             headers.insert(REQUEST_ID, HeaderValue::from_static("has space"));
             let ids = on_request(&mut headers);
-            assert!(is_hex(&ids.trace_id, 32), "{bad}");
-            assert_eq!(ids.parent_id, None, "{bad}");
-            assert!(
-                parse(headers[TRACEPARENT].to_str().unwrap()).is_some(),
-                "{bad}"
-            );
+            assert!(is_hex(ids.trace_id().as_bytes(), 32), "{bad}");
+            assert_eq!(ids.parent_id(), None, "{bad}");
+            assert!(parse(headers[TRACEPARENT].as_bytes()).is_some(), "{bad}");
             assert!(
                 headers[TRACEPARENT].to_str().unwrap().ends_with("-00"),
                 "{bad}"
             );
-            assert_eq!(ids.request_id.len(), 36);
-            assert_eq!(&ids.request_id[14..15], "4", "a UUID v4");
+            assert_eq!(ids.request_id().len(), 36);
+            assert_eq!(&ids.request_id()[14..15], "4", "a UUID v4");
+            assert!(
+                matches!(&ids.request_id()[19..20], "8" | "9" | "a" | "b"),
+                "variant 10"
+            );
         }
     }
 }
