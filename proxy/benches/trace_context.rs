@@ -16,6 +16,19 @@ use weft_proxy::trace_context::on_request;
 mod counting;
 use counting::ALLOCATIONS;
 
+/// Time and allocations of `rounds` calls of `f`.
+fn timed<T>(rounds: u32, f: impl Fn() -> T) -> (std::time::Duration, u64) {
+    let before = ALLOCATIONS.load(Ordering::Relaxed);
+    let started = Instant::now();
+    for _ in 0..rounds {
+        std::hint::black_box(f());
+    }
+    (
+        started.elapsed(),
+        (ALLOCATIONS.load(Ordering::Relaxed) - before) as u64,
+    )
+}
+
 fn measure(what: &str, headers: &HeaderMap) {
     let run = || {
         let mut copy = headers.clone();
@@ -27,28 +40,8 @@ fn measure(what: &str, headers: &HeaderMap) {
     // The header map's own clone, measured alone, is taken off.
     let clone_only = || std::hint::black_box(headers.clone());
     let rounds = 500_000u32;
-    let (time, allocations) = {
-        let before = ALLOCATIONS.load(Ordering::Relaxed);
-        let started = Instant::now();
-        for _ in 0..rounds {
-            run();
-        }
-        (
-            started.elapsed(),
-            ALLOCATIONS.load(Ordering::Relaxed) - before,
-        )
-    };
-    let (base_time, base_allocations) = {
-        let before = ALLOCATIONS.load(Ordering::Relaxed);
-        let started = Instant::now();
-        for _ in 0..rounds {
-            clone_only();
-        }
-        (
-            started.elapsed(),
-            ALLOCATIONS.load(Ordering::Relaxed) - before,
-        )
-    };
+    let (time, allocations) = timed(rounds, run);
+    let (base_time, base_allocations) = timed(rounds, clone_only);
     println!(
         "trace headers, {what}: {:.0} ns and {:.1} allocations per request (mean of {rounds}, a header map's clone taken off)",
         (time.as_nanos() as f64 - base_time.as_nanos() as f64) / f64::from(rounds),
