@@ -194,6 +194,8 @@ struct Seen {
     gateways: BTreeMap<String, mesh::NetworkGateway>,
     /// Every removal ever received, in order.
     removed: Vec<String>,
+    /// Services that arrived before any workload bound to them.
+    without_endpoints: Vec<String>,
     responses: Vec<(String, usize, usize)>,
 }
 
@@ -282,6 +284,13 @@ impl XdsClient {
                             seen.gateways.insert(resource.name.clone(), g);
                         } else {
                             let s = mesh::Service::decode(body).unwrap();
+                            let bound = seen
+                                .workloads
+                                .values()
+                                .any(|(_, w)| w.services.iter().any(|b| b.hostname == s.hostname));
+                            if !bound {
+                                seen.without_endpoints.push(s.hostname.clone());
+                            }
                             seen.services
                                 .insert(resource.name.clone(), (resource.version.clone(), s));
                         }
@@ -2284,6 +2293,26 @@ async fn proxy_status_shows_a_cut_stream_stale_and_then_synced() {
     })
     .await;
     assert!(client.service(ECHO).is_some());
+
+    // A new service whose pod is already there reaches the proxy with its
+    // endpoint: workloads go first, services wait for their answer.
+    c1.workload("fresh", "fresh-1", "10.1.0.77").await;
+    c1.service("fresh", false).await;
+    eventually("the fresh service", || async {
+        client
+            .service("demo/fresh.demo.svc.cluster.local")
+            .is_some()
+    })
+    .await;
+    assert!(
+        !client
+            .seen
+            .lock()
+            .unwrap()
+            .without_endpoints
+            .contains(&"fresh.demo.svc.cluster.local".to_string()),
+        "the service arrived before its endpoint"
+    );
 
     frozen.send_replace(true);
     c1.service("added", false).await;

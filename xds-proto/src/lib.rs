@@ -72,10 +72,13 @@ pub mod type_url {
     pub const DESTINATION_POLICY: &str = "type.googleapis.com/weft.mesh.v1.DestinationPolicy";
     pub const NETWORK_GATEWAY: &str = "type.googleapis.com/weft.mesh.v1.NetworkGateway";
 
-    /// Every weft resource type, in the order proxies subscribe.
+    /// Every weft resource type, in the order proxies subscribe, which is
+    /// the order a control plane answers in: workloads before services,
+    /// so that a new service's endpoints reach a proxy before its name
+    /// and VIP do (never a moment of "no healthy endpoint").
     pub const ALL: [&str; 6] = [
-        SERVICE,
         WORKLOAD,
+        SERVICE,
         AUTHORIZATION,
         ROUTE_SET,
         DESTINATION_POLICY,

@@ -194,7 +194,11 @@ async fn send_owed(
     nonces: &mut u64,
     tx: &mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>,
 ) -> Result<bool, Status> {
+    let services_wait = subscription::services_wait(&subscriptions.iter().collect::<Vec<_>>());
     for subscription in subscriptions.iter_mut() {
+        if services_wait && subscription.type_url == type_url::SERVICE {
+            continue;
+        }
         let response = {
             let model = hub.model();
             let table = table(&model, subscription.type_url);

@@ -39,6 +39,16 @@ pub struct Subscription {
     answered_once: bool,
 }
 
+/// Whether services wait this pass: a workload response is unanswered.
+/// Within a pass workloads go first (the proxy's order), so a service
+/// and the endpoints of the same change reach the proxy in that order,
+/// and a service never waits more than one answer.
+pub fn services_wait(subscriptions: &[&Subscription]) -> bool {
+    subscriptions
+        .iter()
+        .any(|s| s.type_url == weft_xds_proto::type_url::WORKLOAD && s.awaiting_answer())
+}
+
 /// A resource's version as proxies see it: a hash of its content, so that
 /// it means the same thing to every control plane process. A counter would
 /// restart with the process, and a proxy reconnecting to the new one could
@@ -129,6 +139,11 @@ impl Subscription {
     pub fn settled(&self) -> Option<u64> {
         (self.in_flight.is_none() && self.pending.is_empty() && self.cursor.is_none())
             .then_some(self.frontier)
+    }
+
+    /// Whether a response is sent and not answered yet.
+    pub fn awaiting_answer(&self) -> bool {
+        self.in_flight.is_some()
     }
 
     /// When the last response was sent.
@@ -323,6 +338,22 @@ mod tests {
         assert!(s.answered("1", true));
         let second = s.next_response(1, &t, 2).unwrap().unwrap();
         assert_eq!(size(&second), CHUNK, "the new subscription starts over");
+    }
+
+    /// While a workload response is unanswered, services wait: a new
+    /// service's name never reaches a proxy before its endpoints.
+    #[test]
+    fn services_wait_while_workloads_are_unanswered() {
+        let t = table(&[("w", Some(b"x"), 1)]);
+        let mut workloads = Subscription::new(WORKLOAD, 1, &t, &HashMap::new());
+        let services = Subscription::new(weft_xds_proto::type_url::SERVICE, 1, &t, &HashMap::new());
+        assert!(!services_wait(&[&workloads, &services]));
+        workloads.next_response(1, &t, 1).unwrap().unwrap();
+        assert!(services_wait(&[&workloads, &services]));
+        assert!(workloads.answered("1", true));
+        assert!(!services_wait(&[&workloads, &services]));
+        // A proxy that takes no workloads holds nothing back.
+        assert!(!services_wait(&[&services]));
     }
 
     #[test]
