@@ -5,8 +5,9 @@
 //!
 //! Only ServiceImports labelled as weft-control's are changed or deleted;
 //! one another MCS controller keeps is left alone and said so. Nothing is
-//! deleted until every cluster has synced: a control plane that has just
-//! started knows too little to say an export is gone.
+//! deleted, and no export's conditions written, until every cluster has
+//! synced: a control plane that has just started knows too little to say
+//! an export is gone or in conflict.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
@@ -74,7 +75,9 @@ pub async fn run(hub: Arc<Hub>, client: Client) {
         }
         // What was written for an export since deleted is forgotten.
         sent.retain(|key, _| statuses.iter().any(|s| s.key == *key));
-        for status in statuses {
+        // Conflicts are judged on every cluster's exports: not before each
+        // has been listed, or a starting control plane would flap them.
+        for status in statuses.into_iter().filter(|_| settled) {
             if status.seen == status.wanted || sent.get(&status.key) == Some(&status.wanted) {
                 continue;
             }
