@@ -204,15 +204,9 @@ pub async fn proxy_config(args: ProxyConfigArgs) -> Result<String> {
 /// at its address, where pods share loopback).
 async fn admin_in_lab(pod: &std::path::Path, path: &str) -> Result<Value> {
     let netns = std::fs::read_to_string(pod.join("netns")).unwrap_or_default();
-    let netns = netns.trim();
-    let admin = if netns.is_empty() {
-        let ip: std::net::IpAddr = std::fs::read_to_string(pod.join("ip"))?.trim().parse()?;
-        SocketAddr::new(ip, 15000)
-    } else {
-        SocketAddr::from(([127, 0, 0, 1], 15000))
-    };
+    let admin = weft_lab::traffic::sidecar_port(pod, 15000).map_err(anyhow::Error::msg)?;
     get_json(
-        Some(netns.to_string()).filter(|n| !n.is_empty()),
+        Some(netns.trim().to_string()).filter(|n| !n.is_empty()),
         admin,
         path,
     )

@@ -63,7 +63,7 @@ pub struct RemoteClustersArgs {
 }
 
 /// GETs a debug path of the control plane's monitoring port as JSON.
-pub async fn debug_json(monitoring: std::net::SocketAddr, path: &str) -> Result<serde_json::Value> {
+async fn debug_json(monitoring: std::net::SocketAddr, path: &str) -> Result<serde_json::Value> {
     let (status, body) = weft_lab::mesh::http_get(monitoring, path)
         .await
         .with_context(|| format!("connecting to the control plane at {monitoring}"))?;

@@ -249,6 +249,31 @@ pub async fn send_from_pod(
     exchange(netns_name, connect, request.to_string()).await
 }
 
+/// Where port `port` of a lab pod's sidecar is reached with
+/// [`send_from_pod`]: loopback inside the pod's own network namespace, or
+/// the pod's address where pods share loopback.
+pub fn sidecar_port(pod_dir: &Path, port: u16) -> Result<SocketAddr, String> {
+    let netns = std::fs::read_to_string(pod_dir.join("netns")).unwrap_or_default();
+    if !netns.trim().is_empty() {
+        return Ok(SocketAddr::from(([127, 0, 0, 1], port)));
+    }
+    let ip = std::fs::read_to_string(pod_dir.join("ip"))
+        .map_err(|e| format!("{} is not a running lab pod: {e}", pod_dir.display()))?;
+    let ip: std::net::IpAddr = ip.trim().parse().map_err(|e| format!("{ip:?}: {e}"))?;
+    Ok(SocketAddr::new(ip, port))
+}
+
+/// The access-log lines (JSON) a lab pod's sidecar has written so far;
+/// its own log lines, which are not JSON, are left out.
+pub fn access_log_lines(pod_dir: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(pod_dir.join("weft-proxy.log"))
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
 /// An HTTP GET of `host`'s `/` sent to `connect` from the pod, again every
 /// 100 ms until it is answered 200 (a service the mesh has just learned:
 /// its endpoints may arrive a moment after its name) or `timeout` passes.

@@ -219,13 +219,7 @@ async fn observed(lab: &Lab, client: &std::path::Path) -> Result<()> {
         .count();
     let deadline = Instant::now() + Duration::from_secs(5);
     let line = loop {
-        let text = std::fs::read_to_string(client.join("weft-proxy.log")).unwrap_or_default();
-        let found = text
-            .lines()
-            .rev()
-            .filter(|l| l.starts_with('{'))
-            .find_map(|l| serde_json::from_str::<serde_json::Value>(l).ok());
-        if let Some(line) = found {
+        if let Some(line) = weft_lab::traffic::access_log_lines(client).pop() {
             break line;
         }
         if Instant::now() > deadline {

@@ -198,10 +198,12 @@ impl Model {
             };
             let service_key = (key.0.clone(), slice.service.clone());
             let offered = self.offered(cluster, &service_key);
-            // Behind the clusterset name too, when its cluster exports it.
+            // Behind the clusterset name too, when its cluster exports it
+            // (looked up first: most services are exported nowhere).
             let clusterset = self
-                .clusterset(&service_key)
-                .filter(|set| set.exporters.iter().any(|c| c == cluster));
+                .exports(cluster, &service_key)
+                .then(|| self.clusterset(&service_key))
+                .flatten();
             if !offered && clusterset.is_none() {
                 continue;
             }

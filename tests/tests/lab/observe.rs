@@ -13,22 +13,18 @@ async fn logged(
     pod: &str,
     wanted: impl Fn(&serde_json::Value) -> bool,
 ) -> serde_json::Value {
-    let file = pod_dir(dir, "c1", "demo", pod).join("weft-proxy.log");
+    let pod_dir = pod_dir(dir, "c1", "demo", pod);
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let text = std::fs::read_to_string(&file).unwrap_or_default();
-        let found = text
-            .lines()
-            .filter(|l| l.starts_with('{'))
-            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        let found = weft_lab::traffic::access_log_lines(&pod_dir)
+            .into_iter()
             .find(|l| wanted(l));
         if let Some(line) = found {
             return line;
         }
         assert!(
             Instant::now() < deadline,
-            "no access log line in {}",
-            file.display()
+            "no access log line from {pod}'s sidecar"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -131,17 +127,7 @@ fn sample_names(exposition: &str) -> std::collections::BTreeSet<String> {
 /// (or at its address on a loopback lab).
 async fn scrape_sidecar(dir: &Path, pod: &str) -> String {
     let pod_dir = pod_dir(dir, "c1", "demo", pod);
-    let netns = std::fs::read_to_string(pod_dir.join("netns")).unwrap_or_default();
-    let addr = if netns.trim().is_empty() {
-        let ip: std::net::IpAddr = std::fs::read_to_string(pod_dir.join("ip"))
-            .unwrap()
-            .trim()
-            .parse()
-            .unwrap();
-        std::net::SocketAddr::new(ip, 15090)
-    } else {
-        "127.0.0.1:15090".parse().unwrap()
-    };
+    let addr = weft_lab::traffic::sidecar_port(&pod_dir, 15090).unwrap();
     let answer = weft_lab::traffic::send_from_pod(
         &pod_dir,
         addr,
