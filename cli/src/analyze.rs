@@ -204,6 +204,11 @@ fn export_findings(exports: &[serde_json::Value]) -> Vec<Finding> {
                 object: object.clone(),
                 message: format!("not exported: {}", message(c)),
             }),
+            Some(c) if message(c).ends_with(weft_control::mcs::IGNORED) => findings.push(Finding {
+                level: Level::Warning,
+                object: object.clone(),
+                message: message(c),
+            }),
             Some(_) => {}
         }
         if let Some(c) = condition(CONDITION_CONFLICT).filter(|c| c["status"] == "True") {
@@ -336,6 +341,10 @@ mod tests {
                 serde_json::json!([{"type": "Valid", "status": "False", "message": "there is no Service demo/ghost in this cluster to export"}]),
             ),
             export(
+                "labelled",
+                serde_json::json!([{"type": "Valid", "status": "True", "message": "demo/labelled is served …; spec.exportedLabels not supported by weft: ignored"}]),
+            ),
+            export(
                 "split",
                 serde_json::json!([{"type": "Valid", "status": "True"}, {"type": "Conflict", "status": "True", "message": "port http: c2 has ..."}]),
             ),
@@ -352,6 +361,11 @@ mod tests {
                     Level::Error,
                     "ServiceExport demo/ghost",
                     "not exported: there is no Service demo/ghost in this cluster to export"
+                ),
+                (
+                    Level::Warning,
+                    "ServiceExport demo/labelled",
+                    "demo/labelled is served …; spec.exportedLabels not supported by weft: ignored"
                 ),
                 (
                     Level::Warning,

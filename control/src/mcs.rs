@@ -20,6 +20,9 @@ pub const MANAGED_BY: (&str, &str) = ("app.kubernetes.io/managed-by", "weft-cont
 /// The KEP's condition types on a ServiceExport.
 pub const CONDITION_VALID: &str = "Valid";
 pub const CONDITION_CONFLICT: &str = "Conflict";
+/// How a `Valid` condition's message ends when the export's spec has
+/// fields weft does not act on (`weftctl analyze` looks for it).
+pub const IGNORED: &str = "not supported by weft: ignored";
 
 pub fn service_exports() -> ApiResource {
     ApiResource::from_gvk_with_plural(
@@ -55,6 +58,9 @@ pub struct ExportInfo {
     pub generation: i64,
     /// The conditions its status shows now.
     pub seen: Vec<Condition>,
+    /// Fields of its spec weft does not act on (newer MCS versions'
+    /// `exportedLabels`, `exportedAnnotations`): said on its status.
+    pub ignored: Vec<String>,
 }
 
 impl ExportInfo {
@@ -85,6 +91,12 @@ pub fn read_export(object: &serde_json::Value) -> ExportInfo {
             .to_string(),
         generation: metadata["generation"].as_i64().unwrap_or(0),
         seen,
+        ignored: object["spec"]
+            .as_object()
+            .into_iter()
+            .flatten()
+            .map(|(field, _)| format!("spec.{field}"))
+            .collect(),
     }
 }
 
@@ -106,6 +118,9 @@ mod tests {
         assert_eq!(export.seen.len(), 2);
         assert!(export.seen[0].status && !export.seen[1].status);
         assert_eq!(export.seen[1].reason, "");
+        assert!(export.ignored.is_empty());
+        let labelled = read_export(&serde_json::json!({"spec": {"exportedLabels": {"a": "b"}}}));
+        assert_eq!(labelled.ignored, ["spec.exportedLabels"]);
         // Garbage is an export of unknown age, not a crash.
         let garbage = read_export(&serde_json::json!({"metadata": 7, "status": "x"}));
         assert_eq!(garbage.created, "");

@@ -11,6 +11,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
+/// The longest node name kept (proxies send their own).
+const MAX_NODE: usize = 256;
+
 /// How long a disconnected proxy stays in the view.
 pub const KEEP_GONE: Duration = Duration::from_secs(300);
 
@@ -77,7 +80,8 @@ impl ProxyRegistry {
     ) {
         if let Some(proxy) = self.lock().get_mut(&id) {
             if proxy.node != node {
-                proxy.node = node.to_string();
+                // The proxy names itself: kept, but never longer than this.
+                proxy.node = node.chars().take(MAX_NODE).collect();
             }
             for (type_url, status) in types {
                 let entry = proxy.types.entry(type_url).or_default();
@@ -205,6 +209,15 @@ mod tests {
         let view = registry.view(8, &[SERVICE]);
         assert_eq!(view["proxies"][0]["types"]["Service"]["state"], "NACKED");
         assert_eq!(view["proxies"][0]["types"]["Service"]["nacks"], 1);
+        // A proxy's own name is kept to a bounded length.
+        registry.record(id, &"n".repeat(10_000), []);
+        assert_eq!(
+            registry.view(8, &[SERVICE])["proxies"][0]["node"]
+                .as_str()
+                .unwrap()
+                .len(),
+            MAX_NODE
+        );
         registry.disconnect(id);
         assert_eq!(
             registry.view(8, &[SERVICE])["proxies"][0]["types"]["Service"]["state"],

@@ -294,9 +294,14 @@ impl Model {
                             true,
                             "Exported",
                             format!(
-                                "{service} is served as {} by {}",
+                                "{service} is served as {} by {}{}",
                                 Self::clusterset_hostname(key),
-                                set.exporters.join(", ")
+                                set.exporters.join(", "),
+                                if export.ignored.is_empty() {
+                                    String::new()
+                                } else {
+                                    format!("; {} {}", export.ignored.join(", "), mcs::IGNORED)
+                                }
                             ),
                         ),
                         if set.conflicts.is_empty() {

@@ -1192,6 +1192,7 @@ mod tests {
             created: created.into(),
             generation: 1,
             seen: Vec::new(),
+            ignored: Vec::new(),
         })
     }
 
@@ -1357,6 +1358,26 @@ mod tests {
         assert_eq!(spec["type"], "ClusterSetIP");
         assert_eq!(spec["ports"].as_array().unwrap().len(), 2);
         assert_eq!(status["clusters"][1]["cluster"], "c2");
+
+        // A field of the export's spec weft does not act on is said.
+        let Object::Export(mut labelled) = export("2026-12-01T06:00:00Z") else {
+            unreachable!()
+        };
+        labelled.ignored = vec!["spec.exportedLabels".into()];
+        set(
+            &mut model,
+            "c1",
+            Kind::ServiceExport,
+            Some(Object::Export(labelled)),
+        );
+        let valid = &model.export_statuses()[0].wanted[0];
+        assert!(
+            valid.status
+                && valid
+                    .message
+                    .ends_with("spec.exportedLabels not supported by weft: ignored"),
+            "{valid:?}"
+        );
 
         // Exported without a Service: not valid, and no clusterset name.
         model.apply(update(
