@@ -156,9 +156,15 @@ struct Results {
     /// scenario → runs (fixed rates in order, then max).
     fixed: BTreeMap<String, Vec<Run>>,
     max: BTreeMap<String, Run>,
+    /// One connection, closed loop: each request waits for the last answer.
+    single: BTreeMap<String, Run>,
+    /// wrk's figures for the same one-connection run (`wrk -t1 -c1`).
+    wrk_single: BTreeMap<String, WrkFigures>,
     grpc: BTreeMap<String, Run>,
     order: Vec<String>,
     skipped: Vec<String>,
+    /// Where wrk's script goes, when wrk is there to cross-check with.
+    wrk_dir: Option<PathBuf>,
 }
 
 async fn run_scenario(options: &Options, scenario: &Scenario, results: &mut Results) -> Result<()> {
@@ -196,6 +202,26 @@ async fn run_scenario(options: &Options, scenario: &Scenario, results: &mut Resu
     )
     .await?;
     eprintln!("   max: {}", max.summary.line());
+    // One connection, closed loop: the round trip a request pays when
+    // nothing else is in flight (wake-ups, hand-offs, flushes per hop).
+    let single = measure(
+        &load::Options {
+            rate: 0,
+            connections: 1,
+            ..base.clone()
+        },
+        &scenario.measured,
+    )
+    .await?;
+    eprintln!("   one connection: {}", single.summary.line());
+    if let Some(dir) = &results.wrk_dir {
+        let figures = wrk(dir, scenario, 1, options).await?;
+        eprintln!(
+            "   wrk, one connection: {:.0}/s, p50 {:.3} ms",
+            figures.rate, figures.p50_ms
+        );
+        results.wrk_single.insert(scenario.name.clone(), figures);
+    }
     if let Some(grpc) = &scenario.grpc_target {
         let run = measure(
             &load::Options {
@@ -213,6 +239,7 @@ async fn run_scenario(options: &Options, scenario: &Scenario, results: &mut Resu
     results.order.push(scenario.name.clone());
     results.fixed.insert(scenario.name.clone(), fixed);
     results.max.insert(scenario.name.clone(), max);
+    results.single.insert(scenario.name.clone(), single);
     Ok(())
 }
 
@@ -618,28 +645,54 @@ async fn baseline(
     Ok((children, measured, front))
 }
 
-/// `wrk` against the echo server, closed loop, to compare with our own
-/// closed-loop figure for `direct`.
-async fn wrk(dir: &Path, app: SocketAddr, options: &Options) -> Result<String> {
+/// What `wrk` reported for one run.
+#[derive(Clone, Debug, Default)]
+struct WrkFigures {
+    rate: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+}
+
+/// `wrk` closed loop against a scenario with `connections` connections,
+/// the same payload; through an explicit proxy it sends absolute-form
+/// requests to it, as a new user measuring weft would.
+async fn wrk(
+    dir: &Path,
+    scenario: &Scenario,
+    connections: usize,
+    options: &Options,
+) -> Result<WrkFigures> {
+    let (connect, path) = match scenario.proxy {
+        Some(proxy) => (format!("http://{proxy}"), scenario.target.clone()),
+        None => (
+            scenario.target.trim_end_matches('/').to_string(),
+            "/".into(),
+        ),
+    };
     let script = dir.join("post.lua");
     std::fs::write(
         &script,
         format!(
-            "wrk.method = \"POST\"\nwrk.body = string.rep(\"x\", {})\n",
+            "wrk.method = \"POST\"\nwrk.path = \"{path}\"\nwrk.body = string.rep(\"x\", {})\n",
             options.payload
         ),
     )?;
     let out = Command::new("wrk")
-        .args(["-t1", &format!("-c{}", options.max_connections)])
+        .args(["-t1", &format!("-c{connections}")])
         .arg(format!("-d{}s", options.duration.as_secs().max(1)))
         .arg("--latency")
         .arg("-s")
         .arg(&script)
-        .arg(format!("http://{app}/"))
+        .arg(format!("{connect}/"))
         .output()
         .await
         .context("running wrk")?;
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    let text = String::from_utf8_lossy(&out.stdout);
+    Ok(WrkFigures {
+        rate: wrk_rate(&text),
+        p50_ms: wrk_percentile_ms(&text, "50%").unwrap_or(f64::NAN),
+        p99_ms: wrk_percentile_ms(&text, "99%").unwrap_or(f64::NAN),
+    })
 }
 
 fn wrk_rate(text: &str) -> f64 {
@@ -649,10 +702,22 @@ fn wrk_rate(text: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
-fn wrk_percentile(text: &str, p: &str) -> String {
-    text.lines()
-        .find_map(|l| l.trim().strip_prefix(p).map(|v| v.trim().to_string()))
-        .unwrap_or_else(|| "?".into())
+/// A latency percentile of wrk's `--latency` table (`50%  123.00us`), in ms.
+fn wrk_percentile_ms(text: &str, p: &str) -> Option<f64> {
+    let value = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix(p).map(|v| v.trim().to_string()))?;
+    let split = value.find(|c: char| c.is_ascii_alphabetic())?;
+    let (number, unit) = value.split_at(split);
+    let number: f64 = number.trim().parse().ok()?;
+    let factor = match unit {
+        "us" => 1e-3,
+        "ms" => 1.0,
+        "s" => 1e3,
+        "m" => 60e3,
+        _ => return None,
+    };
+    Some(number * factor)
 }
 
 /// Services and workloads for the snapshot-size measurement: `services`
@@ -723,6 +788,12 @@ async fn drive(options: &Options, command: &str) -> Result<Outcome> {
     std::fs::create_dir_all(&dir)?;
     let mut results = Results::default();
     let mut children: Vec<Child> = Vec::new();
+    if options.baselines {
+        results.skipped.extend(ensure_tools());
+        if !results.skipped.iter().any(|s| s.starts_with("wrk")) {
+            results.wrk_dir = Some(dir.clone());
+        }
+    }
 
     // The echo server the scenarios share, and the direct baseline.
     let app_ip = ip([0, 3]);
@@ -963,9 +1034,8 @@ async fn drive(options: &Options, command: &str) -> Result<Outcome> {
     }
 
     // Baselines.
-    let mut wrk_text = None;
+    let mut wrk_direct = None;
     if options.baselines {
-        results.skipped.extend(ensure_tools());
         baseline_certs(&dir)?;
         for (kind, client_at, server_at) in [
             ("nginx", ip([0, 4]), ip([0, 5])),
@@ -997,8 +1067,15 @@ async fn drive(options: &Options, command: &str) -> Result<Outcome> {
                 Err(err) => results.skipped.push(format!("{kind}: {err:#}")),
             }
         }
-        if !results.skipped.iter().any(|s| s.starts_with("wrk")) {
-            wrk_text = Some(wrk(&dir, app, options).await?);
+        if let Some(dir) = &results.wrk_dir {
+            let direct = Scenario {
+                name: "direct".into(),
+                target: format!("http://{app}/"),
+                proxy: None,
+                grpc_target: None,
+                measured: vec![],
+            };
+            wrk_direct = Some(wrk(dir, &direct, options.max_connections, options).await?);
         }
     }
 
@@ -1030,7 +1107,7 @@ async fn drive(options: &Options, command: &str) -> Result<Outcome> {
         options,
         command,
         &results,
-        wrk_text.as_deref(),
+        wrk_direct.as_ref(),
         &memory,
         setup.as_ref(),
     )?;
@@ -1050,6 +1127,47 @@ async fn drive(options: &Options, command: &str) -> Result<Outcome> {
         markdown,
         passed: true,
     })
+}
+
+/// The one-connection closed-loop table: each scenario's round trip when
+/// nothing else is in flight, by our generator and by wrk.
+fn one_connection(results: &Results) -> String {
+    let Some(direct) = results.single.get("direct") else {
+        return String::new();
+    };
+    let wrk_direct = results.wrk_single.get("direct");
+    let mut md = String::from(
+        "\n## One connection, closed loop\n\nEach request sent when the previous answer arrived, on one keep-alive connection: the cost of one round trip through each path when nothing else is in flight. wrk (`-t1 -c1`, through an explicit proxy with absolute-form requests) measures the same paths as a cross-check.\n\n\
+         | scenario | req/s | p50 ms | p99 ms | added p50 ms | wrk req/s | wrk p50 ms | wrk added p50 ms |\n|---|---|---|---|---|---|---|---|\n",
+    );
+    for name in &results.order {
+        let Some(run) = results.single.get(name) else {
+            continue;
+        };
+        let s = &run.summary;
+        let added = if name == "direct" {
+            String::new()
+        } else {
+            format!("{:.3}", s.p50_ms - direct.summary.p50_ms)
+        };
+        let (wrk_rate, wrk_p50, wrk_added) = match (results.wrk_single.get(name), wrk_direct) {
+            (Some(w), Some(d)) => (
+                format!("{:.0}", w.rate),
+                format!("{:.3}", w.p50_ms),
+                if name == "direct" {
+                    String::new()
+                } else {
+                    format!("{:.3}", w.p50_ms - d.p50_ms)
+                },
+            ),
+            _ => Default::default(),
+        };
+        md += &format!(
+            "| {name} | {:.0} | {:.3} | {:.3} | {added} | {wrk_rate} | {wrk_p50} | {wrk_added} |\n",
+            s.achieved_rate, s.p50_ms, s.p99_ms
+        );
+    }
+    md
 }
 
 /// The client sidecar's memory at the points the report shows.
@@ -1253,7 +1371,7 @@ fn render(
     options: &Options,
     command: &str,
     results: &Results,
-    wrk_text: Option<&str>,
+    wrk_direct: Option<&WrkFigures>,
     memory: &Memory,
     setup: Option<&networks::Setup>,
 ) -> Result<String> {
@@ -1353,6 +1471,7 @@ fn render(
             procs.join("; ")
         );
     }
+    md += &one_connection(results);
     // Ratios that matter, from this run.
     let per_cpu = |name: &str| -> Option<f64> {
         let run = results.max.get(name)?;
@@ -1396,11 +1515,31 @@ fn render(
             );
         }
         if let (Some(w), Some(o)) = (results.fixed.get("weft"), results.fixed.get(other)) {
+            for (i, rate) in options.rates.iter().enumerate() {
+                md += &format!(
+                    "- added p99 at {rate} req/s, weft / {other}: {:.3} ms / {:.3} ms.\n",
+                    w[i].summary.p99_ms - direct[i].summary.p99_ms,
+                    o[i].summary.p99_ms - direct[i].summary.p99_ms
+                );
+            }
+        }
+        if let (Some(w), Some(o)) = (results.max.get("weft"), results.max.get(other)) {
             md += &format!(
-                "- added p99 at {} req/s, weft / {other}: {:.3} ms / {:.3} ms.\n",
-                options.rates[0],
-                w[0].summary.p99_ms - direct[0].summary.p99_ms,
-                o[0].summary.p99_ms - direct[0].summary.p99_ms
+                "- closed-loop throughput, weft / {other}: {:.2} ({:.0} vs {:.0} req/s).\n",
+                w.summary.achieved_rate / o.summary.achieved_rate.max(1.0),
+                w.summary.achieved_rate,
+                o.summary.achieved_rate
+            );
+        }
+        if let (Some(w), Some(o), Some(d)) = (
+            results.single.get("weft"),
+            results.single.get(other),
+            results.single.get("direct"),
+        ) {
+            md += &format!(
+                "- one connection, closed loop, added p50, weft / {other}: {:.3} ms / {:.3} ms.\n",
+                w.summary.p50_ms - d.summary.p50_ms,
+                o.summary.p50_ms - d.summary.p50_ms
             );
         }
     }
@@ -1444,19 +1583,19 @@ fn render(
         mb(memory.large_peak),
         memory.synced_in.as_secs_f64()
     );
-    if let Some(text) = wrk_text {
+    if let Some(wrk) = wrk_direct {
         let ours = &results.max["direct"].summary;
         md += &format!(
             "\n## The load generator against wrk\n\nClosed loop against the echo server directly, {} connections, same payload:\n\n\
-             | generator | req/s | p50 | p99 |\n|---|---|---|---|\n| weft-perf load | {:.0} | {:.3} ms | {:.3} ms |\n| wrk (1 thread) | {:.0} | {} | {} |\n\n\
+             | generator | req/s | p50 | p99 |\n|---|---|---|---|\n| weft-perf load | {:.0} | {:.3} ms | {:.3} ms |\n| wrk (1 thread) | {:.0} | {:.3} ms | {:.3} ms |\n\n\
              A gap is the generators' own cost per request: it bounds how small a difference between scenarios this harness can show.\n",
             options.max_connections,
             ours.achieved_rate,
             ours.p50_ms,
             ours.p99_ms,
-            wrk_rate(text),
-            wrk_percentile(text, "50%"),
-            wrk_percentile(text, "99%"),
+            wrk.rate,
+            wrk.p50_ms,
+            wrk.p99_ms,
         );
     }
     if !results.skipped.is_empty() {
@@ -1487,6 +1626,17 @@ fn render(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn wrk_figures_are_read_in_milliseconds_whatever_its_unit() {
+        let text = "Running 5s test @ http://127.0.0.1:8080/\n  Latency Distribution\n     50%  136.00us\n     75%    1.20ms\n     90%    2.5s\n     99%   12.00ms\n  35040 requests in 5.00s\nRequests/sec:   7008.21\n";
+        assert_eq!(wrk_rate(text), 7008.21);
+        assert!((wrk_percentile_ms(text, "50%").unwrap() - 0.136).abs() < 1e-9);
+        assert!((wrk_percentile_ms(text, "75%").unwrap() - 1.2).abs() < 1e-9);
+        assert!((wrk_percentile_ms(text, "90%").unwrap() - 2500.0).abs() < 1e-9);
+        assert_eq!(wrk_percentile_ms(text, "99.9%"), None, "absent");
+        assert_eq!(wrk_percentile_ms("50%  fast", "50%"), None, "no number");
+    }
 
     #[test]
     fn the_authorization_scenario_is_20_rules_weft_enforces_as_written() {
