@@ -14,3 +14,4 @@ pub mod networks;
 pub mod report;
 pub mod sidecar;
 pub mod svg;
+pub mod tunnel;

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
-use weft_perf::{apiserver, bench, control, load, report, sidecar};
+use weft_perf::{apiserver, bench, control, load, report, sidecar, tunnel};
 
 #[derive(Parser)]
 #[command(name = "weft-perf", about = "weft's benchmark scenarios")]
@@ -115,6 +115,21 @@ enum Scenario {
         warmup: usize,
         #[arg(long, default_value_t = 1024)]
         payload: usize,
+    },
+    /// L4 through the HBONE tunnel: bulk TCP (1 and 8 streams) and new connections, against direct and a plaintext relay.
+    Tunnel {
+        /// Seconds measured per bulk run.
+        #[arg(long, default_value_t = 5.0)]
+        seconds: f64,
+        /// Stream counts, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "1,8")]
+        streams: Vec<usize>,
+        /// New connections per path.
+        #[arg(long, default_value_t = 2_000)]
+        connections: usize,
+        /// Bytes per write.
+        #[arg(long, default_value_t = 131_072)]
+        chunk: usize,
     },
     /// The control plane: clusters of workloads, many delta-xDS proxies, change propagation latency.
     Control {
@@ -247,6 +262,23 @@ fn main() -> Result<()> {
                     requests,
                     warmup,
                     payload,
+                },
+                &command,
+            )?,
+        ),
+        Scenario::Tunnel {
+            seconds,
+            streams,
+            connections,
+            chunk,
+        } => (
+            "tunnel",
+            tunnel::run(
+                &tunnel::Options {
+                    seconds,
+                    streams,
+                    connections,
+                    chunk,
                 },
                 &command,
             )?,

@@ -54,6 +54,55 @@ fn id(sa: &str) -> Result<Identity> {
     Ok(Identity::new("cluster.local", "bench", sa)?)
 }
 
+/// A bench mesh's certificates: its root, and workload certificates for
+/// the server's service account and for `client`, in namespace `bench`.
+pub(crate) struct MeshCerts {
+    pub bundle: TrustBundle,
+    pub server: CertStore,
+    pub client: CertStore,
+}
+
+impl MeshCerts {
+    pub fn generate(server_account: &str) -> Result<MeshCerts> {
+        let ca = CertificateAuthority::generate_root(
+            "cluster.local",
+            &CaParams::valid_for("bench root", Duration::from_secs(86400)),
+        )?;
+        Ok(MeshCerts {
+            bundle: TrustBundle::from_pem(&ca.roots_pem())?,
+            server: CertStore::new(&issue_workload(&ca, &id(server_account)?, None)?)?,
+            client: CertStore::new(&issue_workload(&ca, &id("client")?, None)?)?,
+        })
+    }
+}
+
+/// A client sidecar's outbound side in cluster c1, routing by `xds`, for
+/// the pod at `pod_ip` (when it has one): the mesh only, no passthrough.
+pub(crate) fn client_outbound(
+    certs: CertStore,
+    bundle: TrustBundle,
+    xds: Arc<XdsState>,
+    pod_ip: Option<IpAddr>,
+) -> Arc<Outbound> {
+    let config = outbound::Config {
+        here: Here {
+            cluster: "c1".into(),
+            ..Default::default()
+        },
+        pod_ip,
+        passthrough: false,
+        ..Default::default()
+    };
+    let pool = Pool::new(certs, bundle, CONNECT_TIMEOUT);
+    Arc::new(Outbound::new(
+        config,
+        xds,
+        pool,
+        Arc::default(),
+        Default::default(),
+    ))
+}
+
 async fn round_trip(conn: &mut TcpStream, payload: &[u8], buf: &mut [u8]) -> Result<Duration> {
     let start = Instant::now();
     conn.write_all(payload).await?;
@@ -73,13 +122,11 @@ async fn drive(options: &Options, command: &str) -> Result<Outcome> {
     let app_addr = app.local_addr()?;
     tokio::spawn(echo(app));
 
-    let ca = CertificateAuthority::generate_root(
-        "cluster.local",
-        &CaParams::valid_for("bench root", Duration::from_secs(86400)),
-    )?;
-    let bundle = TrustBundle::from_pem(&ca.roots_pem())?;
-    let server_certs = CertStore::new(&issue_workload(&ca, &id("server")?, None)?)?;
-    let client_certs = CertStore::new(&issue_workload(&ca, &id("client")?, None)?)?;
+    let MeshCerts {
+        bundle,
+        server: server_certs,
+        client: client_certs,
+    } = MeshCerts::generate("server")?;
     let hbone = TcpListener::bind(SocketAddr::new(server_ip, HBONE_PORT))
         .await
         .context("binding 15008")?;
@@ -113,22 +160,7 @@ async fn drive(options: &Options, command: &str) -> Result<Outcome> {
     let xds = Arc::new(XdsState::default());
     xds.snapshot
         .store(Arc::new(Snapshot::from_messages(&[service], &[workload])?));
-    let config = outbound::Config {
-        here: Here {
-            cluster: "c1".into(),
-            ..Default::default()
-        },
-        passthrough: false,
-        ..Default::default()
-    };
-    let pool = Pool::new(client_certs, bundle, CONNECT_TIMEOUT);
-    let outbound = Arc::new(Outbound::new(
-        config,
-        xds,
-        pool,
-        Arc::default(),
-        Default::default(),
-    ));
+    let outbound = client_outbound(client_certs, bundle, xds, None);
     let proxy_listener = TcpListener::bind("127.0.0.1:0").await?;
     let proxy = proxy_listener.local_addr()?;
     tokio::spawn(serve_explicit(proxy_listener, outbound));
