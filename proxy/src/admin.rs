@@ -89,8 +89,8 @@ impl Admin {
             }
         }
         let snapshot = self.xds.snapshot.load();
-        m.services.set(snapshot.services.len() as i64);
-        m.workloads.set(snapshot.workloads.len() as i64);
+        m.services.set(snapshot.services().len() as i64);
+        m.workloads.set(snapshot.workload_count() as i64);
         m.authorization_policies.set(snapshot.policies.len() as i64);
         m.route_sets.set(snapshot.traffic.route_sets.len() as i64);
         m.destination_policies
@@ -129,7 +129,7 @@ impl Admin {
         let snapshot = self.xds.snapshot.load();
         let load = &self.outbound.load;
         let services: Vec<Value> = snapshot
-            .services
+            .services()
             .iter()
             .map(|service| {
                 let endpoints: Vec<Value> = snapshot
@@ -256,7 +256,7 @@ fn names(names: &[Name]) -> Vec<&str> {
 /// (or `jq`) can read.
 pub fn config_dump(snapshot: &Snapshot) -> Value {
     let services: Vec<Value> = snapshot
-        .services
+        .services()
         .iter()
         .map(|s| {
             json!({
@@ -280,8 +280,7 @@ pub fn config_dump(snapshot: &Snapshot) -> Value {
         })
         .collect();
     let workloads: Vec<Value> = snapshot
-        .workloads
-        .iter()
+        .workloads()
         .map(|w| {
             let p = &w.profile;
             json!({
@@ -381,7 +380,7 @@ pub fn config_dump(snapshot: &Snapshot) -> Value {
     // What each gateway weighs for each service reached through one: its
     // healthy endpoints there, every locality counted.
     let gateway_weights: serde_json::Map<String, Value> = snapshot
-        .services
+        .services()
         .iter()
         .filter_map(|service| {
             let weights = crate::network::gateway_weights(

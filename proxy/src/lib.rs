@@ -38,6 +38,7 @@ pub mod authorization;
 pub mod authorize;
 pub mod balance;
 pub mod channel;
+pub mod chunked;
 pub mod coalesce;
 pub mod command_line;
 pub mod dns;

@@ -5,12 +5,15 @@
 //! The indexes point at the resources (shared, see `resources`): a new
 //! snapshot copies pointers, never a workload.
 //!
-//! Every index is a sorted slice searched by bisection, most of them of
-//! 4-byte positions in `services` or `workloads`: a sidecar holds one
+//! Every index is sorted and searched by bisection: a sidecar holds one
 //! snapshot of the whole mesh, and at 10,000 workloads hash maps of
 //! pointers and owned keys cost several times as much memory for lookups
 //! that are a few comparisons either way (`cargo bench -p weft-proxy
-//! --bench snapshot`).
+//! --bench snapshot`). The services' indexes are slices of 4-byte
+//! positions, rebuilt when a service changes and shared by snapshots until
+//! then. The workloads' are sequences in shared chunks (`chunked`), edited
+//! as each update arrives: a pod's change costs the chunks it touches, not
+//! a rebuild (0.07 ms instead of 1.1 ms at 10,000 workloads).
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
@@ -19,6 +22,7 @@ use prost::Message;
 use weft_xds_proto::mesh;
 
 use crate::authorization::{InboundPolicy, Policy, Scope};
+use crate::chunked::Chunked;
 use crate::resources::{
     Interner, InvalidResource, Name, Service, Workload, decode_service, decode_workload,
 };
@@ -39,25 +43,12 @@ pub struct Local {
 /// One immutable view of the mesh.
 #[derive(Debug, Default)]
 pub struct Snapshot {
-    /// Sorted by namespace and hostname.
-    pub services: Vec<Arc<Service>>,
-    /// Sorted by uid.
-    pub workloads: Vec<Arc<Workload>>,
-    /// (VIP, port, position in `services`), sorted.
-    by_vip: Box<[(IpAddr, u16, u32)]>,
-    /// Positions in `services`, sorted by hostname.
-    by_hostname: Box<[u32]>,
-    /// Positions in `services`, sorted by (name, namespace): the short
-    /// forms `name.ns` and `name.ns.svc`, as in cluster DNS.
-    by_short_name: Box<[u32]>,
-    /// Workload address → position in `workloads`, sorted by address.
-    by_ipv4: Box<[(Ipv4Addr, u32)]>,
-    by_ipv6: Box<[(Ipv6Addr, u32)]>,
-    /// The workloads backing each service, one run per service hostname,
-    /// each run in uid order.
-    backends: Box<[Arc<Workload>]>,
-    /// Service hostname → its run in `backends` (start, length), sorted.
-    by_service: Box<[(Name, u32, u32)]>,
+    /// Services and their indexes, shared with the next snapshot while
+    /// no service changes.
+    services: Arc<ServiceIndex>,
+    /// Workloads and their indexes, edited in place of rebuilt when one
+    /// changes (`WorkloadIndex::upsert`).
+    workloads: WorkloadIndex,
     /// Every Authorization, sorted by name.
     pub policies: Box<[Arc<Policy>]>,
     /// The inbound policy of each of this pod's addresses, compiled
@@ -71,6 +62,37 @@ pub struct Snapshot {
     pub network: Name,
     /// East-west gateways into other networks, sorted by name.
     pub gateways: Box<[Arc<crate::network::Gateway>]>,
+}
+
+/// The services of the mesh, with the indexes by VIP and by name.
+#[derive(Debug, Default)]
+pub struct ServiceIndex {
+    /// Sorted by namespace and hostname.
+    services: Vec<Arc<Service>>,
+    /// (VIP, port, position in `services`), sorted.
+    by_vip: Box<[(IpAddr, u16, u32)]>,
+    /// Positions in `services`, sorted by hostname.
+    by_hostname: Box<[u32]>,
+    /// Positions in `services`, sorted by (name, namespace): the short
+    /// forms `name.ns` and `name.ns.svc`, as in cluster DNS.
+    by_short_name: Box<[u32]>,
+}
+
+/// The workloads of the mesh, with the indexes by address and by the
+/// services they back. Each is a sorted sequence in shared chunks, so an
+/// update edits a copy of the last snapshot's at the cost of the few
+/// chunks it touches.
+#[derive(Clone, Debug, Default)]
+pub struct WorkloadIndex {
+    /// Sorted by uid.
+    workloads: Chunked<Arc<Workload>>,
+    /// (address, workload), sorted by address, then uid. Two workloads may
+    /// claim one address for a moment (a pod IP reused before the old
+    /// pod's removal arrived): the one with the greater uid answers.
+    by_ipv4: Chunked<(Ipv4Addr, Arc<Workload>)>,
+    by_ipv6: Chunked<(Ipv6Addr, Arc<Workload>)>,
+    /// Service hostname → the workloads backing it, in uid order.
+    backends: Chunked<(Name, Arc<[Arc<Workload>]>)>,
 }
 
 /// Traffic policy as this pod sees it as a caller.
@@ -135,17 +157,11 @@ fn find<T>(entries: &[T], order: impl Fn(&T) -> std::cmp::Ordering) -> Option<&T
     entries.binary_search_by(order).ok().map(|at| &entries[at])
 }
 
-impl Snapshot {
-    pub fn build(
-        services: impl IntoIterator<Item = Arc<Service>>,
-        workloads: impl IntoIterator<Item = Arc<Workload>>,
-    ) -> Snapshot {
+impl ServiceIndex {
+    pub fn build(services: impl IntoIterator<Item = Arc<Service>>) -> ServiceIndex {
         let mut services: Vec<Arc<Service>> = services.into_iter().collect();
-        let mut workloads: Vec<Arc<Workload>> = workloads.into_iter().collect();
         // Usually sorted already (they come from ordered maps): then cheap.
         services.sort_by(|a, b| (&a.namespace, &a.hostname).cmp(&(&b.namespace, &b.hostname)));
-        workloads.sort_by(|a, b| a.uid.cmp(&b.uid));
-
         let mut vips = Vec::new();
         for (at, service) in services.iter().enumerate() {
             for vip in &service.vips {
@@ -168,44 +184,159 @@ impl Snapshot {
             let service = &services[at as usize];
             (&*service.name, &*service.namespace)
         });
-
-        let mut ipv4 = Vec::with_capacity(workloads.len());
-        let mut ipv6 = Vec::new();
-        let mut memberships: Vec<(&Name, u32)> = Vec::with_capacity(workloads.len());
-        for (at, workload) in workloads.iter().enumerate() {
-            for ip in workload.addresses() {
-                match ip {
-                    IpAddr::V4(ip) => ipv4.push((ip, position(at))),
-                    IpAddr::V6(ip) => ipv6.push((ip, position(at))),
-                }
-            }
-            for binding in &workload.profile.services {
-                memberships.push((&binding.hostname, position(at)));
-            }
-        }
-        let by_ipv4 = sorted_last_wins(ipv4, |&(ip, _)| ip);
-        let by_ipv6 = sorted_last_wins(ipv6, |&(ip, _)| ip);
-
-        // Stable: within a service, workloads stay in uid order.
-        memberships.sort_by(|a, b| a.0.cmp(b.0));
-        let mut backends = Vec::with_capacity(memberships.len());
-        let mut by_service: Vec<(Name, u32, u32)> = Vec::new();
-        for (hostname, at) in memberships {
-            match by_service.last_mut() {
-                Some(run) if run.0 == *hostname => run.2 += 1,
-                _ => by_service.push((hostname.clone(), position(backends.len()), 1)),
-            }
-            backends.push(workloads[at as usize].clone());
-        }
-
-        Snapshot {
+        ServiceIndex {
+            services,
             by_vip,
             by_hostname,
             by_short_name,
-            by_ipv4,
-            by_ipv6,
-            backends: backends.into_boxed_slice(),
-            by_service: by_service.into_boxed_slice(),
+        }
+    }
+}
+
+/// Orders an entry of `by_ipv4`/`by_ipv6` against (`ip`, `uid`).
+fn by_address<A: Ord>(entry: &(A, Arc<Workload>), ip: &A, uid: &str) -> std::cmp::Ordering {
+    entry.0.cmp(ip).then_with(|| (*entry.1.uid).cmp(uid))
+}
+
+impl WorkloadIndex {
+    pub fn build(workloads: impl IntoIterator<Item = Arc<Workload>>) -> WorkloadIndex {
+        let mut workloads: Vec<Arc<Workload>> = workloads.into_iter().collect();
+        workloads.sort_by(|a, b| a.uid.cmp(&b.uid));
+        // Among equal uids the last wins, as a map filled in order would
+        // (the sort is stable; `dedup_by` keeps the first of a run).
+        workloads.reverse();
+        workloads.dedup_by(|a, b| a.uid == b.uid);
+        workloads.reverse();
+        let mut ipv4 = Vec::with_capacity(workloads.len());
+        let mut ipv6 = Vec::new();
+        let mut memberships: Vec<(&Name, &Arc<Workload>)> = Vec::with_capacity(workloads.len());
+        for workload in &workloads {
+            for ip in workload.addresses() {
+                match ip {
+                    IpAddr::V4(ip) => ipv4.push((ip, workload.clone())),
+                    IpAddr::V6(ip) => ipv6.push((ip, workload.clone())),
+                }
+            }
+            for binding in &workload.profile.services {
+                memberships.push((&binding.hostname, workload));
+            }
+        }
+        // Stable: within an address and a service, workloads stay in uid order.
+        ipv4.sort_by_key(|entry| entry.0);
+        ipv6.sort_by_key(|entry| entry.0);
+        memberships.sort_by(|a, b| a.0.cmp(b.0));
+        let mut backends: Vec<(Name, Arc<[Arc<Workload>]>)> = Vec::new();
+        for run in memberships.chunk_by(|a, b| a.0 == b.0) {
+            let members: Vec<Arc<Workload>> = run.iter().map(|(_, w)| (*w).clone()).collect();
+            backends.push((run[0].0.clone(), members.into()));
+        }
+        WorkloadIndex {
+            workloads: Chunked::from_sorted(workloads),
+            by_ipv4: Chunked::from_sorted(ipv4),
+            by_ipv6: Chunked::from_sorted(ipv6),
+            backends: Chunked::from_sorted(backends),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.workloads.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.workloads.is_empty()
+    }
+
+    /// Adds `workload`, or replaces the one with its uid.
+    pub fn upsert(&mut self, workload: Arc<Workload>) {
+        let old = self.detach(&workload.uid);
+        self.workloads
+            .insert(workload.clone(), |w| (*w.uid).cmp(&*workload.uid));
+        for ip in workload.addresses() {
+            match ip {
+                IpAddr::V4(ip) => self.by_ipv4.insert((ip, workload.clone()), |e| {
+                    by_address(e, &ip, &workload.uid)
+                }),
+                IpAddr::V6(ip) => self.by_ipv6.insert((ip, workload.clone()), |e| {
+                    by_address(e, &ip, &workload.uid)
+                }),
+            }
+        }
+        self.rebind(old.as_deref(), Some(&workload));
+    }
+
+    /// Removes the workload with `uid`, if there is one.
+    pub fn remove(&mut self, uid: &str) {
+        let old = self.detach(uid);
+        self.rebind(old.as_deref(), None);
+    }
+
+    /// Takes the workload with `uid` out of the uid and address indexes.
+    fn detach(&mut self, uid: &str) -> Option<Arc<Workload>> {
+        let old = self.workloads.find(|w| (*w.uid).cmp(uid))?.clone();
+        self.workloads.remove(|w| (*w.uid).cmp(uid));
+        for ip in old.addresses() {
+            match ip {
+                IpAddr::V4(ip) => self.by_ipv4.remove(|e| by_address(e, &ip, uid)),
+                IpAddr::V6(ip) => self.by_ipv6.remove(|e| by_address(e, &ip, uid)),
+            };
+        }
+        Some(old)
+    }
+
+    /// Updates the backends of every service `old` or `new` (one
+    /// workload, before and after) backs.
+    fn rebind(&mut self, old: Option<&Workload>, new: Option<&Arc<Workload>>) {
+        let Some(uid) = old.or(new.map(|w| &**w)).map(|w| w.uid.clone()) else {
+            return;
+        };
+        let mut hostnames: Vec<&Name> = old
+            .into_iter()
+            .chain(new.map(|w| &**w))
+            .flat_map(|w| w.profile.services.iter().map(|b| &b.hostname))
+            .collect();
+        hostnames.sort();
+        hostnames.dedup();
+        for hostname in hostnames {
+            let by_host = |entry: &(Name, Arc<[Arc<Workload>]>)| entry.0.cmp(hostname);
+            let mut members: Vec<Arc<Workload>> = self
+                .backends
+                .find(by_host)
+                .map(|(_, members)| members.iter().filter(|w| w.uid != uid).cloned().collect())
+                .unwrap_or_default();
+            if let Some(new) = new {
+                let at = members.partition_point(|w| w.uid <= new.uid);
+                for _ in new
+                    .profile
+                    .services
+                    .iter()
+                    .filter(|b| b.hostname == *hostname)
+                {
+                    members.insert(at, new.clone());
+                }
+            }
+            self.backends.remove(by_host);
+            if !members.is_empty() {
+                self.backends
+                    .insert((hostname.clone(), members.into()), by_host);
+            }
+        }
+    }
+}
+
+impl Snapshot {
+    pub fn build(
+        services: impl IntoIterator<Item = Arc<Service>>,
+        workloads: impl IntoIterator<Item = Arc<Workload>>,
+    ) -> Snapshot {
+        Snapshot::of(
+            Arc::new(ServiceIndex::build(services)),
+            WorkloadIndex::build(workloads),
+        )
+    }
+
+    /// A snapshot of these services and workloads, without policy.
+    pub fn of(services: Arc<ServiceIndex>, workloads: WorkloadIndex) -> Snapshot {
+        Snapshot {
             services,
             workloads,
             policies: Box::default(),
@@ -214,6 +345,20 @@ impl Snapshot {
             network: Name::from(""),
             gateways: Box::default(),
         }
+    }
+
+    /// Every service, sorted by namespace and hostname.
+    pub fn services(&self) -> &[Arc<Service>] {
+        &self.services.services
+    }
+
+    /// Every workload, in uid order.
+    pub fn workloads(&self) -> impl Iterator<Item = &Arc<Workload>> {
+        self.workloads.workloads.iter()
+    }
+
+    pub fn workload_count(&self) -> usize {
+        self.workloads.len()
     }
 
     /// The workload of the pod at `local`, once the mesh shows it.
@@ -366,16 +511,18 @@ impl Snapshot {
 
     pub fn service_by_vip(&self, addr: SocketAddr) -> Option<&Arc<Service>> {
         let wanted = (addr.ip(), addr.port());
-        find(&self.by_vip, |&(ip, port, _)| (ip, port).cmp(&wanted))
-            .map(|&(_, _, at)| &self.services[at as usize])
+        let index = &*self.services;
+        find(&index.by_vip, |&(ip, port, _)| (ip, port).cmp(&wanted))
+            .map(|&(_, _, at)| &index.services[at as usize])
     }
 
     /// A mesh hostname: full (`name.ns.svc.cluster.local`) or short
     /// (`name.ns`, `name.ns.svc`).
     pub fn service_by_host(&self, host: &str) -> Option<&Arc<Service>> {
         let host = host.trim_end_matches('.');
-        let service = |&at: &u32| &self.services[at as usize];
-        if let Some(found) = find(&self.by_hostname, |at| (*service(at).hostname).cmp(host)) {
+        let index = &*self.services;
+        let service = |&at: &u32| &index.services[at as usize];
+        if let Some(found) = find(&index.by_hostname, |at| (*service(at).hostname).cmp(host)) {
             return Some(service(found));
         }
         // Names and namespaces are DNS labels: no dots inside either.
@@ -384,7 +531,7 @@ impl Snapshot {
         if namespace.contains('.') {
             return None;
         }
-        find(&self.by_short_name, |at| {
+        find(&index.by_short_name, |at| {
             (&*service(at).name, &*service(at).namespace).cmp(&(name, namespace))
         })
         .map(service)
@@ -399,24 +546,31 @@ impl Snapshot {
     }
 
     pub fn workload(&self, uid: &str) -> Option<&Arc<Workload>> {
-        find(&self.workloads, |w| (*w.uid).cmp(uid))
+        self.workloads.workloads.find(|w| (*w.uid).cmp(uid))
     }
 
     pub fn workload_by_ip(&self, ip: IpAddr) -> Option<&Arc<Workload>> {
-        let at = match ip {
-            IpAddr::V4(ip) => find(&self.by_ipv4, |(at, _)| at.cmp(&ip)).map(|&(_, at)| at),
-            IpAddr::V6(ip) => find(&self.by_ipv6, |(at, _)| at.cmp(&ip)).map(|&(_, at)| at),
-        }?;
-        Some(&self.workloads[at as usize])
+        match ip {
+            IpAddr::V4(ip) => self
+                .workloads
+                .by_ipv4
+                .last_equal(|(at, _)| at.cmp(&ip))
+                .map(|(_, w)| w),
+            IpAddr::V6(ip) => self
+                .workloads
+                .by_ipv6
+                .last_equal(|(at, _)| at.cmp(&ip))
+                .map(|(_, w)| w),
+        }
     }
 
     /// The workloads backing a service, in every cluster.
     pub fn endpoints(&self, service: &Service) -> &[Arc<Workload>] {
-        find(&self.by_service, |(hostname, _, _)| {
-            hostname.cmp(&service.hostname)
-        })
-        .map(|&(_, start, len)| &self.backends[start as usize..(start + len) as usize])
-        .unwrap_or_default()
+        self.workloads
+            .backends
+            .find(|(hostname, _)| hostname.cmp(&service.hostname))
+            .map(|(_, members)| &members[..])
+            .unwrap_or_default()
     }
 }
 
@@ -502,6 +656,102 @@ mod tests {
         );
     }
 
+    /// What an index holds, in its order: uids, (address, uid) and
+    /// (hostname, uids), to compare two indexes entry by entry.
+    #[allow(clippy::type_complexity)]
+    fn contents(
+        index: &WorkloadIndex,
+    ) -> (
+        Vec<String>,
+        Vec<(IpAddr, String)>,
+        Vec<(String, Vec<String>)>,
+    ) {
+        let uids = index.workloads.iter().map(|w| w.uid.to_string()).collect();
+        let addresses = index
+            .by_ipv4
+            .iter()
+            .map(|(ip, w)| (IpAddr::V4(*ip), w.uid.to_string()))
+            .chain(
+                index
+                    .by_ipv6
+                    .iter()
+                    .map(|(ip, w)| (IpAddr::V6(*ip), w.uid.to_string())),
+            )
+            .collect();
+        let backends = index
+            .backends
+            .iter()
+            .map(|(host, members)| {
+                let uids = members.iter().map(|w| w.uid.to_string()).collect();
+                (host.to_string(), uids)
+            })
+            .collect();
+        (uids, addresses, backends)
+    }
+
+    /// An index edited one workload at a time holds exactly what one
+    /// built whole from the same workloads holds: pods added in any
+    /// order, replaced by versions on other addresses and other
+    /// services, sharing addresses, and removed.
+    #[test]
+    fn an_edited_index_holds_what_a_rebuilt_one_holds() {
+        let names = &mut Interner::default();
+        let pod = |n: u16, version: u16, names: &mut Interner| {
+            // Pairs share an address; a new version may move.
+            let ip = [10, 1, (version % 3) as u8, (n / 2) as u8];
+            let mut w = workload_message(&format!("c1/demo/pod-{n:03}"), ip);
+            if (n + version).is_multiple_of(4) {
+                let mut v6 = vec![0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+                v6.extend_from_slice(&n.to_be_bytes());
+                w.addresses.push(v6);
+            }
+            w.services = (0..1 + (n + version) % 3)
+                .map(|k| {
+                    let m = (n + k * 7 + version) % 9;
+                    testing_binding(&format!("svc-{m}.demo.svc.cluster.local"))
+                })
+                .collect();
+            Arc::new(workload(w, names))
+        };
+        let mut edited = WorkloadIndex::default();
+        let mut current: std::collections::BTreeMap<u16, Arc<Workload>> = Default::default();
+        let mut seed = 11u64;
+        let mut next = |bound: u64| {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (seed >> 33) % bound
+        };
+        for step in 0..3000u16 {
+            let n = next(300) as u16;
+            if next(4) == 0 {
+                edited.remove(&format!("c1/demo/pod-{n:03}"));
+                current.remove(&n);
+            } else {
+                let w = pod(n, step, names);
+                edited.upsert(w.clone());
+                current.insert(n, w);
+            }
+            if step % 500 == 499 {
+                let rebuilt = WorkloadIndex::build(current.values().cloned());
+                assert_eq!(contents(&edited), contents(&rebuilt), "after {step} edits");
+            }
+        }
+        assert!(
+            current.len() > 150,
+            "the mesh stayed large: {}",
+            current.len()
+        );
+        let snapshot = Snapshot::of(Arc::default(), edited);
+        for w in current.values() {
+            assert!(std::ptr::eq(&**snapshot.workload(&w.uid).unwrap(), &**w));
+        }
+    }
+
+    fn testing_binding(hostname: &str) -> mesh::ServiceBinding {
+        weft_xds_proto::testing::binding("demo", hostname, &[(80, 8080)])
+    }
+
     /// The sorted indexes answer as maps filled in the same order would:
     /// over a mesh with shared VIPs, reused pod addresses, IPv6 and pods
     /// backing several services, every lookup is checked against a map.
@@ -553,7 +803,7 @@ mod tests {
 
         let mut by_vip = HashMap::new();
         let mut by_host = HashMap::new();
-        for service in &snapshot.services {
+        for service in snapshot.services() {
             for vip in &service.vips {
                 for port in &service.ports {
                     by_vip.insert(
@@ -569,7 +819,7 @@ mod tests {
         }
         let mut by_ip = HashMap::new();
         let mut by_service: HashMap<String, Vec<Name>> = HashMap::new();
-        for workload in &snapshot.workloads {
+        for workload in snapshot.workloads() {
             for ip in workload.addresses() {
                 by_ip.insert(ip, workload.uid.clone());
             }
@@ -622,7 +872,7 @@ mod tests {
                 .workload_by_ip("fd00::ffff".parse().unwrap())
                 .is_none()
         );
-        for service in &snapshot.services {
+        for service in snapshot.services() {
             let found: Vec<&Name> = snapshot.endpoints(service).iter().map(|w| &w.uid).collect();
             let expected: Vec<&Name> = by_service
                 .get(&*service.hostname)
@@ -630,7 +880,7 @@ mod tests {
                 .unwrap_or_default();
             assert_eq!(found, expected, "{}", service.hostname);
         }
-        for workload in &snapshot.workloads {
+        for workload in snapshot.workloads() {
             assert_eq!(
                 snapshot.workload(&workload.uid).map(|w| &w.uid),
                 Some(&workload.uid)

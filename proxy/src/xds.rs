@@ -24,7 +24,7 @@ use crate::authorization::{self, Policy};
 use crate::network::{self, Gateway};
 use crate::resources::{self, Interner, InvalidResource, Service, Workload};
 use crate::routes::{self, Destination, RouteSet};
-use crate::state::{Local, Snapshot, Traffic};
+use crate::state::{Local, ServiceIndex, Snapshot, Traffic, WorkloadIndex};
 
 /// The resource types a proxy subscribes to, in the order it asks.
 pub const TYPES: [&str; 6] = type_url::ALL;
@@ -91,6 +91,12 @@ pub struct Resources {
     /// nor the caller changes, so a pod update does not recompile every
     /// host's routes.
     traffic: std::sync::Mutex<Option<Arc<Traffic>>>,
+    /// The services' indexes as last built: reused until a service
+    /// changes.
+    service_index: std::sync::Mutex<Option<Arc<ServiceIndex>>>,
+    /// The workloads' indexes, edited as each update arrives: a pod's
+    /// change costs the few chunks it touches, not a rebuild.
+    workload_index: WorkloadIndex,
     /// The types a complete answer has been received for.
     seen: [bool; 6],
 }
@@ -100,34 +106,52 @@ impl Resources {
     /// not at all: everything is decoded before anything changes.
     pub fn apply(&mut self, response: &DeltaDiscoveryResponse) -> Result<(), InvalidResource> {
         match response.type_url.as_str() {
-            type_url::SERVICE => apply_typed(
-                &mut self.services,
-                &mut self.names,
-                response,
-                resources::decode_service,
-            )?,
-            type_url::WORKLOAD => apply_typed(
-                &mut self.workloads,
-                &mut self.names,
-                response,
-                resources::decode_workload,
-            )?,
-            type_url::AUTHORIZATION => apply_typed(
-                &mut self.authorizations,
-                &mut self.names,
-                response,
-                authorization::decode,
-            )?,
+            type_url::SERVICE => {
+                apply_typed(
+                    &mut self.services,
+                    &mut self.names,
+                    response,
+                    resources::decode_service,
+                )?;
+                *self
+                    .service_index
+                    .get_mut()
+                    .unwrap_or_else(|p| p.into_inner()) = None;
+            }
+            type_url::WORKLOAD => {
+                let upserted = apply_typed(
+                    &mut self.workloads,
+                    &mut self.names,
+                    response,
+                    resources::decode_workload,
+                )?;
+                for workload in upserted {
+                    self.workload_index.upsert(workload);
+                }
+                for uid in &response.removed_resources {
+                    self.workload_index.remove(uid);
+                }
+            }
+            type_url::AUTHORIZATION => {
+                apply_typed(
+                    &mut self.authorizations,
+                    &mut self.names,
+                    response,
+                    authorization::decode,
+                )?;
+            }
             type_url::ROUTE_SET | type_url::DESTINATION_POLICY => {
                 self.traffic = Default::default();
                 self.apply_traffic(response)?
             }
-            type_url::NETWORK_GATEWAY => apply_typed(
-                &mut self.gateways,
-                &mut self.names,
-                response,
-                network::decode_gateway,
-            )?,
+            type_url::NETWORK_GATEWAY => {
+                apply_typed(
+                    &mut self.gateways,
+                    &mut self.names,
+                    response,
+                    network::decode_gateway,
+                )?;
+            }
             other => {
                 return Err(InvalidResource::Field {
                     name: other.to_string(),
@@ -144,18 +168,22 @@ impl Resources {
 
     fn apply_traffic(&mut self, response: &DeltaDiscoveryResponse) -> Result<(), InvalidResource> {
         match response.type_url.as_str() {
-            type_url::ROUTE_SET => apply_typed(
-                &mut self.route_sets,
-                &mut self.names,
-                response,
-                routes::decode_route_set,
-            )?,
-            _ => apply_typed(
-                &mut self.destinations,
-                &mut self.names,
-                response,
-                routes::decode_destination,
-            )?,
+            type_url::ROUTE_SET => {
+                apply_typed(
+                    &mut self.route_sets,
+                    &mut self.names,
+                    response,
+                    routes::decode_route_set,
+                )?;
+            }
+            _ => {
+                apply_typed(
+                    &mut self.destinations,
+                    &mut self.names,
+                    response,
+                    routes::decode_destination,
+                )?;
+            }
         }
         Ok(())
     }
@@ -163,11 +191,14 @@ impl Resources {
     /// The snapshot of everything held, with the inbound policy of the
     /// pod at `local`.
     pub fn snapshot(&self, local: &Local) -> Snapshot {
-        let snapshot = Snapshot::build(
-            self.services.values().cloned(),
-            self.workloads.values().cloned(),
-        )
-        .with_policies(self.authorizations.values().cloned(), local);
+        let services = self
+            .service_index
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_or_insert_with(|| Arc::new(ServiceIndex::build(self.services.values().cloned())))
+            .clone();
+        let snapshot = Snapshot::of(services, self.workload_index.clone())
+            .with_policies(self.authorizations.values().cloned(), local);
         let caller = snapshot.caller(local);
         let mut cached = self.traffic.lock().unwrap_or_else(|p| p.into_inner());
         let traffic = match cached.as_ref() {
@@ -388,7 +419,7 @@ fn apply_typed<T: Named>(
     names: &mut Interner,
     response: &DeltaDiscoveryResponse,
     decode: fn(&str, &[u8], &mut Interner) -> Result<T, InvalidResource>,
-) -> Result<(), InvalidResource> {
+) -> Result<Vec<Arc<T>>, InvalidResource> {
     let decoded = response
         .resources
         .iter()
@@ -402,8 +433,9 @@ fn apply_typed<T: Named>(
             Ok((Version::parse(&r.version), Arc::new(resource)))
         })
         .collect::<Result<Vec<_>, InvalidResource>>()?;
+    let upserted = decoded.iter().map(|(_, r)| r.clone()).collect();
     held.update(decoded, &response.removed_resources);
-    Ok(())
+    Ok(upserted)
 }
 
 /// Backoff between reconnects: doubling from `base` up to `max`, each wait
