@@ -425,7 +425,8 @@ async fn drive(options: &Options, command: &str) -> Result<Outcome> {
          | control plane RSS: synced, no proxies / after proxies synced / end / peak | {r1:.1} / {r2:.1} / {r3:.1} / {r4:.1} MiB |\n\
          | clusters populated (lab API servers) | {populated:.1} s |\n\
          | control plane synced all clusters | {control_synced:.1} s |\n\
-         | initial sync of {total} workloads to {proxies} proxies | {initial:.1} s |\n\n\
+         | control plane memory per proxy (RSS after the proxies synced, less before them, per proxy) | {per_proxy:.0} KiB (istiod: about 1,300 KiB, 25,000 sidecars per 32 GB) |\n\
+         | initial sync of {total} workloads to {proxies} proxies | {initial:.1} s (efficiency issue's target: 3 s for 15,000 to 1,000) |\n\n\
          **Targets:** p99 change-to-all-proxies under {tp99} ms: **{v1}** ({a2:.1} ms); \
          control plane memory under {trss} MB: **{v2}** (peak {r4:.1} MiB).\n",
         clusters = options.clusters,
@@ -445,6 +446,9 @@ async fn drive(options: &Options, command: &str) -> Result<Outcome> {
         r2 = mib(rss_after_sync),
         r3 = mib(rss_end),
         r4 = mib(rss_peak),
+        per_proxy = rss_after_sync.saturating_sub(rss_synced) as f64
+            / 1024.0
+            / options.proxies.max(1) as f64,
         populated = populated.as_secs_f64(),
         control_synced = control_synced.as_secs_f64(),
         total = total,
