@@ -27,7 +27,7 @@ use cluster_data::{ClusterData, Touched};
 pub use clusterset::{ExportStatus, ServiceImportView};
 pub use network::{GatewayView, health_name};
 pub use policy::PolicyStatus;
-pub use table::{Entry, Table};
+pub use table::{Entry, Table, resource_version};
 pub use translate::ip_bytes;
 use vips::VipPool;
 

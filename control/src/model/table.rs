@@ -24,6 +24,21 @@ pub struct Entry {
     pub version: u64,
     /// The encoded resource, or `None` once removed.
     pub body: Option<Bytes>,
+    /// The body's version as proxies see it (`resource_version`), worked
+    /// out once here rather than for each proxy it is sent to.
+    pub body_version: String,
+}
+
+/// A resource's version as proxies see it: a hash of its content, so that
+/// it means the same thing to every control plane process. A counter would
+/// restart with the process, and a proxy reconnecting to the new one could
+/// hold different content under a version that now names something else.
+pub fn resource_version(body: &[u8]) -> String {
+    use std::hash::Hasher;
+    // Fixed keys: the same content hashes the same in every process.
+    let mut hasher = std::hash::DefaultHasher::new();
+    hasher.write(body);
+    format!("{:016x}", hasher.finish())
 }
 
 /// How many removals to remember for proxies that reconnect or lag.
@@ -48,8 +63,15 @@ impl Table {
             self.tombstones += 1;
         }
         self.log.insert((version, name.to_string()));
-        self.entries
-            .insert(name.to_string(), Entry { version, body });
+        let body_version = body.as_deref().map(resource_version).unwrap_or_default();
+        self.entries.insert(
+            name.to_string(),
+            Entry {
+                version,
+                body,
+                body_version,
+            },
+        );
         if self.tombstones > TOMBSTONE_LIMIT {
             self.compact();
         }

@@ -49,18 +49,6 @@ pub fn services_wait(subscriptions: &[&Subscription]) -> bool {
         .any(|s| s.type_url == weft_xds_proto::type_url::WORKLOAD && s.awaiting_answer())
 }
 
-/// A resource's version as proxies see it: a hash of its content, so that
-/// it means the same thing to every control plane process. A counter would
-/// restart with the process, and a proxy reconnecting to the new one could
-/// hold different content under a version that now names something else.
-pub fn resource_version(body: &[u8]) -> String {
-    use std::hash::Hasher;
-    // Fixed keys: the same content hashes the same in every process.
-    let mut hasher = std::hash::DefaultHasher::new();
-    hasher.write(body);
-    format!("{:016x}", hasher.finish())
-}
-
 impl Subscription {
     /// A subscription at model `version`. `known` is what the proxy says it
     /// has (name → version): empty for a fresh proxy, which is sent the
@@ -91,7 +79,7 @@ impl Subscription {
         let mut differing: Vec<&String> = table
             .live()
             .filter(|(name, entry)| {
-                entry.body.as_ref().map(|b| resource_version(b)).as_ref() != known.get(*name)
+                entry.body.is_some() && Some(&entry.body_version) != known.get(*name)
             })
             .map(|(name, _)| name)
             .collect();
@@ -223,28 +211,34 @@ impl Subscription {
         response: &mut DeltaDiscoveryResponse,
     ) -> Option<(Bound<(u64, String)>, u64)> {
         let room = CHUNK.saturating_sub(size(response));
-        let mut next = Some((start.clone(), upto));
+        // The last entry taken, named once the pass stops rather than
+        // after each entry.
+        let mut last: Option<(u64, &String)> = None;
+        let resume = |last: Option<(u64, &String)>| match last {
+            Some((version, name)) => Some((Bound::Excluded((version, name.clone())), upto)),
+            None => Some((start.clone(), upto)),
+        };
         let mut taken = 0;
-        for (version, name, entry) in table.log_from(start) {
+        for (version, name, entry) in table.log_from(start.clone()) {
             if version > upto {
                 return None;
             }
             if taken == room {
-                return next;
+                return resume(last);
             }
             self.add(name, Some(entry), response);
             taken += 1;
-            next = Some((Bound::Excluded((version, name.clone())), upto));
+            last = Some((version, name));
         }
         // The log ran out: the pass is complete.
-        if taken < room { None } else { next }
+        if taken < room { None } else { resume(last) }
     }
 
     fn add(&self, name: &str, entry: Option<&Entry>, response: &mut DeltaDiscoveryResponse) {
-        match entry.and_then(|e| e.body.as_ref()) {
-            Some(body) => response.resources.push(Resource {
+        match entry.and_then(|e| Some((e.body.as_ref()?, &e.body_version))) {
+            Some((body, version)) => response.resources.push(Resource {
                 name: name.to_string(),
-                version: resource_version(body),
+                version: version.clone(),
                 resource: Some(prost_types::Any {
                     type_url: self.type_url.to_string(),
                     value: body.to_vec(),
@@ -267,6 +261,7 @@ mod tests {
     use weft_xds_proto::type_url::WORKLOAD;
 
     use super::*;
+    use crate::model::resource_version;
 
     fn table(entries: &[(&str, Option<&'static [u8]>, u64)]) -> Table {
         let mut table = Table::default();
