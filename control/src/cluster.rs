@@ -803,7 +803,10 @@ where
                 continue;
             }
         };
-        if event.is_ok() {
+        // `Init` comes before the list it announces (kube's watcher says
+        // it even when that list then fails): only what a list or a
+        // watch brought shows that the kind is served and the watch works.
+        if matches!(&event, Ok(e) if !matches!(e, watcher::Event::Init)) {
             failing = false;
             absent = false;
         }
@@ -828,12 +831,17 @@ where
             Ok(watcher::Event::Delete(object)) => {
                 ctx.send(Change::Object(kind, key_of(&object), None))
             }
+            // Said and applied once: each retry sending the empty set
+            // again was a model update a second per absent kind, each one
+            // holding back the debounced push of real changes.
             Err(err) if type_absent(&err, ctx.forbidden_is_empty) => {
-                if !absent {
+                if absent {
+                    true
+                } else {
                     tracing::warn!(cluster = %ctx.cluster, ?kind, %err, "this kind is not served (CRD not installed?) or may not be read (a remote secret from an older weftctl?): taking it as empty");
                     absent = true;
+                    ctx.send(Change::Reset(kind, Vec::new()))
                 }
-                ctx.send(Change::Reset(kind, Vec::new()))
             }
             Err(err) => {
                 tracing::debug!(cluster = %ctx.cluster, ?kind, %err, "watch failed; retrying");
@@ -851,6 +859,40 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A kind whose CRD is not installed is taken as empty once: the
+    /// watcher's retries (each announced by an `Init` before its list
+    /// fails) neither say it again nor send the model the same empty set.
+    #[tokio::test]
+    async fn an_absent_kind_is_said_and_applied_once_not_at_every_retry() {
+        let server = weft_apiserver::ApiServer::start(Default::default())
+            .await
+            .expect("an API server");
+        let client = weft_apiserver::client_for(server.kubeconfig())
+            .await
+            .expect("a client");
+        let (updates, mut received) = mpsc::unbounded_channel();
+        let handles = spawn_policy_watchers(client, "c1".into(), "cluster.local".into(), updates);
+        // kube's watcher retries after 0.8 s, then backs off: 3 s sees
+        // two or three attempts for every kind.
+        tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+        for handle in handles {
+            handle.abort();
+        }
+        let mut resets: BTreeMap<String, usize> = BTreeMap::new();
+        while let Ok(update) = received.try_recv() {
+            match update.change {
+                Change::Reset(kind, objects) => {
+                    assert!(objects.is_empty(), "{kind:?}: nothing is served");
+                    *resets.entry(format!("{kind:?}")).or_default() += 1;
+                }
+                Change::Error(kind, err) => panic!("{kind:?} failed instead: {err}"),
+                _ => {}
+            }
+        }
+        assert_eq!(resets.len(), 6, "every policy kind: {resets:?}");
+        assert!(resets.values().all(|n| *n == 1), "once each: {resets:?}");
+    }
 
     fn failed(code: u16) -> watcher::Error {
         let status: kube::core::Status = serde_json::from_value(

@@ -145,7 +145,7 @@ enum Scenario {
         proxies_per_connection: usize,
         #[arg(long, default_value_t = 40)]
         changes: usize,
-        #[arg(long, default_value_t = 250.0)]
+        #[arg(long, default_value_t = 150.0)]
         target_p99_ms: f64,
         #[arg(long, default_value_t = 300.0)]
         target_rss_mb: f64,
