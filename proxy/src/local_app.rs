@@ -21,7 +21,7 @@ use bytes::Bytes;
 use http::header::HeaderValue;
 use http::{Request, Response, StatusCode, Version};
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
+use hyper::body::{Body as _, Incoming};
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
@@ -83,9 +83,27 @@ pub enum Undelivered {
     Unreachable,
     /// The app took the request but gave no answer.
     NoAnswer,
+    /// The app closed the connection without answering a request that
+    /// may be sent again (idempotent, no body): most often a keep-alive
+    /// connection it closed as it shut down, just as the request went
+    /// out on it. The caller's sidecar may send it to another endpoint.
+    Dropped,
 }
 
 impl Undelivered {
+    /// Why a request got no answer from the app: it could not be
+    /// connected to, or it dropped the request, which the caller may send
+    /// elsewhere only if it is `replayable`.
+    fn unanswered(connect_failed: bool, replayable: bool) -> Undelivered {
+        if connect_failed {
+            Undelivered::Unreachable
+        } else if replayable {
+            Undelivered::Dropped
+        } else {
+            Undelivered::NoAnswer
+        }
+    }
+
     /// The caller's answer: weft's own error, with `x-weft-not-delivered`
     /// when the request may safely go elsewhere.
     pub fn respond(self) -> Response<Body> {
@@ -102,9 +120,13 @@ impl Undelivered {
             Undelivered::Unreachable | Undelivered::NoAnswer => {
                 (StatusCode::BAD_GATEWAY, "the application did not answer")
             }
+            Undelivered::Dropped => (
+                StatusCode::BAD_GATEWAY,
+                "the application closed the connection without answering",
+            ),
         };
         let mut response = error(code, reason);
-        if self == Undelivered::Unreachable {
+        if matches!(self, Undelivered::Unreachable | Undelivered::Dropped) {
             response
                 .headers_mut()
                 .insert(NOT_DELIVERED, HeaderValue::from_static("1"));
@@ -486,6 +508,7 @@ impl LocalApp {
             .map(|a| a.as_str().to_string())
             .unwrap_or_else(|| target.to_string());
         let uri = absolute(&authority, &parts).ok_or(Undelivered::BadAuthority)?;
+        let replayable = crate::http::idempotent(&parts.method) && body.is_end_stream();
         let version = if http2 {
             Version::HTTP_2
         } else {
@@ -500,11 +523,7 @@ impl LocalApp {
             }
             Err(err) => {
                 tracing::debug!(%target, "the application did not answer: {err:#}");
-                Err(if err.is_connect() {
-                    Undelivered::Unreachable
-                } else {
-                    Undelivered::NoAnswer
-                })
+                Err(Undelivered::unanswered(err.is_connect(), replayable))
             }
         }
     }
@@ -550,6 +569,7 @@ mod tests {
             (Undelivered::BadAuthority, 400, false),
             (Undelivered::Unreachable, 502, true),
             (Undelivered::NoAnswer, 502, false),
+            (Undelivered::Dropped, 502, true),
         ];
         for (refusal, code, elsewhere) in table {
             let response = refusal.respond();
@@ -564,6 +584,24 @@ mod tests {
                 "{refusal:?}"
             );
         }
+    }
+
+    #[test]
+    fn only_a_dropped_request_that_may_be_sent_again_goes_elsewhere() {
+        assert_eq!(
+            Undelivered::unanswered(true, false),
+            Undelivered::Unreachable
+        );
+        assert_eq!(
+            Undelivered::unanswered(true, true),
+            Undelivered::Unreachable
+        );
+        assert_eq!(Undelivered::unanswered(false, true), Undelivered::Dropped);
+        assert_eq!(
+            Undelivered::unanswered(false, false),
+            Undelivered::NoAnswer,
+            "a POST, or a request with a body, may have been acted on"
+        );
     }
 
     #[test]
