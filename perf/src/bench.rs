@@ -1549,16 +1549,23 @@ fn render(
     md += &where_cpu_goes(options.rates[0], results);
     if !results.grpc.is_empty() {
         md += &format!(
-            "\n## gRPC unary at {} req/s\n\n| scenario | p50 ms | p99 ms | p99.9 ms | errors |\n|---|---|---|---|---|\n",
+            "\n## gRPC unary at {} req/s\n\n| scenario | p50 ms | p99 ms | p99.9 ms | added p50 ms | added p99 ms | errors |\n|---|---|---|---|---|---|---|\n",
             options.rates[0]
         );
+        let direct = results.grpc.get("direct").map(|r| &r.summary);
         for (name, run) in &results.grpc {
             let s = &run.summary;
+            let added = |of: fn(&Summary) -> f64| match direct {
+                Some(d) if name != "direct" => format!("{:.3}", of(s) - of(d)),
+                _ => String::new(),
+            };
             md += &format!(
-                "| {name} | {:.3} | {:.3} | {:.3} | {} |\n",
+                "| {name} | {:.3} | {:.3} | {:.3} | {} | {} | {} |\n",
                 s.p50_ms,
                 s.p99_ms,
                 s.p999_ms,
+                added(|s| s.p50_ms),
+                added(|s| s.p99_ms),
                 errors(s)
             );
         }
