@@ -249,6 +249,8 @@ async fn drive(options: &Options, command: &str) -> Result<Outcome> {
             &monitoring.to_string(),
         ])
         .env("RUST_LOG", "warn")
+        // Its log on standard error: standard output is the report.
+        .stdout(std::io::stderr())
         .kill_on_drop(true)
         .spawn()
         .context("starting weft-control")?;
