@@ -103,24 +103,20 @@ impl<T: Clone> Chunked<T> {
         }
     }
 
-    /// Removes one entry equal to the one wanted; whether there was one.
-    pub fn remove(&mut self, order: impl Fn(&T) -> Ordering) -> bool {
+    /// Removes one entry equal to the one wanted, and gives it back.
+    pub fn remove(&mut self, order: impl Fn(&T) -> Ordering) -> Option<T> {
         let at = self.chunk_for(&order);
-        let Some(chunk) = self.chunks.get(at) else {
-            return false;
-        };
-        let Ok(position) = chunk.binary_search_by(&order) else {
-            return false;
-        };
+        let chunk = self.chunks.get(at)?;
+        let position = chunk.binary_search_by(&order).ok()?;
         let mut entries = chunk.to_vec();
-        entries.remove(position);
+        let removed = entries.remove(position);
         self.len -= 1;
         if entries.is_empty() {
             self.chunks.remove(at);
         } else {
             self.chunks[at] = Arc::from(entries);
         }
-        true
+        Some(removed)
     }
 }
 
@@ -148,7 +144,7 @@ mod tests {
             if next() % 3 == 0 {
                 let found = model.iter().position(|e| e.0 == key);
                 let removed = chunked.remove(|e| e.0.cmp(&key));
-                assert_eq!(removed, found.is_some());
+                assert_eq!(removed, found.map(|at| model[at]));
                 if let Some(at) = found {
                     model.remove(at);
                 }
@@ -157,7 +153,7 @@ mod tests {
                 // replaced.
                 if let Some(at) = model.iter().position(|e| e.0 == key) {
                     model.remove(at);
-                    assert!(chunked.remove(|e| e.0.cmp(&key)));
+                    assert!(chunked.remove(|e| e.0.cmp(&key)).is_some());
                 }
                 let entry = (key, step);
                 let at = model.partition_point(|e| e.0 <= key);

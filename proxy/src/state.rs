@@ -272,13 +272,12 @@ impl WorkloadIndex {
 
     /// Takes the workload with `uid` out of the uid and address indexes.
     fn detach(&mut self, uid: &str) -> Option<Arc<Workload>> {
-        let old = self.workloads.find(|w| (*w.uid).cmp(uid))?.clone();
-        self.workloads.remove(|w| (*w.uid).cmp(uid));
+        let old = self.workloads.remove(|w| (*w.uid).cmp(uid))?;
         for ip in old.addresses() {
             match ip {
-                IpAddr::V4(ip) => self.by_ipv4.remove(|e| by_address(e, &ip, uid)),
-                IpAddr::V6(ip) => self.by_ipv6.remove(|e| by_address(e, &ip, uid)),
-            };
+                IpAddr::V4(ip) => drop(self.by_ipv4.remove(|e| by_address(e, &ip, uid))),
+                IpAddr::V6(ip) => drop(self.by_ipv6.remove(|e| by_address(e, &ip, uid))),
+            }
         }
         Some(old)
     }
@@ -300,7 +299,7 @@ impl WorkloadIndex {
             let by_host = |entry: &(Name, Arc<[Arc<Workload>]>)| entry.0.cmp(hostname);
             let mut members: Vec<Arc<Workload>> = self
                 .backends
-                .find(by_host)
+                .remove(by_host)
                 .map(|(_, members)| members.iter().filter(|w| w.uid != uid).cloned().collect())
                 .unwrap_or_default();
             if let Some(new) = new {
@@ -314,7 +313,6 @@ impl WorkloadIndex {
                     members.insert(at, new.clone());
                 }
             }
-            self.backends.remove(by_host);
             if !members.is_empty() {
                 self.backends
                     .insert((hostname.clone(), members.into()), by_host);
