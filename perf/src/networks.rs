@@ -134,8 +134,10 @@ async fn round_trip(pool: &Pool, peer: &Peer) -> Result<Duration> {
             &peer.identity,
             peer.target,
             peer.via.as_deref(),
+            bytes::Bytes::new(),
         )
-        .await?;
+        .await
+        .map_err(|failure| failure.error)?;
     tunnel.write_all(b"x").await?;
     let mut byte = [0u8; 1];
     tunnel.read_exact(&mut byte).await?;

@@ -25,7 +25,7 @@ use hyper::body::{Body as HttpBody, Frame, SizeHint};
 use prometheus_client::metrics::counter::Counter;
 use serde_json::json;
 
-use crate::http::Body;
+use crate::http::{Body, BodyError};
 use crate::trace_context::TraceIds;
 
 /// Lines waiting for the writer at most.
@@ -266,12 +266,12 @@ impl Logged {
 
 impl HttpBody for Logged {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BodyError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
         match &polled {
             Poll::Ready(Some(Ok(frame))) => {

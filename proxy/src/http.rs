@@ -14,7 +14,55 @@ use hyper_util::rt::TokioTimer;
 use crate::drain::Drain;
 
 /// Bodies stream through the proxy; they are never buffered whole.
-pub type Body = http_body_util::combinators::BoxBody<Bytes, hyper::Error>;
+pub type Body = http_body_util::combinators::BoxBody<Bytes, BodyError>;
+/// Why a body stopped: hyper's errors and the mesh link's (h2) alike. A
+/// type of its own, not a bare `Box<dyn Error>`, which hyper's bounds on
+/// body errors trip over inside spawned futures.
+#[derive(Debug)]
+pub struct BodyError(Box<dyn std::error::Error + Send + Sync>);
+
+impl std::fmt::Display for BodyError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl std::error::Error for BodyError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.0.source()
+    }
+}
+
+impl From<hyper::Error> for BodyError {
+    fn from(error: hyper::Error) -> Self {
+        BodyError(error.into())
+    }
+}
+
+impl From<h2::Error> for BodyError {
+    fn from(error: h2::Error) -> Self {
+        BodyError(error.into())
+    }
+}
+
+impl From<std::convert::Infallible> for BodyError {
+    fn from(never: std::convert::Infallible) -> Self {
+        match never {}
+    }
+}
+
+/// A received body, boxed as every body the proxy passes on is.
+pub fn boxed<B>(body: B) -> Body
+where
+    B: hyper::body::Body<Data = Bytes> + Send + Sync + 'static,
+    B::Error: Into<BodyError>,
+{
+    body.map_err(body_error::<B::Error>).boxed()
+}
+
+fn body_error<E: Into<BodyError>>(error: E) -> BodyError {
+    error.into()
+}
 
 /// Set by the client sidecar on mesh HTTP requests: the `ip:port` of the
 /// application behind the peer sidecar (the L7 twin of CONNECT's authority).

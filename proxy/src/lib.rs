@@ -49,6 +49,7 @@ pub mod identity;
 pub mod inbound;
 pub mod inbound_passthrough;
 pub mod iptables;
+pub mod link;
 pub mod local_app;
 pub mod logs;
 pub mod memory;

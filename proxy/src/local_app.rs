@@ -20,7 +20,6 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::header::HeaderValue;
 use http::{Request, Response, StatusCode, Version};
-use http_body_util::BodyExt;
 use hyper::body::{Body as _, Incoming};
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -514,12 +513,12 @@ impl LocalApp {
         } else {
             Version::HTTP_11
         };
-        let request = outgoing(&parts, uri, version, body.boxed());
+        let request = outgoing(&parts, uri, version, crate::http::boxed(body));
         match self.clients.client(target, http2).request(request).await {
             Ok(mut response) => {
                 strip_hop_by_hop(response.headers_mut());
                 response.headers_mut().remove(NOT_DELIVERED);
-                Ok(response.map(|b| b.boxed()))
+                Ok(response.map(crate::http::boxed))
             }
             Err(err) => {
                 tracing::debug!(%target, "the application did not answer: {err:#}");

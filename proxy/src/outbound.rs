@@ -22,6 +22,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
+use bytes::Bytes;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use weft_certs::Identity;
@@ -29,6 +30,7 @@ use weft_certs::Identity;
 use crate::balance::{Choice, Here, InFlight, Load};
 use crate::drain::Drain;
 use crate::http::HEAD_TIMEOUT;
+use crate::link::Failure;
 use crate::metrics::{Metrics, Peer, TrafficLabels};
 use crate::network::{Ejections, Gateway, Reach};
 use crate::outlier::{Outliers, Policy};
@@ -51,6 +53,9 @@ pub use l7::Route;
 const MAX_HEAD: usize = 8 * 1024;
 /// Other endpoints tried after a failed connect.
 const MAX_CONNECT_RETRIES: usize = 2;
+/// At most this much of what a client sent before its connection was
+/// served goes with the connect (one read, not waited for).
+const EARLY_BYTES: usize = 8 << 10;
 
 /// How the outbound side routes, read once from the sidecar's
 /// configuration.
@@ -383,7 +388,14 @@ impl Outbound {
         })
     }
 
-    async fn connect(&self, destination: &Destination) -> Result<Box<dyn Stream>> {
+    /// Connects to `destination` and sends it `early` (what the client
+    /// already sent): with the CONNECT through a peer sidecar, so that a
+    /// new connection costs one round trip between the sidecars.
+    async fn connect(
+        &self,
+        destination: &Destination,
+        early: &Bytes,
+    ) -> Result<Box<dyn Stream>, Failure> {
         match destination {
             Destination::Mesh {
                 peer,
@@ -393,26 +405,35 @@ impl Outbound {
                 ..
             } => Ok(Box::new(
                 self.pool
-                    .tunnel(*peer, identity, *target, via.as_deref())
+                    .tunnel(*peer, identity, *target, via.as_deref(), early.clone())
                     .await?,
             )),
             Destination::Direct(addr) => {
-                let tcp =
+                let unsent = |error: anyhow::Error| Failure { error, sent: false };
+                let mut tcp =
                     tokio::time::timeout(self.config.connect_timeout, TcpStream::connect(addr))
                         .await
-                        .context("connect timed out")??;
-                tcp.set_nodelay(true)?;
+                        .context("connect timed out")
+                        .map_err(unsent)?
+                        .map_err(|e| unsent(e.into()))?;
+                tcp.set_nodelay(true).map_err(|e| unsent(e.into()))?;
+                tcp.write_all(early).await.map_err(|e| Failure {
+                    error: e.into(),
+                    sent: true,
+                })?;
                 Ok(Box::new(tcp))
             }
         }
     }
 
-    /// Connects a TCP stream, retrying another endpoint when one cannot be
-    /// reached (nothing was sent yet, so any connection may be retried).
+    /// Connects a TCP stream and sends it `early`, retrying another
+    /// endpoint when one cannot be reached: as long as nothing reached an
+    /// app, any connection may be retried.
     pub(crate) async fn connect_tcp(
         &self,
         host: &str,
         port: u16,
+        early: Bytes,
     ) -> Result<(Pick, Box<dyn Stream>)> {
         // A TCP route (VirtualService `tcp`) may send the connection to
         // another host, port or subset.
@@ -456,18 +477,27 @@ impl Outbound {
                     }
                 }
             }
-            match self.connect(&pick.destination).await {
+            match self.connect(&pick.destination, &early).await {
                 Ok(stream) => {
                     if let Some(w) = &pick.workload {
                         self.load.outliers.success(&w.uid);
                     }
                     return Ok((pick, stream));
                 }
-                Err(err) => {
+                Err(Failure { error: err, sent }) => {
                     self.metrics.upstream_connect_failures.inc();
                     let Some(w) = &pick.workload else {
                         return Err(err.context(format!("reaching {:?}", pick.destination)));
                     };
+                    if sent {
+                        // The client's first bytes may have reached an app:
+                        // sent again elsewhere they could act twice.
+                        pick.unreachable(self, &err, &mut tried);
+                        return Err(err.context(format!(
+                            "reaching {:?}, after sending the client's first bytes",
+                            pick.destination
+                        )));
+                    }
                     pick.unreachable(self, &err, &mut tried);
                     // A workload by address may still be reached through
                     // another gateway; a service's through another endpoint.
@@ -528,12 +558,11 @@ impl Outbound {
             .unwrap_or(Some(Protocol::Tcp))
     }
 
-    /// Relays a TCP stream to one endpoint, counting it in metrics.
-    async fn relay<S>(&self, client: S, host: &str, port: u16) -> Result<()>
-    where
-        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send,
-    {
-        let (pick, upstream) = self.connect_tcp(host, port).await?;
+    /// Relays a TCP stream to one endpoint, counting it in metrics. What
+    /// the client has already sent goes with the connect.
+    async fn relay(&self, mut client: Rewind<TcpStream>, host: &str, port: u16) -> Result<()> {
+        let early = client.take_waiting(EARLY_BYTES);
+        let (pick, upstream) = self.connect_tcp(host, port, early).await?;
         self.relay_connected(client, pick, upstream).await
     }
 
@@ -648,7 +677,7 @@ async fn handle(outbound: Arc<Outbound>, mut client: TcpStream) -> Result<()> {
     if outbound.pick_protocol(host, port) == Some(Protocol::Tcp) {
         // Plain TCP: connect first, so the client learns of a failure
         // from the status instead of a closed tunnel.
-        let (pick, upstream) = match outbound.connect_tcp(host, port).await {
+        let (pick, upstream) = match outbound.connect_tcp(host, port, Bytes::new()).await {
             Ok(connected) => connected,
             Err(err) => {
                 client.write_all(&respond("502 Bad Gateway")).await?;

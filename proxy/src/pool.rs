@@ -15,16 +15,14 @@ use std::net::SocketAddr;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use anyhow::{Context, Result, bail};
-use http::{Method, Request, StatusCode};
-use hyper::upgrade::Upgraded;
-use hyper_util::rt::TokioIo;
+use anyhow::{Context, Result};
+use bytes::Bytes;
 use tokio::net::TcpStream;
 use weft_certs::Identity;
 use weft_certs::tls::{self, CertStore, TrustBundle};
 
 use crate::coalesce::Coalesce;
-use crate::http::Body;
+use crate::link::{Failure, Link, Tunnel};
 use crate::network::{Gateway, Resolver};
 
 /// The port sidecars accept mesh connections on.
@@ -38,8 +36,6 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// as long as any weft server gives one.
 pub const HANDSHAKE_TIMEOUT: Duration = weft_certs::accept::HANDSHAKE_TIMEOUT;
 
-pub type Sender = hyper::client::conn::http2::SendRequest<Body>;
-
 /// Pooled HTTP/2 connections to peer sidecars, one per (address, identity).
 pub struct Pool {
     /// How long opening a connection to a peer sidecar may take.
@@ -47,7 +43,7 @@ pub struct Pool {
     certs: CertStore,
     bundle: TrustBundle,
     /// One connection per peer sidecar, with the identity it proved.
-    connections: Mutex<HashMap<SocketAddr, (Identity, Sender)>>,
+    connections: Mutex<HashMap<SocketAddr, (Identity, Link)>>,
     /// Addresses of gateways known by hostname.
     pub resolver: Resolver,
 }
@@ -68,7 +64,7 @@ impl std::fmt::Display for GatewayUnreachable {
 /// HTTP/2 client code exists once in the binary.
 enum Carrier {
     Tcp(TcpStream),
-    Gateway(TokioIo<Upgraded>),
+    Gateway(Tunnel),
 }
 
 impl tokio::io::AsyncRead for Carrier {
@@ -131,22 +127,21 @@ impl Pool {
     /// A pooled HTTP/2 connection to the sidecar at `peer`, opened (mTLS,
     /// expecting `identity`) when there is none: directly, or through
     /// the gateway `via` when the peer is on another network.
-    pub async fn sender(
+    pub async fn link(
         &self,
         peer: SocketAddr,
         identity: &Identity,
         via: Option<&Gateway>,
-    ) -> Result<Sender> {
-        if let Some((proven, sender)) = self
+    ) -> Result<Link> {
+        if let Some((proven, link)) = self
             .connections
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .get(&peer)
             && proven == identity
-            && !sender.is_closed()
-            && sender.is_ready()
+            && !link.is_closed()
         {
-            return Ok(sender.clone());
+            return Ok(link.clone());
         }
         let carrier = match via {
             None => Carrier::Tcp(self.connect(peer).await?),
@@ -165,15 +160,12 @@ impl Pool {
         .await
         .context("the mTLS handshake timed out")?
         .with_context(|| format!("mTLS to {peer} expecting {identity}"))?;
-        let (sender, connection) =
-            hyper::client::conn::http2::handshake(crate::task::Executor, TokioIo::new(stream))
-                .await?;
-        crate::task::spawn(connection);
+        let link = crate::link::handshake(stream).await?;
         self.connections
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(peer, (identity.clone(), sender.clone()));
-        Ok(sender)
+            .insert(peer, (identity.clone(), link.clone()));
+        Ok(link)
     }
 
     async fn connect(&self, peer: SocketAddr) -> Result<TcpStream> {
@@ -186,11 +178,7 @@ impl Pool {
 
     /// The outer tunnel: a CONNECT to `peer`'s mesh port on a pooled
     /// connection to `gateway`, which must prove one of its identities.
-    async fn through_gateway(
-        &self,
-        gateway: &Gateway,
-        peer: SocketAddr,
-    ) -> Result<TokioIo<Upgraded>> {
+    async fn through_gateway(&self, gateway: &Gateway, peer: SocketAddr) -> Result<Tunnel> {
         let addresses = self
             .resolver
             .addresses(gateway)
@@ -199,9 +187,12 @@ impl Pool {
         let mut last = None;
         for address in addresses {
             for identity in gateway.identities.iter() {
-                match self.tunnel(address, identity, peer, None).await {
+                match self
+                    .tunnel(address, identity, peer, None, Bytes::new())
+                    .await
+                {
                     Ok(tunnel) => return Ok(tunnel),
-                    Err(err) => last = Some(err),
+                    Err(failure) => last = Some(failure.error),
                 }
             }
         }
@@ -209,27 +200,21 @@ impl Pool {
     }
 
     /// A tunnel to `target` through the sidecar at `peer`, which must prove
-    /// to be `identity`; `via`: through that gateway first.
+    /// to be `identity`; `via`: through that gateway first. `early`: bytes
+    /// the caller already sent, carried with the CONNECT.
     pub async fn tunnel(
         &self,
         peer: SocketAddr,
         identity: &Identity,
         target: SocketAddr,
         via: Option<&Gateway>,
-    ) -> Result<TokioIo<Upgraded>> {
-        let mut sender = self.sender(peer, identity, via).await?;
-        let request = Request::builder()
-            .method(Method::CONNECT)
-            .uri(target.to_string())
-            .body(crate::http::empty())?;
-        let response = sender.send_request(request).await?;
-        if response.status() != StatusCode::OK {
-            bail!(
-                "the peer sidecar answered {} to CONNECT {target}",
-                response.status()
-            );
-        }
-        Ok(TokioIo::new(hyper::upgrade::on(response).await?))
+        early: Bytes,
+    ) -> Result<Tunnel, Failure> {
+        let link = self
+            .link(peer, identity, via)
+            .await
+            .map_err(|error| Failure { error, sent: false })?;
+        link.tunnel(&target.to_string(), early).await
     }
 
     pub fn connections(&self) -> usize {

@@ -195,6 +195,24 @@ impl<S> Rewind<S> {
     }
 }
 
+impl Rewind<tokio::net::TcpStream> {
+    /// What the peer sent that nobody has read: the bytes put back, else
+    /// whatever already waits in the socket (up to `limit`, without
+    /// waiting for more).
+    pub fn take_waiting(&mut self, limit: usize) -> Bytes {
+        if !self.prefix.is_empty() {
+            return std::mem::take(&mut self.prefix);
+        }
+        let mut waiting = BytesMut::with_capacity(limit);
+        match self.inner.try_read_buf(&mut waiting) {
+            Ok(n) if n > 0 => waiting.freeze(),
+            // Nothing yet, the end of the stream or an error: the relay's
+            // first read sees the same.
+            _ => Bytes::new(),
+        }
+    }
+}
+
 impl<S: AsyncRead + Unpin> AsyncRead for Rewind<S> {
     fn poll_read(
         mut self: Pin<&mut Self>,

@@ -11,7 +11,6 @@
 
 use http::header::{self, HeaderValue};
 use http::{Request, Response, StatusCode, Uri};
-use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -105,12 +104,12 @@ where
         parts.headers.insert(header::HOST, value);
     }
     let mut response = sender
-        .send_request(Request::from_parts(parts, body.boxed()))
+        .send_request(Request::from_parts(parts, crate::http::boxed(body)))
         .await
         .map_err(|e| e.to_string())?;
     if response.status() != StatusCode::SWITCHING_PROTOCOLS {
         // Refused: an ordinary answer, and the exchange is over.
-        return Ok((response.map(|b| b.boxed()), None));
+        return Ok((response.map(crate::http::boxed), None));
     }
     let endpoint_side = hyper::upgrade::on(&mut response);
     let joined = async move {

@@ -361,9 +361,14 @@ async fn refusals_are_clean() {
             &id("echo"),
             "127.0.0.1:22".parse().unwrap(),
             None,
+            bytes::Bytes::from_static(b"early"),
         )
         .await;
-    assert!(result.unwrap_err().to_string().contains("403"));
+    let refused = result.unwrap_err();
+    assert!(refused.to_string().contains("403"), "{refused}");
+    // Refused: the early bytes reached no app, so another endpoint may
+    // be tried with them.
+    assert!(!refused.sent);
 
     // Plaintext to 15008: no HTTP answer, the connection just ends.
     let mut plain = TcpStream::connect(SocketAddr::new(ip, HBONE_PORT))
@@ -917,19 +922,19 @@ async fn bad_http_input_is_refused_and_bounded() {
     // Mesh HTTP requests on 15008 without a target, or for another host.
     let certs = CertStore::new(&issue_workload(&mesh.ca, &id("client"), None).unwrap()).unwrap();
     let pool = Pool::new(certs, mesh.bundle.clone(), CONNECT_TIMEOUT);
-    let mut sender = pool
-        .sender(SocketAddr::new(pod_ip(15), HBONE_PORT), &id("echo"), None)
+    let link = pool
+        .link(SocketAddr::new(pod_ip(15), HBONE_PORT), &id("echo"), None)
         .await
         .unwrap();
     let bare = http::Request::get("http://echo.demo/")
         .body(weft_proxy::http::empty())
         .unwrap();
-    assert_eq!(sender.send_request(bare).await.unwrap().status(), 400);
+    assert_eq!(link.request(bare).await.unwrap().status(), 400);
     let elsewhere = http::Request::get("http://echo.demo/")
         .header("x-weft-target", "127.0.0.1:22")
         .body(weft_proxy::http::empty())
         .unwrap();
-    assert_eq!(sender.send_request(elsewhere).await.unwrap().status(), 403);
+    assert_eq!(link.request(elsewhere).await.unwrap().status(), 403);
     // Still serving.
     let mut h1 = http1_via_connect(mesh.proxy, "echo.demo:81").await;
     assert_eq!(send(&mut h1, get("/", "echo.demo:81")).await.0, 200);
@@ -1058,9 +1063,13 @@ async fn tunnels_carry_tcp_as_declared_and_prove_http_callers() {
     .await;
     let (sidecar, echo) = (SocketAddr::new(ip, HBONE_PORT), id("echo"));
     let tunnel = |port: u16| {
-        mesh.outbound
-            .pool
-            .tunnel(sidecar, &echo, SocketAddr::new(ip, port), None)
+        mesh.outbound.pool.tunnel(
+            sidecar,
+            &echo,
+            SocketAddr::new(ip, port),
+            None,
+            bytes::Bytes::new(),
+        )
     };
 
     let started = std::time::Instant::now();
@@ -1680,10 +1689,10 @@ async fn across_networks_through_an_east_west_gateway() {
 
     // What the gateway refuses, from a caller with a mesh identity: only
     // the mesh port of a sidecar on its own network is forwarded to.
-    let mut sender = mesh
+    let link = mesh
         .outbound
         .pool
-        .sender(SocketAddr::new(gateway_ip, HBONE_PORT), &gateway_id, None)
+        .link(SocketAddr::new(gateway_ip, HBONE_PORT), &gateway_id, None)
         .await
         .unwrap();
     for (target, status, outcome) in [
@@ -1708,28 +1717,21 @@ async fn across_networks_through_an_east_west_gateway() {
             "refused_unknown_workload",
         ),
     ] {
-        let request = http::Request::builder()
-            .method(http::Method::CONNECT)
-            .uri(target.to_string())
-            .body(weft_proxy::http::empty())
-            .unwrap();
-        let response = sender.send_request(request).await.unwrap();
-        assert_eq!(response.status().as_u16(), status, "{target}");
+        let refused = link
+            .tunnel(&target.to_string(), bytes::Bytes::new())
+            .await
+            .unwrap_err();
+        assert!(
+            refused.to_string().contains(&format!("answered {status}")),
+            "{target}: {refused}"
+        );
         assert_eq!(tunnels(&forwarder.metrics, outcome), 1, "{outcome}");
     }
     let request = http::Request::builder()
         .uri(format!("http://{server_ip}:8080/"))
         .body(weft_proxy::http::empty())
         .unwrap();
-    assert_eq!(
-        sender
-            .send_request(request)
-            .await
-            .unwrap()
-            .status()
-            .as_u16(),
-        405
-    );
+    assert_eq!(link.request(request).await.unwrap().status().as_u16(), 405);
 
     // Plaintext, and a certificate of another CA, never get past the
     // handshake.
@@ -1760,18 +1762,14 @@ async fn across_networks_through_an_east_west_gateway() {
     // TLS 1.3 tells the client its certificate was refused only when it
     // next reads: the handshake or the first request fails.
     let refused = match foreign
-        .sender(SocketAddr::new(gateway_ip, HBONE_PORT), &gateway_id, None)
+        .link(SocketAddr::new(gateway_ip, HBONE_PORT), &gateway_id, None)
         .await
     {
         Err(_) => true,
-        Ok(mut sender) => {
-            let request = http::Request::builder()
-                .method(http::Method::CONNECT)
-                .uri(format!("{server_ip}:15008"))
-                .body(weft_proxy::http::empty())
-                .unwrap();
-            sender.send_request(request).await.is_err()
-        }
+        Ok(link) => link
+            .tunnel(&format!("{server_ip}:15008"), bytes::Bytes::new())
+            .await
+            .is_err(),
     };
     assert!(refused, "another CA's certificate is refused");
     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -1809,7 +1807,7 @@ async fn across_networks_through_an_east_west_gateway() {
     // The gateway dies: the client steps around it at once, to an
     // endpoint on its own network, and counts the failure.
     gateway_task.abort();
-    drop(sender);
+    drop(link);
     // A fresh client (of a mesh of its own), so that no pooled
     // connection through the old gateway outlives it.
     let fresh = client_sidecar(false).await;

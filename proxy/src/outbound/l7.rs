@@ -16,7 +16,6 @@ use std::time::Instant;
 
 use http::header::{self, HeaderValue};
 use http::{Request, Response, StatusCode, Version};
-use http_body_util::BodyExt;
 use hyper::body::{Body as _, Incoming};
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -544,7 +543,7 @@ struct Plan<'a> {
 }
 
 /// The gRPC status of a trailers-only answer, if it is one.
-fn grpc_status(response: &Response<Incoming>) -> Option<u32> {
+fn grpc_status<B>(response: &Response<B>) -> Option<u32> {
     response
         .headers()
         .get("grpc-status")
@@ -568,7 +567,7 @@ async fn send(
         authority,
         version,
         parts,
-        body.boxed(),
+        crate::http::boxed(body),
         empty,
         start,
     )
@@ -619,10 +618,10 @@ async fn send_body(
                     target,
                     via,
                     ..
-                } => match outbound.pool.sender(*peer, identity, via.as_deref()).await {
+                } => match outbound.pool.link(*peer, identity, via.as_deref()).await {
                     // Not sent: the body is still here for another endpoint.
                     Err(err) => Err((err, false)),
-                    Ok(mut sender) => {
+                    Ok(link) => {
                         let Some(send_body) = take_body(&mut body, empty) else {
                             return Err((
                                 anyhow::anyhow!("the request body was already sent"),
@@ -638,10 +637,9 @@ async fn send_body(
                             APP_PROTOCOL,
                             HeaderValue::from_static(version_name(version)),
                         );
-                        sender
-                            .send_request(request)
+                        link.request(request)
                             .await
-                            .map_err(|err| (anyhow::Error::from(err), true))
+                            .map_err(|failure| (failure.error, failure.sent))
                     }
                 },
                 Destination::Direct(address) => {
@@ -656,11 +654,14 @@ async fn send_body(
                         Version::HTTP_11
                     };
                     let request = outgoing(&parts, uri.clone(), version, send_body);
-                    client.request(request).await.map_err(|err| {
-                        // The client took the body even when it could not connect.
-                        let sent = !err.is_connect();
-                        (anyhow::Error::from(err), sent)
-                    })
+                    match client.request(request).await {
+                        Ok(response) => Ok(response.map(crate::http::boxed)),
+                        Err(err) => {
+                            // The client took the body even when it could not connect.
+                            let sent = !err.is_connect();
+                            Err((anyhow::Error::from(err), sent))
+                        }
+                    }
                 }
             }
         };
@@ -730,7 +731,7 @@ async fn send_body(
                 outbound
                     .metrics
                     .request(labels, start.elapsed().as_secs_f64());
-                return response.map(|b| b.boxed());
+                return response;
             }
             Err((err, sent)) => {
                 if uid.is_some() {
@@ -807,7 +808,7 @@ async fn upgrade(
     request: Request<Incoming>,
 ) -> Response<Body> {
     let start = Instant::now();
-    let (pick, stream) = match outbound.connect_tcp(host, port).await {
+    let (pick, stream) = match outbound.connect_tcp(host, port, bytes::Bytes::new()).await {
         Ok(connected) => connected,
         Err(err) => return error(StatusCode::SERVICE_UNAVAILABLE, &format!("{err:#}")),
     };
