@@ -39,7 +39,7 @@ const MAX_HEADER_LIST_SIZE: u32 = 16 << 10;
 /// a writer that runs further ahead (hyper's 1 MiB) sends the window in
 /// bursts the peer then works through alone, and cache-cold; a tunnel's
 /// single stream carried a third less (perf/results, tunnel).
-const MAX_SEND_BUFFER: usize = 64 << 10;
+const MAX_SEND_BUFFER: usize = 32 << 10;
 const INITIAL_MAX_SEND_STREAMS: usize = 100;
 /// The most a tunnel takes from one write: what h2 may hold past the
 /// peer's window.
