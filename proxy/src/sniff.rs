@@ -236,6 +236,29 @@ mod tests {
     use super::*;
     use tokio::io::AsyncWriteExt;
 
+    #[tokio::test]
+    async fn what_waits_in_a_just_accepted_socket_is_taken_without_waiting() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut client = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        client.write_all(b"PING\r\n").await.unwrap();
+        // Served in the turn that accepted it, as the sidecar serves a
+        // connection.
+        let (accepted, _) = listener.accept().await.unwrap();
+        let mut served = Rewind::new(Bytes::new(), accepted);
+        assert_eq!(&served.take_waiting(1024)[..], b"PING\r\n");
+        // Nothing more waits: nothing is taken, nothing blocks.
+        assert!(served.take_waiting(1024).is_empty());
+        client.write_all(b"more").await.unwrap();
+        let mut more = [0u8; 4];
+        served.read_exact(&mut more).await.unwrap();
+        assert_eq!(&more, b"more");
+        // Bytes put back come first, and alone.
+        served.unread(Bytes::from_static(b"seen"));
+        assert_eq!(&served.take_waiting(1024)[..], b"seen");
+    }
+
     #[test]
     fn request_lines_and_the_preface_are_recognised() {
         assert_eq!(classify(b"GET / HTTP/1.1\r\n"), Some(Protocol::Http));
