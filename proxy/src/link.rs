@@ -13,7 +13,8 @@
 //! - a tunnel writes straight into its HTTP/2 stream, without the task
 //!   and channel hyper puts behind an upgraded connection.
 //!
-//! The settings are hyper's client defaults, which the mesh ran on.
+//! The settings are hyper's client defaults, which the mesh ran on, but
+//! for the send buffer (`MAX_SEND_BUFFER`).
 
 use std::future::poll_fn;
 use std::pin::Pin;

@@ -489,16 +489,15 @@ impl Outbound {
                     let Some(w) = &pick.workload else {
                         return Err(err.context(format!("reaching {:?}", pick.destination)));
                     };
+                    pick.unreachable(self, &err, &mut tried);
                     if sent {
                         // The client's first bytes may have reached an app:
                         // sent again elsewhere they could act twice.
-                        pick.unreachable(self, &err, &mut tried);
                         return Err(err.context(format!(
                             "reaching {:?}, after sending the client's first bytes",
                             pick.destination
                         )));
                     }
-                    pick.unreachable(self, &err, &mut tried);
                     // A workload by address may still be reached through
                     // another gateway; a service's through another endpoint.
                     let gateway =
