@@ -31,5 +31,42 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_client(true)
         .build_server(true)
         .compile_fds_with_config(descriptors, config)?;
+    encoded_ads_server();
     Ok(())
+}
+
+/// The ADS server a second time, by hand, so that its delta responses can
+/// be `EncodedDeltaResponse`: the same bytes on the wire as Envoy's
+/// `DeltaDiscoveryResponse`, with each resource encoded once per change
+/// instead of once per proxy. Clients keep the generated typed service.
+fn encoded_ads_server() {
+    use tonic_build::manual::{Builder, Method, Service};
+    let sotw = Method::builder()
+        .name("stream_aggregated_resources")
+        .route_name("StreamAggregatedResources")
+        .input_type("crate::discovery::DiscoveryRequest")
+        .output_type("crate::discovery::DiscoveryResponse")
+        .codec_path("tonic_prost::ProstCodec")
+        .client_streaming()
+        .server_streaming()
+        .build();
+    let delta = Method::builder()
+        .name("delta_aggregated_resources")
+        .route_name("DeltaAggregatedResources")
+        .input_type("crate::discovery::DeltaDiscoveryRequest")
+        .output_type("crate::encoded::EncodedDeltaResponse")
+        .codec_path("tonic_prost::ProstCodec")
+        .client_streaming()
+        .server_streaming()
+        .build();
+    let service = Service::builder()
+        .name("AggregatedDiscoveryService")
+        .package("envoy.service.discovery.v3")
+        .method(sotw)
+        .method(delta)
+        .build();
+    Builder::new()
+        .build_client(false)
+        .build_transport(false)
+        .compile(&[service]);
 }

@@ -44,7 +44,7 @@ use tokio::sync::mpsc;
 use weft_certs::tls::TrustBundle;
 use weft_certs::{CertificateAuthority, Identity};
 use weft_xds_proto::ca::certificate_service_server::CertificateServiceServer;
-use weft_xds_proto::discovery::aggregated_discovery_service_server::AggregatedDiscoveryServiceServer;
+use weft_xds_proto::encoded::ads::aggregated_discovery_service_server::AggregatedDiscoveryServiceServer;
 
 use crate::hub::{Debounce, Hub};
 use crate::model::{Model, ModelConfig};

@@ -52,6 +52,8 @@ pub mod weft {
     }
 }
 
+pub mod encoded;
+
 pub use prost;
 pub use prost_types;
 

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use prost::Message;
+use weft_xds_proto::type_url;
 
 mod cluster_data;
 mod clusterset;
@@ -123,12 +124,12 @@ impl Model {
         Model {
             config,
             clusters: BTreeMap::new(),
-            services: Table::default(),
-            workloads: Table::default(),
-            authorizations: Table::default(),
-            routes: Table::default(),
-            destinations: Table::default(),
-            gateways: Table::default(),
+            services: Table::new(type_url::SERVICE),
+            workloads: Table::new(type_url::WORKLOAD),
+            authorizations: Table::new(type_url::AUTHORIZATION),
+            routes: Table::new(type_url::ROUTE_SET),
+            destinations: Table::new(type_url::DESTINATION_POLICY),
+            gateways: Table::new(type_url::NETWORK_GATEWAY),
             gateway_services: Default::default(),
             gateway_health: BTreeMap::new(),
             gateway_probes: BTreeMap::new(),

@@ -3,16 +3,20 @@
 //! tombstones for removals, so "everything since version v" is a range
 //! scan.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 use std::ops::Bound;
 
 use bytes::Bytes;
 
 /// One resource type's current resources and change log.
-#[derive(Default)]
 pub struct Table {
+    /// The type URL its resources carry in their `Any`.
+    type_url: &'static str,
     entries: HashMap<String, Entry>,
-    log: BTreeSet<(u64, String)>,
+    /// Each resource's last change, with its encoded `Resource` (`None`
+    /// for a removal), so that a pass over the log reads what it sends
+    /// without looking each name up.
+    log: BTreeMap<(u64, String), Option<Bytes>>,
     tombstones: usize,
     /// Changes at or below this version may have been forgotten (compacted
     /// tombstones): a proxy that last saw an older version must resync.
@@ -27,6 +31,10 @@ pub struct Entry {
     /// The body's version as proxies see it (`resource_version`), worked
     /// out once here rather than for each proxy it is sent to.
     pub body_version: String,
+    /// The xDS `Resource` (name, version, body in an `Any`) encoded once
+    /// for every proxy it is sent to; `body` shares its bytes. Empty once
+    /// removed.
+    pub resource: Bytes,
 }
 
 /// A resource's version as proxies see it: a hash of its content, so that
@@ -45,6 +53,17 @@ pub fn resource_version(body: &[u8]) -> String {
 const TOMBSTONE_LIMIT: usize = 100_000;
 
 impl Table {
+    /// An empty table of resources of `type_url`.
+    pub fn new(type_url: &'static str) -> Self {
+        Table {
+            type_url,
+            entries: HashMap::new(),
+            log: BTreeMap::new(),
+            tombstones: 0,
+            floor: 0,
+        }
+    }
+
     /// Records a resource's new body (or removal) at `version`. Returns
     /// whether anything changed.
     pub fn upsert(&mut self, name: &str, body: Option<Bytes>, version: u64) -> bool {
@@ -62,14 +81,33 @@ impl Table {
         if body.is_none() {
             self.tombstones += 1;
         }
-        self.log.insert((version, name.to_string()));
         let body_version = body.as_deref().map(resource_version).unwrap_or_default();
+        let (body, resource) = match body {
+            Some(body) => {
+                let resource = weft_xds_proto::encoded::encode_resource(
+                    name,
+                    &body_version,
+                    self.type_url,
+                    &body,
+                );
+                (
+                    Some(resource.slice(resource.len() - body.len()..)),
+                    resource,
+                )
+            }
+            None => (None, Bytes::new()),
+        };
+        self.log.insert(
+            (version, name.to_string()),
+            body.is_some().then(|| resource.clone()),
+        );
         self.entries.insert(
             name.to_string(),
             Entry {
                 version,
                 body,
                 body_version,
+                resource,
             },
         );
         if self.tombstones > TOMBSTONE_LIMIT {
@@ -83,9 +121,9 @@ impl Table {
         let oldest: Vec<(u64, String)> = self
             .log
             .iter()
-            .filter(|(_, name)| self.entries.get(name).is_some_and(|e| e.body.is_none()))
+            .filter(|(_, resource)| resource.is_none())
             .take(excess)
-            .cloned()
+            .map(|(key, _)| key.clone())
             .collect();
         for (version, name) in oldest {
             self.log.remove(&(version, name.clone()));
@@ -103,21 +141,18 @@ impl Table {
     pub fn changed_since(&self, since: u64) -> impl Iterator<Item = (&String, &Entry)> {
         self.log
             .range((since + 1, String::new())..)
-            .filter_map(|(_, name)| self.entries.get_key_value(name))
+            .filter_map(|((_, name), _)| self.entries.get_key_value(name))
     }
 
-    /// Log entries (changes and removals) from `start` on, in version order.
+    /// Log entries from `start` on, in version order: each name with its
+    /// encoded `Resource`, or `None` where it was removed.
     pub fn log_from(
         &self,
         start: Bound<(u64, String)>,
-    ) -> impl Iterator<Item = (u64, &String, &Entry)> {
+    ) -> impl Iterator<Item = (u64, &String, Option<&Bytes>)> {
         self.log
             .range((start, Bound::Unbounded))
-            .filter_map(|(version, name)| {
-                self.entries
-                    .get_key_value(name)
-                    .map(|(n, e)| (*version, n, e))
-            })
+            .map(|((version, name), resource)| (*version, name, resource.as_ref()))
     }
 
     /// Every live resource.
@@ -144,7 +179,7 @@ mod tests {
 
     #[test]
     fn tables_compact_tombstones_and_raise_the_floor() {
-        let mut table = Table::default();
+        let mut table = Table::new("t");
         for i in 0..(TOMBSTONE_LIMIT + 10) {
             let name = format!("w{i}");
             table.upsert(&name, Some(Bytes::from_static(b"x")), 1);

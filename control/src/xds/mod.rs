@@ -23,10 +23,9 @@ use futures::Stream;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
-use weft_xds_proto::discovery::aggregated_discovery_service_server::AggregatedDiscoveryService;
-use weft_xds_proto::discovery::{
-    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
-};
+use weft_xds_proto::discovery::{DeltaDiscoveryRequest, DiscoveryRequest, DiscoveryResponse};
+use weft_xds_proto::encoded::EncodedDeltaResponse;
+use weft_xds_proto::encoded::ads::aggregated_discovery_service_server::AggregatedDiscoveryService;
 use weft_xds_proto::type_url;
 
 pub use gate::Gate;
@@ -89,7 +88,7 @@ type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 #[tonic::async_trait]
 impl AggregatedDiscoveryService for AdsServer {
     type StreamAggregatedResourcesStream = ResponseStream<DiscoveryResponse>;
-    type DeltaAggregatedResourcesStream = ResponseStream<DeltaDiscoveryResponse>;
+    type DeltaAggregatedResourcesStream = ResponseStream<EncodedDeltaResponse>;
 
     async fn stream_aggregated_resources(
         &self,
@@ -192,7 +191,7 @@ async fn send_owed(
     hub: &Hub,
     subscriptions: &mut [Subscription],
     nonces: &mut u64,
-    tx: &mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>,
+    tx: &mpsc::Sender<Result<EncodedDeltaResponse, Status>>,
 ) -> Result<bool, Status> {
     let services_wait = subscription::services_wait(&subscriptions.iter().collect::<Vec<_>>());
     for subscription in subscriptions.iter_mut() {
@@ -209,14 +208,10 @@ async fn send_owed(
         hub.metrics.pushes.inc();
         hub.metrics
             .pushed_resources
-            .inc_by((response.resources.len() + response.removed_resources.len()) as u64);
-        hub.metrics.pushed_bytes.inc_by(
-            response
-                .resources
-                .iter()
-                .map(|r| r.resource.as_ref().map_or(0, |a| a.value.len()))
-                .sum::<usize>() as u64,
-        );
+            .inc_by((response.resource_count() + response.removed_resources.len()) as u64);
+        hub.metrics
+            .pushed_bytes
+            .inc_by(response.resource_bytes() as u64);
         hub.observe_push_latency();
         if tx.send(Ok(response)).await.is_err() {
             return Ok(false);
@@ -326,7 +321,7 @@ async fn serve_stream(
     gate: Gate,
     peer: Option<PeerIdentity>,
     mut inbound: Streaming<DeltaDiscoveryRequest>,
-    tx: &mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>,
+    tx: &mpsc::Sender<Result<EncodedDeltaResponse, Status>>,
 ) -> Result<(), Status> {
     let mut versions = hub.versions();
     let mut closing = hub.closing();

@@ -10,8 +10,9 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::ops::Bound;
 
+use bytes::Bytes;
 use tonic::Status;
-use weft_xds_proto::discovery::{DeltaDiscoveryResponse, Resource};
+use weft_xds_proto::encoded::EncodedDeltaResponse;
 
 use super::CHUNK;
 use crate::model::{Entry, Table};
@@ -154,7 +155,7 @@ impl Subscription {
         version: u64,
         table: &Table,
         nonce: u64,
-    ) -> Result<Option<DeltaDiscoveryResponse>, Status> {
+    ) -> Result<Option<EncodedDeltaResponse>, Status> {
         if self.in_flight.is_some() {
             return Ok(None);
         }
@@ -170,12 +171,8 @@ impl Subscription {
         if self.pending.is_empty() && self.cursor.is_none() && self.answered_once {
             return Ok(None);
         }
-        let mut response = DeltaDiscoveryResponse {
-            system_version_info: version.to_string(),
-            type_url: self.type_url.to_string(),
-            nonce: nonce.to_string(),
-            ..Default::default()
-        };
+        let mut response =
+            EncodedDeltaResponse::new(self.type_url, version.to_string(), nonce.to_string());
         while size(&response) < CHUNK {
             let Some(name) = self.pending.pop_front() else {
                 break;
@@ -208,72 +205,81 @@ impl Subscription {
         table: &Table,
         start: Bound<(u64, String)>,
         upto: u64,
-        response: &mut DeltaDiscoveryResponse,
+        response: &mut EncodedDeltaResponse,
     ) -> Option<(Bound<(u64, String)>, u64)> {
         let room = CHUNK.saturating_sub(size(response));
-        // The last entry taken, named once the pass stops rather than
-        // after each entry.
-        let mut last: Option<(u64, &String)> = None;
-        let resume = |last: Option<(u64, &String)>| match last {
-            Some((version, name)) => Some((Bound::Excluded((version, name.clone())), upto)),
-            None => Some((start.clone(), upto)),
-        };
-        let mut taken = 0;
-        for (version, name, entry) in table.log_from(start.clone()) {
+        // The entries this response takes, gathered first so that its
+        // buffer is sized once rather than grown (and copied) as it fills.
+        let mut batch = Vec::with_capacity(room.min(CHUNK));
+        let mut complete = true;
+        for (version, name, resource) in table.log_from(start.clone()) {
             if version > upto {
-                return None;
+                break;
             }
-            if taken == room {
-                return resume(last);
+            if batch.len() == room {
+                complete = false;
+                break;
             }
-            self.add(name, Some(entry), response);
-            taken += 1;
-            last = Some((version, name));
+            batch.push((version, name, resource));
         }
-        // The log ran out: the pass is complete.
-        if taken < room { None } else { resume(last) }
+        let resources = batch.iter().filter_map(|(_, _, r)| r.map(Bytes::len));
+        response.reserve(resources.clone().count(), resources.sum());
+        for (_, name, resource) in &batch {
+            match resource {
+                Some(resource) => response.push_resource(resource),
+                None => response.removed_resources.push((*name).clone()),
+            }
+        }
+        if complete {
+            return None;
+        }
+        // Named once the pass stops rather than after each entry.
+        Some(match batch.last() {
+            Some((version, name, _)) => (Bound::Excluded((*version, (*name).clone())), upto),
+            None => (start, upto),
+        })
     }
 
-    fn add(&self, name: &str, entry: Option<&Entry>, response: &mut DeltaDiscoveryResponse) {
-        match entry.and_then(|e| Some((e.body.as_ref()?, &e.body_version))) {
-            Some((body, version)) => response.resources.push(Resource {
-                name: name.to_string(),
-                version: version.clone(),
-                resource: Some(prost_types::Any {
-                    type_url: self.type_url.to_string(),
-                    value: body.to_vec(),
-                }),
-                ..Default::default()
-            }),
+    /// Adds `name` as the table has it now. Resources were encoded when
+    /// they changed; each response copies the bytes.
+    fn add(&self, name: &str, entry: Option<&Entry>, response: &mut EncodedDeltaResponse) {
+        match entry.filter(|e| e.body.is_some()) {
+            Some(entry) => response.push_resource(&entry.resource),
             // Removed, or compacted away meanwhile: gone either way.
             None => response.removed_resources.push(name.to_string()),
         }
     }
 }
 
-fn size(response: &DeltaDiscoveryResponse) -> usize {
-    response.resources.len() + response.removed_resources.len()
+fn size(response: &EncodedDeltaResponse) -> usize {
+    response.resource_count() + response.removed_resources.len()
 }
 
 #[cfg(test)]
 mod tests {
     use bytes::Bytes;
+    use weft_xds_proto::prost::Message;
     use weft_xds_proto::type_url::WORKLOAD;
 
     use super::*;
     use crate::model::resource_version;
 
     fn table(entries: &[(&str, Option<&'static [u8]>, u64)]) -> Table {
-        let mut table = Table::default();
+        let mut table = Table::new(WORKLOAD);
         for (name, body, version) in entries {
             table.upsert(name, body.map(Bytes::from_static), *version);
         }
         table
     }
 
-    fn names(response: &DeltaDiscoveryResponse) -> (Vec<&str>, Vec<&str>) {
+    /// What a proxy reads: the names sent and the names removed.
+    fn names(response: &EncodedDeltaResponse) -> (Vec<String>, Vec<&str>) {
+        use weft_xds_proto::discovery::Resource;
         (
-            response.resources.iter().map(|r| r.name.as_str()).collect(),
+            response
+                .resources()
+                .map(|r| Resource::decode(r).expect("a resource").name)
+                .collect(),
             response
                 .removed_resources
                 .iter()
@@ -287,7 +293,19 @@ mod tests {
         let mut t = table(&[("a", Some(b"1"), 1), ("b", Some(b"2"), 2)]);
         let mut s = Subscription::new(WORKLOAD, 2, &t, &HashMap::new());
         let first = s.next_response(2, &t, 1).unwrap().unwrap();
-        assert_eq!(names(&first), (vec!["a", "b"], vec![]));
+        assert_eq!(names(&first).0, ["a", "b"]);
+        assert!(names(&first).1.is_empty());
+        // Each resource as a proxy decodes it: its version and its body in
+        // an `Any` of the table's type.
+        let a =
+            weft_xds_proto::discovery::Resource::decode(first.resources().next().unwrap()).unwrap();
+        assert_eq!(a.version, resource_version(b"1"));
+        let any = a.resource.unwrap();
+        assert_eq!(
+            (any.type_url.as_str(), any.value.as_slice()),
+            (WORKLOAD, &b"1"[..])
+        );
+        assert_eq!(t.get("a").unwrap().body.as_deref(), Some(&b"1"[..]));
         assert!(
             s.next_response(2, &t, 2).unwrap().is_none(),
             "one in flight"
@@ -298,7 +316,8 @@ mod tests {
         t.upsert("a", None, 3);
         t.upsert("c", Some(Bytes::from_static(b"3")), 3);
         let next = s.next_response(3, &t, 2).unwrap().unwrap();
-        assert_eq!(names(&next), (vec!["c"], vec!["a"]));
+        assert_eq!(names(&next).0, ["c"]);
+        assert_eq!(names(&next).1, ["a"]);
         assert_eq!(next.system_version_info, "3");
     }
 
@@ -316,12 +335,13 @@ mod tests {
         let response = s.next_response(1, &t, 1).unwrap().unwrap();
         let (mut removed, sent) = (names(&response).1, names(&response).0);
         removed.sort();
-        assert_eq!((sent, removed), (vec!["b"], vec!["c", "x"]));
+        assert_eq!(sent, ["b"]);
+        assert_eq!(removed, ["c", "x"]);
     }
 
     #[test]
     fn a_large_mesh_goes_in_chunks_and_a_resubscription_keeps_the_unanswered() {
-        let mut t = Table::default();
+        let mut t = Table::new(WORKLOAD);
         for i in 0..(CHUNK + 5) {
             t.upsert(&format!("w{i:04}"), Some(Bytes::from_static(b"x")), 1);
         }
@@ -353,7 +373,7 @@ mod tests {
 
     #[test]
     fn a_proxy_behind_the_forgotten_removals_must_resync() {
-        let mut t = Table::default();
+        let mut t = Table::new(WORKLOAD);
         // Enough removals that the oldest are compacted and the floor rises.
         for i in 0..100_010u64 {
             let name = format!("w{i}");
