@@ -369,7 +369,8 @@ async fn drive(options: &Options, command: &str) -> Result<Outcome> {
     // other, the last would wait behind the first ones' sync.
     let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{xds}"))?
         .initial_connection_window_size(Some(4 * 1024 * 1024))
-        .initial_stream_window_size(Some(1024 * 1024));
+        .initial_stream_window_size(Some(1024 * 1024))
+        .max_frame_size(weft_proxy::channel::MAX_FRAME_SIZE);
     let channels =
         futures::future::try_join_all((0..connections).map(|_| endpoint.connect())).await?;
     for (conn, channel) in channels.into_iter().enumerate() {
