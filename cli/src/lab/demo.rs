@@ -203,20 +203,30 @@ async fn story(lab: &mut Lab, dir: &std::path::Path) -> Result<()> {
 /// `weftctl proxy-status` (c1's control plane) and one of its access-log
 /// lines (examples/lab/client.yaml turns them on).
 async fn observed(lab: &Lab, client: &std::path::Path) -> Result<()> {
-    let view = lab.control_debug("c1", "/debug/proxies").await;
-    let proxy = view["proxies"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .find(|p| p["identity"] == CLIENT_ID)
-        .cloned()
-        .unwrap_or_default();
-    let synced = proxy["types"]
-        .as_object()
-        .into_iter()
-        .flatten()
-        .filter(|(_, t)| t["state"] == "SYNCED")
-        .count();
+    // A change the model made a moment ago (the demo's own steps make
+    // them) is STALE until the sidecar has it: looked at again, within a
+    // bound, as an operator would.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let (proxy, synced) = loop {
+        let view = lab.control_debug("c1", "/debug/proxies").await;
+        let proxy = view["proxies"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|p| p["identity"] == CLIENT_ID)
+            .cloned()
+            .unwrap_or_default();
+        let synced = proxy["types"]
+            .as_object()
+            .into_iter()
+            .flatten()
+            .filter(|(_, t)| t["state"] == "SYNCED")
+            .count();
+        if synced == 6 || Instant::now() > deadline {
+            break (proxy, synced);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
     let deadline = Instant::now() + Duration::from_secs(5);
     let line = loop {
         if let Some(line) = weft_lab::traffic::access_log_lines(client).pop() {
