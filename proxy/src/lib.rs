@@ -65,6 +65,7 @@ pub mod serve;
 pub mod sidecar;
 pub mod sniff;
 pub mod socket;
+pub mod splice;
 pub mod state;
 pub mod task;
 mod through;

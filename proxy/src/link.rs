@@ -29,6 +29,7 @@ use http::{Method, Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::{Body as _, Frame};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
 
 use crate::http::{Body, BodyError};
 
@@ -301,12 +302,20 @@ pub struct Tunnel {
     finished: bool,
 }
 
-fn io_error(err: h2::Error) -> std::io::Error {
+pub(crate) fn io_error(err: h2::Error) -> std::io::Error {
     if err.is_io() {
         err.into_io()
             .unwrap_or_else(|| std::io::ErrorKind::BrokenPipe.into())
     } else {
         std::io::Error::other(err)
+    }
+}
+
+impl Tunnel {
+    /// The stream's two halves and what was received and not yet read,
+    /// for a relay that moves whole buffers (`splice`).
+    pub(crate) fn into_parts(self) -> (SendStream<Bytes>, RecvStream, Bytes) {
+        (self.send, self.recv, self.received)
     }
 }
 
@@ -378,15 +387,70 @@ impl AsyncWrite for Tunnel {
     }
 }
 
+/// A TCP connection, or one carried as a CONNECT stream. What the mesh
+/// mTLS to a peer sidecar runs over (directly, or through a gateway), and
+/// what an outbound TCP connection is relayed to. One type, so that the
+/// TLS, HTTP/2 and upgrade code over it exists once in the binary.
+pub enum Carrier {
+    Tcp(TcpStream),
+    Tunnel(Tunnel),
+}
+
+impl tokio::io::AsyncRead for Carrier {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Carrier::Tcp(s) => std::pin::Pin::new(s).poll_read(cx, buf),
+            Carrier::Tunnel(s) => std::pin::Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for Carrier {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Carrier::Tcp(s) => std::pin::Pin::new(s).poll_write(cx, buf),
+            Carrier::Tunnel(s) => std::pin::Pin::new(s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Carrier::Tcp(s) => std::pin::Pin::new(s).poll_flush(cx),
+            Carrier::Tunnel(s) => std::pin::Pin::new(s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Carrier::Tcp(s) => std::pin::Pin::new(s).poll_shutdown(cx),
+            Carrier::Tunnel(s) => std::pin::Pin::new(s).poll_shutdown(cx),
+        }
+    }
+}
+
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use http_body_util::StreamBody;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     /// A link to an h2 server on the other end of an in-memory pipe,
     /// whose streams `serve` gets one at a time.
-    async fn linked<F, Fut>(serve: F) -> Link
+    pub(crate) async fn linked<F, Fut>(serve: F) -> Link
     where
         F: Fn(Request<RecvStream>, h2::server::SendResponse<Bytes>) -> Fut + Send + 'static,
         Fut: std::future::Future<Output = ()> + Send + 'static,
@@ -401,7 +465,7 @@ mod tests {
         handshake(near).await.unwrap()
     }
 
-    async fn all_data(stream: &mut RecvStream) -> Vec<u8> {
+    pub(crate) async fn all_data(stream: &mut RecvStream) -> Vec<u8> {
         let mut all = Vec::new();
         while let Some(data) = stream.data().await {
             let data = data.unwrap();

@@ -30,7 +30,7 @@ use weft_certs::Identity;
 use crate::balance::{Choice, Here, InFlight, Load};
 use crate::drain::Drain;
 use crate::http::HEAD_TIMEOUT;
-use crate::link::Failure;
+use crate::link::{Carrier, Failure};
 use crate::metrics::{Metrics, Peer, TrafficLabels};
 use crate::network::{Ejections, Gateway, Reach};
 use crate::outlier::{Outliers, Policy};
@@ -391,11 +391,7 @@ impl Outbound {
     /// Connects to `destination` and sends it `early` (what the client
     /// already sent): with the CONNECT through a peer sidecar, so that a
     /// new connection costs one round trip between the sidecars.
-    async fn connect(
-        &self,
-        destination: &Destination,
-        early: &Bytes,
-    ) -> Result<Box<dyn Stream>, Failure> {
+    async fn connect(&self, destination: &Destination, early: &Bytes) -> Result<Carrier, Failure> {
         match destination {
             Destination::Mesh {
                 peer,
@@ -403,7 +399,7 @@ impl Outbound {
                 target,
                 via,
                 ..
-            } => Ok(Box::new(
+            } => Ok(Carrier::Tunnel(
                 self.pool
                     .tunnel(*peer, identity, *target, via.as_deref(), early.clone())
                     .await?,
@@ -421,7 +417,7 @@ impl Outbound {
                     error: e.into(),
                     sent: true,
                 })?;
-                Ok(Box::new(tcp))
+                Ok(Carrier::Tcp(tcp))
             }
         }
     }
@@ -434,7 +430,7 @@ impl Outbound {
         host: &str,
         port: u16,
         early: Bytes,
-    ) -> Result<(Pick, Box<dyn Stream>)> {
+    ) -> Result<(Pick, Carrier)> {
         // A TCP route (VirtualService `tcp`) may send the connection to
         // another host, port or subset.
         let routed = {
@@ -565,19 +561,17 @@ impl Outbound {
         self.relay_connected(client, pick, upstream).await
     }
 
-    async fn relay_connected<S>(
-        &self,
-        mut client: S,
-        pick: Pick,
-        mut upstream: Box<dyn Stream>,
-    ) -> Result<()>
+    async fn relay_connected<S>(&self, mut client: S, pick: Pick, upstream: Carrier) -> Result<()>
     where
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send,
     {
         let destination = pick.workload.as_deref().map(Peer::of).unwrap_or_default();
         let labels = TrafficLabels::new("source", &self.me(), &pick.service_name(), &destination);
         self.metrics.tcp_opened.get_or_create(&labels).inc();
-        let result = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+        let result = match upstream {
+            Carrier::Tunnel(tunnel) => crate::splice::splice(tunnel, &mut client).await,
+            Carrier::Tcp(mut tcp) => tokio::io::copy_bidirectional(&mut client, &mut tcp).await,
+        };
         let (sent, received) = result.as_ref().map(|r| *r).unwrap_or((0, 0));
         self.metrics.tcp(&labels, sent, received);
         drop(pick);
@@ -608,12 +602,6 @@ fn destination(
         Ok(Destination::Direct(target))
     }
 }
-
-pub(crate) trait Stream:
-    tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send
-{
-}
-impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Stream for T {}
 
 /// Reads an HTTP/1 request head: the bytes up to the blank line, and any
 /// bytes after it that already arrived.

@@ -22,7 +22,7 @@ use weft_certs::Identity;
 use weft_certs::tls::{self, CertStore, TrustBundle};
 
 use crate::coalesce::Coalesce;
-use crate::link::{Failure, Link, Tunnel};
+use crate::link::{Carrier, Failure, Link, Tunnel};
 use crate::network::{Gateway, Resolver};
 
 /// The port sidecars accept mesh connections on.
@@ -59,60 +59,6 @@ impl std::fmt::Display for GatewayUnreachable {
     }
 }
 
-/// What the mesh mTLS of one peer connection runs over: a TCP connection
-/// of its own, or a tunnel through a gateway. One type, so the TLS and
-/// HTTP/2 client code exists once in the binary.
-enum Carrier {
-    Tcp(TcpStream),
-    Gateway(Tunnel),
-}
-
-impl tokio::io::AsyncRead for Carrier {
-    fn poll_read(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            Carrier::Tcp(s) => std::pin::Pin::new(s).poll_read(cx, buf),
-            Carrier::Gateway(s) => std::pin::Pin::new(s).poll_read(cx, buf),
-        }
-    }
-}
-
-impl tokio::io::AsyncWrite for Carrier {
-    fn poll_write(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &[u8],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        match self.get_mut() {
-            Carrier::Tcp(s) => std::pin::Pin::new(s).poll_write(cx, buf),
-            Carrier::Gateway(s) => std::pin::Pin::new(s).poll_write(cx, buf),
-        }
-    }
-
-    fn poll_flush(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            Carrier::Tcp(s) => std::pin::Pin::new(s).poll_flush(cx),
-            Carrier::Gateway(s) => std::pin::Pin::new(s).poll_flush(cx),
-        }
-    }
-
-    fn poll_shutdown(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            Carrier::Tcp(s) => std::pin::Pin::new(s).poll_shutdown(cx),
-            Carrier::Gateway(s) => std::pin::Pin::new(s).poll_shutdown(cx),
-        }
-    }
-}
-
 impl Pool {
     pub fn new(certs: CertStore, bundle: TrustBundle, connect_timeout: Duration) -> Self {
         Pool {
@@ -145,7 +91,7 @@ impl Pool {
         }
         let carrier = match via {
             None => Carrier::Tcp(self.connect(peer).await?),
-            Some(gateway) => Carrier::Gateway(
+            Some(gateway) => Carrier::Tunnel(
                 Box::pin(self.through_gateway(gateway, peer))
                     .await
                     .context(GatewayUnreachable(gateway.name.clone()))?,
