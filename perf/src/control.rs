@@ -36,6 +36,8 @@ pub struct Options {
     pub changes: usize,
     pub target_p99_ms: f64,
     pub target_rss_mb: f64,
+    /// Every proxy holds every workload this long after they connect.
+    pub target_sync_s: f64,
 }
 
 pub use crate::apiserver::Outcome;
@@ -480,8 +482,11 @@ async fn drive(options: &Options, command: &str) -> Result<Outcome> {
     let all = report::percentiles_ms(&reach_all);
     let one = report::percentiles_ms(&reach_one);
     let mib = |b: u64| b as f64 / 1048576.0;
-    let passed =
-        missing == 0 && all[2] < options.target_p99_ms && mib(rss_peak) < options.target_rss_mb;
+    let synced_in_time = initial_sync.as_secs_f64() <= options.target_sync_s;
+    let passed = missing == 0
+        && all[2] < options.target_p99_ms
+        && mib(rss_peak) < options.target_rss_mb
+        && synced_in_time;
     let markdown = format!(
         "# Control plane: {clusters} clusters × {per} workloads, {proxies} proxies\n\n\
          {header}\n\
@@ -508,9 +513,11 @@ async fn drive(options: &Options, command: &str) -> Result<Outcome> {
          | clusters populated (lab API servers) | {populated:.1} s |\n\
          | control plane synced all clusters | {control_synced:.1} s |\n\
          | control plane memory per proxy (RSS after the proxies synced, less before them, per proxy) | {per_proxy:.0} KiB (istiod: about 1,300 KiB, 25,000 sidecars per 32 GB) |\n\
-         | initial sync of {total} workloads to {proxies} proxies | {initial:.2} s (efficiency issue's target: 3 s for 15,000 to 1,000) |\n\
+         | initial sync of {total} workloads to {proxies} proxies | {initial:.2} s |\n\
          | control plane CPU during the initial sync | {cpu_sync:.2} s |\n\n\
          **Targets:** p99 change-to-all-proxies under {tp99} ms: **{v1}** ({a2:.1} ms); \
+         initial sync in {tsync} s at most (the efficiency issue's, for 15,000 workloads to \
+         1,000 proxies): **{v3}** ({initial:.2} s); \
          control plane memory under {trss} MB: **{v2}** (peak {r4:.1} MiB).\n",
         clusters = options.clusters,
         per = options.workloads_per_cluster,
@@ -539,6 +546,8 @@ async fn drive(options: &Options, command: &str) -> Result<Outcome> {
         cpu_sync = cpu_sync,
         tp99 = options.target_p99_ms,
         trss = options.target_rss_mb,
+        tsync = options.target_sync_s,
+        v3 = if synced_in_time { "met" } else { "NOT met" },
         v1 = if all[2] < options.target_p99_ms && missing == 0 {
             "met"
         } else {

@@ -149,6 +149,8 @@ enum Scenario {
         target_p99_ms: f64,
         #[arg(long, default_value_t = 300.0)]
         target_rss_mb: f64,
+        #[arg(long, default_value_t = 3.0)]
+        target_sync_s: f64,
     },
 }
 
@@ -292,12 +294,14 @@ fn main() -> Result<()> {
             changes,
             target_p99_ms,
             target_rss_mb,
+            target_sync_s,
         } => (
             "control",
             control::run(
                 &control::Options {
                     target_p99_ms,
                     target_rss_mb,
+                    target_sync_s,
                     clusters,
                     workloads_per_cluster: workloads,
                     pods_per_service,
