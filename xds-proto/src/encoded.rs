@@ -42,6 +42,14 @@ impl EncodedDeltaResponse {
         }
     }
 
+    /// Makes room for `count` more resources of `bytes` in all, so that
+    /// adding them does not grow the buffer step by step.
+    pub fn reserve(&mut self, count: usize, bytes: usize) {
+        // A key byte and a length of at most three bytes (under 2 MiB)
+        // each; a longer one only makes the buffer grow once more.
+        self.resources.reserve(bytes + count * 4);
+    }
+
     /// Adds one encoded `Resource`.
     pub fn push_resource(&mut self, resource: &[u8]) {
         put_field(2, resource, &mut self.resources);

@@ -10,6 +10,7 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::ops::Bound;
 
+use bytes::Bytes;
 use tonic::Status;
 use weft_xds_proto::encoded::EncodedDeltaResponse;
 
@@ -207,30 +208,36 @@ impl Subscription {
         response: &mut EncodedDeltaResponse,
     ) -> Option<(Bound<(u64, String)>, u64)> {
         let room = CHUNK.saturating_sub(size(response));
-        // The last entry taken, named once the pass stops rather than
-        // after each entry.
-        let mut last: Option<(u64, &String)> = None;
-        let resume = |last: Option<(u64, &String)>| match last {
-            Some((version, name)) => Some((Bound::Excluded((version, name.clone())), upto)),
-            None => Some((start.clone(), upto)),
-        };
-        let mut taken = 0;
+        // The entries this response takes, gathered first so that its
+        // buffer is sized once rather than grown (and copied) as it fills.
+        let mut batch = Vec::with_capacity(room.min(CHUNK));
+        let mut complete = true;
         for (version, name, resource) in table.log_from(start.clone()) {
             if version > upto {
-                return None;
+                break;
             }
-            if taken == room {
-                return resume(last);
+            if batch.len() == room {
+                complete = false;
+                break;
             }
+            batch.push((version, name, resource));
+        }
+        let resources = batch.iter().filter_map(|(_, _, r)| r.map(Bytes::len));
+        response.reserve(resources.clone().count(), resources.sum());
+        for (_, name, resource) in &batch {
             match resource {
                 Some(resource) => response.push_resource(resource),
-                None => response.removed_resources.push(name.clone()),
+                None => response.removed_resources.push((*name).clone()),
             }
-            taken += 1;
-            last = Some((version, name));
         }
-        // The log ran out: the pass is complete.
-        if taken < room { None } else { resume(last) }
+        if complete {
+            return None;
+        }
+        // Named once the pass stops rather than after each entry.
+        Some(match batch.last() {
+            Some((version, name, _)) => (Bound::Excluded((*version, (*name).clone())), upto),
+            None => (start, upto),
+        })
     }
 
     /// Adds `name` as the table has it now. Resources were encoded when
