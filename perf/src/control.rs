@@ -365,6 +365,8 @@ async fn drive(options: &Options, command: &str) -> Result<Outcome> {
     // Set before the control plane is stopped, when streams ending is expected.
     let finished = Arc::new(AtomicBool::new(false));
     let connections = options.proxies.div_ceil(options.proxies_per_connection);
+    // Counting only, whatever a run before this one in the process left.
+    KEEP_RESOURCES.store(false, Ordering::Relaxed);
     let cpu_before_sync = report::proc_cpu_seconds(pid);
     let sync_started = Instant::now();
     // Connected together, as proxies starting together do: one after the

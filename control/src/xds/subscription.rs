@@ -210,7 +210,7 @@ impl Subscription {
         let room = CHUNK.saturating_sub(size(response));
         // The entries this response takes, gathered first so that its
         // buffer is sized once rather than grown (and copied) as it fills.
-        let mut batch = Vec::with_capacity(room.min(CHUNK));
+        let mut batch = Vec::with_capacity(room);
         let mut complete = true;
         for (version, name, resource) in table.log_from(start.clone()) {
             if version > upto {
