@@ -14,6 +14,7 @@ use std::time::Duration;
 use http::HeaderMap;
 use prost::Message;
 use weft_xds_proto::mesh::{self, consistent_hash, path_rewrite, value_match};
+use weft_xds_proto::pattern;
 
 use crate::outlier;
 use crate::resources::{Interner, InvalidResource, Name, Workload};
@@ -31,7 +32,7 @@ enum Text {
     Any,
     Exact(Box<str>),
     Prefix(Box<str>),
-    Regex(regex::Regex),
+    Regex(pattern::Regex),
     Present,
 }
 
@@ -55,10 +56,7 @@ impl ValueMatcher {
             Some(value_match::Kind::Prefix(v)) => Text::Prefix(v.as_str().into()),
             Some(value_match::Kind::Present(_)) => Text::Present,
             Some(value_match::Kind::Regex(v)) => Text::Regex(
-                regex::RegexBuilder::new(&format!("^(?:{v})$"))
-                    .size_limit(1 << 20)
-                    .build()
-                    .map_err(|e| invalid(name, format!("regex {v:?}: {e}")))?,
+                pattern::whole_value(v).map_err(|e| invalid(name, format!("regex {v:?}: {e}")))?,
             ),
         };
         Ok(ValueMatcher {

@@ -7,7 +7,9 @@
 //! resources in `weft.mesh.v1` (`Service`, `Workload`), and the mesh CA in
 //! `weft.ca.v1`, and the demo echo service in `weft.echo.v1`. The code is generated at build time by protox, so no system
 //! `protoc` is needed. Behaviour lives elsewhere: the control plane serves
-//! these messages and the proxy consumes them.
+//! these messages and the proxy consumes them. The one exception is
+//! `pattern`, what a regex in a message means, which both sides must
+//! agree on.
 
 #![allow(clippy::doc_lazy_continuation, clippy::large_enum_variant)]
 
@@ -53,6 +55,7 @@ pub mod weft {
 }
 
 pub mod encoded;
+pub mod pattern;
 
 pub use prost;
 pub use prost_types;

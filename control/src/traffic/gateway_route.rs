@@ -501,7 +501,7 @@ fn grpc_match(at: &str, m: &Value, problems: &mut Problems) -> mesh::RouteMatch 
             ("Exact", Some(s), None) => Some(value_match::Kind::Prefix(format!("/{s}/"))),
             ("Exact", None, Some(n)) => Some(value_match::Kind::Regex(format!(
                 "/[^/]+/{}",
-                regex::escape(n)
+                weft_xds_proto::pattern::escape(n)
             ))),
             ("RegularExpression", s, n) => {
                 let pattern = format!("/{}/{}", s.unwrap_or("[^/]+"), n.unwrap_or("[^/]+"));

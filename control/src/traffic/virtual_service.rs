@@ -363,11 +363,11 @@ fn case_blind(read: mesh::ValueMatch) -> mesh::ValueMatch {
     let kind = match read.kind {
         Some(value_match::Kind::Exact(v)) => Some(value_match::Kind::Regex(format!(
             "(?i){}",
-            regex::escape(&v)
+            weft_xds_proto::pattern::escape(&v)
         ))),
         Some(value_match::Kind::Prefix(v)) => Some(value_match::Kind::Regex(format!(
             "(?i){}.*",
-            regex::escape(&v)
+            weft_xds_proto::pattern::escape(&v)
         ))),
         Some(value_match::Kind::Regex(v)) => Some(value_match::Kind::Regex(format!("(?i){v}"))),
         other => other,
@@ -802,6 +802,11 @@ mod tests {
             (
                 json!({"hosts": ["echo"], "http": [{"match": [{"uri": {"regex": "(["}}], "route": [{"destination": {"host": "echo"}}]}]}),
                 "spec.http[0].match[0].uri.regex",
+            ),
+            (
+                // RE2 has Unicode classes; the sidecars' engine does not.
+                json!({"hosts": ["echo"], "http": [{"match": [{"headers": {"x-name": {"regex": "\\p{Greek}+"}}}], "route": [{"destination": {"host": "echo"}}]}]}),
+                "spec.http[0].match[0].headers.x-name.regex: not a regular expression weft supports",
             ),
             (
                 json!({"hosts": ["echo"], "http": [{"route": [{"destination": {"host": "echo"}}], "timeout": "soon"}]}),
