@@ -145,7 +145,7 @@ impl Link {
         let empty = body.is_end_stream();
         let (answer, stream) = self.open(Request::from_parts(head, ()), empty).await?;
         if !empty {
-            crate::task::spawn(send_body(body, stream));
+            send_body_now(body, stream);
         }
         let response = answer.await.map_err(Failure::after_send)?;
         Ok(response.map(|received| Received::new(received).boxed()))
@@ -192,33 +192,93 @@ impl Link {
     }
 }
 
-/// Streams a request body into its HTTP/2 stream, as the peer's window
-/// allows; resets the stream if the body fails or the peer resets it.
-async fn send_body(mut body: Body, mut stream: SendStream<Bytes>) {
-    let sent = async {
-        loop {
-            let frame = tokio::select! {
-                frame = body.frame() => frame,
-                reset = poll_fn(|cx| stream.poll_reset(cx)) => {
-                    let reason = reset.map_or_else(|e| e.to_string(), |r| r.to_string());
-                    return Err(format!("the peer reset the request: {reason}"));
+/// Sends a request body that is already here whole (most are: a small
+/// body arrives with its headers) in one DATA frame that also ends the
+/// stream, on the caller's task; anything else streams on a task of its
+/// own. The stream's end rides on the last data whenever the body says
+/// it has ended: sent apart, it can reach a peer that has already
+/// answered and reset the stream, and HTTP/2 servers count frames for
+/// streams they reset, closing the whole connection (with every request
+/// on it) past a limit: h2's is 1,024, which a busy link reached.
+fn send_body_now(mut body: Body, mut stream: SendStream<Bytes>) {
+    // A no-op waker: if the body is not ready, the task below polls it
+    // again with its own.
+    let mut cx = Context::from_waker(std::task::Waker::noop());
+    let first = match Pin::new(&mut body).poll_frame(&mut cx) {
+        Poll::Pending => None,
+        Poll::Ready(None) => {
+            let _ = stream.send_data(Bytes::new(), true);
+            return;
+        }
+        Poll::Ready(Some(Err(err))) => {
+            tracing::debug!("a request body was cut off: {err}");
+            stream.send_reset(Reason::CANCEL);
+            return;
+        }
+        Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+            Ok(data) => {
+                let end = body.is_end_stream();
+                stream.reserve_capacity(data.len());
+                if end && stream.capacity() >= data.len() {
+                    if let Err(err) = stream.send_data(data, true) {
+                        tracing::debug!("a request body was cut off: {err}");
+                        stream.send_reset(Reason::CANCEL);
+                    }
+                    return;
                 }
-            };
-            let Some(frame) = frame else {
-                return stream
-                    .send_data(Bytes::new(), true)
-                    .map_err(|e| e.to_string());
-            };
-            let frame = frame.map_err(|e| e.to_string())?;
-            match frame.into_data() {
-                Ok(data) => send_all(&mut stream, data)
-                    .await
-                    .map_err(|e| e.to_string())?,
-                Err(frame) => {
-                    if let Ok(trailers) = frame.into_trailers() {
-                        return stream.send_trailers(trailers).map_err(|e| e.to_string());
+                Some(data)
+            }
+            Err(frame) => {
+                if let Ok(trailers) = frame.into_trailers() {
+                    let _ = stream.send_trailers(trailers);
+                    return;
+                }
+                None
+            }
+        },
+    };
+    crate::task::spawn(send_body(first, body, stream));
+}
+
+/// Streams a request body into its HTTP/2 stream, `first` (data already
+/// taken from it) ahead, as the peer's window allows; resets the stream
+/// if the body fails or the peer resets it.
+async fn send_body(first: Option<Bytes>, mut body: Body, mut stream: SendStream<Bytes>) {
+    let sent = async {
+        let mut taken = first;
+        loop {
+            let data = match taken.take() {
+                Some(data) => data,
+                None => {
+                    let frame = tokio::select! {
+                        frame = body.frame() => frame,
+                        reset = poll_fn(|cx| stream.poll_reset(cx)) => {
+                            let reason = reset.map_or_else(|e| e.to_string(), |r| r.to_string());
+                            return Err(format!("the peer reset the request: {reason}"));
+                        }
+                    };
+                    let Some(frame) = frame else {
+                        return stream
+                            .send_data(Bytes::new(), true)
+                            .map_err(|e| e.to_string());
+                    };
+                    match frame.map_err(|e| e.to_string())?.into_data() {
+                        Ok(data) => data,
+                        Err(frame) => match frame.into_trailers() {
+                            Ok(trailers) => {
+                                return stream.send_trailers(trailers).map_err(|e| e.to_string());
+                            }
+                            Err(_) => continue,
+                        },
                     }
                 }
+            };
+            let end = body.is_end_stream();
+            send_all(&mut stream, data, end)
+                .await
+                .map_err(|e| e.to_string())?;
+            if end {
+                return Ok(());
             }
         }
     };
@@ -228,8 +288,20 @@ async fn send_body(mut body: Body, mut stream: SendStream<Bytes>) {
     }
 }
 
-/// Sends `data`, a window's worth at a time.
-async fn send_all(stream: &mut SendStream<Bytes>, mut data: Bytes) -> Result<(), h2::Error> {
+/// Sends `data`, a window's worth at a time, the last piece ending the
+/// stream when `end`.
+async fn send_all(
+    stream: &mut SendStream<Bytes>,
+    mut data: Bytes,
+    end: bool,
+) -> Result<(), h2::Error> {
+    if data.is_empty() {
+        return if end {
+            stream.send_data(data, true)
+        } else {
+            Ok(())
+        };
+    }
     while data.has_remaining() {
         stream.reserve_capacity(data.len());
         let mut granted = stream.capacity();
@@ -240,7 +312,7 @@ async fn send_all(stream: &mut SendStream<Bytes>, mut data: Bytes) -> Result<(),
             };
         }
         let chunk = data.split_to(granted.min(data.len()));
-        stream.send_data(chunk, false)?;
+        stream.send_data(chunk, end && data.is_empty())?;
     }
     Ok(())
 }
@@ -507,6 +579,65 @@ pub(crate) mod tests {
         assert_eq!(bytes.len(), 4 + 100_000);
         assert!(bytes.starts_with(b"one x"));
         assert_eq!(trailers["grpc-status"], "0");
+    }
+
+    /// A body that says it has ended once its one chunk is out, and then
+    /// never yields its end; on `wait_first`, not ready when first asked.
+    struct Ending {
+        data: Option<Bytes>,
+        wait_first: bool,
+    }
+
+    impl hyper::body::Body for Ending {
+        type Data = Bytes;
+        type Error = BodyError;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+            if std::mem::take(&mut self.wait_first) {
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
+            match self.data.take() {
+                Some(data) => Poll::Ready(Some(Ok(Frame::data(data)))),
+                None => Poll::Pending,
+            }
+        }
+
+        fn is_end_stream(&self) -> bool {
+            self.data.is_none()
+        }
+    }
+
+    #[tokio::test]
+    async fn a_request_body_ends_its_stream_with_its_last_data() {
+        let link = linked(|request, mut respond| async move {
+            let mut body = request.into_body();
+            let data = body.data().await.unwrap().unwrap();
+            // The end came with the data: nothing more is awaited.
+            let next = tokio::time::timeout(std::time::Duration::from_secs(5), body.data())
+                .await
+                .expect("the stream's end, with the data");
+            assert!(next.is_none());
+            let mut send = respond.send_response(Response::new(()), false).unwrap();
+            send.send_data(data, true).unwrap();
+        })
+        .await;
+        // Ready at once (sent on the caller's task), then not (on a task).
+        for wait_first in [false, true] {
+            let body = Ending {
+                data: Some(Bytes::from(vec![b'x'; 1024])),
+                wait_first,
+            };
+            let request = Request::post("http://echo.demo/call")
+                .body(body.boxed())
+                .unwrap();
+            let response = link.request(request).await.unwrap();
+            let echoed = response.into_body().collect().await.unwrap().to_bytes();
+            assert_eq!(echoed.len(), 1024, "wait_first: {wait_first}");
+        }
     }
 
     #[tokio::test]
