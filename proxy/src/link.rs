@@ -206,72 +206,56 @@ fn send_body_now(mut body: Body, mut stream: SendStream<Bytes>) {
     let mut cx = Context::from_waker(std::task::Waker::noop());
     let first = match Pin::new(&mut body).poll_frame(&mut cx) {
         Poll::Pending => None,
-        Poll::Ready(None) => {
-            let _ = stream.send_data(Bytes::new(), true);
-            return;
-        }
-        Poll::Ready(Some(Err(err))) => {
-            tracing::debug!("a request body was cut off: {err}");
-            stream.send_reset(Reason::CANCEL);
-            return;
-        }
-        Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
-            Ok(data) => {
-                let end = body.is_end_stream();
-                stream.reserve_capacity(data.len());
-                if end && stream.capacity() >= data.len() {
-                    if let Err(err) = stream.send_data(data, true) {
-                        tracing::debug!("a request body was cut off: {err}");
-                        stream.send_reset(Reason::CANCEL);
-                    }
-                    return;
+        Poll::Ready(Some(Ok(frame))) if frame.is_data() && body.is_end_stream() => {
+            let data = frame.into_data().unwrap_or_default();
+            stream.reserve_capacity(data.len());
+            if stream.capacity() >= data.len() {
+                if let Err(err) = stream.send_data(data, true) {
+                    tracing::debug!("a request body was cut off: {err}");
+                    stream.send_reset(Reason::CANCEL);
                 }
-                Some(data)
+                return;
             }
-            Err(frame) => {
-                if let Ok(trailers) = frame.into_trailers() {
-                    let _ = stream.send_trailers(trailers);
-                    return;
-                }
-                None
-            }
-        },
+            Some(Some(Ok(Frame::data(data))))
+        }
+        Poll::Ready(polled) => Some(polled),
     };
     crate::task::spawn(send_body(first, body, stream));
 }
 
-/// Streams a request body into its HTTP/2 stream, `first` (data already
-/// taken from it) ahead, as the peer's window allows; resets the stream
-/// if the body fails or the peer resets it.
-async fn send_body(first: Option<Bytes>, mut body: Body, mut stream: SendStream<Bytes>) {
+/// A body's next frame, as `Body::frame` gives it.
+type Polled = Option<Result<Frame<Bytes>, BodyError>>;
+
+/// Streams a request body into its HTTP/2 stream, `first` (what a poll
+/// already took from it) ahead, as the peer's window allows; resets the
+/// stream if the body fails or the peer resets it.
+async fn send_body(first: Option<Polled>, mut body: Body, mut stream: SendStream<Bytes>) {
     let sent = async {
         let mut taken = first;
         loop {
-            let data = match taken.take() {
-                Some(data) => data,
-                None => {
-                    let frame = tokio::select! {
-                        frame = body.frame() => frame,
-                        reset = poll_fn(|cx| stream.poll_reset(cx)) => {
-                            let reason = reset.map_or_else(|e| e.to_string(), |r| r.to_string());
-                            return Err(format!("the peer reset the request: {reason}"));
-                        }
-                    };
-                    let Some(frame) = frame else {
-                        return stream
-                            .send_data(Bytes::new(), true)
-                            .map_err(|e| e.to_string());
-                    };
-                    match frame.map_err(|e| e.to_string())?.into_data() {
-                        Ok(data) => data,
-                        Err(frame) => match frame.into_trailers() {
-                            Ok(trailers) => {
-                                return stream.send_trailers(trailers).map_err(|e| e.to_string());
-                            }
-                            Err(_) => continue,
-                        },
+            let frame = match taken.take() {
+                Some(frame) => frame,
+                None => tokio::select! {
+                    frame = body.frame() => frame,
+                    reset = poll_fn(|cx| stream.poll_reset(cx)) => {
+                        let reason = reset.map_or_else(|e| e.to_string(), |r| r.to_string());
+                        return Err(format!("the peer reset the request: {reason}"));
                     }
-                }
+                },
+            };
+            let Some(frame) = frame else {
+                return stream
+                    .send_data(Bytes::new(), true)
+                    .map_err(|e| e.to_string());
+            };
+            let data = match frame.map_err(|e| e.to_string())?.into_data() {
+                Ok(data) => data,
+                Err(frame) => match frame.into_trailers() {
+                    Ok(trailers) => {
+                        return stream.send_trailers(trailers).map_err(|e| e.to_string());
+                    }
+                    Err(_) => continue,
+                },
             };
             let end = body.is_end_stream();
             send_all(&mut stream, data, end)
