@@ -668,12 +668,19 @@ pub fn read_traffic(kind: Kind, object: &serde_json::Value, domain_suffix: &str)
 /// CRD is not installed), or, where `forbidden_is_empty`, may not be
 /// read: then there is none of it.
 fn type_absent(err: &watcher::Error, forbidden_is_empty: bool) -> bool {
-    matches!(
-        err,
-        watcher::Error::InitialListFailed(kube::Error::Api(status))
-            | watcher::Error::WatchStartFailed(kube::Error::Api(status))
-            if status.code == 404 || (forbidden_is_empty && status.code == 403)
-    )
+    match err {
+        watcher::Error::InitialListFailed(err) | watcher::Error::WatchStartFailed(err) => {
+            status_absent(err, forbidden_is_empty)
+        }
+        _ => false,
+    }
+}
+
+/// Whether a request failed because the resource type is absent, in the
+/// sense of `type_absent`.
+fn status_absent(err: &kube::Error, forbidden_is_empty: bool) -> bool {
+    matches!(err, kube::Error::Api(status)
+        if status.code == 404 || (forbidden_is_empty && status.code == 403))
 }
 
 /// How often each API server is asked for its version, how long it may
@@ -793,14 +800,23 @@ where
                 continue;
             },
             _ = probe.tick(), if failing => {
-                let alive = api.list(&kube::api::ListParams::default().limit(1)).await.is_ok();
-                if alive {
-                    failing = false;
-                    if !ctx.send(Change::Recovered(kind)) {
-                        return;
+                match api.list(&kube::api::ListParams::default().limit(1)).await {
+                    Ok(_) => {
+                        failing = false;
+                        if !ctx.send(Change::Recovered(kind)) {
+                            return;
+                        }
+                        continue;
                     }
+                    // The server answers, and the kind is still not served
+                    // (or may not be read): handled below as the watcher's
+                    // own list would be, since while this kind is absent
+                    // the watcher's retries say nothing new.
+                    Err(err) if status_absent(&err, ctx.forbidden_is_empty) => {
+                        Err(watcher::Error::InitialListFailed(err))
+                    }
+                    Err(_) => continue,
                 }
-                continue;
             }
         };
         // `Init` comes before the list it announces (kube's watcher says
@@ -834,12 +850,17 @@ where
             // Said and applied once: each retry sending the empty set
             // again was a model update a second per absent kind, each one
             // holding back the debounced push of real changes.
+            // A connection error while absent (the server restarting)
+            // left an error that must be cleared: applied again then.
             Err(err) if type_absent(&err, ctx.forbidden_is_empty) => {
-                if absent {
+                if absent && !failing {
                     true
                 } else {
-                    tracing::warn!(cluster = %ctx.cluster, ?kind, %err, "this kind is not served (CRD not installed?) or may not be read (a remote secret from an older weftctl?): taking it as empty");
+                    if !absent {
+                        tracing::warn!(cluster = %ctx.cluster, ?kind, %err, "this kind is not served (CRD not installed?) or may not be read (a remote secret from an older weftctl?): taking it as empty");
+                    }
                     absent = true;
+                    failing = false;
                     ctx.send(Change::Reset(kind, Vec::new()))
                 }
             }
@@ -892,6 +913,66 @@ mod tests {
         }
         assert_eq!(resets.len(), 6, "every policy kind: {resets:?}");
         assert!(resets.values().all(|n| *n == 1), "once each: {resets:?}");
+    }
+
+    /// A kind taken as empty whose server goes away and comes back is
+    /// not left failing (its cluster stale) by the connection errors of
+    /// the time between: the server answering "not served" again
+    /// applies it as empty again.
+    #[tokio::test]
+    async fn an_absent_kind_is_not_left_failing_by_a_restart_of_its_server() {
+        // Restarted on its directory, it is the same cluster, same CA.
+        let dir = tempfile::tempdir().expect("a directory");
+        let config = || weft_apiserver::ApiServerConfig {
+            dir: Some(dir.path().to_path_buf()),
+            ..Default::default()
+        };
+        let server = weft_apiserver::ApiServer::start(config())
+            .await
+            .expect("an API server");
+        let addr = server.addr();
+        let client = weft_apiserver::client_for(server.kubeconfig())
+            .await
+            .expect("a client");
+        let (updates, mut received) = mpsc::unbounded_channel();
+        let handles = spawn_policy_watchers(client, "c1".into(), "cluster.local".into(), updates);
+        // The last change of each kind: what the model holds for it.
+        let mut last: BTreeMap<String, &'static str> = BTreeMap::new();
+        async fn wait_for(
+            received: &mut mpsc::UnboundedReceiver<ClusterUpdate>,
+            last: &mut BTreeMap<String, &'static str>,
+            wanted: &str,
+        ) {
+            let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
+            while last.len() < 6 || last.values().any(|change| *change != wanted) {
+                let Ok(Some(update)) = tokio::time::timeout_at(deadline, received.recv()).await
+                else {
+                    panic!("every kind's last change is {wanted}: {last:?}");
+                };
+                let change = match update.change {
+                    Change::Reset(..) => "reset",
+                    Change::Error(..) => "error",
+                    Change::Recovered(..) => "recovered",
+                    _ => continue,
+                };
+                if let Some(kind) = update.change.kind() {
+                    last.insert(format!("{kind:?}"), change);
+                }
+            }
+        }
+        wait_for(&mut received, &mut last, "reset").await;
+        // Down long enough for every kind's watcher to retry and fail to
+        // connect (its backoff after one 404 is under 2 s).
+        server.stop().await;
+        wait_for(&mut received, &mut last, "error").await;
+        let _back =
+            weft_apiserver::ApiServer::start(weft_apiserver::ApiServerConfig { addr, ..config() })
+                .await
+                .expect("the API server again");
+        wait_for(&mut received, &mut last, "reset").await;
+        for handle in handles {
+            handle.abort();
+        }
     }
 
     fn failed(code: u16) -> watcher::Error {
