@@ -7,7 +7,7 @@
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::request::Parts;
-use http::{Request, Response, StatusCode, Uri, Version};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::{BodyExt, Empty, Full};
 use hyper_util::rt::TokioTimer;
 
@@ -202,13 +202,21 @@ pub fn status(code: StatusCode) -> Response<Body> {
     response
 }
 
-/// The request to send on: same method and headers, a new URI and body.
-pub fn outgoing(parts: &Parts, uri: Uri, version: Version, body: Body) -> Request<Body> {
+/// The request to send on: the received method and headers (moved: a
+/// caller that may send again clones them first, and a header value's
+/// clone can allocate), a new URI and body.
+pub fn outgoing(
+    method: Method,
+    headers: HeaderMap,
+    uri: Uri,
+    version: Version,
+    body: Body,
+) -> Request<Body> {
     let mut request = Request::new(body);
-    *request.method_mut() = parts.method.clone();
+    *request.method_mut() = method;
     *request.uri_mut() = uri;
     *request.version_mut() = version;
-    *request.headers_mut() = parts.headers.clone();
+    *request.headers_mut() = headers;
     request
 }
 

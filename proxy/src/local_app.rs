@@ -513,7 +513,8 @@ impl LocalApp {
         } else {
             Version::HTTP_11
         };
-        let request = outgoing(&parts, uri, version, crate::http::boxed(body));
+        let body = crate::http::boxed(body);
+        let request = outgoing(parts.method, parts.headers, uri, version, body);
         match self.clients.client(target, http2).request(request).await {
             Ok(mut response) => {
                 strip_hop_by_hop(response.headers_mut());

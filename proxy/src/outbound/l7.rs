@@ -628,7 +628,13 @@ async fn send_body(
                                 true,
                             ));
                         };
-                        let mut request = outgoing(&parts, uri.clone(), Version::HTTP_2, send_body);
+                        let mut request = outgoing(
+                            parts.method.clone(),
+                            parts.headers.clone(),
+                            uri.clone(),
+                            Version::HTTP_2,
+                            send_body,
+                        );
                         let headers = request.headers_mut();
                         if let Ok(value) = HeaderValue::from_str(&target.to_string()) {
                             headers.insert(TARGET, value);
@@ -653,7 +659,13 @@ async fn send_body(
                     } else {
                         Version::HTTP_11
                     };
-                    let request = outgoing(&parts, uri.clone(), version, send_body);
+                    let request = outgoing(
+                        parts.method.clone(),
+                        parts.headers.clone(),
+                        uri.clone(),
+                        version,
+                        send_body,
+                    );
                     match client.request(request).await {
                         Ok(response) => Ok(response.map(crate::http::boxed)),
                         Err(err) => {
