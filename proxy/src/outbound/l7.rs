@@ -584,7 +584,7 @@ async fn send_body(
     plan: &Plan<'_>,
     authority: &str,
     version: Version,
-    parts: http::request::Parts,
+    mut parts: http::request::Parts,
     body: Body,
     empty: bool,
     start: Instant,
@@ -630,7 +630,7 @@ async fn send_body(
                         };
                         let mut request = outgoing(
                             parts.method.clone(),
-                            parts.headers.clone(),
+                            headers_for_attempt(&mut parts.headers, empty),
                             uri.clone(),
                             Version::HTTP_2,
                             send_body,
@@ -661,7 +661,7 @@ async fn send_body(
                     };
                     let request = outgoing(
                         parts.method.clone(),
-                        parts.headers.clone(),
+                        headers_for_attempt(&mut parts.headers, empty),
                         uri.clone(),
                         version,
                         send_body,
@@ -802,6 +802,17 @@ async fn backoff(retry: &Retry, attempt: u32) {
 
 /// The body for one attempt: an empty one for requests without one, else
 /// the request's own, once.
+/// The headers an attempt sends: cloned while another attempt may follow
+/// (a request without a body), moved when none can (a body, once handed
+/// over, cannot be sent again), since a header value's clone can allocate.
+fn headers_for_attempt(headers: &mut http::HeaderMap, empty: bool) -> http::HeaderMap {
+    if empty {
+        headers.clone()
+    } else {
+        std::mem::take(headers)
+    }
+}
+
 fn take_body(body: &mut Option<Body>, empty: bool) -> Option<Body> {
     if empty {
         Some(crate::http::empty())
