@@ -800,8 +800,6 @@ async fn backoff(retry: &Retry, attempt: u32) {
     tokio::time::sleep(std::time::Duration::from_millis(wait)).await;
 }
 
-/// The body for one attempt: an empty one for requests without one, else
-/// the request's own, once.
 /// The headers an attempt sends: cloned while another attempt may follow
 /// (a request without a body), moved when none can (a body, once handed
 /// over, cannot be sent again), since a header value's clone can allocate.
@@ -813,6 +811,8 @@ fn headers_for_attempt(headers: &mut http::HeaderMap, empty: bool) -> http::Head
     }
 }
 
+/// The body for one attempt: an empty one for requests without one, else
+/// the request's own, once.
 fn take_body(body: &mut Option<Body>, empty: bool) -> Option<Body> {
     if empty {
         Some(crate::http::empty())
