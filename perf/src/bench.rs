@@ -70,6 +70,8 @@ pub struct Options {
     pub authz_pairs: usize,
     /// Alternating runs with and without 10 routes and a DestinationRule.
     pub route_pairs: usize,
+    /// Also the stack's floor (`floor`), its link in HTTP/2 and in HTTP/1.1.
+    pub stack_floor: bool,
     /// Where plots go (next to the report); `None`: nowhere (`--no-write`).
     pub results: Option<PathBuf>,
 }
@@ -491,7 +493,7 @@ fn ensure_tools() -> Vec<String> {
 
 /// Certificates for the nginx and HAProxy baselines: a server certificate
 /// for `server.mesh` and a client certificate, from one root.
-fn baseline_certs(dir: &Path) -> Result<()> {
+pub(crate) fn baseline_certs(dir: &Path) -> Result<()> {
     let ca = weft_certs::CertificateAuthority::generate_root(
         "cluster.local",
         &weft_certs::CaParams::valid_for("bench baseline root", Duration::from_secs(86400)),
@@ -518,6 +520,9 @@ fn baseline_certs(dir: &Path) -> Result<()> {
         dir.join("client.both.pem"),
         client.chain_pem() + &client.key_pem(),
     )?;
+    let floor = weft_certs::issue_workload(&ca, &crate::floor::server_identity(NS)?, None)?;
+    std::fs::write(dir.join(crate::floor::SERVER_CERT.0), floor.chain_pem())?;
+    std::fs::write(dir.join(crate::floor::SERVER_CERT.1), floor.key_pem())?;
     Ok(())
 }
 
@@ -576,6 +581,18 @@ async fn baseline(
                 std::fs::write(&conf, nginx_conf(dir, side, listen, upstream))?;
                 let mut c = Command::new("nginx");
                 c.arg("-c").arg(&conf).arg("-p").arg(dir);
+                c
+            }
+            "floor-h2" | "floor-h1" => {
+                let mut c = Command::new(std::env::current_exe()?);
+                c.arg("floor")
+                    .args(["--side", side, "--link", &kind["floor-".len()..]])
+                    .arg("--listen")
+                    .arg(listen.to_string())
+                    .arg("--upstream")
+                    .arg(upstream.to_string())
+                    .arg("--certs")
+                    .arg(dir);
                 c
             }
             _ => {
@@ -1041,7 +1058,12 @@ async fn drive(options: &Options, command: &str) -> Result<Outcome> {
             ("nginx", ip([0, 4]), ip([0, 5])),
             ("haproxy", ip([0, 6]), ip([0, 7])),
             ("relay", ip([0, 8]), ip([0, 9])),
+            ("floor-h2", ip([0, 10]), ip([0, 11])),
+            ("floor-h1", ip([0, 12]), ip([0, 13])),
         ] {
+            if kind.starts_with("floor") && !options.stack_floor {
+                continue;
+            }
             let tool = if kind == "relay" { "haproxy" } else { kind };
             if results.skipped.iter().any(|s| s.starts_with(tool)) {
                 continue;
@@ -1505,7 +1527,7 @@ fn render(
     md += &authorization_cost(options, results);
     md += &routing_cost(options, results);
     md += &gateway_cost(options, results);
-    for other in ["nginx", "haproxy", "relay"] {
+    for other in ["nginx", "haproxy", "relay", "floor-h2", "floor-h1"] {
         if let (Some(w), Some(o)) = (per_cpu("weft"), per_cpu(other)) {
             md += &format!(
                 "- requests per CPU-second per proxy, weft / {other}: {:.2} ({:.0} vs {:.0}).\n",

@@ -9,6 +9,7 @@
 pub mod apiserver;
 pub mod bench;
 pub mod control;
+pub mod floor;
 pub mod load;
 pub mod networks;
 pub mod report;

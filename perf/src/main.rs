@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
-use weft_perf::{apiserver, bench, control, load, report, sidecar, tunnel};
+use weft_perf::{apiserver, bench, control, floor, load, report, sidecar, tunnel};
 
 #[derive(Parser)]
 #[command(name = "weft-perf", about = "weft's benchmark scenarios")]
@@ -104,6 +104,24 @@ enum Scenario {
         /// Runs with 10 routes and a DestinationRule, each between two without.
         #[arg(long, default_value_t = 3)]
         route_pairs: usize,
+        /// Also run the stack's floor: a proxy pair of weft's libraries
+        /// doing nothing of weft's, its link in HTTP/2 and in HTTP/1.1.
+        #[arg(long)]
+        stack_floor: bool,
+    },
+    /// One side of the stack's floor (run by `bench --stack-floor`).
+    #[command(hide = true)]
+    Floor {
+        #[arg(long, value_enum)]
+        side: floor::Side,
+        #[arg(long, value_enum)]
+        link: floor::Link,
+        #[arg(long)]
+        listen: std::net::SocketAddr,
+        #[arg(long)]
+        upstream: std::net::SocketAddr,
+        #[arg(long)]
+        certs: PathBuf,
     },
     /// Added latency of the two-sidecar mTLS path for TCP echo, against direct, in one run.
     Sidecar {
@@ -192,8 +210,24 @@ fn main() -> Result<()> {
         }
         return Ok(());
     }
+    if let Scenario::Floor {
+        side,
+        link,
+        listen,
+        upstream,
+        certs,
+    } = &cli.scenario
+    {
+        return floor::run(&floor::Options {
+            side: *side,
+            link: *link,
+            listen: *listen,
+            upstream: *upstream,
+            certs: certs.clone(),
+        });
+    }
     let (name, outcome) = match cli.scenario {
-        Scenario::Load { .. } => unreachable!("handled above"),
+        Scenario::Load { .. } | Scenario::Floor { .. } => unreachable!("handled above"),
         Scenario::Bench {
             rates,
             duration,
@@ -208,6 +242,7 @@ fn main() -> Result<()> {
             proxy_threads,
             authz_pairs,
             route_pairs,
+            stack_floor,
         } => (
             "bench",
             bench::run(
@@ -225,6 +260,7 @@ fn main() -> Result<()> {
                     proxy_threads,
                     authz_pairs,
                     route_pairs,
+                    stack_floor,
                     results: (!cli.no_write).then(|| cli.results.clone()),
                 },
                 &command,
