@@ -20,6 +20,61 @@ pub fn release_free() {
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
 pub fn release_free() {}
 
+/// Unmaps this process's pages of its own executable code, so that only
+/// the code that runs again is mapped again.
+///
+/// The kernel maps a file's pages 64 KiB around each page fault (fault
+/// around), and start-up touches nearly every 64 KiB of the code. Called
+/// once start-up is over, this leaves out of the resident set the windows
+/// that only start-up ran (0.3 MiB in the bench: the rest of the code
+/// has something that runs again in each 64 KiB). The pages stay in the
+/// page cache, shared with every other sidecar on the node: a page that
+/// runs again is a minor fault, no I/O. Only mappings that are executable
+/// and private to the executable file are touched: code is never written,
+/// so the file holds exactly what was mapped (relocated data is in
+/// writable or RELRO mappings, which are not executable).
+#[cfg(target_os = "linux")]
+pub fn release_code() -> std::io::Result<usize> {
+    let exe = std::fs::read_link("/proc/self/exe")?;
+    let maps = std::fs::read_to_string("/proc/self/maps")?;
+    let mut released = 0;
+    for (start, end) in code_mappings(&maps, &exe.to_string_lossy()) {
+        // SAFETY: the range is a whole mapping of read-only, never
+        // written code of the executable file; dropping its pages only
+        // makes the next use fault them back in from the page cache.
+        let done =
+            unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_DONTNEED) };
+        if done == 0 {
+            released += end - start;
+        }
+    }
+    Ok(released)
+}
+
+#[cfg(not(target_os = "linux"))]
+pub fn release_code() -> std::io::Result<usize> {
+    Ok(0)
+}
+
+/// The (start, end) of each executable, private mapping of `exe` in a
+/// `/proc/<pid>/maps` text.
+fn code_mappings<'a>(maps: &'a str, exe: &'a str) -> impl Iterator<Item = (usize, usize)> + 'a {
+    maps.lines().filter_map(move |line| {
+        let mut fields = line.split_ascii_whitespace();
+        let range = fields.next()?;
+        let perms = fields.next()?;
+        let path = fields.nth(3)?;
+        if perms != "r-xp" || path != exe {
+            return None;
+        }
+        let (start, end) = range.split_once('-')?;
+        Some((
+            usize::from_str_radix(start, 16).ok()?,
+            usize::from_str_radix(end, 16).ok()?,
+        ))
+    })
+}
+
 /// The heap as the allocator sees it: bytes in live allocations, and bytes
 /// in the free chunks it keeps for reuse (whole free pages inside them may
 /// already be back with the system, after `release_free`). A growing
@@ -83,6 +138,30 @@ mod tests {
         assert!(!burst_ended(4, 0), "a few connections are no burst");
         assert!(!burst_ended(32, 20), "still busy");
         assert!(burst_ended(32, 16));
+        assert!(burst_ended(32, 0));
+    }
+
+    #[test]
+    fn only_the_executables_own_code_is_chosen() {
+        let maps = "\
+5600000000-5600159000 r--p 00000000 fd:00 42 /usr/bin/weft-proxy
+560015a000-56006a3000 r-xp 00159000 fd:00 42 /usr/bin/weft-proxy
+56006a3000-56006ce000 r--p 006a1000 fd:00 42 /usr/bin/weft-proxy
+56006ce000-56006d5000 rw-p 006cb000 fd:00 42 /usr/bin/weft-proxy
+7f0000000000-7f0000021000 rw-p 00000000 00:00 0
+7f0000100000-7f0000200000 r-xp 00000000 fd:00 43 /usr/bin/weft-proxy-old
+7ffd00000000-7ffd00002000 r-xp 00000000 00:00 0 [vdso]
+";
+        let found: Vec<_> = code_mappings(maps, "/usr/bin/weft-proxy").collect();
+        assert_eq!(found, vec![(0x560015a000, 0x56006a3000)]);
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn code_is_unmapped_and_comes_back_as_it_runs() {
+        let released = release_code().unwrap();
+        assert!(released > 0, "no code mapping found");
+        // Still runs: what this test calls is mapped again on use.
         assert!(burst_ended(32, 0));
     }
 

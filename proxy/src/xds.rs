@@ -548,8 +548,12 @@ async fn session(
                     // by the allocator: give it back to the system.
                     crate::memory::release_free();
                 }
-                if resources.complete() {
-                    state.synced.store(true, Ordering::Relaxed);
+                if resources.complete() && !state.synced.swap(true, Ordering::Relaxed) {
+                    // Start-up is over: its code need not stay mapped.
+                    match crate::memory::release_code() {
+                        Ok(bytes) => tracing::debug!(bytes, "start-up code unmapped"),
+                        Err(err) => tracing::debug!("start-up code left mapped: {err}"),
+                    }
                 }
                 state.acks.fetch_add(1, Ordering::Relaxed);
                 None
