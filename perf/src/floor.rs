@@ -21,9 +21,9 @@ use std::task::{Context as TaskContext, Poll};
 
 use anyhow::{Context, Result};
 use http::Uri;
-use hyper::Request;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
+use hyper::{Request, Response};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -132,57 +132,57 @@ fn onward(req: &mut Request<Incoming>, authority: &str) -> io::Result<()> {
     Ok(())
 }
 
+/// Where the client side sends requests: the link under test.
+#[derive(Clone)]
+enum Upstream {
+    H2(hyper::client::conn::http2::SendRequest<Incoming>),
+    // Shared: hyper-util's client is large to clone for each request.
+    H1(Arc<Client<Connector, Incoming>>),
+}
+
+impl Upstream {
+    async fn send(self, mut req: Request<Incoming>) -> io::Result<Response<Incoming>> {
+        onward(&mut req, "floor.mesh")?;
+        match self {
+            Upstream::H2(mut sender) => {
+                *req.version_mut() = http::Version::HTTP_2;
+                sender.ready().await.map_err(io::Error::other)?;
+                sender.send_request(req).await.map_err(io::Error::other)
+            }
+            Upstream::H1(pool) => pool.request(req).await.map_err(io::Error::other),
+        }
+    }
+}
+
 async fn client(options: &Options, listener: TcpListener) -> Result<()> {
     let certs = CertStore::new(&workload(&options.certs, ("client.pem", "client.key"))?)?;
     let expected = workload(&options.certs, SERVER_CERT)?.identity().clone();
     let tls = weft_certs::tls::client_config(&certs, &bundle(&options.certs)?, vec![expected])?;
-    let upstream = options.upstream;
-    match options.link {
+    let upstream = match options.link {
         Link::H2 => {
-            let stream = mtls(tls, upstream).await?;
+            let stream = mtls(tls, options.upstream).await?;
             let (sender, connection) =
                 hyper::client::conn::http2::handshake(TokioExecutor::new(), stream).await?;
             tokio::spawn(connection);
-            accept(listener, move |tcp| {
-                let sender = sender.clone();
-                async move {
-                    let service = service_fn(move |mut req: Request<Incoming>| {
-                        let mut sender = sender.clone();
-                        async move {
-                            onward(&mut req, "floor.mesh")?;
-                            *req.version_mut() = http::Version::HTTP_2;
-                            sender.ready().await.map_err(io::Error::other)?;
-                            sender.send_request(req).await.map_err(io::Error::other)
-                        }
-                    });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(tcp), service)
-                        .await;
-                }
-            })
-            .await
+            Upstream::H2(sender)
         }
-        Link::H1 => {
-            let link: Client<Connector, Incoming> =
-                Client::builder(TokioExecutor::new()).build(Connector { tls, to: upstream });
-            accept(listener, move |tcp| {
-                let link = link.clone();
-                async move {
-                    let service = service_fn(move |mut req: Request<Incoming>| {
-                        let link = link.clone();
-                        async move {
-                            onward(&mut req, "floor.mesh")?;
-                            link.request(req).await.map_err(io::Error::other)
-                        }
-                    });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(tcp), service)
-                        .await;
-                }
-            })
-            .await
+        Link::H1 => Upstream::H1(Arc::new(Client::builder(TokioExecutor::new()).build(
+            Connector {
+                tls,
+                to: options.upstream,
+            },
+        ))),
+    };
+    accept(listener, move |tcp| {
+        let upstream = upstream.clone();
+        async move {
+            let service = service_fn(move |req: Request<Incoming>| upstream.clone().send(req));
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(tcp), service)
+                .await;
         }
-    }
+    })
+    .await
 }
 
 async fn server(options: &Options, listener: TcpListener) -> Result<()> {
