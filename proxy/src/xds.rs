@@ -549,11 +549,13 @@ async fn session(
                     crate::memory::release_free();
                 }
                 if resources.complete() && !state.synced.swap(true, Ordering::Relaxed) {
-                    // Start-up is over: its code need not stay mapped.
+                    // Start-up is over: its code need not stay mapped, nor
+                    // what it freed of the heap and the stack stay held.
                     match crate::memory::release_code() {
                         Ok(bytes) => tracing::debug!(bytes, "start-up code unmapped"),
                         Err(err) => tracing::debug!("start-up code left mapped: {err}"),
                     }
+                    crate::memory::release_free();
                 }
                 state.acks.fetch_add(1, Ordering::Relaxed);
                 None
