@@ -8,6 +8,7 @@
 
 pub mod apiserver;
 pub mod bench;
+pub mod code_order;
 pub mod control;
 pub mod floor;
 pub mod load;

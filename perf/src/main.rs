@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
-use weft_perf::{apiserver, bench, control, floor, load, report, sidecar, tunnel};
+use weft_perf::{apiserver, bench, code_order, control, floor, load, report, sidecar, tunnel};
 
 #[derive(Parser)]
 #[command(name = "weft-perf", about = "weft's benchmark scenarios")]
@@ -109,6 +109,24 @@ enum Scenario {
         #[arg(long)]
         stack_floor: bool,
     },
+    /// The sidecar's symbol order from the function traces of a
+    /// `--cfg weft_code_trace` build (run by `perf/code-order.sh`).
+    #[command(hide = true)]
+    CodeOrder {
+        /// The traced build of weft-proxy.
+        #[arg(long)]
+        binary: PathBuf,
+        /// The build the order is for (`cargo dist -p weft-proxy`), whose
+        /// names the order uses.
+        #[arg(long)]
+        shipped: PathBuf,
+        /// Where the order is written.
+        #[arg(long, default_value = "proxy/code-order.txt")]
+        out: PathBuf,
+        /// The traces (`/tmp/weft-code-trace.<pid>`), read in this order.
+        #[arg(required = true)]
+        traces: Vec<PathBuf>,
+    },
     /// One side of the stack's floor (run by `bench --stack-floor`).
     #[command(hide = true)]
     Floor {
@@ -210,6 +228,15 @@ fn main() -> Result<()> {
         }
         return Ok(());
     }
+    if let Scenario::CodeOrder {
+        binary,
+        shipped,
+        out,
+        traces,
+    } = &cli.scenario
+    {
+        return code_order::run(binary, shipped, traces, out);
+    }
     if let Scenario::Floor {
         side,
         link,
@@ -227,7 +254,9 @@ fn main() -> Result<()> {
         });
     }
     let (name, outcome) = match cli.scenario {
-        Scenario::Load { .. } | Scenario::Floor { .. } => unreachable!("handled above"),
+        Scenario::Load { .. } | Scenario::Floor { .. } | Scenario::CodeOrder { .. } => {
+            unreachable!("handled above")
+        }
         Scenario::Bench {
             rates,
             duration,

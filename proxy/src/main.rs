@@ -2,6 +2,9 @@
 //! environment the injector sets), `proxy gateway` an east-west gateway;
 //! `iptables` is the init container's command.
 
+#[cfg(weft_code_trace)]
+mod code_trace;
+
 use anyhow::{Context, Result};
 use weft_proxy::command_line::{self, Command};
 use weft_proxy::iptables;
