@@ -55,13 +55,24 @@ pub fn release_code() -> std::io::Result<usize> {
         // SAFETY: the range is a whole private mapping of the executable
         // file that was never written; dropping its pages only makes the
         // next use fault them back in from the page cache.
-        let done =
-            unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_DONTNEED) };
-        if done == 0 {
-            released += end - start;
-        }
+        released += unsafe { drop_pages(start, end) };
     }
     Ok(released)
+}
+
+/// Drops the pages of `start..end` from this process (`MADV_DONTNEED`):
+/// the bytes dropped, 0 if the kernel refused.
+///
+/// # Safety
+///
+/// Nothing in the range may be in use: a private file mapping's pages
+/// come back from the file, an anonymous mapping's come back zero-filled.
+#[cfg(target_os = "linux")]
+unsafe fn drop_pages(start: usize, end: usize) -> usize {
+    // SAFETY: the caller vouches for the range.
+    let done =
+        unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_DONTNEED) };
+    if done == 0 { end - start } else { 0 }
 }
 
 #[cfg(not(target_os = "linux"))]
@@ -94,9 +105,7 @@ fn release_stack() -> std::io::Result<usize> {
     // SAFETY: the range lies in the main thread's stack mapping, below
     // this frame by more than any call from here uses: nothing in it is
     // live, and a page touched again comes back zero-filled.
-    let done =
-        unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_DONTNEED) };
-    Ok(if done == 0 { end - start } else { 0 })
+    Ok(unsafe { drop_pages(start, end) })
 }
 
 #[cfg(not(target_os = "linux"))]

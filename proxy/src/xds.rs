@@ -542,19 +542,20 @@ async fn session(
             Ok(()) => {
                 delivered = true;
                 state.publish(resources.snapshot(&state.local));
-                if response.resources.len() + response.removed_resources.len() >= 50 {
-                    // A large update (the initial sync comes in chunks)
-                    // leaves the previous snapshots' memory free but held
-                    // by the allocator: give it back to the system.
-                    crate::memory::release_free();
-                }
-                if resources.complete() && !state.synced.swap(true, Ordering::Relaxed) {
-                    // Start-up is over: its code need not stay mapped, nor
-                    // what it freed of the heap and the stack stay held.
+                let synced_now =
+                    resources.complete() && !state.synced.swap(true, Ordering::Relaxed);
+                if synced_now {
+                    // Start-up is over: its code need not stay mapped.
                     match crate::memory::release_code() {
                         Ok(bytes) => tracing::debug!(bytes, "start-up code unmapped"),
                         Err(err) => tracing::debug!("start-up code left mapped: {err}"),
                     }
+                }
+                // A large update (the initial sync comes in chunks) leaves
+                // the previous snapshots' memory free but held by the
+                // allocator, and start-up what it freed of the heap and
+                // the stack: give it back to the system, once.
+                if synced_now || response.resources.len() + response.removed_resources.len() >= 50 {
                     crate::memory::release_free();
                 }
                 state.acks.fetch_add(1, Ordering::Relaxed);
