@@ -5,7 +5,8 @@
 # SanitizerCoverage), runs the bench's scenarios through it, and lists the
 # functions that ran. Run it after changes that add or rename many of the
 # sidecar's functions, or a dependency upgrade; then `cargo dist` again.
-# Needs what the bench needs, and nm (binutils). About 15 minutes.
+# Needs what the bench needs, and nm and objdump (binutils). About 15
+# minutes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -23,13 +24,38 @@ cargo dist -p weft-perf -p weft-control -p weft-echo
 
 shipped=$(mktemp)
 cp "$dist/weft-proxy" "$shipped"
-trap 'cp "$shipped" "$dist/weft-proxy"; rm -f "$shipped"' EXIT
+# Code built without the instrumentation (glibc, the standard library's
+# precompiled functions, ring's assembly) leaves no trace; the page cache
+# shows it instead. With the disk's read-ahead off (the kernel reads ahead
+# on an executable's page faults whatever the process advises), each
+# fault reads the one page it needs, so once the copy the bench runs is
+# evicted, its cached pages are the ones that ran.
+dev=$(stat -c '%Hd:%Ld' "$dist/weft-proxy")
+ahead=/sys/dev/block/$dev/queue/read_ahead_kb
+[ -e "$ahead" ] || ahead=/sys/dev/block/$dev/../queue/read_ahead_kb
+was=$(cat "$ahead" 2>/dev/null || true)
+restore() {
+    cp "$shipped" "$dist/weft-proxy"
+    rm -f "$shipped"
+    if [ -n "$was" ]; then echo "$was" > "$ahead"; fi
+}
+trap restore EXIT
 cp "$traced/$host/dist/weft-proxy" "$dist/weft-proxy"
+touched=()
+if [ -n "$was" ] && echo 0 2> /dev/null > "$ahead"; then
+    sync "$dist/weft-proxy"
+    dd if="$dist/weft-proxy" iflag=nocache count=0 status=none
+    touched=(--touched "$dist/weft-proxy")
+else
+    was=
+    echo "code-order: cannot turn read-ahead off ($ahead): only traced functions are ordered" >&2
+fi
 rm -f /tmp/weft-code-trace.*
 "$dist/weft-perf" --no-write bench --no-baselines --authz-pairs 1 --route-pairs 1 --rates 1000 --duration 5 > /dev/null
+if [ -n "$was" ]; then echo "$was" > "$ahead"; fi
 # Lower process ids first: the bench starts the client sidecar before the
 # others, so its start-up and serving lead the order.
 mapfile -t traces < <(ls /tmp/weft-code-trace.* | sort -t. -k2 -n)
 "$dist/weft-perf" code-order --binary "$traced/$host/dist/weft-proxy" --shipped "$shipped" \
-    --out proxy/code-order.txt "${traces[@]}"
+    "${touched[@]}" --out proxy/code-order.txt "${traces[@]}"
 rm -f /tmp/weft-code-trace.*

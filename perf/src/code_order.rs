@@ -8,6 +8,14 @@
 //! executable's symbol table (from `nm`) turns them into names. Functions
 //! come out in the order they first ran, the traces taken one after the
 //! other: start-up's together, then serving's.
+//!
+//! Code built without the instrumentation (glibc, the standard library's
+//! precompiled functions, ring's assembly) leaves no trace entries. The
+//! traced sidecars leave the executable's page cache holding only the
+//! pages that ran (`fault_code_page_by_page` in the tracer), so such
+//! functions on a cached page follow the traced ones (`--touched`): laid
+//! out together, rather than each keeping a 64 KiB window of cold code
+//! resident where it falls.
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -117,39 +125,190 @@ pub fn as_shipped(names: Vec<String>, shipped: &[Function]) -> Vec<String> {
     out
 }
 
-/// The functions in `binary`'s symbol table.
-fn read_functions(binary: &Path) -> Result<Vec<Function>> {
-    let nm = std::process::Command::new("nm")
-        .args(["-n", "-S", "--defined-only"])
+/// Where the executable's code segment lies in its file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CodeSegment {
+    pub offset: u64,
+    pub address: u64,
+    pub size: u64,
+}
+
+/// The executable `LOAD` segment in `objdump -p` output.
+pub fn code_segment(headers: &str) -> Option<CodeSegment> {
+    let lines: Vec<&str> = headers.lines().collect();
+    lines.windows(2).find_map(|pair| {
+        let first: Vec<&str> = pair[0].split_ascii_whitespace().collect();
+        let second: Vec<&str> = pair[1].split_ascii_whitespace().collect();
+        let field = |fields: &[&str], key: &str| -> Option<u64> {
+            let at = fields.iter().position(|f| *f == key)?;
+            u64::from_str_radix(fields.get(at + 1)?.trim_start_matches("0x"), 16).ok()
+        };
+        if first.first() != Some(&"LOAD") || !second.last()?.contains('x') {
+            return None;
+        }
+        Some(CodeSegment {
+            offset: field(&first, "off")?,
+            address: field(&first, "vaddr")?,
+            size: field(&second, "filesz")?,
+        })
+    })
+}
+
+/// The names of the functions that call the coverage hook, in `objdump
+/// -d` output: the ones the traces can see.
+pub fn instrumented(disassembly: &str) -> HashSet<String> {
+    let mut found = HashSet::new();
+    let mut current: Option<&str> = None;
+    for line in disassembly.lines() {
+        if let Some(name) = line
+            .strip_suffix(">:")
+            .and_then(|head| head.split_once(" <"))
+            .map(|(_, name)| name)
+        {
+            current = Some(name);
+        } else if let Some(name) = current
+            && line.contains("call")
+            && line.contains("<__sanitizer_cov_trace_pc>")
+        {
+            found.insert(name.to_string());
+            current = None;
+        }
+    }
+    found
+}
+
+/// The functions the traces cannot see that lie, at least in part, on a
+/// page of the code segment that `touched` (one flag per page of the
+/// file) says ran; by address.
+pub fn touched_uninstrumented(
+    functions: &[Function],
+    instrumented: &HashSet<String>,
+    segment: CodeSegment,
+    touched: &[bool],
+) -> Vec<String> {
+    const PAGE: u64 = 4096;
+    functions
+        .iter()
+        .filter(|f| {
+            f.size > 0
+                && !f.name.starts_with("__sanitizer_")
+                && !instrumented.contains(&f.name)
+                && f.address >= segment.address
+                && f.address + f.size <= segment.address + segment.size
+        })
+        .filter(|f| {
+            let first = (f.address - segment.address + segment.offset) / PAGE;
+            let last = (f.address + f.size - 1 - segment.address + segment.offset) / PAGE;
+            (first..=last).any(|page| touched.get(page as usize) == Some(&true))
+        })
+        .map(|f| f.name.clone())
+        .collect()
+}
+
+/// Which pages of `file` are in the page cache (`mincore`), one flag per
+/// 4 KiB page.
+fn cached_pages(file: &Path) -> Result<Vec<bool>> {
+    use std::os::fd::AsRawFd;
+    let opened =
+        std::fs::File::open(file).with_context(|| format!("opening {}", file.display()))?;
+    let len = opened.metadata()?.len() as usize;
+    if len == 0 {
+        return Ok(Vec::new());
+    }
+    // SAFETY: a fresh read-only shared mapping of an open file, unmapped
+    // below; mincore reads no page of it, so nothing is faulted in.
+    unsafe {
+        let map = libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ,
+            libc::MAP_SHARED,
+            opened.as_raw_fd(),
+            0,
+        );
+        if map == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error()).context("mapping the traced executable");
+        }
+        let mut flags = vec![0u8; len.div_ceil(4096)];
+        let done = libc::mincore(map, len, flags.as_mut_ptr());
+        let err = std::io::Error::last_os_error();
+        libc::munmap(map, len);
+        if done != 0 {
+            return Err(err).context("mincore on the traced executable");
+        }
+        Ok(flags.iter().map(|f| f & 1 == 1).collect())
+    }
+}
+
+/// The output of `tool args... binary`.
+fn binutils(tool: &str, args: &[&str], binary: &Path) -> Result<String> {
+    let run = std::process::Command::new(tool)
+        .args(args)
         .arg(binary)
         .output()
-        .context("running nm (binutils)")?;
-    if !nm.status.success() {
+        .with_context(|| format!("running {tool} (binutils)"))?;
+    if !run.status.success() {
         bail!(
-            "nm {}: {}",
+            "{tool} {}: {}",
             binary.display(),
-            String::from_utf8_lossy(&nm.stderr)
+            String::from_utf8_lossy(&run.stderr)
         );
     }
-    Ok(functions(&String::from_utf8_lossy(&nm.stdout)))
+    Ok(String::from_utf8_lossy(&run.stdout).into_owned())
+}
+
+/// The functions in `binary`'s symbol table.
+fn read_functions(binary: &Path) -> Result<Vec<Function>> {
+    Ok(functions(&binutils(
+        "nm",
+        &["-n", "-S", "--defined-only"],
+        binary,
+    )?))
 }
 
 /// Writes the order of the functions `traces` entered in `binary` to
-/// `out`, spelled as `shipped` (the build the order is for) names them.
-pub fn run(binary: &Path, shipped: &Path, traces: &[PathBuf], out: &Path) -> Result<()> {
+/// `out`, spelled as `shipped` (the build the order is for) names them;
+/// then, with `touched` (the copy of `binary` the traced sidecars ran),
+/// the uninstrumented functions on the pages that ran.
+pub fn run(
+    binary: &Path,
+    shipped: &Path,
+    traces: &[PathBuf],
+    touched: Option<&Path>,
+    out: &Path,
+) -> Result<()> {
+    // Before anything reads the executable: reading it would cache it.
+    let cached = touched.map(cached_pages).transpose()?;
     let functions = read_functions(binary)?;
     let mut read = Vec::new();
     for path in traces {
         read.push(std::fs::read(path).with_context(|| format!("reading {}", path.display()))?);
     }
-    let (names, unplaced) = order(&functions, &read)?;
+    let (mut names, unplaced) = order(&functions, &read)?;
     if names.is_empty() {
         bail!("the traces name no function");
     }
     let traced = names.len();
+    if let Some(cached) = cached {
+        let segment = code_segment(&binutils("objdump", &["-p"], binary)?)
+            .context("the traced executable has no executable LOAD segment")?;
+        let instrumented =
+            instrumented(&binutils("objdump", &["-d", "--no-show-raw-insn"], binary)?);
+        let pages = cached.iter().filter(|c| **c).count();
+        let seen: HashSet<String> = names.iter().cloned().collect();
+        let more: Vec<String> = touched_uninstrumented(&functions, &instrumented, segment, &cached)
+            .into_iter()
+            .filter(|name| !seen.contains(name))
+            .collect();
+        eprintln!(
+            "{pages} pages of the executable cached; {} uninstrumented functions on those of its code",
+            more.len()
+        );
+        names.extend(more);
+    }
     let names = as_shipped(names, &read_functions(shipped)?);
     eprintln!(
-        "{traced} functions traced, {} named in the shipped build",
+        "{traced} functions traced, {} in all named in the shipped build",
         names.len()
     );
     let mut text = names.join("\n");
@@ -235,6 +394,84 @@ mod tests {
                 "_ZN4http6header3map5clone17h0000000000000001E.78",
                 "_ZN5bytes5bytes12static_clone17h0000000000000002E",
             ]
+        );
+    }
+
+    #[test]
+    fn the_code_segment_is_the_executable_load() {
+        let headers = "\
+    PHDR off    0x0000000000000040 vaddr 0x0000000000000040 paddr 0x0000000000000040 align 2**3
+         filesz 0x0000000000000268 memsz 0x0000000000000268 flags r--
+    LOAD off    0x0000000000000000 vaddr 0x0000000000000000 paddr 0x0000000000000000 align 2**12
+         filesz 0x0000000000169744 memsz 0x0000000000169744 flags r--
+    LOAD off    0x0000000000169780 vaddr 0x000000000016a780 paddr 0x000000000016a780 align 2**12
+         filesz 0x0000000000552cc0 memsz 0x0000000000552cc0 flags r-x
+    LOAD off    0x00000000006bc440 vaddr 0x00000000006be440 paddr 0x00000000006be440 align 2**12
+         filesz 0x000000000002a568 memsz 0x000000000002abc0 flags rw-
+";
+        assert_eq!(
+            code_segment(headers),
+            Some(CodeSegment {
+                offset: 0x169780,
+                address: 0x16a780,
+                size: 0x552cc0
+            })
+        );
+        assert_eq!(
+            code_segment("    LOAD off 0x0 vaddr 0x0\n  filesz 0x10 flags r--\n"),
+            None
+        );
+    }
+
+    #[test]
+    fn instrumented_functions_call_the_coverage_hook() {
+        let disassembly = "\
+0000000000001060 <_ZN10weft_proxy8outbound4send17h0123456789abcdefE>:
+    1060:\tpush   %rbx
+    1061:\tcall   1040 <__sanitizer_cov_trace_pc>
+    1066:\tpop    %rbx
+
+0000000000001160 <memcpy>:
+    1160:\tmov    %rdi,%rax
+    1163:\tcall   1060 <_ZN10weft_proxy8outbound4send17h0123456789abcdefE>
+    1168:\tret
+";
+        let found = instrumented(disassembly);
+        assert_eq!(
+            found,
+            HashSet::from(["_ZN10weft_proxy8outbound4send17h0123456789abcdefE".to_string()])
+        );
+    }
+
+    #[test]
+    fn uninstrumented_functions_on_pages_that_ran_follow() {
+        // Code at file offset 0x1000, addresses from 0x2000: page 1 of the
+        // file holds 0x2000..0x3000, page 2 0x3000..0x4000, page 3 the rest.
+        let segment = CodeSegment {
+            offset: 0x1000,
+            address: 0x2000,
+            size: 0x3000,
+        };
+        let f = |address, size, name: &str| Function {
+            address,
+            size,
+            name: name.to_string(),
+        };
+        let functions = vec![
+            f(0x2000, 0x100, "traced_one"),
+            f(0x2100, 0x100, "memcpy"),
+            f(0x2f80, 0x100, "straddles"),
+            f(0x3100, 0x100, "cold_c"),
+            f(0x4100, 0x100, "malloc"),
+            f(0x4200, 0, "marker"),
+            f(0x4300, 0x20, "__sanitizer_record_pc"),
+        ];
+        let instrumented = HashSet::from(["traced_one".to_string()]);
+        // Pages 1 and 3 ran; 2 did not.
+        let touched = [false, true, false, true];
+        assert_eq!(
+            touched_uninstrumented(&functions, &instrumented, segment, &touched),
+            vec!["memcpy", "straddles", "malloc"]
         );
     }
 

@@ -123,6 +123,10 @@ enum Scenario {
         /// Where the order is written.
         #[arg(long, default_value = "proxy/code-order.txt")]
         out: PathBuf,
+        /// The copy of the traced build the bench ran: its cached pages
+        /// say which uninstrumented functions ran.
+        #[arg(long)]
+        touched: Option<PathBuf>,
         /// The traces (`/tmp/weft-code-trace.<pid>`), read in this order.
         #[arg(required = true)]
         traces: Vec<PathBuf>,
@@ -232,10 +236,11 @@ fn main() -> Result<()> {
         binary,
         shipped,
         out,
+        touched,
         traces,
     } = &cli.scenario
     {
-        return code_order::run(binary, shipped, traces, out);
+        return code_order::run(binary, shipped, traces, touched.as_deref(), out);
     }
     if let Scenario::Floor {
         side,
