@@ -522,6 +522,9 @@ async fn session(
         // The receiver is alive: it is consumed below.
         let _ = requests.send(request).await;
     }
+    let channel = tower::ServiceBuilder::new()
+        .map_response(crate::channel::in_pieces)
+        .service(channel);
     let mut client =
         AggregatedDiscoveryServiceClient::new(channel).max_decoding_message_size(64 * 1024 * 1024);
     let mut responses = client
