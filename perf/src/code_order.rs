@@ -10,12 +10,12 @@
 //! other: start-up's together, then serving's.
 //!
 //! Code built without the instrumentation (glibc, the standard library's
-//! precompiled functions, ring's assembly) leaves no trace entries. The
-//! traced sidecars leave the executable's page cache holding only the
-//! pages that ran (`fault_code_page_by_page` in the tracer), so such
-//! functions on a cached page follow the traced ones (`--touched`): laid
-//! out together, rather than each keeping a 64 KiB window of cold code
-//! resident where it falls.
+//! precompiled functions, ring's assembly) leaves no trace entries. With
+//! the disk's read-ahead off and the executable evicted before the run
+//! (`perf/code-order.sh`), the page cache holds only its pages that ran,
+//! so such functions on a cached page follow the traced ones
+//! (`--touched`): laid out together, rather than each keeping a 64 KiB
+//! window of cold code resident where it falls.
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -24,6 +24,8 @@ use anyhow::{Context, Result, bail};
 
 /// The symbol every trace entry is relative to.
 const REFERENCE: &str = "__sanitizer_record_pc";
+/// The page size `mincore` reports in.
+const PAGE: u64 = 4096;
 
 /// A function in the executable.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -186,7 +188,6 @@ pub fn touched_uninstrumented(
     segment: CodeSegment,
     touched: &[bool],
 ) -> Vec<String> {
-    const PAGE: u64 = 4096;
     functions
         .iter()
         .filter(|f| {
@@ -206,7 +207,7 @@ pub fn touched_uninstrumented(
 }
 
 /// Which pages of `file` are in the page cache (`mincore`), one flag per
-/// 4 KiB page.
+/// `PAGE`.
 fn cached_pages(file: &Path) -> Result<Vec<bool>> {
     use std::os::fd::AsRawFd;
     let opened =
@@ -229,7 +230,7 @@ fn cached_pages(file: &Path) -> Result<Vec<bool>> {
         if map == libc::MAP_FAILED {
             return Err(std::io::Error::last_os_error()).context("mapping the traced executable");
         }
-        let mut flags = vec![0u8; len.div_ceil(4096)];
+        let mut flags = vec![0u8; len.div_ceil(PAGE as usize)];
         let done = libc::mincore(map, len, flags.as_mut_ptr());
         let err = std::io::Error::last_os_error();
         libc::munmap(map, len);
@@ -295,11 +296,9 @@ pub fn run(
         let instrumented =
             instrumented(&binutils("objdump", &["-d", "--no-show-raw-insn"], binary)?);
         let pages = cached.iter().filter(|c| **c).count();
-        let seen: HashSet<String> = names.iter().cloned().collect();
-        let more: Vec<String> = touched_uninstrumented(&functions, &instrumented, segment, &cached)
-            .into_iter()
-            .filter(|name| !seen.contains(name))
-            .collect();
+        // Disjoint from the traced names, which call the hook; an alias
+        // met twice is dropped by `as_shipped`.
+        let more = touched_uninstrumented(&functions, &instrumented, segment, &cached);
         eprintln!(
             "{pages} pages of the executable cached; {} uninstrumented functions on those of its code",
             more.len()
