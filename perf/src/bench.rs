@@ -70,7 +70,8 @@ pub struct Options {
     pub authz_pairs: usize,
     /// Alternating runs with and without 10 routes and a DestinationRule.
     pub route_pairs: usize,
-    /// Also the stack's floor (`floor`), its link in HTTP/2 and in HTTP/1.1.
+    /// Also the stack's floor (`floor`), its link in HTTP/2 and in HTTP/1.1,
+    /// and the floor of an HTTP/1.1 codec of weft's own.
     pub stack_floor: bool,
     /// Where plots go (next to the report); `None`: nowhere (`--no-write`).
     pub results: Option<PathBuf>,
@@ -583,7 +584,7 @@ async fn baseline(
                 c.arg("-c").arg(&conf).arg("-p").arg(dir);
                 c
             }
-            "floor-h2" | "floor-h1" => {
+            "floor-h2" | "floor-h1" | "floor-own" => {
                 let mut c = Command::new(std::env::current_exe()?);
                 c.arg("floor")
                     .args(["--side", side, "--link", &kind["floor-".len()..]])
@@ -1060,6 +1061,7 @@ async fn drive(options: &Options, command: &str) -> Result<Outcome> {
             ("relay", ip([0, 8]), ip([0, 9])),
             ("floor-h2", ip([0, 10]), ip([0, 11])),
             ("floor-h1", ip([0, 12]), ip([0, 13])),
+            ("floor-own", ip([0, 14]), ip([0, 15])),
         ] {
             if kind.starts_with("floor") && !options.stack_floor {
                 continue;
@@ -1527,7 +1529,14 @@ fn render(
     md += &authorization_cost(options, results);
     md += &routing_cost(options, results);
     md += &gateway_cost(options, results);
-    for other in ["nginx", "haproxy", "relay", "floor-h2", "floor-h1"] {
+    for other in [
+        "nginx",
+        "haproxy",
+        "relay",
+        "floor-h2",
+        "floor-h1",
+        "floor-own",
+    ] {
         if let (Some(w), Some(o)) = (per_cpu("weft"), per_cpu(other)) {
             md += &format!(
                 "- requests per CPU-second per proxy, weft / {other}: {:.2} ({:.0} vs {:.0}).\n",

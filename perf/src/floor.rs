@@ -47,6 +47,10 @@ pub enum Link {
     H2,
     /// HTTP/1.1 keep-alive connections, one request at a time on each.
     H1,
+    /// HTTP/1.1 without hyper: each connection in gets one connection out,
+    /// and each message is passed on whole once its framing is read
+    /// (`exchange`). What an HTTP codec of weft's own could cost.
+    Own,
 }
 
 #[derive(Clone, Debug)]
@@ -158,6 +162,18 @@ async fn client(options: &Options, listener: TcpListener) -> Result<()> {
     let certs = CertStore::new(&workload(&options.certs, ("client.pem", "client.key"))?)?;
     let expected = workload(&options.certs, SERVER_CERT)?.identity().clone();
     let tls = weft_certs::tls::client_config(&certs, &bundle(&options.certs)?, vec![expected])?;
+    if options.link == Link::Own {
+        let to = options.upstream;
+        return accept(listener, move |tcp| {
+            let tls = tls.clone();
+            async move {
+                if let Ok(up) = mtls(tls, to).await {
+                    let _ = crate::exchange::carry(tcp, up.into_inner()).await;
+                }
+            }
+        })
+        .await;
+    }
     let upstream = match options.link {
         Link::H2 => {
             let stream = mtls(tls, options.upstream).await?;
@@ -166,12 +182,12 @@ async fn client(options: &Options, listener: TcpListener) -> Result<()> {
             tokio::spawn(connection);
             Upstream::H2(sender)
         }
-        Link::H1 => Upstream::H1(Arc::new(Client::builder(TokioExecutor::new()).build(
-            Connector {
+        Link::H1 | Link::Own => Upstream::H1(Arc::new(
+            Client::builder(TokioExecutor::new()).build(Connector {
                 tls,
                 to: options.upstream,
-            },
-        ))),
+            }),
+        )),
     };
     accept(listener, move |tcp| {
         let upstream = upstream.clone();
@@ -191,6 +207,23 @@ async fn server(options: &Options, listener: TcpListener) -> Result<()> {
         &certs,
         &bundle(&options.certs)?,
     )?);
+    if options.link == Link::Own {
+        let app = options.upstream;
+        return accept(listener, move |tcp| {
+            let tls = tls.clone();
+            async move {
+                let Ok(down) = tls.accept(tcp).await else {
+                    return;
+                };
+                let Ok(up) = TcpStream::connect(app).await else {
+                    return;
+                };
+                let _ = up.set_nodelay(true);
+                let _ = crate::exchange::carry(down, up).await;
+            }
+        })
+        .await;
+    }
     let mut connector = HttpConnector::new();
     connector.set_nodelay(true);
     let app: Client<HttpConnector, Incoming> =
@@ -312,7 +345,7 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("weft-floor-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         crate::bench::baseline_certs(&dir).unwrap();
-        for link in [Link::H2, Link::H1] {
+        for link in [Link::H2, Link::H1, Link::Own] {
             let server_at = TcpListener::bind("127.0.0.1:0").await.unwrap();
             let client_at = TcpListener::bind("127.0.0.1:0").await.unwrap();
             let front = client_at.local_addr().unwrap();

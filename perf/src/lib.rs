@@ -10,6 +10,7 @@ pub mod apiserver;
 pub mod bench;
 pub mod code_order;
 pub mod control;
+pub mod exchange;
 pub mod floor;
 pub mod load;
 pub mod networks;

@@ -105,7 +105,8 @@ enum Scenario {
         #[arg(long, default_value_t = 3)]
         route_pairs: usize,
         /// Also run the stack's floor: a proxy pair of weft's libraries
-        /// doing nothing of weft's, its link in HTTP/2 and in HTTP/1.1.
+        /// doing nothing of weft's, its link in HTTP/2 and in HTTP/1.1,
+        /// and a pair that frames HTTP/1.1 itself, without hyper.
         #[arg(long)]
         stack_floor: bool,
     },
