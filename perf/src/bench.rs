@@ -49,6 +49,7 @@ use crate::apiserver::Outcome;
 use crate::load::{self, Protocol, Summary};
 use crate::networks;
 use crate::report::{self, Machine, Resident};
+use crate::targets::Figures;
 
 #[derive(Clone, Debug)]
 pub struct Options {
@@ -1502,6 +1503,11 @@ fn render(
         let cpu: f64 = run.proxies.iter().map(|p| p.cpu.total()).sum();
         Some(run.summary.requests as f64 * run.proxies.len() as f64 / cpu.max(1e-9))
     };
+    let closed_loop = |name: &str| Some(results.max.get(name)?.summary.achieved_rate);
+    let one_connection_p50 = |name: &str| {
+        let added = results.single.get(name)?.summary.p50_ms;
+        Some(added - results.single.get("direct")?.summary.p50_ms)
+    };
     md += "\n## Ratios (same run)\n\n";
     if let Some(weft) = results.fixed.get("weft") {
         let (w, d) = (&weft[0].summary, &direct[0].summary);
@@ -1621,6 +1627,23 @@ fn render(
         mb(memory.large_peak),
         memory.synced_in.as_secs_f64()
     );
+    md += &crate::targets::markdown(&crate::targets::judge(&Figures {
+        per_cpu: (per_cpu("weft"), per_cpu("haproxy")),
+        closed_loop: (closed_loop("weft"), closed_loop("haproxy")),
+        added_p99: options
+            .rates
+            .iter()
+            .enumerate()
+            .filter_map(|(i, &rate)| {
+                let added = |name: &str| {
+                    Some(results.fixed.get(name)?.get(i)?.summary.p99_ms - direct[i].summary.p99_ms)
+                };
+                Some((rate, added("weft")?, added("haproxy")))
+            })
+            .collect(),
+        one_connection: (one_connection_p50("weft"), one_connection_p50("nginx")),
+        large_mesh_rss: Some(memory.large.rss),
+    }));
     if let Some(wrk) = wrk_direct {
         let ours = &results.max["direct"].summary;
         md += &format!(

@@ -17,4 +17,5 @@ pub mod networks;
 pub mod report;
 pub mod sidecar;
 pub mod svg;
+pub mod targets;
 pub mod tunnel;
