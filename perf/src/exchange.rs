@@ -4,8 +4,11 @@
 //! in one write as it came; the response comes back the same way.
 //!
 //! It reads framing and nothing else: no header is added, removed or
-//! checked beyond what the length needs, and a chunked message or one
-//! whose length is unknown ends the connection. That is all the bench's
+//! checked beyond what the length needs. A chunked message ends the
+//! connection; one without `Content-Length` is taken to have no body,
+//! which is right for a request, and a response read to its close would
+//! end the connection when its body fails to parse as the next head.
+//! That is all the bench's
 //! exchange needs, and it is the least any HTTP proxy does per request:
 //! what a codec of weft's own could cost before weft's own work.
 
