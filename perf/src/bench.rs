@@ -1504,6 +1504,9 @@ fn render(
         Some(run.summary.requests as f64 * run.proxies.len() as f64 / cpu.max(1e-9))
     };
     let closed_loop = |name: &str| Some(results.max.get(name)?.summary.achieved_rate);
+    let added_p99 = |name: &str, i: usize| {
+        Some(results.fixed.get(name)?.get(i)?.summary.p99_ms - direct.get(i)?.summary.p99_ms)
+    };
     let one_connection_p50 = |name: &str| {
         let added = results.single.get(name)?.summary.p50_ms;
         Some(added - results.single.get("direct")?.summary.p50_ms)
@@ -1551,32 +1554,22 @@ fn render(
                 o
             );
         }
-        if let (Some(w), Some(o)) = (results.fixed.get("weft"), results.fixed.get(other)) {
-            for (i, rate) in options.rates.iter().enumerate() {
+        for (i, rate) in options.rates.iter().enumerate() {
+            if let (Some(w), Some(o)) = (added_p99("weft", i), added_p99(other, i)) {
                 md += &format!(
-                    "- added p99 at {rate} req/s, weft / {other}: {:.3} ms / {:.3} ms.\n",
-                    w[i].summary.p99_ms - direct[i].summary.p99_ms,
-                    o[i].summary.p99_ms - direct[i].summary.p99_ms
+                    "- added p99 at {rate} req/s, weft / {other}: {w:.3} ms / {o:.3} ms.\n"
                 );
             }
         }
-        if let (Some(w), Some(o)) = (results.max.get("weft"), results.max.get(other)) {
+        if let (Some(w), Some(o)) = (closed_loop("weft"), closed_loop(other)) {
             md += &format!(
-                "- closed-loop throughput, weft / {other}: {:.2} ({:.0} vs {:.0} req/s).\n",
-                w.summary.achieved_rate / o.summary.achieved_rate.max(1.0),
-                w.summary.achieved_rate,
-                o.summary.achieved_rate
+                "- closed-loop throughput, weft / {other}: {:.2} ({w:.0} vs {o:.0} req/s).\n",
+                w / o.max(1.0),
             );
         }
-        if let (Some(w), Some(o), Some(d)) = (
-            results.single.get("weft"),
-            results.single.get(other),
-            results.single.get("direct"),
-        ) {
+        if let (Some(w), Some(o)) = (one_connection_p50("weft"), one_connection_p50(other)) {
             md += &format!(
-                "- one connection, closed loop, added p50, weft / {other}: {:.3} ms / {:.3} ms.\n",
-                w.summary.p50_ms - d.summary.p50_ms,
-                o.summary.p50_ms - d.summary.p50_ms
+                "- one connection, closed loop, added p50, weft / {other}: {w:.3} ms / {o:.3} ms.\n"
             );
         }
     }
@@ -1619,7 +1612,7 @@ fn render(
         options.snapshot_workloads,
         memory.large.describe(),
         memory.large.rss as f64 / 1e6,
-        if memory.large.rss < 10_000_000 {
+        if memory.large.rss < crate::targets::RSS_LIMIT {
             "under"
         } else {
             "over"
@@ -1634,12 +1627,7 @@ fn render(
             .rates
             .iter()
             .enumerate()
-            .filter_map(|(i, &rate)| {
-                let added = |name: &str| {
-                    Some(results.fixed.get(name)?.get(i)?.summary.p99_ms - direct[i].summary.p99_ms)
-                };
-                Some((rate, added("weft")?, added("haproxy")))
-            })
+            .filter_map(|(i, &rate)| Some((rate, added_p99("weft", i)?, added_p99("haproxy", i))))
             .collect(),
         one_connection: (one_connection_p50("weft"), one_connection_p50("nginx")),
         large_mesh_rss: Some(memory.large.rss),

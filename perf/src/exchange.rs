@@ -8,9 +8,9 @@
 //! connection; one without `Content-Length` is taken to have no body,
 //! which is right for a request, and a response read to its close would
 //! end the connection when its body fails to parse as the next head.
-//! That is all the bench's
-//! exchange needs, and it is the least any HTTP proxy does per request:
-//! what a codec of weft's own could cost before weft's own work.
+//! That is all the bench's exchange needs, and it is the least any HTTP
+//! proxy does per request: what a codec of weft's own could cost before
+//! weft's own work.
 
 use std::io;
 

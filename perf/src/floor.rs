@@ -162,19 +162,19 @@ async fn client(options: &Options, listener: TcpListener) -> Result<()> {
     let certs = CertStore::new(&workload(&options.certs, ("client.pem", "client.key"))?)?;
     let expected = workload(&options.certs, SERVER_CERT)?.identity().clone();
     let tls = weft_certs::tls::client_config(&certs, &bundle(&options.certs)?, vec![expected])?;
-    if options.link == Link::Own {
-        let to = options.upstream;
-        return accept(listener, move |tcp| {
-            let tls = tls.clone();
-            async move {
-                if let Ok(up) = mtls(tls, to).await {
-                    let _ = crate::exchange::carry(tcp, up.into_inner()).await;
-                }
-            }
-        })
-        .await;
-    }
     let upstream = match options.link {
+        Link::Own => {
+            let to = options.upstream;
+            return accept(listener, move |tcp| {
+                let tls = tls.clone();
+                async move {
+                    if let Ok(up) = mtls(tls, to).await {
+                        let _ = crate::exchange::carry(tcp, up.into_inner()).await;
+                    }
+                }
+            })
+            .await;
+        }
         Link::H2 => {
             let stream = mtls(tls, options.upstream).await?;
             let (sender, connection) =
@@ -182,12 +182,12 @@ async fn client(options: &Options, listener: TcpListener) -> Result<()> {
             tokio::spawn(connection);
             Upstream::H2(sender)
         }
-        Link::H1 | Link::Own => Upstream::H1(Arc::new(
-            Client::builder(TokioExecutor::new()).build(Connector {
+        Link::H1 => Upstream::H1(Arc::new(Client::builder(TokioExecutor::new()).build(
+            Connector {
                 tls,
                 to: options.upstream,
-            }),
-        )),
+            },
+        ))),
     };
     accept(listener, move |tcp| {
         let upstream = upstream.clone();

@@ -31,7 +31,8 @@ pub struct Verdict {
 
 /// 1.1x HAProxy's requests per CPU-second.
 const PER_CPU_OVER_HAPROXY: f64 = 1.1;
-const RSS_LIMIT: u64 = 10_000_000;
+/// The client sidecar's RSS with the large mesh stays under this.
+pub const RSS_LIMIT: u64 = 10_000_000;
 
 /// Each target this run can judge.
 pub fn judge(f: &Figures) -> Vec<Verdict> {
