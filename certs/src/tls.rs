@@ -40,6 +40,11 @@ pub fn provider() -> Arc<CryptoProvider> {
 
 /// ALPN for the mesh transport: HTTP/2 between sidecars.
 pub const MESH_ALPN: &[u8] = b"h2";
+/// ALPN for an HTTP/1.1 link between sidecars: one HTTP/1.1 exchange at
+/// a time, for the small requests an HTTP/1.1 app makes (see
+/// `weft-proxy`'s `h1_link`). A sidecar that does not offer it answers
+/// with HTTP/2.
+pub const LINK_H1_ALPN: &[u8] = b"http/1.1";
 
 /// The roots the mesh trusts. Cloning shares it; [`TrustBundle::replace`] takes
 /// effect for the next handshake of every config built from it.
@@ -292,6 +297,26 @@ fn server_config_with(
     // handshakes are rare enough to always pay for.
     config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
     config.send_tls13_tickets = 0;
+    Ok(Arc::new(config))
+}
+
+/// As [`server_config`], for a sidecar's mesh port: HTTP/1.1 links are
+/// taken when a client offers them, HTTP/2 otherwise.
+pub fn link_server_config(certs: &CertStore, bundle: &TrustBundle) -> Result<Arc<ServerConfig>> {
+    let mut config = Arc::unwrap_or_clone(server_config(certs, bundle)?);
+    config.alpn_protocols = vec![LINK_H1_ALPN.to_vec(), MESH_ALPN.to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// As [`client_config`], offering an HTTP/1.1 link first and HTTP/2
+/// after it, so that a peer sidecar without HTTP/1.1 links still answers.
+pub fn link_h1_client_config(
+    certs: &CertStore,
+    bundle: &TrustBundle,
+    expected: Vec<Identity>,
+) -> Result<Arc<ClientConfig>> {
+    let mut config = Arc::unwrap_or_clone(client_config(certs, bundle, expected)?);
+    config.alpn_protocols = vec![LINK_H1_ALPN.to_vec(), MESH_ALPN.to_vec()];
     Ok(Arc::new(config))
 }
 

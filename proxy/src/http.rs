@@ -45,6 +45,18 @@ impl From<h2::Error> for BodyError {
     }
 }
 
+impl From<std::io::Error> for BodyError {
+    fn from(error: std::io::Error) -> Self {
+        BodyError(error.into())
+    }
+}
+
+impl From<crate::h1_codec::WireError> for BodyError {
+    fn from(error: crate::h1_codec::WireError) -> Self {
+        BodyError(error.into())
+    }
+}
+
 impl From<std::convert::Infallible> for BodyError {
     fn from(never: std::convert::Infallible) -> Self {
         match never {}

@@ -1,5 +1,6 @@
 //! Inbound from the mesh (15008): mutual TLS with a client certificate
-//! required, HTTP/2 inside. A CONNECT is a tunnel whose authority is the
+//! required, HTTP/2 inside, or an HTTP/1.1 link (`inbound_h1`) when the
+//! client offers one. A CONNECT is a tunnel whose authority is the
 //! target `ip:port` (HBONE-style), so no capture rule is needed to learn
 //! it; any other request is an HTTP request for the app, its target in
 //! `x-weft-target`. Both are delivered by `local_app` with the identity
@@ -18,7 +19,7 @@ use weft_certs::tls::{self, CertStore, TrustBundle};
 use weft_certs::accept;
 
 use crate::authorize::Caller;
-use crate::http::{APP_PROTOCOL, Body, TARGET, status};
+use crate::http::{Body, status};
 use crate::local_app::{LocalApp, Undelivered};
 use crate::pool::HANDSHAKE_TIMEOUT;
 
@@ -29,7 +30,7 @@ pub async fn serve(
     bundle: TrustBundle,
     app: Arc<LocalApp>,
 ) {
-    let tls = match tls::server_config(&certs, &bundle) {
+    let tls = match tls::link_server_config(&certs, &bundle) {
         Ok(tls) => tokio_rustls::TlsAcceptor::from(tls),
         Err(err) => {
             tracing::error!(%err, "cannot build the inbound TLS configuration");
@@ -49,6 +50,9 @@ pub async fn serve(
             };
             let identity = tls::peer_identity(stream.get_ref().1.peer_certificates());
             let caller = Caller::new(identity, addr.ip());
+            if stream.get_ref().1.alpn_protocol() == Some(tls::LINK_H1_ALPN) {
+                return crate::inbound_h1::serve(stream, caller, app).await;
+            }
             let drain = app.drain().clone();
             let service = hyper::service::service_fn(move |request| {
                 let (app, caller) = (app.clone(), caller.clone());
@@ -73,19 +77,8 @@ async fn serve_request(
             .await
             .unwrap_or_else(Undelivered::respond);
     }
-    let Some(target) = request
-        .headers()
-        .get(TARGET)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<SocketAddr>().ok())
-    else {
-        return Undelivered::NoTarget.respond();
-    };
-    let http2 = request
-        .headers()
-        .get(APP_PROTOCOL)
-        .is_some_and(|v| v.as_bytes() == b"h2");
-    app.request(&caller, target, http2, request).await
+    app.mesh_request(&caller, request.map(crate::http::boxed))
+        .await
 }
 
 /// A CONNECT tunnel: the app is connected to before answering, so that

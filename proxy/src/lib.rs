@@ -15,7 +15,8 @@
 //!   east-west gateway, forwarding to its network's sidecars);
 //! - the leaves they share: delivery to the app behind this sidecar
 //!   (`local_app`), the mesh connection pool (`pool`, the client half of
-//!   15008), networks and their gateways (`network`), endpoint choice (`balance`, `outlier`), protocol detection
+//!   15008) and its HTTP/1.1 links (`h1_link`, served by `inbound_h1`,
+//!   framed by `h1_codec`), networks and their gateways (`network`), endpoint choice (`balance`, `outlier`), protocol detection
 //!   (`sniff`), upgrades (`upgrade`), clients to fixed addresses
 //!   (`upstream`), HTTP pieces (`http`), socket facts (`socket`), the
 //!   accept loop (`serve`), graceful drain (`drain`), write coalescing
@@ -44,9 +45,12 @@ pub mod command_line;
 pub mod dns;
 pub mod drain;
 pub mod gateway;
+pub mod h1_codec;
+pub mod h1_link;
 pub mod http;
 pub mod identity;
 pub mod inbound;
+pub mod inbound_h1;
 pub mod inbound_passthrough;
 pub mod iptables;
 pub mod link;

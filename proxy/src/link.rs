@@ -52,6 +52,9 @@ const MAX_WRITE: usize = 64 << 10;
 pub struct Link {
     send: SendRequest<Bytes>,
     closed: Arc<AtomicBool>,
+    /// Opened as an HTTP/1.1 link, and answered with HTTP/2: the peer
+    /// sidecar has no HTTP/1.1 links.
+    answered_h1_with_h2: bool,
 }
 
 /// Why a request or tunnel failed, and whether the peer may have acted on
@@ -113,10 +116,25 @@ where
         }
         done.store(true, Ordering::Release);
     });
-    Ok(Link { send, closed })
+    Ok(Link {
+        send,
+        closed,
+        answered_h1_with_h2: false,
+    })
 }
 
 impl Link {
+    /// Marks a link opened as an HTTP/1.1 link that the peer answered
+    /// with HTTP/2.
+    pub fn answering_h1_with_h2(mut self) -> Self {
+        self.answered_h1_with_h2 = true;
+        self
+    }
+
+    pub fn answered_h1_with_h2(&self) -> bool {
+        self.answered_h1_with_h2
+    }
+
     /// Whether the connection under it has ended (new streams would fail).
     pub fn is_closed(&self) -> bool {
         self.closed.load(Ordering::Acquire)

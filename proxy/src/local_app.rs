@@ -171,6 +171,11 @@ impl LocalApp {
         LocalApp::new(config, None, Arc::default(), Drain::default())
     }
 
+    /// How long a request head from a caller may take to arrive.
+    pub fn head_timeout(&self) -> std::time::Duration {
+        self.config.head_timeout
+    }
+
     pub fn drain(&self) -> &Drain {
         &self.drain
     }
@@ -304,6 +309,7 @@ impl LocalApp {
             let (app, caller) = (self.clone(), caller.clone());
             async move {
                 let http2 = request.version() == Version::HTTP_2;
+                let request = request.map(crate::http::boxed);
                 Ok::<_, Infallible>(app.request(&caller, target, http2, request).await)
             }
         });
@@ -431,6 +437,25 @@ impl LocalApp {
         TrafficLabels::new("destination", caller.peer(), &Name::default(), &self.me())
     }
 
+    /// A mesh HTTP request from `caller`, on either kind of link: its
+    /// target is in `x-weft-target`, and the HTTP version the app is
+    /// spoken to in `x-weft-app-protocol`.
+    pub async fn mesh_request(&self, caller: &Caller, request: Request<Body>) -> Response<Body> {
+        let Some(target) = request
+            .headers()
+            .get(TARGET)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<SocketAddr>().ok())
+        else {
+            return Undelivered::NoTarget.respond();
+        };
+        let http2 = request
+            .headers()
+            .get(APP_PROTOCOL)
+            .is_some_and(|v| v.as_bytes() == b"h2");
+        self.request(caller, target, http2, request).await
+    }
+
     /// A request from `caller` for the app at `target` (a mesh request, or
     /// HTTP inside a tunnel or from 15006), spoken to it in HTTP/2 or
     /// HTTP/1.1, if authorization allows it. Counted in the request
@@ -440,7 +465,7 @@ impl LocalApp {
         caller: &Caller,
         target: SocketAddr,
         http2: bool,
-        mut request: Request<Incoming>,
+        mut request: Request<Body>,
     ) -> Response<Body> {
         let start = Instant::now();
         // This sidecar's span of the request's trace.
@@ -493,7 +518,7 @@ impl LocalApp {
         peer: Option<&Identity>,
         target: SocketAddr,
         http2: bool,
-        request: Request<Incoming>,
+        request: Request<Body>,
     ) -> Result<Response<Body>, Undelivered> {
         self.admit(target, peer)?;
         let (mut parts, body) = request.into_parts();
@@ -523,7 +548,6 @@ impl LocalApp {
         } else {
             Version::HTTP_11
         };
-        let body = crate::http::boxed(body);
         let request = outgoing(parts.method, parts.headers, uri, version, body);
         match self.clients.client(target, http2).request(request).await {
             Ok(mut response) => {
@@ -544,7 +568,7 @@ impl LocalApp {
         &self,
         peer: Option<&Identity>,
         target: SocketAddr,
-        mut request: Request<Incoming>,
+        mut request: Request<Body>,
     ) -> Result<Response<Body>, Undelivered> {
         for own in [TARGET, APP_PROTOCOL] {
             request.headers_mut().remove(own);

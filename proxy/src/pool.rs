@@ -22,6 +22,7 @@ use weft_certs::Identity;
 use weft_certs::tls::{self, CertStore, TrustBundle};
 
 use crate::coalesce::Coalesce;
+use crate::h1_link::{Connection, Idle, Links};
 use crate::link::{Carrier, Failure, Link, Tunnel};
 use crate::network::{Gateway, Resolver};
 
@@ -44,6 +45,8 @@ pub struct Pool {
     bundle: TrustBundle,
     /// One connection per peer sidecar, with the identity it proved.
     connections: Mutex<HashMap<SocketAddr, (Identity, Link)>>,
+    /// Idle HTTP/1.1 links to peer sidecars.
+    links: Links,
     /// Addresses of gateways known by hostname.
     pub resolver: Resolver,
 }
@@ -66,6 +69,7 @@ impl Pool {
             certs,
             bundle,
             connections: Mutex::new(HashMap::new()),
+            links: Links::default(),
             resolver: Resolver::default(),
         }
     }
@@ -79,15 +83,8 @@ impl Pool {
         identity: &Identity,
         via: Option<&Gateway>,
     ) -> Result<Link> {
-        if let Some((proven, link)) = self
-            .connections
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&peer)
-            && proven == identity
-            && !link.is_closed()
-        {
-            return Ok(link.clone());
+        if let Some(link) = self.pooled(peer, identity) {
+            return Ok(link);
         }
         let carrier = match via {
             None => Carrier::Tcp(self.connect(peer).await?),
@@ -112,6 +109,57 @@ impl Pool {
             .unwrap_or_else(|p| p.into_inner())
             .insert(peer, (identity.clone(), link.clone()));
         Ok(link)
+    }
+
+    /// A link for one HTTP/1.1 exchange with the sidecar at `peer`
+    /// (which must prove `identity`), on the same network: an idle one,
+    /// or a new one, or past the most a peer may have open, its HTTP/2
+    /// link. A peer that answers a new one with HTTP/2 (a weft
+    /// without HTTP/1.1 links) gets that as its pooled HTTP/2 link, and
+    /// its exchanges take it for as long as it lasts.
+    pub async fn exchange_link(
+        &self,
+        peer: SocketAddr,
+        identity: &Identity,
+    ) -> Result<ForExchange> {
+        if let Some(link) = self.pooled(peer, identity)
+            && link.answered_h1_with_h2()
+        {
+            return Ok(ForExchange::Http2(link));
+        }
+        let idle = self.links.to(peer, identity);
+        if let Some(connection) = idle.take() {
+            return Ok(ForExchange::Http1(connection, idle));
+        }
+        if !idle.may_open() {
+            return Ok(ForExchange::Http2(self.link(peer, identity, None).await?));
+        }
+        let tcp = self.connect(peer).await?;
+        let config = tls::link_h1_client_config(&self.certs, &self.bundle, vec![identity.clone()])?;
+        let stream = tokio::time::timeout(
+            HANDSHAKE_TIMEOUT,
+            tokio_rustls::TlsConnector::from(config).connect(tls::mesh_server_name(peer.ip()), tcp),
+        )
+        .await
+        .context("the mTLS handshake timed out")?
+        .with_context(|| format!("mTLS to {peer} expecting {identity}"))?;
+        if stream.get_ref().1.alpn_protocol() == Some(tls::LINK_H1_ALPN) {
+            let connection = Connection::new(stream, &idle);
+            return Ok(ForExchange::Http1(connection, idle));
+        }
+        let link = crate::link::handshake(stream).await?.answering_h1_with_h2();
+        self.connections
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(peer, (identity.clone(), link.clone()));
+        Ok(ForExchange::Http2(link))
+    }
+
+    /// The open HTTP/2 link to `peer`, if it proved `identity`.
+    fn pooled(&self, peer: SocketAddr, identity: &Identity) -> Option<Link> {
+        let connections = self.connections.lock().unwrap_or_else(|p| p.into_inner());
+        let (proven, link) = connections.get(&peer)?;
+        (proven == identity && !link.is_closed()).then(|| link.clone())
     }
 
     async fn connect(&self, peer: SocketAddr) -> Result<TcpStream> {
@@ -163,10 +211,23 @@ impl Pool {
         link.tunnel(&target.to_string(), early).await
     }
 
+    /// Open connections to peer sidecars: HTTP/2 links, and HTTP/1.1
+    /// links waiting idle.
     pub fn connections(&self) -> usize {
-        self.connections
+        let http2 = self
+            .connections
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .len()
+            .len();
+        http2 + self.links.idle()
     }
+}
+
+/// What an HTTP/1.1 exchange with a peer sidecar goes on.
+pub enum ForExchange {
+    /// An HTTP/1.1 link, which goes back to its peer's idle links once
+    /// its answer has been read.
+    Http1(Connection, std::sync::Arc<Idle>),
+    /// The peer's HTTP/2 link: it answered an HTTP/1.1 link with HTTP/2.
+    Http2(Link),
 }

@@ -11,7 +11,6 @@
 
 use http::header::{self, HeaderValue};
 use http::{Request, Response, StatusCode, Uri};
-use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite};
 
@@ -72,7 +71,7 @@ impl Upgrades {
 pub async fn relay<S>(
     stream: S,
     authority: &str,
-    mut request: Request<Incoming>,
+    mut request: Request<Body>,
 ) -> Result<
     (
         Response<Body>,
@@ -104,7 +103,7 @@ where
         parts.headers.insert(header::HOST, value);
     }
     let mut response = sender
-        .send_request(Request::from_parts(parts, crate::http::boxed(body)))
+        .send_request(Request::from_parts(parts, body))
         .await
         .map_err(|e| e.to_string())?;
     if response.status() != StatusCode::SWITCHING_PROTOCOLS {

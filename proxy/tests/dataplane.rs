@@ -1850,3 +1850,71 @@ async fn listener_gone(ip: IpAddr) -> bool {
     }
     false
 }
+
+/// A peer sidecar's 15008 as weft served it before HTTP/1.1 links: mTLS
+/// offering HTTP/2 alone, every request answered `old`.
+async fn sidecar_without_h1_links(mesh: &Mesh, ip: IpAddr) -> SocketAddr {
+    let certs = CertStore::new(&issue_workload(&mesh.ca, &id("echo"), None).unwrap()).unwrap();
+    let tls = weft_certs::tls::server_config(&certs, &mesh.bundle).unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    let listener = TcpListener::bind(SocketAddr::new(ip, HBONE_PORT))
+        .await
+        .unwrap();
+    let address = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let Ok(stream) = acceptor.accept(tcp).await else {
+                continue;
+            };
+            let service = hyper::service::service_fn(|_request| async {
+                Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(Bytes::from(
+                    "old",
+                ))))
+            });
+            tokio::spawn(
+                hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), service),
+            );
+        }
+    });
+    address
+}
+
+/// A sidecar with HTTP/1.1 links gets one; one without answers the offer
+/// with HTTP/2, and that link is pooled and kept for its exchanges
+/// rather than a new connection opened for each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exchanges_take_an_h1_link_where_the_peer_has_them_and_http2_where_not() {
+    use weft_proxy::pool::ForExchange;
+
+    let mesh = client_sidecar(false).await;
+    let certs = CertStore::new(&issue_workload(&mesh.ca, &id("client"), None).unwrap()).unwrap();
+    let pool = Pool::new(certs, mesh.bundle.clone(), CONNECT_TIMEOUT);
+
+    let current = pod_ip(36);
+    server_pod(&mesh.ca, &mesh.bundle, current, "echo-new", &id("echo")).await;
+    let peer = SocketAddr::new(current, HBONE_PORT);
+    assert!(matches!(
+        pool.exchange_link(peer, &id("echo")).await.unwrap(),
+        ForExchange::Http1(..)
+    ));
+
+    let old = sidecar_without_h1_links(&mesh, pod_ip(35)).await;
+    for _ in 0..3 {
+        let ForExchange::Http2(link) = pool.exchange_link(old, &id("echo")).await.unwrap() else {
+            panic!("a peer without HTTP/1.1 links got one");
+        };
+        let request = http::Request::get("http://echo.demo/")
+            .body(weft_proxy::http::empty())
+            .unwrap();
+        let response = link.request(request).await.unwrap();
+        assert_eq!(response.status(), 200);
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(&body[..], b"old");
+    }
+    assert_eq!(
+        pool.connections(),
+        1,
+        "the first link was dropped without an exchange; the old peer's is kept"
+    );
+}

@@ -14,8 +14,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
+use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::{Request, Response, StatusCode, Version};
+use http_body_util::BodyExt as _;
 use hyper::body::{Body as _, Incoming};
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -27,8 +29,11 @@ use crate::http::{
     outgoing, strip_hop_by_hop,
 };
 use crate::metrics::{Peer, RequestLabels, RouteLabels, TrafficLabels};
+use crate::pool::ForExchange;
 use crate::resources::Name;
 use crate::routes::{Entry, Redirect, RequestView, Retry};
+
+static EMPTY: Bytes = Bytes::new();
 
 /// Retries may add at most a fifth to the requests in flight (plus a
 /// floor, so that a quiet proxy can still retry): when an outage makes
@@ -596,6 +601,34 @@ async fn send_body(
         );
     };
     let replayable = idempotent(&parts.method) && empty;
+    // An HTTP/1.1 app's request whose body is small and of known length
+    // may take an HTTP/1.1 link, which sends it whole: it is read here
+    // (it has usually arrived with the head).
+    let small = empty
+        || body
+            .size_hint()
+            .exact()
+            .is_some_and(|n| n <= crate::h1_codec::MAX_REQUEST_BODY);
+    let (whole, body) = if version != Version::HTTP_2 && small {
+        let whole = if empty {
+            Bytes::new()
+        } else {
+            match body.collect().await {
+                Ok(collected) => collected.to_bytes(),
+                Err(err) => {
+                    tracing::debug!("a request body could not be read: {err}");
+                    return error(
+                        StatusCode::BAD_REQUEST,
+                        "the request body could not be read",
+                    );
+                }
+            }
+        };
+        let body = crate::http::full(whole.clone());
+        (Some(whole), body)
+    } else {
+        (None, body)
+    };
     let mut body = Some(body);
     let mut tried: Vec<Name> = Vec::new();
     let mut attempts = 0u32;
@@ -616,36 +649,44 @@ async fn send_body(
                     peer,
                     identity,
                     target,
+                    via: None,
+                    ..
+                } if whole.is_some() => match outbound.pool.exchange_link(*peer, identity).await {
+                    // Not sent: the body is still here for another endpoint.
+                    Err(err) => Err((err, false)),
+                    Ok(ForExchange::Http1(connection, idle)) => {
+                        let target = HeaderValue::try_from(target.to_string())
+                            .map_err(|err| (anyhow::Error::from(err), false))?;
+                        let whole = whole.as_ref().unwrap_or(&EMPTY);
+                        connection
+                            .exchange(
+                                &parts.method,
+                                &uri,
+                                &parts.headers,
+                                &[(TARGET, &target)],
+                                whole,
+                                idle,
+                            )
+                            .await
+                            .map_err(|failure| (failure.error, failure.sent))
+                    }
+                    Ok(ForExchange::Http2(link)) => {
+                        mesh_request(&link, &mut parts, &mut body, empty, &uri, target, version)
+                            .await
+                    }
+                },
+                Destination::Mesh {
+                    peer,
+                    identity,
+                    target,
                     via,
                     ..
                 } => match outbound.pool.link(*peer, identity, via.as_deref()).await {
                     // Not sent: the body is still here for another endpoint.
                     Err(err) => Err((err, false)),
                     Ok(link) => {
-                        let Some(send_body) = take_body(&mut body, empty) else {
-                            return Err((
-                                anyhow::anyhow!("the request body was already sent"),
-                                true,
-                            ));
-                        };
-                        let mut request = outgoing(
-                            parts.method.clone(),
-                            headers_for_attempt(&mut parts.headers, empty),
-                            uri.clone(),
-                            Version::HTTP_2,
-                            send_body,
-                        );
-                        let headers = request.headers_mut();
-                        if let Ok(value) = HeaderValue::from_str(&target.to_string()) {
-                            headers.insert(TARGET, value);
-                        }
-                        headers.insert(
-                            APP_PROTOCOL,
-                            HeaderValue::from_static(version_name(version)),
-                        );
-                        link.request(request)
+                        mesh_request(&link, &mut parts, &mut body, empty, &uri, target, version)
                             .await
-                            .map_err(|failure| (failure.error, failure.sent))
                     }
                 },
                 Destination::Direct(address) => {
@@ -790,6 +831,40 @@ async fn send_body(
     }
 }
 
+/// One attempt on an HTTP/2 link: the request with weft's headers for
+/// the peer sidecar, its body sent once.
+async fn mesh_request(
+    link: &crate::link::Link,
+    parts: &mut http::request::Parts,
+    body: &mut Option<Body>,
+    empty: bool,
+    uri: &http::Uri,
+    target: &std::net::SocketAddr,
+    version: Version,
+) -> Result<Response<Body>, (anyhow::Error, bool)> {
+    let Some(send_body) = take_body(body, empty) else {
+        return Err((anyhow::anyhow!("the request body was already sent"), true));
+    };
+    let mut request = outgoing(
+        parts.method.clone(),
+        headers_for_attempt(&mut parts.headers, empty),
+        uri.clone(),
+        Version::HTTP_2,
+        send_body,
+    );
+    let headers = request.headers_mut();
+    if let Ok(value) = HeaderValue::from_str(&target.to_string()) {
+        headers.insert(TARGET, value);
+    }
+    headers.insert(
+        APP_PROTOCOL,
+        HeaderValue::from_static(version_name(version)),
+    );
+    link.request(request)
+        .await
+        .map_err(|failure| (failure.error, failure.sent))
+}
+
 /// Waits before a retry: the policy's base, doubled per attempt, with
 /// jitter (Envoy's scheme), capped at ten times the base.
 async fn backoff(retry: &Retry, attempt: u32) {
@@ -835,6 +910,7 @@ async fn upgrade(
         Ok(connected) => connected,
         Err(err) => return error(StatusCode::SERVICE_UNAVAILABLE, &format!("{err:#}")),
     };
+    let request = request.map(crate::http::boxed);
     let (response, joined) = match crate::upgrade::relay(stream, authority, request).await {
         // weft's own header, for sidecars: not the client's business.
         Ok((mut response, joined)) => {
