@@ -10,6 +10,11 @@
 //! - A response has a `Content-Length`, or `Transfer-Encoding: chunked`
 //!   alone, or no body by its status or the request's method. Never an
 //!   interim (1xx) answer, and never a body read to the connection's end.
+//!
+//! The server sidecar also speaks it to its own app, whose answers are
+//! taken as an HTTP/1.1 server may give them (`Speaker::App`): interim
+//! answers (skipped by the reader), HTTP/1.0, and bodies that end with
+//! the connection. Its requests go in origin form.
 //! - Heads are at most `MAX_HEAD` (as the HTTP/2 link's header list),
 //!   obsolete line folding is refused (httparse's default), and each name
 //!   and value must be valid for `http`'s types.
@@ -61,6 +66,16 @@ pub enum WireError {
 pub enum Framing {
     Length(u64),
     Chunked,
+    /// Read to the connection's end (only an app's answer).
+    UntilClose,
+}
+
+/// Who answers: a peer sidecar is held to the link's framing; the app
+/// behind this sidecar is read as HTTP/1.1 servers answer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Speaker {
+    Sidecar,
+    App,
 }
 
 /// A parsed request head: its parts, its body's length, and the head's
@@ -78,6 +93,8 @@ pub struct ResponseHead {
     pub parts: http::response::Parts,
     pub framing: Framing,
     pub length: usize,
+    /// Whether the connection may carry another exchange after this one.
+    pub keep_alive: bool,
 }
 
 fn unparsable(err: httparse::Error) -> WireError {
@@ -176,21 +193,32 @@ pub fn bodiless(method: &Method, status: StatusCode) -> bool {
 }
 
 /// Parses a response head from the start of `buf`, for a request whose
-/// method was `method`; `None` while it is still arriving.
-pub fn parse_response(buf: &[u8], method: &Method) -> Result<Option<ResponseHead>, WireError> {
+/// method was `method`, from `speaker`; `None` while it is still
+/// arriving. An app's interim answer (100, 103) is returned as it is, for
+/// the reader to skip.
+pub fn parse_response(
+    buf: &[u8],
+    method: &Method,
+    speaker: Speaker,
+) -> Result<Option<ResponseHead>, WireError> {
     let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut parsed = httparse::Response::new(&mut fields);
     let httparse::Status::Complete(length) = parsed.parse(buf).map_err(unparsable)? else {
         return partial(buf.len());
     };
-    if parsed.version != Some(1) {
+    let http11 = parsed.version == Some(1);
+    if !http11 && speaker == Speaker::Sidecar {
         return Err(WireError::Unparsable("not HTTP/1.1".into()));
     }
     let status = parsed
         .code
         .and_then(|c| StatusCode::from_u16(c).ok())
         .ok_or_else(|| WireError::Unparsable("a bad status".into()))?;
-    if status.is_informational() {
+    // A switch of protocols nobody asked for (upgrades never come this
+    // way) would leave the connection speaking something else.
+    if status.is_informational()
+        && (speaker == Speaker::Sidecar || status == StatusCode::SWITCHING_PROTOCOLS)
+    {
         return Err(WireError::Interim);
     }
     let headers = header_map(parsed.headers)?;
@@ -210,8 +238,13 @@ pub fn parse_response(buf: &[u8], method: &Method) -> Result<Option<ResponseHead
     } else if chunked {
         Framing::Chunked
     } else {
-        Framing::Length(content_length(&headers)?.ok_or(WireError::NoLength)?)
+        match (content_length(&headers)?, speaker) {
+            (Some(length), _) => Framing::Length(length),
+            (None, Speaker::App) => Framing::UntilClose,
+            (None, Speaker::Sidecar) => return Err(WireError::NoLength),
+        }
     };
+    let keep_alive = http11 && framing != Framing::UntilClose && !closes(&headers);
     let mut response = http::Response::new(());
     *response.status_mut() = status;
     *response.version_mut() = Version::HTTP_11;
@@ -221,6 +254,7 @@ pub fn parse_response(buf: &[u8], method: &Method) -> Result<Option<ResponseHead
         parts,
         framing,
         length,
+        keep_alive,
     }))
 }
 
@@ -238,7 +272,8 @@ fn put_fields(out: &mut BytesMut, headers: &HeaderMap) {
 }
 
 /// Writes a request head for a body of `body` bytes: `headers`, then the
-/// link's `own` fields. `headers` must hold no hop-by-hop fields (the
+/// link's `own` fields; the target in origin form for the app, absolute
+/// for a peer sidecar. `headers` must hold no hop-by-hop fields (the
 /// caller strips them); the length and the host are the codec's to
 /// write, and any in `headers` are left out.
 pub fn put_request_head(
@@ -248,10 +283,16 @@ pub fn put_request_head(
     headers: &HeaderMap,
     own: &[(HeaderName, &HeaderValue)],
     body: usize,
+    to: Speaker,
 ) {
     out.put_slice(method.as_str().as_bytes());
     out.put_u8(b' ');
-    let _ = write!(out, "{uri}");
+    match to {
+        Speaker::Sidecar => {
+            let _ = write!(out, "{uri}");
+        }
+        Speaker::App => out.put_slice(uri.path_and_query().map_or("/", |p| p.as_str()).as_bytes()),
+    }
     out.put_slice(b" HTTP/1.1\r\n");
     if let Some(authority) = uri.authority() {
         out.put_slice(b"host: ");
@@ -320,7 +361,7 @@ pub fn put_response_head(
             out.put_slice(b"\r\n");
         }
         Some(Framing::Chunked) => out.put_slice(b"transfer-encoding: chunked\r\n"),
-        None => {}
+        Some(Framing::UntilClose) | None => {}
     }
     if close {
         out.put_slice(b"connection: close\r\n");
@@ -476,7 +517,15 @@ mod tests {
         let mut out = BytesMut::new();
         let target = HeaderValue::from_static("10.0.0.1:8080");
         let own = [(HeaderName::from_static("x-weft-target"), &target)];
-        put_request_head(&mut out, &Method::POST, &uri, &headers, &own, 5);
+        put_request_head(
+            &mut out,
+            &Method::POST,
+            &uri,
+            &headers,
+            &own,
+            5,
+            Speaker::Sidecar,
+        );
         out.put_slice(b"hello");
         let head = parse_request(&out).unwrap().unwrap();
         assert_eq!(head.parts.method, Method::POST);
@@ -551,7 +600,7 @@ mod tests {
     }
 
     fn response(head: &str, method: &Method) -> Result<Option<ResponseHead>, WireError> {
-        parse_response(head.as_bytes(), method)
+        parse_response(head.as_bytes(), method, Speaker::Sidecar)
     }
 
     #[test]
@@ -603,6 +652,52 @@ mod tests {
     }
 
     #[test]
+    fn an_apps_answer_is_read_as_http11_servers_give_it() {
+        let app = |head: &str| parse_response(head.as_bytes(), &Method::GET, Speaker::App);
+        let interim = app("HTTP/1.1 100 Continue\r\n\r\n").unwrap().unwrap();
+        assert_eq!(interim.parts.status, 100, "returned for the reader to skip");
+        let until_close = app("HTTP/1.1 200 OK\r\n\r\n").unwrap().unwrap();
+        assert_eq!(until_close.framing, Framing::UntilClose);
+        assert!(!until_close.keep_alive);
+        let old = app("HTTP/1.0 200 OK\r\ncontent-length: 2\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        assert_eq!(old.framing, Framing::Length(2));
+        assert!(!old.keep_alive, "an HTTP/1.0 answer ends its connection");
+        let closing = app("HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        assert!(!closing.keep_alive);
+        assert_eq!(
+            app("HTTP/1.1 101 Switching Protocols\r\nupgrade: x\r\n\r\n").unwrap_err(),
+            WireError::Interim,
+            "a switch nobody asked for"
+        );
+        assert_eq!(
+            app("HTTP/1.1 200 OK\r\ncontent-length: 2\r\ntransfer-encoding: chunked\r\n\r\n")
+                .unwrap_err(),
+            WireError::BadTransferEncoding,
+            "two framings is how answers are smuggled"
+        );
+
+        let mut out = BytesMut::new();
+        let uri: Uri = "http://echo.demo:80/path?q=1".parse().unwrap();
+        put_request_head(
+            &mut out,
+            &Method::GET,
+            &uri,
+            &HeaderMap::new(),
+            &[],
+            0,
+            Speaker::App,
+        );
+        assert!(
+            out.starts_with(b"GET /path?q=1 HTTP/1.1\r\nhost: echo.demo:80\r\n"),
+            "{out:?}"
+        );
+    }
+
+    #[test]
     fn a_response_head_says_its_framing_and_nothing_of_the_apps() {
         let mut answer = http::Response::new(());
         answer
@@ -617,7 +712,9 @@ mod tests {
         let (parts, ()) = answer.into_parts();
         let mut out = BytesMut::new();
         put_response_head(&mut out, &parts, Some(Framing::Chunked), true);
-        let head = parse_response(&out, &Method::GET).unwrap().unwrap();
+        let head = parse_response(&out, &Method::GET, Speaker::Sidecar)
+            .unwrap()
+            .unwrap();
         assert_eq!(head.framing, Framing::Chunked);
         assert!(!head.parts.headers.contains_key("content-length"));
         assert!(closes(&head.parts.headers));
@@ -625,7 +722,9 @@ mod tests {
 
         let mut out = BytesMut::new();
         put_response_head(&mut out, &parts, None, false);
-        let head = parse_response(&out, &Method::HEAD).unwrap().unwrap();
+        let head = parse_response(&out, &Method::HEAD, Speaker::Sidecar)
+            .unwrap()
+            .unwrap();
         assert_eq!(
             head.parts.headers["content-length"], "99",
             "a HEAD answer keeps the app's length"

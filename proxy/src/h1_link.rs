@@ -10,10 +10,16 @@
 //! `MAX_REQUEST_BODY` or of unknown length, HTTP/2 and gRPC, upgrades,
 //! tunnels and peers behind a gateway stay on the HTTP/2 link.
 //!
+//! The server sidecar speaks to its own app the same way (`local_app`):
+//! an HTTP/1.1 request with a small body of known length goes over a
+//! kept-alive TCP connection to the app, in origin form, and the app's
+//! answer is read as HTTP/1.1 servers give it (`Speaker::App`).
+//!
 //! Connections wait between exchanges in `Idle` for `IDLE_TIMEOUT`,
 //! shorter than the server half's, so that the client is the one to close
 //! an idle link. A connection goes back only once its answer has been
-//! read to the end. At most `MAX_OPEN` are open to a peer; past that,
+//! read to the end, and without a buffer. At most `MAX_OPEN` are open to
+//! a peer; past that,
 //! exchanges take the HTTP/2 link.
 
 use std::collections::HashMap;
@@ -31,7 +37,7 @@ use hyper::body::{Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use weft_certs::Identity;
 
-use crate::h1_codec::{self, Dechunk, Decoded, Framing};
+use crate::h1_codec::{self, Dechunk, Decoded, Framing, Speaker};
 use crate::http::{Body, BodyError, strip_hop_by_hop};
 use crate::link::Failure;
 
@@ -83,6 +89,11 @@ impl Connection {
         }
     }
 
+    /// Whether it has carried an exchange before.
+    pub fn is_reused(&self) -> bool {
+        self.reused
+    }
+
     /// Whether the peer has neither closed it nor sent anything unasked,
     /// looked at without waiting.
     fn is_open(&mut self) -> bool {
@@ -107,8 +118,9 @@ impl Connection {
         body: &Bytes,
         idle: Arc<Idle>,
     ) -> Result<Response<Body>, Failure> {
+        let to = idle.speaker;
         let mut out = BytesMut::with_capacity(512 + body.len());
-        h1_codec::put_request_head(&mut out, method, uri, headers, own, body.len());
+        h1_codec::put_request_head(&mut out, method, uri, headers, own, body.len(), to);
         out.extend_from_slice(body);
         // A write that fails leaves the message's last TLS record
         // incomplete: the peer cannot have acted on it.
@@ -123,11 +135,18 @@ impl Connection {
             });
         }
         let head = loop {
-            match h1_codec::parse_response(&self.buf, method) {
+            match h1_codec::parse_response(&self.buf, method, to) {
+                // An app's 100 Continue or 103 Early Hints: the answer
+                // follows it.
+                Ok(Some(head)) if head.parts.status.is_informational() => {
+                    let _ = self.buf.split_to(head.length);
+                    continue;
+                }
                 Ok(Some(head)) => break head,
                 Ok(None) => {}
                 Err(err) => return Err(sent(anyhow::Error::from(err))),
             }
+            room(&mut self.buf);
             match self.stream.read_buf(&mut self.buf).await {
                 Ok(0) => {
                     return Err(sent(anyhow::anyhow!(
@@ -140,7 +159,7 @@ impl Connection {
             }
         };
         let _ = self.buf.split_to(head.length);
-        let reusable = !h1_codec::closes(&head.parts.headers);
+        let reusable = head.keep_alive;
         let mut parts = head.parts;
         strip_hop_by_hop(&mut parts.headers);
         let idle = reusable.then_some(idle);
@@ -156,11 +175,20 @@ impl Connection {
                 reading: match framing {
                     Framing::Length(left) => Reading::Length(left),
                     Framing::Chunked => Reading::Chunked(Dechunk::default()),
+                    Framing::UntilClose => Reading::UntilClose,
                 },
                 idle,
             }),
         };
         Ok(Response::from_parts(parts, body))
+    }
+}
+
+/// Room for a read of a useful size: `read_buf` into a full buffer
+/// would grow it 64 bytes at a time.
+pub fn room(buf: &mut BytesMut) {
+    if buf.capacity() - buf.len() < BUFFER / 2 {
+        buf.reserve(BUFFER);
     }
 }
 
@@ -172,6 +200,8 @@ fn sent(error: anyhow::Error) -> Failure {
 enum Reading {
     Length(u64),
     Chunked(Dechunk),
+    /// To the connection's end (an app's answer without a length).
+    UntilClose,
 }
 
 /// An answer's body as it arrives on its link.
@@ -246,16 +276,24 @@ impl hyper::body::Body for Answer {
                     Ok(Decoded::Short) => {}
                     Err(err) => return this.fail(err),
                 },
+                Reading::UntilClose => {
+                    if !connection.buf.is_empty() {
+                        let data = connection.buf.split().freeze();
+                        return Poll::Ready(Some(Ok(Frame::data(data))));
+                    }
+                }
             }
-            if connection.buf.capacity() - connection.buf.len() < BUFFER / 2 {
-                connection.buf.reserve(BUFFER);
-            }
+            room(&mut connection.buf);
             match tokio_util::io::poll_read_buf(
                 Pin::new(&mut connection.stream),
                 cx,
                 &mut connection.buf,
             ) {
                 Poll::Pending => return Poll::Pending,
+                Poll::Ready(Ok(0)) if matches!(this.reading, Reading::UntilClose) => {
+                    this.connection = None;
+                    return Poll::Ready(None);
+                }
                 Poll::Ready(Ok(0)) => {
                     return this.fail(std::io::Error::new(
                         std::io::ErrorKind::UnexpectedEof,
@@ -275,23 +313,27 @@ impl hyper::body::Body for Answer {
     fn size_hint(&self) -> SizeHint {
         match self.reading {
             Reading::Length(left) => SizeHint::with_exact(left),
-            Reading::Chunked(_) => SizeHint::default(),
+            Reading::Chunked(_) | Reading::UntilClose => SizeHint::default(),
         }
     }
 }
 
-/// The idle links to one peer sidecar, which proved `identity`.
+/// The idle links to one peer sidecar, which proved `identity`, or to
+/// the app behind this sidecar (no identity).
 pub struct Idle {
-    identity: Identity,
+    identity: Option<Identity>,
+    /// Who answers on these links.
+    speaker: Speaker,
     connections: Mutex<Vec<Connection>>,
     /// Links open to the peer, idle or carrying an exchange.
     open: Arc<AtomicUsize>,
 }
 
 impl Idle {
-    fn new(identity: Identity) -> Self {
+    fn new(identity: Option<Identity>, speaker: Speaker) -> Self {
         Idle {
             identity,
+            speaker,
             connections: Mutex::new(Vec::new()),
             open: Arc::default(),
         }
@@ -319,9 +361,10 @@ impl Idle {
     }
 
     fn put(&self, mut connection: Connection) {
-        if connection.buf.capacity() > 2 * BUFFER {
-            connection.buf = BytesMut::with_capacity(BUFFER);
-        }
+        // An idle link holds no buffer of its own (what is left may be
+        // shared with the last answer's body); the next exchange takes
+        // one.
+        connection.buf = BytesMut::new();
         connection.idle_since = Instant::now();
         self.lock().push(connection);
     }
@@ -341,28 +384,36 @@ impl Idle {
     }
 }
 
-/// The idle links of every peer sidecar.
-#[derive(Default)]
+/// The idle links of every peer sidecar, or to the app.
 pub struct Links {
     peers: Arc<Mutex<HashMap<SocketAddr, Arc<Idle>>>>,
+    speaker: Speaker,
 }
 
 impl Links {
+    /// Links whose answers come from `speaker`.
+    pub fn new(speaker: Speaker) -> Self {
+        Links {
+            peers: Arc::default(),
+            speaker,
+        }
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<SocketAddr, Arc<Idle>>> {
         self.peers.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The idle links to `peer`, which must prove `identity`: a peer
-    /// address now held by another identity starts afresh.
-    pub fn to(&self, peer: SocketAddr, identity: &Identity) -> Arc<Idle> {
+    /// The idle links to `peer`, which must prove `identity` (the app:
+    /// none): a peer address now held by another identity starts afresh.
+    pub fn to(&self, peer: SocketAddr, identity: Option<&Identity>) -> Arc<Idle> {
         let mut peers = self.lock();
         if peers.is_empty() {
             crate::task::spawn(expire(Arc::downgrade(&self.peers)));
         }
         match peers.get(&peer) {
-            Some(idle) if idle.identity == *identity => idle.clone(),
+            Some(idle) if idle.identity.as_ref() == identity => idle.clone(),
             _ => {
-                let idle = Arc::new(Idle::new(identity.clone()));
+                let idle = Arc::new(Idle::new(identity.cloned(), self.speaker));
                 peers.insert(peer, idle.clone());
                 idle
             }

@@ -58,7 +58,7 @@ where
         // The next request's first bytes, or the end of the link.
         if buf.is_empty() {
             let read = tokio::select! {
-                read = tokio::time::timeout(IDLE_TIMEOUT, stream.read_buf(&mut buf)) => read,
+                read = tokio::time::timeout(IDLE_TIMEOUT, read_some(&mut stream, &mut buf)) => read,
                 () = drain.started() => return,
             };
             if !matches!(read, Ok(Ok(1..))) {
@@ -104,6 +104,15 @@ fn refusal(ended: &Ended) -> Option<Response<Body>> {
     Some(crate::http::error(status, &ended.to_string()))
 }
 
+/// One read into `buf`, with room for a useful one.
+async fn read_some<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    buf: &mut BytesMut,
+) -> std::io::Result<usize> {
+    crate::h1_link::room(buf);
+    stream.read_buf(buf).await
+}
+
 /// Reads one request, head and body, from `buf` and then `stream`.
 async fn read_request<S>(stream: &mut S, buf: &mut BytesMut) -> Result<Request<Body>, Ended>
 where
@@ -113,7 +122,7 @@ where
         if let Some(head) = h1_codec::parse_request(buf)? {
             break head;
         }
-        if stream.read_buf(buf).await? == 0 {
+        if read_some(stream, buf).await? == 0 {
             return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into());
         }
     };
@@ -121,7 +130,7 @@ where
     let whole = head.length + head.body as usize;
     buf.reserve(whole.saturating_sub(buf.len()));
     while buf.len() < whole {
-        if stream.read_buf(buf).await? == 0 {
+        if read_some(stream, buf).await? == 0 {
             return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into());
         }
     }
@@ -151,15 +160,11 @@ where
         h1_codec::put_response_head(out, &parts, None, close);
         return send(stream, out, true).await;
     }
-    let framing = match body.size_hint().exact() {
-        Some(length) => Framing::Length(length),
-        None => Framing::Chunked,
-    };
+    // Chunked when the app's body did not say its length.
+    let length = body.size_hint().exact();
+    let framing = length.map_or(Framing::Chunked, Framing::Length);
     h1_codec::put_response_head(out, &parts, Some(framing), close);
-    let mut left = match framing {
-        Framing::Length(length) => length,
-        Framing::Chunked => u64::MAX,
-    };
+    let mut left = length.unwrap_or(u64::MAX);
     loop {
         // What the body has ready now goes with what is written already;
         // when it has nothing ready, what is written leaves first.
@@ -172,36 +177,37 @@ where
         };
         let Some(frame) = frame else { break };
         let frame = frame.map_err(std::io::Error::other)?;
-        match frame.into_data() {
-            Ok(data) => match framing {
-                Framing::Length(_) => {
-                    // A body longer than it said would be read as the
-                    // next answer.
-                    if data.len() as u64 > left {
-                        return Err(std::io::Error::other("a body longer than its length"));
-                    }
-                    left -= data.len() as u64;
-                    out.extend_from_slice(&data);
+        match (frame.into_data(), length) {
+            (Ok(data), Some(_)) => {
+                // A body longer than it said would be read as the next
+                // answer.
+                if data.len() as u64 > left {
+                    return Err(std::io::Error::other("a body longer than its length"));
                 }
-                Framing::Chunked => h1_codec::put_chunk(out, &data),
-            },
-            Err(frame) => {
-                if let (Framing::Chunked, Ok(trailers)) = (framing, frame.into_trailers()) {
+                left -= data.len() as u64;
+                out.extend_from_slice(&data);
+            }
+            (Ok(data), None) => h1_codec::put_chunk(out, &data),
+            (Err(frame), None) => {
+                if let Ok(trailers) = frame.into_trailers() {
                     h1_codec::put_last_chunk(out, Some(&trailers));
                     return send(stream, out, true).await;
                 }
             }
+            // Trailers cannot follow a body framed by its length; an app
+            // speaking HTTP/1.1 sends them only on a chunked body.
+            (Err(_), Some(_)) => {}
         }
         if out.len() >= WRITE_AT {
             send(stream, out, false).await?;
         }
     }
-    match framing {
-        Framing::Chunked => h1_codec::put_last_chunk(out, None),
-        Framing::Length(_) if left > 0 => {
+    match length {
+        None => h1_codec::put_last_chunk(out, None),
+        Some(_) if left > 0 => {
             return Err(std::io::Error::other("a body shorter than its length"));
         }
-        Framing::Length(_) => {}
+        Some(_) => {}
     }
     send(stream, out, true).await
 }
@@ -360,9 +366,9 @@ mod tests {
         let (address, seen) = app().await;
         let drain = Drain::default();
         let (client, _app) = server(&drain);
-        let links = Links::default();
+        let links = Links::new(crate::h1_codec::Speaker::Sidecar);
         let identity = weft_certs::Identity::new("cluster.local", "demo", "echo").unwrap();
-        let idle = links.to("127.0.0.1:15008".parse().unwrap(), &identity);
+        let idle = links.to("127.0.0.1:15008".parse().unwrap(), Some(&identity));
 
         let connection = Connection::new(client, &idle);
         let (answer, body) =

@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::header::HeaderValue;
 use http::{Request, Response, StatusCode, Version};
+use http_body_util::BodyExt as _;
 use hyper::body::{Body as _, Incoming};
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -29,6 +30,8 @@ use weft_certs::Identity;
 use crate::authorization::{HttpAttributes, InboundPolicy, normalize_path};
 use crate::authorize::{self, Caller};
 use crate::drain::Drain;
+use crate::h1_codec::Speaker;
+use crate::h1_link::{Connection, Links};
 use crate::http::{
     APP_PROTOCOL, Body, HEAD_TIMEOUT, NOT_DELIVERED, TARGET, absolute, error, outgoing,
     set_peer_identity, strip_hop_by_hop,
@@ -140,6 +143,8 @@ impl Undelivered {
 pub struct LocalApp {
     config: Config,
     clients: Upstreams,
+    /// Idle connections to the app, for weft's own HTTP/1.1 codec.
+    apps: Links,
     xds: Option<Arc<XdsState>>,
     metrics: Arc<Metrics>,
     drain: Drain,
@@ -154,6 +159,7 @@ impl LocalApp {
     ) -> Self {
         LocalApp {
             clients: Upstreams::new(config.connect_timeout),
+            apps: Links::new(Speaker::App),
             config,
             xds,
             metrics,
@@ -543,6 +549,25 @@ impl LocalApp {
             absolute(&authority, &parts).ok_or(Undelivered::BadAuthority)?
         };
         let replayable = crate::http::idempotent(&parts.method) && body.is_end_stream();
+        // An HTTP/1.1 request whose body is small and of known length
+        // (every request an HTTP/1.1 link brings) goes through weft's own
+        // codec; HTTP/2, streamed and large bodies through hyper's client.
+        if !http2
+            && body
+                .size_hint()
+                .exact()
+                .is_some_and(|n| n <= crate::h1_codec::MAX_REQUEST_BODY)
+        {
+            let whole = match body.collect().await {
+                Ok(collected) => collected.to_bytes(),
+                Err(err) => {
+                    tracing::debug!(%target, "a request body could not be read: {err}");
+                    return Err(Undelivered::NoAnswer);
+                }
+            };
+            let response = self.exchange_h1(target, &parts, &uri, whole, replayable);
+            return response.await.map(answered);
+        }
         let version = if http2 {
             Version::HTTP_2
         } else {
@@ -550,14 +575,46 @@ impl LocalApp {
         };
         let request = outgoing(parts.method, parts.headers, uri, version, body);
         match self.clients.client(target, http2).request(request).await {
-            Ok(mut response) => {
-                strip_hop_by_hop(response.headers_mut());
-                response.headers_mut().remove(NOT_DELIVERED);
-                Ok(response.map(crate::http::boxed))
-            }
+            Ok(response) => Ok(answered(response.map(crate::http::boxed))),
             Err(err) => {
                 tracing::debug!(%target, "the application did not answer: {err:#}");
                 Err(Undelivered::unanswered(err.is_connect(), replayable))
+            }
+        }
+    }
+
+    /// One exchange with the app through weft's HTTP/1.1 codec, on a
+    /// kept-alive connection when one is idle. One that the app closed
+    /// before the request was written is replaced, once: the request
+    /// never reached the app; so is one that failed under a request that
+    /// may be sent again.
+    async fn exchange_h1(
+        &self,
+        target: SocketAddr,
+        parts: &http::request::Parts,
+        uri: &http::Uri,
+        body: Bytes,
+        replayable: bool,
+    ) -> Result<Response<Body>, Undelivered> {
+        let idle = self.apps.to(target, None);
+        let mut kept = idle.take();
+        loop {
+            let connection = match kept.take() {
+                Some(connection) => connection,
+                None => Connection::new(self.dial(target, None).await?, &idle),
+            };
+            let reused = connection.is_reused();
+            let answer =
+                connection.exchange(&parts.method, uri, &parts.headers, &[], &body, idle.clone());
+            match answer.await {
+                Ok(response) => return Ok(response),
+                // Or closed it as the request went out: a request that
+                // may be sent again is, once (as HTTP clients do).
+                Err(failure) if reused && (!failure.sent || replayable) => continue,
+                Err(failure) => {
+                    tracing::debug!(%target, "the application did not answer: {failure}");
+                    return Err(Undelivered::unanswered(!failure.sent, replayable));
+                }
             }
         }
     }
@@ -589,6 +646,14 @@ impl LocalApp {
             }
         }
     }
+}
+
+/// The app's answer as it leaves for the caller: no hop-by-hop headers,
+/// and never weft's own word that the request was not delivered.
+fn answered(mut response: Response<Body>) -> Response<Body> {
+    strip_hop_by_hop(response.headers_mut());
+    response.headers_mut().remove(NOT_DELIVERED);
+    response
 }
 
 #[cfg(test)]
@@ -654,5 +719,127 @@ mod tests {
             app.admit("10.0.0.2:80".parse().unwrap(), None),
             Err(Undelivered::NotLocal)
         );
+    }
+
+    /// An app on loopback that reads one request head per connection and
+    /// answers each with the next of `answers`, then after `linger` ends
+    /// its half of the connection (a FIN; the socket stays open, so what
+    /// is sent to it later is taken, not reset). Counts connections.
+    async fn raw_app(
+        answers: Vec<&'static str>,
+        linger: Duration,
+    ) -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let connections = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = connections.clone();
+        tokio::spawn(async move {
+            let mut answers = answers.into_iter();
+            let mut held = Vec::new();
+            while let Ok((mut tcp, _)) = listener.accept().await {
+                counted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let Some(answer) = answers.next() else { return };
+                let mut head = Vec::new();
+                while !head.ends_with(b"\r\n\r\n") {
+                    let mut byte = [0u8; 1];
+                    if tcp.read(&mut byte).await.unwrap_or(0) == 0 {
+                        break;
+                    }
+                    head.push(byte[0]);
+                }
+                let _ = tcp.write_all(answer.as_bytes()).await;
+                tokio::time::sleep(linger).await;
+                let _ = tcp.shutdown().await;
+                held.push(tcp);
+            }
+        });
+        (address, connections)
+    }
+
+    fn mesh_app() -> LocalApp {
+        LocalApp::new(
+            Config {
+                addresses: vec!["127.0.0.1".parse().unwrap()],
+                ..Config::default()
+            },
+            None,
+            Arc::default(),
+            Drain::default(),
+        )
+    }
+
+    async fn get(app: &LocalApp, target: SocketAddr) -> (StatusCode, Bytes) {
+        let request = Request::get("http://echo.demo/")
+            .header(TARGET, target.to_string())
+            .body(crate::http::empty())
+            .unwrap();
+        exchange(app, request).await
+    }
+
+    async fn exchange(app: &LocalApp, request: Request<Body>) -> (StatusCode, Bytes) {
+        let caller = Caller::new(None, "127.0.0.9".parse().unwrap());
+        let response = app.mesh_request(&caller, request).await;
+        let status = response.status();
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        (status, body)
+    }
+
+    #[tokio::test]
+    async fn an_apps_answer_after_an_interim_one_or_without_a_length_arrives_whole() {
+        let (address, _) = raw_app(
+            vec![
+                "HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nlink: </a>\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok",
+                "HTTP/1.1 200 OK\r\n\r\nuntil the end",
+                "HTTP/1.0 200 OK\r\n\r\nold",
+            ],
+            Duration::ZERO,
+        )
+        .await;
+        let app = mesh_app();
+        assert_eq!(
+            get(&app, address).await,
+            (StatusCode::OK, Bytes::from("ok"))
+        );
+        assert_eq!(
+            get(&app, address).await,
+            (StatusCode::OK, Bytes::from("until the end"))
+        );
+        assert_eq!(
+            get(&app, address).await,
+            (StatusCode::OK, Bytes::from("old"))
+        );
+    }
+
+    #[tokio::test]
+    async fn a_kept_connection_the_app_closed_is_not_used() {
+        // Each connection answers once and is closed by the app soon
+        // after, as an app with a short keep-alive timeout does.
+        let answer = "HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+        let (address, connections) = raw_app(vec![answer, answer], Duration::from_millis(10)).await;
+        let app = mesh_app();
+        // POSTs, which are not sent twice: only seeing the close before
+        // using the connection saves the second.
+        let post = || {
+            Request::post("http://echo.demo/")
+                .header(TARGET, address.to_string())
+                .body(crate::http::full("x"))
+                .unwrap()
+        };
+        assert_eq!(exchange(&app, post()).await.0, StatusCode::OK);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(exchange(&app, post()).await.0, StatusCode::OK);
+        assert_eq!(connections.load(std::sync::atomic::Ordering::Relaxed), 2);
+    }
+
+    #[tokio::test]
+    async fn an_app_that_answers_with_two_framings_is_refused() {
+        let (address, _) = raw_app(
+            vec!["HTTP/1.1 200 OK\r\ncontent-length: 2\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n"],
+            Duration::ZERO,
+        )
+        .await;
+        let (status, _) = get(&mesh_app(), address).await;
+        assert_eq!(status, StatusCode::BAD_GATEWAY);
     }
 }

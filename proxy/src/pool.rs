@@ -69,7 +69,7 @@ impl Pool {
             certs,
             bundle,
             connections: Mutex::new(HashMap::new()),
-            links: Links::default(),
+            links: Links::new(crate::h1_codec::Speaker::Sidecar),
             resolver: Resolver::default(),
         }
     }
@@ -127,7 +127,7 @@ impl Pool {
         {
             return Ok(ForExchange::Http2(link));
         }
-        let idle = self.links.to(peer, identity);
+        let idle = self.links.to(peer, Some(identity));
         if let Some(connection) = idle.take() {
             return Ok(ForExchange::Http1(connection, idle));
         }
