@@ -73,6 +73,7 @@ where
             Err(ended) => {
                 tracing::debug!(peer = ?caller.identity(), "an HTTP/1.1 link ended: {ended}");
                 if let Some(refusal) = refusal(&ended) {
+                    app.metrics().inbound_link_refused.inc();
                     let _ = write(&mut stream, &mut out, &Method::GET, refusal, true).await;
                 }
                 return;
@@ -442,9 +443,10 @@ mod tests {
             ),
         ];
         for (message, status) in cases {
-            let (mut client, _app) = server(&drain);
+            let (mut client, app) = server(&drain);
             let answer = raw(&mut client, message.as_bytes()).await;
             assert!(answer.starts_with(status), "{message:?} got {answer:?}");
+            assert_eq!(app.metrics().inbound_link_refused.get(), 1);
             assert!(answer.contains("connection: close"), "{answer:?}");
         }
         assert_eq!(seen.load(Ordering::Relaxed), 0, "nothing reached the app");

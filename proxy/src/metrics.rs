@@ -156,6 +156,7 @@ pub struct Metrics {
     pub outlier_ejections: Counter,
     pub inbound_plaintext_refused: Counter,
     pub inbound_not_local_refused: Counter,
+    pub inbound_link_refused: Counter,
     pub xds_connected: Gauge,
     pub xds_acks: Counter,
     pub xds_nacks: Counter,
@@ -196,6 +197,7 @@ impl Default for Metrics {
             outlier_ejections: Counter::default(),
             inbound_plaintext_refused: Counter::default(),
             inbound_not_local_refused: Counter::default(),
+            inbound_link_refused: Counter::default(),
             xds_connected: Gauge::default(),
             xds_acks: Counter::default(),
             xds_nacks: Counter::default(),
@@ -307,6 +309,11 @@ impl Default for Metrics {
             "inbound_plaintext_refused",
             "Plaintext inbound connections refused in STRICT mode",
             m.inbound_plaintext_refused.clone(),
+        );
+        r.register(
+            "inbound_link_refused",
+            "Requests on HTTP/1.1 links from peer sidecars refused as unframeable or too slow (the link is closed)",
+            m.inbound_link_refused.clone(),
         );
         r.register(
             "inbound_not_local_refused",
