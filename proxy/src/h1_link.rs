@@ -192,6 +192,15 @@ pub fn room(buf: &mut BytesMut) {
     }
 }
 
+/// One read into `buf`, with room for a useful one.
+pub async fn read_some<S: AsyncRead + Unpin>(
+    io: &mut S,
+    buf: &mut BytesMut,
+) -> std::io::Result<usize> {
+    room(buf);
+    io.read_buf(buf).await
+}
+
 /// After the request left: the peer may have acted on it.
 fn sent(error: anyhow::Error) -> Failure {
     Failure { error, sent: true }

@@ -17,12 +17,11 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use http::{Method, Request, Response, StatusCode};
-use http_body_util::BodyExt as _;
-use hyper::body::Body as _;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
 use crate::authorize::Caller;
-use crate::h1_codec::{self, Framing, WireError};
+use crate::h1_codec::{self, WireError};
+use crate::h1_link::read_some;
 use crate::http::Body;
 use crate::local_app::LocalApp;
 
@@ -30,8 +29,6 @@ use crate::local_app::LocalApp;
 /// half keeps an idle link (`h1_link::IDLE_TIMEOUT`), so that the client
 /// closes first and never sends on a link being closed under it.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
-/// Past this much, a response's body is written before more is taken.
-const WRITE_AT: usize = 64 << 10;
 
 /// Why a link ends.
 #[derive(Debug, thiserror::Error)]
@@ -74,7 +71,9 @@ where
                 tracing::debug!(peer = ?caller.identity(), "an HTTP/1.1 link ended: {ended}");
                 if let Some(refusal) = refusal(&ended) {
                     app.metrics().inbound_link_refused.inc();
-                    let _ = write(&mut stream, &mut out, &Method::GET, refusal, true).await;
+                    let _ =
+                        crate::h1_answer::write(&mut stream, &mut out, &Method::GET, refusal, true)
+                            .await;
                 }
                 return;
             }
@@ -83,7 +82,9 @@ where
         let wants_close = h1_codec::closes(request.headers());
         let response = app.mesh_request(&caller, request).await;
         let close = wants_close || drain.is_draining();
-        if let Err(err) = write(&mut stream, &mut out, &method, response, close).await {
+        if let Err(err) =
+            crate::h1_answer::write(&mut stream, &mut out, &method, response, close).await
+        {
             tracing::debug!(peer = ?caller.identity(), "an answer on an HTTP/1.1 link was cut off: {err}");
             return;
         }
@@ -103,15 +104,6 @@ fn refusal(ended: &Ended) -> Option<Response<Body>> {
         Ended::Io(_) => return None,
     };
     Some(crate::http::error(status, &ended.to_string()))
-}
-
-/// One read into `buf`, with room for a useful one.
-async fn read_some<S: AsyncRead + Unpin>(
-    stream: &mut S,
-    buf: &mut BytesMut,
-) -> std::io::Result<usize> {
-    crate::h1_link::room(buf);
-    stream.read_buf(buf).await
 }
 
 /// Reads one request, head and body, from `buf` and then `stream`.
@@ -141,103 +133,6 @@ where
         n => crate::http::full(buf.split_to(n as usize).freeze()),
     };
     Ok(Request::from_parts(head.parts, body))
-}
-
-/// Writes an answer: the head and as much body as is ready in one write,
-/// then the rest as it comes, flushed whenever the app pauses.
-async fn write<S>(
-    stream: &mut S,
-    out: &mut BytesMut,
-    method: &Method,
-    response: Response<Body>,
-    close: bool,
-) -> std::io::Result<()>
-where
-    S: AsyncWrite + Unpin,
-{
-    let (parts, mut body) = response.into_parts();
-    out.clear();
-    if h1_codec::bodiless(method, parts.status) {
-        h1_codec::put_response_head(out, &parts, None, close);
-        return send(stream, out, true).await;
-    }
-    // Chunked when the app's body did not say its length.
-    let length = body.size_hint().exact();
-    let framing = length.map_or(Framing::Chunked, Framing::Length);
-    h1_codec::put_response_head(out, &parts, Some(framing), close);
-    let mut left = length.unwrap_or(u64::MAX);
-    loop {
-        // What the body has ready now goes with what is written already;
-        // when it has nothing ready, what is written leaves first.
-        let frame = match now_or_never(&mut body) {
-            Some(frame) => frame,
-            None => {
-                send(stream, out, true).await?;
-                body.frame().await
-            }
-        };
-        let Some(frame) = frame else { break };
-        let frame = frame.map_err(std::io::Error::other)?;
-        match (frame.into_data(), length) {
-            (Ok(data), Some(_)) => {
-                // A body longer than it said would be read as the next
-                // answer.
-                if data.len() as u64 > left {
-                    return Err(std::io::Error::other("a body longer than its length"));
-                }
-                left -= data.len() as u64;
-                out.extend_from_slice(&data);
-            }
-            (Ok(data), None) => h1_codec::put_chunk(out, &data),
-            (Err(frame), None) => {
-                if let Ok(trailers) = frame.into_trailers() {
-                    h1_codec::put_last_chunk(out, Some(&trailers));
-                    return send(stream, out, true).await;
-                }
-            }
-            // Trailers cannot follow a body framed by its length; an app
-            // speaking HTTP/1.1 sends them only on a chunked body.
-            (Err(_), Some(_)) => {}
-        }
-        if out.len() >= WRITE_AT {
-            send(stream, out, false).await?;
-        }
-    }
-    match length {
-        None => h1_codec::put_last_chunk(out, None),
-        Some(_) if left > 0 => {
-            return Err(std::io::Error::other("a body shorter than its length"));
-        }
-        Some(_) => {}
-    }
-    send(stream, out, true).await
-}
-
-/// The body's next frame if it is ready without waiting.
-fn now_or_never(
-    body: &mut Body,
-) -> Option<Option<Result<hyper::body::Frame<bytes::Bytes>, crate::http::BodyError>>> {
-    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
-    match std::pin::Pin::new(body).poll_frame(&mut cx) {
-        std::task::Poll::Ready(frame) => Some(frame),
-        std::task::Poll::Pending => None,
-    }
-}
-
-/// Writes what `out` holds, and flushes it when `flush`.
-async fn send<S: AsyncWrite + Unpin>(
-    stream: &mut S,
-    out: &mut BytesMut,
-    flush: bool,
-) -> std::io::Result<()> {
-    if !out.is_empty() {
-        stream.write_all(out).await?;
-        out.clear();
-    }
-    if flush {
-        stream.flush().await?;
-    }
-    Ok(())
 }
 
 #[cfg(test)]

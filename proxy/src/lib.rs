@@ -8,7 +8,8 @@
 //!   (`state`); the workload identity and its rotation (`identity`,
 //!   `trust`, `channel`);
 //! - one module per traffic direction, none importing another:
-//!   `outbound` (15001 and explicit mode, its HTTP in `outbound::l7`),
+//!   `outbound` (15001 and explicit mode, its HTTP in `outbound::l7`, an
+//!   application's plain HTTP/1.1 read in `outbound::h1`),
 //!   `inbound` (15008, from the mesh) and `inbound_passthrough` (15006,
 //!   captured plaintext), `dns` (15053, the app's DNS), and in gateway
 //!   mode `gateway` (15008 of an
@@ -16,7 +17,7 @@
 //! - the leaves they share: delivery to the app behind this sidecar
 //!   (`local_app`), the mesh connection pool (`pool`, the client half of
 //!   15008) and its HTTP/1.1 links (`h1_link`, served by `inbound_h1`,
-//!   framed by `h1_codec`), networks and their gateways (`network`), endpoint choice (`balance`, `outlier`), protocol detection
+//!   framed by `h1_codec`, answers written by `h1_answer`), networks and their gateways (`network`), endpoint choice (`balance`, `outlier`), protocol detection
 //!   (`sniff`), upgrades (`upgrade`), clients to fixed addresses
 //!   (`upstream`), HTTP pieces (`http`), socket facts (`socket`), the
 //!   accept loop (`serve`), graceful drain (`drain`), write coalescing
@@ -45,6 +46,7 @@ pub mod command_line;
 pub mod dns;
 pub mod drain;
 pub mod gateway;
+pub mod h1_answer;
 pub mod h1_codec;
 pub mod h1_link;
 pub mod http;

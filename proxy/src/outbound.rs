@@ -43,6 +43,7 @@ use crate::upgrade::Upgrades;
 use crate::upstream::Upstreams;
 use crate::xds::XdsState;
 
+mod h1;
 mod l7;
 
 use l7::RetryBudget;

@@ -919,6 +919,24 @@ async fn bad_http_input_is_refused_and_bounded() {
             "{what}: closed after {held:?}"
         );
     }
+    // A kept-alive connection left idle after its answer is closed at
+    // the same limit, as hyper's server closes it.
+    let (_, mut conn) = connect(mesh.proxy, "echo.demo:81").await;
+    let started = std::time::Instant::now();
+    conn.write_all(b"GET / HTTP/1.1\r\nhost: echo.demo:81\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(STEP, conn.read_to_end(&mut out))
+        .await
+        .expect("an idle connection is closed")
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out).starts_with("HTTP/1.1 200"));
+    let held = started.elapsed();
+    assert!(
+        held >= SLOW_HEAD_LIMIT - Duration::from_millis(100) && held < Duration::from_secs(3),
+        "an idle connection closed after {held:?}"
+    );
     // Mesh HTTP requests on 15008 without a target, or for another host.
     let certs = CertStore::new(&issue_workload(&mesh.ca, &id("client"), None).unwrap()).unwrap();
     let pool = Pool::new(certs, mesh.bundle.clone(), CONNECT_TIMEOUT);
@@ -1917,4 +1935,42 @@ async fn exchanges_take_an_h1_link_where_the_peer_has_them_and_http2_where_not()
         1,
         "the first link was dropped without an exchange; the old peer's is kept"
     );
+}
+
+/// An application's pipelined requests on one connection are answered in
+/// order: plain ones by the sidecar's own codec, and from the first one
+/// that is not plain (a chunked body) on, by hyper's server, which is
+/// handed the connection with that request's bytes intact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_requests_are_answered_in_order_across_the_hand_over_to_hyper() {
+    let mesh = client_sidecar(false).await;
+    l7_pods(&mesh, (37, "echo-p"), (38, "echo-q")).await;
+    publish_one(&mesh, "c1/demo/echo-p", 37);
+    let (code, mut conn) = connect(mesh.proxy, "echo.demo:81").await;
+    assert_eq!(code, 200);
+    let pipelined = "POST /one HTTP/1.1\r\nhost: echo.demo:81\r\ncontent-length: 3\r\n\r\none\
+                     POST /two HTTP/1.1\r\nhost: echo.demo:81\r\ncontent-length: 3\r\n\r\ntwo\
+                     POST /three HTTP/1.1\r\nhost: echo.demo:81\r\ntransfer-encoding: chunked\r\n\r\n5\r\nthree\r\n0\r\n\r\n\
+                     POST /four HTTP/1.1\r\nhost: echo.demo:81\r\ncontent-length: 4\r\nconnection: close\r\n\r\nfour";
+    conn.write_all(pipelined.as_bytes()).await.unwrap();
+    let mut answers = Vec::new();
+    tokio::time::timeout(STEP, conn.read_to_end(&mut answers))
+        .await
+        .expect("the sidecar closes after the last answer")
+        .unwrap();
+    let answers = String::from_utf8_lossy(&answers);
+    let bodies: Vec<&str> = ["one", "two", "three", "four"]
+        .iter()
+        .map(|body| {
+            let at = answers
+                .find(&format!("echo-p HTTP/1.1 {CLIENT} {body}"))
+                .unwrap_or_else(|| panic!("no answer to {body}: {answers}"));
+            &answers[at..]
+        })
+        .collect();
+    assert!(
+        bodies.windows(2).all(|w| w[0].len() > w[1].len()),
+        "out of order: {answers}"
+    );
+    assert_eq!(answers.matches("HTTP/1.1 200 OK").count(), 4, "{answers}");
 }

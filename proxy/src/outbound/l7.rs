@@ -79,15 +79,26 @@ pub enum Route {
 }
 
 /// Serves HTTP/1.1 or HTTP/2 (prior knowledge) from an application
-/// connection, routing each request.
+/// connection, routing each request: plain HTTP/1.1 requests with weft's
+/// own codec (`super::h1`), the rest with hyper's server.
 pub(super) async fn serve<S>(outbound: Arc<Outbound>, io: S, route: Route)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    super::h1::serve(outbound, io, route).await
+}
+
+/// Serves an application connection with hyper's server, HTTP/1.1 or
+/// HTTP/2 (prior knowledge), upgrades included.
+pub(super) async fn serve_with_hyper<S>(outbound: Arc<Outbound>, io: S, route: Route)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let drain = outbound.drain.clone();
     let server = crate::http::server(outbound.config.head_timeout);
-    let service = hyper::service::service_fn(move |request| {
+    let service = hyper::service::service_fn(move |request: Request<Incoming>| {
         let (outbound, route) = (outbound.clone(), route.clone());
+        let request = request.map(crate::http::boxed);
         async move { Ok::<_, Infallible>(forward(&outbound, &route, request).await) }
     });
     drain
@@ -95,7 +106,7 @@ where
         .await;
 }
 
-fn authority_of(request: &Request<Incoming>) -> Option<String> {
+fn authority_of(request: &Request<Body>) -> Option<String> {
     request
         .uri()
         .authority()
@@ -135,7 +146,7 @@ fn version_name(version: Version) -> &'static str {
 pub async fn forward(
     outbound: &Arc<Outbound>,
     route: &Route,
-    mut request: Request<Incoming>,
+    mut request: Request<Body>,
 ) -> Response<Body> {
     let trace = crate::trace_context::on_request(request.headers_mut());
     let Some(log) = &outbound.config.access_log else {
@@ -160,7 +171,7 @@ pub async fn forward(
 async fn forward_request(
     outbound: &Arc<Outbound>,
     route: &Route,
-    request: Request<Incoming>,
+    request: Request<Body>,
 ) -> Response<Body> {
     let start = Instant::now();
     let _counted = outbound.retry_budget.request();
@@ -239,7 +250,7 @@ async fn routed(
     mut authority: String,
     version: Version,
     mut parts: http::request::Parts,
-    body: Incoming,
+    body: Body,
     start: Instant,
 ) -> Response<Body> {
     let rule = &entry.rule;
@@ -562,19 +573,12 @@ async fn send(
     authority: &str,
     version: Version,
     parts: http::request::Parts,
-    body: Incoming,
+    body: Body,
     start: Instant,
 ) -> Response<Body> {
     let empty = body.is_end_stream();
     send_body(
-        outbound,
-        plan,
-        authority,
-        version,
-        parts,
-        crate::http::boxed(body),
-        empty,
-        start,
+        outbound, plan, authority, version, parts, body, empty, start,
     )
     .await
 }
@@ -903,14 +907,13 @@ async fn upgrade(
     host: &str,
     port: u16,
     authority: &str,
-    request: Request<Incoming>,
+    request: Request<Body>,
 ) -> Response<Body> {
     let start = Instant::now();
     let (pick, stream) = match outbound.connect_tcp(host, port, bytes::Bytes::new()).await {
         Ok(connected) => connected,
         Err(err) => return error(StatusCode::SERVICE_UNAVAILABLE, &format!("{err:#}")),
     };
-    let request = request.map(crate::http::boxed);
     let (response, joined) = match crate::upgrade::relay(stream, authority, request).await {
         // weft's own header, for sidecars: not the client's business.
         Ok((mut response, joined)) => {
