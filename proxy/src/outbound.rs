@@ -536,7 +536,7 @@ impl Outbound {
                 host: host.to_string(),
                 port,
             };
-            l7::serve(self.clone(), client, route).await;
+            h1::serve(self.clone(), client, route).await;
             return Ok(());
         }
         self.relay(client, host, port).await
@@ -650,7 +650,7 @@ async fn handle(outbound: Arc<Outbound>, mut client: TcpStream) -> Result<()> {
         let mut replay = head.into_bytes();
         replay.extend_from_slice(&early);
         let client = Rewind::new(replay.into(), client);
-        l7::serve(outbound, client, Route::PerRequest).await;
+        h1::serve(outbound, client, Route::PerRequest).await;
         return Ok(());
     }
     let (host, port) = target

@@ -26,7 +26,8 @@ use crate::h1_codec::{self, RequestHead};
 use crate::h1_link::read_some;
 use crate::sniff::Rewind;
 
-/// Serves an application connection until it closes, drains, or hands
+/// Serves HTTP/1.1 or HTTP/2 (prior knowledge) from an application
+/// connection, routing each request, until it closes, drains, or hands
 /// over to hyper.
 pub(super) async fn serve<S>(outbound: Arc<Outbound>, mut io: S, route: Route)
 where

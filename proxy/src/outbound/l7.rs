@@ -78,16 +78,6 @@ pub enum Route {
     PerRequest,
 }
 
-/// Serves HTTP/1.1 or HTTP/2 (prior knowledge) from an application
-/// connection, routing each request: plain HTTP/1.1 requests with weft's
-/// own codec (`super::h1`), the rest with hyper's server.
-pub(super) async fn serve<S>(outbound: Arc<Outbound>, io: S, route: Route)
-where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
-    super::h1::serve(outbound, io, route).await
-}
-
 /// Serves an application connection with hyper's server, HTTP/1.1 or
 /// HTTP/2 (prior knowledge), upgrades included.
 pub(super) async fn serve_with_hyper<S>(outbound: Arc<Outbound>, io: S, route: Route)
