@@ -83,7 +83,7 @@ impl Pool {
         identity: &Identity,
         via: Option<&Gateway>,
     ) -> Result<Link> {
-        if let Some(link) = self.pooled(peer, identity) {
+        if let Some(link) = self.pooled(peer, identity, |_| true) {
             return Ok(link);
         }
         let carrier = match via {
@@ -122,9 +122,7 @@ impl Pool {
         peer: SocketAddr,
         identity: &Identity,
     ) -> Result<ForExchange> {
-        if let Some(link) = self.pooled(peer, identity)
-            && link.answered_h1_with_h2()
-        {
+        if let Some(link) = self.pooled(peer, identity, Link::answered_h1_with_h2) {
             return Ok(ForExchange::Http2(link));
         }
         let idle = self.links.to(peer, Some(identity));
@@ -155,11 +153,18 @@ impl Pool {
         Ok(ForExchange::Http2(link))
     }
 
-    /// The open HTTP/2 link to `peer`, if it proved `identity`.
-    fn pooled(&self, peer: SocketAddr, identity: &Identity) -> Option<Link> {
+    /// The open HTTP/2 link to `peer`, if it proved `identity` and is
+    /// `wanted`: looked at before it is cloned (a clone takes h2's lock),
+    /// since each HTTP/1.1 exchange asks.
+    fn pooled(
+        &self,
+        peer: SocketAddr,
+        identity: &Identity,
+        wanted: impl Fn(&Link) -> bool,
+    ) -> Option<Link> {
         let connections = self.connections.lock().unwrap_or_else(|p| p.into_inner());
         let (proven, link) = connections.get(&peer)?;
-        (proven == identity && !link.is_closed()).then(|| link.clone())
+        (proven == identity && !link.is_closed() && wanted(link)).then(|| link.clone())
     }
 
     async fn connect(&self, peer: SocketAddr) -> Result<TcpStream> {
