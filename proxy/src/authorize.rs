@@ -31,6 +31,9 @@ pub struct Caller {
     /// The caller as metrics name it, also made once per connection, so
     /// that counting a request allocates nothing.
     peer: Peer,
+    /// `identity` as the app is told it (`x-weft-peer-identity`), made
+    /// once per connection rather than formatted for each request.
+    identity_header: Option<http::HeaderValue>,
     pub address: IpAddr,
 }
 
@@ -43,8 +46,12 @@ impl Caller {
             )
             .into()
         });
+        let identity_header = identity
+            .as_ref()
+            .and_then(|id| http::HeaderValue::try_from(id.to_string()).ok());
         Caller {
             peer: Peer::caller(identity.as_ref()),
+            identity_header,
             identity: identity.map(Arc::new),
             principal,
             address,
@@ -62,6 +69,10 @@ impl Caller {
 
     pub fn identity(&self) -> Option<&Identity> {
         self.identity.as_deref()
+    }
+
+    pub fn identity_header(&self) -> Option<&http::HeaderValue> {
+        self.identity_header.as_ref()
     }
 
     pub fn attributes<'a>(&'a self, port: u16, http: Option<HttpAttributes<'a>>) -> Attributes<'a> {

@@ -109,13 +109,75 @@ fn partial<T>(read: usize) -> Result<Option<T>, WireError> {
     }
 }
 
-/// The header fields of a head, as `http` holds them.
-fn header_map(fields: &[httparse::Header<'_>]) -> Result<HeaderMap, WireError> {
-    let mut headers = HeaderMap::with_capacity(fields.len());
+/// Room a request's map keeps for the fields a sidecar adds to it (trace
+/// context and request id, or the caller's identity), so adding them does
+/// not grow it. A response gets none: `http` sizes a map in powers of
+/// two, and the next is a large allocation.
+const ADDED_FIELDS: usize = 2;
+
+/// Slots of the names `header_name` keeps.
+const NAME_SLOTS: usize = 64;
+
+thread_local! {
+    /// Header names met lately, each in the slot its length and ends pick
+    /// (the sidecar's runtime has one thread). An app's own names
+    /// (`x-...`) are not among `http`'s standard ones: made from bytes,
+    /// each would be allocated again in every message.
+    static NAMES: std::cell::RefCell<[Option<HeaderName>; NAME_SLOTS]> =
+        const { std::cell::RefCell::new([const { None }; NAME_SLOTS]) };
+}
+
+/// The header name `raw` spells, in any case: the one kept in its slot if
+/// that is it, else made (and kept in the slot instead).
+fn header_name(raw: &[u8]) -> Result<HeaderName, WireError> {
+    if raw.is_empty() {
+        return Err(WireError::BadHeader);
+    }
+    // Every byte counts: names of one length often share their ends
+    // (`content-length`, `x-weft-target`...). `| 0x20` folds the case.
+    let hash = raw.iter().fold(raw.len() as u32, |hash, byte| {
+        (hash.rotate_left(5) ^ u32::from(byte | 0x20)).wrapping_mul(0x9e37_79b9)
+    });
+    let slot = (hash >> 16) as usize % NAME_SLOTS;
+    NAMES.with_borrow_mut(|names| {
+        // A valid name, lowercase, equal but for the case of its letters:
+        // `raw` is valid too, and names the same field.
+        if let Some(kept) = &names[slot]
+            && kept.as_str().as_bytes().eq_ignore_ascii_case(raw)
+        {
+            return Ok(kept.clone());
+        }
+        let name = HeaderName::from_bytes(raw).map_err(|_| WireError::BadHeader)?;
+        names[slot] = Some(name.clone());
+        Ok(name)
+    })
+}
+
+/// The same bytes as `part`, a slice of `parsed`, taken from `head`, a
+/// copy of `parsed`'s start: shared, not copied again.
+fn shared(parsed: &[u8], head: &Bytes, part: &[u8]) -> Bytes {
+    let at = (part.as_ptr() as usize).wrapping_sub(parsed.as_ptr() as usize);
+    match head.get(at..at + part.len()) {
+        Some(_) => head.slice(at..at + part.len()),
+        // Not from `parsed` (httparse hands out only its slices).
+        None => Bytes::copy_from_slice(part),
+    }
+}
+
+/// The header fields of a head, as `http` holds them. `fields` point into
+/// `parsed`, whose start `head` copies: values are slices of that one
+/// copy, so a head costs one allocation for its values, not one a field.
+fn header_map(
+    parsed: &[u8],
+    head: &Bytes,
+    fields: &[httparse::Header<'_>],
+    room: usize,
+) -> Result<HeaderMap, WireError> {
+    let mut headers = HeaderMap::with_capacity(fields.len() + room);
     for field in fields {
-        let name =
-            HeaderName::from_bytes(field.name.as_bytes()).map_err(|_| WireError::BadHeader)?;
-        let value = HeaderValue::from_bytes(field.value).map_err(|_| WireError::BadHeader)?;
+        let name = header_name(field.name.as_bytes())?;
+        let value = HeaderValue::from_maybe_shared(shared(parsed, head, field.value))
+            .map_err(|_| WireError::BadHeader)?;
         headers.append(name, value);
     }
     Ok(headers)
@@ -158,11 +220,12 @@ pub fn parse_request(buf: &[u8]) -> Result<Option<RequestHead>, WireError> {
         .method
         .and_then(|m| Method::from_bytes(m.as_bytes()).ok())
         .ok_or(WireError::BadTarget)?;
+    let head = Bytes::copy_from_slice(&buf[..length]);
     let uri = parsed
         .path
-        .and_then(|p| Uri::try_from(p).ok())
+        .and_then(|p| Uri::from_maybe_shared(shared(buf, &head, p.as_bytes())).ok())
         .ok_or(WireError::BadTarget)?;
-    let headers = header_map(parsed.headers)?;
+    let headers = header_map(buf, &head, parsed.headers, ADDED_FIELDS)?;
     if headers.contains_key(header::TRANSFER_ENCODING) {
         return Err(WireError::TransferEncodedRequest);
     }
@@ -221,7 +284,8 @@ pub fn parse_response(
     {
         return Err(WireError::Interim);
     }
-    let headers = header_map(parsed.headers)?;
+    let head = Bytes::copy_from_slice(&buf[..length]);
+    let headers = header_map(buf, &head, parsed.headers, 0)?;
     let chunked = match headers.get_all(header::TRANSFER_ENCODING).iter().count() {
         0 => false,
         1 if headers[header::TRANSFER_ENCODING]
@@ -475,7 +539,8 @@ impl Dechunk {
         match httparse::parse_headers(section, &mut fields).map_err(|_| WireError::BadChunk)? {
             httparse::Status::Partial => partial::<()>(section.len()).map(|_| Decoded::Short),
             httparse::Status::Complete((taken, fields)) => {
-                let trailers = header_map(fields)?;
+                let copy = Bytes::copy_from_slice(&section[..taken]);
+                let trailers = header_map(section, &copy, fields, 0)?;
                 buf.advance(line + 2 + taken);
                 Ok(Decoded::End(trailers))
             }
@@ -542,6 +607,41 @@ mod tests {
                 .is_none(),
             "a head still arriving"
         );
+    }
+
+    #[test]
+    fn fields_are_read_by_name_in_any_case_and_their_values_whole() {
+        // More names than the kept slots, in both cases, each twice: the
+        // names kept and those made anew must come out the same.
+        let names: Vec<String> = (0..NAME_SLOTS + 20)
+            .map(|n| format!("x-App-{n}"))
+            .chain(["Content-Length", "X-Weft-Target", "content-length"].map(String::from))
+            .collect();
+        for round in 0..2 {
+            let mut head = String::from("GET /p?q HTTP/1.1\r\nhost: a\r\n");
+            for (n, name) in names.iter().enumerate() {
+                let name = match round {
+                    0 => name.clone(),
+                    _ => name.to_uppercase(),
+                };
+                if name.eq_ignore_ascii_case("content-length") {
+                    continue;
+                }
+                head += &format!("{name}: value {n}\r\n");
+            }
+            head += "content-length: 0\r\n\r\n";
+            let parsed = request(&head).unwrap().unwrap().parts;
+            assert_eq!(parsed.uri, "/p?q");
+            for (n, name) in names.iter().enumerate() {
+                if name.eq_ignore_ascii_case("content-length") {
+                    continue;
+                }
+                let wanted = HeaderName::from_bytes(name.as_bytes()).unwrap();
+                assert_eq!(parsed.headers[&wanted], format!("value {n}").as_str());
+            }
+            assert_eq!(parsed.headers[header::CONTENT_LENGTH], "0");
+            assert_eq!(parsed.headers.len(), names.len() - 2 + 1 + 1);
+        }
     }
 
     #[test]

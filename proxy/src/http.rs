@@ -79,6 +79,21 @@ fn body_error<E: Into<BodyError>>(error: E) -> BodyError {
 /// Set by the client sidecar on mesh HTTP requests: the `ip:port` of the
 /// application behind the peer sidecar (the L7 twin of CONNECT's authority).
 pub const TARGET: HeaderName = HeaderName::from_static("x-weft-target");
+
+/// `target` as `TARGET`'s value, formatted on the stack: `to_string`
+/// would grow a `String` three times, on every request.
+pub fn target_value(target: &std::net::SocketAddr) -> HeaderValue {
+    use std::io::Write as _;
+    // The longest address, `[v6%scope]:port`, is 58 bytes.
+    let mut text = [0u8; 64];
+    let mut rest = &mut text[..];
+    let length = match write!(rest, "{target}") {
+        Ok(()) => 64 - rest.len(),
+        Err(_) => 0,
+    };
+    // An address's text is always a valid value.
+    HeaderValue::from_bytes(&text[..length]).unwrap_or(HeaderValue::from_static(""))
+}
 /// Set by the client sidecar: the HTTP version the application spoke
 /// (`http/1.1` or `h2`), so the far side restores it for the server app.
 pub const APP_PROTOCOL: HeaderName = HeaderName::from_static("x-weft-app-protocol");
@@ -92,15 +107,14 @@ pub const PEER_IDENTITY: HeaderName = HeaderName::from_static("x-weft-peer-ident
 /// answer the app itself gives.
 pub const NOT_DELIVERED: HeaderName = HeaderName::from_static("x-weft-not-delivered");
 
-/// Says who called, as the mesh proved it: whatever identity header the
+/// Says who called, as the mesh proved it (the SPIFFE ID, as
+/// `Caller::identity_header` has it): whatever identity header the
 /// caller wrote is dropped first, so the app can trust the header whenever
 /// it is present.
-pub fn set_peer_identity(headers: &mut HeaderMap, peer: Option<&weft_certs::Identity>) {
+pub fn set_peer_identity(headers: &mut HeaderMap, peer: Option<&HeaderValue>) {
     headers.remove(PEER_IDENTITY);
-    if let Some(identity) = peer
-        && let Ok(value) = HeaderValue::from_str(&identity.to_string())
-    {
-        headers.insert(PEER_IDENTITY, value);
+    if let Some(identity) = peer {
+        headers.insert(PEER_IDENTITY, identity.clone());
     }
 }
 
@@ -112,6 +126,29 @@ pub fn full(bytes: impl Into<Bytes>) -> Body {
     Full::new(bytes.into())
         .map_err(|never| match never {})
         .boxed()
+}
+
+/// All of `body`'s data, its trailers dropped. A body of one frame, as a
+/// small one usually is, is that frame, uncopied.
+pub async fn whole(mut body: Body) -> Result<Bytes, BodyError> {
+    let mut first = Bytes::new();
+    let mut joined: Option<bytes::BytesMut> = None;
+    while let Some(frame) = body.frame().await {
+        let Ok(data) = frame?.into_data() else {
+            continue;
+        };
+        match &mut joined {
+            None if first.is_empty() => first = data,
+            None => {
+                let mut both = bytes::BytesMut::with_capacity(first.len() + data.len());
+                both.extend_from_slice(&first);
+                both.extend_from_slice(&data);
+                joined = Some(both);
+            }
+            Some(joined) => joined.extend_from_slice(&data),
+        }
+    }
+    Ok(joined.map_or(first, bytes::BytesMut::freeze))
 }
 
 /// A response the proxy itself makes, with a one-line reason the caller
@@ -132,9 +169,27 @@ pub fn error(status: StatusCode, reason: &str) -> Response<Body> {
     response
 }
 
-/// Headers that describe one connection, not the message (RFC 9110 7.6.1),
-/// plus any the `connection` header names. HTTP/2 forbids them outright.
+/// Headers that describe one connection, not the message (RFC 9110 7.6.1).
+const HOP_BY_HOP: [HeaderName; 6] = [
+    header::CONNECTION,
+    header::PROXY_AUTHORIZATION,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+];
+
+/// Removes `HOP_BY_HOP`'s headers, any the `connection` header names, and
+/// a `te` other than `trailers`. HTTP/2 forbids them outright.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Most messages carry none: one pass comparing names is cheaper than
+    // the lookups below, each a hash.
+    if !headers
+        .keys()
+        .any(|name| *name == header::TE || HOP_BY_HOP.contains(name))
+    {
+        return;
+    }
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -145,14 +200,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     for name in named {
         headers.remove(name);
     }
-    for name in [
-        header::CONNECTION,
-        header::PROXY_AUTHORIZATION,
-        header::TRANSFER_ENCODING,
-        header::UPGRADE,
-        HeaderName::from_static("keep-alive"),
-        HeaderName::from_static("proxy-connection"),
-    ] {
+    for name in HOP_BY_HOP {
         headers.remove(name);
     }
     // `te: trailers` is how gRPC says it understands trailers; HTTP/2
@@ -277,6 +325,52 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+    use hyper::body::Frame;
+
+    #[tokio::test]
+    async fn a_whole_body_is_its_one_frame_or_all_its_frames_joined() {
+        let body = |frames: Vec<Frame<Bytes>>| {
+            let frames = frames.into_iter().map(Ok::<_, std::convert::Infallible>);
+            boxed(http_body_util::StreamBody::new(tokio_stream::iter(frames)))
+        };
+        let one = Bytes::from(vec![7u8; 1024]);
+        let mut trailers = HeaderMap::new();
+        trailers.insert("x-sum", HeaderValue::from_static("7"));
+        let got = whole(body(vec![
+            Frame::data(one.clone()),
+            Frame::trailers(trailers),
+        ]))
+        .await
+        .unwrap();
+        assert_eq!(got, one);
+        assert_eq!(got.as_ptr(), one.as_ptr(), "one frame is not copied");
+        let pieces = ["ab", "", "cd", "e"].map(|p| Frame::data(Bytes::from_static(p.as_bytes())));
+        assert_eq!(whole(body(pieces.into())).await.unwrap(), "abcde");
+        assert_eq!(whole(body(vec![])).await.unwrap(), "");
+        assert_eq!(whole(empty()).await.unwrap(), "");
+    }
+
+    #[test]
+    fn a_target_is_written_whole_up_to_the_longest_address() {
+        for target in [
+            "10.1.2.3:8080",
+            "[::1]:80",
+            "[ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff%4294967295]:65535",
+        ] {
+            let address: std::net::SocketAddr = match target.parse() {
+                Ok(address) => address,
+                // `SocketAddr` parses no scope; build the longest by hand.
+                Err(_) => std::net::SocketAddr::V6(std::net::SocketAddrV6::new(
+                    std::net::Ipv6Addr::from(u128::MAX),
+                    65535,
+                    0,
+                    u32::MAX,
+                )),
+            };
+            assert_eq!(target_value(&address), address.to_string().as_str());
+            assert_eq!(target_value(&address), target);
+        }
+    }
 
     #[test]
     fn hop_by_hop_headers_do_not_cross() {

@@ -20,7 +20,6 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::header::HeaderValue;
 use http::{Request, Response, StatusCode, Version};
-use http_body_util::BodyExt as _;
 use hyper::body::{Body as _, Incoming};
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -487,15 +486,14 @@ impl LocalApp {
             );
             (log, entry, std::time::SystemTime::now())
         });
-        let peer = caller.identity();
         // Named once: for the authorization count and the request metric.
         let traffic = self.labels(caller);
         let response = if !self.authorize_request(caller, target, &mut request, &traffic) {
             Ok(authorize::denied(&request))
         } else if self.config.upgrades.requested(&request) {
-            self.upgrade(peer, target, request).await
+            self.upgrade(caller, target, request).await
         } else {
-            self.exchange(peer, target, http2, request).await
+            self.exchange(caller, target, http2, request).await
         };
         let mut response = response.unwrap_or_else(Undelivered::respond);
         let labels = RequestLabels {
@@ -521,17 +519,17 @@ impl LocalApp {
 
     async fn exchange(
         &self,
-        peer: Option<&Identity>,
+        caller: &Caller,
         target: SocketAddr,
         http2: bool,
         request: Request<Body>,
     ) -> Result<Response<Body>, Undelivered> {
-        self.admit(target, peer)?;
+        self.admit(target, caller.identity())?;
         let (mut parts, body) = request.into_parts();
         parts.headers.remove(TARGET);
         parts.headers.remove(APP_PROTOCOL);
         strip_hop_by_hop(&mut parts.headers);
-        set_peer_identity(&mut parts.headers, peer);
+        set_peer_identity(&mut parts.headers, caller.identity_header());
         // A mesh request arrives in absolute form, which is what the app
         // is sent: kept whole rather than rebuilt (five allocations). One
         // in origin form (a sniffed connection's) gets the target as its
@@ -558,8 +556,8 @@ impl LocalApp {
                 .exact()
                 .is_some_and(|n| n <= crate::h1_codec::MAX_REQUEST_BODY)
         {
-            let whole = match body.collect().await {
-                Ok(collected) => collected.to_bytes(),
+            let whole = match crate::http::whole(body).await {
+                Ok(whole) => whole,
                 Err(err) => {
                     tracing::debug!(%target, "a request body could not be read: {err}");
                     return Err(Undelivered::NoAnswer);
@@ -623,14 +621,15 @@ impl LocalApp {
     /// and joined on 101.
     async fn upgrade(
         &self,
-        peer: Option<&Identity>,
+        caller: &Caller,
         target: SocketAddr,
         mut request: Request<Body>,
     ) -> Result<Response<Body>, Undelivered> {
+        let peer = caller.identity();
         for own in [TARGET, APP_PROTOCOL] {
             request.headers_mut().remove(own);
         }
-        set_peer_identity(request.headers_mut(), peer);
+        set_peer_identity(request.headers_mut(), caller.identity_header());
         let app = self.dial(target, peer).await?;
         match crate::upgrade::relay(app, &target.to_string(), request).await {
             Ok((mut response, joined)) => {
@@ -659,6 +658,7 @@ fn answered(mut response: Response<Body>) -> Response<Body> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http_body_util::BodyExt as _;
 
     #[test]
     fn each_refusal_has_its_answer_and_only_unreached_may_go_elsewhere() {

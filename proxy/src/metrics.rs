@@ -129,8 +129,21 @@ fn duration_histogram() -> Histogram {
     ))
 }
 
+/// How many label sets of requests `Metrics` keeps resolved.
+const RECENT_REQUESTS: usize = 8;
+
+/// A label set of requests with its two series, resolved.
+type RequestSeries = (RequestLabels, Counter, Histogram);
+
 pub struct Metrics {
     registry: Registry,
+    /// The label sets requests were counted under most recently, with
+    /// their series, newest first. Finding a request's series in a family
+    /// hashes its ten labels, twice a request; a sidecar's requests mostly
+    /// go to a few destinations, whose labels compare equal at once (their
+    /// names are the snapshot's, shared). Families never drop a series,
+    /// so a kept one is never stale.
+    recent_requests: std::sync::Mutex<Vec<RequestSeries>>,
     pub requests: Family<RequestLabels, Counter>,
     pub request_duration: Family<RequestLabels, Histogram, fn() -> Histogram>,
     pub tcp_opened: Family<TrafficLabels, Counter>,
@@ -179,6 +192,7 @@ impl Default for Metrics {
         let mut registry = Registry::with_prefix("weft_proxy");
         let m = Metrics {
             registry: Registry::default(),
+            recent_requests: std::sync::Mutex::new(Vec::with_capacity(RECENT_REQUESTS)),
             requests: Family::default(),
             request_duration: Family::new_with_constructor(duration_histogram),
             tcp_opened: Family::default(),
@@ -415,10 +429,25 @@ impl Metrics {
     }
 
     pub fn request(&self, labels: RequestLabels, seconds: f64) {
-        self.request_duration
-            .get_or_create(&labels)
-            .observe(seconds);
-        self.requests.get_or_create(&labels).inc();
+        // A poisoned lock only means a panic elsewhere: the list is whole.
+        let mut recent = self
+            .recent_requests
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(at) = recent.iter().position(|(kept, ..)| *kept == labels) {
+            let (_, count, duration) = &recent[at];
+            count.inc();
+            duration.observe(seconds);
+            // Moved to the front, so the busiest stay.
+            recent[..=at].rotate_right(1);
+            return;
+        }
+        let count = self.requests.get_or_create(&labels).clone();
+        let duration = self.request_duration.get_or_create(&labels).clone();
+        count.inc();
+        duration.observe(seconds);
+        recent.truncate(RECENT_REQUESTS - 1);
+        recent.insert(0, (labels, count, duration));
     }
 
     pub fn tcp(&self, labels: &TrafficLabels, sent: u64, received: u64) {
@@ -427,5 +456,67 @@ impl Metrics {
         self.tcp_received_bytes
             .get_or_create(labels)
             .inc_by(received);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn labels(workload: &str, code: u16) -> RequestLabels {
+        let peer = Peer {
+            workload: workload.into(),
+            ..Default::default()
+        };
+        RequestLabels {
+            traffic: TrafficLabels::new("source", &Peer::default(), &"svc".into(), &peer),
+            response_code: code,
+        }
+    }
+
+    /// What the scraped text says for `workload` and `code`: the request
+    /// count, and the duration histogram's count.
+    fn counted(text: &str, workload: &str, code: u16) -> (u64, u64) {
+        let series = |metric: &str| -> u64 {
+            let of = format!("destination_workload=\"{workload}\"");
+            let code = format!("response_code=\"{code}\"");
+            let lines: Vec<&str> = text
+                .lines()
+                .filter(|l| l.starts_with(metric) && l.contains(&of) && l.contains(&code))
+                .collect();
+            assert_eq!(lines.len(), 1, "{metric} {workload} {code}: {lines:?}");
+            lines[0]
+                .rsplit(' ')
+                .next()
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(0)
+        };
+        (
+            series("weft_proxy_requests_total{"),
+            series("weft_proxy_request_duration_seconds_count{"),
+        )
+    }
+
+    #[test]
+    fn requests_are_counted_under_their_own_labels_kept_or_not() {
+        let metrics = Metrics::default();
+        // More label sets than are kept resolved, in an order that evicts
+        // some and finds others kept: each count lands in its own series.
+        let mut expected = std::collections::HashMap::new();
+        for round in 0..3u16 {
+            for n in 0..(RECENT_REQUESTS as u16 + 3) {
+                for code in [200, 503] {
+                    let times = 1 + (n + round) % 3;
+                    for _ in 0..times {
+                        metrics.request(labels(&format!("w{n}"), code), 0.001);
+                    }
+                    *expected.entry((n, code)).or_insert(0u64) += u64::from(times);
+                }
+            }
+        }
+        let text = metrics.encode();
+        for ((n, code), times) in expected {
+            assert_eq!(counted(&text, &format!("w{n}"), code), (times, times));
+        }
     }
 }

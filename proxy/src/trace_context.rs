@@ -9,10 +9,11 @@
 //! version-00 form (lowercase hex, ids not all zero) is replaced, not
 //! repaired; an `x-request-id` that is not a short visible token is too.
 
-use http::{HeaderMap, HeaderValue};
+use http::{HeaderMap, HeaderName, HeaderValue};
 
-pub const TRACEPARENT: &str = "traceparent";
-pub const REQUEST_ID: &str = "x-request-id";
+// Names made once: inserting by a `&str` name copies it every time.
+pub const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 /// The longest `x-request-id` kept as it came.
 const MAX_REQUEST_ID: usize = 128;
 
@@ -123,7 +124,11 @@ fn uuid() -> HeaderValue {
     out[14..18].copy_from_slice(&hex[12..16]);
     out[19..23].copy_from_slice(&hex[16..20]);
     out[24..].copy_from_slice(&hex[20..]);
-    HeaderValue::from_bytes(&out).unwrap_or_else(|_| HeaderValue::from_static(""))
+    // The id is both sent and kept for the log. A value made from a
+    // `Vec` allocates its shared count at its first clone; one made from
+    // an owner has it from the start, in the same allocation.
+    HeaderValue::from_maybe_shared(bytes::Bytes::from_owner(out))
+        .unwrap_or_else(|_| HeaderValue::from_static(""))
 }
 
 fn usable_request_id(value: &HeaderValue) -> bool {

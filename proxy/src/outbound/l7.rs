@@ -17,7 +17,6 @@ use std::time::Instant;
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::{Request, Response, StatusCode, Version};
-use http_body_util::BodyExt as _;
 use hyper::body::{Body as _, Incoming};
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -607,8 +606,8 @@ async fn send_body(
         let whole = if empty {
             Bytes::new()
         } else {
-            match body.collect().await {
-                Ok(collected) => collected.to_bytes(),
+            match crate::http::whole(body).await {
+                Ok(whole) => whole,
                 Err(err) => {
                     tracing::debug!("a request body could not be read: {err}");
                     return error(
@@ -649,8 +648,7 @@ async fn send_body(
                     // Not sent: the body is still here for another endpoint.
                     Err(err) => Err((err, false)),
                     Ok(ForExchange::Http1(connection, idle)) => {
-                        let target = HeaderValue::try_from(target.to_string())
-                            .map_err(|err| (anyhow::Error::from(err), false))?;
+                        let target = crate::http::target_value(target);
                         let whole = whole.as_ref().unwrap_or(&EMPTY);
                         connection
                             .exchange(
@@ -847,9 +845,7 @@ async fn mesh_request(
         send_body,
     );
     let headers = request.headers_mut();
-    if let Ok(value) = HeaderValue::from_str(&target.to_string()) {
-        headers.insert(TARGET, value);
-    }
+    headers.insert(TARGET, crate::http::target_value(target));
     headers.insert(
         APP_PROTOCOL,
         HeaderValue::from_static(version_name(version)),
