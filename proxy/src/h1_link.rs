@@ -30,7 +30,7 @@ use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Response, Uri};
 use hyper::body::{Frame, SizeHint};
@@ -50,6 +50,9 @@ pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// What a connection's read buffer starts with, and is cut back to when
 /// it goes idle.
 const BUFFER: usize = 8 << 10;
+/// What a request head is written into first: most fit, and an
+/// allocation this small is one of the allocator's quick ones.
+const HEAD_ROOM: usize = 512;
 
 /// A stream a link runs on: mTLS in the sidecar, anything in tests.
 pub trait Stream: AsyncRead + AsyncWrite + Unpin + Send + Sync + 'static {}
@@ -119,13 +122,16 @@ impl Connection {
         idle: Arc<Idle>,
     ) -> Result<Response<Body>, Failure> {
         let to = idle.speaker;
-        let mut out = BytesMut::with_capacity(512 + body.len());
-        h1_codec::put_request_head(&mut out, method, uri, headers, own, body.len(), to);
-        out.extend_from_slice(body);
-        // A write that fails leaves the message's last TLS record
+        let mut head = BytesMut::with_capacity(HEAD_ROOM);
+        h1_codec::put_request_head(&mut head, method, uri, headers, own, body.len(), to);
+        // Head and body go out in one vectored write (one TLS record to a
+        // peer, one segment to the app), not copied together first. A
+        // write that fails leaves the message's last TLS record
         // incomplete: the peer cannot have acted on it.
         let written = async {
-            self.stream.write_all(&out).await?;
+            self.stream
+                .write_all_buf(&mut Buf::chain(&head[..], &body[..]))
+                .await?;
             self.stream.flush().await
         };
         if let Err(err) = written.await {
