@@ -119,8 +119,8 @@ const ADDED_FIELDS: usize = 2;
 const NAME_SLOTS: usize = 64;
 
 thread_local! {
-    /// Header names met lately, each in the slot its length and ends pick
-    /// (the sidecar's runtime has one thread). An app's own names
+    /// Header names met lately, each in the slot a hash of its bytes
+    /// picks (the sidecar's runtime has one thread). An app's own names
     /// (`x-...`) are not among `http`'s standard ones: made from bytes,
     /// each would be allocated again in every message.
     static NAMES: std::cell::RefCell<[Option<HeaderName>; NAME_SLOTS]> =

@@ -137,6 +137,9 @@ pub async fn whole(mut body: Body) -> Result<Bytes, BodyError> {
         let Ok(data) = frame?.into_data() else {
             continue;
         };
+        if data.is_empty() {
+            continue;
+        }
         match &mut joined {
             None if first.is_empty() => first = data,
             None => {
